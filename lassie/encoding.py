@@ -1,0 +1,21 @@
+"""Writing output images as webp / jpg / png files Cog can return."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+
+
+def save_images(images: list[Image.Image], output_format: str, quality: int, directory: Path) -> list[Path]:
+    """`out-{i}.{ext}`; quality applies to webp and jpg, png is always lossless."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = directory / f"out-{index}.{output_format}"
+        options = {} if output_format == "png" else {"quality": quality}
+        image.convert("RGB").save(path, format=PIL_FORMATS[output_format], **options)
+        paths.append(path)
+    return paths

@@ -1,0 +1,62 @@
+"""Decoding user images safely: any mode Pillow reads, EXIF rotation, no decompression bombs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lassie.errors import InputError
+
+MAX_INPUT_PIXELS = 64 * 1024 * 1024
+SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
+
+
+def _open(path: Path, field: str) -> Image.Image:
+    """Open lazily (header only) so the pixel count is checked before any decoding happens."""
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise InputError(field, f"{error}; images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InputError(field, f"could not be read as an image ({SUPPORTED}): {error}") from None
+    width, height = image.size
+    if width * height > MAX_INPUT_PIXELS:
+        image.close()
+        raise InputError(
+            field, f"is {width}x{height} pixels; images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused"
+        )
+    return image
+
+
+def _decode(image: Image.Image, field: str) -> Image.Image:
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InputError(field, f"is a damaged or truncated image: {error}") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float images would clip to white in a plain RGB conversion: rescale them."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image
+    low, high = image.convert("F").getextrema()
+    span = (high - low) or 1.0
+    return image.convert("F").point(lambda v: (v - low) * 255.0 / span).convert("L")
+
+
+def load_rgb(path: Path, field: str = "image") -> Image.Image:
+    """An RGB image; transparency is composited over white rather than turned black."""
+    image = _to_8bit(_decode(_open(path, field), field))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A greyscale mask at the output size: white is repainted, black kept."""
+    mask = load_rgb(path, field="mask").convert("L")
+    return mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)

@@ -1,0 +1,84 @@
+"""Loading FLUX dev and schnell once, sharing the VAE, text encoders and tokenizers between them.
+
+Six pipelines (two models x txt2img / img2img / inpainting) are views over the same modules:
+nothing is loaded or held twice. Each gets its own scheduler instance, because schedulers
+keep per-call state (begin index, step index) that must not leak from one mode into another.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+from lassie.request import Mode
+from lassie.weights import WeightsLayout
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES: dict[Mode, type[DiffusionPipeline]] = {
+    Mode.TXT2IMG: FluxPipeline,
+    Mode.IMG2IMG: FluxImg2ImgPipeline,
+    Mode.INPAINT: FluxInpaintPipeline,
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    torch_device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def detect(cls) -> "Device":
+        """bf16 on a CUDA GPU, float32 on CPU (bf16 matmuls on CPU are slow and less exact)."""
+        if torch.cuda.is_available():
+            return cls(torch.device("cuda"), torch.bfloat16)
+        return cls(torch.device("cpu"), torch.float32)
+
+
+@dataclass
+class FluxModels:
+    """The loaded modules. `transformers` maps model name -> transformer (dev, schnell)."""
+
+    base: FluxPipeline
+    transformers: dict[str, FluxTransformer2DModel]
+    schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
+    _pipelines: dict[tuple[str, Mode, int], DiffusionPipeline] = field(default_factory=dict)
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.base.text_encoder
+
+    def pipeline(self, model: str, mode: Mode, transformer: FluxTransformer2DModel | None = None) -> DiffusionPipeline:
+        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. fp8)."""
+        transformer = transformer if transformer is not None else self.transformers[model]
+        key = (model, mode, id(transformer))
+        if key not in self._pipelines:
+            components = dict(self.base.components)
+            components["transformer"] = transformer
+            components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(self.schedulers[model].config)
+            self._pipelines[key] = PIPELINE_CLASSES[mode](**components)
+        return self._pipelines[key]
+
+
+def load_models(layout: WeightsLayout, device: Device) -> FluxModels:
+    log.info("loading FLUX.1 dev from %s (%s, %s)", layout.dev_dir, device.torch_device, device.dtype)
+    base = FluxPipeline.from_pretrained(layout.dev_dir, torch_dtype=device.dtype)
+    log.info("loading FLUX.1 schnell transformer from %s", layout.schnell_dir)
+    schnell = FluxTransformer2DModel.from_pretrained(layout.schnell_dir / "transformer", torch_dtype=device.dtype)
+    base.to(device.torch_device)
+    schnell.to(device.torch_device)
+    schedulers = {
+        "dev": base.scheduler,
+        "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(layout.schnell_dir / "scheduler"),
+    }
+    return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers)

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny weights are built once per test session, in the real layout."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """Import a script from scripts/ as a module (in-process: torch is imported once)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete weights directory with tiny random models, built by the real builder script."""
+    out = tmp_path_factory.mktemp("tiny-weights")
+    load_script("make_tiny_weights").build(out)
+    return out
