@@ -4,6 +4,7 @@
 these names; newer names would crash older CLIs on GPU boxes).
 """
 
+import logging
 from typing import List, Optional
 
 from cog import BasePredictor, Input, Path
@@ -15,6 +16,7 @@ from lassie.sizes import aspect_ratios
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.lassie = Lassie()
         self.lassie.setup()
 

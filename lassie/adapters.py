@@ -88,6 +88,7 @@ class LoraAdapters:
         self._transformers = transformers
         self._text_encoder = text_encoder
         self._loras: dict[str, _Lora] = {}
+        self._active: dict[str, dict[str, float]] = {}
 
     def names(self) -> list[str]:
         return list(self._loras)
@@ -101,12 +102,20 @@ class LoraAdapters:
     def remove(self, name: str) -> None:
         """Delete the adapter from every module that has it (also a half-loaded one)."""
         self._loras.pop(name, None)
+        self._active.clear()
         for module in [*self._transformers.values(), self._text_encoder]:
             delete_adapter_layers(module, name)
             getattr(module, "peft_config", {}).pop(name, None)
 
     def activate(self, model: str, scales: dict[str, float]) -> None:
-        """Make exactly `scales`' adapters active on `model`'s transformer and the text encoder."""
+        """Make exactly `scales`' adapters active on `model`'s transformer and the text encoder.
+
+        Setting adapters walks every module of the transformer; when the wanted state is already
+        active (the common case of repeated requests) that walk is skipped.
+        """
+        if self._active.get(model) == scales and self._active.get(TEXT_ENCODER) == scales:
+            return
+        self._active.clear()
         transformer = self._transformers[model]
         for name in scales:
             self._ensure_loaded(name, model)
@@ -119,6 +128,7 @@ class LoraAdapters:
                 transformer.disable_lora()
         encoder_names = [n for n in names if self._loras[n].has_text_encoder]
         self._activate_text_encoder(encoder_names, [scales[n] for n in encoder_names])
+        self._active[model] = self._active[TEXT_ENCODER] = dict(scales)
 
     def _activate_text_encoder(self, names: list[str], weights: list[float]) -> None:
         tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]

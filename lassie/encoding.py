@@ -7,6 +7,8 @@ from pathlib import Path
 from PIL import Image
 
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+# libwebp's fastest method: about 3x faster than Pillow's default (4) for a few % larger files.
+WEBP_METHOD = 0
 
 
 def save_images(images: list[Image.Image], output_format: str, quality: int, directory: Path) -> list[Path]:
@@ -15,7 +17,7 @@ def save_images(images: list[Image.Image], output_format: str, quality: int, dir
     paths = []
     for index, image in enumerate(images):
         path = directory / f"out-{index}.{output_format}"
-        options = {} if output_format == "png" else {"quality": quality}
-        image.convert("RGB").save(path, format=PIL_FORMATS[output_format], **options)
+        options = {"png": {}, "jpg": {"quality": quality}, "webp": {"quality": quality, "method": WEBP_METHOD}}
+        image.convert("RGB").save(path, format=PIL_FORMATS[output_format], **options[output_format])
         paths.append(path)
     return paths

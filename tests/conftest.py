@@ -24,3 +24,23 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-weights")
     load_script("make_tiny_weights").build(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_weights: Path):
+    """One predictor for the session, set up on the tiny weights like a fresh server."""
+    from lassie.predictor import Lassie
+
+    lassie = Lassie(tiny_weights)
+    lassie.setup()
+    return lassie
+
+
+@pytest.fixture(scope="session")
+def cog_server(tiny_weights: Path):
+    """The real Cog HTTP server on 127.0.0.1, serving the tiny weights; stopped after the session."""
+    server = load_script("cog_server").CogServer(tiny_weights)
+    health = server.start()
+    assert health.get("status") == "READY", f"setup failed: {health}"
+    yield server
+    server.stop()

@@ -1,0 +1,149 @@
+"""The predictor against diffusers' own pipelines on the same weights, pixel for pixel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from PIL import Image
+
+from lassie.request import Request
+
+STEPS = 2
+SIZE = {"megapixels": "0.25"}
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def run(predictor, **fields) -> list[np.ndarray]:
+    fields = {"prompt": "a photo of LSSIE", "num_inference_steps": STEPS, "seed": 7, "output_format": "png",
+              **SIZE, **fields}
+    return [pixels(path) for path in predictor.predict(Request(**fields))]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights):
+    """Bare diffusers pipelines loaded on their own, with the LoRA loaded by diffusers itself."""
+
+    def build(cls, model="dev", lora_scale=None):
+        extra = {}
+        if model == "schnell":
+            extra = dict(
+                transformer=FluxTransformer2DModel.from_pretrained(tiny_weights / "flux-schnell" / "transformer"),
+                scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_weights / "flux-schnell" / "scheduler"),
+            )
+        pipe = cls.from_pretrained(tiny_weights / "flux-dev", **extra)
+        if lora_scale is not None:
+            pipe.load_lora_weights(str(tiny_weights / "lassie" / "lora.safetensors"), adapter_name="lassie")
+            pipe.set_adapters("lassie", lora_scale)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return build
+
+
+def reference_images(pipe, **arguments) -> list[np.ndarray]:
+    arguments = {"prompt": "a photo of LSSIE", "num_inference_steps": STEPS, "guidance_scale": 3.0,
+                 "width": 512, "height": 512, "max_sequence_length": 512,
+                 "generator": torch.Generator("cpu").manual_seed(7), **arguments}
+    return [np.asarray(image) for image in pipe(**arguments).images]
+
+
+def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
+    expected = reference_images(reference(FluxPipeline, lora_scale=1.0))
+    assert np.array_equal(run(predictor)[0], expected[0])
+
+
+def test_lora_scale_zero_equals_the_base_model(predictor, reference):
+    base = reference_images(reference(FluxPipeline))
+    assert np.array_equal(run(predictor, lora_scale=0)[0], base[0])
+    assert not np.array_equal(run(predictor, lora_scale=1)[0], base[0])
+
+
+def test_scale_is_linear_and_negative_scales_work(predictor, reference):
+    expected = reference_images(reference(FluxPipeline, lora_scale=-1.0))
+    assert np.array_equal(run(predictor, lora_scale=-1)[0], expected[0])
+
+
+def test_output_at_a_scale_does_not_depend_on_earlier_scales(predictor):
+    first = run(predictor, lora_scale=0.6)[0]
+    for scale in (3, -1, 0, 1.7):
+        run(predictor, lora_scale=scale)
+    assert np.array_equal(run(predictor, lora_scale=0.6)[0], first)
+
+
+def test_schnell_equals_diffusers_with_schnell_transformer(predictor, reference):
+    expected = reference_images(reference(FluxPipeline, "schnell", lora_scale=1.0), max_sequence_length=256,
+                                guidance_scale=0.0)
+    assert np.array_equal(run(predictor, model="schnell")[0], expected[0])
+
+
+def test_four_outputs_come_from_one_batched_call_and_differ(predictor, reference):
+    outputs = run(predictor, num_outputs=4)
+    expected = reference_images(reference(FluxPipeline, lora_scale=1.0), num_images_per_prompt=4)
+    assert all(np.array_equal(a, b) for a, b in zip(outputs, expected))
+    assert len({o.tobytes() for o in outputs}) == 4
+
+
+def test_same_seed_same_image_other_seed_other_image(predictor):
+    assert np.array_equal(run(predictor, seed=0)[0], run(predictor, seed=0)[0])
+    assert not np.array_equal(run(predictor, seed=0)[0], run(predictor, seed=1)[0])
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.effect_noise((600, 400), 60).convert("RGB").save(path)
+    return path
+
+
+@pytest.fixture
+def mask(tmp_path):
+    path = tmp_path / "mask.png"
+    image = Image.new("L", (300, 200), 0)
+    image.paste(255, (100, 50, 200, 150))
+    image.save(path)
+    return path
+
+
+def test_img2img_equals_diffusers_img2img(predictor, reference, photo):
+    outputs = run(predictor, image=photo, prompt_strength=0.7)
+    image = Image.open(photo).convert("RGB")
+    expected = reference_images(reference(FluxImg2ImgPipeline, lora_scale=1.0), image=image, strength=0.7,
+                                width=608, height=400)
+    assert outputs[0].shape == (400, 608, 3)
+    assert np.array_equal(outputs[0], expected[0])
+
+
+def test_inpainting_equals_diffusers_inpaint(predictor, reference, photo, mask):
+    outputs = run(predictor, image=photo, mask=mask, prompt_strength=0.9)
+    image = Image.open(photo).convert("RGB").resize((608, 400), Image.Resampling.LANCZOS)
+    mask_image = Image.open(mask).convert("L").resize((608, 400), Image.Resampling.LANCZOS)
+    expected = reference_images(reference(FluxInpaintPipeline, lora_scale=1.0), image=image, mask_image=mask_image,
+                                strength=0.9, width=608, height=400)
+    assert np.array_equal(outputs[0], expected[0])
+
+
+@pytest.mark.parametrize("output_format", ["webp", "jpg", "png"])
+def test_output_formats_and_names(predictor, output_format):
+    paths = predictor.predict(Request(prompt="x", num_inference_steps=1, seed=1, megapixels="0.25",
+                                      aspect_ratio="3:2", num_outputs=2, output_format=output_format))
+    assert [p.name for p in paths] == [f"out-0.{output_format}", f"out-1.{output_format}"]
+    expected_format = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}[output_format]
+    assert all(Image.open(p).format == expected_format and Image.open(p).size == (608, 416) for p in paths)
+
+
+def test_output_quality_changes_lossy_files(predictor):
+    low, high = (predictor.predict(Request(prompt="x", num_inference_steps=1, seed=1, megapixels="0.25",
+                                           output_format="jpg", output_quality=q))[0].stat().st_size
+                 for q in (5, 95))
+    assert low < high

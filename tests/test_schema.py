@@ -1,0 +1,83 @@
+"""predict.py's inputs against the public schema text, and the committed Cog OpenAPI file."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, load_script
+
+SPEC = REPO.parent / "shared" / "spec" / "replicate-model-schema.txt"
+TYPES = {"string": "string", "string (enum)": "string", "integer": "integer", "number": "number",
+         "boolean": "boolean"}
+
+
+def parse_spec(text: str) -> dict[str, dict]:
+    """Field blocks of the Replicate page: name, type, optional default, options, bounds, description."""
+    lines = [line.strip() for line in text.split("Field Type Default value Description", 1)[1]
+             .split("Output schema", 1)[0].splitlines() if line.strip()]
+    fields: dict[str, dict] = {}
+    index = 0
+    while index < len(lines) - 1:
+        name, kind = lines[index], lines[index + 1]
+        if kind not in TYPES:
+            index += 1
+            continue
+        field = {"type": TYPES[kind], "order": len(fields)}
+        index += 2
+        body = []
+        while index < len(lines) and not (index + 1 < len(lines) and lines[index + 1] in TYPES):
+            body.append(lines[index])
+            index += 1
+        if body and len(body[0]) < 12 and not body[0].startswith(("Min:", "Max:", "Options:")):
+            field["default"] = body.pop(0)
+        for i, line in enumerate(body):
+            if line == "Options:":
+                field["enum"] = [option.strip() for option in body[i + 1].split(",")]
+            elif match := re.fullmatch(r"(Min|Max): (-?[\d.]+)", line):
+                field["minimum" if match[1] == "Min" else "maximum"] = float(match[2])
+        field["description"] = body[-1]
+        fields[name] = field
+    return fields
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads((REPO / ".cog" / "openapi_schema.json").read_text())
+
+
+def test_committed_openapi_schema_is_fresh(committed):
+    assert committed == json.loads(load_script("write_openapi_schema").render()), (
+        "run: python scripts/write_openapi_schema.py"
+    )
+
+
+def test_inputs_match_the_public_schema(committed):
+    if not SPEC.is_file():
+        pytest.skip("../shared/spec is not beside this checkout")
+    spec = parse_spec(SPEC.read_text())
+    schemas = committed["components"]["schemas"]
+    properties = schemas["Input"]["properties"]
+    assert len(spec) == 20 and list(properties) == list(spec)
+    assert schemas["Input"]["required"] == ["prompt"]
+    for name, expected in spec.items():
+        prop = properties[name]
+        enum = schemas[name] if "allOf" in prop else None
+        assert (enum or prop)["type"] == expected["type"], name
+        assert prop["x-order"] == expected["order"], name
+        assert prop["description"] == expected["description"], name
+        if "default" in expected and expected["type"] in ("integer", "number"):
+            assert prop["default"] == float(expected["default"]), name
+        elif "default" in expected:
+            assert str(prop["default"]).lower() == expected["default"].lower(), name
+        else:
+            assert "default" not in prop, name
+        if "enum" in expected:
+            assert enum["enum"] == expected["enum"], name
+        for bound in ("minimum", "maximum"):
+            if bound in expected:
+                assert prop[bound] == expected[bound], (name, bound)
+    assert schemas["Output"] == {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}

@@ -1,0 +1,106 @@
+"""End to end through the real Cog HTTP server (coglet), as Replicate and `cog` clients call it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import pytest
+from PIL import Image
+
+from lassie import sizes
+
+FAST = {"num_inference_steps": 1, "seed": 11}
+
+
+def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode(uri: str) -> Image.Image:
+    header, payload = uri.split(",", 1)
+    image = Image.open(io.BytesIO(base64.b64decode(payload)))
+    image.load()
+    return image
+
+
+def succeed(server, **inputs) -> list[Image.Image]:
+    status, body = server.predict({"prompt": "a photo of LSSIE", **FAST, **inputs})
+    assert status == 200 and body["status"] == "succeeded", body.get("error") or body
+    return [decode(uri) for uri in body["output"]]
+
+
+def fail(server, **inputs) -> str:
+    status, body = server.predict({"prompt": "x", **FAST, **inputs})
+    assert status == 200 and body["status"] == "failed", body
+    return body["error"]
+
+
+@pytest.mark.parametrize("ratio", ["1:1", "16:9", "9:21", "4:5"])
+@pytest.mark.parametrize("megapixels", ["1", "0.25"])
+def test_txt2img_sizes_follow_the_table(cog_server, ratio, megapixels):
+    (image,) = succeed(cog_server, aspect_ratio=ratio, megapixels=megapixels)
+    assert image.size == sizes.table_size(ratio, megapixels)
+
+
+def test_custom_sizes_round_to_16(cog_server):
+    (image,) = succeed(cog_server, aspect_ratio="custom", width=500, height=260)
+    assert image.size == (496, 256)
+
+
+def test_img2img_and_inpainting_take_the_input_image_size(cog_server):
+    photo = data_uri(Image.effect_noise((1600, 900), 40).convert("RGB"), "JPEG")
+    mask = data_uri(Image.new("L", (160, 90), 255))
+    assert succeed(cog_server, image=photo)[0].size == (1440, 816)
+    assert succeed(cog_server, image=photo, mask=mask)[0].size == (1440, 816)
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
+def test_each_output_format(cog_server, output_format, pil_format):
+    (image,) = succeed(cog_server, output_format=output_format, megapixels="0.25")
+    assert image.format == pil_format
+
+
+def test_four_outputs_are_four_distinct_images(cog_server):
+    images = succeed(cog_server, num_outputs=4, megapixels="0.25", output_format="png")
+    assert len({image.tobytes() for image in images}) == 4
+
+
+def test_logs_tell_the_seed_size_and_timings(cog_server):
+    status, body = cog_server.predict({"prompt": "a dog", "num_inference_steps": 1, "megapixels": "0.25"})
+    assert body["status"] == "succeeded"
+    assert "size 512x512" in body["logs"] and "generating took" in body["logs"]
+    assert re.search(r"seed \d+", body["logs"])
+
+
+def test_same_seed_gives_identical_bytes(cog_server):
+    first = cog_server.predict({"prompt": "a dog", **FAST, "megapixels": "0.25"})[1]["output"]
+    second = cog_server.predict({"prompt": "a dog", **FAST, "megapixels": "0.25"})[1]["output"]
+    assert first == second
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("num_outputs", 9), ("output_format", "gif"), ("num_inference_steps", 0), ("guidance_scale", 11),
+    ("lora_scale", 4), ("aspect_ratio", "2:1"), ("width", 100), ("megapixels", "4"), ("model", "pro"),
+])
+def test_out_of_range_values_get_422(cog_server, field, value):
+    status, body = cog_server.predict({"prompt": "x", field: value})
+    assert status == 422
+    assert any(field in str(detail.get("loc", "")) for detail in body["detail"]), body
+
+
+def test_missing_prompt_gets_422(cog_server):
+    assert cog_server.predict({"seed": 1})[0] == 422
+
+
+def test_failures_are_readable_and_the_next_request_works(cog_server):
+    assert "mask: inpainting needs an `image`" in fail(cog_server, mask=data_uri(Image.new("L", (64, 64))))
+    succeed(cog_server, megapixels="0.25")
+    text = "data:image/png;base64," + base64.b64encode(b"this is not an image").decode()
+    assert "image: could not be read as an image" in fail(cog_server, image=text)
+    succeed(cog_server, megapixels="0.25")
+    assert "width: is required when aspect_ratio is custom" in fail(cog_server, aspect_ratio="custom", height=512)
+    succeed(cog_server, megapixels="0.25")
