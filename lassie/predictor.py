@@ -16,6 +16,7 @@ from lassie import images as image_io
 from lassie.adapters import LoraAdapters
 from lassie.encoding import save_images
 from lassie.generate import Inputs, generate
+from lassie.lora_cache import LoraCache, lora_cache_dir
 from lassie.models import Device, FluxModels, load_models
 from lassie.request import Mode, Plan, Request, make_plan
 from lassie.sizes import size_from_image
@@ -34,8 +35,13 @@ def timed(phase: str) -> Iterator[None]:
 
 
 def extra_adapter_name(path: Path) -> str:
-    """PEFT adapter names cannot hold dots or slashes: name extras by a digest of their cache file."""
-    return "extra_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    """PEFT adapter names cannot hold dots or slashes: name extras by a digest of their cache file.
+
+    The file's size and modification time are part of it, so a re-fetched file is a new adapter.
+    """
+    stat = path.stat()
+    identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return "extra_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 class Lassie:
@@ -43,6 +49,7 @@ class Lassie:
         self.layout = WeightsLayout(Path(weights_dir) if weights_dir else default_weights_dir())
         self.models: FluxModels | None = None
         self.adapters: LoraAdapters | None = None
+        self.lora_cache: LoraCache | None = None
         self._extra: str | None = None
         self._output_dir: Path | None = None
 
@@ -56,6 +63,7 @@ class Lassie:
             self.adapters.add(LASSIE_ADAPTER, self.layout.lassie_lora, field_name="lassie LoRA")
             for model in self.models.transformers:
                 self.adapters.activate(model, {LASSIE_ADAPTER: 1.0})
+        self.lora_cache = LoraCache(lora_cache_dir(self.layout))
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
     def predict(self, request: Request) -> list[Path]:
@@ -86,7 +94,8 @@ class Lassie:
         scales = {LASSIE_ADAPTER: plan.lora_scale}
         new_extra = None
         if plan.extra_lora:
-            path = Path(plan.extra_lora)
+            with timed("fetching the extra LoRA"):
+                path = self.lora_cache.fetch(plan.extra_lora)
             name = extra_adapter_name(path)
             if name not in self.adapters.names():
                 self.adapters.add(name, path)

@@ -1,0 +1,317 @@
+"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL).
+
+Pure: nothing here touches the network. People paste every variant of these addresses, so each
+service is recognised by the *form* of the string, while the address it is fetched from comes from
+the configuration (mirrors, tests). Every source has a stable cache key, so the same LoRA asked for
+twice is fetched once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+
+from lassie.errors import InputError
+
+FIELD = "extra_lora"
+
+REPLICATE_URL_ENV = "LASSIE_REPLICATE_URL"
+CIVITAI_URL_ENV = "LASSIE_CIVITAI_URL"
+HF_ENDPOINT_ENV = "HF_ENDPOINT"
+
+DEFAULT_REPLICATE_URL = "https://replicate.com"
+DEFAULT_CIVITAI_URL = "https://civitai.com"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+ACCEPTED_FORMS = (
+    "a Replicate model: owner/model, owner/model/<64-hex version id>, "
+    "https://replicate.com/owner/model or https://replicate.com/owner/model/versions/<id>",
+    "a Hugging Face repo: huggingface.co/owner/repo (holding exactly one .safetensors), "
+    "huggingface.co/owner/repo/file.safetensors, or the .../blob/<revision>/... and "
+    ".../resolve/<revision>/... links (hf.co works too, https:// is optional)",
+    "a CivitAI model: civitai.com/models/<id>[/<name>][?modelVersionId=<version id>] or "
+    "civitai.com/api/download/models/<version id>",
+    "any http(s) URL ending in .safetensors (a query string is fine)",
+)
+
+REPLICATE_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
+HUGGINGFACE_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
+CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com"})
+SCHEMELESS_HOSTS = REPLICATE_HOSTS | HUGGINGFACE_HOSTS | CIVITAI_HOSTS
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+REPLICATE_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,95}")
+REPLICATE_VERSION = re.compile(r"[0-9a-fA-F]{64}")
+REVISION = re.compile(r"[A-Za-z0-9._/-]{1,200}")
+DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def unsupported(reason: str) -> InputError:
+    """The one error for strings that are no LoRA source: says why, then every accepted form."""
+    return InputError(FIELD, f"{reason}. Accepted forms: " + "; ".join(ACCEPTED_FORMS) + ".")
+
+
+@dataclass(frozen=True)
+class ServiceAddresses:
+    """Where each service is really fetched from; read from the environment on every request."""
+
+    replicate: str = DEFAULT_REPLICATE_URL
+    civitai: str = DEFAULT_CIVITAI_URL
+    huggingface: str = DEFAULT_HF_ENDPOINT
+
+    @classmethod
+    def from_env(cls) -> ServiceAddresses:
+        return cls(
+            replicate=_base_url(REPLICATE_URL_ENV, DEFAULT_REPLICATE_URL),
+            civitai=_base_url(CIVITAI_URL_ENV, DEFAULT_CIVITAI_URL),
+            huggingface=_base_url(HF_ENDPOINT_ENV, DEFAULT_HF_ENDPOINT),
+        )
+
+
+def _base_url(env: str, default: str) -> str:
+    value = (os.environ.get(env) or default).strip().rstrip("/")
+    if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname:
+        raise ValueError(f"{env} must be an http(s) address such as {default}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ReplicateSource:
+    owner: str
+    model: str
+    version: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        suffix = f"@{self.version}" if self.version else ""
+        return f"replicate:{self.owner}/{self.model}{suffix}"
+
+    def describe(self) -> str:
+        suffix = f" version {self.version}" if self.version else ""
+        return f"Replicate model {self.owner}/{self.model}{suffix}"
+
+    def weights_url(self, addresses: ServiceAddresses) -> str:
+        model = f"{addresses.replicate}/{self.owner}/{self.model}"
+        return f"{model}/versions/{self.version}/_weights" if self.version else f"{model}/_weights"
+
+
+@dataclass(frozen=True)
+class HuggingFaceSource:
+    repo_id: str
+    revision: str = "main"
+    filename: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        suffix = f"/{self.filename}" if self.filename else ""
+        return f"hf:{self.repo_id}@{self.revision}{suffix}"
+
+    def describe(self) -> str:
+        named = f" file {self.filename}" if self.filename else ""
+        return f"Hugging Face repo {self.repo_id} (revision {self.revision}){named}"
+
+
+@dataclass(frozen=True)
+class CivitaiModelSource:
+    """A model page: the model id still has to be mapped to a version through the API."""
+
+    model_id: int
+    version_id: int | None = None
+
+    @property
+    def cache_key(self) -> str:
+        suffix = f"@{self.version_id}" if self.version_id is not None else ""
+        return f"civitai:model/{self.model_id}{suffix}"
+
+    def describe(self) -> str:
+        suffix = f" version {self.version_id}" if self.version_id is not None else ""
+        return f"CivitAI model {self.model_id}{suffix}"
+
+
+@dataclass(frozen=True)
+class CivitaiVersionSource:
+    version_id: int
+
+    @property
+    def cache_key(self) -> str:
+        return f"civitai:version/{self.version_id}"
+
+    def describe(self) -> str:
+        return f"CivitAI model version {self.version_id}"
+
+    def download_url(self, addresses: ServiceAddresses) -> str:
+        return f"{addresses.civitai}/api/download/models/{self.version_id}"
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    url: str
+
+    @property
+    def cache_key(self) -> str:
+        """Hashes the whole URL (signed query included) so the key never carries a secret."""
+        parts = urlsplit(self.url)
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:24]
+        return f"url:{parts.netloc}{parts.path}#{digest}"
+
+    def describe(self) -> str:
+        parts = urlsplit(self.url)
+        query = "?…" if parts.query else ""
+        return f"{parts.scheme}://{parts.netloc}{parts.path}{query}"
+
+
+LoraSource = ReplicateSource | HuggingFaceSource | CivitaiModelSource | CivitaiVersionSource | UrlSource
+
+
+def parse_extra_lora(text: str) -> LoraSource:
+    """Turns what a user typed into one source, or an InputError that lists the accepted forms."""
+    value = text.strip()
+    if not value:
+        raise unsupported("it is empty")
+    if "://" not in value:
+        return _parse_without_scheme(value)
+    return _parse_url(value)
+
+
+def _parse_without_scheme(value: str) -> LoraSource:
+    host = value.split("/", 1)[0].lower()
+    if host in SCHEMELESS_HOSTS:
+        return _parse_url(f"https://{value}")
+    if "." in host:
+        raise unsupported(f"{value!r} looks like a URL without its https://")
+    parts = value.split("/")
+    if len(parts) in (2, 3):
+        return _replicate_from_parts(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+    raise unsupported(f"{value!r} is neither a Replicate model name nor a URL")
+
+
+def _replicate_from_parts(owner: str, model: str, version: str | None) -> ReplicateSource:
+    if not REPLICATE_OWNER.fullmatch(owner):
+        raise unsupported(f"{owner!r} is not a valid Replicate owner")
+    _require_name(model, "Replicate model name")
+    if version is not None and not REPLICATE_VERSION.fullmatch(version):
+        raise unsupported(f"{version!r} is not a Replicate version id (64 hexadecimal characters)")
+    return ReplicateSource(owner, model, version.lower() if version else None)
+
+
+def _require_name(name: str, what: str) -> None:
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise unsupported(f"{name!r} is not a valid {what}")
+
+
+def _parse_url(value: str) -> LoraSource:
+    parts = _split_url(value)
+    if parts.scheme not in ("http", "https"):
+        raise unsupported(f"only http(s) URLs are fetched, not {parts.scheme}://")
+    if not parts.hostname:
+        raise unsupported("the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise unsupported("credentials inside the URL are not accepted (tokens come from the environment)")
+    segments = [unquote(segment) for segment in parts.path.split("/") if segment]
+    host = parts.hostname.lower()
+    if host in REPLICATE_HOSTS:
+        return _parse_replicate_path(segments)
+    if host in HUGGINGFACE_HOSTS:
+        return _parse_huggingface_path(segments)
+    if host in CIVITAI_HOSTS:
+        return _parse_civitai(segments, parts.query)
+    return _parse_plain_url(value, parts.path)
+
+
+def _split_url(value: str) -> SplitResult:
+    """urlsplit only checks the port when asked; an invalid port makes the whole URL invalid."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise unsupported("it is not a valid URL") from None
+    if port == 0:
+        raise unsupported("port 0 is not a valid port")
+    return parts
+
+
+def _parse_replicate_path(segments: list[str]) -> ReplicateSource:
+    if segments and segments[-1] == "_weights":
+        segments = segments[:-1]
+    if len(segments) == 2:
+        return _replicate_from_parts(segments[0], segments[1], None)
+    if len(segments) == 4 and segments[2] == "versions":
+        return _replicate_from_parts(segments[0], segments[1], segments[3])
+    raise unsupported("a replicate.com URL must look like https://replicate.com/owner/model[/versions/<id>]")
+
+
+def _parse_huggingface_path(segments: list[str]) -> HuggingFaceSource:
+    if segments and segments[0] in ("datasets", "spaces"):
+        raise unsupported(f"Hugging Face {segments[0]} are not LoRA repos; use a model repo")
+    if len(segments) < 2:
+        raise unsupported("a Hugging Face URL must name a repo: huggingface.co/owner/repo")
+    _require_name(segments[0], "Hugging Face owner")
+    _require_name(segments[1], "Hugging Face repo name")
+    repo_id, rest = f"{segments[0]}/{segments[1]}", segments[2:]
+    if rest and rest[0] in ("blob", "resolve", "tree"):
+        return _huggingface_at_revision(repo_id, rest)
+    return HuggingFaceSource(repo_id, "main", _huggingface_filename(rest))
+
+
+def _huggingface_at_revision(repo_id: str, rest: list[str]) -> HuggingFaceSource:
+    kind = rest[0]
+    if len(rest) < 2 or not REVISION.fullmatch(rest[1]) or ".." in rest[1]:
+        raise unsupported(f"a Hugging Face .../{kind}/ URL must continue with a revision such as main")
+    if kind == "tree":
+        if len(rest) > 2:
+            raise unsupported("a Hugging Face tree URL must stop at the revision; name a .safetensors file instead")
+        return HuggingFaceSource(repo_id, rest[1], None)
+    filename = _huggingface_filename(rest[2:])
+    if filename is None:
+        raise unsupported(f"a Hugging Face .../{kind}/<revision>/ URL must end with a .safetensors file")
+    return HuggingFaceSource(repo_id, rest[1], filename)
+
+
+def _huggingface_filename(path: list[str]) -> str | None:
+    if not path:
+        return None
+    if any(segment in (".", "..") or "/" in segment or "\\" in segment for segment in path):
+        raise unsupported("the file path inside the Hugging Face repo is not valid")
+    _require_safetensors_name(path[-1])
+    return "/".join(path)
+
+
+def _parse_civitai(segments: list[str], query: str) -> CivitaiModelSource | CivitaiVersionSource:
+    if len(segments) == 4 and segments[:3] == ["api", "download", "models"] and DIGITS.fullmatch(segments[3]):
+        return CivitaiVersionSource(int(segments[3]))
+    if len(segments) in (2, 3) and segments[0] == "models" and DIGITS.fullmatch(segments[1]):
+        return CivitaiModelSource(int(segments[1]), _civitai_version_from_query(query))
+    raise unsupported(
+        "a civitai.com URL must look like civitai.com/models/<id>[/<name>][?modelVersionId=<id>] "
+        "or civitai.com/api/download/models/<version id>"
+    )
+
+
+def _civitai_version_from_query(query: str) -> int | None:
+    values = parse_qs(query).get("modelVersionId")
+    if not values:
+        return None
+    if len(values) != 1 or not DIGITS.fullmatch(values[0]):
+        raise unsupported("modelVersionId in a CivitAI URL must be one number")
+    return int(values[0])
+
+
+def _parse_plain_url(value: str, path: str) -> UrlSource:
+    _require_safetensors_name(unquote(path.rsplit("/", 1)[-1]))
+    return UrlSource(value)
+
+
+def _require_safetensors_name(name: str) -> None:
+    lowered = name.lower()
+    if lowered.endswith(PICKLE_SUFFIXES):
+        raise unsupported(
+            f"{name!r} is a pickle-based checkpoint, which can run code when loaded; only .safetensors files are loaded"
+        )
+    if not lowered.endswith(SAFETENSORS_SUFFIX):
+        raise unsupported(f"{name!r} is not a .safetensors file")

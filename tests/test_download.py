@@ -1,0 +1,504 @@
+"""The safe downloader: the address rule, redirects, limits, tokens, safetensors and tar checks.
+
+Everything runs against a loopback server; loopback is exactly what the rule refuses, so the
+refusal tests also prove that no request reached the server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import io
+import json
+import logging
+import pickle
+import socket
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_services import FakeServices, forbid_non_loopback, make_lora, make_tar
+from safetensors.numpy import save
+
+from lassie.download import (
+    MIB,
+    AddressRule,
+    Credential,
+    DownloadLimits,
+    address_refusal,
+    allowed_addresses,
+    download_file,
+    extract_single_safetensors,
+    fetch_json,
+    parse_ip_literal,
+    _ProgressLog,
+    redact_url,
+    validate_safetensors,
+)
+from lassie.errors import InputError
+
+SECRET = "civ-token-5ec7e7-do-not-log"
+ALLOW_ALL = DownloadLimits(rule=AddressRule(allow_all=True))
+
+
+@pytest.fixture
+def services() -> Iterator[FakeServices]:
+    with FakeServices() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def loopback_only_and_no_operator_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid_non_loopback(monkeypatch)
+    for name in ("LASSIE_ALLOW_PRIVATE_URLS", "LASSIE_MAX_LORA_BYTES", "HF_TOKEN", "CIVITAI_API_TOKEN",
+                 "REPLICATE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- the address rule, without any connection ---------------------------------------------------
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("10.1.2.3", "private"),
+    ("172.16.0.1", "private"),
+    ("172.31.255.254", "private"),
+    ("192.168.1.1", "private"),
+    ("169.254.169.254", "link-local"),
+    ("127.0.0.1", "loopback"),
+    ("127.8.9.10", "loopback"),
+    ("::1", "loopback"),
+    ("fc00::1", "private"),
+    ("fd12:3456:789a::1", "private"),
+    ("fe80::1", "link-local"),
+    ("::ffff:127.0.0.1", "loopback"),
+    ("::ffff:10.0.0.7", "private"),
+    ("::ffff:169.254.169.254", "link-local"),
+    ("2002:7f00:1::1", "loopback"),  # 6to4 around 127.0.0.1
+    ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 around 169.254.169.254
+    ("0.0.0.0", "unspecified"),
+    ("::", "unspecified"),
+    ("224.0.0.1", "multicast"),
+    ("ff02::1", "multicast"),
+    ("100.64.0.1", "not publicly routable"),  # carrier-grade NAT
+    ("240.0.0.1", "reserved"),
+])
+def test_internal_addresses_are_refused(address: str, reason: str) -> None:
+    refusal = address_refusal(ipaddress.ip_address(address))
+    assert refusal is not None and refusal.startswith(reason)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111",
+                                     "2a00:1450:4001:80b::200e"])
+def test_public_addresses_are_allowed(address: str) -> None:
+    assert address_refusal(ipaddress.ip_address(address)) is None
+
+
+@pytest.mark.parametrize(("host", "address"), [
+    ("2130706433", "127.0.0.1"),
+    ("0x7f000001", "127.0.0.1"),
+    ("0x7F.0.0.1", "127.0.0.1"),
+    ("0177.0.0.1", "127.0.0.1"),
+    ("127.1", "127.0.0.1"),
+    ("3232235777", "192.168.1.1"),
+    ("[::1]", "::1"),
+    ("::ffff:7f00:1", "::ffff:127.0.0.1"),
+])
+def test_odd_spellings_of_addresses_are_read_as_addresses(host: str, address: str) -> None:
+    parsed = parse_ip_literal(host)
+    assert parsed == ipaddress.ip_address(address)
+    assert address_refusal(parsed) is not None
+
+
+@pytest.mark.parametrize("host", ["example.com", "localhost", "0x7g", "1.2.3.4.5", "huggingface.co"])
+def test_host_names_are_not_addresses(host: str) -> None:
+    assert parse_ip_literal(host) is None
+
+
+def test_operator_exceptions(monkeypatch: pytest.MonkeyPatch) -> None:
+    loopback, private = ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.2.3.4")
+    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "1")
+    assert AddressRule.from_env().refusal(loopback) is None
+    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "10.0.0.0/8, fd00::1")
+    rule = AddressRule.from_env()
+    assert rule.refusal(private) is None
+    assert rule.refusal(ipaddress.ip_address("fd00::1")) is None
+    assert rule.refusal(loopback) == "loopback"
+    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "0")
+    assert AddressRule.from_env().refusal(private) == "private"
+    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "everything")
+    with pytest.raises(ValueError, match="LASSIE_ALLOW_PRIVATE_URLS"):
+        AddressRule.from_env()
+
+
+# --- the rule through the downloader ------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "2130706433", "0x7f000001", "127.1"])
+def test_loopback_targets_are_refused_before_any_request(services: FakeServices, tmp_path: Path, host: str) -> None:
+    services.serve("/lora.safetensors", make_lora())
+    with pytest.raises(InputError) as caught:
+        download_file(f"http://{host}:{services.port}/lora.safetensors", tmp_path / "out")
+    message = str(caught.value)
+    assert message.startswith("extra_lora: refusing to fetch from")
+    assert "loopback" in message and "LASSIE_ALLOW_PRIVATE_URLS" in message
+    assert services.seen == []
+    assert not (tmp_path / "out").exists()
+
+
+def fake_resolver(monkeypatch: pytest.MonkeyPatch, *answers: list[str]) -> list[str]:
+    """Each lookup returns the next list of addresses (the last one repeats); returns the names looked up."""
+    looked_up: list[str] = []
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        looked_up.append(host)
+        addresses = answers[min(len(looked_up), len(answers)) - 1]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+def test_a_name_with_any_internal_answer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_resolver(monkeypatch, ["93.184.216.34", "127.0.0.1"])
+    with pytest.raises(InputError, match="refusing to fetch from two-faced.example \\(which is 127.0.0.1\\)"):
+        allowed_addresses("two-faced.example", 443, AddressRule())
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(services: FakeServices, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name resolves to an allowed address once, then to an internal one.
+    The download must use the first answer and never ask again."""
+    payload = make_lora(2)
+    services.serve("/lora.safetensors", payload)
+    looked_up = fake_resolver(monkeypatch, ["127.0.0.1"], ["10.0.0.1"])
+    limits = DownloadLimits(rule=AddressRule(allowed_networks=(ipaddress.ip_network("127.0.0.1/32"),)))
+    download_file(f"http://rebinding.example:{services.port}/lora.safetensors", tmp_path / "out", limits=limits)
+    assert looked_up == ["rebinding.example"]
+    assert (tmp_path / "out").read_bytes() == payload
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x.safetensors", "gopher://x/1"])
+def test_non_http_schemes_are_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(InputError, match="only http\\(s\\) URLs are fetched"):
+        download_file(url, tmp_path / "out")
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.2:{port}/lora.safetensors", "http://[::1]:{port}/lora.safetensors",
+                                    "http://169.254.169.254/latest/meta-data/", "file:///etc/passwd"])
+def test_a_redirect_that_lands_on_an_internal_address_is_refused(
+        services: FakeServices, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+    """The first hop is allowed by the operator (127.0.0.1 only); where it redirects to is not."""
+    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "127.0.0.1")
+    url = services.redirect("/hop", target.format(port=services.port))
+    with pytest.raises(InputError) as caught:
+        download_file(url, tmp_path / "out")
+    assert services.count("/hop") == 1
+    assert len(services.seen) == 1
+    assert "refusing" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_redirects_are_followed_and_checked_at_every_hop(services: FakeServices, tmp_path: Path) -> None:
+    payload = make_lora(7)
+    services.serve("/final.safetensors", payload)
+    services.redirect("/second", "/final.safetensors", status=307)
+    url = services.redirect("/first", f"{services.base}/second", status=301)
+    assert download_file(url, tmp_path / "out", limits=ALLOW_ALL) == len(payload)
+    assert (tmp_path / "out").read_bytes() == payload
+
+
+def test_redirect_loops_end_with_a_clear_error(services: FakeServices, tmp_path: Path) -> None:
+    url = services.redirect("/loop", "/loop")
+    with pytest.raises(InputError, match="redirects more than 8 times"):
+        download_file(url, tmp_path / "out", limits=ALLOW_ALL)
+    assert services.count("/loop") == 9
+
+
+# --- limits -------------------------------------------------------------------------------------
+
+def test_a_declared_size_over_the_cap_is_refused_before_the_body(services: FakeServices, tmp_path: Path) -> None:
+    url = services.serve("/big.safetensors", b"x" * 5000)
+    limits = DownloadLimits(max_bytes=4096, rule=AddressRule(allow_all=True))
+    with pytest.raises(InputError, match="larger than the 4.0 KiB allowed for a LoRA \\(LASSIE_MAX_LORA_BYTES\\)"):
+        download_file(url, tmp_path / "out", limits=limits)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cap_is_enforced_while_streaming_when_no_size_is_declared(services: FakeServices, tmp_path: Path) -> None:
+    url = services.serve("/big.safetensors", b"x" * (3 * 1024 * 1024), send_length=False)
+    limits = DownloadLimits(max_bytes=1024 * 1024, rule=AddressRule(allow_all=True))
+    with pytest.raises(InputError, match="larger than the 1.0 MiB allowed"):
+        download_file(url, tmp_path / "out", limits=limits)
+    assert (tmp_path / "out").stat().st_size <= 1024 * 1024
+
+
+def test_the_cap_comes_from_the_environment(services: FakeServices, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setenv("LASSIE_MAX_LORA_BYTES", "100")
+    url = services.serve("/lora.safetensors", make_lora())
+    with pytest.raises(InputError, match="larger than the 100 bytes allowed"):
+        download_file(url, tmp_path / "out")
+    monkeypatch.setenv("LASSIE_MAX_LORA_BYTES", "lots")
+    with pytest.raises(ValueError, match="LASSIE_MAX_LORA_BYTES"):
+        DownloadLimits.from_env()
+
+
+def test_a_connection_that_closes_early_is_a_cut_short_download(services: FakeServices, tmp_path: Path) -> None:
+    url = services.serve("/short.safetensors", make_lora(), declared_length=100_000)
+    with pytest.raises(InputError, match="cut short"):
+        download_file(url, tmp_path / "out", limits=ALLOW_ALL)
+
+
+def test_a_server_that_stops_sending_times_out(services: FakeServices, tmp_path: Path) -> None:
+    url = services.serve("/slow.safetensors", make_lora(), stall=2.0)
+    limits = DownloadLimits(read_timeout=0.3, rule=AddressRule(allow_all=True))
+    with pytest.raises(InputError, match="did not answer in time"):
+        download_file(url, tmp_path / "out", limits=limits)
+
+
+@pytest.mark.parametrize(("status", "expected"), [(404, "not found \\(HTTP 404\\)"), (500, "answered HTTP 500"),
+                                                  (401, "answered HTTP 401")])
+def test_http_errors_are_reported_with_their_status(services: FakeServices, tmp_path: Path, status: int,
+                                                    expected: str) -> None:
+    url = services.serve("/x.safetensors", b"nope", status=status)
+    with pytest.raises(InputError, match=expected):
+        download_file(url, tmp_path / "out", limits=ALLOW_ALL)
+
+
+def test_fetch_json_reads_an_api_answer_and_refuses_html(services: FakeServices) -> None:
+    good = services.serve("/api/ok", json.dumps({"modelVersions": []}).encode())
+    bad = services.serve("/api/html", b"<html>login</html>")
+    assert fetch_json(good, limits=ALLOW_ALL) == {"modelVersions": []}
+    with pytest.raises(InputError, match="did not answer with JSON"):
+        fetch_json(bad, limits=ALLOW_ALL)
+
+
+def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lassie.download")
+    progress = _ProgressLog(f"https://example.com/big.safetensors?sig={SECRET}", 100 * MIB)
+    for received in range(0, 100 * MIB + 1, 4 * MIB):
+        progress.update(received)
+    percents = [int(record.getMessage().rsplit("(", 1)[1].rstrip("%)")) for record in caplog.records]
+    assert [percent // 10 for percent in percents] == list(range(1, 11)), "one line per tenth"
+    assert "big.safetensors?…" in caplog.text and SECRET not in caplog.text
+
+
+def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lassie.download")
+    progress = _ProgressLog("https://example.com/small.safetensors", 10 * MIB)
+    for received in range(0, 10 * MIB + 1, MIB):
+        progress.update(received)
+    assert caplog.records == []
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+def test_a_token_goes_to_its_own_origin_only() -> None:
+    credential = Credential("https://civitai.com", "CIVITAI_API_TOKEN", SECRET)
+    assert credential.applies_to("https://civitai.com/api/download/models/1")
+    assert credential.applies_to("https://CIVITAI.com:443/x")
+    assert not credential.applies_to("http://civitai.com/x")
+    assert not credential.applies_to("https://civitai.com:8443/x")
+    assert not credential.applies_to("https://civitai.com.evil.example/x")
+    assert not credential.applies_to("https://b2.civitai-cdn.example/x")
+    assert not Credential("https://civitai.com", "CIVITAI_API_TOKEN").applies_to("https://civitai.com/x")
+    assert SECRET not in repr(credential)
+
+
+def test_a_token_is_not_sent_after_a_redirect_to_another_host(services: FakeServices, tmp_path: Path) -> None:
+    payload = make_lora(3)
+    services.serve("/cdn/lora.safetensors", payload)
+    services.redirect("/api/download/models/1", f"http://localhost:{services.port}/cdn/lora.safetensors?sig=1")
+    credential = Credential(services.base, "CIVITAI_API_TOKEN", SECRET)
+    download_file(f"{services.base}/api/download/models/1", tmp_path / "out", credential=credential, limits=ALLOW_ALL)
+    assert services.authorizations("/api/download/models/1") == [f"Bearer {SECRET}"]
+    assert services.authorizations("/cdn/lora.safetensors") == [None]
+    assert (tmp_path / "out").read_bytes() == payload
+
+
+def test_a_redirect_away_and_back_does_not_regain_the_token(services: FakeServices, tmp_path: Path) -> None:
+    services.serve("/back.safetensors", make_lora())
+    services.redirect("/away", f"{services.base}/back.safetensors")
+    services.redirect("/start", f"http://localhost:{services.port}/away")
+    credential = Credential(services.base, "CIVITAI_API_TOKEN", SECRET)
+    download_file(f"{services.base}/start", tmp_path / "out", credential=credential, limits=ALLOW_ALL)
+    assert services.authorizations("/back.safetensors") == [None]
+
+
+def test_auth_failures_name_the_variable_but_never_the_token(services: FakeServices, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = services.serve("/private.safetensors", make_lora(), token="the-right-one")
+    with pytest.raises(InputError, match="needs a token \\(HTTP 401\\): set CIVITAI_API_TOKEN"):
+        download_file(url, tmp_path / "out", credential=Credential(services.base, "CIVITAI_API_TOKEN"),
+                      limits=ALLOW_ALL)
+    with pytest.raises(InputError) as caught:
+        download_file(url, tmp_path / "out", credential=Credential(services.base, "CIVITAI_API_TOKEN", SECRET),
+                      limits=ALLOW_ALL)
+    assert "refused the token in CIVITAI_API_TOKEN (HTTP 403)" in str(caught.value)
+    assert SECRET not in str(caught.value) and SECRET not in caplog.text
+
+
+def test_query_strings_never_reach_logs_or_errors(services: FakeServices, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    services.serve("/signed.safetensors", make_lora())
+    services.redirect("/moved", f"/signed.safetensors?X-Amz-Signature={SECRET}")
+    download_file(f"{services.base}/moved?token={SECRET}", tmp_path / "out", limits=ALLOW_ALL)
+    with pytest.raises(InputError) as caught:
+        download_file(f"{services.base}/missing.safetensors?token={SECRET}", tmp_path / "out", limits=ALLOW_ALL)
+    assert "signed.safetensors?…" in caplog.text
+    assert SECRET not in caplog.text and SECRET not in str(caught.value)
+
+
+def test_redact_url_drops_query_and_user_info() -> None:
+    assert redact_url("https://u:p@example.com:8443/a/b.safetensors?sig=x#frag") == \
+        "https://example.com:8443/a/b.safetensors?…"
+    assert redact_url("http://[::1]:80/x") == "http://[::1]:80/x"
+
+
+# --- safetensors validation ---------------------------------------------------------------------
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def header_file(header: dict, data: bytes = b"", pad_to: int | None = None) -> bytes:
+    raw = json.dumps(header).encode()
+    if pad_to is not None:
+        raw = raw.ljust(pad_to)
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def torch_like_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": [1.0, 2.0]}))
+    return buffer.getvalue()
+
+
+def test_a_real_safetensors_file_is_accepted(tmp_path: Path) -> None:
+    summary = validate_safetensors(write(tmp_path / "ok.safetensors", make_lora()), "test LoRA")
+    assert summary.tensor_count == 4
+    assert summary.metadata == {"format": "pt"}
+
+
+def test_header_lengths_that_look_like_text_are_still_read_as_lengths(tmp_path: Path) -> None:
+    """123 is '{' and 60 is '<' as a first byte: sniffing must not mistake them for JSON or HTML."""
+    tensor = np.arange(4, dtype=np.float32).tobytes()
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    for length in (123, 60):
+        path = write(tmp_path / f"h{length}.safetensors", header_file(header, tensor, pad_to=length))
+        assert validate_safetensors(path, "test LoRA").tensor_count == 1
+
+
+@pytest.mark.parametrize(("payload", "problem"), [
+    (b"", "empty or truncated (0 bytes)"),
+    (b"\x01\x02", "empty or truncated"),
+    (pickle.dumps({"lora_down": [0.5] * 20}, protocol=4), "Python pickle"),
+    (pickle.dumps({"lora_down": [0.5] * 20}, protocol=2), "Python pickle"),
+    (torch_like_zip(), "zip archive"),
+    (b"<!DOCTYPE html><html><body>Sign in to download</body></html>", "HTML"),
+    (b"\n  <html><head></head></html>", "HTML"),
+    (b'{"error": "Unauthorized", "message": "token required"}', "JSON document"),
+    (b"\x1f\x8b\x08\x00" + bytes(40), "gzip"),
+    (bytes(range(256)) * 4, "does not start with a safetensors header"),
+    (b"\xff" * 7 + b"\x7f{" + b"x" * 40, "header length is impossible"),
+    (header_file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})[:-5], "truncated"),
+    (header_file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)), "truncated"),
+    (header_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(12)), "unexpected bytes"),
+    (header_file({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "unknown dtype"),
+    (header_file({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)), "does not fit"),
+    (header_file({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)), "invalid shape"),
+    (header_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8)), "invalid data offsets"),
+    (header_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "overlaps"),
+    (header_file({"__metadata__": {"format": "pt"}}), "holds no tensors"),
+    (header_file({"__metadata__": {"n": 1}, "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+     "__metadata__"),
+    (b"\x05\x00\x00\x00\x00\x00\x00\x00{\xff\xfe\x00}", "not JSON"),
+    (header_file([1, 2]), "does not start"),  # a JSON list header: its first byte is '['
+])
+def test_anything_but_a_sound_safetensors_file_is_refused(tmp_path: Path, payload: bytes, problem: str) -> None:
+    with pytest.raises(InputError) as caught:
+        validate_safetensors(write(tmp_path / "bad", payload), "the LoRA from example.com")
+    message = str(caught.value)
+    assert message.startswith("extra_lora: the LoRA from example.com is not a usable .safetensors file: ")
+    assert problem in message
+
+
+def test_validation_agrees_with_the_safetensors_library(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    arrays = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": np.ones((2, 8), dtype=np.float16),
+              "lora_unet_double_blocks_0_img_attn_qkv.alpha": np.array(2.0, dtype=np.float32),
+              "empty": np.zeros((0, 3), dtype=np.int64)}
+    path = write(tmp_path / "kohya.safetensors", save(arrays))
+    assert validate_safetensors(path, "x").tensor_count == 3
+    assert set(load_file(path)) == set(arrays)
+
+
+# --- Replicate tars -----------------------------------------------------------------------------
+
+def tar_with(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    """A tar of regular files plus symbolic links (name -> target)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def test_the_one_safetensors_member_is_extracted(tmp_path: Path) -> None:
+    payload = make_lora(4)
+    archive = write(tmp_path / "w.tar", tar_with({"output/captions/1.txt": b"a dog", "output/lora.safetensors": payload,
+                                                  "._lora.safetensors": b"mac junk"}))
+    extract_single_safetensors(archive, tmp_path / "out", max_bytes=10**6, origin="Replicate model a/b")
+    assert (tmp_path / "out").read_bytes() == payload
+
+
+def test_member_names_never_choose_where_data_is_written(tmp_path: Path) -> None:
+    archive_dir = tmp_path / "deep" / "er"
+    archive_dir.mkdir(parents=True)
+    archive = write(archive_dir / "w.tar", tar_with({"../../escape.safetensors": make_lora()}))
+    extract_single_safetensors(archive, archive_dir / "out", max_bytes=10**6, origin="x")
+    assert (archive_dir / "out").exists()
+    assert not (tmp_path / "escape.safetensors").exists()
+    assert sorted(path.name for path in archive_dir.iterdir()) == ["out", "w.tar"]
+
+
+@pytest.mark.parametrize(("members", "links", "problem"), [
+    ({"captions.txt": b"a dog"}, None, "holds no .safetensors file (it holds: captions.txt)"),
+    ({}, {"lora.safetensors": "/etc/passwd"}, "holds no .safetensors file"),
+    ({"a.safetensors": make_lora(1), "b/c.safetensors": make_lora(2)}, None,
+     "holds several .safetensors files (a.safetensors, b/c.safetensors); expected one"),
+])
+def test_tars_without_exactly_one_safetensors_are_refused(tmp_path: Path, members: dict, links: dict | None,
+                                                          problem: str) -> None:
+    archive = write(tmp_path / "w.tar", tar_with(members, links))
+    with pytest.raises(InputError) as caught:
+        extract_single_safetensors(archive, tmp_path / "out", max_bytes=10**6, origin="Replicate model a/b")
+    assert f"Replicate model a/b {problem}" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_oversized_member_is_refused_without_extracting(tmp_path: Path) -> None:
+    archive = write(tmp_path / "w.tar", tar_with({"lora.safetensors": bytes(5000)}))
+    with pytest.raises(InputError, match="larger than 4.0 KiB"):
+        extract_single_safetensors(archive, tmp_path / "out", max_bytes=4096, origin="x")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("payload", [b"this is not a tar at all" * 40,
+                                     make_tar({"lora.safetensors": make_lora()})[:700]])
+def test_broken_archives_are_refused(tmp_path: Path, payload: bytes) -> None:
+    with pytest.raises(InputError, match="not a readable tar archive"):
+        extract_single_safetensors(write(tmp_path / "w.tar", payload), tmp_path / "out", max_bytes=10**6, origin="x")
