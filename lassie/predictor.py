@@ -18,7 +18,9 @@ from lassie.encoding import save_images
 from lassie.generate import Inputs, generate
 from lassie.lora_cache import LoraCache, lora_cache_dir
 from lassie.models import Device, FluxModels, load_models
+from lassie.provision import ensure_weights
 from lassie.request import Mode, Plan, Request, make_plan
+from lassie.safety import SafetyFilter
 from lassie.sizes import size_from_image
 from lassie.weights import WeightsLayout, default_weights_dir
 
@@ -50,14 +52,17 @@ class Lassie:
         self.models: FluxModels | None = None
         self.adapters: LoraAdapters | None = None
         self.lora_cache: LoraCache | None = None
+        self.safety: SafetyFilter | None = None
         self._extra: str | None = None
         self._output_dir: Path | None = None
 
     def setup(self) -> None:
-        self.layout.require_complete()
+        ensure_weights(self.layout)
         device = Device.detect()
         with timed("loading models"):
             self.models = load_models(self.layout, device)
+        with timed("loading the safety checker"):
+            self.safety = SafetyFilter.load(self.layout, device.torch_device, device.dtype)
         with timed("loading the Lassie LoRA"):
             self.adapters = LoraAdapters(self.models.transformers, self.models.text_encoder)
             self.adapters.add(LASSIE_ADAPTER, self.layout.lassie_lora, field_name="lassie LoRA")
@@ -77,6 +82,9 @@ class Lassie:
         with timed("generating"):
             pipeline = self.models.pipeline(plan.model, plan.mode)
             results = generate(pipeline, plan, inputs)
+        if plan.safety_checker:
+            with timed("safety checking"):
+                results = self.safety.filter(results).kept
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
 

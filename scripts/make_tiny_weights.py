@@ -181,12 +181,13 @@ def tiny_t5(vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def lassie_lora_state_dict(transformer: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
+def lassie_lora_state_dict(transformer: FluxTransformer2DModel, seed: int = 5) -> dict[str, torch.Tensor]:
     """A rank-4 LoRA over every attention and MLP linear, in the trainer's diffusers/PEFT keys.
 
     B is non-zero (unlike a freshly initialised LoRA) so the adapter visibly changes images.
+    Other seeds give other LoRAs of the same shape (tests use them as extra LoRAs).
     """
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator().manual_seed(seed)
     targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj_mlp", "proj_out")
     state: dict[str, torch.Tensor] = {}
     for name, module in transformer.named_modules():

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Before huggingface_hub is imported: no telemetry or agent-registry lookups from the test session
+# (they would go to the import-time endpoint, huggingface.co, which tests never contact).
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 def load_script(name: str):

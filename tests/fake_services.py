@@ -17,6 +17,7 @@ import socket
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -298,3 +299,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+@pytest.fixture
+def services(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServices]:
+    """The fake services running, their addresses in the environment, and no way off loopback."""
+    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "LASSIE_MAX_LORA_BYTES",
+                 "LASSIE_LORA_CACHE_BYTES", "LASSIE_LORA_CACHE_MIN_FREE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    forbid_non_loopback(monkeypatch)
+    with FakeServices() as running:
+        for name, value in running.env().items():
+            monkeypatch.setenv(name, value)
+        yield running

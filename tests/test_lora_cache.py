@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_services import CivitaiFile, FakeServices, forbid_non_loopback, make_lora, make_tar
-from huggingface_hub.utils import _detect_agent
+from fake_services import CivitaiFile, FakeServices, make_lora, make_tar, services  # noqa: F401 (fixture)
 
 from lassie.errors import InputError
 from lassie.lora_cache import LoraCache, lora_cache_dir
@@ -23,19 +22,6 @@ HF_SECRET = "hf_5ecret_91c2"
 REPLICATE_SECRET = "r8_5ecret_44d1"
 
 
-@pytest.fixture
-def services(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServices]:
-    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "LASSIE_MAX_LORA_BYTES",
-                 "LASSIE_LORA_CACHE_BYTES", "LASSIE_LORA_CACHE_MIN_FREE_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    forbid_non_loopback(monkeypatch)
-    with FakeServices() as running:
-        for name, value in running.env().items():
-            monkeypatch.setenv(name, value)
-        # huggingface_hub fetches an "agent harness" registry from the HF_ENDPOINT it read at import
-        # (huggingface.co here, as the fixture sets HF_ENDPOINT later): pretend it is already loaded.
-        monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
-        yield running
 
 
 @pytest.fixture

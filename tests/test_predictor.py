@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,36 @@ def test_output_quality_changes_lossy_files(predictor):
                                            output_format="jpg", output_quality=q))[0].stat().st_size
                  for q in (5, 95))
     assert low < high
+
+
+@pytest.fixture(scope="module")
+def flagging_weights(tiny_weights, tmp_path_factory):
+    """A copy of the tiny weights whose CompVis checker flags everything."""
+    from test_safety import write_compvis
+
+    from lassie.weights import WeightsLayout
+
+    root = tmp_path_factory.mktemp("flagging")
+    shutil.copytree(tiny_weights, root, dirs_exist_ok=True)
+    write_compvis(WeightsLayout(tiny_weights), WeightsLayout(root), "all")
+    return root
+
+
+@pytest.mark.parametrize(("falcon_says", "kept"), [("nsfw", 0), ("normal", 3)])
+def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_weights, falcon_says, kept):
+    from test_safety import write_falcon
+
+    from lassie.predictor import Lassie
+    from lassie.safety import AllOutputsFlaggedError
+    from lassie.weights import WeightsLayout
+
+    write_falcon(WeightsLayout(tiny_weights), WeightsLayout(flagging_weights), falcon_says)
+    lassie = Lassie(flagging_weights)
+    lassie.setup()
+    request = dict(prompt="x", num_inference_steps=1, seed=1, megapixels="0.25", num_outputs=3)
+    if kept == 0:
+        with pytest.raises(AllOutputsFlaggedError, match="All 3 outputs were flagged as NSFW"):
+            lassie.predict(Request(**request))
+    else:
+        assert len(lassie.predict(Request(**request))) == kept
+    assert len(lassie.predict(Request(**request, disable_safety_checker=True))) == 3

@@ -10,7 +10,8 @@ def test_tiny_weights_are_complete(tiny_weights):
     assert WeightsLayout(tiny_weights).missing() == []
 
 
-def test_setup_names_every_missing_file_and_the_command(tiny_weights, tmp_path):
+def test_setup_names_every_missing_file_and_the_command(tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     half = tmp_path / "weights"
     shutil.copytree(tiny_weights, half)
     shutil.rmtree(half / "flux-schnell" / "transformer")
