@@ -1,0 +1,155 @@
+"""extra_lora through the predictor: every source form, failures that leave no trace, no bleed."""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_services import CivitaiFile, FakeServices, make_tar, services  # noqa: F401 (fixture)
+from PIL import Image
+from safetensors.torch import save
+
+from conftest import load_script
+from lassie.errors import InputError
+from lassie.predictor import Lassie
+from lassie.request import Request
+
+BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 5,
+        "output_format": "png"}
+
+
+def tiny_lora(seed: int, only: tuple[str, ...] = ()) -> bytes:
+    """A PEFT-format LoRA for the tiny transformer; `only` keeps just the keys containing these."""
+    builder = load_script("make_tiny_weights")
+    state = builder.lassie_lora_state_dict(builder.tiny_transformer(guidance_embeds=True, seed=0), seed=seed)
+    if only:
+        state = {key: value for key, value in state.items() if any(part in key for part in only)}
+    return save(state)
+
+
+def image_of(predictor: Lassie, **fields) -> np.ndarray:
+    (path,) = predictor.predict(Request(**{**BASE, **fields}))
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture
+def sources(services: FakeServices) -> dict[str, str]:
+    """One LoRA per source form, served by the loopback stand-ins."""
+    lora = tiny_lora(21)
+    services.add_replicate_model("acme", "lassie-hat", make_tar({"output/lora.safetensors": lora}))
+    services.add_replicate_model("acme", "lassie-hat", make_tar({"lora.safetensors": lora}), version="ab" * 32)
+    services.add_hf_repo("acme/flux-hat", {"hat.safetensors": lora, "README.md": b"hi"})
+    services.add_civitai_model(77, {701: [CivitaiFile("hat.safetensors", lora)]})
+    return {
+        "url": services.serve("/files/hat.safetensors?sig=abc", lora),
+        "replicate": "acme/lassie-hat",
+        "replicate version": f"acme/lassie-hat/{'ab' * 32}",
+        "replicate url": "https://replicate.com/acme/lassie-hat",
+        "hugging face": "huggingface.co/acme/flux-hat",
+        "hugging face file": "https://huggingface.co/acme/flux-hat/resolve/main/hat.safetensors",
+        "civitai page": "https://civitai.com/models/77/lassie-hat",
+        "civitai download": "https://civitai.com/api/download/models/701",
+    }
+
+
+@pytest.mark.parametrize("form", ["url", "replicate", "replicate version", "replicate url", "hugging face",
+                                  "hugging face file", "civitai page", "civitai download"])
+def test_every_source_form_changes_the_image_and_scale_zero_does_not(predictor, sources, form):
+    without = image_of(predictor)
+    assert not np.array_equal(image_of(predictor, extra_lora=sources[form]), without)
+    assert np.array_equal(image_of(predictor, extra_lora=sources[form], extra_lora_scale=0), without)
+
+
+def test_repeating_an_extra_lora_neither_downloads_nor_reloads_it(predictor, services, caplog):
+    url = services.serve("/again/lora.safetensors", tiny_lora(22))
+    image_of(predictor, extra_lora=url)
+    with caplog.at_level(logging.INFO, logger="lassie"):
+        image_of(predictor, extra_lora=url, extra_lora_scale=0.5)
+    assert services.count("/again/lora.safetensors") == 1
+    assert "loaded into" not in caplog.text
+
+
+def test_a_request_without_extra_lora_runs_no_extra_adapter(predictor, services):
+    image_of(predictor, extra_lora=services.serve("/gone/lora.safetensors", tiny_lora(23)))
+    image_of(predictor)
+    transformer = predictor.models.transformers["dev"]
+    assert transformer.active_adapters() == ["lassie"]
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b"\x80\x04\x95" + b"\x00" * 64, "extra_lora"),
+    (tiny_lora(24)[:-100], "extra_lora"),
+    (save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": __import__("torch").ones(4, 320)}),
+     "extra_lora"),
+])
+def test_bad_payloads_fail_clearly_and_leave_the_model_as_it_was(predictor, services, payload, message):
+    before = {k: v.clone() for k, v in predictor.models.transformers["dev"].state_dict().items()}
+    without = image_of(predictor)
+    with pytest.raises(InputError, match=f"^{message}: "):
+        image_of(predictor, extra_lora=services.serve("/bad/lora.safetensors", payload))
+    after = predictor.models.transformers["dev"].state_dict()
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert np.array_equal(image_of(predictor), without)
+
+
+def test_private_addresses_are_refused_without_the_opt_in(predictor, monkeypatch):
+    monkeypatch.delenv("LASSIE_ALLOW_PRIVATE_URLS", raising=False)
+    for url in ("http://127.0.0.1:9/x.safetensors", "http://localhost:9/x.safetensors",
+                "http://[::1]:9/x.safetensors", "http://2130706433/x.safetensors", "file:///etc/passwd"):
+        with pytest.raises(InputError, match="^extra_lora: "):
+            image_of(predictor, extra_lora=url)
+    image_of(predictor)
+
+
+def test_tokens_never_reach_logs_or_errors(predictor, services, monkeypatch, caplog):
+    secrets = {"CIVITAI_API_TOKEN": "civ-s3cret-91", "HF_TOKEN": "hf_s3cret_92", "REPLICATE_API_TOKEN": "r8_s3cret_93"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    services.add_civitai_model(78, {801: [CivitaiFile("t.safetensors", tiny_lora(25))]}, token=secrets["CIVITAI_API_TOKEN"])
+    errors = []
+    with caplog.at_level(logging.DEBUG):
+        image_of(predictor, extra_lora="civitai.com/models/78")
+        for bad in ("huggingface.co/acme/missing", "acme/missing-model", "civitai.com/models/404",
+                    services.serve("/t/x.safetensors?token=hf_s3cret_92", b"nope")):
+            with pytest.raises(InputError) as error:
+                image_of(predictor, extra_lora=bad)
+            errors.append(str(error.value))
+    text = caplog.text + "\n".join(errors)
+    assert all(secret not in text for secret in secrets.values())
+
+
+def test_no_bleed_across_a_random_sequence_of_requests(predictor, tiny_weights, services, tmp_path, monkeypatch):
+    """Each result equals a freshly set-up predictor's result for that request alone."""
+    loras = {name: services.serve(f"/mix/{name}.safetensors", tiny_lora(seed, only))
+             for name, seed, only in (("a", 31, ()), ("b", 32, ("attn.",)), ("c", 33, ("proj_mlp", "proj_out")))}
+    loras["broken"] = services.serve("/mix/broken.safetensors", b"{not a safetensors file")
+    loras["foreign"] = services.serve("/mix/foreign.safetensors", save({"x.lora_A.weight": __import__("torch").ones(2, 3)}))
+    rng = random.Random(20261125)
+    requests = [dict(model=rng.choice(["dev", "schnell"]), lora_scale=rng.choice([0, 0.5, 1, -1]),
+                     go_fast=rng.random() < 0.3, seed=rng.randrange(3),
+                     **({"extra_lora": loras[rng.choice(list(loras))], "extra_lora_scale": rng.choice([0.3, 1, 2])}
+                        if rng.random() < 0.7 else {}))
+                for _ in range(32)]
+    assert {r.get("extra_lora") for r in requests} >= set(loras.values()) | {None}
+
+    monkeypatch.setenv("LASSIE_LORA_CACHE", str(tmp_path / "fresh-cache"))
+    fresh_results: dict[tuple, object] = {}
+
+    def outcome(lassie: Lassie, fields: dict) -> object:
+        try:
+            return image_of(lassie, **fields).tobytes()
+        except InputError as error:
+            return f"error in {error.field}"
+
+    for fields in requests:
+        key = tuple(sorted(fields.items()))
+        if key not in fresh_results:
+            fresh = Lassie(tiny_weights)
+            fresh.setup()
+            fresh_results[key] = outcome(fresh, fields)
+        assert outcome(predictor, fields) == fresh_results[key], fields
+    assert any(isinstance(result, str) for result in fresh_results.values())
