@@ -54,6 +54,16 @@ def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | Non
     return dict(state_dict), alphas, metadata
 
 
+def _drop_unloadable_keys(state_dict: dict, alphas: dict | None, metadata: dict | None) -> tuple:
+    """Keys for neither the transformer nor the CLIP encoder (kohya's img_in, time_in, final_layer
+    converted without a prefix) are skipped, as diffusers' own loader skips them, and logged."""
+    skipped = [key for key in state_dict if not key.startswith((TRANSFORMER_PREFIX, TEXT_ENCODER_PREFIX))]
+    if skipped and len(skipped) < len(state_dict):
+        log.warning("skipping %d LoRA keys FLUX's loader does not apply (e.g. %s)", len(skipped), skipped[0])
+        state_dict = {key: value for key, value in state_dict.items() if key not in skipped}
+    return state_dict, alphas, metadata
+
+
 def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, text_encoder: torch.nn.Module,
                 field_name: str) -> None:
     """Refuse LoRAs of other architectures before anything touches the model.
@@ -72,6 +82,8 @@ def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Modul
             raise InputError(field_name, f"targets a component FLUX LoRAs cannot change: {key}")
         module_name = key[len(prefix):].split(".lora_")[0]
         module = roots[prefix].get(module_name)
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
         if not isinstance(module, torch.nn.Linear):
             raise InputError(field_name, f"does not fit FLUX: no linear layer {prefix}{module_name}")
         tensor = state_dict[key]
@@ -79,6 +91,20 @@ def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Modul
         actual = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
         if tensor.ndim != 2 or actual != expected:
             raise InputError(field_name, f"does not fit FLUX: {key} has shape {tuple(tensor.shape)}")
+
+
+def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
+    """Put back the plain layer where PEFT's wrapper holds no adapter any more.
+
+    Deleting an adapter leaves its wrapper behind; restoring the base layer keeps the model's
+    structure (and state-dict keys) exactly as before the adapter came.
+    """
+    empty = [name for name, module in model.named_modules()
+             if isinstance(module, BaseTunerLayer) and not any(getattr(module, attr) for attr in module.adapter_layer_names)]
+    for name in empty:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, getattr(parent, child_name).get_base_layer())
 
 
 class LoraAdapters:
@@ -93,9 +119,23 @@ class LoraAdapters:
     def names(self) -> list[str]:
         return list(self._loras)
 
+    def has_transformer(self, key: str) -> bool:
+        return key in self._transformers
+
+    def attach(self, key: str, transformer: torch.nn.Module) -> None:
+        """Track another transformer (e.g. a go_fast fp8 copy); LoRAs load into it on first use."""
+        self._transformers[key] = transformer
+
+    def detach(self, key: str) -> None:
+        """Forget a transformer that was dropped; its adapters went with it."""
+        self._transformers.pop(key, None)
+        self._active.pop(key, None)
+        for lora in self._loras.values():
+            lora.loaded_into.discard(key)
+
     def add(self, name: str, path: Path, field_name: str = "extra_lora") -> None:
         """Convert and check a LoRA file; it loads into a transformer the first time that one runs it."""
-        state_dict, alphas, metadata = _convert(path, field_name)
+        state_dict, alphas, metadata = _drop_unloadable_keys(*_convert(path, field_name))
         _check_fits(state_dict, next(iter(self._transformers.values())), self._text_encoder, field_name)
         self._loras[name] = _Lora(state_dict, alphas, metadata)
 
@@ -106,6 +146,7 @@ class LoraAdapters:
         for module in [*self._transformers.values(), self._text_encoder]:
             delete_adapter_layers(module, name)
             getattr(module, "peft_config", {}).pop(name, None)
+            _unwrap_layers_without_adapters(module)
 
     def activate(self, model: str, scales: dict[str, float]) -> None:
         """Make exactly `scales`' adapters active on `model`'s transformer and the text encoder.
