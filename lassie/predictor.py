@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Iterator
+
+import torch
 
 from lassie import images as image_io
 from lassie.adapters import LoraAdapters
@@ -19,6 +23,23 @@ from lassie.generate import Inputs, generate
 from lassie.lora_cache import LoraCache, lora_cache_dir
 from lassie.models import Device, FluxModels, load_models
 from lassie.provision import ensure_weights
+from lassie.quantization import (
+    COMPILE_ENV,
+    GO_FAST_MODE_ENV,
+    CompileSetting,
+    GoFastPlan,
+    PrecisionLog,
+    QuantizedTransformers,
+    compile_setting,
+    compile_transformer,
+    configure_compile_cache,
+    plan_go_fast,
+    precision_of,
+    query_device,
+    requested_mode,
+    table_sizes,
+    warm_up,
+)
 from lassie.request import Mode, Plan, Request, make_plan
 from lassie.safety import SafetyFilter
 from lassie.sizes import size_from_image
@@ -34,6 +55,10 @@ def timed(phase: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     log.info("%s took %.2fs", phase, time.perf_counter() - started)
+
+
+def fast_key(model: str) -> str:
+    return f"{model}-go-fast"
 
 
 def extra_adapter_name(path: Path) -> str:
@@ -55,21 +80,64 @@ class Lassie:
         self.safety: SafetyFilter | None = None
         self._extra: str | None = None
         self._output_dir: Path | None = None
+        self._device: Device | None = None
+        self._fast: QuantizedTransformers | None = None
+        self._compile: CompileSetting | None = None
+        self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
         ensure_weights(self.layout)
-        device = Device.detect()
+        self._device = Device.detect()
+        hardware = query_device()
+        go_fast = plan_go_fast(hardware, requested_mode(os.environ.get(GO_FAST_MODE_ENV)))
+        self._compile = compile_setting(os.environ.get(COMPILE_ENV), hardware)
+        log.info("go_fast plan: %s; compile: %s", go_fast.reason, self._compile.reason)
+        if self._compile.enabled:
+            configure_compile_cache(self.layout.root)
         with timed("loading models"):
-            self.models = load_models(self.layout, device)
+            self.models = load_models(self.layout, self._device)
         with timed("loading the safety checker"):
-            self.safety = SafetyFilter.load(self.layout, device.torch_device, device.dtype)
+            self.safety = SafetyFilter.load(self.layout, self._device.torch_device, self._device.dtype)
         with timed("loading the Lassie LoRA"):
-            self.adapters = LoraAdapters(self.models.transformers, self.models.text_encoder)
+            self.adapters = LoraAdapters(dict(self.models.transformers), self.models.text_encoder)
             self.adapters.add(LASSIE_ADAPTER, self.layout.lassie_lora, field_name="lassie LoRA")
-            for model in self.models.transformers:
-                self.adapters.activate(model, {LASSIE_ADAPTER: 1.0})
+        self._fast = QuantizedTransformers(go_fast, on_evict=lambda model: self.adapters.detach(fast_key(model)))
+        with timed("preparing transformers (adapters, fp8, compile)"):
+            self._prepare_transformers(go_fast)
         self.lora_cache = LoraCache(lora_cache_dir(self.layout))
         log.info("ready; trigger word: %r", self.layout.trigger_word())
+
+    def _prepare_transformers(self, go_fast: GoFastPlan) -> None:
+        """Adapters on every resident transformer, then compile, then warm every size once."""
+        variants = [(model, False) for model in self.models.transformers]
+        if go_fast.quantizes and go_fast.keep_quantized_resident:
+            variants += [(model, True) for model in self.models.transformers]
+        for model in self.models.transformers:
+            compile_transformer(self.models.transformers[model], self._compile)
+        for model, fast in variants:
+            key, _ = self._transformer_for(model, fast)
+            self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
+        if self._compile.enabled:
+            warm_up({f"{model} go_fast={fast}": partial(self._warm_run, model, fast) for model, fast in variants},
+                    table_sizes())
+
+    def _warm_run(self, model: str, fast: bool, width: int, height: int) -> None:
+        key, transformer = self._transformer_for(model, fast)
+        self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
+        plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0))
+        generate(self.models.pipeline(model, Mode.TXT2IMG, transformer), replace(plan, size=(width, height)), Inputs())
+
+    def _transformer_for(self, model: str, go_fast: bool) -> tuple[str, torch.nn.Module]:
+        """The bf16 transformer, or under go_fast the quantized copy this hardware runs (built on demand)."""
+        bf16 = self.models.transformers[model]
+        if not (go_fast and self._fast.plan.quantizes):
+            return model, bf16
+        key = fast_key(model)
+        if not self.adapters.has_transformer(key):
+            transformer = self._fast.get(model, bf16)
+            self.adapters.attach(key, transformer)
+            compile_transformer(transformer, self._compile)
+        return key, self._fast.get(model, bf16)
 
     def predict(self, request: Request) -> list[Path]:
         plan = make_plan(request)
@@ -78,9 +146,11 @@ class Lassie:
             plan, inputs = self._read_inputs(plan, request)
         log.info("size %dx%d, %d steps, %d output(s)", *plan.size, plan.num_inference_steps, plan.num_outputs)
         with timed("applying LoRAs"):
-            self._activate_loras(plan)
+            key, transformer = self._transformer_for(plan.model, plan.go_fast)
+            self._activate_loras(plan, key)
+        self._log_precision(plan)
         with timed("generating"):
-            pipeline = self.models.pipeline(plan.model, plan.mode)
+            pipeline = self.models.pipeline(plan.model, plan.mode, transformer)
             results = generate(pipeline, plan, inputs)
         if plan.safety_checker:
             with timed("safety checking"):
@@ -97,7 +167,11 @@ class Lassie:
         mask = image_io.load_mask(Path(request.mask), size) if plan.mode is Mode.INPAINT else None
         return replace(plan, size=size), Inputs(image=image, mask=mask)
 
-    def _activate_loras(self, plan: Plan) -> None:
+    def _log_precision(self, plan: Plan) -> None:
+        self._precision_log.ran(plan.model, plan.go_fast, self._fast.plan, self._device.dtype)
+        log.info("precision: %s", precision_of(self._fast.plan, plan.go_fast, self._device.dtype))
+
+    def _activate_loras(self, plan: Plan, transformer_key: str) -> None:
         """Lassie always, the extra LoRA when asked; a failed new extra leaves the previous state."""
         scales = {LASSIE_ADAPTER: plan.lora_scale}
         new_extra = None
@@ -110,7 +184,7 @@ class Lassie:
                 new_extra = name
             scales[name] = plan.extra_lora_scale
         try:
-            self.adapters.activate(plan.model, scales)
+            self.adapters.activate(transformer_key, scales)
         except Exception:
             if new_extra:
                 self.adapters.remove(new_extra)

@@ -1,0 +1,326 @@
+"""go_fast on CPU: the hardware decision for faked devices, and the quantized path for real.
+
+Only the hardware query is faked; the fp8 weight-only transformer is really built and run
+(torchao's float8 weight-only storage works on CPU), with real PEFT adapters on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torchao.utils import TorchAOBaseTensor
+
+from conftest import REPO, load_script
+from lassie import quantization as q
+from lassie.request import GO_FAST_LORA_MULTIPLIER, Request, effective_lora_scales, go_fast_applies
+
+CPU = q.DeviceInfo(kind="cpu")
+A100 = q.DeviceInfo(kind="cuda", name="NVIDIA A100-SXM4-80GB", capability=(8, 0), total_memory=85_100_000_000)
+H100 = q.DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_memory=85_031_714_816)
+H200 = q.DeviceInfo(kind="cuda", name="NVIDIA H200", capability=(9, 0), total_memory=150_110_011_392)
+L40S = q.DeviceInfo(kind="cuda", name="NVIDIA L40S", capability=(8, 9), total_memory=48_305_799_168)
+MI300X = q.DeviceInfo(kind="rocm", name="AMD Instinct MI300X", capability=(9, 4), total_memory=206_141_652_992)
+
+# e4m3 keeps 3 mantissa bits: rounding to nearest leaves each weight a relative error of at most
+# half a step, a step being 2**-3 of the weight's power of two, so its RMS is at most
+# 2**-3 / sqrt(12) = 3.6%. A linear's output sums many such independent errors and carries about
+# the same relative RMS error (measured 2.1-2.8% per layer); twice that is the bound. Through the
+# whole transformer the error can only shrink relative to the output, since the modulation,
+# embedders and residual paths stay exact (measured 0.3%), so the same bound holds there.
+FP8_RELATIVE_ERROR_BOUND = 2 * 2**-3 / 12**0.5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_script("make_tiny_weights")
+
+
+@pytest.fixture
+def transformer(tiny):
+    return tiny.tiny_transformer(guidance_embeds=True, seed=0).eval()
+
+
+def transformer_inputs(image_tokens: int = 16, text_tokens: int = 8) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, 64, generator=generator),
+        encoder_hidden_states=torch.randn(1, text_tokens, 32, generator=generator),
+        pooled_projections=torch.randn(1, 32, generator=generator),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(image_tokens, 3),
+        txt_ids=torch.zeros(text_tokens, 3),
+        guidance=torch.tensor([3.0]),
+        return_dict=False,
+    )
+
+
+def run(transformer) -> torch.Tensor:
+    with torch.no_grad():
+        return transformer(**transformer_inputs())[0]
+
+
+def attach_lassie(transformer, tiny, name: str = "lassie") -> None:
+    transformer.load_lora_adapter(tiny.lassie_lora_state_dict(transformer), prefix="transformer", adapter_name=name)
+
+
+@pytest.mark.parametrize(
+    ("device", "mode", "resident", "says"),
+    [
+        (CPU, q.FastMode.UNQUANTIZED, True, "no GPU here"),
+        (A100, q.FastMode.UNQUANTIZED, True, "this GPU (NVIDIA A100-SXM4-80GB, compute capability 8.0) has no fp8"),
+        (L40S, q.FastMode.FP8_DYNAMIC, False, "one fp8 transformer at a time"),
+        (H100, q.FastMode.FP8_DYNAMIC, False, "peak memory fits 79 GiB"),
+        (H200, q.FastMode.FP8_DYNAMIC, True, "both stay resident (140 GiB >= 90)"),
+        (MI300X, q.FastMode.UNQUANTIZED, True, "not set up for ROCm"),
+    ],
+)
+def test_go_fast_plan_follows_the_hardware(device, mode, resident, says):
+    plan = q.plan_go_fast(device)
+    assert (plan.mode, plan.keep_quantized_resident) == (mode, resident)
+    assert says in plan.reason
+
+
+def test_an_operator_can_ask_for_a_mode_and_fp8_falls_back_where_it_cannot_run():
+    assert q.plan_go_fast(CPU, q.FastMode.FP8_WEIGHT_ONLY).mode is q.FastMode.FP8_WEIGHT_ONLY
+    assert q.plan_go_fast(H200, q.FastMode.UNQUANTIZED).mode is q.FastMode.UNQUANTIZED
+    refused = q.plan_go_fast(A100, q.FastMode.FP8_DYNAMIC)
+    assert refused.mode is q.FastMode.UNQUANTIZED
+    assert refused.reason.startswith("LASSIE_GO_FAST_MODE=fp8 cannot be honoured: go_fast: this GPU")
+
+
+def test_go_fast_mode_setting_is_parsed_strictly():
+    assert [q.requested_mode(v) for v in (None, "", "auto", " FP8 ")] == [None, None, None, q.FastMode.FP8_DYNAMIC]
+    with pytest.raises(ValueError, match="LASSIE_GO_FAST_MODE must be one of auto, fp8, fp8-weight-only"):
+        q.requested_mode("fast")
+
+
+def test_the_real_hardware_query_feeds_the_plan(monkeypatch):
+    """Only torch's CUDA queries are faked: what an H100 reports becomes the lazy fp8 plan."""
+
+    class Properties:
+        name, total_memory = H100.name, H100.total_memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    device = q.query_device()
+    assert device == H100
+    assert q.plan_go_fast(device).mode is q.FastMode.FP8_DYNAMIC
+
+
+def test_without_cuda_the_query_reports_the_cpu():
+    assert q.query_device() == CPU
+
+
+def test_go_fast_multiplies_lora_scales_by_exactly_one_and_a_half_and_custom_sizes_run_bf16():
+    assert GO_FAST_LORA_MULTIPLIER == 1.5
+    assert effective_lora_scales(0.7, -0.3, go_fast=True) == (0.7 * 1.5, -0.3 * 1.5)
+    assert effective_lora_scales(0.7, -0.3, go_fast=False) == (0.7, -0.3)
+    assert not go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=512))
+    assert go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="16:9"))
+
+
+@pytest.mark.parametrize(
+    ("value", "device", "enabled", "mode"),
+    [
+        (None, H200, True, "default"),
+        ("1", H100, True, "default"),
+        ("max-autotune", H200, True, "max-autotune"),
+        ("0", H200, False, "default"),
+        ("off", H200, False, "default"),
+        (None, CPU, False, "default"),
+        ("1", CPU, False, "default"),
+        (None, MI300X, False, "default"),
+    ],
+)
+def test_compile_setting(value, device, enabled, mode):
+    setting = q.compile_setting(value, device)
+    assert (setting.enabled, setting.mode) == (enabled, mode)
+
+
+def test_compile_setting_rejects_unknown_values():
+    with pytest.raises(ValueError, match="LASSIE_COMPILE must be one of 0, 1, default"):
+        q.compile_setting("maybe", H200)
+
+
+@pytest.fixture
+def no_cache_settings(monkeypatch) -> None:
+    """Setting then deleting records the variables, so whatever the code under test sets is undone."""
+    for name in (q.INDUCTOR_CACHE_ENV, q.COMPILE_CACHE_ENV):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_compile_cache_lives_under_the_weights_unless_the_operator_chose(tmp_path, monkeypatch, no_cache_settings):
+    assert q.configure_compile_cache(tmp_path) == tmp_path / "compile-cache"
+    assert os.environ[q.INDUCTOR_CACHE_ENV] == str(tmp_path / "compile-cache")
+    monkeypatch.setenv(q.INDUCTOR_CACHE_ENV, str(tmp_path / "operator"))
+    assert q.configure_compile_cache(tmp_path) == tmp_path / "operator"
+
+
+def test_an_unwritable_compile_cache_only_costs_the_reuse(tmp_path, monkeypatch, no_cache_settings, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(q.COMPILE_CACHE_ENV, str(blocker / "cache"))
+    assert q.configure_compile_cache(tmp_path) is None
+    assert "not writable" in caplog.text
+
+
+def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    return ((candidate - reference).norm() / reference.norm()).item()
+
+
+def test_each_fp8_weight_only_linear_stays_within_the_e4m3_rounding_bound(transformer):
+    quantized = dict(q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY).named_modules())
+    generator = torch.Generator().manual_seed(1)
+    for name, linear in transformer.named_modules():
+        if q.is_token_linear(linear, name):
+            inputs = torch.randn(7, linear.in_features, generator=generator)
+            with torch.no_grad():
+                error = relative_error(linear(inputs), quantized[name](inputs))
+            assert 0.005 < error < FP8_RELATIVE_ERROR_BOUND, name
+
+
+def test_fp8_weight_only_transformer_stays_close_to_float32(transformer):
+    reference = run(transformer)
+    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
+    assert 0 < relative_error(reference, run(quantized)) < FP8_RELATIVE_ERROR_BOUND
+    assert torch.equal(run(transformer), reference), "the original must be left exactly as it was"
+
+
+def test_only_token_linears_are_quantized_and_everything_else_is_shared(transformer):
+    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
+    fp8 = {name for name, m in quantized.named_modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)}
+    token_linears = {name for name, m in transformer.named_modules() if q.is_token_linear(m, name)}
+    assert fp8 == token_linears and "transformer_blocks.0.attn.to_q" in fp8
+    assert "transformer_blocks.0.norm1.linear" not in fp8 and "proj_out" not in fp8
+    shared = quantized.transformer_blocks[0].norm1.linear.weight
+    assert shared.data_ptr() == transformer.transformer_blocks[0].norm1.linear.weight.data_ptr()
+    assert not isinstance(transformer.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
+
+
+def test_unquantized_mode_is_the_same_transformer(transformer):
+    assert q.quantize_transformer(transformer, q.FastMode.UNQUANTIZED) is transformer
+
+
+def test_quantizing_leaves_the_source_adapters_behind(transformer, tiny):
+    attach_lassie(transformer, tiny)
+    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
+    assert not any(isinstance(m, BaseTunerLayer) for m in quantized.modules())
+    assert not getattr(quantized, "peft_config", None)
+    assert "lassie" in transformer.peft_config
+
+
+def test_fused_adapters_are_refused(transformer, tiny):
+    attach_lassie(transformer, tiny)
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    with pytest.raises(ValueError, match="fused LoRA"):
+        q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
+
+
+def lora_delta(layer, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return layer(inputs) - layer.get_base_layer()(inputs)
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated without")
+def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transformer, tiny):
+    """PEFT puts TorchaoLoraLinear on fp8 weights; the LoRA path itself is not quantized, so its
+    contribution, and the 1.5x go_fast multiplier on it, are the same as on the original."""
+    assert q.lora_attaches_to(q.FastMode.FP8_WEIGHT_ONLY)
+    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
+    attach_lassie(transformer, tiny)
+    attach_lassie(quantized, tiny)
+    layer, fp8_layer = transformer.transformer_blocks[0].attn.to_q, quantized.transformer_blocks[0].attn.to_q
+    assert type(fp8_layer).__name__ == "TorchaoLoraLinear"
+    inputs = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(lora_delta(fp8_layer, inputs), lora_delta(layer, inputs))
+    quantized.set_adapters(["lassie"], [GO_FAST_LORA_MULTIPLIER])
+    transformer.set_adapters(["lassie"], [1.0])
+    torch.testing.assert_close(lora_delta(fp8_layer, inputs), GO_FAST_LORA_MULTIPLIER * lora_delta(layer, inputs))
+
+
+def weight_only_plan(resident: bool) -> q.GoFastPlan:
+    return q.GoFastPlan(mode=q.FastMode.FP8_WEIGHT_ONLY, keep_quantized_resident=resident, reason="test")
+
+
+def test_resident_copies_are_built_once_and_kept(tiny):
+    sources = {"dev": tiny.tiny_transformer(True, 0), "schnell": tiny.tiny_transformer(False, 1)}
+    copies = q.QuantizedTransformers(weight_only_plan(resident=True))
+    dev = copies.get("dev", sources["dev"])
+    copies.get("schnell", sources["schnell"])
+    assert copies.get("dev", sources["dev"]) is dev
+    assert copies.resident() == ("dev", "schnell")
+
+
+def test_lazy_copies_keep_one_model_and_report_what_they_drop(tiny):
+    sources = {"dev": tiny.tiny_transformer(True, 0), "schnell": tiny.tiny_transformer(False, 1)}
+    dropped: list[str] = []
+    copies = q.QuantizedTransformers(weight_only_plan(resident=False), on_evict=dropped.append)
+    dev = copies.get("dev", sources["dev"])
+    copies.get("schnell", sources["schnell"])
+    assert (copies.resident(), dropped) == (("schnell",), ["dev"])
+    assert copies.get("dev", sources["dev"]) is not dev
+    assert dropped == ["dev", "schnell"]
+
+
+def test_unquantized_plans_hand_back_the_source(transformer):
+    copies = q.QuantizedTransformers(q.plan_go_fast(CPU))
+    assert copies.get("dev", transformer) is transformer and copies.resident() == ()
+
+
+def test_warm_up_runs_every_phase_at_every_table_size(caplog):
+    caplog.set_level(logging.INFO, logger="lassie.quantization")
+    calls: list[tuple[str, int, int]] = []
+    sizes = q.table_sizes()
+    phases = {name: (lambda w, h, name=name: calls.append((name, w, h))) for name in ("dev bf16", "dev fp8")}
+    seconds = q.warm_up(phases, sizes)
+    assert len(sizes) == 22 and (1024, 1024) in sizes and (512, 512) in sizes
+    assert calls == [(name, w, h) for name in phases for w, h in sizes]
+    assert set(seconds) == set(phases)
+    assert "warm-up dev fp8: 22 sizes in" in caplog.text
+
+
+def test_precision_is_logged_once_per_model_and_precision(caplog):
+    caplog.set_level(logging.INFO, logger="lassie.quantization")
+    log = q.PrecisionLog()
+    plan = q.plan_go_fast(A100)
+    for _ in range(3):
+        log.ran("dev", True, plan, torch.bfloat16)
+        log.ran("dev", False, plan, torch.bfloat16)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [f"dev with go_fast=true runs bfloat16 ({plan.reason})", "dev with go_fast=false runs bfloat16"]
+
+
+def test_fp8_runs_are_logged_by_their_precision(caplog):
+    caplog.set_level(logging.INFO, logger="lassie.quantization")
+    q.PrecisionLog().ran("schnell", True, q.plan_go_fast(H200), torch.bfloat16)
+    assert "schnell with go_fast=true runs fp8 (torchao dynamic float8 activations and weights)" in caplog.text
+
+
+def test_psnr():
+    image = np.full((4, 4, 3), 100, dtype=np.uint8)
+    assert q.image_psnr(image, image) == float("inf")
+    assert q.image_psnr(image, image + 1) == pytest.approx(20 * np.log10(255), abs=1e-9)
+    with pytest.raises(ValueError, match="differ in shape"):
+        q.image_psnr(image, image[:2])
+
+
+def test_gpu_benchmark_exits_2_with_a_clear_message_without_cuda():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py")], capture_output=True,
+                            text=True, timeout=120, env=env, cwd=REPO)
+    assert result.returncode == 2
+    assert "bench_gpu.py needs a CUDA GPU" in result.stderr and "nothing was run" in result.stderr
+    assert "Traceback" not in result.stderr
