@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+LORA_HOST = "127.0.0.2"
 
 # Before huggingface_hub is imported: no telemetry or agent-registry lookups from the test session
 # (they would go to the import-time endpoint, huggingface.co, which tests never contact).
@@ -43,8 +44,12 @@ def predictor(tiny_weights: Path):
 
 @pytest.fixture(scope="session")
 def cog_server(tiny_weights: Path):
-    """The real Cog HTTP server on 127.0.0.1, serving the tiny weights; stopped after the session."""
-    server = load_script("cog_server").CogServer(tiny_weights)
+    """The real Cog HTTP server on 127.0.0.1, serving the tiny weights; stopped after the session.
+
+    Extra LoRAs may come from 127.0.0.2 alone (the tests' file server); every other private or
+    loopback address stays refused, as in production.
+    """
+    server = load_script("cog_server").CogServer(tiny_weights, env={"LASSIE_ALLOW_PRIVATE_URLS": LORA_HOST})
     health = server.start()
     assert health.get("status") == "READY", f"setup failed: {health}"
     yield server

@@ -9,6 +9,7 @@ import re
 import pytest
 from PIL import Image
 
+from conftest import LORA_HOST
 from lassie import sizes
 
 FAST = {"num_inference_steps": 1, "seed": 11}
@@ -103,4 +104,41 @@ def test_failures_are_readable_and_the_next_request_works(cog_server):
     assert "image: could not be read as an image" in fail(cog_server, image=text)
     succeed(cog_server, megapixels="0.25")
     assert "width: is required when aspect_ratio is custom" in fail(cog_server, aspect_ratio="custom", height=512)
+    succeed(cog_server, megapixels="0.25")
+
+
+@pytest.fixture(scope="module")
+def lora_host():
+    """A file server on 127.0.0.2 (the one address the test server may fetch LoRAs from)."""
+    from fake_services import FakeServices
+    from test_extra_lora import tiny_lora
+
+    with FakeServices(host=LORA_HOST) as files:
+        files.serve("/lora.safetensors", tiny_lora(51))
+        files.redirect("/to-loopback.safetensors", "http://127.0.0.1:9/lora.safetensors")
+        yield files
+
+
+@pytest.mark.parametrize("model", ["dev", "schnell"])
+def test_go_fast_serves_every_mode_with_and_without_extra_lora(cog_server, lora_host, model):
+    photo = data_uri(Image.effect_noise((320, 240), 40).convert("RGB"))
+    mask = data_uri(Image.new("L", (320, 240), 255))
+    extra = f"{lora_host.base}/lora.safetensors"
+    for inputs in ({}, {"image": photo}, {"image": photo, "mask": mask}):
+        plain = succeed(cog_server, go_fast=True, model=model, megapixels="0.25", output_format="png", **inputs)
+        with_lora = succeed(cog_server, go_fast=True, model=model, megapixels="0.25", output_format="png",
+                            extra_lora=extra, **inputs)
+        assert plain[0].tobytes() != with_lora[0].tobytes()
+    status, body = cog_server.predict({"prompt": "x", **FAST, "go_fast": True, "model": model})
+    assert "precision: float32" in body["logs"]
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:9/x.safetensors", "http://localhost:9/x.safetensors", "http://[::1]:9/x.safetensors",
+    "http://2130706433/x.safetensors", "file:///etc/hostname", "redirect",
+])
+def test_loopback_and_file_targets_are_refused_through_the_server(cog_server, lora_host, target):
+    url = f"{lora_host.base}/to-loopback.safetensors" if target == "redirect" else target
+    error = fail(cog_server, extra_lora=url)
+    assert error.startswith("Prediction failed") and "extra_lora: " in error
     succeed(cog_server, megapixels="0.25")
