@@ -73,13 +73,18 @@ def make_lora(seed: int = 0, rank: int = 2, width: int = 8) -> bytes:
     return save(tensors, metadata={"format": "pt"})
 
 
-def make_tar(members: dict[str, bytes]) -> bytes:
+def make_tar(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    """A tar of regular files plus symbolic links (name -> target)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
     return buffer.getvalue()
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import pickle
 import socket
-import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,24 +441,11 @@ def test_validation_agrees_with_the_safetensors_library(tmp_path: Path) -> None:
 
 # --- Replicate tars -----------------------------------------------------------------------------
 
-def tar_with(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    """A tar of regular files plus symbolic links (name -> target)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    return buffer.getvalue()
 
 
 def test_the_one_safetensors_member_is_extracted(tmp_path: Path) -> None:
     payload = make_lora(4)
-    archive = write(tmp_path / "w.tar", tar_with({"output/captions/1.txt": b"a dog", "output/lora.safetensors": payload,
+    archive = write(tmp_path / "w.tar", make_tar({"output/captions/1.txt": b"a dog", "output/lora.safetensors": payload,
                                                   "._lora.safetensors": b"mac junk"}))
     extract_single_safetensors(archive, tmp_path / "out", max_bytes=10**6, origin="Replicate model a/b")
     assert (tmp_path / "out").read_bytes() == payload
@@ -468,7 +454,7 @@ def test_the_one_safetensors_member_is_extracted(tmp_path: Path) -> None:
 def test_member_names_never_choose_where_data_is_written(tmp_path: Path) -> None:
     archive_dir = tmp_path / "deep" / "er"
     archive_dir.mkdir(parents=True)
-    archive = write(archive_dir / "w.tar", tar_with({"../../escape.safetensors": make_lora()}))
+    archive = write(archive_dir / "w.tar", make_tar({"../../escape.safetensors": make_lora()}))
     extract_single_safetensors(archive, archive_dir / "out", max_bytes=10**6, origin="x")
     assert (archive_dir / "out").exists()
     assert not (tmp_path / "escape.safetensors").exists()
@@ -483,7 +469,7 @@ def test_member_names_never_choose_where_data_is_written(tmp_path: Path) -> None
 ])
 def test_tars_without_exactly_one_safetensors_are_refused(tmp_path: Path, members: dict, links: dict | None,
                                                           problem: str) -> None:
-    archive = write(tmp_path / "w.tar", tar_with(members, links))
+    archive = write(tmp_path / "w.tar", make_tar(members, links))
     with pytest.raises(InputError) as caught:
         extract_single_safetensors(archive, tmp_path / "out", max_bytes=10**6, origin="Replicate model a/b")
     assert f"Replicate model a/b {problem}" in str(caught.value)
@@ -491,7 +477,7 @@ def test_tars_without_exactly_one_safetensors_are_refused(tmp_path: Path, member
 
 
 def test_an_oversized_member_is_refused_without_extracting(tmp_path: Path) -> None:
-    archive = write(tmp_path / "w.tar", tar_with({"lora.safetensors": bytes(5000)}))
+    archive = write(tmp_path / "w.tar", make_tar({"lora.safetensors": bytes(5000)}))
     with pytest.raises(InputError, match="larger than 4.0 KiB"):
         extract_single_safetensors(archive, tmp_path / "out", max_bytes=4096, origin="x")
     assert not (tmp_path / "out").exists()
