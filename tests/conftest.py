@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,17 @@ def load_script(name: str):
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete weights directory with tiny random models, built by the real builder script."""
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A complete weights directory with tiny random models, built by the real builder script.
+
+    Shared by the whole session, so it stays exactly as built: extra LoRAs that predictors fetch
+    are cached outside it rather than in its default `lora-cache/`.
+    """
     out = tmp_path_factory.mktemp("tiny-weights")
     load_script("make_tiny_weights").build(out)
-    return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LASSIE_LORA_CACHE", str(tmp_path_factory.mktemp("lora-cache")))
+        yield out
 
 
 @pytest.fixture(scope="session")
