@@ -1,10 +1,10 @@
-"""Fetching untrusted files safely, and proving a file is a plain safetensors before anyone loads it.
+"""Fetching untrusted files safely: public addresses only, secrets kept, sizes bounded.
 
 `extra_lora` makes the server fetch any URL a user types, so every hop (the first one and each
 redirect) must land on a public address, and the connection goes to exactly the address that was
 checked (a second DNS answer cannot swap in 127.0.0.1). Tokens belong to one service origin and
 never follow a redirect elsewhere; URLs are shown without their query strings, because signed URLs
-carry secrets there. Only safetensors is ever accepted: pickle-based checkpoints run code on load.
+carry secrets there. What was fetched is checked in `lassie.lora_files`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import re
 import socket
 import ssl
-import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -468,188 +467,3 @@ class _ProgressLog:
         self.next_report = (received // self.step + 1) * self.step
         share = f" ({100 * received // self.total}%)" if self.total else ""
         logger.info("extra_lora: %s of %s%s", human_bytes(received), self.url, share)
-
-
-# --- safetensors, checked without loading ------------------------------------------------------
-
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
-}
-MAX_HEADER_BYTES = 100 * MIB
-
-
-@dataclass(frozen=True)
-class SafetensorsSummary:
-    tensor_count: int
-    data_bytes: int
-    metadata: dict[str, str]
-
-
-def validate_safetensors(path: Path, origin: str) -> SafetensorsSummary:
-    """Checks the header and every tensor's extent against the file, so that a truncated file,
-    an HTML error page or a renamed pickle fails here with a clear message instead of in a loader."""
-    size = path.stat().st_size
-    with path.open("rb") as source:
-        start = source.read(256)
-        header_length = int.from_bytes(start[:8], "little")
-        problem = _format_problem(start, size, header_length)
-        if problem is not None:
-            raise InputError(FIELD, f"{origin} is not a usable .safetensors file: {problem}")
-        source.seek(8)
-        header = _parse_header(source.read(header_length), origin)
-    return _check_tensors(header, size - 8 - header_length, origin)
-
-
-def _format_problem(start: bytes, size: int, header_length: int) -> str | None:
-    """A safetensors file is an 8-byte header length followed by a JSON object."""
-    if size < 8:
-        return f"it is empty or truncated ({size} bytes)"
-    if start[8:9] != b"{":
-        return _what_it_is_instead(start)
-    if header_length < 2 or header_length > MAX_HEADER_BYTES:
-        return "its header length is impossible, so it is not a .safetensors file"
-    if 8 + header_length > size:
-        return f"the file is truncated ({size} bytes, but its header alone needs {8 + header_length})"
-    return None
-
-
-def _what_it_is_instead(start: bytes) -> str:
-    stripped = start.lstrip()
-    if start.startswith(b"PK\x03\x04"):
-        return ("it is a zip archive, i.e. a PyTorch .pt/.bin/.ckpt checkpoint; those are pickle-based and can "
-                "run code when loaded, so only .safetensors files are accepted")
-    if start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "it is a Python pickle (a .bin/.ckpt/.pt checkpoint), which can run code when loaded"
-    if stripped[:1] == b"<":
-        return "it is an HTML/XML page (an error or login page?), not a model file"
-    if stripped[:1] in (b"{", b"["):
-        return "it is a JSON document (an API error?), not a model file"
-    if start[:2] == b"\x1f\x8b":
-        return "it is a gzip archive, not a .safetensors file"
-    return "it does not start with a safetensors header (damaged, or another format)"
-
-
-def _parse_header(raw: bytes, origin: str) -> dict[str, Any]:
-    """The header starts with '{' (checked before), so whatever parses is a JSON object."""
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise InputError(FIELD, f"{origin} is not a usable .safetensors file: its header is not JSON") from None
-
-
-def _check_tensors(header: dict[str, Any], data_bytes: int, origin: str) -> SafetensorsSummary:
-    metadata = header.pop("__metadata__", None) or {}
-    problems = [] if _is_string_map(metadata) else ["__metadata__ is not a map of strings"]
-    extents = []
-    for name, info in header.items():
-        extent, problem = _tensor_extent(name, info)
-        if problem:
-            problems.append(problem)
-        else:
-            extents.append(extent)
-    if not header:
-        problems.append("it holds no tensors")
-    problems += _layout_problems(sorted(extents), data_bytes)
-    if problems:
-        listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise InputError(FIELD, f"{origin} is not a usable .safetensors file: {listed}")
-    return SafetensorsSummary(tensor_count=len(header), data_bytes=data_bytes, metadata=metadata)
-
-
-def _is_string_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-
-
-def _tensor_extent(name: str, info: Any) -> tuple[tuple[int, int], str | None]:
-    if not isinstance(info, dict):
-        return (0, 0), f"tensor {name!r} has no description"
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
-        return (0, 0), f"tensor {name!r} has unknown dtype {dtype!r}"
-    if not _int_list(shape) or any(dim < 0 for dim in shape):
-        return (0, 0), f"tensor {name!r} has an invalid shape"
-    if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-        return (0, 0), f"tensor {name!r} has invalid data offsets"
-    if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
-        return (0, 0), f"tensor {name!r} does not fit its shape and dtype"
-    return (offsets[0], offsets[1]), None
-
-
-def _int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
-
-
-def _layout_problems(extents: list[tuple[int, int]], data_bytes: int) -> list[str]:
-    """Tensors must tile the data area exactly: a gap, an overlap or a short file means damage."""
-    position = 0
-    for begin, end in extents:
-        if begin != position:
-            return ["tensor data overlaps or leaves gaps"]
-        position = end
-    if position > data_bytes:
-        return [f"the file is truncated (tensor data needs {position} bytes, {data_bytes} present)"]
-    if position < data_bytes:
-        return [f"{data_bytes - position} unexpected bytes follow the tensor data"]
-    return []
-
-
-# --- Replicate `_weights` archives ------------------------------------------------------------
-
-MAX_TAR_MEMBERS = 10_000
-
-
-def extract_single_safetensors(archive: Path, destination: Path, *, max_bytes: int, origin: str) -> None:
-    """Copies the one .safetensors member of a tar into `destination`.
-
-    Member names are only compared, never used as paths, so `../` or absolute names cannot write
-    anywhere; links and devices are ignored.
-    """
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            member = _single_safetensors_member(tar, origin)
-            if member.size > max_bytes:
-                raise InputError(FIELD, f"the .safetensors in {origin} is larger than {human_bytes(max_bytes)} "
-                                        f"({MAX_BYTES_ENV})")
-            _copy_member(tar, member, destination)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise InputError(FIELD, f"{origin} is not a readable tar archive ({type(error).__name__})") from None
-
-
-def _single_safetensors_member(tar: tarfile.TarFile, origin: str) -> tarfile.TarInfo:
-    names, candidates = [], []
-    for count, member in enumerate(tar):
-        if count >= MAX_TAR_MEMBERS:
-            raise InputError(FIELD, f"{origin} holds more than {MAX_TAR_MEMBERS} files")
-        names.append(member.name)
-        basename = member.name.rsplit("/", 1)[-1]
-        if member.isfile() and basename.lower().endswith(".safetensors") and not basename.startswith("._"):
-            candidates.append(member)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise InputError(FIELD, f"{origin} holds no .safetensors file (it holds: {_listing(names)})")
-    raise InputError(
-        FIELD, f"{origin} holds several .safetensors files ({_listing([m.name for m in candidates])}); expected one"
-    )
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:10]) or "nothing"
-    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
-
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
-    source = tar.extractfile(member)
-    if source is None:
-        raise tarfile.TarError("member has no data")
-    with source, destination.open("wb") as sink:
-        remaining = member.size
-        while remaining > 0:
-            chunk = source.read(min(CHUNK_BYTES, remaining))
-            if not chunk:
-                raise EOFError("archive ends inside the .safetensors member")
-            sink.write(chunk)
-            remaining -= len(chunk)

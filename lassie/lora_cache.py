@@ -42,13 +42,12 @@ from lassie.download import (
     Credential,
     DownloadLimits,
     download_file,
-    extract_single_safetensors,
     fetch_json,
     human_bytes,
     redact_secrets,
-    validate_safetensors,
 )
 from lassie.errors import InputError
+from lassie.lora_files import extract_single_safetensors, validate_safetensors
 from lassie.lora_sources import (
     CIVITAI_HOSTS,
     FIELD,

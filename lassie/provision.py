@@ -32,8 +32,8 @@ from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects, tqdm
-from safetensors import SafetensorError, safe_open
 
+from lassie.lora_files import UnusableSafetensorsError, inspect_safetensors
 from lassie.weights import MissingWeightsError, WeightsLayout
 
 log = logging.getLogger(__name__)
@@ -180,12 +180,11 @@ def git_blob_id(path: Path) -> str:
 
 
 def check_safetensors(path: Path, name: str) -> None:
-    """The header parses and covers the whole file: catches truncation and non-safetensors payloads."""
+    """The project's one safetensors check: catches truncation and non-safetensors payloads."""
     try:
-        with safe_open(path, framework="numpy"):
-            pass
-    except SafetensorError as error:
-        raise CorruptFileError(f"{name} is not a valid safetensors file ({error})") from None
+        inspect_safetensors(path)
+    except UnusableSafetensorsError as problem:
+        raise CorruptFileError(f"{name} is not a valid safetensors file: {problem}") from None
 
 
 def is_intact(path: Path, record: FileRecord, verify: bool) -> bool:
