@@ -5,11 +5,20 @@ which recomputes `scale * alpha / r` from scratch, so changing scales is exact, 
 the base weights, and a scale is applied exactly once (never again through
 `joint_attention_kwargs`). Adapters load lazily into the transformer a request actually uses,
 and a load that fails removes every trace of itself, so the model is left as it was.
+
+Slot mode (`slot_rank`, for compiled transformers): a new adapter *name* makes torch.compile
+trace the blocks again, so extra LoRAs do not get names on the transformers. Each transformer
+carries one zero LoRA of rank R over every linear, the slot `SLOT_ADAPTER`, and an extra LoRA
+is copied into it in place (diffusers' hot-swap). The adapter names never change, and the active
+set is only ever {pinned} or {pinned, slot}: graphs compiled once serve every extra LoRA. Only
+the transformer is compiled, so an extra LoRA's text-encoder part loads under its own name as
+outside slot mode. See docs/go_fast.md for the rules this follows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +26,10 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
-from diffusers.utils.peft_utils import delete_adapter_layers
+from diffusers.utils.peft_utils import _create_lora_config, delete_adapter_layers
+from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import get_pattern_key
 
 from lassie.errors import InputError
 
@@ -27,15 +38,27 @@ log = logging.getLogger(__name__)
 TEXT_ENCODER = "text_encoder"
 TRANSFORMER_PREFIX = "transformer."
 TEXT_ENCODER_PREFIX = "text_encoder."
+LORA_A = ".lora_A."
+LORA_B = ".lora_B."
+SLOT_ADAPTER = "extra"
+SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
+SLOT_RANK = 128
+SLOT_RANK_TIGHT_MEMORY = 64
 
 
 @dataclass
 class _Lora:
-    """A LoRA converted to diffusers keys once, kept on the CPU for lazy loading into transformers."""
+    """A LoRA converted to diffusers keys once, kept on the CPU for lazy loading into transformers.
+
+    `pinned` LoRAs keep their own adapter in slot mode too; `slot_state_dict` is the transformer
+    part of any other LoRA, made ready to hot-swap into the slot (slot mode only).
+    """
 
     state_dict: dict[str, torch.Tensor]
     alphas: dict[str, torch.Tensor] | None
     metadata: dict | None
+    pinned: bool = False
+    slot_state_dict: dict[str, torch.Tensor] | None = None
     loaded_into: set[str] = field(default_factory=set)
 
     @property
@@ -91,6 +114,135 @@ def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Modul
         actual = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
         if tensor.ndim != 2 or actual != expected:
             raise InputError(field_name, f"does not fit FLUX: {key} has shape {tuple(tensor.shape)}")
+    _check_pairs(state_dict, field_name)
+
+
+def _check_pairs(state_dict: dict[str, torch.Tensor], field_name: str) -> None:
+    """Each module's lora_A and lora_B must chain (one rank), or no loader can apply them."""
+    for module, (down, up) in _pairs(state_dict).items():
+        if down is None or up is None or down.shape[0] != up.shape[1]:
+            raise InputError(field_name, f"does not fit FLUX: the lora_A and lora_B of {module} do not chain")
+
+
+def _pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """module -> (lora_A, lora_B), in the state dict's order."""
+    downs = {key.split(LORA_A)[0]: tensor for key, tensor in state_dict.items() if LORA_A in key}
+    ups = {key.split(LORA_B)[0]: tensor for key, tensor in state_dict.items() if LORA_B in key}
+    return {module: (downs.get(module), ups.get(module)) for module in {**downs, **ups}}
+
+
+def _strip_prefix(mapping: dict, prefix: str) -> dict:
+    return {key.removeprefix(prefix): value for key, value in mapping.items() if key.startswith(prefix)}
+
+
+def slot_rank_setting(value: str | None, compiled: bool, default: int) -> int | None:
+    """`LASSIE_LORA_SLOT_RANK`: the hot-swap slot's rank, or None for no slot.
+
+    Unset: a rank-`default` slot exactly when the transformers are compiled, the only case where
+    a new adapter name costs anything (a recompile). 0: never. N > 0: always, at rank N (CPU
+    tests drive the slot this way without compiling).
+    """
+    text = (value or "").strip()
+    if not text:
+        return default if compiled else None
+    if not text.isdigit():
+        raise ValueError(f"{SLOT_RANK_ENV} must be a rank (0 turns the slot off), got {value!r}")
+    return int(text) or None
+
+
+def _transformer_lora_config(lora: _Lora) -> LoraConfig:
+    """The LoraConfig diffusers' loader builds for this LoRA's transformer part.
+
+    Same inputs, same diffusers function: the ranks, network alphas or saved metadata (rsLoRA
+    included) give each module the alpha/r a named adapter would get.
+    """
+    state_dict = _strip_prefix(lora.state_dict, TRANSFORMER_PREFIX)
+    ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if LORA_B in key}
+    alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
+    metadata = _strip_prefix(lora.metadata, TRANSFORMER_PREFIX) if lora.metadata is not None else None
+    return _create_lora_config(state_dict, alphas, metadata, ranks)
+
+
+def _module_scaling(config: LoraConfig, module: str) -> float:
+    """alpha/r (alpha/sqrt(r) with rsLoRA) of `module`, looked up in the config as PEFT does."""
+    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    return float(alpha) / (math.sqrt(rank) if config.use_rslora else rank)
+
+
+def _scaled(up: torch.Tensor, scaling: float) -> torch.Tensor:
+    """lora_B times alpha/r, in float32 so a bf16 file loses nothing more than a named adapter would."""
+    return up if scaling == 1.0 else up.float() * scaling
+
+
+def _pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Zero rows (lora_A, dim 0) or columns (lora_B, dim 1) up to `rank`: the same LoRA, one rank."""
+    missing = rank - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if dim == 0 else (0, missing))
+
+
+def _slot_state_dict(lora: _Lora, slot_rank: int, field_name: str) -> dict[str, torch.Tensor]:
+    """The transformer part of `lora`, ready to hot-swap into a rank-`slot_rank` slot.
+
+    alpha/r is baked into lora_B because after a swap PEFT scales by the *slot's* alpha/r (1):
+    baked, the LoRA runs at exactly `extra_lora_scale`. Every pair is zero-padded to the LoRA's
+    largest rank: with one rank and no alphas diffusers writes no rank or alpha pattern, which
+    the hot-swap would refuse as incompatible with the slot. PEFT zero-pads up to R in place.
+    """
+    try:
+        config = _transformer_lora_config(lora)
+    except (TypeError, ValueError) as error:
+        raise InputError(field_name, f"has an adapter config diffusers cannot use: {error}") from None
+    pairs = _pairs(_strip_prefix(lora.state_dict, TRANSFORMER_PREFIX))
+    rank = max((down.shape[0] for down, _ in pairs.values()), default=0)
+    if rank > slot_rank:
+        raise InputError(field_name, f"rank {rank} is above the hotswap slot's R of {slot_rank}; LoRAs up to rank "
+                         f"{slot_rank} can be used here (the server's {SLOT_RANK_ENV} sets R)")
+    swappable = {}
+    for module, (down, up) in pairs.items():
+        swappable[f"{TRANSFORMER_PREFIX}{module}{LORA_A}weight"] = _pad_rank(down, rank, dim=0)
+        swappable[f"{TRANSFORMER_PREFIX}{module}{LORA_B}weight"] = _pad_rank(
+            _scaled(up, _module_scaling(config, module)), rank, dim=1)
+    return swappable
+
+
+def _linear_names(transformer: torch.nn.Module) -> list[str]:
+    """Every linear of the transformer by its own name (a PEFT wrapper's, not its base layer's)."""
+    names = []
+    for name, module in transformer.named_modules():
+        if isinstance(module, BaseTunerLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):
+            names.append(name)
+        elif isinstance(module, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer"):
+            names.append(name)
+    return names
+
+
+def _slot_layers(transformer: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [module for module in transformer.modules()
+            if isinstance(module, BaseTunerLayer) and SLOT_ADAPTER in module.lora_A]
+
+
+@torch.no_grad()
+def _zero_slot(transformer: torch.nn.Module) -> None:
+    for layer in _slot_layers(transformer):
+        layer.lora_A[SLOT_ADAPTER].weight.zero_()
+        layer.lora_B[SLOT_ADAPTER].weight.zero_()
+
+
+def _create_slot(transformer: torch.nn.Module, rank: int) -> None:
+    """A zero LoRA of `rank` on every linear, under the slot's fixed name.
+
+    Every linear, because a LoRA swaps only into layers the slot already wraps, and FLUX LoRAs
+    train any of them (kohya's the AdaLN modulation too; some the embedders or the final
+    projection). The linears outside the blocks hold 1% of the slot. alpha = r: scaling 1.
+    """
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=_linear_names(transformer))
+    transformer.add_adapter(config, adapter_name=SLOT_ADAPTER)
+    _zero_slot(transformer)
+
+
 
 
 def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
@@ -108,13 +260,24 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
 
 
 class LoraAdapters:
-    """The one owner of LoRA state on the loaded models."""
+    """The one owner of LoRA state on the loaded models.
 
-    def __init__(self, transformers: dict[str, torch.nn.Module], text_encoder: torch.nn.Module) -> None:
+    With `slot_rank`, LoRAs that are not pinned (the extras) go through each transformer's
+    hot-swap slot; pinned ones (the Lassie LoRA) keep their own adapter, loaded as usual.
+    """
+
+    def __init__(self, transformers: dict[str, torch.nn.Module], text_encoder: torch.nn.Module,
+                 slot_rank: int | None = None) -> None:
         self._transformers = transformers
         self._text_encoder = text_encoder
+        self._slot_rank = slot_rank
         self._loras: dict[str, _Lora] = {}
         self._active: dict[str, dict[str, float]] = {}
+        self._slot_holds: dict[str, str | None] = {}
+
+    @property
+    def slot_rank(self) -> int | None:
+        return self._slot_rank
 
     def names(self) -> list[str]:
         return list(self._loras)
@@ -122,54 +285,91 @@ class LoraAdapters:
     def has_transformer(self, key: str) -> bool:
         return key in self._transformers
 
+    def slot_holds(self, key: str) -> str | None:
+        """The LoRA whose weights fill `key`'s slot (None: zeros, or no slot yet)."""
+        return self._slot_holds.get(key)
+
     def attach(self, key: str, transformer: torch.nn.Module) -> None:
         """Track another transformer (e.g. a go_fast fp8 copy); LoRAs load into it on first use."""
         self._transformers[key] = transformer
 
     def detach(self, key: str) -> None:
-        """Forget a transformer that was dropped; its adapters went with it."""
+        """Forget a transformer that was dropped; its adapters (and slot) went with it."""
         self._transformers.pop(key, None)
         self._active.pop(key, None)
+        self._slot_holds.pop(key, None)
         for lora in self._loras.values():
             lora.loaded_into.discard(key)
 
-    def add(self, name: str, path: Path, field_name: str = "extra_lora") -> None:
-        """Convert and check a LoRA file; it loads into a transformer the first time that one runs it."""
+    def add(self, name: str, path: Path, field_name: str = "extra_lora", pinned: bool = False) -> None:
+        """Convert and check a LoRA file; it loads into a transformer the first time that one runs it.
+
+        In slot mode an extra LoRA is also made ready to swap here, so one that cannot fit the
+        slot (rank above R) is refused before anything touches the model.
+        """
         state_dict, alphas, metadata = _drop_unloadable_keys(*_convert(path, field_name))
         _check_fits(state_dict, next(iter(self._transformers.values())), self._text_encoder, field_name)
-        self._loras[name] = _Lora(state_dict, alphas, metadata)
+        lora = _Lora(state_dict, alphas, metadata, pinned=pinned)
+        if self._swaps(lora):
+            lora.slot_state_dict = _slot_state_dict(lora, self._slot_rank, field_name)
+        self._loras[name] = lora
 
     def remove(self, name: str) -> None:
-        """Delete the adapter from every module that has it (also a half-loaded one)."""
+        """Delete the adapter from every module that has it (also a half-loaded one), and empty
+        every slot holding it, so a slot holds exactly the LoRA `slot_holds` names, or zeros."""
         self._loras.pop(name, None)
         self._active.clear()
         for module in [*self._transformers.values(), self._text_encoder]:
             delete_adapter_layers(module, name)
             getattr(module, "peft_config", {}).pop(name, None)
             _unwrap_layers_without_adapters(module)
+        for key, held in self._slot_holds.items():
+            if held == name:
+                _zero_slot(self._transformers[key])
+                self._slot_holds[key] = None
 
     def activate(self, model: str, scales: dict[str, float]) -> None:
         """Make exactly `scales`' adapters active on `model`'s transformer and the text encoder.
 
         Setting adapters walks every module of the transformer; when the wanted state is already
-        active (the common case of repeated requests) that walk is skipped.
+        active (the common case of repeated requests) that walk is skipped. In slot mode at most
+        one extra LoRA can be active: the transformer has one slot.
         """
         if self._active.get(model) == scales and self._active.get(TEXT_ENCODER) == scales:
             return
         self._active.clear()
+        self._ensure_loaded(list(scales), model)
+        self._apply(model, self._transformer_scales(scales), scales)
+        self._active[model] = self._active[TEXT_ENCODER] = dict(scales)
+
+    def activate_with_idle_slot(self, model: str, scales: dict[str, float]) -> None:
+        """`scales` plus the slot at scale 0: the adapter set of requests with an extra LoRA, for
+        warm-up to compile before any extra LoRA exists. Outside slot mode, just `scales`."""
+        self._active.clear()
+        self._ensure_loaded(list(scales), model)
+        slot = {SLOT_ADAPTER: 0.0} if self._slot_rank is not None else {}
+        self._apply(model, {**self._transformer_scales(scales), **slot}, scales)
+
+    def _swaps(self, lora: _Lora) -> bool:
+        return self._slot_rank is not None and not lora.pinned
+
+    def _transformer_scales(self, scales: dict[str, float]) -> dict[str, float]:
+        """Adapter name on the transformer -> scale: an extra LoRA runs under the slot's name."""
+        swapped = [name for name in scales if self._swaps(self._loras[name])]
+        if len(swapped) > 1:
+            raise ValueError(f"one hot-swap slot cannot hold {len(swapped)} LoRAs at once: {swapped}")
+        return {SLOT_ADAPTER if name in swapped else name: scale for name, scale in scales.items()}
+
+    def _apply(self, model: str, transformer_scales: dict[str, float], scales: dict[str, float]) -> None:
         transformer = self._transformers[model]
-        for name in scales:
-            self._ensure_loaded(name, model)
-        names, weights = list(scales), list(scales.values())
         if getattr(transformer, "peft_config", None):
-            if names:
+            if transformer_scales:
                 transformer.enable_lora()
-                transformer.set_adapters(names, weights)
+                transformer.set_adapters(list(transformer_scales), list(transformer_scales.values()))
             else:
                 transformer.disable_lora()
-        encoder_names = [n for n in names if self._loras[n].has_text_encoder]
-        self._activate_text_encoder(encoder_names, [scales[n] for n in encoder_names])
-        self._active[model] = self._active[TEXT_ENCODER] = dict(scales)
+        encoder_names = [name for name in scales if self._loras[name].has_text_encoder]
+        self._activate_text_encoder(encoder_names, [scales[name] for name in encoder_names])
 
     def _activate_text_encoder(self, names: list[str], weights: list[float]) -> None:
         tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
@@ -179,7 +379,20 @@ class LoraAdapters:
         for layer in tuner_layers:
             layer.enable_adapters(bool(names))
 
-    def _ensure_loaded(self, name: str, model: str) -> None:
+    def _ensure_loaded(self, names: list[str], model: str) -> None:
+        """Pinned adapters first, then the slot, then the extra into it: the slot comes last in every
+        layer, as it does again when a failed swap makes us re-create it."""
+        swapped = [name for name in names if self._swaps(self._loras[name])]
+        for name in names:
+            if name not in swapped:
+                self._ensure_named(name, model)
+        if self._slot_rank is not None:
+            self._ensure_slot(model)
+        for name in swapped:
+            self._ensure_in_slot(name, model)
+
+    def _ensure_named(self, name: str, model: str) -> None:
+        """Load the LoRA as its own adapter into the transformer (and the text encoder)."""
         lora = self._loras[name]
         if model in lora.loaded_into:
             return
@@ -189,14 +402,68 @@ class LoraAdapters:
                 dict(lora.state_dict), network_alphas=lora.alphas, transformer=self._transformers[model],
                 adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
             )
-            if lora.has_text_encoder and TEXT_ENCODER not in lora.loaded_into:
-                FluxPipeline.load_lora_into_text_encoder(
-                    dict(lora.state_dict), network_alphas=lora.alphas, text_encoder=self._text_encoder,
-                    prefix=TEXT_ENCODER, adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
-                )
-                lora.loaded_into.add(TEXT_ENCODER)
+            self._ensure_in_text_encoder(name)
         except Exception as error:
             self.remove(name)
             raise InputError("extra_lora", f"could not be applied to FLUX {model}: {error}") from None
         lora.loaded_into.add(model)
         log.info("LoRA %s loaded into %s in %.2fs", name, model, time.perf_counter() - started)
+
+    def _ensure_in_text_encoder(self, name: str) -> None:
+        lora = self._loras[name]
+        if lora.has_text_encoder and TEXT_ENCODER not in lora.loaded_into:
+            FluxPipeline.load_lora_into_text_encoder(
+                dict(lora.state_dict), network_alphas=lora.alphas, text_encoder=self._text_encoder,
+                prefix=TEXT_ENCODER, adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
+            )
+            lora.loaded_into.add(TEXT_ENCODER)
+
+    def _ensure_slot(self, model: str) -> None:
+        """Give the transformer its slot before its first run: adding it later would change the
+        module structure under the compiled blocks (a recompile)."""
+        if model not in self._slot_holds:
+            _create_slot(self._transformers[model], self._slot_rank)
+            self._slot_holds[model] = None
+
+    def _ensure_in_slot(self, name: str, model: str) -> None:
+        """Swap the LoRA into the transformer's slot; on failure the slot holds what it held before."""
+        if self._slot_holds[model] == name:
+            return
+        started = time.perf_counter()
+        try:
+            self._ensure_in_text_encoder(name)
+            self._write_slot(model, self._loras[name])
+        except Exception as error:
+            self._restore_slot(model)
+            self.remove(name)
+            raise InputError("extra_lora", f"could not be swapped into FLUX {model}: {error}") from None
+        self._slot_holds[model] = name
+        log.info("LoRA %s swapped into the %s slot in %.2fs", name, model, time.perf_counter() - started)
+
+    def _write_slot(self, model: str, lora: _Lora) -> None:
+        """Copy the LoRA into the slot's tensors in place (layers it does not train get zeros)."""
+        transformer = self._transformers[model]
+        if not lora.slot_state_dict:
+            _zero_slot(transformer)
+            return
+        FluxPipeline.load_lora_into_transformer(
+            dict(lora.slot_state_dict), network_alphas=None, transformer=transformer,
+            adapter_name=SLOT_ADAPTER, hotswap=True,
+        )
+
+    def _restore_slot(self, model: str) -> None:
+        """Put back what the slot held before a failed swap.
+
+        diffusers deletes the slot adapter when a hot-swap fails: it is re-created first, with
+        the same modules and rank, so the compiled graphs still fit, then refilled.
+        """
+        transformer = self._transformers[model]
+        if SLOT_ADAPTER not in getattr(transformer, "peft_config", {}):
+            delete_adapter_layers(transformer, SLOT_ADAPTER)
+            _create_slot(transformer, self._slot_rank)
+        held = self._slot_holds[model]
+        if held is None:
+            _zero_slot(transformer)
+        else:
+            self._write_slot(model, self._loras[held])
+        log.warning("restored the %s slot (%s) after a failed swap", model, held or "zeros")

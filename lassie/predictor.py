@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from lassie import images as image_io
-from lassie.adapters import LoraAdapters
+from lassie.adapters import SLOT_RANK, SLOT_RANK_ENV, SLOT_RANK_TIGHT_MEMORY, LoraAdapters, slot_rank_setting
 from lassie.encoding import save_images
 from lassie.generate import Inputs, generate
 from lassie.lora_cache import LoraCache, lora_cache_dir
@@ -99,16 +99,28 @@ class Lassie:
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, self._device.torch_device, self._device.dtype)
         with timed("loading the Lassie LoRA"):
-            self.adapters = LoraAdapters(dict(self.models.transformers), self.models.text_encoder)
-            self.adapters.add(LASSIE_ADAPTER, self.layout.lassie_lora, field_name="lassie LoRA")
+            self.adapters = LoraAdapters(dict(self.models.transformers), self.models.text_encoder,
+                                         slot_rank=self._slot_rank(go_fast))
+            self.adapters.add(LASSIE_ADAPTER, self.layout.lassie_lora, field_name="lassie LoRA", pinned=True)
         self._fast = QuantizedTransformers(go_fast, on_evict=lambda model: self.adapters.detach(fast_key(model)))
         with timed("preparing transformers (adapters, fp8, compile)"):
             self._prepare_transformers(go_fast)
         self.lora_cache = LoraCache(lora_cache_dir(self.layout))
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
+    def _slot_rank(self, go_fast: GoFastPlan) -> int | None:
+        """Extra LoRAs hot-swap into a fixed slot when the transformers are compiled (see
+        lassie.adapters). R = 128 takes nearly every published FLUX LoRA; where fp8 copies are
+        built one at a time (GPUs under 90 GiB, e.g. an 80 GB H100) three transformers carry a
+        slot at once, and R = 64 (0.65 GiB each at full size) keeps the memory rule's budget."""
+        default = SLOT_RANK if go_fast.keep_quantized_resident else SLOT_RANK_TIGHT_MEMORY
+        rank = slot_rank_setting(os.environ.get(SLOT_RANK_ENV), self._compile.enabled, default)
+        log.info("extra LoRAs: %s", f"hot-swapped into a rank-{rank} slot" if rank else "one adapter each")
+        return rank
+
     def _prepare_transformers(self, go_fast: GoFastPlan) -> None:
-        """Adapters on every resident transformer, then compile, then warm every size once."""
+        """Adapters on every resident transformer, then compile, then warm every size once, with and
+        without the extra-LoRA slot active (the two adapter sets requests run)."""
         variants = [(model, False) for model in self.models.transformers]
         if go_fast.quantizes and go_fast.keep_quantized_resident:
             variants += [(model, True) for model in self.models.transformers]
@@ -118,12 +130,19 @@ class Lassie:
             key, _ = self._transformer_for(model, fast)
             self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
         if self._compile.enabled:
-            warm_up({f"{model} go_fast={fast}": partial(self._warm_run, model, fast) for model, fast in variants},
-                    table_sizes())
+            warm_up(self._warm_up_phases(variants), table_sizes())
 
-    def _warm_run(self, model: str, fast: bool, width: int, height: int) -> None:
+    def _warm_up_phases(self, variants: list[tuple[str, bool]]) -> dict[str, partial]:
+        slot_states = (False, True) if self.adapters.slot_rank else (False,)
+        return {f"{model} go_fast={fast}" + (" + extra-LoRA slot" if slot else ""):
+                partial(self._warm_run, model, fast, slot) for model, fast in variants for slot in slot_states}
+
+    def _warm_run(self, model: str, fast: bool, slot: bool, width: int, height: int) -> None:
         key, transformer = self._transformer_for(model, fast)
-        self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
+        if slot:
+            self.adapters.activate_with_idle_slot(key, {LASSIE_ADAPTER: 1.0})
+        else:
+            self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
         plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0))
         generate(self.models.pipeline(model, Mode.TXT2IMG, transformer), replace(plan, size=(width, height)), Inputs())
 

@@ -1,0 +1,267 @@
+"""Extra LoRAs hot-swapped into one fixed adapter slot: the same images as named adapters, no bleed
+across switches, failures that leave the model bit for bit as it was, and no recompilation.
+
+The slot predictors run with LASSIE_LORA_SLOT_RANK=8 (the tiny LoRAs have ranks 2 to 8). Float
+images from the dev pipeline (256x256, 2 steps) compare the slot with the session's predictor,
+which loads each extra LoRA as its own adapter: padding ranks with zeros and baking alpha/r into
+lora_B may change float32 rounding, hence ATOL, far below what any LoRA changes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import peft.utils.hotswap
+import pytest
+import torch
+from fake_services import services  # noqa: F401 (fixture)
+from PIL import Image
+from safetensors.torch import save, save_file
+
+import lora_formats as forms
+from lassie.adapters import SLOT_ADAPTER, SLOT_RANK_ENV, slot_rank_setting
+from lassie.errors import InputError
+from lassie.predictor import LASSIE_ADAPTER, Lassie
+from lassie.request import Mode, Request
+
+SLOT_RANK = 8
+ATOL = 1e-5
+SCALE = 0.75
+BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 5,
+        "output_format": "png"}
+
+
+def new_slot_predictor(weights: Path) -> Lassie:
+    """Slot mode on CPU, with fp8 weight-only go_fast copies so the quantized twins get slots too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SLOT_RANK_ENV, str(SLOT_RANK))
+        patch.setenv("LASSIE_GO_FAST_MODE", "fp8-weight-only")
+        lassie = Lassie(weights)
+        lassie.setup()
+    return lassie
+
+
+@pytest.fixture(scope="module")
+def slot_predictor(tiny_weights: Path) -> Lassie:
+    return new_slot_predictor(tiny_weights)
+
+
+def mixed_rank_lora(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Ranks 2 and 6 without alphas: diffusers gives such LoRAs a rank and alpha pattern."""
+    return {**forms.random_lora(transformer, list(forms.PEFT_MODULES[:4]), seed=11, rank=2),
+            **forms.random_lora(transformer, list(forms.PEFT_MODULES[4:]), seed=12, rank=6)}
+
+
+def network_alpha_lora(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT keys with `.alpha` tensors (diffusers' network alphas), alpha/r from 1/4 to 3/4."""
+    lora = forms.random_lora(transformer, list(forms.PEFT_MODULES), seed=13)
+    alphas = {f"{forms.PEFT_PREFIX}{module}.alpha": torch.tensor(1.0 + index % 3)
+              for index, module in enumerate(forms.PEFT_MODULES)}
+    return {**lora, **alphas}
+
+
+LORAS: dict[str, Callable[[torch.nn.Module], dict[str, torch.Tensor]]] = {
+    "peft": lambda t: forms.random_lora(t, list(forms.PEFT_MODULES), seed=10),
+    "kohya_with_alpha": lambda t: forms.to_kohya(forms.random_lora(t, forms.modules_of(forms.KOHYA_MODULES), seed=1),
+                                                 alpha_ratio=0.25),
+    "mixed_rank": mixed_rank_lora,
+    "network_alphas": network_alpha_lora,
+}
+
+# Saved by diffusers with its adapter config: rsLoRA, alpha 1 at rank 4, so every module runs at 1/2.
+RSLORA_METADATA = {"transformer.r": forms.RANK, "transformer.lora_alpha": 1, "transformer.use_rslora": True,
+                   "transformer.target_modules": list(forms.PEFT_MODULES)}
+
+
+def write_lora(directory: Path, name: str, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    path = directory / f"{name}.safetensors"
+    header = {"format": "pt"} | ({"lora_adapter_metadata": json.dumps(metadata)} if metadata else {})
+    save_file(state_dict, path, metadata=header)
+    return path
+
+
+def render(lassie: Lassie, extra: str | None = None, scale: float = SCALE) -> np.ndarray:
+    """The float image of dev with the Lassie LoRA at 0.5 and `extra` at `scale`."""
+    lassie.adapters.activate("dev", {LASSIE_ADAPTER: 0.5, **({extra: scale} if extra else {})})
+    pipeline = lassie.models.pipeline("dev", Mode.TXT2IMG)
+    return pipeline(prompt="a photo of LSSIE", width=256, height=256, num_inference_steps=2, guidance_scale=3.0,
+                    generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
+
+
+@pytest.fixture
+def add_to_both(predictor: Lassie, slot_predictor: Lassie, tmp_path: Path):
+    """Adds a LoRA file to the session's predictor and the slot predictor; removed again after."""
+    names = []
+
+    def add(name: str, path: Path) -> None:
+        names.append(name)
+        predictor.adapters.add(name, path)
+        slot_predictor.adapters.add(name, path)
+
+    yield add
+    for lassie in (predictor, slot_predictor):
+        for name in names:
+            lassie.adapters.remove(name)
+        lassie.adapters.activate("dev", {LASSIE_ADAPTER: 1.0})
+
+
+def transformer_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in transformer.state_dict().items()}
+
+
+def assert_bitwise_equal(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
+    assert list(after) == list(before)
+    assert all(after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]) for key in before)
+
+
+def test_slot_rank_setting():
+    assert slot_rank_setting(None, compiled=True, default=128) == 128
+    assert slot_rank_setting(" ", compiled=False, default=128) is None
+    assert slot_rank_setting("0", compiled=True, default=128) is None
+    assert slot_rank_setting("32", compiled=False, default=128) == 32
+    with pytest.raises(ValueError, match=SLOT_RANK_ENV):
+        slot_rank_setting("-4", compiled=True, default=128)
+
+
+def rslora_file(directory: Path, transformer: torch.nn.Module) -> Path:
+    lora = forms.random_lora(transformer, list(forms.PEFT_MODULES), seed=14)
+    return write_lora(directory, "rslora_metadata", lora, RSLORA_METADATA)
+
+
+@pytest.mark.parametrize("form", [*LORAS, "rslora_metadata"])
+def test_a_lora_through_the_slot_equals_the_same_lora_as_its_own_adapter(predictor, slot_predictor, add_to_both,
+                                                                         tmp_path, form):
+    transformer = predictor.models.transformers["dev"]
+    add_to_both(form, rslora_file(tmp_path, transformer) if form == "rslora_metadata"
+                else write_lora(tmp_path, form, LORAS[form](transformer)))
+    expected, actual = render(predictor, form), render(slot_predictor, form)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=ATOL)
+    assert np.abs(actual - render(slot_predictor)).max() > 1000 * ATOL
+    assert slot_predictor.adapters.slot_holds("dev") == form
+    assert set(slot_predictor.models.transformers["dev"].peft_config) == {LASSIE_ADAPTER, SLOT_ADAPTER}
+
+
+def test_alphas_really_change_the_strength(predictor, slot_predictor, add_to_both, tmp_path):
+    """Guards the comparisons above: alphas that both paths ignored would match as well."""
+    transformer = predictor.models.transformers["dev"]
+    with_alphas = network_alpha_lora(transformer)
+    add_to_both("with_alphas", write_lora(tmp_path, "with_alphas", with_alphas))
+    add_to_both("without", write_lora(tmp_path, "without", {k: v for k, v in with_alphas.items() if "alpha" not in k}))
+    assert np.abs(render(slot_predictor, "with_alphas") - render(slot_predictor, "without")).max() > 1000 * ATOL
+    add_to_both("rslora", rslora_file(tmp_path, transformer))
+    add_to_both("plain", write_lora(tmp_path, "plain", forms.random_lora(transformer, list(forms.PEFT_MODULES), seed=14)))
+    np.testing.assert_allclose(render(slot_predictor, "rslora"), render(slot_predictor, "plain", SCALE / 2),
+                               rtol=0, atol=ATOL)
+
+
+def image_of(lassie: Lassie, **fields) -> bytes:
+    (path,) = lassie.predict(Request(**{**BASE, **fields}))
+    return np.asarray(Image.open(path).convert("RGB")).tobytes()
+
+
+def test_switching_gives_each_request_the_image_of_a_fresh_server(slot_predictor, tiny_weights, services):
+    loras = {name: services.serve(f"/swap/{name}.safetensors", save(build(slot_predictor.models.transformers["dev"])))
+             for name, build in (("a", LORAS["peft"]), ("b", mixed_rank_lora))}
+    requests = [{"extra_lora": loras["a"]}, {"extra_lora": loras["b"], "extra_lora_scale": 0.6}, {},
+                {"extra_lora": loras["a"]}, {"extra_lora": loras["b"], "go_fast": True, "model": "schnell"}]
+    results = [image_of(slot_predictor, **fields) for fields in requests]
+    fresh = {}
+    for fields, result in zip(requests, results):
+        key = tuple(sorted(fields.items()))
+        fresh.setdefault(key, image_of(new_slot_predictor(tiny_weights), **fields))
+        assert result == fresh[key], fields
+    assert len(set(results)) == 4
+    for transformer in (*slot_predictor.models.transformers.values(), slot_predictor._transformer_for("dev", True)[1]):
+        assert set(transformer.peft_config) == {LASSIE_ADAPTER, SLOT_ADAPTER}
+
+
+class FailFirstSwap:
+    """Stands in for PEFT's swap: the first call writes into a slot tensor and fails, leaving the slot
+    half-written (diffusers then deletes the slot adapter); later calls (the restore) swap for real."""
+
+    def __init__(self, swap: Callable) -> None:
+        self.swap = swap
+        self.failed = False
+
+    def __call__(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], **kwargs) -> None:
+        if self.failed:
+            return self.swap(model=model, state_dict=state_dict, **kwargs)
+        self.failed = True
+        model.get_parameter(next(key for key in state_dict if ".lora_B." in key)).data.fill_(7.0)
+        raise RuntimeError("swap failed half-way")
+
+
+# case -> (the failing LoRA, what the error says)
+FAILING = {
+    "rank_above_slot": (lambda t: forms.random_lora(t, list(forms.PEFT_MODULES), seed=15, rank=SLOT_RANK * 2),
+                        f"rank {SLOT_RANK * 2} is above the hotswap slot's R of {SLOT_RANK}"),
+    "wrong_shape": (lambda t: forms.with_input_size(forms.random_lora(t, list(forms.PEFT_MODULES), seed=15),
+                                                    "transformer_blocks.0.attn.to_q", 48), "does not fit FLUX"),
+    "fails_mid_swap": (mixed_rank_lora, "could not be swapped"),
+}
+
+
+@pytest.mark.parametrize("case", FAILING)
+def test_a_failed_swap_leaves_the_transformer_bit_for_bit_as_it_was(slot_predictor, tmp_path, monkeypatch, case):
+    adapters, transformer = slot_predictor.adapters, slot_predictor.models.transformers["dev"]
+    adapters.add("held", write_lora(tmp_path, "held", LORAS["peft"](transformer)))
+    held_image = render(slot_predictor, "held")
+    before, names = transformer_state(transformer), adapters.names()
+    build, message = FAILING[case]
+    if case == "fails_mid_swap":
+        monkeypatch.setattr(peft.utils.hotswap, "hotswap_adapter_from_state_dict",
+                            FailFirstSwap(peft.utils.hotswap.hotswap_adapter_from_state_dict))
+    with pytest.raises(InputError, match=f"^extra_lora: .*{message}"):
+        adapters.add("failing", write_lora(tmp_path, "failing", build(transformer)))
+        render(slot_predictor, "failing")
+    monkeypatch.undo()
+    assert_bitwise_equal(transformer_state(transformer), before)
+    assert adapters.names() == names and adapters.slot_holds("dev") == "held"
+    assert np.array_equal(render(slot_predictor, "held"), held_image)
+    adapters.remove("held")
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the traced graph as it is and counts the graphs it got."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.graphs += 1
+        return graph_module.forward
+
+
+def compiled_predictor(tiny_weights: Path, slot: bool, backend: CountingBackend) -> Lassie:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SLOT_RANK_ENV, str(SLOT_RANK) if slot else "0")
+        lassie = Lassie(tiny_weights)
+        lassie.setup()
+    lassie.models.transformers["dev"].compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend)
+    for with_slot in (False, True):
+        lassie._warm_run("dev", False, with_slot, 512, 512)
+    return lassie
+
+
+@pytest.mark.parametrize("slot", [True, False])
+def test_switching_extra_loras_compiles_nothing_new_only_in_slot_mode(tiny_weights, services, slot):
+    """Without the slot the first new LoRA already compiles again, so that run stops there."""
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        lassie = compiled_predictor(tiny_weights, slot, backend)
+        warmed = backend.graphs
+        transformer = lassie.models.transformers["dev"]
+        urls = [services.serve(f"/compiled/{slot}/{seed}.safetensors", save(build(transformer)))
+                for seed, build in enumerate((LORAS["peft"], mixed_rank_lora, network_alpha_lora))]
+        for fields in ({"extra_lora": urls[0]}, {"extra_lora": urls[1], "extra_lora_scale": 0.4}, {},
+                       {"extra_lora": urls[2], "lora_scale": 0.3}, {"extra_lora": urls[0], "extra_lora_scale": 1.5}):
+            image_of(lassie, **fields)
+            if backend.graphs > warmed:
+                break
+    torch._dynamo.reset()
+    assert warmed == (4 if slot else 2)  # two block classes, each with and without the slot active
+    assert (backend.graphs == warmed) if slot else (backend.graphs > warmed)
