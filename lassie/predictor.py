@@ -130,20 +130,24 @@ class Lassie:
             key, _ = self._transformer_for(model, fast)
             self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
         if self._compile.enabled:
-            warm_up(self._warm_up_phases(variants), table_sizes())
+            warm_up(self._warm_up_phases(variants, outputs=1), table_sizes())
+            warm_up(self._warm_up_phases(variants, outputs=2), table_sizes()[:1])
 
-    def _warm_up_phases(self, variants: list[tuple[str, bool]]) -> dict[str, partial]:
+    def _warm_up_phases(self, variants: list[tuple[str, bool]], outputs: int) -> dict[str, partial]:
+        """Batch 1 compiles a graph of its own; every larger batch and size shares one dynamic graph,
+        so batches of 2 are warmed at a single size."""
         slot_states = (False, True) if self.adapters.slot_rank else (False,)
-        return {f"{model} go_fast={fast}" + (" + extra-LoRA slot" if slot else ""):
-                partial(self._warm_run, model, fast, slot) for model, fast in variants for slot in slot_states}
+        return {f"{model} go_fast={fast}" + (" + extra-LoRA slot" if slot else "") + f", {outputs} output(s)":
+                partial(self._warm_run, model, fast, slot, outputs)
+                for model, fast in variants for slot in slot_states}
 
-    def _warm_run(self, model: str, fast: bool, slot: bool, width: int, height: int) -> None:
+    def _warm_run(self, model: str, fast: bool, slot: bool, outputs: int, width: int, height: int) -> None:
         key, transformer = self._transformer_for(model, fast)
         if slot:
             self.adapters.activate_with_idle_slot(key, {LASSIE_ADAPTER: 1.0})
         else:
             self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
-        plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0))
+        plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0, num_outputs=outputs))
         generate(self.models.pipeline(model, Mode.TXT2IMG, transformer), replace(plan, size=(width, height)), Inputs())
 
     def _transformer_for(self, model: str, go_fast: bool) -> tuple[str, torch.nn.Module]:

@@ -242,7 +242,7 @@ def compiled_predictor(tiny_weights: Path, slot: bool, backend: CountingBackend)
         lassie.setup()
     lassie.models.transformers["dev"].compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend)
     for with_slot in (False, True):
-        lassie._warm_run("dev", False, with_slot, 512, 512)
+        lassie._warm_run("dev", False, with_slot, 1, 512, 512)
     return lassie
 
 
