@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -76,11 +77,18 @@ def test_scale_is_linear_and_negative_scales_work(predictor, reference):
     assert np.array_equal(run(predictor, lora_scale=-1)[0], expected[0])
 
 
-def test_output_at_a_scale_does_not_depend_on_earlier_scales(predictor):
+def test_output_at_a_scale_does_not_depend_on_earlier_scales(predictor, caplog):
+    """Scale changes reload nothing and leave the base weights bitwise as they were (no drift)."""
+    transformer = predictor.models.transformers["dev"]
+    base = {key: value.clone() for key, value in transformer.state_dict().items() if ".lora_" not in key}
     first = run(predictor, lora_scale=0.6)[0]
-    for scale in (3, -1, 0, 1.7):
-        run(predictor, lora_scale=scale)
+    with caplog.at_level(logging.INFO, logger="lassie"):
+        for scale in (3, -1, 0, 1.7):
+            run(predictor, lora_scale=scale)
     assert np.array_equal(run(predictor, lora_scale=0.6)[0], first)
+    assert "loaded into" not in caplog.text
+    after = transformer.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in base.items())
 
 
 def test_schnell_equals_diffusers_with_schnell_transformer(predictor, reference):
