@@ -56,7 +56,10 @@ def load_rgb(path: Path, field: str = "image") -> Image.Image:
     return image.convert("RGB")
 
 
+def resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
 def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
     """A greyscale mask at the output size: white is repainted, black kept."""
-    mask = load_rgb(path, field="mask").convert("L")
-    return mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
+    return resized(load_rgb(path, field="mask").convert("L"), size)

@@ -186,9 +186,8 @@ class Lassie:
             return plan, Inputs()
         image = image_io.load_rgb(Path(request.image), field="image")
         size = size_from_image(*image.size)
-        image = image.resize(size, image_io.Image.Resampling.LANCZOS) if image.size != size else image
         mask = image_io.load_mask(Path(request.mask), size) if plan.mode is Mode.INPAINT else None
-        return replace(plan, size=size), Inputs(image=image, mask=mask)
+        return replace(plan, size=size), Inputs(image=image_io.resized(image, size), mask=mask)
 
     def _log_precision(self, plan: Plan) -> None:
         self._precision_log.ran(plan.model, plan.go_fast, self._fast.plan, self._device.dtype)
