@@ -205,13 +205,18 @@ class DownloadLimits:
         return cls(max_bytes=max_lora_bytes(), rule=AddressRule.from_env())
 
 
-def max_lora_bytes() -> int:
-    value = os.environ.get(MAX_BYTES_ENV, "").strip()
+def env_bytes(name: str, default: int, minimum: int = 0) -> int:
+    """A byte count from the environment (operators' settings): a clear error rather than a guess."""
+    value = os.environ.get(name, "").strip()
     if not value:
-        return DEFAULT_MAX_BYTES
-    if not value.isdigit() or int(value) <= 0:
-        raise ValueError(f"{MAX_BYTES_ENV} must be a positive number of bytes, got {value!r}")
+        return default
+    if not value.isdigit() or int(value) < minimum:
+        raise ValueError(f"{name} must be a number of bytes of at least {minimum}, got {value!r}")
     return int(value)
+
+
+def max_lora_bytes() -> int:
+    return env_bytes(MAX_BYTES_ENV, DEFAULT_MAX_BYTES, minimum=1)
 
 
 def human_bytes(count: float) -> str:

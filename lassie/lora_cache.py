@@ -42,6 +42,7 @@ from lassie.download import (
     Credential,
     DownloadLimits,
     download_file,
+    env_bytes,
     fetch_json,
     human_bytes,
     redact_secrets,
@@ -74,7 +75,6 @@ DEFAULT_MIN_FREE_BYTES = 5 * GIB
 STAGING_DIR = ".partial"
 LOCKS_DIR = ".locks"
 STALE_STAGING_SECONDS = 6 * 3600
-HASH_CHUNK_BYTES = 4 * 1024**2
 
 CIVITAI_LORA_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
 
@@ -85,23 +85,14 @@ def lora_cache_dir(layout: WeightsLayout) -> Path:
     return Path(configured) if configured else layout.lora_cache_dir
 
 
-def _env_bytes(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ValueError(f"{name} must be a number of bytes, got {value!r}")
-    return int(value)
-
-
 class LoraCache:
     """`fetch(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix."""
 
     def __init__(self, directory: Path, max_bytes: int | None = None, *, min_free_bytes: int | None = None) -> None:
         self.directory = Path(directory)
-        self.max_bytes = max_bytes if max_bytes is not None else _env_bytes(CACHE_BYTES_ENV, DEFAULT_CACHE_BYTES)
+        self.max_bytes = max_bytes if max_bytes is not None else env_bytes(CACHE_BYTES_ENV, DEFAULT_CACHE_BYTES)
         self.min_free_bytes = (
-            min_free_bytes if min_free_bytes is not None else _env_bytes(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)
+            min_free_bytes if min_free_bytes is not None else env_bytes(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)
         )
         self.staging_dir = self.directory / STAGING_DIR
         self.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -249,11 +240,8 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as source:
-        while chunk := source.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 class _KeyLocks:

@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,20 +163,19 @@ class Manifest:
 # --- checking files -----------------------------------------------------------------------------
 
 
-def hash_file(path: Path, digest: hashlib._Hash) -> str:
+def hash_file(path: Path, new_digest: Callable[[], "hashlib._Hash"]) -> str:
     with path.open("rb") as file:
-        while chunk := file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, new_digest).hexdigest()
 
 
 def sha256_of(path: Path) -> str:
-    return hash_file(path, hashlib.sha256())
+    return hash_file(path, hashlib.sha256)
 
 
 def git_blob_id(path: Path) -> str:
     """The id git (and so the hub) gives a file that is not stored in LFS."""
-    return hash_file(path, hashlib.sha1(f"blob {path.stat().st_size}\0".encode()))
+    header = f"blob {path.stat().st_size}\0".encode()
+    return hash_file(path, lambda: hashlib.sha1(header))
 
 
 def check_safetensors(path: Path, name: str) -> None:
