@@ -38,9 +38,9 @@ class Device:
     dtype: torch.dtype
 
     @classmethod
-    def detect(cls) -> "Device":
-        """bf16 on a CUDA GPU, float32 on CPU (bf16 matmuls on CPU are slow and less exact)."""
-        if torch.cuda.is_available():
+    def for_hardware(cls, gpu: bool) -> "Device":
+        """bf16 on a GPU, float32 on CPU (bf16 matmuls on CPU are slow and less exact)."""
+        if gpu:
             return cls(torch.device("cuda"), torch.bfloat16)
         return cls(torch.device("cpu"), torch.float32)
 

@@ -87,8 +87,8 @@ class Lassie:
 
     def setup(self) -> None:
         ensure_weights(self.layout)
-        self._device = Device.detect()
         hardware = query_device()
+        self._device = Device.for_hardware(hardware.is_gpu)
         go_fast = plan_go_fast(hardware, requested_mode(os.environ.get(GO_FAST_MODE_ENV)))
         self._compile = compile_setting(os.environ.get(COMPILE_ENV), hardware)
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, self._compile.reason)
