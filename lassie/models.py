@@ -1,14 +1,14 @@
 """Loading FLUX dev and schnell once, sharing the VAE, text encoders and tokenizers between them.
 
-Six pipelines (two models x txt2img / img2img / inpainting) are views over the same modules:
-nothing is loaded or held twice. Each gets its own scheduler instance, because schedulers
-keep per-call state (begin index, step index) that must not leak from one mode into another.
+Pipelines (dev or schnell x txt2img / img2img / inpainting) are light views over the same
+modules: nothing is loaded or held twice. Each gets its own scheduler instance, because
+schedulers keep per-call state (begin index, step index) that must not leak between calls.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import (
@@ -52,22 +52,21 @@ class FluxModels:
     base: FluxPipeline
     transformers: dict[str, FluxTransformer2DModel]
     schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
-    _pipelines: dict[tuple[str, Mode, int], DiffusionPipeline] = field(default_factory=dict)
 
     @property
     def text_encoder(self) -> torch.nn.Module:
         return self.base.text_encoder
 
     def pipeline(self, model: str, mode: Mode, transformer: FluxTransformer2DModel | None = None) -> DiffusionPipeline:
-        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. fp8)."""
-        transformer = transformer if transformer is not None else self.transformers[model]
-        key = (model, mode, id(transformer))
-        if key not in self._pipelines:
-            components = dict(self.base.components)
-            components["transformer"] = transformer
-            components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(self.schedulers[model].config)
-            self._pipelines[key] = PIPELINE_CLASSES[mode](**components)
-        return self._pipelines[key]
+        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. fp8).
+
+        Built per call (about a millisecond) rather than cached: a cache would keep dropped fp8
+        copies alive, and a fresh scheduler carries no state from the previous call.
+        """
+        components = dict(self.base.components)
+        components["transformer"] = transformer if transformer is not None else self.transformers[model]
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(self.schedulers[model].config)
+        return PIPELINE_CLASSES[mode](**components)
 
 
 def load_models(layout: WeightsLayout, device: Device) -> FluxModels:
