@@ -12,7 +12,6 @@ Usage: python scripts/bench_cpu.py [--weights DIR] [--repeats N] [--format webp|
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import statistics
 import sys
@@ -30,11 +29,10 @@ PROMPT = "a photo of LSSIE the dog"
 def tiny_weights(directory: Path | None) -> Path:
     if directory is not None:
         return directory
-    spec = importlib.util.spec_from_file_location("make_tiny_weights", REPO / "scripts" / "make_tiny_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import make_tiny_weights  # scripts/ is on sys.path when this script runs
+
     out = Path(tempfile.mkdtemp(prefix="lassie-bench-"))
-    module.build(out)
+    make_tiny_weights.build(out)
     return out
 
 

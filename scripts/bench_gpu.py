@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -120,10 +119,9 @@ def configs_digest() -> str:
 
 def tiny_builder():
     """scripts/make_tiny_weights.py: its tokenizers and safety models are reused as they are."""
-    spec = importlib.util.spec_from_file_location("make_tiny_weights", REPO / "scripts" / "make_tiny_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import make_tiny_weights  # scripts/ is on sys.path when this script runs
+
+    return make_tiny_weights
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ tiny random weights into .tiny-weights/ so the whole path runs anywhere, offline
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import logging
 import sys
@@ -22,13 +21,6 @@ log = logging.getLogger("demo")
 TINY_DIR = REPO / ".tiny-weights"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def weights_to_serve() -> Path:
     real = default_weights_dir()
     if not WeightsLayout(real).missing():
@@ -36,7 +28,9 @@ def weights_to_serve() -> Path:
         return real
     if WeightsLayout(TINY_DIR).missing():
         log.info("no complete weights in %s; building tiny random weights in %s", real, TINY_DIR)
-        load_script("make_tiny_weights").build(TINY_DIR)
+        from make_tiny_weights import build
+
+        build(TINY_DIR)
     log.info("serving tiny random weights from %s (images are noise by design)", TINY_DIR)
     return TINY_DIR
 
@@ -56,7 +50,9 @@ def main() -> None:
     trigger = WeightsLayout(weights).trigger_word()
     inputs = {"prompt": f"a photo of {trigger} the dog on a beach", "seed": 42, "num_inference_steps": 4,
               "megapixels": "0.25", "output_format": "png"}
-    server = load_script("cog_server").CogServer(weights)
+    from cog_server import CogServer  # scripts/ is on sys.path when this script runs
+
+    server = CogServer(weights)
     log.info("starting the Cog HTTP server on %s", server.url)
     with server:
         status, response = server.predict(inputs)
