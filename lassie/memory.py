@@ -1,0 +1,220 @@
+"""What stays resident on the GPU, and whether the worst request still fits beside it.
+
+The plan is computed, not asserted: `footprint_from_configs` counts the parameters of every resident
+module built on the meta device from its config (at setup, the configs of the weights about to
+be loaded; in tests, the full-size ones of `lassie/flux_configs`), and `plan_memory` weighs them against the
+device's memory and the working memory of the worst request the schema allows (4 outputs at
+1440x1440, go_fast, an extra LoRA in the slot). Candidates are tried from fastest to leanest:
+
+1. both go_fast twins resident, the slot at the asked rank, VAE decoding the batch at once;
+2. the same with VAE slicing (one image decoded at a time: the same images, a fraction of the
+   memory);
+3. the same with a narrower hot-swap slot (down to `MIN_SLOT_RANK`);
+4. no go_fast twins: go_fast runs the bf16 transformers, which need no extra memory;
+and when not even that fits, setup fails with the memory it needs: never an OOM in a request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lassie.weights import WeightsLayout
+
+GIB = 2**30
+BF16_BYTES = 2
+FP8_BYTES = 1
+CONFIGS = Path(__file__).parent / "flux_configs"
+
+WORST_SIZE = (1440, 1440)
+WORST_OUTPUTS = 4
+TEXT_TOKENS = 512
+PATCH_PIXELS = 16
+# Measured: AutoencoderKL decode of FLUX latents in bf16 peaks at about 1.8 GiB per output megapixel.
+VAE_DECODE_BYTES_PER_MEGAPIXEL = 1.8 * GIB
+# Estimated (not yet measured on a GPU): live bf16 activations inside one FLUX block, in units of one
+# (tokens x hidden) tensor: the residual streams, the normed input, q/k/v, the attention output and
+# the 4x MLP hidden state with its activation.
+BLOCK_ACTIVATION_TENSORS = 16
+# CUDA context, cuBLAS/cuDNN workspaces, compile workspaces and allocator fragmentation.
+RESERVED_BYTES = 3 * GIB
+MIN_SLOT_RANK = 32
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Parameter counts of the modules that stay on the device, and what the variants add."""
+
+    transformer_parameters: dict[str, int]
+    token_linear_parameters: int
+    slot_parameters_per_rank: int
+    text_encoder_parameters: int
+    vae_parameters: int
+    safety_parameters: int
+    hidden_size: int
+
+    def resident_bytes(self, fast_twins: bool, slot_rank: int | None) -> int:
+        """bf16 transformers, encoders, VAE and safety models, plus fp8 twins and slots."""
+        transformers = len(self.transformer_parameters) * (2 if fast_twins else 1)
+        total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
+                 + self.safety_parameters) * BF16_BYTES
+        if fast_twins:
+            total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
+        if slot_rank:
+            total += transformers * slot_rank * self.slot_parameters_per_rank * BF16_BYTES
+        return total
+
+    def working_bytes(self, size: tuple[int, int], outputs: int, vae_slicing: bool) -> int:
+        """Peak working memory of one request: denoising and VAE decode run one after the other."""
+        width, height = size
+        tokens = (width // PATCH_PIXELS) * (height // PATCH_PIXELS) + TEXT_TOKENS
+        denoising = outputs * tokens * self.hidden_size * BF16_BYTES * BLOCK_ACTIVATION_TENSORS
+        decoded_megapixels = width * height / 1e6 * (1 if vae_slicing else outputs)
+        return max(denoising, int(decoded_megapixels * VAE_DECODE_BYTES_PER_MEGAPIXEL))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    fast_twins: bool
+    vae_slicing: bool
+    slot_rank: int | None
+    resident_bytes: int
+    worst_request_bytes: int
+    reason: str
+
+
+class InsufficientMemory(RuntimeError):
+    pass
+
+
+def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
+                slot_rank: int | None) -> MemoryPlan:
+    """The fastest arrangement whose resident set plus the worst request fits `device_bytes`.
+
+    `device_bytes` None means host memory (CPU): everything stays, nothing is planned around.
+    """
+    if device_bytes is None:
+        return _plan(footprint, quantizes, False, slot_rank, "host memory: every variant stays resident")
+    budget = device_bytes - RESERVED_BYTES
+    for fast_twins, vae_slicing, rank in _candidates(quantizes, slot_rank):
+        plan = _plan(footprint, fast_twins, vae_slicing, rank, "")
+        if plan.resident_bytes + plan.worst_request_bytes <= budget:
+            return _explained(plan, device_bytes, quantizes, slot_rank)
+    leanest = _plan(footprint, False, True, MIN_SLOT_RANK if slot_rank else None, "")
+    needed = leanest.resident_bytes + leanest.worst_request_bytes + RESERVED_BYTES
+    raise InsufficientMemory(
+        f"this GPU has {device_bytes / GIB:.1f} GiB; lassie needs at least {needed / GIB:.1f} GiB "
+        f"(bf16 dev + schnell, text encoders, VAE and safety models: {leanest.resident_bytes / GIB:.1f} GiB; "
+        f"the largest request: {leanest.worst_request_bytes / GIB:.1f} GiB; reserve {RESERVED_BYTES / GIB:.0f} GiB)")
+
+
+def _candidates(quantizes: bool, slot_rank: int | None) -> list[tuple[bool, bool, int | None]]:
+    """(fast twins, VAE slicing, slot rank), fastest first: a narrower slot only after slicing."""
+    narrower = []
+    while slot_rank and (narrower[-1] if narrower else slot_rank) // 2 >= MIN_SLOT_RANK:
+        narrower.append((narrower[-1] if narrower else slot_rank) // 2)
+    candidates = []
+    for fast_twins in ([True, False] if quantizes else [False]):
+        candidates += [(fast_twins, False, slot_rank), (fast_twins, True, slot_rank)]
+        candidates += [(fast_twins, True, rank) for rank in narrower]
+    return candidates
+
+
+def _plan(footprint: Footprint, fast_twins: bool, vae_slicing: bool, slot_rank: int | None, reason: str) -> MemoryPlan:
+    return MemoryPlan(
+        fast_twins=fast_twins,
+        vae_slicing=vae_slicing,
+        slot_rank=slot_rank,
+        resident_bytes=footprint.resident_bytes(fast_twins, slot_rank),
+        worst_request_bytes=footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing),
+        reason=reason,
+    )
+
+
+def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank: int | None) -> MemoryPlan:
+    parts = [f"{plan.resident_bytes / GIB:.1f} GiB resident + {plan.worst_request_bytes / GIB:.1f} GiB for the "
+             f"largest request of {device_bytes / GIB:.1f} GiB"]
+    if quantizes:
+        parts.append("go_fast twins resident" if plan.fast_twins else "no room for go_fast twins: go_fast runs bf16")
+    if plan.vae_slicing:
+        parts.append("VAE decodes one image at a time")
+    if plan.slot_rank != asked_rank:
+        parts.append(f"hot-swap slot narrowed to rank {plan.slot_rank} (LoRAs up to that rank)")
+    return MemoryPlan(**{**plan.__dict__, "reason": "memory plan: " + "; ".join(parts)})
+
+
+def parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Module], vae: nn.Module,
+                 safety: list[nn.Module]) -> Footprint:
+    """Counts the modules as they are (real or on the meta device); LoRA adapters are not counted."""
+    from lassie.quantization import is_token_linear
+
+    first = next(iter(transformers.values()))
+    linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
+    return Footprint(
+        transformer_parameters={model: parameters(transformer) for model, transformer in transformers.items()},
+        token_linear_parameters=sum(module.weight.numel() for name, module in linears if is_token_linear(module, name)),
+        slot_parameters_per_rank=sum(module.in_features + module.out_features for _, module in linears),
+        text_encoder_parameters=sum(parameters(encoder) for encoder in text_encoders),
+        vae_parameters=parameters(vae),
+        safety_parameters=sum(parameters(model) for model in safety),
+        hidden_size=first.config.num_attention_heads * first.config.attention_head_dim,
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The config files that size every resident module."""
+
+    transformers: dict[str, Path]
+    t5: Path
+    clip: Path
+    vae: Path
+    compvis: Path
+    falcon: Path
+
+    @classmethod
+    def full_size(cls) -> "ModelConfigs":
+        """FLUX.1 dev + schnell and the safety models as published (`lassie/flux_configs`)."""
+        return cls(transformers={model: CONFIGS / f"{model}_transformer.json" for model in ("dev", "schnell")},
+                   t5=CONFIGS / "t5_text_encoder.json", clip=CONFIGS / "clip_text_encoder.json",
+                   vae=CONFIGS / "vae.json", compvis=CONFIGS / "compvis_safety_checker.json",
+                   falcon=CONFIGS / "falcon_nsfw_classifier.json")
+
+    @classmethod
+    def of_layout(cls, layout: WeightsLayout) -> "ModelConfigs":
+        """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
+        return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
+                                 "schnell": layout.schnell_dir / "transformer" / "config.json"},
+                   t5=layout.dev_dir / "text_encoder_2" / "config.json",
+                   clip=layout.dev_dir / "text_encoder" / "config.json", vae=layout.dev_dir / "vae" / "config.json",
+                   compvis=layout.compvis_dir / "config.json", falcon=layout.falcon_dir / "config.json")
+
+
+def footprint_from_configs(configs: ModelConfigs) -> Footprint:
+    """Every resident module built on the meta device from its config: no memory, a few seconds
+    at full size."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import (CLIPConfig, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, ViTConfig,
+                              ViTForImageClassification)
+
+    with torch.device("meta"):
+        transformers = {model: FluxTransformer2DModel.from_config(_read(path))
+                        for model, path in configs.transformers.items()}
+        text_encoders = [T5EncoderModel(T5Config(**_read(configs.t5))), CLIPTextModel(CLIPTextConfig(**_read(configs.clip)))]
+        vae = AutoencoderKL.from_config(_read(configs.vae))
+        safety = [StableDiffusionSafetyChecker(CLIPConfig(**_read(configs.compvis))),
+                  ViTForImageClassification(ViTConfig(**_read(configs.falcon)))]
+    return footprint_of(transformers, text_encoders, vae, safety)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())

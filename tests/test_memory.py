@@ -1,0 +1,95 @@
+"""The GPU memory plan, computed on CPU from the full-size configs counted on the meta device."""
+
+from __future__ import annotations
+
+import pytest
+
+from lassie import memory as m
+
+GIB = 2**30
+H100_80GB = 85_031_714_816  # what torch reports for an 80 GB H100: 79.2 GiB
+H100_NVL_94GB = 100_485_545_984  # 93.6 GiB
+H200_141GB = 150_110_011_392  # 139.8 GiB
+L40S_48GB = 48_305_799_168
+
+
+@pytest.fixture(scope="module")
+def full_size() -> m.Footprint:
+    return m.footprint_from_configs(m.ModelConfigs.full_size())
+
+
+def test_the_full_size_models_are_counted_from_their_configs(full_size):
+    """The published sizes: 11.9 B per transformer (8.6 B in the token linears go_fast quantizes),
+    T5-XXL + CLIP-L 4.9 B, the VAE 84 M, both safety models 0.39 B."""
+    assert full_size.transformer_parameters["dev"] == pytest.approx(11.90e9, rel=1e-3)
+    assert full_size.transformer_parameters["schnell"] == pytest.approx(11.89e9, rel=1e-3)
+    assert full_size.token_linear_parameters == pytest.approx(8.61e9, rel=1e-3)
+    assert full_size.text_encoder_parameters == pytest.approx(4.885e9, rel=1e-3)
+    assert full_size.vae_parameters == pytest.approx(83.8e6, rel=1e-2)
+    assert full_size.safety_parameters == pytest.approx(0.39e9, rel=1e-2)
+    assert full_size.hidden_size == 3072
+
+
+def test_the_resident_set_is_what_the_counted_parameters_take(full_size):
+    bf16_only = full_size.resident_bytes(fast_twins=False, slot_rank=None)
+    with_twins = full_size.resident_bytes(fast_twins=True, slot_rank=None)
+    assert bf16_only / GIB == pytest.approx(54.3, abs=0.1)
+    assert (with_twins - bf16_only) / GIB == pytest.approx(2 * 8.0, abs=0.1)
+    slots = full_size.resident_bytes(fast_twins=True, slot_rank=128) - with_twins
+    assert slots / GIB == pytest.approx(4 * 1.29, abs=0.05)  # a rank-128 slot on each of 4 transformers
+
+
+def test_the_worst_request_is_estimated_from_the_per_megapixel_figures(full_size):
+    """4 outputs at 1440x1440: VAE decode dominates unless it goes one image at a time."""
+    megapixels = 1440 * 1440 / 1e6
+    assert full_size.working_bytes((1440, 1440), 4, vae_slicing=False) == int(
+        4 * megapixels * m.VAE_DECODE_BYTES_PER_MEGAPIXEL)
+    sliced = full_size.working_bytes((1440, 1440), 4, vae_slicing=True)
+    assert sliced == int(megapixels * m.VAE_DECODE_BYTES_PER_MEGAPIXEL)
+    assert sliced / GIB == pytest.approx(3.73, abs=0.01)
+    assert full_size.working_bytes((512, 512), 1, vae_slicing=False) < 1 * GIB
+
+
+def test_an_h200_keeps_everything_resident_and_decodes_batches_at_once(full_size):
+    plan = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_rank=128)
+    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
+    assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES < H200_141GB
+
+
+def test_a_94_gb_h100_nvl_just_holds_everything_and_slices_nothing(full_size):
+    plan = m.plan_memory(H100_NVL_94GB, full_size, quantizes=True, slot_rank=128)
+    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
+    assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES <= H100_NVL_94GB
+    assert "VAE decodes one image at a time" not in plan.reason
+
+
+def test_a_little_less_memory_slices_the_vae_before_narrowing_the_slot(full_size):
+    plan = m.plan_memory(90 * GIB, full_size, quantizes=True, slot_rank=128)
+    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, True, 128)
+    assert "VAE decodes one image at a time" in plan.reason
+
+
+def test_an_80_gb_h100_keeps_the_twins_with_a_narrower_slot(full_size):
+    """No go_fast request pays for quantization: both twins stay, warm, next to the bf16 models."""
+    plan = m.plan_memory(H100_80GB, full_size, quantizes=True, slot_rank=128)
+    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, True, 32)
+    assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES <= H100_80GB
+    wider = full_size.resident_bytes(True, 64) + full_size.working_bytes(m.WORST_SIZE, m.WORST_OUTPUTS, True)
+    assert wider + m.RESERVED_BYTES > H100_80GB
+    assert "hot-swap slot narrowed to rank 32" in plan.reason
+
+
+def test_without_quantization_nothing_is_added_for_twins(full_size):
+    plan = m.plan_memory(H100_80GB, full_size, quantizes=False, slot_rank=None)
+    assert (plan.fast_twins, plan.slot_rank) == (False, None)
+    assert plan.resident_bytes == full_size.resident_bytes(False, None)
+
+
+def test_a_gpu_that_cannot_hold_the_models_fails_setup_naming_the_memory_it_needs(full_size):
+    with pytest.raises(m.InsufficientMemory, match=r"this GPU has 45.0 GiB; lassie needs at least 6\d.\d GiB"):
+        m.plan_memory(L40S_48GB, full_size, quantizes=True, slot_rank=128)
+
+
+def test_host_memory_plans_nothing_away(full_size):
+    plan = m.plan_memory(None, full_size, quantizes=True, slot_rank=8)
+    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, False, 8)
