@@ -3,7 +3,13 @@
 Every LoRA stays a separate PEFT adapter, never fused: a scale is set with PEFT's `set_scale`,
 which recomputes `scale * alpha / r` from scratch, so changing scales is exact, never drifts
 the base weights, and a scale is applied exactly once (never again through
-`joint_attention_kwargs`). Adapters load lazily into the transformer a request actually uses,
+`joint_attention_kwargs`).
+
+Scales are graph inputs: on the transformers every PEFT `scaling` entry is a 0-dim tensor,
+rewritten in place (PEFT's own hot-swap preparation does the same). As Python floats they
+would be constants to torch.compile: AOTAutograd bakes them into the graph and guards on their
+values, so every new `lora_scale` would compile again. The text encoder is never compiled and
+keeps PEFT's floats. Adapters load lazily into the transformer a request actually uses,
 and a load that fails removes every trace of itself, so the model is left as it was.
 
 Slot mode (`slot_rank`, for compiled transformers): a new adapter *name* makes torch.compile
@@ -22,12 +28,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Hashable
 
 import torch
 from diffusers import FluxPipeline
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils.peft_utils import _create_lora_config, delete_adapter_layers
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import get_pattern_key
 
@@ -43,7 +51,6 @@ LORA_B = ".lora_B."
 SLOT_ADAPTER = "extra"
 SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
 SLOT_RANK = 128
-SLOT_RANK_TIGHT_MEMORY = 64
 
 
 @dataclass
@@ -51,15 +58,18 @@ class _Lora:
     """A LoRA converted to diffusers keys once, kept on the CPU for lazy loading into transformers.
 
     `pinned` LoRAs keep their own adapter in slot mode too; `slot_state_dict` is the transformer
-    part of any other LoRA, made ready to hot-swap into the slot (slot mode only).
+    part of any other LoRA, made ready to hot-swap into the slot (slot mode only). `field_name`
+    is the input errors name (the Lassie LoRA is not `extra_lora`).
     """
 
     state_dict: dict[str, torch.Tensor]
     alphas: dict[str, torch.Tensor] | None
     metadata: dict | None
+    field_name: str
     pinned: bool = False
     slot_state_dict: dict[str, torch.Tensor] | None = None
-    loaded_into: set[str] = field(default_factory=set)
+    loaded_into: set[Hashable] = field(default_factory=set)
+    in_text_encoder: bool = False
 
     @property
     def has_text_encoder(self) -> bool:
@@ -241,8 +251,33 @@ def _create_slot(transformer: torch.nn.Module, rank: int) -> None:
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=_linear_names(transformer))
     transformer.add_adapter(config, adapter_name=SLOT_ADAPTER)
     _zero_slot(transformer)
+    _scales_as_tensors(transformer)
 
 
+def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+def _scales_as_tensors(transformer: torch.nn.Module) -> None:
+    """Turn every new PEFT `scaling` float into a 0-dim float32 tensor beside the layer's weight,
+    so compiled graphs read scales as inputs (see the module docstring)."""
+    for layer in _lora_layers(transformer):
+        for name, value in layer.scaling.items():
+            if not isinstance(value, torch.Tensor):
+                layer.scaling[name] = torch.tensor(float(value), device=layer.get_base_layer().weight.device)
+
+
+@torch.no_grad()
+def _write_scales(transformer: torch.nn.Module, scales: dict[str, float]) -> None:
+    """Set each adapter's scale with PEFT's own formula (alpha/r, rsLoRA), written into the
+    tensor the graphs read instead of replacing it with a float."""
+    for layer in _lora_layers(transformer):
+        for name, scale in scales.items():
+            held = layer.scaling.get(name)
+            if isinstance(held, torch.Tensor):
+                layer.set_scale(name, scale)
+                held.fill_(layer.scaling[name])
+                layer.scaling[name] = held
 
 
 def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
@@ -262,18 +297,21 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
 class LoraAdapters:
     """The one owner of LoRA state on the loaded models.
 
-    With `slot_rank`, LoRAs that are not pinned (the extras) go through each transformer's
-    hot-swap slot; pinned ones (the Lassie LoRA) keep their own adapter, loaded as usual.
+    Transformers are known by a key of the caller's choosing (the variants owner uses
+    `lassie.variants.Variant`). With `slot_rank`, LoRAs that are not pinned (the extras) go
+    through each transformer's hot-swap slot; pinned ones (the Lassie LoRA) keep their own
+    adapter, loaded as usual.
     """
 
-    def __init__(self, transformers: dict[str, torch.nn.Module], text_encoder: torch.nn.Module,
+    def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
                  slot_rank: int | None = None) -> None:
-        self._transformers = transformers
+        self._transformers = dict(transformers)
         self._text_encoder = text_encoder
         self._slot_rank = slot_rank
         self._loras: dict[str, _Lora] = {}
-        self._active: dict[str, dict[str, float]] = {}
-        self._slot_holds: dict[str, str | None] = {}
+        self._active: dict[Hashable, dict[str, float]] = {}
+        self._text_encoder_active: dict[str, float] | None = None
+        self._slot_holds: dict[Hashable, str | None] = {}
 
     @property
     def slot_rank(self) -> int | None:
@@ -282,24 +320,13 @@ class LoraAdapters:
     def names(self) -> list[str]:
         return list(self._loras)
 
-    def has_transformer(self, key: str) -> bool:
-        return key in self._transformers
-
-    def slot_holds(self, key: str) -> str | None:
+    def slot_holds(self, key: Hashable) -> str | None:
         """The LoRA whose weights fill `key`'s slot (None: zeros, or no slot yet)."""
         return self._slot_holds.get(key)
 
-    def attach(self, key: str, transformer: torch.nn.Module) -> None:
-        """Track another transformer (e.g. a go_fast fp8 copy); LoRAs load into it on first use."""
+    def attach(self, key: Hashable, transformer: torch.nn.Module) -> None:
+        """Track another transformer (e.g. a go_fast fp8 twin); LoRAs load into it on first use."""
         self._transformers[key] = transformer
-
-    def detach(self, key: str) -> None:
-        """Forget a transformer that was dropped; its adapters (and slot) went with it."""
-        self._transformers.pop(key, None)
-        self._active.pop(key, None)
-        self._slot_holds.pop(key, None)
-        for lora in self._loras.values():
-            lora.loaded_into.discard(key)
 
     def add(self, name: str, path: Path, field_name: str = "extra_lora", pinned: bool = False) -> None:
         """Convert and check a LoRA file; it loads into a transformer the first time that one runs it.
@@ -309,7 +336,7 @@ class LoraAdapters:
         """
         state_dict, alphas, metadata = _drop_unloadable_keys(*_convert(path, field_name))
         _check_fits(state_dict, next(iter(self._transformers.values())), self._text_encoder, field_name)
-        lora = _Lora(state_dict, alphas, metadata, pinned=pinned)
+        lora = _Lora(state_dict, alphas, metadata, field_name=field_name, pinned=pinned)
         if self._swaps(lora):
             lora.slot_state_dict = _slot_state_dict(lora, self._slot_rank, field_name)
         self._loras[name] = lora
@@ -319,6 +346,7 @@ class LoraAdapters:
         every slot holding it, so a slot holds exactly the LoRA `slot_holds` names, or zeros."""
         self._loras.pop(name, None)
         self._active.clear()
+        self._text_encoder_active = None
         for module in [*self._transformers.values(), self._text_encoder]:
             delete_adapter_layers(module, name)
             getattr(module, "peft_config", {}).pop(name, None)
@@ -328,27 +356,22 @@ class LoraAdapters:
                 _zero_slot(self._transformers[key])
                 self._slot_holds[key] = None
 
-    def activate(self, model: str, scales: dict[str, float]) -> None:
-        """Make exactly `scales`' adapters active on `model`'s transformer and the text encoder.
+    def activate(self, key: Hashable, scales: dict[str, float]) -> None:
+        """Make exactly `scales`' adapters active on `key`'s transformer and the text encoder.
 
-        Setting adapters walks every module of the transformer; when the wanted state is already
-        active (the common case of repeated requests) that walk is skipped. In slot mode at most
-        one extra LoRA can be active: the transformer has one slot.
+        The active set is changed only when it differs (setting adapters walks every module);
+        scales are written in place. In slot mode at most one extra LoRA can be active: the
+        transformer has one slot.
         """
-        if self._active.get(model) == scales and self._active.get(TEXT_ENCODER) == scales:
-            return
-        self._active.clear()
-        self._ensure_loaded(list(scales), model)
-        self._apply(model, self._transformer_scales(scales), scales)
-        self._active[model] = self._active[TEXT_ENCODER] = dict(scales)
+        self._ensure_loaded(list(scales), key)
+        self._apply(key, self._transformer_scales(scales), scales)
 
-    def activate_with_idle_slot(self, model: str, scales: dict[str, float]) -> None:
+    def activate_with_idle_slot(self, key: Hashable, scales: dict[str, float]) -> None:
         """`scales` plus the slot at scale 0: the adapter set of requests with an extra LoRA, for
         warm-up to compile before any extra LoRA exists. Outside slot mode, just `scales`."""
-        self._active.clear()
-        self._ensure_loaded(list(scales), model)
+        self._ensure_loaded(list(scales), key)
         slot = {SLOT_ADAPTER: 0.0} if self._slot_rank is not None else {}
-        self._apply(model, {**self._transformer_scales(scales), **slot}, scales)
+        self._apply(key, {**self._transformer_scales(scales), **slot}, scales)
 
     def _swaps(self, lora: _Lora) -> bool:
         return self._slot_rank is not None and not lora.pinned
@@ -360,16 +383,21 @@ class LoraAdapters:
             raise ValueError(f"one hot-swap slot cannot hold {len(swapped)} LoRAs at once: {swapped}")
         return {SLOT_ADAPTER if name in swapped else name: scale for name, scale in scales.items()}
 
-    def _apply(self, model: str, transformer_scales: dict[str, float], scales: dict[str, float]) -> None:
-        transformer = self._transformers[model]
-        if getattr(transformer, "peft_config", None):
-            if transformer_scales:
-                transformer.enable_lora()
-                transformer.set_adapters(list(transformer_scales), list(transformer_scales.values()))
-            else:
+    def _apply(self, key: Hashable, transformer_scales: dict[str, float], scales: dict[str, float]) -> None:
+        transformer = self._transformers[key]
+        active = self._active.get(key)
+        if getattr(transformer, "peft_config", None) and active != transformer_scales:
+            if not transformer_scales:
                 transformer.disable_lora()
-        encoder_names = [name for name in scales if self._loras[name].has_text_encoder]
-        self._activate_text_encoder(encoder_names, [scales[name] for name in encoder_names])
+            elif active is None or list(active) != list(transformer_scales):
+                transformer.enable_lora()
+                transformer.set_adapter(list(transformer_scales))
+            _write_scales(transformer, transformer_scales)
+        self._active[key] = dict(transformer_scales)
+        encoder_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
+        if encoder_scales != self._text_encoder_active:
+            self._activate_text_encoder(list(encoder_scales), list(encoder_scales.values()))
+            self._text_encoder_active = encoder_scales
 
     def _activate_text_encoder(self, names: list[str], weights: list[float]) -> None:
         tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
@@ -379,70 +407,77 @@ class LoraAdapters:
         for layer in tuner_layers:
             layer.enable_adapters(bool(names))
 
-    def _ensure_loaded(self, names: list[str], model: str) -> None:
+    def _ensure_loaded(self, names: list[str], key: Hashable) -> None:
         """Pinned adapters first, then the slot, then the extra into it: the slot comes last in every
         layer, as it does again when a failed swap makes us re-create it."""
         swapped = [name for name in names if self._swaps(self._loras[name])]
         for name in names:
             if name not in swapped:
-                self._ensure_named(name, model)
+                self._ensure_named(name, key)
         if self._slot_rank is not None:
-            self._ensure_slot(model)
+            self._ensure_slot(key)
         for name in swapped:
-            self._ensure_in_slot(name, model)
+            self._ensure_in_slot(name, key)
 
-    def _ensure_named(self, name: str, model: str) -> None:
+    def _ensure_named(self, name: str, key: Hashable) -> None:
         """Load the LoRA as its own adapter into the transformer (and the text encoder)."""
         lora = self._loras[name]
-        if model in lora.loaded_into:
+        if key in lora.loaded_into:
             return
         started = time.perf_counter()
         try:
             FluxPipeline.load_lora_into_transformer(
-                dict(lora.state_dict), network_alphas=lora.alphas, transformer=self._transformers[model],
+                dict(lora.state_dict), network_alphas=lora.alphas, transformer=self._transformers[key],
                 adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
             )
             self._ensure_in_text_encoder(name)
         except Exception as error:
             self.remove(name)
-            raise InputError("extra_lora", f"could not be applied to FLUX {model}: {error}") from None
-        lora.loaded_into.add(model)
-        log.info("LoRA %s loaded into %s in %.2fs", name, model, time.perf_counter() - started)
+            raise InputError(lora.field_name, f"could not be applied to the FLUX transformer: {error}") from None
+        _scales_as_tensors(self._transformers[key])
+        self._active.pop(key, None)
+        lora.loaded_into.add(key)
+        log.info("LoRA %s loaded into %s in %.2fs", name, key, time.perf_counter() - started)
 
     def _ensure_in_text_encoder(self, name: str) -> None:
         lora = self._loras[name]
-        if lora.has_text_encoder and TEXT_ENCODER not in lora.loaded_into:
+        if lora.has_text_encoder and not lora.in_text_encoder:
             FluxPipeline.load_lora_into_text_encoder(
                 dict(lora.state_dict), network_alphas=lora.alphas, text_encoder=self._text_encoder,
                 prefix=TEXT_ENCODER, adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
             )
-            lora.loaded_into.add(TEXT_ENCODER)
+            lora.in_text_encoder = True
+            self._text_encoder_active = None
 
-    def _ensure_slot(self, model: str) -> None:
+    def _ensure_slot(self, key: Hashable) -> None:
         """Give the transformer its slot before its first run: adding it later would change the
         module structure under the compiled blocks (a recompile)."""
-        if model not in self._slot_holds:
-            _create_slot(self._transformers[model], self._slot_rank)
-            self._slot_holds[model] = None
+        if key not in self._slot_holds:
+            _create_slot(self._transformers[key], self._slot_rank)
+            self._active.pop(key, None)
+            self._slot_holds[key] = None
 
-    def _ensure_in_slot(self, name: str, model: str) -> None:
+    def _ensure_in_slot(self, name: str, key: Hashable) -> None:
         """Swap the LoRA into the transformer's slot; on failure the slot holds what it held before."""
-        if self._slot_holds[model] == name:
+        if self._slot_holds[key] == name:
             return
         started = time.perf_counter()
+        lora = self._loras[name]
         try:
             self._ensure_in_text_encoder(name)
-            self._write_slot(model, self._loras[name])
+            self._write_slot(key, lora)
         except Exception as error:
-            self._restore_slot(model)
+            self._restore_slot(key)
             self.remove(name)
-            raise InputError("extra_lora", f"could not be swapped into FLUX {model}: {error}") from None
-        self._slot_holds[model] = name
-        log.info("LoRA %s swapped into the %s slot in %.2fs", name, model, time.perf_counter() - started)
+            raise InputError(lora.field_name, f"could not be swapped into the FLUX transformer: {error}") from None
+        self._slot_holds[key] = name
+        self._active.pop(key, None)
+        log.info("LoRA %s swapped into the %s slot in %.2fs", name, key, time.perf_counter() - started)
 
-    def _write_slot(self, model: str, lora: _Lora) -> None:
-        """Copy the LoRA into the slot's tensors in place (layers it does not train get zeros)."""
-        transformer = self._transformers[model]
+    def _write_slot(self, key: Hashable, lora: _Lora) -> None:
+        """Copy the LoRA into the slot's tensors in place (layers it does not train get zeros).
+        PEFT's hot-swap rewrites the slot's scaling tensors in place too."""
+        transformer = self._transformers[key]
         if not lora.slot_state_dict:
             _zero_slot(transformer)
             return
@@ -451,19 +486,21 @@ class LoraAdapters:
             adapter_name=SLOT_ADAPTER, hotswap=True,
         )
 
-    def _restore_slot(self, model: str) -> None:
+    def _restore_slot(self, key: Hashable) -> None:
         """Put back what the slot held before a failed swap.
 
         diffusers deletes the slot adapter when a hot-swap fails: it is re-created first, with
         the same modules and rank, so the compiled graphs still fit, then refilled.
         """
-        transformer = self._transformers[model]
+        transformer = self._transformers[key]
         if SLOT_ADAPTER not in getattr(transformer, "peft_config", {}):
             delete_adapter_layers(transformer, SLOT_ADAPTER)
             _create_slot(transformer, self._slot_rank)
-        held = self._slot_holds[model]
+            self._active.pop(key, None)
+        held = self._slot_holds[key]
         if held is None:
             _zero_slot(transformer)
         else:
-            self._write_slot(model, self._loras[held])
-        log.warning("restored the %s slot (%s) after a failed swap", model, held or "zeros")
+            self._write_slot(key, self._loras[held])
+        self._active.pop(key, None)
+        log.warning("restored the %s slot (%s) after a failed swap", key, held or "zeros")

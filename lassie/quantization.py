@@ -14,14 +14,8 @@ on CPU; only `query_device` asks torch about the real machine.
   hardware without fp8 matmul falls back as above. `fp8-weight-only` runs anywhere, CPU included,
   so CPU tests can drive the quantized path (PEFT adapters on torchao weights) end to end.
 
-Memory rule (full-size FLUX; GiB = 2**30 bytes): the bf16 dev and schnell transformers (44.3),
-T5-XXL + CLIP-L + VAE (9.2) and the safety models (0.8) stay resident: 54.3 GiB. Each fp8 copy
-adds 8.0 GiB (only the token linears are quantized; everything else is shared with bf16, see
-`quantize_transformer`). Both copies resident: 70.3 GiB, plus up to about 15 GiB of working
-memory (activations for 4 outputs or 1440x1440, VAE decode, compile workspaces, fragmentation).
-So both precisions stay resident on GPUs with at least `BOTH_RESIDENT_MIN_GIB` (H200, B200);
-below that (an 80 GB H100: 79 GiB) at most one fp8 copy exists at a time, built on first use
-and dropped when the other model needs its own: peak about 62 + 15 = 77 GiB.
+What stays resident (the twins, the slot's rank, VAE slicing) is `lassie.memory`'s plan,
+computed from the modules' sizes and the GPU's memory.
 
 PEFT LoRA on the fp8 transformer (see docs/go_fast.md for the experiments): PEFT wraps a linear
 whose weight is a torchao tensor in `TorchaoLoraLinear`; the base matmul stays fp8 and the LoRA
@@ -31,14 +25,11 @@ there (no re-quantization recipe): adapters stay unfused, which lassie does anyw
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
-import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -46,11 +37,11 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 FP8_MIN_CAPABILITY = (8, 9)
-BOTH_RESIDENT_MIN_GIB = 90
 GO_FAST_MODE_ENV = "LASSIE_GO_FAST_MODE"
 COMPILE_ENV = "LASSIE_COMPILE"
+COMPILE_BACKEND_ENV = "LASSIE_COMPILE_BACKEND"
+DEFAULT_COMPILE_BACKEND = "inductor"
 COMPILE_CACHE_ENV = "LASSIE_COMPILE_CACHE"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 COMPILE_CACHE_DIRNAME = "compile-cache"
@@ -98,7 +89,6 @@ class GoFastPlan:
     """How go_fast runs here; `reason` is the one line logged the first time it does."""
 
     mode: FastMode
-    keep_quantized_resident: bool
     reason: str
 
     @property
@@ -136,11 +126,6 @@ def has_fp8_matmul(device: DeviceInfo) -> bool:
     return device.kind == "cuda" and device.capability is not None and device.capability >= FP8_MIN_CAPABILITY
 
 
-def keeps_both_resident(device: DeviceInfo) -> bool:
-    """CPU memory is the host's: nothing to protect. GPUs follow the memory rule above."""
-    return not device.is_gpu or device.total_memory >= BOTH_RESIDENT_MIN_GIB * GIB
-
-
 def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFastPlan:
     """The precision go_fast runs on `device`, and whether its quantized copies stay resident."""
     if requested is FastMode.UNQUANTIZED:
@@ -155,21 +140,11 @@ def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFas
 
 
 def _quantized(device: DeviceInfo, mode: FastMode, note: str) -> GoFastPlan:
-    resident = keeps_both_resident(device)
-    memory = device.total_memory / GIB
-    if not device.is_gpu:
-        residency = "quantized copies stay in host memory"
-    elif resident:
-        residency = f"bf16 and fp8 transformers both stay resident ({memory:.0f} GiB >= {BOTH_RESIDENT_MIN_GIB})"
-    else:
-        residency = (f"one fp8 transformer at a time, built on first use, so peak memory fits "
-                     f"{memory:.0f} GiB (< {BOTH_RESIDENT_MIN_GIB})")
-    reason = f"go_fast: {PRECISION_NAMES[mode]} on {device.describe()} {note}".rstrip() + f"; {residency}"
-    return GoFastPlan(mode=mode, keep_quantized_resident=resident, reason=reason)
+    return GoFastPlan(mode=mode, reason=f"go_fast: {PRECISION_NAMES[mode]} on {device.describe()} {note}".rstrip())
 
 
 def _unquantized(reason: str) -> GoFastPlan:
-    return GoFastPlan(mode=FastMode.UNQUANTIZED, keep_quantized_resident=True, reason=reason)
+    return GoFastPlan(mode=FastMode.UNQUANTIZED, reason=reason)
 
 
 def _fallback_reason(device: DeviceInfo) -> str:
@@ -180,15 +155,6 @@ def _fallback_reason(device: DeviceInfo) -> str:
     needed = ".".join(map(str, FP8_MIN_CAPABILITY))
     return (f"go_fast: this GPU ({device.describe()}) has no fp8 matmul (needs {needed}+); running bf16 "
             "weights, the same as go_fast=false (fp8 weight-only storage would only be slower)")
-
-
-def lora_attaches_to(mode: FastMode) -> bool:
-    """Whether PEFT can put LoRA adapters on a transformer quantized in `mode` (TorchaoLoraLinear)."""
-    if mode is FastMode.UNQUANTIZED:
-        return True
-    from peft.import_utils import is_torchao_available
-
-    return is_torchao_available()
 
 
 def is_token_linear(module: nn.Module, name: str) -> bool:
@@ -256,64 +222,33 @@ def _refuse_fused_adapters(transformer: nn.Module) -> None:
         raise ValueError("cannot quantize a transformer with fused LoRA weights: the LoRA would be baked in")
 
 
-class QuantizedTransformers:
-    """The go_fast transformers, built from the bf16 ones on first use and kept as the plan says.
-
-    `on_evict(model)` runs when a copy is dropped (lazy mode), so whoever tracks adapters on it
-    can forget them: the next copy is a new module that needs its adapters attached again.
-    """
-
-    def __init__(self, plan: GoFastPlan, on_evict: Callable[[str], None] | None = None) -> None:
-        self.plan = plan
-        self._on_evict = on_evict
-        self._copies: dict[str, nn.Module] = {}
-
-    def resident(self) -> tuple[str, ...]:
-        return tuple(self._copies)
-
-    def get(self, model: str, source: nn.Module) -> nn.Module:
-        if not self.plan.quantizes:
-            return source
-        if model not in self._copies:
-            if not self.plan.keep_quantized_resident:
-                self._evict_all()
-            started = time.perf_counter()
-            self._copies[model] = quantize_transformer(source, self.plan.mode)
-            log.info("built the %s %s transformer in %.1fs", self.plan.mode.value, model,
-                     time.perf_counter() - started)
-        return self._copies[model]
-
-    def _evict_all(self) -> None:
-        for model in list(self._copies):
-            del self._copies[model]
-            if self._on_evict is not None:
-                self._on_evict(model)
-            log.info("dropped the %s %s transformer to make room", self.plan.mode.value, model)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 @dataclass(frozen=True)
 class CompileSetting:
     enabled: bool
     mode: str = DEFAULT_COMPILE_MODE
+    backend: str = DEFAULT_COMPILE_BACKEND
     reason: str = ""
 
 
-def compile_setting(value: str | None, device: DeviceInfo) -> CompileSetting:
-    """`LASSIE_COMPILE`: unset or 1 compiles on CUDA GPUs, 0 never, a torch.compile mode name picks
-    that mode. Never on CPU: inductor's CPU code takes minutes to build for seconds of gain."""
+def compile_setting(value: str | None, backend: str | None, device: DeviceInfo) -> CompileSetting:
+    """`LASSIE_COMPILE`: unset compiles on CUDA GPUs only (inductor's CPU code takes minutes to
+    build for seconds of gain); 1 or a torch.compile mode name compiles on any device, so the
+    compiled path runs in tests and on any machine; 0 never. `LASSIE_COMPILE_BACKEND` (default
+    inductor) picks the backend, e.g. `aot_eager`, which specialises exactly as inductor does."""
     value = (value or "").strip().lower()
+    backend = (backend or DEFAULT_COMPILE_BACKEND).strip()
     if value in OFF_VALUES:
         return CompileSetting(False, reason=f"{COMPILE_ENV}={value}")
     if value not in ON_VALUES and value not in COMPILE_MODES:
         allowed = ", ".join(["0", "1", *COMPILE_MODES])
         raise ValueError(f"{COMPILE_ENV} must be one of {allowed}, got {value!r}")
-    if device.kind != "cuda":
-        return CompileSetting(False, reason=f"no CUDA GPU ({device.describe()})")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"{COMPILE_BACKEND_ENV} must be one of {', '.join(sorted(backends))}, got {backend!r}")
+    if not value and device.kind != "cuda":
+        return CompileSetting(False, reason=f"no CUDA GPU ({device.describe()}); {COMPILE_ENV}=1 compiles anyway")
     mode = value if value in COMPILE_MODES else DEFAULT_COMPILE_MODE
-    return CompileSetting(True, mode=mode, reason=f"mode {mode}")
+    return CompileSetting(True, mode=mode, backend=backend, reason=f"backend {backend}, mode {mode}")
 
 
 def configure_compile_cache(weights_dir: Path) -> Path | None:
@@ -343,36 +278,14 @@ def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None
 
     One graph per block class serves all 57 blocks, dev and schnell alike, which keeps compile
     time to a fraction of a whole-model compile. `dynamic=True` serves every output size and
-    batch from the same graph; floats such as LoRA scales are graph inputs, so changing them
-    never recompiles. A new adapter *name* or active-adapter set does: one cached graph each,
-    hence the raised recompile limit (torch's default of 8 would silently fall back to eager).
+    batch of 2 or more from one graph (batch 1 is specialised: its own graph). LoRA scales are
+    tensors (`lassie.adapters`), so changing them never recompiles; the active-adapter set is
+    guarded, one graph each. Modes are inductor's: other backends get none.
     """
-    if not setting.enabled:
-        return
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    mode = None if setting.mode == DEFAULT_COMPILE_MODE else setting.mode
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=mode)
-
-
-def warm_up(phases: Mapping[str, Callable[[int, int], object]], sizes: Iterable[tuple[int, int]]) -> dict[str, float]:
-    """Run every phase (e.g. "dev fp8 + extra LoRA") at every size, so no request pays for a
-    first compile, autotune or CUDA-graph capture; returns and logs seconds per phase."""
-    sizes = list(sizes)
-    seconds: dict[str, float] = {}
-    for phase, run in phases.items():
-        started = time.perf_counter()
-        for width, height in sizes:
-            run(width, height)
-        seconds[phase] = time.perf_counter() - started
-        log.info("warm-up %s: %d sizes in %.1fs", phase, len(sizes), seconds[phase])
-    return seconds
-
-
-def table_sizes() -> list[tuple[int, int]]:
-    """Every distinct output size of sizes.json, at both megapixel settings."""
-    from lassie.sizes import size_table
-
-    return sorted({size for by_ratio in size_table().values() for size in by_ratio.values()})
+    inductor_mode = setting.backend == DEFAULT_COMPILE_BACKEND and setting.mode != DEFAULT_COMPILE_MODE
+    mode = setting.mode if inductor_mode else None
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=mode, backend=setting.backend)
 
 
 def precision_of(plan: GoFastPlan, go_fast: bool, dtype: torch.dtype) -> str:

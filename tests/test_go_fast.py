@@ -14,9 +14,12 @@ import torch
 from PIL import Image
 
 from lassie.generate import Inputs, generate
-from lassie.predictor import LASSIE_ADAPTER, Lassie
+from lassie.predictor import Lassie
+from lassie.variants import LASSIE_ADAPTER, Variant
 from lassie.quantization import image_psnr
 from lassie.request import Mode, Request, make_plan
+
+DEV = Variant("dev", False)
 
 BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 2, "megapixels": "0.25", "seed": 3,
         "output_format": "png"}
@@ -29,7 +32,7 @@ def image_of(predictor: Lassie, **fields) -> np.ndarray:
 
 def lassie_scaling(transformer: torch.nn.Module) -> float:
     """The scale PEFT applies to the Lassie adapter (alpha/r is 1 for the trainer's files)."""
-    return transformer.transformer_blocks[0].attn.to_q.scaling[LASSIE_ADAPTER]
+    return float(transformer.transformer_blocks[0].attn.to_q.scaling[LASSIE_ADAPTER])
 
 
 def test_go_fast_runs_the_lassie_adapter_at_one_and_a_half_times_the_scale(predictor):
@@ -71,13 +74,13 @@ def test_quantized_path_applies_adapters_at_the_multiplied_scale(fp8_predictor, 
     with caplog.at_level(logging.INFO, logger="lassie"):
         fast = image_of(fp8_predictor, go_fast=True, lora_scale=0.4)
     assert "precision: fp8" in caplog.text
-    transformer = fp8_predictor._transformer_for("dev", True)[1]
+    transformer = fp8_predictor.variants.transformer(Variant("dev", True))
     assert transformer is not fp8_predictor.models.transformers["dev"]
     assert lassie_scaling(transformer) == pytest.approx(0.6)
     assert type(transformer.transformer_blocks[0].attn.to_q.base_layer.weight).__name__ == "Float8Tensor"
 
     plan = make_plan(Request(**{**BASE, "go_fast": True, "lora_scale": 0.4}))
-    fp8_predictor.adapters.activate("dev-go-fast", {LASSIE_ADAPTER: 0.6})
+    fp8_predictor.variants.adapters.activate(Variant("dev", True), {LASSIE_ADAPTER: 0.6})
     pipeline = fp8_predictor.models.pipeline("dev", Mode.TXT2IMG, transformer)
     direct = np.asarray(generate(pipeline, plan, Inputs())[0])
     assert np.array_equal(fast, direct)

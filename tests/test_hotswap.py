@@ -1,5 +1,5 @@
 """Extra LoRAs hot-swapped into one fixed adapter slot: the same images as named adapters, no bleed
-across switches, failures that leave the model bit for bit as it was, and no recompilation.
+across switches, and failures that leave the model bit for bit as it was (compiling: test_compiled.py).
 
 The slot predictors run with LASSIE_LORA_SLOT_RANK=8 (the tiny LoRAs have ranks 2 to 8). Float
 images from the dev pipeline (256x256, 2 steps) compare the slot with the session's predictor,
@@ -24,8 +24,11 @@ from safetensors.torch import save, save_file
 import lora_formats as forms
 from lassie.adapters import SLOT_ADAPTER, SLOT_RANK_ENV, slot_rank_setting
 from lassie.errors import InputError
-from lassie.predictor import LASSIE_ADAPTER, Lassie
+from lassie.predictor import Lassie
+from lassie.variants import LASSIE_ADAPTER, Variant
 from lassie.request import Mode, Request
+
+DEV = Variant("dev", False)
 
 SLOT_RANK = 8
 ATOL = 1e-5
@@ -85,7 +88,7 @@ def write_lora(directory: Path, name: str, state_dict: dict[str, torch.Tensor], 
 
 def render(lassie: Lassie, extra: str | None = None, scale: float = SCALE) -> np.ndarray:
     """The float image of dev with the Lassie LoRA at 0.5 and `extra` at `scale`."""
-    lassie.adapters.activate("dev", {LASSIE_ADAPTER: 0.5, **({extra: scale} if extra else {})})
+    lassie.variants.adapters.activate(DEV, {LASSIE_ADAPTER: 0.5, **({extra: scale} if extra else {})})
     pipeline = lassie.models.pipeline("dev", Mode.TXT2IMG)
     return pipeline(prompt="a photo of LSSIE", width=256, height=256, num_inference_steps=2, guidance_scale=3.0,
                     generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
@@ -98,14 +101,14 @@ def add_to_both(predictor: Lassie, slot_predictor: Lassie, tmp_path: Path):
 
     def add(name: str, path: Path) -> None:
         names.append(name)
-        predictor.adapters.add(name, path)
-        slot_predictor.adapters.add(name, path)
+        predictor.variants.adapters.add(name, path)
+        slot_predictor.variants.adapters.add(name, path)
 
     yield add
     for lassie in (predictor, slot_predictor):
         for name in names:
-            lassie.adapters.remove(name)
-        lassie.adapters.activate("dev", {LASSIE_ADAPTER: 1.0})
+            lassie.variants.adapters.remove(name)
+        lassie.variants.adapters.activate(DEV, {LASSIE_ADAPTER: 1.0})
 
 
 def transformer_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -140,7 +143,7 @@ def test_a_lora_through_the_slot_equals_the_same_lora_as_its_own_adapter(predict
     expected, actual = render(predictor, form), render(slot_predictor, form)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=ATOL)
     assert np.abs(actual - render(slot_predictor)).max() > 1000 * ATOL
-    assert slot_predictor.adapters.slot_holds("dev") == form
+    assert slot_predictor.variants.adapters.slot_holds(DEV) == form
     assert set(slot_predictor.models.transformers["dev"].peft_config) == {LASSIE_ADAPTER, SLOT_ADAPTER}
 
 
@@ -174,7 +177,7 @@ def test_switching_gives_each_request_the_image_of_a_fresh_server(slot_predictor
         fresh.setdefault(key, image_of(new_slot_predictor(tiny_weights), **fields))
         assert result == fresh[key], fields
     assert len(set(results)) == 4
-    for transformer in (*slot_predictor.models.transformers.values(), slot_predictor._transformer_for("dev", True)[1]):
+    for transformer in (*slot_predictor.models.transformers.values(), slot_predictor.variants.transformer(Variant("dev", True))):
         assert set(transformer.peft_config) == {LASSIE_ADAPTER, SLOT_ADAPTER}
 
 
@@ -206,7 +209,7 @@ FAILING = {
 
 @pytest.mark.parametrize("case", FAILING)
 def test_a_failed_swap_leaves_the_transformer_bit_for_bit_as_it_was(slot_predictor, tmp_path, monkeypatch, case):
-    adapters, transformer = slot_predictor.adapters, slot_predictor.models.transformers["dev"]
+    adapters, transformer = slot_predictor.variants.adapters, slot_predictor.models.transformers["dev"]
     adapters.add("held", write_lora(tmp_path, "held", LORAS["peft"](transformer)))
     held_image = render(slot_predictor, "held")
     before, names = transformer_state(transformer), adapters.names()
@@ -219,49 +222,6 @@ def test_a_failed_swap_leaves_the_transformer_bit_for_bit_as_it_was(slot_predict
         render(slot_predictor, "failing")
     monkeypatch.undo()
     assert_bitwise_equal(transformer_state(transformer), before)
-    assert adapters.names() == names and adapters.slot_holds("dev") == "held"
+    assert adapters.names() == names and adapters.slot_holds(DEV) == "held"
     assert np.array_equal(render(slot_predictor, "held"), held_image)
     adapters.remove("held")
-
-
-class CountingBackend:
-    """A torch.compile backend that runs the traced graph as it is and counts the graphs it got."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        self.graphs += 1
-        return graph_module.forward
-
-
-def compiled_predictor(tiny_weights: Path, slot: bool, backend: CountingBackend) -> Lassie:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SLOT_RANK_ENV, str(SLOT_RANK) if slot else "0")
-        lassie = Lassie(tiny_weights)
-        lassie.setup()
-    lassie.models.transformers["dev"].compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend)
-    for with_slot in (False, True):
-        lassie._warm_run("dev", False, with_slot, 1, 512, 512)
-    return lassie
-
-
-@pytest.mark.parametrize("slot", [True, False])
-def test_switching_extra_loras_compiles_nothing_new_only_in_slot_mode(tiny_weights, services, slot):
-    """Without the slot the first new LoRA already compiles again, so that run stops there."""
-    torch._dynamo.reset()
-    backend = CountingBackend()
-    with torch._dynamo.config.patch(recompile_limit=64):
-        lassie = compiled_predictor(tiny_weights, slot, backend)
-        warmed = backend.graphs
-        transformer = lassie.models.transformers["dev"]
-        urls = [services.serve(f"/compiled/{slot}/{seed}.safetensors", save(build(transformer)))
-                for seed, build in enumerate((LORAS["peft"], mixed_rank_lora, network_alpha_lora))]
-        for fields in ({"extra_lora": urls[0]}, {"extra_lora": urls[1], "extra_lora_scale": 0.4}, {},
-                       {"extra_lora": urls[2], "lora_scale": 0.3}, {"extra_lora": urls[0], "extra_lora_scale": 1.5}):
-            image_of(lassie, **fields)
-            if backend.graphs > warmed:
-                break
-    torch._dynamo.reset()
-    assert warmed == (4 if slot else 2)  # two block classes, each with and without the slot active
-    assert (backend.graphs == warmed) if slot else (backend.graphs > warmed)

@@ -18,6 +18,9 @@ from safetensors.torch import save_file
 import lora_formats as forms
 from lassie.errors import InputError
 from lassie.request import Mode
+from lassie.variants import Variant
+
+DEV = Variant("dev", False)
 
 ATOL = 1e-4
 SCALE = 0.75
@@ -80,18 +83,18 @@ def render(predictor) -> np.ndarray:
 
 
 def render_with(predictor, extra: str) -> np.ndarray:
-    predictor.adapters.activate("dev", {"lassie": 0.0, extra: SCALE})
+    predictor.variants.adapters.activate(DEV, {"lassie": 0.0, extra: SCALE})
     return render(predictor)
 
 
 @pytest.fixture(scope="module")
 def base_image(predictor) -> np.ndarray:
     """The image without any extra LoRA (and the Lassie LoRA at 0)."""
-    predictor.adapters.activate("dev", {"lassie": 0.0})
+    predictor.variants.adapters.activate(DEV, {"lassie": 0.0})
     try:
         return render(predictor)
     finally:
-        predictor.adapters.activate("dev", {"lassie": 1.0})
+        predictor.variants.adapters.activate(DEV, {"lassie": 1.0})
 
 
 @pytest.fixture
@@ -103,12 +106,12 @@ def add_lora(predictor, tmp_path):
         path = tmp_path / f"{name}.safetensors"
         save_file(state_dict, path)
         names.append(name)
-        predictor.adapters.add(name, path)
+        predictor.variants.adapters.add(name, path)
 
     yield add
     for name in names:
-        predictor.adapters.remove(name)
-    predictor.adapters.activate("dev", {"lassie": 1.0})
+        predictor.variants.adapters.remove(name)
+    predictor.variants.adapters.activate(DEV, {"lassie": 1.0})
 
 
 def model_state(predictor) -> dict[str, torch.Tensor]:
@@ -149,15 +152,15 @@ def test_an_extra_lora_may_adapt_layers_the_lassie_lora_adapts(predictor, add_lo
 def test_lora_that_does_not_fit_is_refused_and_leaves_the_model_as_it_was(predictor, add_lora, base_image, case):
     build, culprit = REFUSED[case]
     before = model_state(predictor)
-    names_before = predictor.adapters.names()
+    names_before = predictor.variants.adapters.names()
     with pytest.raises(InputError) as error:
         add_lora(case, build(predictor.models.transformers["dev"]))
-        predictor.adapters.activate("dev", {"lassie": 0.0, case: SCALE})
+        predictor.variants.adapters.activate(DEV, {"lassie": 0.0, case: SCALE})
     assert error.value.field == "extra_lora"
     assert culprit in str(error.value)
     after = model_state(predictor)
     assert after.keys() == before.keys()
     assert all(after[key].shape == before[key].shape and torch.equal(after[key], before[key]) for key in before)
-    assert predictor.adapters.names() == names_before
-    predictor.adapters.activate("dev", {"lassie": 0.0})
+    assert predictor.variants.adapters.names() == names_before
+    predictor.variants.adapters.activate(DEV, {"lassie": 0.0})
     assert np.array_equal(render(predictor), base_image)

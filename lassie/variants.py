@@ -1,0 +1,232 @@
+"""The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their
+LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
+
+`predict()` asks for a (model, go_fast) variant with its LoRA scales and gets a ready module;
+`run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
+
+- After warm-up, requests run under torch's `fail_on_recompile` stance. A call that would need
+  a graph warm-up did not make is run again under `eager_on_recompile` (the compiled graphs
+  that fit still run, the rest eagerly), with one warning naming the guards that failed. Only
+  that refusal is caught: torch raises it as a plain RuntimeError, recognised by its message.
+  `FailOnRecompileLimitHit` cannot happen: nothing compiles after setup.
+- A compile that fails at setup leaves the server eager (`force_eager`), and fp8 twins that
+  cannot be built leave go_fast on bf16, each with one log line: never SETUP_FAILED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from lassie.adapters import LoraAdapters
+from lassie.generate import Inputs, pipeline_arguments
+from lassie.memory import MemoryPlan
+from lassie.models import FluxModels
+from lassie.quantization import CompileSetting, FastMode, GoFastPlan, compile_transformer, quantize_transformer
+from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
+
+log = logging.getLogger(__name__)
+
+LASSIE_ADAPTER = "lassie"
+WARM_UP_SIZE = (256, 256)
+WARM_UP_BATCHES = (1, 2)
+T = TypeVar("T")
+# What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
+RECOMPILE_REFUSED = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
+GUARD_LINE = re.compile(r"^\s*- \d+/\d+: (.+)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A runnable transformer: `fast` is the go_fast twin (fp8 where the hardware has it)."""
+
+    model: str
+    fast: bool
+
+    def __str__(self) -> str:
+        return f"{self.model} go_fast" if self.fast else self.model
+
+
+@dataclass(frozen=True)
+class WarmUpRun:
+    variant: Variant
+    extra_slot: bool
+    outputs: int
+    lassie_scale: float
+
+
+def plan_warm_up(fast_twins: bool, slot: bool) -> list[WarmUpRun]:
+    """One short call per set of graphs requests use, at the scales they use.
+
+    Graphs differ by precision (bf16 and fp8 blocks), by active-adapter set (Lassie alone, or
+    with the extra-LoRA slot) and by batch class (1 is specialised; 2 and more share one dynamic
+    graph). Sizes, scales and the slot's contents are graph inputs. dev and schnell share their
+    block classes and so their graphs: warming dev covers schnell. Each call compiles one graph
+    per block class (double and single blocks).
+    """
+    variants = [Variant("dev", False)] + ([Variant("dev", True)] if fast_twins else [])
+    return [WarmUpRun(variant, extra_slot, outputs, GO_FAST_LORA_MULTIPLIER if variant.fast else 1.0)
+            for variant in variants for extra_slot in ((False, True) if slot else (False,))
+            for outputs in WARM_UP_BATCHES]
+
+
+def extra_adapter_name(path: Path) -> str:
+    """PEFT adapter names cannot hold dots or slashes: name extras by a digest of their cache file.
+
+    The file's size and modification time are part of it, so a re-fetched file is a new adapter.
+    """
+    stat = path.stat()
+    identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return "extra_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+class TransformerVariants:
+    def __init__(self, models: FluxModels, go_fast: GoFastPlan, compile_setting: CompileSetting,
+                 memory: MemoryPlan) -> None:
+        self._models = models
+        self._compile = compile_setting
+        self._memory = memory
+        self.go_fast = go_fast
+        self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
+                                      in models.transformers.items()}, models.text_encoder,
+                                     slot_rank=memory.slot_rank)
+        self._twins: dict[str, nn.Module] = {}
+        self._extra: str | None = None
+        self._stance: str | None = None
+
+    def prepare(self, lassie_lora: Path) -> None:
+        """Lassie on every variant, the fp8 twins, then compile and warm-up: after this no request
+        loads, quantizes or compiles anything but an extra LoRA's weights."""
+        self.adapters.add(LASSIE_ADAPTER, lassie_lora, field_name="lassie LoRA", pinned=True)
+        self._build_twins()
+        for variant in self.variants():
+            self.adapters.activate(variant, {LASSIE_ADAPTER: 1.0})
+        if self._compile.enabled:
+            self._compile_and_warm_up()
+
+    def variants(self) -> list[Variant]:
+        return [Variant(model, fast) for fast in (False, True) for model in self._models.transformers
+                if not fast or model in self._twins]
+
+    def variant_for(self, model: str, go_fast: bool) -> Variant:
+        return Variant(model, go_fast and model in self._twins)
+
+    def transformer(self, variant: Variant) -> nn.Module:
+        return self._twins[variant.model] if variant.fast else self._models.transformers[variant.model]
+
+    def ready(self, variant: Variant, lassie_scale: float, extra: Path | None, extra_scale: float) -> nn.Module:
+        """The variant with Lassie (and `extra`) active at the given scales. A new extra LoRA
+        replaces the previous one; one that fails to load leaves the previous state."""
+        scales = {LASSIE_ADAPTER: lassie_scale}
+        new_extra = None
+        if extra is not None:
+            name = extra_adapter_name(extra)
+            if name not in self.adapters.names():
+                self.adapters.add(name, extra)
+                new_extra = name
+            scales[name] = extra_scale
+        try:
+            self.adapters.activate(variant, scales)
+        except Exception:
+            if new_extra:
+                self.adapters.remove(new_extra)
+            raise
+        if new_extra:
+            if self._extra:
+                self.adapters.remove(self._extra)
+            self._extra = new_extra
+        log.info("LoRA scales: %s", ", ".join(f"{name}={scale:g}" for name, scale in scales.items()))
+        return self.transformer(variant)
+
+    def run(self, call: Callable[[], T]) -> T:
+        """`call` (one pipeline call) under the stance warm-up left; see the module docstring."""
+        if self._stance is None:
+            return call()
+        try:
+            with torch.compiler.set_stance(self._stance):
+                return call()
+        except RuntimeError as error:
+            if not str(error).startswith(RECOMPILE_REFUSED):
+                raise
+            log.warning("this request needs a graph warm-up did not compile; running it without compiling "
+                        "the missing graph (guards that failed: %s)", _guard_failures(str(error)))
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return call()
+
+    def _build_twins(self) -> None:
+        if not self.go_fast.quantizes:
+            return
+        if not self._memory.fast_twins:
+            self.go_fast = GoFastPlan(FastMode.UNQUANTIZED, f"{self.go_fast.reason}; {self._memory.reason}")
+            return
+        started = time.perf_counter()
+        try:
+            twins = {model: quantize_transformer(transformer, self.go_fast.mode)
+                     for model, transformer in self._models.transformers.items()}
+        except Exception as error:
+            log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
+                        "transformers", self.go_fast.mode.value, type(error).__name__, error)
+            self.go_fast = GoFastPlan(FastMode.UNQUANTIZED, f"go_fast: {self.go_fast.mode.value} failed at setup")
+            return
+        for model, twin in twins.items():
+            self._twins[model] = twin
+            self.adapters.attach(Variant(model, True), twin)
+        log.info("built the %s go_fast transformers in %.1fs", self.go_fast.mode.value, time.perf_counter() - started)
+
+    def _compile_and_warm_up(self) -> None:
+        runs = plan_warm_up(bool(self._twins), self.adapters.slot_rank is not None)
+        graphs_before = counters["stats"]["unique_graphs"]
+        started = time.perf_counter()
+        try:
+            for variant in self.variants():
+                compile_transformer(self.transformer(variant), self._compile)
+            for run in runs:
+                self._warm(run)
+        except Exception as error:
+            self._stance = "force_eager"
+            log.warning("compiling failed during warm-up (%s); serving uncompiled", _one_line(error))
+            return
+        self._stance = "fail_on_recompile"
+        log.info("compiled (backend %s, mode %s): warm-up compiled %d graphs in %d calls, %.1fs", self._compile.backend,
+                 self._compile.mode, counters["stats"]["unique_graphs"] - graphs_before, len(runs),
+                 time.perf_counter() - started)
+
+    def _warm(self, run: WarmUpRun) -> None:
+        """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
+        scales = {LASSIE_ADAPTER: run.lassie_scale}
+        if run.extra_slot:
+            self.adapters.activate_with_idle_slot(run.variant, scales)
+        else:
+            self.adapters.activate(run.variant, scales)
+        model = run.variant.model
+        plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0,
+                                 num_outputs=run.outputs))
+        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(run.variant))
+        arguments = pipeline_arguments(replace(plan, size=WARM_UP_SIZE), Inputs()) | {"output_type": "latent"}
+        with torch.inference_mode():
+            pipeline(**arguments)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The error on one line: torch's BackendCompilerFailed puts the backend's own error on the next."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or "no message"
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _guard_failures(message: str, shown: int = 3) -> str:
+    """The distinct guards torch's message lists (one per cached graph), without their comments."""
+    guards = list(dict.fromkeys(match.group(1).split("  #")[0].strip() for match in GUARD_LINE.finditer(message)))
+    if not guards:
+        return message.splitlines()[0]
+    more = f"; and {len(guards) - shown} more" if len(guards) > shown else ""
+    return "; ".join(guards[:shown]) + more
