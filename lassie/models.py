@@ -71,9 +71,9 @@ class FluxModels:
 
 def load_models(layout: WeightsLayout, device: Device) -> FluxModels:
     log.info("loading FLUX.1 dev from %s (%s, %s)", layout.dev_dir, device.torch_device, device.dtype)
-    base = FluxPipeline.from_pretrained(layout.dev_dir, torch_dtype=device.dtype)
+    base = FluxPipeline.from_pretrained(layout.dev_dir, dtype=device.dtype)
     log.info("loading FLUX.1 schnell transformer from %s", layout.schnell_dir)
-    schnell = FluxTransformer2DModel.from_pretrained(layout.schnell_dir / "transformer", torch_dtype=device.dtype)
+    schnell = FluxTransformer2DModel.from_pretrained(layout.schnell_dir / "transformer", dtype=device.dtype)
     base.to(device.torch_device)
     schnell.to(device.torch_device)
     schedulers = {
