@@ -7,11 +7,15 @@ these names; newer names would crash older CLIs on GPU boxes).
 import logging
 from typing import List, Optional
 
-from cog import BasePredictor, Input, Path
+from lassie.quiet import silence_known_noise
 
-from lassie.predictor import Lassie
-from lassie.request import Request
-from lassie.sizes import aspect_ratios
+silence_known_noise()  # first: torch, torchao and transformers print their known noise as they are imported
+
+from cog import BasePredictor, Input, Path  # noqa: E402
+
+from lassie.predictor import Lassie  # noqa: E402
+from lassie.request import Request  # noqa: E402
+from lassie.sizes import aspect_ratios  # noqa: E402
 
 
 class Predictor(BasePredictor):

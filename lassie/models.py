@@ -74,9 +74,9 @@ def load_models(layout: WeightsLayout, device: Device, vae_slicing: bool = False
     `vae_slicing` decodes a batch one image at a time (the memory plan's call)."""
     device_map = device.torch_device.type
     log.info("loading FLUX.1 dev from %s (%s, %s)", layout.dev_dir, device.torch_device, device.dtype)
-    base = FluxPipeline.from_pretrained(layout.dev_dir, torch_dtype=device.dtype, device_map=device_map)
+    base = FluxPipeline.from_pretrained(layout.dev_dir, dtype=device.dtype, device_map=device_map)
     log.info("loading FLUX.1 schnell transformer from %s", layout.schnell_dir)
-    schnell = FluxTransformer2DModel.from_pretrained(layout.schnell_dir / "transformer", torch_dtype=device.dtype,
+    schnell = FluxTransformer2DModel.from_pretrained(layout.schnell_dir / "transformer", dtype=device.dtype,
                                                      device_map=device_map)
     if vae_slicing:
         base.vae.enable_slicing()

@@ -1,5 +1,9 @@
 """Filling the weights directory: FLUX.1 dev and schnell, the safety models and the Lassie LoRA.
 
+Everything that can fail cheaply is checked before the first byte of FLUX is fetched: where the
+Lassie LoRA comes from, the Hugging Face token's access to the gated repo, that the directory is
+writable, and that its disk has room for what is still to come (the hub lists every file's size).
+
 Every file is checked against what its source says it is (the hub's LFS sha256 or git blob id, a
 parseable safetensors header) and recorded in manifest.json with source, revision, size and
 sha256. The manifest is what makes a second run free: a source whose recorded files are all still
@@ -21,6 +25,7 @@ import os
 import shutil
 import sys
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -254,6 +259,10 @@ class HubAccess:
                                      ignore_patterns=list(IGNORED_PATTERNS), key=lambda sibling: sibling.rfilename)
         return info.sha, sorted(wanted, key=lambda sibling: sibling.rfilename)
 
+    def check_access(self, source: HubSource) -> None:
+        """One small request: a gated repo whose license the token has not accepted fails here."""
+        HfApi(endpoint=self.endpoint, token=self.token).auth_check(source.repo_id)
+
     def download(self, source: HubSource, filename: str, commit: str) -> None:
         hf_hub_download(source.repo_id, filename, revision=commit, local_dir=source.directory,
                         endpoint=self.endpoint, token=self.token, tqdm_class=ProgressLog)
@@ -282,26 +291,60 @@ def explained_hub_errors(source: HubSource, access: HubAccess) -> Iterator[None]
                              "Files finished so far are kept; run again to resume.") from error
 
 
-def provision_hub_source(source: HubSource, access: HubAccess, manifest: Manifest,
-                         report: ProvisionReport, verify: bool) -> None:
+def is_in_place(source: HubSource, manifest: Manifest, verify: bool) -> bool:
+    """A source whose recorded files are all on disk is not asked about again: no network needed."""
     recorded = manifest.files_from(source.repo_id)
     root = manifest.path.parent
-    if source.repo_id in manifest.complete_sources and all(
-            is_intact(root / name, record, verify) for name, record in recorded.items()):
-        log.info("%s: all %d files in place", source.repo_id, len(recorded))
-        report.kept.extend(recorded.keys())
-        return
-    if source.gated and access.token is None:
-        raise ProvisionError(access.gated_message(source.repo_id))
+    return source.repo_id in manifest.complete_sources and all(
+        is_intact(root / name, record, verify) for name, record in recorded.items())
+
+
+def token_problem(source: HubSource, access: HubAccess) -> str | None:
+    return access.gated_message(source.repo_id) if source.gated and access.token is None else None
+
+
+@dataclass(frozen=True)
+class HubPlan:
+    """What one source still needs, listed (metadata only) before anything is downloaded."""
+
+    source: HubSource
+    commit: str
+    files: list[RepoSibling]
+    bytes_to_fetch: int
+
+
+def plan_hub_source(source: HubSource, access: HubAccess, manifest: Manifest) -> HubPlan:
+    """The commit to fetch from and its files; a token without access to a gated repo fails here."""
     with explained_hub_errors(source, access):
+        if source.gated:
+            access.check_access(source)
         # A manifest that came with the image pins each repo to the commit it recorded.
         commit, remote_files = access.list_files(source, manifest.complete_sources.get(source.repo_id))
+    missing = [remote for remote in remote_files if not has_size(source.directory / remote.rfilename, remote)]
+    to_fetch = sum(remote.size or 0 for remote in missing) - partial_bytes(source.directory)
+    return HubPlan(source, commit, remote_files, max(0, to_fetch))
+
+
+def has_size(path: Path, remote: RepoSibling) -> bool:
+    return path.is_file() and path.stat().st_size == remote.size
+
+
+def partial_bytes(directory: Path) -> int:
+    """What interrupted downloads left; huggingface_hub resumes them, so they need no new room."""
+    downloads = directory / ".cache" / "huggingface" / "download"
+    return sum(path.stat().st_size for path in downloads.rglob("*.incomplete"))
+
+
+def fetch_hub_source(plan: HubPlan, access: HubAccess, manifest: Manifest, report: ProvisionReport,
+                     verify: bool) -> None:
+    source = plan.source
+    with explained_hub_errors(source, access):
         names = set()
-        for number, remote in enumerate(remote_files, 1):
-            log.info("%s [%d/%d] %s (%s)", source.repo_id, number, len(remote_files), remote.rfilename,
+        for number, remote in enumerate(plan.files, 1):
+            log.info("%s [%d/%d] %s (%s)", source.repo_id, number, len(plan.files), remote.rfilename,
                      human_size(remote.size or 0))
-            names.add(provision_hub_file(source, remote, commit, access, manifest, report, verify))
-    manifest.complete(source.repo_id, commit, names)
+            names.add(provision_hub_file(source, remote, plan.commit, access, manifest, report, verify))
+    manifest.complete(source.repo_id, plan.commit, names)
 
 
 def provision_hub_file(source: HubSource, remote: RepoSibling, commit: str, access: HubAccess,
@@ -423,13 +466,31 @@ def install_lora(fetched: Path, target: Path) -> None:
         staged.unlink(missing_ok=True)
 
 
+def lora_origin_problem(layout: WeightsLayout, origin: str | None) -> str | None:
+    """Why the Lassie LoRA could not be had from `origin`, found before 60 GB of FLUX are fetched for nothing."""
+    if not origin:
+        if layout.lassie_lora.is_file():
+            return None
+        return (f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training "
+                "output (a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
+    if Path(origin).expanduser().is_file():
+        return None
+    try:
+        url = httpx2.URL(origin)
+    except httpx2.InvalidURL:
+        return f"{LORA_URL_ENV} is not a well-formed URL"
+    if url.scheme in ("http", "https"):
+        return None if url.host else f"{LORA_URL_ENV} has no host: {public_origin(origin)}"
+    if url.scheme:
+        return f"{LORA_URL_ENV} must be an http(s) URL or a local path, not a {url.scheme}: URL"
+    return f"{LORA_URL_ENV} is neither an http(s) URL nor an existing file: {public_origin(origin)}"
+
+
 def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: ProvisionReport,
                           origin: str | None, verify: bool) -> None:
+    """Installs the LoRA from `origin` (see lora_origin_problem); no origin keeps the one in place."""
     name = manifest.name_of(layout.lassie_lora)
     if not origin:
-        if not layout.lassie_lora.is_file():
-            raise ProvisionError(f"{name} is missing: set {LORA_URL_ENV} to the Replicate training output "
-                                 "(a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
         report.kept.append(name)
         return
     source = public_origin(origin)
@@ -446,10 +507,8 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
             install_lora(partial, layout.lassie_lora)
         finally:
             partial.unlink()
-    elif Path(origin).expanduser().is_file():
-        install_lora(Path(origin).expanduser(), layout.lassie_lora)
     else:
-        raise ProvisionError(f"{LORA_URL_ENV} is neither an http(s) URL nor an existing file: {source}")
+        install_lora(Path(origin).expanduser(), layout.lassie_lora)
     size = layout.lassie_lora.stat().st_size
     report.add_fetched(name, size)
     manifest.record(layout.lassie_lora, FileRecord(source, None, size, sha256_of(layout.lassie_lora)))
@@ -464,20 +523,59 @@ def write_trigger_word(layout: WeightsLayout, word: str | None) -> None:
 # --- entry points -------------------------------------------------------------------------------
 
 
+def writing_problem(root: Path) -> str | None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            return None
+    except OSError as error:
+        return f"cannot write to the weights directory {root}: {error.strerror or error}"
+
+
+def space_problem(root: Path, plans: list[HubPlan]) -> str | None:
+    needed = sum(plan.bytes_to_fetch for plan in plans)
+    free = shutil.disk_usage(root).free
+    if needed <= free:
+        return None
+    return (f"{root} has {human_size(free)} free but the files still to fetch need {human_size(needed)}: "
+            "free some space or give another weights directory")
+
+
+def fail_on(problems: list[str | None]) -> None:
+    """All problems found at once, so one rerun can fix them all."""
+    found = [problem for problem in problems if problem]
+    if found:
+        raise ProvisionError("\n".join(found))
+
+
 def provision(weights_dir: Path, *, lora_origin: str | None = None, verify: bool = False,
               access: HubAccess | None = None) -> ProvisionReport:
     """Brings `weights_dir` to the complete layout; `verify` rehashes files the manifest vouches for.
 
     `lora_origin` defaults to $LASSIE_LORA_URL; the trigger word comes from $LASSIE_TRIGGER_WORD.
+    Nothing is downloaded until every check passed: first those needing no network (LoRA origin,
+    writable directory, a token for the gated repo), then the hub's listings (token access, sizes
+    against free space). The LoRA, small, is fetched last.
     """
     layout = WeightsLayout(Path(weights_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.load(layout.manifest)
+    origin = lora_origin or os.environ.get(LORA_URL_ENV)
     access = access or HubAccess.from_environment()
+    manifest = Manifest.load(layout.manifest)
     report = ProvisionReport()
+    pending = []
     for source in hub_sources(layout):
-        provision_hub_source(source, access, manifest, report, verify)
-    provision_lassie_lora(layout, manifest, report, lora_origin or os.environ.get(LORA_URL_ENV), verify)
+        if is_in_place(source, manifest, verify):
+            log.info("%s: all %d files in place", source.repo_id, len(manifest.files_from(source.repo_id)))
+            report.kept.extend(manifest.files_from(source.repo_id))
+        else:
+            pending.append(source)
+    fail_on([lora_origin_problem(layout, origin), writing_problem(layout.root),
+             *(token_problem(source, access) for source in pending)])
+    plans = [plan_hub_source(source, access, manifest) for source in pending]
+    fail_on([space_problem(layout.root, plans)])
+    for plan in plans:
+        fetch_hub_source(plan, access, manifest, report, verify)
+    provision_lassie_lora(layout, manifest, report, origin, verify)
     write_trigger_word(layout, os.environ.get(TRIGGER_WORD_ENV))
     layout.require_complete()
     return report

@@ -3,10 +3,14 @@
 FLUX.1-dev is gated: accept its license on huggingface.co and set HF_TOKEN. The Lassie LoRA comes
 from LASSIE_LORA_URL (the Replicate training output tar, a .safetensors URL, or a local path to
 either); LASSIE_TRIGGER_WORD, if set, is written beside it. HF_ENDPOINT selects another hub.
-Safe to run again: finished files are kept, so a second run fetches nothing and an interrupted
-one resumes.
+Everything is checked (the LoRA's origin, the token, a writable directory, free space) before
+the first byte is fetched. Safe to run again: finished files are kept, so a second run fetches
+nothing and an interrupted one resumes.
 
-Usage: python scripts/download_weights.py [WEIGHTS_DIR] [--verify]
+Runs in the project's environment (huggingface_hub, httpx2, safetensors):
+    bash scripts/setup.sh && .venv/bin/python scripts/download_weights.py [WEIGHTS_DIR] [--verify]
+or inside the Cog image (`cog run` on CLIs before the run/exec rename):
+    cog exec -e HF_TOKEN=... -e LASSIE_LORA_URL=... python scripts/download_weights.py weights
 """
 
 from __future__ import annotations
@@ -16,9 +20,18 @@ import logging
 import sys
 from pathlib import Path
 
+HOW_TO_RUN = ("this script runs in the project's environment: run `bash scripts/setup.sh`, then "
+              f"`.venv/bin/python scripts/download_weights.py {' '.join(sys.argv[1:]) or 'weights'}` "
+              "(or, in the Cog image, `cog exec python scripts/download_weights.py weights`)")
+
+if sys.version_info < (3, 11):
+    sys.exit(f"error: Python {sys.version.split()[0]} is too old (3.11 or newer needed); {HOW_TO_RUN}")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lassie.provision import ProvisionError, provision  # noqa: E402
-from lassie.weights import MissingWeightsError, default_weights_dir  # noqa: E402
+try:
+    from lassie.provision import ProvisionError, provision
+    from lassie.weights import MissingWeightsError, default_weights_dir
+except ModuleNotFoundError as missing:
+    sys.exit(f"error: {missing}; {HOW_TO_RUN}")
 
 
 def main() -> int:

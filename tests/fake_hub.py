@@ -1,6 +1,7 @@
 """A loopback stand-in for the Hugging Face hub: just what huggingface_hub's download path asks for.
 
-Plays model info with file metadata (`GET /api/models/{repo}`), file HEAD/GET
+Plays model info with file metadata (`GET /api/models/{repo}`), the token check
+(`GET /api/models/{repo}/auth-check`), file HEAD/GET
 (`/{repo}/resolve/{revision}/{path}`) with the hub's headers (ETag, X-Repo-Commit, X-Linked-Etag,
 X-Linked-Size, Content-Length), Range requests, and gated repos (401 without a token, 403 with a
 token that has no access). Plain files (a LoRA tar) are served under `/files/`. Faults can be
@@ -22,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".jpg")
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
+AUTH_CHECK = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/auth-check$")
 MODEL_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+?)(?:/revision/(?P<revision>[^/]+))?$")
 
 
@@ -58,6 +60,16 @@ class FakeRepo:
     def info(self) -> dict:
         return {"id": self.repo_id, "sha": self.commit, "private": False, "gated": "manual" if self.token else False,
                 "siblings": [self.sibling(path) for path in sorted(self.files)]}
+
+
+def gate_refusal(repo: FakeRepo, token: str | None) -> tuple[int, str, str] | None:
+    """The hub's answer to a token that may not read a gated repo (status, error code, message)."""
+    if repo.token is None or token == repo.token:
+        return None
+    if token is None:
+        return 401, "GatedRepo", (f"Access to model {repo.repo_id} is restricted. You must have access to it "
+                                  "and be authenticated to access it. Please log in.")
+    return 403, "GatedRepo", f"Access to model {repo.repo_id} is restricted and you are not in the authorized list."
 
 
 @dataclass(frozen=True)
@@ -156,7 +168,9 @@ class HubHandler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip() or None
         self.fake_hub._record(Request(self.command, path, self.headers.get("Range"), token is not None))
-        if match := MODEL_INFO.match(path):
+        if match := AUTH_CHECK.match(path):
+            self._auth_check(match["repo"], token)
+        elif match := MODEL_INFO.match(path):
             self._model_info(match["repo"], match["revision"] or "main")
         elif match := RESOLVE.match(path):
             self._repo_file(match["repo"], match["revision"], match["path"], path, token, body)
@@ -173,7 +187,10 @@ class HubHandler(BaseHTTPRequestHandler):
         if revision not in ("main", repo.commit):
             self._error(404, "RevisionNotFound", "Invalid rev id")
             return
-        payload = json.dumps(repo.info()).encode()
+        self._json(repo.info())
+
+    def _json(self, data: dict) -> None:
+        payload = json.dumps(data).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -181,18 +198,23 @@ class HubHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
+    def _auth_check(self, repo_id: str, token: str | None) -> None:
+        repo = self.fake_hub.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found")
+        elif refusal := gate_refusal(repo, token):
+            self._error(*refusal)
+        else:
+            self._json({"access": "granted"})
+
     def _repo_file(self, repo_id: str, revision: str, file: str, path: str, token: str | None, body: bool) -> None:
         repo = self.fake_hub.repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", "Repository not found")
         elif revision not in ("main", repo.commit):
             self._error(404, "RevisionNotFound", "Invalid rev id")
-        elif repo.token is not None and token is None:
-            self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
-                                          "and be authenticated to access it. Please log in.")
-        elif repo.token is not None and token != repo.token:
-            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
-                                          "authorized list.")
+        elif refusal := gate_refusal(repo, token):
+            self._error(*refusal)
         elif file not in repo.files:
             self._error(404, "EntryNotFound", f"{file} does not exist on {revision}")
         else:

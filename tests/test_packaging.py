@@ -24,3 +24,26 @@ def test_cog_yaml_builds_for_a_gpu_and_points_at_the_predictor():
 def test_weights_stay_out_of_the_image_except_the_manifest():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     assert "weights/*" in lines and "!weights/manifest.json" in lines
+
+
+# CUDA versions each torch release is published for. Sources: for 2.11.0 and 2.12.1, cog's own table
+# (pkg/config/torch_compatibility.json in replicate/cog), through which `cog build` resolves torch from
+# `cuda:`; for 2.13.0, which that table does not list yet, the builds seen in public indexes and lockfiles
+# (shared/spec/FACTS.md, "torch builds by CUDA version"). Neither has a 12.8 build after 2.11.
+TORCH_CUDA_BUILDS = {
+    "2.11.0": {"12.6", "12.8", "13.0"},
+    "2.12.1": {"12.6", "12.9", "13.0", "13.2"},
+    "2.13.0": {"12.6", "12.9", "13.0", "13.2"},
+}
+# The newest torch in cog's table: a CUDA version cog knows (base images, index URL) for current torch.
+COG_TABLE_NEWEST_TORCH = "2.12.1"
+
+
+def test_cog_yaml_cuda_is_one_torch_ships_and_cog_knows():
+    cuda = str(yaml.safe_load((REPO / "cog.yaml").read_text())["build"]["cuda"])
+    [torch_pin] = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("torch==")]
+    torch_version = torch_pin.removeprefix("torch==")
+    assert torch_version in TORCH_CUDA_BUILDS, f"torch {torch_version}: add its CUDA builds to TORCH_CUDA_BUILDS"
+    builds = sorted(TORCH_CUDA_BUILDS[torch_version])
+    assert cuda in builds, f"cog.yaml asks for CUDA {cuda}, but torch {torch_version} is built for {builds}"
+    assert cuda in TORCH_CUDA_BUILDS[COG_TABLE_NEWEST_TORCH], f"cog's table has no CUDA {cuda} for current torch"

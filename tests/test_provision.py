@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from conftest import REPO
 from fake_hub import FakeHub
 from lassie.provision import (
     CorruptFileError,
+    HubAccess,
     Manifest,
     ProvisionError,
     ProvisionReport,
     ensure_weights,
+    provision,
     provision_lassie_lora,
 )
 from lassie.weights import MissingWeightsError, WeightsLayout
@@ -72,7 +75,13 @@ def hub(tiny_weights: Path) -> Iterator[FakeHub]:
         yield fake
 
 
-def download(hub: FakeHub, weights: Path, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+def lora_url(hub: FakeHub) -> str:
+    return f"{hub.endpoint}/files/{LORA_ARCHIVE}?{SIGNATURE}"
+
+
+def download(hub: FakeHub, weights: Path, *args: str, token: str | None = TOKEN, lora: str | None = "",
+             python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`lora` "" is the hub's training output tar; None leaves LASSIE_LORA_URL unset."""
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("HF_", "HUGGING_FACE", "LASSIE_"))}
     env |= {
@@ -80,12 +89,13 @@ def download(hub: FakeHub, weights: Path, *args: str, token: str | None = TOKEN)
         "HF_HOME": str(weights.parent / "hf-home"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "NO_PROXY": "127.0.0.1,localhost",
-        "LASSIE_LORA_URL": f"{hub.endpoint}/files/{LORA_ARCHIVE}?{SIGNATURE}",
         "LASSIE_TRIGGER_WORD": "LSSIE",
     }
+    if lora is not None:
+        env["LASSIE_LORA_URL"] = lora or lora_url(hub)
     if token:
         env["HF_TOKEN"] = token
-    command = [sys.executable, str(REPO / "scripts" / "download_weights.py"), str(weights), *args]
+    command = [sys.executable, *python_flags, str(REPO / "scripts" / "download_weights.py"), str(weights), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -219,7 +229,7 @@ def test_manifest_shipped_without_weights_pins_each_repo_to_its_commit(hub: Fake
     shutil.copy(first / "manifest.json", fresh / "manifest.json")
     hub.clear_log()
     assert download(hub, fresh).returncode == 0
-    listings = sorted(request.path for request in hub.requests if request.path.startswith("/api/"))
+    listings = sorted(request.path for request in hub.requests if "/revision/" in request.path)
     assert listings == sorted(f"/api/models/{repo}/revision/{hub.repos[repo].commit}"
                               for repo in (DEV, SCHNELL, COMPVIS, FALCON))
     assert WeightsLayout(fresh).missing() == []
@@ -241,6 +251,61 @@ def test_gated_repo_with_a_token_lacking_access_says_so(hub: FakeHub, tmp_path: 
     assert "has no access to it" in result.stderr
     assert f"{hub.endpoint}/{DEV}" in result.stderr
     assert other_token not in result.stdout + result.stderr
+    assert not [request for request in hub.requests if "/resolve/" in request.path]  # the token check said it
+
+
+# --- everything checked before the first byte -----------------------------------------------------
+
+
+def test_missing_lora_url_and_token_are_both_reported_before_any_request(hub: FakeHub, tmp_path: Path) -> None:
+    result = download(hub, tmp_path / "weights", token=None, lora=None)
+    assert result.returncode == 1
+    assert "LASSIE_LORA_URL is not set" in result.stderr
+    assert f"{DEV} is gated and no Hugging Face token is set" in result.stderr
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(("origin", "said"), [
+    ("ftp://example.com/trained_model.tar", "must be an http(s) URL or a local path, not a ftp: URL"),
+    (f"https:///trained_model.tar?{SIGNATURE}", "LASSIE_LORA_URL has no host: https:///trained_model.tar"),
+    (f"http://example.com:port/trained_model.tar?{SIGNATURE}", "LASSIE_LORA_URL is not a well-formed URL"),
+    ("/no/such/trained_model.tar", "neither an http(s) URL nor an existing file: /no/such/trained_model.tar"),
+])
+def test_unusable_lora_url_stops_before_any_request(hub: FakeHub, tmp_path: Path, origin: str, said: str) -> None:
+    result = download(hub, tmp_path / "weights", lora=origin)
+    assert result.returncode == 1
+    assert said in result.stderr
+    assert SIGNATURE not in result.stderr
+    assert hub.requests == []
+
+
+def test_unwritable_weights_directory_stops_before_any_request(hub: FakeHub, tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "weights"
+    not_a_directory.write_text("a file where the weights directory should be")
+    result = download(hub, not_a_directory / "inside")
+    assert result.returncode == 1
+    assert f"cannot write to the weights directory {not_a_directory / 'inside'}" in result.stderr
+    assert hub.requests == []
+
+
+def test_too_little_disk_space_stops_before_any_download(
+        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process (the disk is faked): the hub's listings give every size, so nothing is fetched."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**12, used=10**12, free=1000))
+    with pytest.raises(ProvisionError, match=r"has 1.0 kB free but the files still to fetch need \d"):
+        provision(tmp_path / "weights", lora_origin=lora_url(hub), access=HubAccess(hub.endpoint, TOKEN))
+    assert hub.content_requests() == []
+    assert any("/api/models/" in request.path for request in hub.requests)
+
+
+def test_without_the_project_environment_the_script_says_how_to_run_it(hub: FakeHub, tmp_path: Path) -> None:
+    """`-S`: no site-packages, as with a system python that lacks the project's dependencies."""
+    result = download(hub, tmp_path / "weights", python_flags=("-S",))
+    assert result.returncode == 1
+    assert "No module named" in result.stderr
+    assert "bash scripts/setup.sh" in result.stderr
+    assert f".venv/bin/python scripts/download_weights.py {tmp_path / 'weights'}" in result.stderr
+    assert hub.requests == []
 
 
 def test_local_safetensors_lora_is_installed_and_recorded(tiny_weights: Path, tmp_path: Path) -> None:
