@@ -40,7 +40,7 @@ from lassie.quantization import (
     table_sizes,
     warm_up,
 )
-from lassie.request import Mode, Plan, Request, make_plan
+from lassie.request import Mode, Plan, Request, describe, make_plan
 from lassie.safety import SafetyFilter
 from lassie.sizes import size_from_image
 from lassie.weights import WeightsLayout, default_weights_dir
@@ -167,7 +167,7 @@ class Lassie:
         log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
         with timed("reading inputs"):
             plan, inputs = self._read_inputs(plan, request)
-        log.info("size %dx%d, %d steps, %d output(s)", *plan.size, plan.num_inference_steps, plan.num_outputs)
+        log.info("%s", describe(plan))
         with timed("applying LoRAs"):
             key, transformer = self._transformer_for(plan.model, plan.go_fast)
             self._activate_loras(plan, key)
@@ -187,7 +187,7 @@ class Lassie:
         image = image_io.load_rgb(Path(request.image), field="image")
         size = size_from_image(*image.size)
         mask = image_io.load_mask(Path(request.mask), size) if plan.mode is Mode.INPAINT else None
-        return replace(plan, size=size), Inputs(image=image_io.resized(image, size), mask=mask)
+        return replace(plan, size=size, input_size=image.size), Inputs(image=image_io.resized(image, size), mask=mask)
 
     def _log_precision(self, plan: Plan) -> None:
         self._precision_log.ran(plan.model, plan.go_fast, self._fast.plan, self._device.dtype)
