@@ -46,5 +46,9 @@ def pipeline_arguments(plan: Plan, inputs: Inputs) -> dict:
 
 
 def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs) -> list[Image.Image]:
+    """prompt_strength 0 destroys none of the input image (the schema's 1.0 destroys all of it) and
+    runs no step, which diffusers refuses: each output is then the input image at the output size."""
+    if plan.mode is not Mode.TXT2IMG and plan.steps_run == 0:
+        return [inputs.image.copy() for _ in range(plan.num_outputs)]
     with torch.inference_mode():
         return pipeline(**pipeline_arguments(plan, inputs)).images

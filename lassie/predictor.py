@@ -32,7 +32,7 @@ from lassie.quantization import (
     query_device,
     requested_mode,
 )
-from lassie.request import Mode, Plan, Request, make_plan
+from lassie.request import Mode, Plan, Request, describe, make_plan
 from lassie.safety import SafetyFilter
 from lassie.sizes import size_from_image
 from lassie.variants import TransformerVariants
@@ -87,7 +87,7 @@ class Lassie:
         log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
         with timed("reading inputs"):
             plan, inputs = self._read_inputs(plan, request)
-        log.info("size %dx%d, %d steps, %d output(s)", *plan.size, plan.num_inference_steps, plan.num_outputs)
+        log.info("%s", describe(plan))
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
             extra = None
@@ -111,7 +111,7 @@ class Lassie:
         image = image_io.load_rgb(Path(request.image), field="image")
         size = size_from_image(*image.size)
         mask = image_io.load_mask(Path(request.mask), size) if plan.mode is Mode.INPAINT else None
-        return replace(plan, size=size), Inputs(image=image_io.resized(image, size), mask=mask)
+        return replace(plan, size=size, input_size=image.size), Inputs(image=image_io.resized(image, size), mask=mask)
 
     def _log_precision(self, plan: Plan) -> None:
         self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast, self._device.dtype)

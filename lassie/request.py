@@ -9,7 +9,7 @@ library use (tests, benchmarks, `cog predict` on old CLIs) just as safe.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -23,6 +23,7 @@ T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 GO_FAST_LORA_MULTIPLIER = 1.5
 SEED_BITS = 32
 MAX_SEED = 2**64 - 1
+INTEGER_FIELDS = ("height", "width", "num_outputs", "num_inference_steps", "seed", "output_quality")
 
 
 class Mode(str, Enum):
@@ -78,11 +79,44 @@ class Plan:
     output_quality: int
     safety_checker: bool
     size: tuple[int, int] | None
+    input_size: tuple[int, int] | None = None
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps that really run: img2img and inpainting skip part of the schedule."""
+        if self.mode is Mode.TXT2IMG:
+            return self.num_inference_steps
+        return denoising_steps(self.num_inference_steps, self.strength)
+
+
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """Steps diffusers' FLUX img2img and inpainting pipelines run for `strength` (their `get_timesteps`).
+
+    They skip the first int(n - n * strength) of n steps, so every strength above 0 runs at least
+    one step (about n * strength, rounded up); only 0 (or a strength too small to move n - n * strength
+    off n in floating point) runs none, and then the input image comes back unchanged.
+    """
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    return num_inference_steps - int(max(num_inference_steps - init_timestep, 0))
+
+
+def describe(plan: Plan) -> str:
+    """The log line saying what runs: size, the steps that really run, and for image inputs the
+    input image's size and `prompt_strength`."""
+    width, height = plan.size
+    outputs = f"{plan.num_outputs} output(s)"
+    if plan.mode is Mode.TXT2IMG:
+        return f"size {width}x{height}, {plan.steps_run} steps, {outputs}"
+    source = "x".join(map(str, plan.input_size))
+    unchanged = " (the input image comes back unchanged)" if plan.steps_run == 0 else ""
+    return (f"{plan.mode.value} from a {source} input image: size {width}x{height}, prompt_strength "
+            f"{plan.strength} runs {plan.steps_run} of {plan.num_inference_steps} steps{unchanged}, {outputs}")
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:
+    """Numbers print as given, so integer bounds are exact (2**64 - 1, not 1.84467e+19)."""
     if not low <= value <= high:
-        raise InputError(field, f"must be between {low:g} and {high:g}, got {value:g}")
+        raise InputError(field, f"must be between {low} and {high}, got {value}")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -117,6 +151,19 @@ def validate(request: Request) -> None:
         raise InputError("extra_lora", "is empty; leave it out to run without an extra LoRA")
 
 
+def whole_numbers(request: Request) -> Request:
+    """Integer fields as ints. JSON Schema counts 2.0 as an integer and so does the Cog server,
+    which hands the float on (and integers beyond 64 bits too); torch, diffusers and Pillow want ints."""
+    changes = {}
+    for field in INTEGER_FIELDS:
+        value = getattr(request, field)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise InputError(field, f"must be a whole number, got {value}")
+            changes[field] = int(value)
+    return replace(request, **changes)
+
+
 def mode_of(request: Request) -> Mode:
     if request.image is None:
         return Mode.TXT2IMG
@@ -148,6 +195,7 @@ def random_seed() -> int:
 def make_plan(request: Request) -> Plan:
     """Validate and decide. Image sizes are known only after decoding, so they stay None here."""
     validate(request)
+    request = whole_numbers(request)
     mode = mode_of(request)
     fast = go_fast_applies(request)
     lora_scale, extra_scale = effective_lora_scales(request.lora_scale, request.extra_lora_scale, fast)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,9 +16,11 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from lassie.request import Request
+from lassie.request import Request, denoising_steps
 
 STEPS = 2
 SIZE = {"megapixels": "0.25"}
@@ -190,3 +193,45 @@ def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_
     else:
         assert len(lassie.predict(Request(**request))) == kept
     assert len(lassie.predict(Request(**request, disable_safety_checker=True))) == 3
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(steps=st.integers(1, 50), strength=st.floats(0, 1))
+def test_steps_run_are_what_diffusers_get_timesteps_runs(steps, strength):
+    for pipeline_class in (FluxImg2ImgPipeline, FluxInpaintPipeline):
+        scheduler = FlowMatchEulerDiscreteScheduler()
+        scheduler.set_timesteps(steps)
+        _, runs = pipeline_class.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
+        assert denoising_steps(steps, strength) == runs
+
+
+@pytest.fixture
+def transformer_calls(predictor):
+    """Counts forward calls of the dev transformer: one per denoising step and output batch."""
+    calls = []
+    handle = predictor.models.transformers["dev"].register_forward_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_img2img_logs_and_runs_the_steps_that_strength_leaves(predictor, photo, mask, transformer_calls, caplog,
+                                                              with_mask):
+    inputs = {"image": photo, "mask": mask} if with_mask else {"image": photo}
+    with caplog.at_level(logging.INFO, logger="lassie"):
+        run(predictor, **inputs, num_inference_steps=8, prompt_strength=0.8)
+    mode = "inpaint" if with_mask else "img2img"
+    assert f"{mode} from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 7 of 8 steps" in caplog.text
+    assert len(transformer_calls) == 7
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("strength", [0, 1e-20])
+def test_prompt_strength_zero_gives_the_input_image_back(predictor, photo, mask, transformer_calls, caplog, with_mask,
+                                                         strength):
+    inputs = {"image": photo, "mask": mask} if with_mask else {"image": photo}
+    with caplog.at_level(logging.INFO, logger="lassie"):
+        outputs = run(predictor, **inputs, prompt_strength=strength, num_outputs=2)
+    expected = np.asarray(Image.open(photo).convert("RGB").resize((608, 400), Image.Resampling.LANCZOS))
+    assert len(outputs) == 2 and all(np.array_equal(output, expected) for output in outputs)
+    assert transformer_calls == [] and "runs 0 of 2 steps (the input image comes back unchanged)" in caplog.text

@@ -1,9 +1,10 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lassie.errors import InputError
-from lassie.request import Mode, Request, make_plan, random_seed
+from lassie.request import Mode, Request, describe, make_plan, random_seed
 
 
 def plan(**fields):
@@ -70,3 +71,59 @@ def test_bad_values_name_their_field(field, value):
 def test_custom_without_width_names_width():
     with pytest.raises(InputError, match="^width: is required when aspect_ratio is custom"):
         plan(aspect_ratio="custom", height=512)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seed", 2**64 + 5, "seed: must be between 0 and 18446744073709551615, got 18446744073709551621"),
+    ("seed", -(2**70), "seed: must be between 0 and 18446744073709551615, got -1180591620717411303424"),
+    ("width", 10**7, "width: must be between 256 and 1440, got 10000000"),
+    ("num_outputs", 1234567, "num_outputs: must be between 1 and 4, got 1234567"),
+    ("guidance_scale", 10.25, "guidance_scale: must be between 0 and 10, got 10.25"),
+    ("prompt_strength", 1.0000001, "prompt_strength: must be between 0 and 1, got 1.0000001"),
+])
+def test_errors_print_bounds_and_values_exactly(field, value, message):
+    with pytest.raises(InputError) as error:
+        plan(**{field: value})
+    assert str(error.value) == message
+
+
+def test_the_largest_seed_is_a_seed():
+    assert plan(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_whole_floats_in_integer_fields_become_ints():
+    """The Cog server passes 2.0 on as a float (JSON Schema counts it as an integer)."""
+    p = plan(num_outputs=2.0, num_inference_steps=3.0, seed=5.0, output_quality=50.0,
+             aspect_ratio="custom", width=300.0, height=512.0)
+    values = (p.num_outputs, p.num_inference_steps, p.seed, p.output_quality, *p.size)
+    assert values == (2, 3, 5, 50, 304, 512) and all(type(value) is int for value in values)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("num_outputs", 2.5), ("num_inference_steps", 2.5), ("seed", 2.5), ("output_quality", 2.5), ("width", 300.5),
+])
+def test_fractional_integer_fields_name_their_field(field, value):
+    with pytest.raises(InputError, match=f"^{field}: must be a whole number, got {value}$"):
+        plan(**{field: value})
+
+
+@pytest.mark.parametrize(("steps", "strength", "expected"), [
+    (8, 0.8, 7), (28, 0.8, 23), (4, 0.8, 4), (50, 0.01, 1), (1, 1.0, 1), (50, 1.0, 50), (28, 0.0, 0), (1, 1e-20, 0),
+])
+def test_steps_run_follow_diffusers_strength_rounding(steps, strength, expected):
+    p = plan(image=Path("x.png"), num_inference_steps=steps, prompt_strength=strength)
+    assert p.steps_run == expected
+
+
+def test_txt2img_runs_every_step_whatever_the_strength():
+    assert plan(num_inference_steps=8, prompt_strength=0.0).steps_run == 8
+
+
+def test_the_log_line_names_strength_input_size_and_steps_that_run():
+    p = replace(plan(image=Path("x.png"), num_inference_steps=8), size=(608, 400), input_size=(600, 400))
+    assert describe(p) == ("img2img from a 600x400 input image: size 608x400, "
+                           "prompt_strength 0.8 runs 7 of 8 steps, 1 output(s)")
+    unchanged = replace(p, strength=0.0, mode=Mode.INPAINT)
+    assert describe(unchanged) == ("inpaint from a 600x400 input image: size 608x400, prompt_strength 0.0 runs "
+                                   "0 of 8 steps (the input image comes back unchanged), 1 output(s)")
+    assert describe(plan(megapixels="0.25", num_inference_steps=3)) == "size 512x512, 3 steps, 1 output(s)"
