@@ -8,7 +8,7 @@ schedulers keep per-call state (begin index, step index) that must not leak betw
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import (
@@ -20,6 +20,7 @@ from diffusers import (
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
+from lassie.prompts import PromptCache
 from lassie.request import Mode
 from lassie.weights import WeightsLayout
 
@@ -47,11 +48,13 @@ class Device:
 
 @dataclass
 class FluxModels:
-    """The loaded modules. `transformers` maps model name -> transformer (dev, schnell)."""
+    """The loaded modules. `transformers` maps model name -> transformer (dev, schnell); `prompts`
+    caches embeddings of the shared text encoders."""
 
     base: FluxPipeline
     transformers: dict[str, FluxTransformer2DModel]
     schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
+    prompts: PromptCache = field(default_factory=PromptCache)
 
     @property
     def text_encoder(self) -> torch.nn.Module:

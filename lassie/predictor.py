@@ -148,7 +148,8 @@ class Lassie:
         else:
             self.adapters.activate(key, {LASSIE_ADAPTER: 1.0})
         plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0, num_outputs=outputs))
-        generate(self.models.pipeline(model, Mode.TXT2IMG, transformer), replace(plan, size=(width, height)), Inputs())
+        generate(self.models.pipeline(model, Mode.TXT2IMG, transformer), replace(plan, size=(width, height)), Inputs(),
+                 self.models.prompts)
 
     def _transformer_for(self, model: str, go_fast: bool) -> tuple[str, torch.nn.Module]:
         """The bf16 transformer, or under go_fast the quantized copy this hardware runs (built on demand)."""
@@ -174,7 +175,7 @@ class Lassie:
         self._log_precision(plan)
         with timed("generating"):
             pipeline = self.models.pipeline(plan.model, plan.mode, transformer)
-            results = generate(pipeline, plan, inputs)
+            results = generate(pipeline, plan, inputs, self.models.prompts)
         if plan.safety_checker:
             with timed("safety checking"):
                 results = self.safety.filter(results).kept
