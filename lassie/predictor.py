@@ -21,7 +21,7 @@ from lassie.adapters import SLOT_RANK, SLOT_RANK_ENV, SLOT_RANK_TIGHT_MEMORY, Lo
 from lassie.encoding import save_images
 from lassie.generate import Inputs, generate
 from lassie.lora_cache import LoraCache, lora_cache_dir
-from lassie.models import Device, FluxModels, load_models
+from lassie.models import Device, FluxModels, load_models, prepare_for_speed
 from lassie.provision import ensure_weights
 from lassie.quantization import (
     COMPILE_ENV,
@@ -96,6 +96,7 @@ class Lassie:
             configure_compile_cache(self.layout.root)
         with timed("loading models"):
             self.models = load_models(self.layout, self._device)
+            prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, self._device.torch_device, self._device.dtype)
         with timed("loading the Lassie LoRA"):
