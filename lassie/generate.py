@@ -8,6 +8,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
+from lassie.prompts import PromptCache, PromptEmbeddings, encode_prompt
 from lassie.request import Mode, Plan
 
 
@@ -45,10 +46,27 @@ def pipeline_arguments(plan: Plan, inputs: Inputs) -> dict:
     return arguments
 
 
-def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs) -> list[Image.Image]:
-    """prompt_strength 0 destroys none of the input image (the schema's 1.0 destroys all of it) and
+def encoded_arguments(plan: Plan, inputs: Inputs, embeddings: PromptEmbeddings) -> dict:
+    """`pipeline_arguments` with the prompt already encoded: the same call, the same images.
+
+    One prompt for N images becomes N copies of its embeddings and one image each, which is
+    exactly how diffusers batches `num_images_per_prompt` (same latents shape, same noise).
+    """
+    arguments = pipeline_arguments(plan, inputs)
+    del arguments["prompt"]
+    arguments.update(embeddings.for_outputs(plan.num_outputs), num_images_per_prompt=1)
+    return arguments
+
+
+def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs,
+             prompts: PromptCache | None = None) -> list[Image.Image]:
+    """Encode the prompt (from `prompts`, the cache, when given), then run the pipeline on it.
+
+    prompt_strength 0 destroys none of the input image (the schema's 1.0 destroys all of it) and
     runs no step, which diffusers refuses: each output is then the input image at the output size."""
     if plan.mode is not Mode.TXT2IMG and plan.steps_run == 0:
         return [inputs.image.copy() for _ in range(plan.num_outputs)]
     with torch.inference_mode():
-        return pipeline(**pipeline_arguments(plan, inputs)).images
+        encode = prompts.encode if prompts is not None else encode_prompt
+        embeddings = encode(pipeline, plan.prompt, plan.max_sequence_length)
+        return pipeline(**encoded_arguments(plan, inputs, embeddings)).images

@@ -18,7 +18,7 @@ from lassie.encoding import save_images
 from lassie.generate import Inputs, generate
 from lassie.lora_cache import LoraCache, lora_cache_dir
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory
-from lassie.models import Device, FluxModels, load_models
+from lassie.models import Device, FluxModels, load_models, prepare_for_speed
 from lassie.provision import ensure_weights
 from lassie.quantization import (
     COMPILE_BACKEND_ENV,
@@ -74,6 +74,7 @@ class Lassie:
             configure_compile_cache(self.layout.root)
         with timed("loading models"):
             self.models = load_models(self.layout, self._device, vae_slicing=memory.vae_slicing)
+            prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, self._device.torch_device, self._device.dtype)
         self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
@@ -97,8 +98,8 @@ class Lassie:
             transformer = self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
         self._log_precision(plan)
         with timed("generating"):
-            results = self.variants.run(
-                lambda: generate(self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs))
+            results = self.variants.run(lambda: generate(self.models.pipeline(plan.model, plan.mode, transformer),
+                                                         plan, inputs, self.models.prompts))
         if plan.safety_checker:
             with timed("safety checking"):
                 results = self.safety.filter(results).kept
