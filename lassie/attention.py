@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
-from lassie.log_filters import dropping
+from lassie.quiet import dropping
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def use_attention(transformers: Iterable[torch.nn.Module], choice: AttentionChoi
 
 
 def _set_backend(transformers: list[torch.nn.Module], backend: str) -> None:
-    with dropping("diffusers.models.modeling_utils", EXPERIMENTAL_WARNING):
+    with dropping({"diffusers.models.modeling_utils": (EXPERIMENTAL_WARNING,)}):
         for transformer in transformers:
             transformer.set_attention_backend(backend)
 

@@ -19,7 +19,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from peft.tuners.lora import LoraLayer
 
-from lassie.log_filters import dropping_all
+from lassie.quiet import dropping
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def encode_prompt(pipeline: DiffusionPipeline, prompt: str, max_sequence_length:
     FLUX pipeline module has its own copy of the encoding code) and transformers' tokenizers.
     """
     tokens = count_tokens(pipeline, prompt, max_sequence_length)
-    with dropping_all({type(pipeline).__module__: (TRUNCATION_WARNING,), TOKENIZER_LOGGER: (TOO_LONG_WARNING,)}):
+    with dropping({type(pipeline).__module__: (TRUNCATION_WARNING,), TOKENIZER_LOGGER: (TOO_LONG_WARNING,)}):
         prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
             prompt=prompt, prompt_2=None, max_sequence_length=max_sequence_length)
     log.info("prompt: %s", tokens.describe())

@@ -4,7 +4,7 @@ A warning in the log should mean something. Each entry names where the message c
 logger, or its warning category and module) and its whole text, and says why it is harmless;
 anything else those libraries say, and every other warning, still shows. `silence_known_noise()`
 runs before torch, torchao, diffusers and transformers are imported (most of these are printed
-then), once per process: predict.py calls it first.
+then), once per process: predict.py calls it first. `dropping` does the same for one call.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -77,7 +79,7 @@ KNOWN_WARNINGS = (
 
 
 class KnownLinesFilter(logging.Filter):
-    """Drops the records of one logger whose message is one of the known texts."""
+    """Drops the records of one logger whose message matches one of the patterns from its start."""
 
     def __init__(self, texts: list[str]) -> None:
         super().__init__()
@@ -85,7 +87,24 @@ class KnownLinesFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(pattern.fullmatch(message) for pattern in self.patterns)
+        return not any(pattern.match(message) for pattern in self.patterns)
+
+
+@contextmanager
+def dropping(openings: dict[str, tuple[str, ...]]) -> Iterator[None]:
+    """While the block runs, each logger's records that start with one of its texts are dropped.
+
+    For library warnings that are right in general but that a call of ours answers with a line of
+    its own (prompt truncation: lassie logs how many tokens were kept); scoped to that call.
+    """
+    filters = {name: KnownLinesFilter([re.escape(text) for text in texts]) for name, texts in openings.items()}
+    for name, known in filters.items():
+        logging.getLogger(name).addFilter(known)
+    try:
+        yield
+    finally:
+        for name, known in filters.items():
+            logging.getLogger(name).removeFilter(known)
 
 
 def silence_known_noise() -> None:
@@ -93,6 +112,6 @@ def silence_known_noise() -> None:
     for name in dict.fromkeys(line.logger for line in KNOWN_LOG_LINES):
         logger = logging.getLogger(name)
         if not any(isinstance(existing, KnownLinesFilter) for existing in logger.filters):
-            logger.addFilter(KnownLinesFilter([line.text for line in KNOWN_LOG_LINES if line.logger == name]))
+            logger.addFilter(KnownLinesFilter([line.text + r"\Z" for line in KNOWN_LOG_LINES if line.logger == name]))
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.text, category=known.category, module=known.module)
