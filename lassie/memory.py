@@ -17,7 +17,7 @@ and when not even that fits, setup fails with the memory it needs: never an OOM 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -144,7 +144,7 @@ def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank:
         parts.append("VAE decodes one image at a time")
     if plan.slot_rank != asked_rank:
         parts.append(f"hot-swap slot narrowed to rank {plan.slot_rank} (LoRAs up to that rank)")
-    return MemoryPlan(**{**plan.__dict__, "reason": "memory plan: " + "; ".join(parts)})
+    return replace(plan, reason="memory plan: " + "; ".join(parts))
 
 
 def parameters(module: nn.Module) -> int:
