@@ -1,26 +1,31 @@
 """Cog adapter: the public input schema, and one call into `lassie`.
 
 `BasePredictor.predict` is understood by every cog release (0.23 logs a deprecation notice for
-these names; newer names would crash older CLIs on GPU boxes).
+these names; newer names would crash older CLIs on GPU boxes). It is async so that cog.yaml's
+`concurrency.max` can give the server two slots: a client's next request never meets the slot
+coglet has not freed yet (HTTP 409), while `SerialRunner` still runs one prediction at a time.
 """
 
 import logging
+from functools import partial
 from typing import List, Optional
 
-from cog import BasePredictor, Input, Path
+from cog import BasePredictor, CancelationException, Input, Path
 
 from lassie.predictor import Lassie
 from lassie.request import Request
+from lassie.serial import SerialRunner
 from lassie.sizes import aspect_ratios
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        self.runner = SerialRunner(interrupt=CancelationException)
         self.lassie = Lassie()
-        self.lassie.setup()
+        self.runner.run_now(self.lassie.setup)
 
-    def predict(
+    async def predict(
         self,
         prompt: str = Input(
             description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image.",
@@ -138,4 +143,5 @@ class Predictor(BasePredictor):
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
         )
-        return [Path(path) for path in self.lassie.predict(request)]
+        paths = await self.runner.run(partial(self.lassie.predict, request))
+        return [Path(path) for path in paths]
