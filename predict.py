@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from cog import BasePredictor, CancelationException, Input, Path
 
+from lassie.input_files import request_file
 from lassie.predictor import Lassie
 from lassie.request import Request
 from lassie.serial import SerialRunner
@@ -123,8 +124,8 @@ class Predictor(BasePredictor):
     ) -> List[Path]:
         request = Request(
             prompt=prompt,
-            image=image,
-            mask=mask,
+            image=request_file(image, "image"),
+            mask=request_file(mask, "mask"),
             aspect_ratio=aspect_ratio,
             height=height,
             width=width,

@@ -1,18 +1,24 @@
-"""What a busy client meets, through the real Cog HTTP server (coglet).
+"""What a busy client and a curious one meet, through the real Cog HTTP server (coglet).
 
-No 409 for a client that sends one request after another, a clear 409 beyond capacity, and
-cancellation of running and waiting predictions.
+No 409 for a client that sends one request after another, a clear 409 beyond capacity,
+cancellation of running and waiting predictions, and files from the server's own disk.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from test_server import data_uri, decode
 
 SMALLEST = {"prompt": "x", "aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1,
             "model": "schnell", "seed": 3}
@@ -93,3 +99,41 @@ def test_beyond_capacity_a_clear_409_and_cancel_stops_running_and_waiting_predic
     # coglet reports the cancel at once; what the running prediction did after it is in the server's log.
     after_start = cog_server.log_path.read_text().rsplit(LONG_STARTED, 1)[1]
     assert "generating took" not in after_start.split(body["logs"].splitlines()[0], 1)[0]
+
+
+@pytest.fixture
+def photo_on_the_server(tmp_path) -> Iterator[list[Path]]:
+    """A PNG elsewhere on disk, and one directly in the temp directory coglet downloads into."""
+    elsewhere = tmp_path / "private.png"
+    Image.new("RGB", (64, 64), "red").save(elsewhere)
+    with tempfile.NamedTemporaryFile(suffix=".png") as in_temp_dir:
+        Image.new("RGB", (64, 64), "red").save(in_temp_dir.name)
+        yield [elsewhere, Path(in_temp_dir.name)]
+
+
+@pytest.mark.parametrize("field", ["image", "mask"])
+def test_paths_on_the_servers_disk_are_refused(cog_server, photo_on_the_server, field):
+    photo = data_uri(Image.new("RGB", (64, 64), "blue"))
+    for path in photo_on_the_server:
+        inputs = {"image": str(path)} if field == "image" else {"image": photo, "mask": str(path)}
+        status, body = cog_server.predict({**SMALLEST, **inputs})
+        assert status == 200 and body["status"] == "failed", body
+        assert f"{field}: must be an http(s) URL or a data URI; paths on the server's disk are refused" in body["error"]
+        status, body = cog_server.predict({**SMALLEST, "image": photo, "mask": data_uri(Image.new("L", (64, 64), 255))})
+        assert status == 200 and body["status"] == "succeeded"
+
+
+def test_coglet_fetches_image_urls_itself_as_the_readme_security_section_says(cog_server):
+    """coglet downloads `image` before predict() runs, from any address (here 127.0.0.1, which the
+    extra-LoRA rules refuse). If a coglet release stops doing so, README's "Security" must change."""
+    from fake_services import FakeServices
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(png, format="PNG")
+    with FakeServices() as files:
+        url = files.serve("/photo.png", png.getvalue())
+        status, body = cog_server.predict({**SMALLEST, "image": url})
+        fetched = [seen.path for seen in files.seen]
+    assert status == 200 and body["status"] == "succeeded", body
+    assert decode(body["output"][0]).size == (64, 64)
+    assert fetched == ["/photo.png"]
