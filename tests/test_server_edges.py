@@ -1,13 +1,19 @@
-"""What a busy client and a curious one meet, through the real Cog HTTP server (coglet).
+"""What a newcomer and a busy client meet first, through the real Cog HTTP server (coglet).
 
-No 409 for a client that sends one request after another, a clear 409 beyond capacity,
-cancellation of running and waiting predictions, and files from the server's own disk.
+The README's own server and curl lines (run as written), the setup error without weights, no 409
+for a client that sends one request after another, a clear 409 beyond capacity, cancellation of
+running and waiting predictions, and files from the server's own disk.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,8 +24,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import REPO, load_script
 from test_server import data_uri, decode
 
+cog_server_script = load_script("cog_server")
 SMALLEST = {"prompt": "x", "aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1,
             "model": "schnell", "seed": 3}
 # Minutes on a CPU unless cancelled: dev, 50 steps, 4 outputs at the largest size.
@@ -27,6 +35,58 @@ LONG = {"prompt": "x", "aspect_ratio": "custom", "width": 1440, "height": 1440, 
         "num_inference_steps": 50, "seed": 1}
 LONG_STARTED = "size 1440x1440, 50 steps, 4 output(s)"
 WAIT_SECONDS = 300
+
+
+def readme_blocks_after(heading: str, count: int) -> list[str]:
+    """The first `count` bash blocks after a README heading, exactly as a reader copies them."""
+    text = (REPO / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    return re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)[:count]
+
+
+def test_readme_server_and_curl_lines_work_as_written_after_the_demo(tiny_weights, tmp_path):
+    """A checkout after `bash scripts/demo.sh`: the tiny weights in .tiny-weights/, no ./weights."""
+    server_lines, client_lines = readme_blocks_after("### Serve it yourself", 2)
+    assert f"COG_MAX_CONCURRENCY={cog_server_script.max_concurrency()} " in server_lines
+    port = str(cog_server_script.free_port())
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("predict.py", "lassie", ".cog", "cog.yaml"):
+        (checkout / name).symlink_to(REPO / name)
+    (checkout / ".tiny-weights").symlink_to(tiny_weights)
+    env = {key: value for key, value in os.environ.items() if key != "LASSIE_WEIGHTS_DIR"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stands in for .venv/bin
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(["bash", "-c", server_lines.replace("5000", port)], cwd=checkout, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        health = {}
+        while health.get("status") not in ("READY", "SETUP_FAILED") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            health = cog_server_script.CogServer(tiny_weights, port=int(port)).health()
+        assert health.get("status") == "READY", (tmp_path / "server.log").read_text()[-3000:]
+        client = subprocess.run(["bash", "-ec", client_lines.replace("5000", port)], cwd=checkout, env=env,
+                                capture_output=True, text=True, timeout=WAIT_SECONDS)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert client.returncode == 0, (client.stderr, (tmp_path / "server.log").read_text()[-3000:])
+    image = Image.open(checkout / "out" / "server-0.png")
+    assert (image.format, image.size) == ("PNG", (512, 512))
+
+
+def test_setup_without_weights_names_the_token_and_the_tiny_weights(tmp_path):
+    server = cog_server_script.CogServer(tmp_path / "weights", env={
+        "HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    try:
+        health = server.start()
+    finally:
+        server.stop()
+    assert health["status"] == "SETUP_FAILED"
+    logs = health["setup"]["logs"]
+    assert "HF_TOKEN=<that token>" in logs
+    assert "python scripts/make_tiny_weights.py .tiny-weights" in logs and "LASSIE_WEIGHTS_DIR=.tiny-weights" in logs
 
 
 def test_one_request_after_another_never_gets_409(cog_server):
