@@ -1,30 +1,36 @@
 """Cog adapter: the public input schema, and one call into `lassie`.
 
 `BasePredictor.predict` is understood by every cog release (0.23 logs a deprecation notice for
-these names; newer names would crash older CLIs on GPU boxes).
+these names; newer names would crash older CLIs on GPU boxes). It is async so that cog.yaml's
+`concurrency.max` can give the server two slots: a client's next request never meets the slot
+coglet has not freed yet (HTTP 409), while `SerialRunner` still runs one prediction at a time.
 """
 
 import logging
+from functools import partial
 from typing import List, Optional
 
 from lassie.quiet import silence_known_noise
 
 silence_known_noise()  # first: torch, torchao and transformers print their known noise as they are imported
 
-from cog import BasePredictor, Input, Path  # noqa: E402
+from cog import BasePredictor, CancelationException, Input, Path  # noqa: E402
 
+from lassie.input_files import request_file  # noqa: E402
 from lassie.predictor import Lassie  # noqa: E402
 from lassie.request import Request  # noqa: E402
+from lassie.serial import SerialRunner  # noqa: E402
 from lassie.sizes import aspect_ratios  # noqa: E402
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        self.runner = SerialRunner(interrupt=CancelationException)
         self.lassie = Lassie()
-        self.lassie.setup()
+        self.runner.run_now(self.lassie.setup)
 
-    def predict(
+    async def predict(
         self,
         prompt: str = Input(
             description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image.",
@@ -122,8 +128,8 @@ class Predictor(BasePredictor):
     ) -> List[Path]:
         request = Request(
             prompt=prompt,
-            image=image,
-            mask=mask,
+            image=request_file(image, "image"),
+            mask=request_file(mask, "mask"),
             aspect_ratio=aspect_ratio,
             height=height,
             width=width,
@@ -142,4 +148,5 @@ class Predictor(BasePredictor):
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
         )
-        return [Path(path) for path in self.lassie.predict(request)]
+        paths = await self.runner.run(partial(self.lassie.predict, request))
+        return [Path(path) for path in paths]

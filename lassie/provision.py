@@ -39,7 +39,7 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects, tqdm
 
 from lassie.lora_files import UnusableSafetensorsError, inspect_safetensors
-from lassie.weights import MissingWeightsError, WeightsLayout
+from lassie.weights import MissingWeightsError, WeightsLayout, tiny_weights_hint
 
 log = logging.getLogger(__name__)
 
@@ -595,8 +595,8 @@ def ensure_weights(layout: WeightsLayout) -> None:
     log.warning("weights missing (%s); fetching them", ", ".join(missing))
     try:
         log.info(provision(layout.root).summary())
-    except ProvisionError:
-        raise
+    except ProvisionError as error:
+        raise ProvisionError(f"{error}\n{tiny_weights_hint()}") from error
     except Exception as error:
         raise MissingWeightsError(f"weights directory {layout.root} is incomplete (missing: {', '.join(missing)}) "
-                                  f"and fetching them failed: {error}") from error
+                                  f"and fetching them failed: {error}\n{tiny_weights_hint()}") from error

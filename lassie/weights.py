@@ -13,6 +13,8 @@ from pathlib import Path
 
 WEIGHTS_DIR_ENV = "LASSIE_WEIGHTS_DIR"
 PROVIDE_COMMAND = "python scripts/download_weights.py"
+TINY_WEIGHTS_COMMAND = "python scripts/make_tiny_weights.py"
+TINY_WEIGHTS_DIR = ".tiny-weights"
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
@@ -24,6 +26,13 @@ def default_weights_dir() -> Path:
 
 class MissingWeightsError(RuntimeError):
     """Setup cannot go on: the message names every missing file and the command that provides them."""
+
+
+def tiny_weights_hint() -> str:
+    """Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck."""
+    return (f"To run the server without the real weights, build tiny random ones (same layout; images are "
+            f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
+            f"{WEIGHTS_DIR_ENV}={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
 
 
 def _model_files_missing(directory: Path, stem: str) -> list[Path]:
@@ -118,6 +127,6 @@ class WeightsLayout:
         if missing:
             raise MissingWeightsError(
                 f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
-                f"Provide them with `{PROVIDE_COMMAND} {self.root}` "
-                f"(or `python scripts/make_tiny_weights.py {self.root}` for tiny test weights)."
+                f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: HF_TOKEN). "
+                f"{tiny_weights_hint()}"
             )

@@ -15,10 +15,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lassie.weights import WeightsLayout, default_weights_dir  # noqa: E402
+from lassie.weights import TINY_WEIGHTS_DIR, WEIGHTS_DIR_ENV, WeightsLayout, default_weights_dir  # noqa: E402
 
 log = logging.getLogger("demo")
-TINY_DIR = REPO / ".tiny-weights"
+TINY_DIR = REPO / TINY_WEIGHTS_DIR
+OUT = REPO / "out"
 
 
 def weights_to_serve() -> Path:
@@ -52,17 +53,22 @@ def main() -> None:
               "megapixels": "0.25", "output_format": "png"}
     from cog_server import CogServer  # scripts/ is on sys.path when this script runs
 
-    server = CogServer(weights)
-    log.info("starting the Cog HTTP server on %s", server.url)
+    OUT.mkdir(exist_ok=True)
+    server = CogServer(weights, log_path=OUT / "demo-server.log")
+    log.info("starting the Cog HTTP server on %s (its log: %s)", server.url, server.log_path.relative_to(REPO))
     with server:
         status, response = server.predict(inputs)
     if status != 200 or response.get("status") != "succeeded":
-        raise SystemExit(f"prediction failed ({status}): {response.get('error') or response}")
-    path = save_data_uri(response["output"][0], REPO / "out" / "demo-0.png")
+        raise SystemExit(f"prediction failed ({status}): {response.get('error') or response}; "
+                         f"the server's log is {server.log_path}")
+    path = save_data_uri(response["output"][0], OUT / "demo-0.png")
     image = Image.open(io.BytesIO(path.read_bytes()))
     log.info("POST /predictions %s -> %s", inputs, response["status"])
-    log.info("result: %s (%s, %dx%d) in %.2fs", path.relative_to(REPO), image.format, *image.size,
+    log.info("image: %s (%s, %dx%d, predicted in %.2fs)", path, image.format, *image.size,
              response.get("metrics", {}).get("predict_time", 0.0))
+    log.info("server log: %s", server.log_path)
+    log.info("to keep a server running on these weights: README.md, 'Serve it yourself', with %s=%s",
+             WEIGHTS_DIR_ENV, weights)
 
 
 if __name__ == "__main__":
