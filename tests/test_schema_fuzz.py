@@ -37,7 +37,7 @@ MANY_STEPS_MEGAPIXELS = 0.3
 FEW_STEPS = 2
 REFUSED_LORAS = ("not a lora", "   ", "http://127.0.0.1:9/x.safetensors", "file:///etc/hostname")
 SERVED_LORA = "the LoRA on the test file server"
-ERROR_FIELD = re.compile(r"^(?:Prediction failed: )*(?:[A-Za-z_.]*Error: )?(?P<field>[a-z_]+): ")
+ERROR_FIELD = re.compile(r"^(?:(?:Async )?[Pp]rediction failed: )*(?:[A-Za-z_.]*Error: )?(?P<field>[a-z_]+): ")
 IMAGE_MODES = {"PNG": ("RGB", "RGBA", "L", "P"), "WEBP": ("RGB", "RGBA", "L", "P"), "JPEG": ("RGB", "L"),
                "GIF": ("RGB", "L", "P"), "BMP": ("RGB", "L", "P")}
 DRAWN_FIRST = ("prompt", "image", "mask", "num_outputs", "num_inference_steps")
