@@ -161,3 +161,18 @@ def test_table_has_ratios_to_each_baseline_and_judges_the_targets(bench):
     assert "| h100 plan, warm compile cache | 80.0 s | 4.0 s | 10.0 s | 30.0 s | 50.0 s | <= 90 s |" in table
     assert "(cap 79.2 GiB): 70.0 GiB allocated, 75.0 GiB reserved" in table
     assert table.startswith(f"{__import__('datetime').date.today().isoformat()}, NVIDIA H200, 139.8 GiB")
+
+
+def test_cpu_benchmark_sets_the_server_beside_the_bare_call(tiny_weights):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_cpu.py"), "--weights", str(tiny_weights),
+                             "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "OMP_WAIT_POLICY PASSIVE" in out.splitlines()[0]
+    for row in ("bare diffusers FluxPipeline + encoding", "lassie predictor, in-process",
+                "lassie through the Cog HTTP server", "HTTP + coglet around predict()",
+                "worker predict() (coglet predict_time)"):
+        assert row in out, row
+    assert "x the bare call (" in out and out.count("x the bare call") == 2
+    assert out.splitlines()[-1].startswith("markdown row: | ")
