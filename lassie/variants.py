@@ -196,9 +196,9 @@ class TransformerVariants:
             log.warning("compiling failed during warm-up (%s); serving uncompiled", _one_line(error))
             return
         self._stance = "fail_on_recompile"
-        log.info("compiled (backend %s, mode %s): warm-up compiled %d graphs in %d calls, %.1fs", self._compile.backend,
-                 self._compile.mode, counters["stats"]["unique_graphs"] - graphs_before, len(runs),
-                 time.perf_counter() - started)
+        log.info("warm-up compiled %d graphs (backend %s, mode %s) with %d calls in %.1fs",
+                 counters["stats"]["unique_graphs"] - graphs_before, self._compile.backend, self._compile.mode,
+                 len(runs), time.perf_counter() - started)
 
     def _warm(self, run: WarmUpRun) -> None:
         """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""

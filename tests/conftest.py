@@ -15,6 +15,9 @@ LORA_HOST = "127.0.0.2"
 # Before huggingface_hub is imported: no telemetry or agent-registry lookups from the test session
 # (they would go to the import-time endpoint, huggingface.co, which tests never contact).
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Before torch starts OpenMP: idle threads sleep instead of spinning, so the test process and the
+# Cog servers it starts do not steal each other's two cores (same numbers, only waiting changes).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_script(name: str):

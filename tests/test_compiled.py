@@ -57,13 +57,27 @@ def warmed(tiny_weights: Path):
 
     Calls are counted on the pipeline class: a module hook would itself be guarded by the graphs.
     """
-    calls = []
+    calls, lines = [], Lines()
     pipeline_call = FluxPipeline.__call__
     before = graphs()
+    logger, level = logging.getLogger("lassie"), logging.getLogger("lassie").level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FluxPipeline, "__call__", lambda self, **arguments: calls.append(1) or pipeline_call(self, **arguments))
         lassie = set_up(tiny_weights, COMPILED | FAST_WITH_SLOT)
-    return lassie, graphs() - before, len(calls)
+    logger.removeHandler(lines)
+    logger.setLevel(level)
+    return lassie, graphs() - before, len(calls), lines.messages
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +125,18 @@ def assert_same_images(compiled: list[np.ndarray], eager: list[np.ndarray], fiel
 
 
 def test_warm_up_makes_at_most_two_calls_per_graph_and_covers_every_graph_set(warmed):
-    lassie, compiled, calls = warmed
+    lassie, compiled, calls, messages = warmed
     runs = plan_warm_up(fast_twins=True, slot=True)
     assert calls == len(runs) == 8  # bf16 and fp8, with and without the slot, batch 1 and 2
     assert compiled >= len(runs)  # each run compiles the double- and the single-block graph
     assert calls <= 2 * compiled
+    said = [line for line in messages if line.startswith("warm-up compiled")]
+    assert len(said) == 1 and said[0].startswith(f"warm-up compiled {compiled} graphs (backend aot_eager, mode default) "
+                                                  f"with 8 calls in ")
 
 
 def test_random_traffic_after_warm_up_compiles_nothing_and_equals_eager(warmed, eager, services, caplog):
-    lassie, _, _ = warmed
+    lassie = warmed[0]
     extras = [None, services.serve("/compiled/a.safetensors", tiny_lora_bytes(51)),
               services.serve("/compiled/b.safetensors", tiny_lora_bytes(52))]
     rng = random.Random(8)
