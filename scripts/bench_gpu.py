@@ -72,6 +72,9 @@ CONFIGS = REPO / "lassie" / "flux_configs"
 RANDOM_MARKER = "bench-random-weights.json"
 WEIGHTS_MARKER = "bench-weights.json"
 PROMPT = "a photo of LSSIE the dog on a beach"
+TRAFFIC_REQUESTS = 100
+TRAFFIC_REQUESTS_QUICK = 30
+TRAFFIC_REQUESTS_DRY_RUN = 4
 SEED = 1234
 H100_MEMORY = int(79.19 * GIB)  # what torch reports for an 80 GB H100
 QUICK_BUDGET_S = 360  # a device call also pays the machine's start: keep a quick run well inside 8 minutes
@@ -721,6 +724,48 @@ def measure_psnr(predictor, options: Options, sink: Sink) -> None:
         sink.write("psnr", model=model, db=float("inf") if error == 0 else 10 * float(np.log10(255.0**2 / error)))
 
 
+class Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def random_traffic(predictor, options: Options, sink: Sink, base_url: str) -> None:
+    """Requests as users send them after warm-up (scales, batches, sizes, models, go_fast, extras):
+    the graphs they add (none expected), the requests served eagerly, and the first vs the tenth."""
+    import random
+
+    from torch._dynamo.utils import counters
+
+    from lassie.request import Request
+
+    rng = random.Random(SEED)
+    warnings = Warnings()
+    logging.getLogger("lassie").addHandler(warnings)
+    graphs_before, seconds = counters["stats"]["unique_graphs"], []
+    count = TRAFFIC_REQUESTS_DRY_RUN if options.dry_run else TRAFFIC_REQUESTS_QUICK if options.quick else TRAFFIC_REQUESTS
+    megapixels = ["0.25"] if options.dry_run else ["0.25", "1"]
+    for index in range(count):
+        if options.out_of_time():
+            sink.note(f"budget reached after {index} random requests")
+            break
+        extra = rng.choice([None, "extra-a", "extra-b"])
+        request = Request(prompt=PROMPT, model=rng.choice(["dev", "schnell"]), num_inference_steps=1,
+                          aspect_ratio=rng.choice(["1:1", "16:9", "2:3", "21:9"]), megapixels=rng.choice(megapixels),
+                          num_outputs=rng.randint(1, 4), seed=rng.randrange(2**32), go_fast=rng.random() < 0.7,
+                          lora_scale=round(rng.uniform(-1, 3), 3), extra_lora_scale=round(rng.uniform(-1, 3), 3),
+                          extra_lora=f"{base_url}/{extra}.safetensors" if extra else None, disable_safety_checker=True)
+        took, _ = timed(lambda: predictor.predict(request))
+        seconds.append(took)
+    logging.getLogger("lassie").removeHandler(warnings)
+    eager = sum("needs a graph warm-up did not compile" in message for message in warnings.messages)
+    sink.write("traffic", requests=len(seconds), graphs=counters["stats"]["unique_graphs"] - graphs_before,
+               eager=eager, first=seconds[0] if seconds else None, tenth=seconds[9] if len(seconds) > 9 else None)
+
+
 def product_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
     weights = ensure_bench_weights(options)
     base_url = serve_extras(weights / "bench-extras")
@@ -728,6 +773,7 @@ def product_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
     memory_record(sink, "peak during setup")
     run_cases(predictor, chosen_cases(options), options, sink, clocks.phases, base_url)
     measure_psnr(predictor, options, sink)
+    random_traffic(predictor, options, sink, base_url)
     memory_record(sink, "peak over setup and every request")
 
 
@@ -796,7 +842,29 @@ def h100_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
             sink.write("error", case=case.name, error=f"out of memory under {H100_MEMORY / GIB:.1f} GiB: {error}"[:300])
             break
         sink.write("run", case=case.name, model=case.model, warm=False, seconds=seconds, phases={})
+    if not options.out_of_time():
+        worst_request(predictor, options, sink, serve_extras(weights / "bench-extras"))
     memory_record(sink, "h100 plan, peak over setup and requests", cap=H100_MEMORY)
+
+
+def worst_request(predictor, options: Options, sink: Sink, base_url: str) -> None:
+    """The largest request the schema allows, the one `lassie/memory.py` plans for: 4 outputs at
+    1440x1440 with an extra LoRA (1 step: memory, not time, is the point)."""
+    import torch
+
+    from lassie.request import Request
+
+    side = 512 if options.dry_run else 1440
+    request = Request(prompt=PROMPT, model="dev", aspect_ratio="custom", width=side, height=side, num_outputs=4,
+                      num_inference_steps=1, seed=SEED, extra_lora=f"{base_url}/extra-a.safetensors",
+                      disable_safety_checker=True)
+    name = f"worst request: dev, 4 x {side}x{side}, extra LoRA, 1 step"
+    try:
+        seconds, _ = timed(lambda: predictor.predict(request))
+    except torch.OutOfMemoryError as error:
+        sink.write("error", case=name, error=f"out of memory under {H100_MEMORY / GIB:.1f} GiB: {error}"[:300])
+        return
+    sink.write("run", case=name, model="dev", warm=False, seconds=seconds, phases={})
 
 
 class Baselines:
@@ -1082,6 +1150,12 @@ def main_table(records: list[dict], timings: dict[str, Timings], judge: bool) ->
         if record["kind"] == "psnr":
             lines.append(f"| PSNR go_fast vs bf16 at 1.5x lora_scale, {record['model']} (random weights) | "
                          f"{record['db']:.1f} dB | | | | | | reported | | |")
+        if record["kind"] == "traffic":
+            first_tenth = (f"; first {record['first']:.2f} s, tenth {record['tenth']:.2f} s (1 step, mixed sizes)"
+                           if record["tenth"] is not None else "")
+            outcome = ("meets" if record["graphs"] == 0 and record["eager"] == 0 else "misses") if judge else ""
+            lines.append(f"| {record['requests']} random requests after warm-up: graphs compiled / served eagerly | "
+                         f"{record['graphs']} / {record['eager']}{first_tenth} | | | | | | 0 / 0 | {outcome} | |")
     return lines
 
 

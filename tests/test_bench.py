@@ -12,7 +12,9 @@ import tomllib
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_script
+from fake_services import services  # noqa: F401 (fixture)
+from safetensors.torch import save
 
 BENCH_GPU = REPO / "scripts" / "bench_gpu.py"
 
@@ -132,6 +134,27 @@ def test_dry_run_psnr_shows_go_fast_is_bf16_at_one_and_a_half_times_the_scale_on
     """On CPU go_fast runs the same weights, with the LoRA at 1.5x: identical images."""
     _, records, _ = dry_run
     assert [record["db"] for record in records if record["kind"] == "psnr"] == [float("inf")]
+
+
+def test_dry_run_sends_random_traffic_and_reports_what_it_compiled(bench, dry_run):
+    """On CPU nothing is compiled, so no request adds a graph or runs eagerly; on a GPU the same
+    row is the check that warm-up covered what users send."""
+    _, records, table = dry_run
+    (traffic,) = [record for record in records if record["kind"] == "traffic"]
+    assert (traffic["requests"], traffic["graphs"], traffic["eager"]) == (bench.TRAFFIC_REQUESTS_DRY_RUN, 0, 0)
+    assert f"| {bench.TRAFFIC_REQUESTS_DRY_RUN} random requests after warm-up: graphs compiled / served eagerly | 0 / 0" in table
+
+
+def test_the_worst_request_runs_four_outputs_with_an_extra_lora(bench, predictor, services, tmp_path):
+    """The h100 section's last request (it needs CUDA, so the dry run skips it): run here on the
+    session's predictor at the dry run's size."""
+    builder = load_script("make_tiny_weights")
+    lora = builder.lassie_lora_state_dict(builder.tiny_transformer(guidance_embeds=True, seed=0), seed=61)
+    url = services.serve("/worst/extra-a.safetensors", save(lora))
+    options = bench.Options(quick=True, dry_run=True, repeats=1, work=tmp_path, deadline=None)
+    bench.worst_request(predictor, options, bench.Sink(tmp_path / "records.jsonl", "h100"), url.rsplit("/", 1)[0])
+    (record,) = bench.read_records(tmp_path / "records.jsonl")
+    assert record["kind"] == "run" and record["case"] == "worst request: dev, 4 x 512x512, extra LoRA, 1 step"
 
 
 def test_table_has_ratios_to_each_baseline_and_judges_the_targets(bench):
