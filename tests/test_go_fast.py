@@ -55,10 +55,16 @@ def test_custom_sizes_run_without_the_multiplier(predictor):
                           image_of(predictor, go_fast=False, lora_scale=0.4, **custom))
 
 
-def test_the_log_says_which_precision_ran_and_why(predictor, caplog):
+def test_the_log_says_which_precision_ran_and_why(tiny_weights, caplog):
+    """A fresh predictor: the reason is logged once per (model, go_fast, precision) and process."""
+    lassie = Lassie(tiny_weights)
     with caplog.at_level(logging.INFO, logger="lassie"):
-        image_of(predictor, go_fast=True, model="schnell")
-    assert "precision: float32" in caplog.text
+        lassie.setup()
+        image_of(lassie, go_fast=True, model="schnell")
+        image_of(lassie, go_fast=True, model="schnell")
+    assert caplog.text.count("precision: float32") == 2
+    why = "schnell with go_fast=true runs float32 (go_fast: no GPU here, so no fp8 matmul; running the unquantized"
+    assert caplog.text.count(why) == 1
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -361,5 +362,12 @@ def test_half_filled_directory_names_exactly_what_is_missing(
     assert str(offline.value) == str(caught.value)
 
 
-def test_complete_directory_needs_no_fetching(tiny_weights: Path) -> None:
+def test_complete_directory_needs_no_fetching(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connection is even tried, and not a file changes."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("setup tried the network although every weights file is there")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    before = {path: path.stat().st_mtime_ns for path in tiny_weights.rglob("*")}
     ensure_weights(WeightsLayout(tiny_weights))
+    assert {path: path.stat().st_mtime_ns for path in tiny_weights.rglob("*")} == before

@@ -115,7 +115,8 @@ def test_the_real_hardware_query_feeds_the_plan(monkeypatch):
     assert q.plan_go_fast(device).mode is q.FastMode.FP8_DYNAMIC
 
 
-def test_without_cuda_the_query_reports_the_cpu():
+def test_without_cuda_the_query_reports_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert q.query_device() == CPU
 
 
