@@ -149,7 +149,9 @@ def test_beyond_capacity_a_clear_409_and_cancel_stops_running_and_waiting_predic
     assert status == 409 and body["error"] == "At capacity - all prediction slots busy"
 
     webhooks.wait_for("running", lambda event: "precision:" in (event.get("logs") or ""))  # generating now
-    for prediction_id in ("running", "waiting"):
+    # The waiting one first: cancelled the other way round, the waiting prediction could start in the
+    # moment between the two cancels (it would then be interrupted too, but this checks it never ran).
+    for prediction_id in ("waiting", "running"):
         assert cog_server.post(f"/predictions/{prediction_id}/cancel", {})[0] == 200
     running, waiting = webhooks.wait_for("running", finished), webhooks.wait_for("waiting", finished)
     assert running["status"] == "canceled" and waiting["status"] == "canceled"
