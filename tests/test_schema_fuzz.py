@@ -256,7 +256,9 @@ def test_whole_floats_in_integer_fields_work_through_the_server(cog_server, prob
     still_serving(cog_server, probe_output)
 
 
-@settings(max_examples=30, deadline=None, database=None, print_blob=True,
+# derandomize: the same draws every run, so a CI run never fails by chance; search wider locally by
+# raising max_examples (250 passed on 2026-12-01).
+@settings(max_examples=30, deadline=None, database=None, derandomize=True, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(drawn=requests())
 @example(drawn=({"prompt": "", "num_outputs": 4, "num_inference_steps": 1, "megapixels": "0.25",
