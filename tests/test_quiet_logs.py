@@ -53,7 +53,10 @@ def test_startup_and_first_request_log_no_known_noise(fp8_server) -> None:
                                        "megapixels": "0.25", "output_format": "png"})
     assert (status, response.get("status")) == (200, "succeeded"), response
     setup_log = health["setup"]["logs"]
-    assert "ready; trigger word" in setup_log and "precision:" in response["logs"]  # the logs were captured
+    # The logs were captured. Not the last setup line: coglet 0.23 reports setup done on its control
+    # channel while the worker's last log lines may still be in flight, and those then reach the
+    # server's log instead of the setup log (about one start in four, with or without threads).
+    assert "go_fast plan:" in setup_log and "precision:" in response["logs"]
     assert noise_in(setup_log) == []
     assert noise_in(response["logs"]) == []
     assert noise_in(server.log_path.read_text()) == []  # everything the server and its worker printed
