@@ -1,0 +1,188 @@
+"""Every operator setting, read from the environment once, at setup.
+
+Why one place: a typo in a variable's value fails setup naming the variable and what it accepts,
+instead of surfacing in some request later; and nothing on the request path reads the
+environment, so a request behaves the same whatever the process environment does meanwhile.
+One yes/no vocabulary for every switch: 1/true/yes/on and 0/false/no/off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+GIB = 1024**3
+
+ON = ("1", "true", "yes", "on")
+OFF = ("0", "false", "no", "off")
+
+GO_FAST_MODES = ("auto", "fp8", "fp8-weight-only", "unquantized")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+DEFAULT_COMPILE_BACKEND = "inductor"
+DEFAULT_SLOT_RANK = 128
+
+DEFAULT_REPLICATE_URL = "https://replicate.com"
+DEFAULT_CIVITAI_URL = "https://civitai.com"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingError(ValueError):
+    """An operator setting has a value lassie cannot use; the message names the variable."""
+
+    def __init__(self, variable: str, accepted: str, value: str) -> None:
+        super().__init__(f"{variable} must be {accepted}, got {value!r}")
+        self.variable = variable
+
+
+class Environment:
+    """Reads of one environment mapping, each validated into the type its setting needs."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str, default: str = "") -> str:
+        return (self._environ.get(name) or "").strip() or default
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.text(name).lower()
+        if not value:
+            return default
+        if value in ON or value in OFF:
+            return value in ON
+        raise SettingError(name, f"one of {', '.join(ON + OFF)}", value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(name, default).lower()
+        if value not in choices:
+            raise SettingError(name, f"one of {', '.join(choices)}", value)
+        return value
+
+    def count(self, name: str, default: int, minimum: int = 0, what: str = "a whole number") -> int:
+        value = self.text(name)
+        if not value:
+            return default
+        if not value.isdigit() or int(value) < minimum:
+            raise SettingError(name, f"{what} of at least {minimum}", value)
+        return int(value)
+
+    def path(self, name: str) -> Path | None:
+        value = self.text(name)
+        return Path(value) if value else None
+
+    def base_url(self, name: str, default: str) -> str:
+        value = self.text(name, default).rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingError(name, f"an http(s) address such as {default}", value)
+        return value
+
+    def networks(self, name: str) -> tuple[bool, tuple[IPNetwork, ...]]:
+        """(every address allowed, the networks allowed): a switch, or a comma-separated list."""
+        value = self.text(name)
+        if not value or value.lower() in OFF:
+            return False, ()
+        if value.lower() in ON:
+            return True, ()
+        try:
+            return False, tuple(ipaddress.ip_network(item.strip(), strict=False) for item in value.split(","))
+        except ValueError:
+            raise SettingError(name, "1 or a comma-separated list of addresses/networks", value) from None
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """`LASSIE_COMPILE`: unset compiles on CUDA only, on/a mode name on any device, off never."""
+
+    requested: bool | None = None  # None: the hardware decides
+    mode: str = "default"
+    backend: str = DEFAULT_COMPILE_BACKEND
+    cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR, else LASSIE_COMPILE_CACHE, else beside the weights
+
+    @classmethod
+    def read(cls, env: Environment) -> CompileSettings:
+        value = env.text("LASSIE_COMPILE").lower()
+        if value and value not in ON + OFF + COMPILE_MODES:
+            raise SettingError("LASSIE_COMPILE", f"one of {', '.join(ON + OFF + COMPILE_MODES)}", value)
+        requested = None if not value else value not in OFF
+        mode = value if value in COMPILE_MODES else "default"
+        return cls(requested=requested, mode=mode, backend=env.text("LASSIE_COMPILE_BACKEND", DEFAULT_COMPILE_BACKEND),
+                   cache_dir=env.path("TORCHINDUCTOR_CACHE_DIR") or env.path("LASSIE_COMPILE_CACHE"))
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What fetching and caching extra LoRAs needs: where each service is, tokens, bounds."""
+
+    cache_dir: Path | None = None  # None: beside the weights
+    cache_bytes: int = 20 * GIB
+    min_free_bytes: int = 5 * GIB
+    max_download_bytes: int = 2 * GIB
+    allow_all_addresses: bool = False
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    replicate_url: str = DEFAULT_REPLICATE_URL
+    civitai_url: str = DEFAULT_CIVITAI_URL
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
+
+    @classmethod
+    def read(cls, env: Environment) -> LoraSettings:
+        allow_all, networks = env.networks("LASSIE_ALLOW_PRIVATE_URLS")
+        return cls(
+            cache_dir=env.path("LASSIE_LORA_CACHE"),
+            cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes, what="a number of bytes"),
+            min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes, what="a number of bytes"),
+            max_download_bytes=env.count("LASSIE_MAX_LORA_BYTES", cls.max_download_bytes, minimum=1,
+                                         what="a number of bytes"),
+            allow_all_addresses=allow_all,
+            allowed_networks=networks,
+            replicate_url=env.base_url("LASSIE_REPLICATE_URL", DEFAULT_REPLICATE_URL),
+            civitai_url=env.base_url("LASSIE_CIVITAI_URL", DEFAULT_CIVITAI_URL),
+            hf_endpoint=env.base_url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
+            tokens={name: env.text(name) for name in TOKEN_VARIABLES if env.text(name)},
+        )
+
+
+@dataclass(frozen=True)
+class ProvisionSettings:
+    """Where missing weights come from when setup fetches them."""
+
+    lora_url: str | None = None  # LASSIE_LORA_URL: the trained Lassie LoRA (an operator-trusted address)
+    trigger_word: str | None = None  # LASSIE_TRIGGER_WORD
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    offline: bool = False  # HF_HUB_OFFLINE: never fetch, only check
+
+    @classmethod
+    def read(cls, env: Environment) -> ProvisionSettings:
+        return cls(lora_url=env.text("LASSIE_LORA_URL") or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
+                   hf_endpoint=env.base_url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
+                   offline=env.flag("HF_HUB_OFFLINE", default=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    weights_dir: Path = Path("weights")
+    go_fast_mode: str = "auto"  # one of GO_FAST_MODES; auto lets the hardware decide
+    compile: CompileSettings = CompileSettings()
+    slot_rank: int | None = None  # LASSIE_LORA_SLOT_RANK: None lets compiling decide, 0 is no slot
+    lora: LoraSettings = LoraSettings()
+    provision: ProvisionSettings = ProvisionSettings()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = Environment(os.environ if environ is None else environ)
+        slot_rank = env.text("LASSIE_LORA_SLOT_RANK")
+        return cls(
+            weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
+            go_fast_mode=env.choice("LASSIE_GO_FAST_MODE", GO_FAST_MODES, "auto"),
+            compile=CompileSettings.read(env),
+            slot_rank=env.count("LASSIE_LORA_SLOT_RANK", 0, what="a rank (0 turns the slot off)") if slot_rank else None,
+            lora=LoraSettings.read(env),
+            provision=ProvisionSettings.read(env),
+        )
