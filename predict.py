@@ -16,6 +16,7 @@ silence_known_noise()  # first: torch, torchao and transformers print their know
 
 from cog import BasePredictor, CancelationException, Input, Path  # noqa: E402
 
+from lassie.bounds import BOUNDS, CHOICES  # noqa: E402
 from lassie.input_files import request_file  # noqa: E402
 from lassie.predictor import Lassie  # noqa: E402
 from lassie.request import Request  # noqa: E402
@@ -50,50 +51,55 @@ class Predictor(BasePredictor):
         ),
         height: Optional[int] = Input(
             description="Height of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
-            ge=256,
-            le=1440,
+            ge=BOUNDS["height"].low,
+            le=BOUNDS["height"].high,
             default=None,
         ),
         width: Optional[int] = Input(
             description="Width of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
-            ge=256,
-            le=1440,
+            ge=BOUNDS["width"].low,
+            le=BOUNDS["width"].high,
             default=None,
         ),
         prompt_strength: float = Input(
             description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image",
-            ge=0.0,
-            le=1.0,
+            ge=BOUNDS["prompt_strength"].low,
+            le=BOUNDS["prompt_strength"].high,
             default=0.8,
         ),
         model: str = Input(
             description="Which model to run inference with. The dev model performs best with around 28 inference steps but the schnell model only needs 4 steps.",
-            choices=["dev", "schnell"],
+            choices=list(CHOICES["model"]),
             default="dev",
         ),
-        num_outputs: int = Input(description="Number of outputs to generate", ge=1, le=4, default=1),
+        num_outputs: int = Input(
+            description="Number of outputs to generate",
+            ge=BOUNDS["num_outputs"].low,
+            le=BOUNDS["num_outputs"].high,
+            default=1,
+        ),
         num_inference_steps: int = Input(
             description="Number of denoising steps. More steps can give more detailed images, but take longer.",
-            ge=1,
-            le=50,
+            ge=BOUNDS["num_inference_steps"].low,
+            le=BOUNDS["num_inference_steps"].high,
             default=28,
         ),
         guidance_scale: float = Input(
             description="Guidance scale for the diffusion process. Lower values can give more realistic images. Good values to try are 2, 2.5, 3 and 3.5",
-            ge=0,
-            le=10,
+            ge=BOUNDS["guidance_scale"].low,
+            le=BOUNDS["guidance_scale"].high,
             default=3.0,
         ),
         seed: Optional[int] = Input(description="Random seed. Set for reproducible generation", default=None),
         output_format: str = Input(
             description="Format of the output images",
-            choices=["webp", "jpg", "png"],
+            choices=list(CHOICES["output_format"]),
             default="webp",
         ),
         output_quality: int = Input(
             description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest quality. Not relevant for .png outputs",
-            ge=0,
-            le=100,
+            ge=BOUNDS["output_quality"].low,
+            le=BOUNDS["output_quality"].high,
             default=80,
         ),
         disable_safety_checker: bool = Input(
@@ -106,13 +112,13 @@ class Predictor(BasePredictor):
         ),
         megapixels: str = Input(
             description="Approximate number of megapixels for generated image",
-            choices=["1", "0.25"],
+            choices=list(CHOICES["megapixels"]),
             default="1",
         ),
         lora_scale: float = Input(
             description="Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.",
-            ge=-1,
-            le=3,
+            ge=BOUNDS["lora_scale"].low,
+            le=BOUNDS["lora_scale"].high,
             default=1.0,
         ),
         extra_lora: Optional[str] = Input(
@@ -121,8 +127,8 @@ class Predictor(BasePredictor):
         ),
         extra_lora_scale: float = Input(
             description="Determines how strongly the extra LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.",
-            ge=-1,
-            le=3,
+            ge=BOUNDS["extra_lora_scale"].low,
+            le=BOUNDS["extra_lora_scale"].high,
             default=1.0,
         ),
     ) -> List[Path]:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
+from lassie.images import Inputs
 from lassie.prompts import PromptCache, PromptEmbeddings, encode_prompt
 from lassie.request import Mode, Plan
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """Decoded user images, already at the output size."""
-
-    image: Image.Image | None = None
-    mask: Image.Image | None = None
 
 
 def generator_for(seed: int) -> torch.Generator:
@@ -26,7 +17,9 @@ def generator_for(seed: int) -> torch.Generator:
 
 
 def pipeline_arguments(plan: Plan, inputs: Inputs) -> dict:
-    """The exact keyword arguments of the diffusers call, so tests can replay it on bare pipelines."""
+    """The exact keyword arguments of the diffusers call, so tests can replay it on bare pipelines.
+
+    `inputs` are at the plan's size already (`Inputs.at(plan.size)`)."""
     width, height = plan.size
     arguments = dict(
         prompt=plan.prompt,

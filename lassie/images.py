@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -60,6 +61,30 @@ def resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
-def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
-    """A greyscale mask at the output size: white is repainted, black kept."""
-    return resized(load_rgb(path, field="mask").convert("L"), size)
+def load_mask(path: Path) -> Image.Image:
+    """A greyscale mask at its own size: white is repainted, black kept."""
+    return load_rgb(path, field="mask").convert("L")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A request's decoded `image` and `mask` (neither for text-to-image): at their own sizes as
+    loaded, since the output size is planned from the image's; at the output size from `at`."""
+
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return None if self.image is None else self.image.size
+
+    def at(self, size: tuple[int, int]) -> Inputs:
+        """Both resized to the output size, as the pipelines take them."""
+        return Inputs(image=None if self.image is None else resized(self.image, size),
+                      mask=None if self.mask is None else resized(self.mask, size))
+
+
+def load_inputs(image: Path | None, mask: Path | None) -> Inputs:
+    """Decode the image, then the mask, each error naming its field."""
+    return Inputs(image=None if image is None else load_rgb(image, field="image"),
+                  mask=None if mask is None else load_mask(mask))

@@ -8,14 +8,13 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from lassie import images as image_io
 from lassie.adapters import SLOT_RANK, SLOT_RANK_ENV, slot_rank_setting
 from lassie.encoding import save_images
-from lassie.generate import Inputs, generate
+from lassie.generate import generate
+from lassie.images import load_inputs
 from lassie.lora_cache import LoraCache, lora_cache_dir
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory
 from lassie.models import Device, FluxModels, load_models, prepare_for_speed
@@ -32,9 +31,8 @@ from lassie.quantization import (
     query_device,
     requested_mode,
 )
-from lassie.request import Mode, Plan, Request, describe, make_plan
+from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
-from lassie.sizes import size_from_image
 from lassie.variants import TransformerVariants
 from lassie.weights import WeightsLayout, default_weights_dir
 
@@ -84,10 +82,13 @@ class Lassie:
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
     def predict(self, request: Request) -> list[Path]:
-        plan = make_plan(request)
-        log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
+        """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
+        request = checked(request)
         with timed("reading inputs"):
-            plan, inputs = self._read_inputs(plan, request)
+            decoded = load_inputs(request.image, request.mask)
+        plan = make_plan(request, decoded.image_size)
+        inputs = decoded.at(plan.size)
+        log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
         log.info("%s", describe(plan))
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
@@ -105,14 +106,6 @@ class Lassie:
                 results = self.safety.filter(results).kept
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
-
-    def _read_inputs(self, plan: Plan, request: Request) -> tuple[Plan, Inputs]:
-        if plan.mode is Mode.TXT2IMG:
-            return plan, Inputs()
-        image = image_io.load_rgb(Path(request.image), field="image")
-        size = size_from_image(*image.size)
-        mask = image_io.load_mask(Path(request.mask), size) if plan.mode is Mode.INPAINT else None
-        return replace(plan, size=size, input_size=image.size), Inputs(image=image_io.resized(image, size), mask=mask)
 
     def _log_precision(self, plan: Plan) -> None:
         self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast, self._device.dtype)

@@ -2,8 +2,9 @@
 
 Pure and torch-free: every decision about a prediction (mode, size, steps, seed, effective LoRA
 scales, precision) is made here, so it is testable without models and logged in one place.
-The Cog server validates bounds from the OpenAPI schema too; checking again here keeps direct
-library use (tests, benchmarks, `cog predict` on old CLIs) just as safe.
+The Cog server validates bounds from the OpenAPI schema too; checking the same table
+(`lassie.bounds`) again here keeps direct library use (tests, benchmarks, `cog predict` on old CLIs)
+just as safe.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from enum import Enum
 from pathlib import Path
 
 from lassie import sizes
+from lassie.bounds import BOUNDS, CHOICES
 from lassie.errors import InputError
 
-MODELS = ("dev", "schnell")
-OUTPUT_FORMATS = ("webp", "jpg", "png")
 SCHNELL_MAX_STEPS = 4
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 GO_FAST_LORA_MULTIPLIER = 1.5
 SEED_BITS = 32
-MAX_SEED = 2**64 - 1
+REQUIRED_NUMBERS = ("num_outputs", "num_inference_steps", "guidance_scale", "prompt_strength", "output_quality",
+                    "lora_scale", "extra_lora_scale")
+OPTIONAL_NUMBERS = ("width", "height", "seed")
 INTEGER_FIELDS = ("height", "width", "num_outputs", "num_inference_steps", "seed", "output_quality")
 
 
@@ -60,7 +62,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything a pipeline call needs, decided; sizes are filled in once images are read."""
+    """Everything a pipeline call needs, decided once: for image inputs, after the image is decoded."""
 
     mode: Mode
     model: str
@@ -78,7 +80,7 @@ class Plan:
     output_format: str
     output_quality: int
     safety_checker: bool
-    size: tuple[int, int] | None
+    size: tuple[int, int]
     input_size: tuple[int, int] | None = None
 
     @property
@@ -113,13 +115,16 @@ def describe(plan: Plan) -> str:
             f"{plan.strength} runs {plan.steps_run} of {plan.num_inference_steps} steps{unchanged}, {outputs}")
 
 
-def _check_range(field: str, value: float, low: float, high: float) -> None:
+def _check_range(field: str, value: float) -> None:
     """Numbers print as given, so integer bounds are exact (2**64 - 1, not 1.84467e+19)."""
-    if not low <= value <= high:
-        raise InputError(field, f"must be between {low} and {high}, got {value}")
+    bound = BOUNDS[field]
+    if value not in bound:
+        raise InputError(field, f"must be between {bound.low} and {bound.high}, got {value}")
 
 
-def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+def _check_choice(field: str, value: str, allowed: tuple[str, ...] | None = None) -> None:
+    """`allowed` defaults to the field's choices in the bounds table."""
+    allowed = CHOICES[field] if allowed is None else allowed
     if value not in allowed:
         raise InputError(field, f"must be one of {', '.join(allowed)}, got {value!r}")
 
@@ -128,23 +133,16 @@ def validate(request: Request) -> None:
     """Bounds and enums of the schema, each error naming its field."""
     if not isinstance(request.prompt, str):
         raise InputError("prompt", "is required and must be a string")
-    _check_choice("model", request.model, MODELS)
-    _check_choice("output_format", request.output_format, OUTPUT_FORMATS)
+    _check_choice("model", request.model)
+    _check_choice("output_format", request.output_format)
     _check_choice("aspect_ratio", request.aspect_ratio, sizes.aspect_ratios())
-    _check_choice("megapixels", request.megapixels, sizes.MEGAPIXELS)
-    _check_range("num_outputs", request.num_outputs, 1, 4)
-    _check_range("num_inference_steps", request.num_inference_steps, 1, 50)
-    _check_range("guidance_scale", request.guidance_scale, 0, 10)
-    _check_range("prompt_strength", request.prompt_strength, 0, 1)
-    _check_range("output_quality", request.output_quality, 0, 100)
-    _check_range("lora_scale", request.lora_scale, -1, 3)
-    _check_range("extra_lora_scale", request.extra_lora_scale, -1, 3)
-    for field in ("width", "height"):
-        side = getattr(request, field)
-        if side is not None:
-            _check_range(field, side, sizes.MIN_CUSTOM_SIDE, sizes.MAX_SIDE)
-    if request.seed is not None:
-        _check_range("seed", request.seed, 0, MAX_SEED)
+    _check_choice("megapixels", request.megapixels)
+    for field in REQUIRED_NUMBERS:
+        _check_range(field, getattr(request, field))
+    for field in OPTIONAL_NUMBERS:
+        value = getattr(request, field)
+        if value is not None:
+            _check_range(field, value)
     if request.mask is not None and request.image is None:
         raise InputError("mask", "inpainting needs an `image` too; give both, or neither for text-to-image")
     if request.extra_lora is not None and not request.extra_lora.strip():
@@ -192,10 +190,25 @@ def random_seed() -> int:
     return secrets.randbits(SEED_BITS)
 
 
-def make_plan(request: Request) -> Plan:
-    """Validate and decide. Image sizes are known only after decoding, so they stay None here."""
+def checked(request: Request) -> Request:
+    """Validated, integer fields as ints: every field error, and before any image is decoded."""
     validate(request)
-    request = whole_numbers(request)
+    return whole_numbers(request)
+
+
+def output_size(request: Request, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """Text-to-image sizes come from the fields; image inputs keep the decoded image's shape."""
+    if request.image is None:
+        return txt2img_size(request)
+    return sizes.size_from_image(*image_size)
+
+
+def make_plan(request: Request, image_size: tuple[int, int] | None = None) -> Plan:
+    """Validate and decide everything, once. `image_size` is the decoded input image's (width, height):
+    a path does not tell it, so image inputs are planned after decoding and text-to-image without it."""
+    request = checked(request)
+    if (image_size is None) != (request.image is None):
+        raise TypeError("make_plan takes image_size exactly when the request has an image")
     mode = mode_of(request)
     fast = go_fast_applies(request)
     lora_scale, extra_scale = effective_lora_scales(request.lora_scale, request.extra_lora_scale, fast)
@@ -218,5 +231,6 @@ def make_plan(request: Request) -> Plan:
         output_format=request.output_format,
         output_quality=request.output_quality,
         safety_checker=not request.disable_safety_checker,
-        size=txt2img_size(request) if mode is Mode.TXT2IMG else None,
+        size=output_size(request, image_size),
+        input_size=image_size,
     )

@@ -9,13 +9,12 @@ import json
 from functools import cache
 from pathlib import Path
 
+from lassie.bounds import CHOICES, SIDE
 from lassie.errors import InputError
 
 SIZE_MULTIPLE = 16
-MAX_SIDE = 1440
-MIN_CUSTOM_SIDE = 256
 CUSTOM = "custom"
-MEGAPIXELS = ("1", "0.25")
+MEGAPIXELS = CHOICES["megapixels"]
 SIZES_FILE = Path(__file__).with_name("sizes.json")
 
 
@@ -50,13 +49,13 @@ def custom_size(width: int | None, height: int | None) -> tuple[int, int]:
     sides = {"width": width, "height": height}
     for field, side in sides.items():
         if side is None:
-            raise InputError(field, f"is required when aspect_ratio is custom ({MIN_CUSTOM_SIDE}..{MAX_SIDE})")
-        if not MIN_CUSTOM_SIDE <= side <= MAX_SIDE:
-            raise InputError(field, f"must be between {MIN_CUSTOM_SIDE} and {MAX_SIDE}, got {side}")
+            raise InputError(field, f"is required when aspect_ratio is custom ({SIDE.low}..{SIDE.high})")
+        if side not in SIDE:
+            raise InputError(field, f"must be between {SIDE.low} and {SIDE.high}, got {side}")
     return round_to_multiple(width), round_to_multiple(height)
 
 
 def size_from_image(width: int, height: int) -> tuple[int, int]:
     """Keep the input image's aspect ratio, fit within 1440, then make each side a multiple of 16."""
-    scale = min(1.0, MAX_SIDE / max(width, height))
+    scale = min(1.0, SIDE.high / max(width, height))
     return round_to_multiple(width * scale), round_to_multiple(height * scale)

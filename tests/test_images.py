@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from lassie.errors import InputError
-from lassie.images import load_mask, load_rgb
+from lassie.images import Inputs, load_inputs, load_mask, load_rgb, resized
 
 
 def save(image: Image.Image, path, fmt="PNG", **options):
@@ -73,8 +73,28 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path):
 
 
 def test_masks_are_greyscale_at_the_output_size(tmp_path):
-    mask = load_mask(save(Image.new("RGB", (100, 50), "white"), tmp_path / "m.png"), (64, 32))
+    mask = resized(load_mask(save(Image.new("RGB", (100, 50), "white"), tmp_path / "m.png")), (64, 32))
     assert (mask.mode, mask.size, mask.getpixel((3, 3))) == ("L", (64, 32), 255)
     with pytest.raises(InputError, match="^mask: "):
         (tmp_path / "bad").write_bytes(b"nope")
-        load_mask(tmp_path / "bad", (64, 32))
+        load_mask(tmp_path / "bad")
+
+
+def test_inputs_decode_at_their_own_sizes_then_resize_together(tmp_path):
+    """The output size is planned from the decoded image's size, so decoding resizes nothing."""
+    inputs = load_inputs(save(Image.new("RGB", (100, 50), "red"), tmp_path / "i.png"),
+                         save(Image.new("RGB", (10, 6), "white"), tmp_path / "m.png"))
+    assert (inputs.image_size, inputs.image.mode) == ((100, 50), "RGB")
+    assert (inputs.mask.size, inputs.mask.mode) == ((10, 6), "L")
+    at = inputs.at((64, 32))
+    assert (at.image.size, at.mask.size, at.mask.getpixel((3, 3))) == ((64, 32), (64, 32), 255)
+    assert load_inputs(None, None) == Inputs() and Inputs().image_size is None
+
+
+def test_a_bad_image_is_named_before_a_bad_mask(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"nope")
+    with pytest.raises(InputError, match="^image: "):
+        load_inputs(bad, bad)
+    with pytest.raises(InputError, match="^mask: "):
+        load_inputs(save(Image.new("RGB", (8, 8)), tmp_path / "i.png"), bad)

@@ -137,6 +137,21 @@ def test_img2img_equals_diffusers_img2img(predictor, reference, photo):
     assert np.array_equal(outputs[0], expected[0])
 
 
+def test_the_plan_is_made_once_from_the_decoded_image_and_is_what_the_pipeline_runs(predictor, photo, monkeypatch):
+    """No plan is completed later: the one made from the 600x400 image reaches the pipeline call."""
+    import lassie.predictor as module
+
+    made, generated = [], []
+    make_plan, generate = module.make_plan, module.generate
+    monkeypatch.setattr(module, "make_plan", lambda *args: made.append(make_plan(*args)) or made[-1])
+    monkeypatch.setattr(module, "generate", lambda pipeline, plan, inputs, prompts: generated.append(
+        (plan, inputs)) or generate(pipeline, plan, inputs, prompts))
+    run(predictor, image=photo, prompt_strength=0.7)
+    assert [(plan.size, plan.input_size) for plan in made] == [((608, 400), (600, 400))]
+    [(plan, inputs)] = generated
+    assert plan is made[0] and inputs.image.size == plan.size
+
+
 def test_inpainting_equals_diffusers_inpaint(predictor, reference, photo, mask):
     outputs = run(predictor, image=photo, mask=mask, prompt_strength=0.9)
     image = Image.open(photo).convert("RGB").resize((608, 400), Image.Resampling.LANCZOS)

@@ -1,14 +1,19 @@
+import typing
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from lassie.bounds import BOUNDS
 from lassie.errors import InputError
-from lassie.request import Mode, Request, describe, make_plan, random_seed
+from lassie.request import Mode, Plan, Request, describe, make_plan, random_seed
+
+PHOTO = {"image": Path("x.png"), "image_size": (600, 400)}
+"""An image input as the predictor plans it: the path, and the size its decoded image has."""
 
 
-def plan(**fields):
-    return make_plan(Request(prompt="a dog", **fields))
+def plan(image_size=None, **fields):
+    return make_plan(Request(prompt="a dog", **fields), image_size)
 
 
 def test_defaults_follow_the_schema():
@@ -26,9 +31,25 @@ def test_seed_zero_is_a_seed_and_missing_seed_is_random_32_bit():
 
 
 def test_modes_follow_the_inputs():
-    assert plan(image=Path("x.png")).mode is Mode.IMG2IMG
-    assert plan(image=Path("x.png"), mask=Path("m.png")).mode is Mode.INPAINT
-    assert plan(image=Path("x.png")).size is None
+    assert plan(**PHOTO).mode is Mode.IMG2IMG
+    assert plan(**PHOTO, mask=Path("m.png")).mode is Mode.INPAINT
+
+
+def test_image_inputs_are_planned_once_from_the_decoded_image_size():
+    """The plan is complete when made: nothing fills its size in later (`Plan.size` is never None)."""
+    assert typing.get_type_hints(Plan)["size"] == tuple[int, int]
+    p = plan(image=Path("x.png"), image_size=(2880, 1440), aspect_ratio="custom", width=512, height=512)
+    assert (p.size, p.input_size) == ((1440, 720), (2880, 1440))
+    inpaint = plan(image=Path("x.png"), mask=Path("m.png"), image_size=(333, 500))
+    assert (inpaint.size, inpaint.input_size) == ((336, 496), (333, 500))
+    assert (plan(seed=1).size, plan(seed=1).input_size) == ((1024, 1024), None)
+
+
+def test_image_inputs_are_not_planned_without_their_size():
+    with pytest.raises(TypeError, match="image_size"):
+        plan(image=Path("x.png"))
+    with pytest.raises(TypeError, match="image_size"):
+        plan(image_size=(600, 400))
 
 
 def test_mask_without_image_is_a_clear_error():
@@ -53,7 +74,7 @@ def test_custom_size_runs_without_go_fast_even_when_asked():
 
 
 def test_go_fast_applies_to_image_inputs():
-    assert plan(go_fast=True, image=Path("x.png")).go_fast
+    assert plan(go_fast=True, **PHOTO).go_fast
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -66,6 +87,16 @@ def test_bad_values_name_their_field(field, value):
     with pytest.raises(InputError) as error:
         plan(**{field: value})
     assert error.value.field == field
+
+
+@pytest.mark.parametrize("field", list(BOUNDS))
+def test_every_bound_of_the_table_is_checked(field):
+    bound = BOUNDS[field]
+    for inside in (bound.low, bound.high):
+        plan(**{field: inside})
+    for outside in (bound.low - 1, bound.high + 1):
+        with pytest.raises(InputError, match=f"^{field}: must be between {bound.low} and {bound.high}, got "):
+            plan(**{field: outside})
 
 
 def test_custom_without_width_names_width():
@@ -111,7 +142,7 @@ def test_fractional_integer_fields_name_their_field(field, value):
     (8, 0.8, 7), (28, 0.8, 23), (4, 0.8, 4), (50, 0.01, 1), (1, 1.0, 1), (50, 1.0, 50), (28, 0.0, 0), (1, 1e-20, 0),
 ])
 def test_steps_run_follow_diffusers_strength_rounding(steps, strength, expected):
-    p = plan(image=Path("x.png"), num_inference_steps=steps, prompt_strength=strength)
+    p = plan(**PHOTO, num_inference_steps=steps, prompt_strength=strength)
     assert p.steps_run == expected
 
 
@@ -120,7 +151,7 @@ def test_txt2img_runs_every_step_whatever_the_strength():
 
 
 def test_the_log_line_names_strength_input_size_and_steps_that_run():
-    p = replace(plan(image=Path("x.png"), num_inference_steps=8), size=(608, 400), input_size=(600, 400))
+    p = plan(**PHOTO, num_inference_steps=8)
     assert describe(p) == ("img2img from a 600x400 input image: size 608x400, "
                            "prompt_strength 0.8 runs 7 of 8 steps, 1 output(s)")
     unchanged = replace(p, strength=0.0, mode=Mode.INPAINT)

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO, load_script
 
+from lassie.bounds import BOUNDS, CHOICES
+
 SPEC = REPO.parent / "shared" / "spec" / "replicate-model-schema.txt"
 TYPES = {"string": "string", "string (enum)": "string", "integer": "integer", "number": "number",
          "boolean": "boolean"}
@@ -80,3 +82,14 @@ def test_inputs_match_the_public_schema(committed):
             if bound in expected:
                 assert prop[bound] == expected[bound], (name, bound)
     assert schemas["Output"] == {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}
+
+
+def test_the_schema_bounds_and_choices_are_the_table(committed):
+    """predict.py's Input(...) reads lassie.bounds, the table request validation and sizes check."""
+    schemas = committed["components"]["schemas"]
+    properties = schemas["Input"]["properties"]
+    for field, bound in BOUNDS.items():
+        limits = (properties[field].get("minimum"), properties[field].get("maximum"))
+        assert limits == ((None, None) if field == "seed" else (bound.low, bound.high)), field
+    for field, options in CHOICES.items():
+        assert schemas[field]["enum"] == list(options), field
