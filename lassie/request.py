@@ -123,7 +123,7 @@ def _check_range(field: str, value: float) -> None:
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...] | None = None) -> None:
-    """`allowed` defaults to the field's choices in the bounds table."""
+    """`allowed` defaults to the field's choices in `lassie.bounds`."""
     allowed = CHOICES[field] if allowed is None else allowed
     if value not in allowed:
         raise InputError(field, f"must be one of {', '.join(allowed)}, got {value!r}")

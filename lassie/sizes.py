@@ -9,7 +9,7 @@ import json
 from functools import cache
 from pathlib import Path
 
-from lassie.bounds import CHOICES, SIDE
+from lassie.bounds import BOUNDS, CHOICES, SIDE
 from lassie.errors import InputError
 
 SIZE_MULTIPLE = 16
@@ -48,10 +48,11 @@ def custom_size(width: int | None, height: int | None) -> tuple[int, int]:
     """`aspect_ratio=custom`: both sides given, in bounds, rounded to the nearest multiple of 16."""
     sides = {"width": width, "height": height}
     for field, side in sides.items():
+        bound = BOUNDS[field]
         if side is None:
-            raise InputError(field, f"is required when aspect_ratio is custom ({SIDE.low}..{SIDE.high})")
-        if side not in SIDE:
-            raise InputError(field, f"must be between {SIDE.low} and {SIDE.high}, got {side}")
+            raise InputError(field, f"is required when aspect_ratio is custom ({bound.low}..{bound.high})")
+        if side not in bound:
+            raise InputError(field, f"must be between {bound.low} and {bound.high}, got {side}")
     return round_to_multiple(width), round_to_multiple(height)
 
 
