@@ -4,6 +4,10 @@
 these names; newer names would crash older CLIs on GPU boxes). It is async so that cog.yaml's
 `concurrency.max` can give the server two slots: a client's next request never meets the slot
 coglet has not freed yet (HTTP 409), while `SerialRunner` still runs one prediction at a time.
+
+Bounds and choices are written as literals: `cog build` makes the schema by reading this file as
+text (static schema generation), and drops a `ge`/`le` it cannot read as a number. A test checks
+that they are literals and equal `lassie.bounds`, the table request validation and sizes use.
 """
 
 import logging
@@ -16,12 +20,10 @@ silence_known_noise()  # first: torch, torchao and transformers print their know
 
 from cog import BasePredictor, CancelationException, Input, Path  # noqa: E402
 
-from lassie.bounds import BOUNDS, CHOICES  # noqa: E402
 from lassie.input_files import request_file  # noqa: E402
 from lassie.predictor import Lassie  # noqa: E402
 from lassie.request import Request  # noqa: E402
 from lassie.serial import SerialRunner  # noqa: E402
-from lassie.sizes import aspect_ratios  # noqa: E402
 
 
 class Predictor(BasePredictor):
@@ -46,60 +48,60 @@ class Predictor(BasePredictor):
         ),
         aspect_ratio: str = Input(
             description="Aspect ratio for the generated image. If custom is selected, uses height and width below & will run in bf16 mode",
-            choices=list(aspect_ratios()),
+            choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
             default="1:1",
         ),
         height: Optional[int] = Input(
             description="Height of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
-            ge=BOUNDS["height"].low,
-            le=BOUNDS["height"].high,
+            ge=256,
+            le=1440,
             default=None,
         ),
         width: Optional[int] = Input(
             description="Width of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
-            ge=BOUNDS["width"].low,
-            le=BOUNDS["width"].high,
+            ge=256,
+            le=1440,
             default=None,
         ),
         prompt_strength: float = Input(
             description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image",
-            ge=BOUNDS["prompt_strength"].low,
-            le=BOUNDS["prompt_strength"].high,
+            ge=0,
+            le=1,
             default=0.8,
         ),
         model: str = Input(
             description="Which model to run inference with. The dev model performs best with around 28 inference steps but the schnell model only needs 4 steps.",
-            choices=list(CHOICES["model"]),
+            choices=["dev", "schnell"],
             default="dev",
         ),
         num_outputs: int = Input(
             description="Number of outputs to generate",
-            ge=BOUNDS["num_outputs"].low,
-            le=BOUNDS["num_outputs"].high,
+            ge=1,
+            le=4,
             default=1,
         ),
         num_inference_steps: int = Input(
             description="Number of denoising steps. More steps can give more detailed images, but take longer.",
-            ge=BOUNDS["num_inference_steps"].low,
-            le=BOUNDS["num_inference_steps"].high,
+            ge=1,
+            le=50,
             default=28,
         ),
         guidance_scale: float = Input(
             description="Guidance scale for the diffusion process. Lower values can give more realistic images. Good values to try are 2, 2.5, 3 and 3.5",
-            ge=BOUNDS["guidance_scale"].low,
-            le=BOUNDS["guidance_scale"].high,
+            ge=0,
+            le=10,
             default=3.0,
         ),
         seed: Optional[int] = Input(description="Random seed. Set for reproducible generation", default=None),
         output_format: str = Input(
             description="Format of the output images",
-            choices=list(CHOICES["output_format"]),
+            choices=["webp", "jpg", "png"],
             default="webp",
         ),
         output_quality: int = Input(
             description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest quality. Not relevant for .png outputs",
-            ge=BOUNDS["output_quality"].low,
-            le=BOUNDS["output_quality"].high,
+            ge=0,
+            le=100,
             default=80,
         ),
         disable_safety_checker: bool = Input(
@@ -112,13 +114,13 @@ class Predictor(BasePredictor):
         ),
         megapixels: str = Input(
             description="Approximate number of megapixels for generated image",
-            choices=list(CHOICES["megapixels"]),
+            choices=["1", "0.25"],
             default="1",
         ),
         lora_scale: float = Input(
             description="Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.",
-            ge=BOUNDS["lora_scale"].low,
-            le=BOUNDS["lora_scale"].high,
+            ge=-1,
+            le=3,
             default=1.0,
         ),
         extra_lora: Optional[str] = Input(
@@ -127,8 +129,8 @@ class Predictor(BasePredictor):
         ),
         extra_lora_scale: float = Input(
             description="Determines how strongly the extra LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.",
-            ge=BOUNDS["extra_lora_scale"].low,
-            le=BOUNDS["extra_lora_scale"].high,
+            ge=-1,
+            le=3,
             default=1.0,
         ),
     ) -> List[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import REPO, load_script
 
 from lassie.bounds import BOUNDS, CHOICES
+from lassie.sizes import aspect_ratios
 
 SPEC = REPO.parent / "shared" / "spec" / "replicate-model-schema.txt"
 TYPES = {"string": "string", "string (enum)": "string", "integer": "integer", "number": "number",
@@ -93,3 +95,27 @@ def test_the_schema_bounds_and_choices_are_the_table(committed):
         assert limits == ((None, None) if field == "seed" else (bound.low, bound.high)), field
     for field, options in CHOICES.items():
         assert schemas[field]["enum"] == list(options), field
+
+
+def input_arguments() -> dict[str, dict[str, ast.expr]]:
+    """Each `Input(...)` keyword of predict.py's `predict`, as source, by field name."""
+    tree = ast.parse((REPO / "predict.py").read_text())
+    predict = next(node for node in ast.walk(tree) if isinstance(node, ast.AsyncFunctionDef) and node.name == "predict")
+    fields = [argument.arg for argument in predict.args.args[1:]]
+    return {field: {keyword.arg: keyword.value for keyword in call.keywords}
+            for field, call in zip(fields, predict.args.defaults, strict=True)}
+
+
+def test_bounds_and_choices_are_literals_that_cog_build_reads_and_equal_the_table():
+    """`cog build` reads predict.py as text: a bound or choice list that is not a literal is
+    dropped from the schema or stops the build, so each is a literal, equal to the table."""
+    arguments = input_arguments()
+    expected_choices = {**{field: list(options) for field, options in CHOICES.items()},
+                        "aspect_ratio": list(aspect_ratios())}
+    for field, keywords in arguments.items():
+        literals = {name: ast.literal_eval(value) for name, value in keywords.items() if name != "description"}
+        if field in BOUNDS and field != "seed":
+            assert (literals["ge"], literals["le"]) == (BOUNDS[field].low, BOUNDS[field].high), field
+        if field in expected_choices:
+            assert literals["choices"] == expected_choices[field], field
+    assert set(expected_choices) | set(BOUNDS) - {"seed"} <= set(arguments)
