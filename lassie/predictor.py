@@ -34,6 +34,7 @@ from lassie.quantization import (
 )
 from lassie.request import Mode, Plan, Request, describe, make_plan
 from lassie.safety import SafetyFilter
+from lassie.settings import Settings
 from lassie.sizes import size_from_image
 from lassie.variants import TransformerVariants
 from lassie.weights import WeightsLayout, default_weights_dir
@@ -59,7 +60,7 @@ class Lassie:
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
-        ensure_weights(self.layout)
+        ensure_weights(self.layout, Settings.from_env())
         hardware = query_device()
         self._device = Device.for_hardware(hardware.is_gpu)
         go_fast = plan_go_fast(hardware, requested_mode(os.environ.get(GO_FAST_MODE_ENV)))
