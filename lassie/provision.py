@@ -395,7 +395,8 @@ def install_lora(fetched: Path, target: Path, staging: Path, max_bytes: int) -> 
         try:
             extract_single_safetensors(fetched, staged, max_bytes=max_bytes, origin="it")
         except InputError as error:
-            raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but {without_field(error)}") from None
+            problem = without_field(error)
+            raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but {problem}") from None
     else:
         shutil.copyfile(fetched, staged)
     check_safetensors(staged, "the Lassie LoRA")

@@ -65,7 +65,8 @@ class FakeRepo:
         return git_blob_id(self._pointer(path).encode())
 
     def _pointer(self, path: str) -> str:
-        return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.etag(path)}\nsize {len(self.files[path])}\n"
+        oid, size = self.etag(path), len(self.files[path])
+        return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
 
     def sibling(self, path: str) -> dict:
         entry = {"rfilename": path, "size": len(self.files[path]), "blobId": self.blob_id(path)}
