@@ -33,6 +33,7 @@ from lassie.quantization import (
 )
 from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
+from lassie.settings import Settings
 from lassie.variants import TransformerVariants
 from lassie.weights import WeightsLayout, default_weights_dir
 
@@ -57,7 +58,7 @@ class Lassie:
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
-        ensure_weights(self.layout)
+        ensure_weights(self.layout, Settings.from_env())
         hardware = query_device()
         self._device = Device.for_hardware(hardware.is_gpu)
         go_fast = plan_go_fast(hardware, requested_mode(os.environ.get(GO_FAST_MODE_ENV)))

@@ -1,16 +1,15 @@
 """A loopback HTTP server that plays every place an extra LoRA comes from.
 
 One threaded server on 127.0.0.1 with a prefix per service: Replicate `_weights` tars under
-`/replicate`, the CivitAI API and downloads under `/civitai`, the Hugging Face hub endpoints that
-`hf_hub_download` and `list_repo_tree` use under `/hf` (for HF_ENDPOINT), and plain files anywhere
-else. Routes can require a bearer token, lie about their length, stall, or redirect. Every request
+`/replicate`, the CivitAI API and downloads under `/civitai`, the Hugging Face hub under `/hf` (for
+HF_ENDPOINT; the project's one fake hub, `fake_hub.FakeHub`, answers there), and plain files
+anywhere else. Routes can require a bearer token, lie about their length, stall, or redirect. Every request
 is recorded (path, method, Authorization header) so tests can count downloads and check where a
 token went. Payload builders make small synthetic LoRAs without torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import socket
@@ -26,7 +25,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
+from fake_hub import FakeHub
 from lassie.download import parse_ip_literal
+
+HF_PREFIX = "/hf"
 
 
 class NonLoopbackConnection(AssertionError):
@@ -98,7 +100,6 @@ class Route:
     send_length: bool = True
     delay: float = 0.0  # seconds before the response starts
     stall: float = 0.0  # seconds between the headers and the body
-    auth_error_code: str | None = None  # Hugging Face's X-Error-Code for 401/403
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class FakeServices:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.routes: dict[str, Route] = {}
+        self.hub = FakeHub()
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, 0), self._handler_class())
@@ -148,7 +150,7 @@ class FakeServices:
 
     @property
     def hf_endpoint(self) -> str:
-        return f"{self.base}/hf"
+        return f"{self.base}{HF_PREFIX}"
 
     def env(self) -> dict[str, str]:
         return {"LASSIE_REPLICATE_URL": self.replicate_url, "LASSIE_CIVITAI_URL": self.civitai_url,
@@ -195,23 +197,8 @@ class FakeServices:
 
     def add_hf_repo(self, repo_id: str, files: dict[str, bytes], token: str | None = None,
                     revision: str = "main") -> None:
-        commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
-        tree = [self._hf_tree_entry(path, data) for path, data in sorted(files.items())]
-        error_code = "RepoNotFound" if token else None
-        self.serve(f"/hf/api/models/{repo_id}/tree/{revision}", json.dumps(tree).encode(), token=token,
-                   auth_error_code=error_code, headers={"Content-Type": "application/json"})
-        for path, data in files.items():
-            headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-            self.serve(f"/hf/{repo_id}/resolve/{revision}/{path}", data, token=token, headers=headers,
-                       auth_error_code=error_code)
-
-    @staticmethod
-    def _hf_tree_entry(path: str, data: bytes) -> dict[str, object]:
-        entry: dict[str, object] = {"type": "file", "path": path, "size": len(data),
-                                    "oid": hashlib.sha1(data).hexdigest()}
-        if path.endswith(".safetensors"):
-            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
-        return entry
+        """A repo on the hub under `/hf`; with a token it is private (others get "not found")."""
+        self.hub.add_repo(repo_id, files, token=token, branch=revision)
 
     # --- what happened --------------------------------------------------------------------------
 
@@ -266,6 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(parts.path)
         authorization = self.headers.get("Authorization")
         self.fake._record(Seen(self.command, path, parts.query, authorization))
+        if path.startswith(f"{HF_PREFIX}/"):
+            self.fake.hub.answer(self, path.removeprefix(HF_PREFIX), body=with_body)
+            return
         route = self.fake.routes.get(f"{path}?{parts.query}") or self.fake.routes.get(path)
         if route is None:
             self._not_found(path)
@@ -273,8 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(route.delay)
         if route.token is not None and authorization != f"Bearer {route.token}":
             status = 401 if authorization is None else 403
-            headers = {"X-Error-Code": route.auth_error_code} if route.auth_error_code else {}
-            self._plain(status, b'{"error": "unauthorized"}', headers)
+            self._plain(status, b'{"error": "unauthorized"}', {})
             return
         self._respond(route, with_body)
 
@@ -292,11 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(route.body)
 
     def _not_found(self, path: str) -> None:
-        """Like the hub, an unknown repo answers 401 RepoNotFound (it might be private)."""
-        if path.startswith("/hf/"):
-            self._plain(401, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
-        else:
-            self._plain(404, b"not found", {})
+        self._plain(404, b"not found", {})
 
     def _plain(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         self.send_response(status)
