@@ -1,30 +1,50 @@
-"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL).
+"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL),
+and fetching it from there.
 
-Pure: nothing here touches the network. People paste every variant of these addresses, so each
+Parsing is pure: it touches no network. People paste every variant of these addresses, so each
 service is recognised by the *form* of the string, while the address it is fetched from comes from
-the configuration (mirrors, tests). Every source has a stable cache key, so the same LoRA asked for
-twice is fetched once.
+the operator's `LoraSettings` (mirrors, tests), as do the tokens. Every source has a stable cache
+key, so the same LoRA asked for twice is fetched once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
+import httpx2
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+
 from lassie.errors import InputError
-
-FIELD = "extra_lora"
-
-REPLICATE_URL_ENV = "LASSIE_REPLICATE_URL"
-CIVITAI_URL_ENV = "LASSIE_CIVITAI_URL"
-HF_ENDPOINT_ENV = "HF_ENDPOINT"
-
-DEFAULT_REPLICATE_URL = "https://replicate.com"
-DEFAULT_CIVITAI_URL = "https://civitai.com"
-DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+from lassie.lora.files import unpack_if_tar
+from lassie.lora.http import (
+    FIELD,
+    MAX_BYTES_ENV,
+    Credential,
+    DownloadLimits,
+    download_file,
+    fetch_json,
+    human_bytes,
+    redact_secrets,
+    redact_url,
+)
+from lassie.settings import LoraSettings
 
 ACCEPTED_FORMS = (
     "a Replicate model: owner/model, owner/model/<64-hex version id>, "
@@ -57,28 +77,9 @@ def unsupported(reason: str) -> InputError:
     return InputError(FIELD, f"{reason}. Accepted forms: " + "; ".join(ACCEPTED_FORMS) + ".")
 
 
-@dataclass(frozen=True)
-class ServiceAddresses:
-    """Where each service is really fetched from; read from the environment on every request."""
-
-    replicate: str = DEFAULT_REPLICATE_URL
-    civitai: str = DEFAULT_CIVITAI_URL
-    huggingface: str = DEFAULT_HF_ENDPOINT
-
-    @classmethod
-    def from_env(cls) -> ServiceAddresses:
-        return cls(
-            replicate=_base_url(REPLICATE_URL_ENV, DEFAULT_REPLICATE_URL),
-            civitai=_base_url(CIVITAI_URL_ENV, DEFAULT_CIVITAI_URL),
-            huggingface=_base_url(HF_ENDPOINT_ENV, DEFAULT_HF_ENDPOINT),
-        )
-
-
-def _base_url(env: str, default: str) -> str:
-    value = (os.environ.get(env) or default).strip().rstrip("/")
-    if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname:
-        raise ValueError(f"{env} must be an http(s) address such as {default}, got {value!r}")
-    return value
+def short_digest(text: str, length: int) -> str:
+    """The first `length` hex digits of the text's sha256: names and keys that carry no secret."""
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,8 @@ class ReplicateSource:
         suffix = f" version {self.version}" if self.version else ""
         return f"Replicate model {self.owner}/{self.model}{suffix}"
 
-    def weights_url(self, addresses: ServiceAddresses) -> str:
-        model = f"{addresses.replicate}/{self.owner}/{self.model}"
+    def weights_url(self, settings: LoraSettings) -> str:
+        model = f"{settings.replicate_url}/{self.owner}/{self.model}"
         return f"{model}/versions/{self.version}/_weights" if self.version else f"{model}/_weights"
 
 
@@ -145,8 +146,8 @@ class CivitaiVersionSource:
     def describe(self) -> str:
         return f"CivitAI model version {self.version_id}"
 
-    def download_url(self, addresses: ServiceAddresses) -> str:
-        return f"{addresses.civitai}/api/download/models/{self.version_id}"
+    def download_url(self, settings: LoraSettings) -> str:
+        return f"{settings.civitai_url}/api/download/models/{self.version_id}"
 
 
 @dataclass(frozen=True)
@@ -157,13 +158,10 @@ class UrlSource:
     def cache_key(self) -> str:
         """Hashes the whole URL (signed query included) so the key never carries a secret."""
         parts = urlsplit(self.url)
-        digest = hashlib.sha256(self.url.encode()).hexdigest()[:24]
-        return f"url:{parts.netloc}{parts.path}#{digest}"
+        return f"url:{parts.netloc}{parts.path}#{short_digest(self.url, 24)}"
 
     def describe(self) -> str:
-        parts = urlsplit(self.url)
-        query = "?…" if parts.query else ""
-        return f"{parts.scheme}://{parts.netloc}{parts.path}{query}"
+        return redact_url(self.url)
 
 
 LoraSource = ReplicateSource | HuggingFaceSource | CivitaiModelSource | CivitaiVersionSource | UrlSource
@@ -315,3 +313,164 @@ def _require_safetensors_name(name: str) -> None:
         )
     if not lowered.endswith(SAFETENSORS_SUFFIX):
         raise unsupported(f"{name!r} is not a .safetensors file")
+
+
+# --- fetching each kind of source into a staging folder ----------------------------------------
+
+CIVITAI_LORA_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
+
+
+def fetch_source(source: LoraSource, staging: Path, settings: LoraSettings) -> Path:
+    """Downloads `source` into `staging` and returns the .safetensors there (not yet validated)."""
+    limits = DownloadLimits.from_settings(settings)
+    match source:
+        case UrlSource():
+            return _download_to(source.url, staging, None, limits)
+        case ReplicateSource():
+            return _fetch_replicate(source, staging, settings, limits)
+        case CivitaiVersionSource():
+            credential = Credential.from_settings(settings.civitai_url, "CIVITAI_API_TOKEN", settings)
+            return _download_to(source.download_url(settings), staging, credential, limits)
+        case CivitaiModelSource():
+            return _fetch_civitai_model(source, staging, settings, limits)
+        case HuggingFaceSource():
+            return _fetch_huggingface(source, staging, settings, limits)
+    raise TypeError(f"unknown LoRA source {source!r}")
+
+
+def _download_to(url: str, staging: Path, credential: Credential | None, limits: DownloadLimits) -> Path:
+    target = staging / "lora.safetensors"
+    download_file(url, target, credential=credential, limits=limits)
+    return target
+
+
+def _fetch_replicate(source: ReplicateSource, staging: Path, settings: LoraSettings,
+                     limits: DownloadLimits) -> Path:
+    """Replicate serves trained weights as a tar around one .safetensors (plus captions)."""
+    credential = Credential.from_settings(settings.replicate_url, "REPLICATE_API_TOKEN", settings)
+    archive = staging / "weights.tar"
+    download_file(source.weights_url(settings), archive, credential=credential, limits=limits)
+    return unpack_if_tar(archive, staging / "lora.safetensors", max_bytes=limits.max_bytes,
+                         origin=source.describe())
+
+
+def _fetch_civitai_model(source: CivitaiModelSource, staging: Path, settings: LoraSettings,
+                         limits: DownloadLimits) -> Path:
+    """A page's model id is not a download id: the API maps it to a version and that version's
+    SafeTensor file (mapping the model id straight onto the download endpoint 404s)."""
+    credential = Credential.from_settings(settings.civitai_url, "CIVITAI_API_TOKEN", settings)
+    model = fetch_json(f"{settings.civitai_url}/api/v1/models/{source.model_id}", credential=credential,
+                       limits=limits)
+    version = _civitai_version(model, source)
+    chosen = _civitai_safetensors_file(version, source)
+    size_kb = chosen.get("sizeKB")
+    if isinstance(size_kb, int | float):
+        _refuse_oversized(source.describe(), size_kb * 1024, limits)
+    return _download_to(_on_configured_civitai(chosen["downloadUrl"], settings), staging, credential, limits)
+
+
+def _refuse_oversized(described: str, size: float, limits: DownloadLimits) -> None:
+    """Checks sizes the services announce, before any byte of the file is fetched."""
+    if size > limits.max_bytes:
+        raise InputError(FIELD, f"{described} is {human_bytes(size)}, more than the "
+                                f"{human_bytes(limits.max_bytes)} allowed for a LoRA ({MAX_BYTES_ENV})")
+
+
+def _civitai_version(model: Any, source: CivitaiModelSource) -> dict[str, Any]:
+    if not isinstance(model, dict) or not isinstance(model.get("modelVersions"), list):
+        raise InputError(FIELD, f"CivitAI answered with an unexpected document for {source.describe()}")
+    kind = model.get("type")
+    if kind is not None and kind not in CIVITAI_LORA_TYPES:
+        raise InputError(FIELD, f"{source.describe()} is a {kind}, not a LoRA")
+    versions = [version for version in model["modelVersions"] if isinstance(version, dict)]
+    if source.version_id is None:
+        if not versions:
+            raise InputError(FIELD, f"{source.describe()} has no published versions")
+        return versions[0]
+    for version in versions:
+        if version.get("id") == source.version_id:
+            return version
+    known = ", ".join(str(version.get("id")) for version in versions) or "none"
+    raise InputError(FIELD, f"{source.describe()} not found; that model's versions are: {known}")
+
+
+def _civitai_safetensors_file(version: dict[str, Any], source: CivitaiModelSource) -> dict[str, Any]:
+    files = [item for item in version.get("files") or [] if isinstance(item, dict)]
+    candidates = [item for item in files if _is_civitai_safetensors(item) and isinstance(item.get("downloadUrl"), str)]
+    if not candidates:
+        listed = ", ".join(f"{item.get('name')} ({(item.get('metadata') or {}).get('format')})" for item in files)
+        raise InputError(FIELD, f"{source.describe()} (version {version.get('id')}) has no SafeTensor file "
+                                f"(files: {listed or 'none'}); only .safetensors LoRAs are loaded")
+    return sorted(candidates, key=lambda item: (not item.get("primary"), item.get("type") != "Model"))[0]
+
+
+def _is_civitai_safetensors(item: dict[str, Any]) -> bool:
+    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+    return metadata.get("format") == "SafeTensor" or str(item.get("name", "")).lower().endswith(".safetensors")
+
+
+def _on_configured_civitai(url: str, settings: LoraSettings) -> str:
+    """The API names civitai.com in its download links; a configured mirror serves them instead."""
+    parts = urlsplit(url)
+    if (parts.hostname or "").lower() not in CIVITAI_HOSTS:
+        return url
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{settings.civitai_url}{parts.path}{query}"
+
+
+def _fetch_huggingface(source: HuggingFaceSource, staging: Path, settings: LoraSettings,
+                       limits: DownloadLimits) -> Path:
+    token: str | bool = settings.tokens.get("HF_TOKEN") or False
+    with _huggingface_errors(source, bool(token), limits):
+        api = HfApi(endpoint=settings.hf_endpoint, token=token)
+        tree = api.list_repo_tree(source.repo_id, revision=source.revision, recursive=True)
+        chosen = _choose_hf_file(source, [item for item in tree if isinstance(item, RepoFile)])
+        described = f"{source.describe()}: {chosen.path}"
+        _refuse_oversized(described, chosen.size, limits)
+        local = Path(hf_hub_download(source.repo_id, chosen.path, revision=source.revision,
+                                     endpoint=settings.hf_endpoint, token=token, cache_dir=staging / "hub"))
+    _refuse_oversized(described, local.stat().st_size, limits)
+    return local.resolve()
+
+
+def _choose_hf_file(source: HuggingFaceSource, files: list[RepoFile]) -> RepoFile:
+    candidates = sorted((item for item in files if item.path.lower().endswith(".safetensors")),
+                        key=lambda item: item.path)
+    names = ", ".join(item.path for item in candidates) or "none"
+    if source.filename is not None:
+        for item in files:
+            if item.path == source.filename:
+                return item
+        raise InputError(FIELD, f"{source.describe()}: no such file; its .safetensors files are: {names}")
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise InputError(FIELD, f"{source.describe()} holds no .safetensors file")
+    raise InputError(FIELD, f"{source.describe()} holds several .safetensors files ({names}); name one, e.g. "
+                            f"huggingface.co/{source.repo_id}/{candidates[0].path}")
+
+
+@contextmanager
+def _huggingface_errors(source: HuggingFaceSource, has_token: bool, limits: DownloadLimits) -> Iterator[None]:
+    """huggingface_hub's exceptions -> InputErrors that say what to do (and never show a token)."""
+    described = source.describe()
+    access = "HF_TOKEN has no access to it" if has_token else "if it is private, set HF_TOKEN"
+    try:
+        yield
+    except GatedRepoError:
+        raise InputError(FIELD, f"{described} is gated: accept its terms on Hugging Face and set HF_TOKEN "
+                                "to a token of that account") from None
+    except RepositoryNotFoundError:
+        raise InputError(FIELD, f"{described} not found ({access})") from None
+    except RevisionNotFoundError:
+        raise InputError(FIELD, f"{described}: revision {source.revision!r} not found") from None
+    except RemoteEntryNotFoundError:
+        raise InputError(FIELD, f"{described}: file not found") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        raise InputError(FIELD, f"{described}: Hugging Face answered HTTP {status}") from None
+    except HFValidationError:
+        raise InputError(FIELD, f"{described}: not a valid Hugging Face repo id or revision") from None
+    except (LocalEntryNotFoundError, httpx2.HTTPError, OSError) as error:
+        reason = redact_secrets(f"{type(error).__name__}: {error}", limits.tokens)[:300]
+        raise InputError(FIELD, f"{described}: could not be downloaded ({reason})") from None
