@@ -329,7 +329,7 @@ class LoraAdapters:
         return self._slot_holds.get(key)
 
     def attach(self, key: Hashable, transformer: torch.nn.Module) -> None:
-        """Track another transformer (e.g. a go_fast fp8 twin); LoRAs load into it on first use."""
+        """Track another transformer (e.g. the go_fast variant of a model); LoRAs load into it on first use."""
         self._transformers[key] = transformer
 
     def add(self, name: str, path: Path, pinned: bool = False) -> None:
