@@ -60,6 +60,7 @@ ACCEPTED_FORMS = (
 REPLICATE_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
 HUGGINGFACE_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com"})
+CIVITAI_LORA_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
 SCHEMELESS_HOSTS = REPLICATE_HOSTS | HUGGINGFACE_HOSTS | CIVITAI_HOSTS
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -316,8 +317,6 @@ def _require_safetensors_name(name: str) -> None:
 
 
 # --- fetching each kind of source into a staging folder ----------------------------------------
-
-CIVITAI_LORA_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
 
 
 def fetch_source(source: LoraSource, staging: Path, settings: LoraSettings) -> Path:
