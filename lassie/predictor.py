@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from lassie.adapters import SLOT_RANK, SLOT_RANK_ENV, slot_rank_setting
 from lassie.encoding import save_images
 from lassie.generate import generate
 from lassie.images import load_inputs
-from lassie.lora_cache import LoraCache, lora_cache_dir
+from lassie.lora.adapters import SLOT_RANK, slot_rank_for
+from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory
 from lassie.models import Device, FluxModels, load_models, prepare_for_speed
 from lassie.provision import ensure_weights
@@ -58,13 +58,14 @@ class Lassie:
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
-        ensure_weights(self.layout, Settings.from_env())
+        settings = Settings.from_env()
+        ensure_weights(self.layout, settings)
         hardware = query_device()
         self._device = Device.for_hardware(hardware.is_gpu)
         go_fast = plan_go_fast(hardware, requested_mode(os.environ.get(GO_FAST_MODE_ENV)))
         compiling = compile_setting(os.environ.get(COMPILE_ENV), os.environ.get(COMPILE_BACKEND_ENV), hardware)
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
-        slot_rank = slot_rank_setting(os.environ.get(SLOT_RANK_ENV), compiling.enabled, SLOT_RANK)
+        slot_rank = slot_rank_for(settings.slot_rank, compiling.enabled, SLOT_RANK)
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
                              footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_rank)
         log.info("%s; extra LoRAs: %s", memory.reason,
@@ -79,7 +80,7 @@ class Lassie:
         self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
             self.variants.prepare(self.layout.lassie_lora)
-        self.lora_cache = LoraCache(lora_cache_dir(self.layout))
+        self.lora_cache = LoraCache(settings.lora, self.layout.lora_cache_dir)
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
     def predict(self, request: Request) -> list[Path]:

@@ -13,8 +13,8 @@ manifest is what makes a second run free: a source whose recorded files are all 
 their recorded size is not asked about again, so a provisioned box needs no network; a manifest
 shipped without the weights (in the image) pins each repo to the commit it recorded.
 
-The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.download`,
-`lassie.lora_files`), with the operator's address trusted: LASSIE_LORA_URL may be a private mirror.
+The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.lora.http`,
+`lassie.lora.files`), with the operator's address trusted: LASSIE_LORA_URL may be a private mirror.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects, tqdm
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-from lassie.download import AddressRule, DownloadLimits, download_file, human_bytes, redact_url
+from lassie.lora.http import AddressRule, DownloadLimits, download_file, human_bytes, redact_url
 from lassie.errors import InputError
-from lassie.lora_files import UnusableSafetensorsError, extract_single_safetensors, inspect_safetensors
+from lassie.lora.files import UnusableArchiveError, UnusableSafetensorsError, inspect_safetensors, safetensors_from_tar
 from lassie.settings import Settings
 from lassie.weights import MissingWeightsError, WeightsLayout, tiny_weights_hint
 
@@ -393,10 +393,9 @@ def install_lora(fetched: Path, target: Path, staging: Path, max_bytes: int) -> 
     staged = staging / LORA_MEMBER
     if tarfile.is_tarfile(fetched):
         try:
-            extract_single_safetensors(fetched, staged, max_bytes=max_bytes, origin="it")
-        except InputError as error:
-            problem = without_field(error)
-            raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but {problem}") from None
+            safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
+        except UnusableArchiveError as problem:
+            raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
     else:
         shutil.copyfile(fetched, staged)
     check_safetensors(staged, "the Lassie LoRA")

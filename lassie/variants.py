@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from lassie.adapters import LoraAdapters
 from lassie.generate import Inputs, pipeline_arguments
+from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
 from lassie.quantization import CompileSetting, FastMode, GoFastPlan, compile_transformer, quantize_transformer
@@ -106,7 +106,7 @@ class TransformerVariants:
     def prepare(self, lassie_lora: Path) -> None:
         """Lassie on every variant, the fp8 twins, then compile and warm-up: after this no request
         loads, quantizes or compiles anything but an extra LoRA's weights."""
-        self.adapters.add(LASSIE_ADAPTER, lassie_lora, field_name="lassie LoRA", pinned=True)
+        self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
         self._build_twins()
         for variant in self.variants():
             self.adapters.activate(variant, {LASSIE_ADAPTER: 1.0})

@@ -33,12 +33,15 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A complete weights directory with tiny random models, built by the real builder script.
 
     Shared by the whole session, so it stays exactly as built: extra LoRAs that predictors fetch
-    are cached outside it rather than in its default `lora-cache/`.
+    are cached outside it rather than in its default `lora-cache/`. Predictors read their settings
+    at setup, so every one set up in this session may fetch from the tests' LoRA services on
+    127.0.0.1 (`fake_services`), and from no other private address.
     """
     out = tmp_path_factory.mktemp("tiny-weights")
     load_script("make_tiny_weights").build(out)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LASSIE_LORA_CACHE", str(tmp_path_factory.mktemp("lora-cache")))
+        patch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "127.0.0.1")
         yield out
 
 

@@ -17,7 +17,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -26,7 +26,8 @@ import pytest
 from safetensors.numpy import save
 
 from fake_hub import FakeHub
-from lassie.download import parse_ip_literal
+from lassie.lora.http import parse_ip_literal
+from lassie.settings import LoraSettings, Settings
 
 HF_PREFIX = "/hf"
 
@@ -155,6 +156,10 @@ class FakeServices:
     def env(self) -> dict[str, str]:
         return {"LASSIE_REPLICATE_URL": self.replicate_url, "LASSIE_CIVITAI_URL": self.civitai_url,
                 "HF_ENDPOINT": self.hf_endpoint, "LASSIE_ALLOW_PRIVATE_URLS": "1"}
+
+    def settings(self, **changes: object) -> LoraSettings:
+        """The LoRA settings `env()` stands for (these services, every address allowed), plus `changes`."""
+        return replace(Settings.from_env(self.env()).lora, **changes)
 
     # --- plain routes ---------------------------------------------------------------------------
 

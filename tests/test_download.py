@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from fake_services import FakeServices, forbid_non_loopback, make_lora
 
-from lassie.download import (
+from lassie.lora.http import (
     MIB,
     AddressRule,
     Credential,
@@ -30,6 +30,7 @@ from lassie.download import (
     redact_url,
 )
 from lassie.errors import InputError
+from lassie.settings import Settings
 
 SECRET = "civ-token-5ec7e7-do-not-log"
 ALLOW_ALL = DownloadLimits(rule=AddressRule(allow_all=True))
@@ -42,11 +43,8 @@ def services() -> Iterator[FakeServices]:
 
 
 @pytest.fixture(autouse=True)
-def loopback_only_and_no_operator_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     forbid_non_loopback(monkeypatch)
-    for name in ("LASSIE_ALLOW_PRIVATE_URLS", "LASSIE_MAX_LORA_BYTES", "HF_TOKEN", "CIVITAI_API_TOKEN",
-                 "REPLICATE_API_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
 
 
 # --- the address rule, without any connection ---------------------------------------------------
@@ -107,20 +105,20 @@ def test_host_names_are_not_addresses(host: str) -> None:
     assert parse_ip_literal(host) is None
 
 
-def test_operator_exceptions(monkeypatch: pytest.MonkeyPatch) -> None:
+def rule_for(allow_private_urls: str) -> AddressRule:
+    return AddressRule.from_settings(Settings.from_env({"LASSIE_ALLOW_PRIVATE_URLS": allow_private_urls}).lora)
+
+
+def test_operator_exceptions() -> None:
     loopback, private = ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.2.3.4")
-    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "1")
-    assert AddressRule.from_env().refusal(loopback) is None
-    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "10.0.0.0/8, fd00::1")
-    rule = AddressRule.from_env()
+    assert rule_for("1").refusal(loopback) is None
+    rule = rule_for("10.0.0.0/8, fd00::1")
     assert rule.refusal(private) is None
     assert rule.refusal(ipaddress.ip_address("fd00::1")) is None
     assert rule.refusal(loopback) == "loopback"
-    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "0")
-    assert AddressRule.from_env().refusal(private) == "private"
-    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "everything")
+    assert rule_for("0").refusal(private) == "private"
     with pytest.raises(ValueError, match="LASSIE_ALLOW_PRIVATE_URLS"):
-        AddressRule.from_env()
+        rule_for("everything")
 
 
 # --- the rule through the downloader ------------------------------------------------------------
@@ -178,12 +176,12 @@ def test_non_http_schemes_are_refused(tmp_path: Path, url: str) -> None:
 @pytest.mark.parametrize("target", ["http://127.0.0.2:{port}/lora.safetensors", "http://[::1]:{port}/lora.safetensors",
                                     "http://169.254.169.254/latest/meta-data/", "file:///etc/passwd"])
 def test_a_redirect_that_lands_on_an_internal_address_is_refused(
-        services: FakeServices, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+        services: FakeServices, tmp_path: Path, target: str) -> None:
     """The first hop is allowed by the operator (127.0.0.1 only); where it redirects to is not."""
-    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "127.0.0.1")
+    limits = DownloadLimits(rule=rule_for("127.0.0.1"))
     url = services.redirect("/hop", target.format(port=services.port))
     with pytest.raises(InputError) as caught:
-        download_file(url, tmp_path / "out")
+        download_file(url, tmp_path / "out", limits=limits)
     assert services.count("/hop") == 1
     assert len(services.seen) == 1
     assert "refusing" in str(caught.value)
@@ -224,16 +222,13 @@ def test_the_cap_is_enforced_while_streaming_when_no_size_is_declared(services: 
     assert (tmp_path / "out").stat().st_size <= 1024 * 1024
 
 
-def test_the_cap_comes_from_the_environment(services: FakeServices, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "1")
-    monkeypatch.setenv("LASSIE_MAX_LORA_BYTES", "100")
+def test_the_cap_comes_from_the_settings(services: FakeServices, tmp_path: Path) -> None:
+    settings = Settings.from_env({"LASSIE_ALLOW_PRIVATE_URLS": "1", "LASSIE_MAX_LORA_BYTES": "100"}).lora
     url = services.serve("/lora.safetensors", make_lora())
     with pytest.raises(InputError, match="larger than the 100 bytes allowed"):
-        download_file(url, tmp_path / "out")
-    monkeypatch.setenv("LASSIE_MAX_LORA_BYTES", "lots")
+        download_file(url, tmp_path / "out", limits=DownloadLimits.from_settings(settings))
     with pytest.raises(ValueError, match="LASSIE_MAX_LORA_BYTES"):
-        DownloadLimits.from_env()
+        Settings.from_env({"LASSIE_MAX_LORA_BYTES": "lots"})
 
 
 def test_a_connection_that_closes_early_is_a_cut_short_download(services: FakeServices, tmp_path: Path) -> None:
@@ -267,7 +262,7 @@ def test_fetch_json_reads_an_api_answer_and_refuses_html(services: FakeServices)
 
 
 def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lassie.download")
+    caplog.set_level(logging.INFO, logger="lassie.lora.http")
     progress = _ProgressLog(f"https://example.com/big.safetensors?sig={SECRET}", 100 * MIB)
     for received in range(0, 100 * MIB + 1, 4 * MIB):
         progress.update(received)
@@ -277,7 +272,7 @@ def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureF
 
 
 def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lassie.download")
+    caplog.set_level(logging.INFO, logger="lassie.lora.http")
     progress = _ProgressLog("https://example.com/small.safetensors", 10 * MIB)
     for received in range(0, 10 * MIB + 1, MIB):
         progress.update(received)

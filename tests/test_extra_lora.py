@@ -13,8 +13,10 @@ from safetensors.torch import save
 
 from conftest import load_script
 from lassie.errors import InputError
+from lassie.lora.cache import LoraCache
 from lassie.predictor import Lassie
 from lassie.request import Request
+from lassie.settings import LoraSettings
 
 BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 5,
         "output_format": "png"}
@@ -35,8 +37,17 @@ def image_of(predictor: Lassie, **fields) -> np.ndarray:
 
 
 @pytest.fixture
-def sources(services: FakeServices) -> dict[str, str]:
+def use_settings(predictor, monkeypatch):
+    """Gives the session predictor, set up once, the LoRA settings of one test (as a restart would)."""
+    def use(settings: LoraSettings) -> None:
+        monkeypatch.setattr(predictor, "lora_cache", LoraCache(settings, predictor.lora_cache.directory))
+    return use
+
+
+@pytest.fixture
+def sources(services: FakeServices, use_settings) -> dict[str, str]:
     """One LoRA per source form, served by the loopback stand-ins."""
+    use_settings(services.settings())
     lora = tiny_lora(21)
     services.add_replicate_model("acme", "lassie-hat", make_tar({"output/lora.safetensors": lora}))
     services.add_replicate_model("acme", "lassie-hat", make_tar({"lora.safetensors": lora}), version="ab" * 32)
@@ -94,8 +105,8 @@ def test_bad_payloads_fail_clearly_and_leave_the_model_as_it_was(predictor, serv
     assert np.array_equal(image_of(predictor), without)
 
 
-def test_private_addresses_are_refused_without_the_opt_in(predictor, monkeypatch):
-    monkeypatch.delenv("LASSIE_ALLOW_PRIVATE_URLS", raising=False)
+def test_private_addresses_are_refused_without_the_opt_in(predictor, use_settings):
+    use_settings(LoraSettings())
     for url in ("http://127.0.0.1:9/x.safetensors", "http://localhost:9/x.safetensors",
                 "http://[::1]:9/x.safetensors", "http://2130706433/x.safetensors", "file:///etc/passwd"):
         with pytest.raises(InputError, match="^extra_lora: "):
@@ -103,10 +114,9 @@ def test_private_addresses_are_refused_without_the_opt_in(predictor, monkeypatch
     image_of(predictor)
 
 
-def test_tokens_never_reach_logs_or_errors(predictor, services, monkeypatch, caplog):
+def test_tokens_never_reach_logs_or_errors(predictor, services, use_settings, caplog):
     secrets = {"CIVITAI_API_TOKEN": "civ-s3cret-91", "HF_TOKEN": "hf_s3cret_92", "REPLICATE_API_TOKEN": "r8_s3cret_93"}
-    for name, value in secrets.items():
-        monkeypatch.setenv(name, value)
+    use_settings(services.settings(tokens=secrets))
     services.add_civitai_model(78, {801: [CivitaiFile("t.safetensors", tiny_lora(25))]}, token=secrets["CIVITAI_API_TOKEN"])
     errors = []
     with caplog.at_level(logging.DEBUG):

@@ -22,11 +22,12 @@ from PIL import Image
 from safetensors.torch import save, save_file
 
 import lora_formats as forms
-from lassie.adapters import SLOT_ADAPTER, SLOT_RANK_ENV, slot_rank_setting
+from lassie.lora.adapters import SLOT_ADAPTER, SLOT_RANK_ENV, slot_rank_for
 from lassie.errors import InputError
 from lassie.predictor import Lassie
 from lassie.variants import LASSIE_ADAPTER, Variant
 from lassie.request import Mode, Request
+from lassie.settings import Settings
 
 DEV = Variant("dev", False)
 
@@ -121,12 +122,16 @@ def assert_bitwise_equal(after: dict[str, torch.Tensor], before: dict[str, torch
 
 
 def test_slot_rank_setting():
-    assert slot_rank_setting(None, compiled=True, default=128) == 128
-    assert slot_rank_setting(" ", compiled=False, default=128) is None
-    assert slot_rank_setting("0", compiled=True, default=128) is None
-    assert slot_rank_setting("32", compiled=False, default=128) == 32
+    def slot_rank(value: str | None, compiled: bool) -> int | None:
+        configured = Settings.from_env({} if value is None else {SLOT_RANK_ENV: value}).slot_rank
+        return slot_rank_for(configured, compiled=compiled, default=128)
+
+    assert slot_rank(None, compiled=True) == 128
+    assert slot_rank(" ", compiled=False) is None
+    assert slot_rank("0", compiled=True) is None
+    assert slot_rank("32", compiled=False) == 32
     with pytest.raises(ValueError, match=SLOT_RANK_ENV):
-        slot_rank_setting("-4", compiled=True, default=128)
+        slot_rank("-4", compiled=True)
 
 
 def rslora_file(directory: Path, transformer: torch.nn.Module) -> Path:

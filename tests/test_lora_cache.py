@@ -6,13 +6,15 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fake_services import CivitaiFile, FakeServices, make_lora, make_tar, services  # noqa: F401 (fixture)
 
 from lassie.errors import InputError
-from lassie.lora_cache import LoraCache, lora_cache_dir
+from lassie.lora.cache import LoraCache
+from lassie.settings import LoraSettings, Settings
 from lassie.weights import WeightsLayout
 
 VERSION = "ab" * 32
@@ -24,8 +26,13 @@ REPLICATE_SECRET = "r8_5ecret_44d1"
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> LoraCache:
-    return LoraCache(tmp_path / "lora-cache", min_free_bytes=0)
+def cache(services: FakeServices, tmp_path: Path) -> LoraCache:
+    return LoraCache(services.settings(min_free_bytes=0), tmp_path / "lora-cache")
+
+
+def reconfigured(cache: LoraCache, **changes: object) -> LoraCache:
+    """The same cache directory under changed operator settings (as after a restart)."""
+    return LoraCache(replace(cache.settings, **changes), cache.directory)
 
 
 def cached_names(cache: LoraCache) -> list[str]:
@@ -55,13 +62,12 @@ def test_replicate_versions_use_the_versioned_weights(services: FakeServices, ca
     assert cache.fetch("alice/pixar").read_bytes() == latest
 
 
-def test_replicate_token_is_sent_to_replicate(services: FakeServices, cache: LoraCache,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replicate_token_is_sent_to_replicate(services: FakeServices, cache: LoraCache) -> None:
     services.add_replicate_model("alice", "private", make_tar({"lora.safetensors": make_lora()}),
                                  token=REPLICATE_SECRET)
     with pytest.raises(InputError, match="set REPLICATE_API_TOKEN"):
         cache.fetch("alice/private")
-    monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_SECRET)
+    cache = reconfigured(cache, tokens={"REPLICATE_API_TOKEN": REPLICATE_SECRET})
     assert cache.fetch("alice/private").is_file()
 
 
@@ -111,9 +117,8 @@ def test_hugging_face_problems_are_explained(services: FakeServices, cache: Lora
     assert_nothing_left_behind(cache)
 
 
-def test_announced_sizes_over_the_cap_are_refused_before_downloading(services: FakeServices, cache: LoraCache,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LASSIE_MAX_LORA_BYTES", "500")
+def test_announced_sizes_over_the_cap_are_refused_before_downloading(services: FakeServices, cache: LoraCache) -> None:
+    cache = reconfigured(cache, max_download_bytes=500)
     services.add_hf_repo("bob/big", {"big.safetensors": make_lora()})
     civitai_model(services)
     with pytest.raises(InputError, match="bob/big .*: big.safetensors is 752 bytes, more than the 500 bytes allowed"):
@@ -126,17 +131,16 @@ def test_announced_sizes_over_the_cap_are_refused_before_downloading(services: F
 
 
 def test_private_hugging_face_repos_use_hf_token_and_never_show_it(services: FakeServices, cache: LoraCache,
-                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     lora = make_lora(6)
     services.add_hf_repo("bob/private", {"lora.safetensors": lora}, token=HF_SECRET)
     with pytest.raises(InputError, match="set HF_TOKEN"):
         cache.fetch("huggingface.co/bob/private")
-    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_0000")
+    cache = reconfigured(cache, tokens={"HF_TOKEN": "hf_wrong_token_0000"})
     with pytest.raises(InputError, match="HF_TOKEN has no access"):
         cache.fetch("huggingface.co/bob/private")
-    monkeypatch.setenv("HF_TOKEN", HF_SECRET)
+    cache = reconfigured(cache, tokens={"HF_TOKEN": HF_SECRET})
     assert cache.fetch("huggingface.co/bob/private").read_bytes() == lora
     assert f"Bearer {HF_SECRET}" in services.authorizations("/hf/bob/private/resolve/main/lora.safetensors")
     assert HF_SECRET not in caplog.text and "hf_wrong_token_0000" not in caplog.text
@@ -185,17 +189,16 @@ def test_civitai_models_that_are_not_loras_are_refused(services: FakeServices, c
 
 
 def test_civitai_tokens_are_required_sent_and_never_shown(services: FakeServices, cache: LoraCache,
-                                                          monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     loras = civitai_model(services, token=CIVITAI_SECRET)
     with pytest.raises(InputError, match="needs a token \\(HTTP 401\\): set CIVITAI_API_TOKEN"):
         cache.fetch("civitai.com/models/101")
-    monkeypatch.setenv("CIVITAI_API_TOKEN", "wrong-civitai-token")
+    cache = reconfigured(cache, tokens={"CIVITAI_API_TOKEN": "wrong-civitai-token"})
     with pytest.raises(InputError) as caught:
         cache.fetch("civitai.com/models/101")
     assert "refused the token in CIVITAI_API_TOKEN" in str(caught.value)
-    monkeypatch.setenv("CIVITAI_API_TOKEN", CIVITAI_SECRET)
+    cache = reconfigured(cache, tokens={"CIVITAI_API_TOKEN": CIVITAI_SECRET})
     assert cache.fetch("civitai.com/models/101").read_bytes() == loras["v12"]
     assert cache.fetch("civitai.com/api/download/models/11").read_bytes() == loras["v11"]
     assert services.authorizations("/civitai/api/download/models/11") == [f"Bearer {CIVITAI_SECRET}"]
@@ -204,10 +207,10 @@ def test_civitai_tokens_are_required_sent_and_never_shown(services: FakeServices
 
 
 def test_civitai_token_stays_behind_when_the_download_redirects_to_a_cdn(
-        services: FakeServices, cache: LoraCache, monkeypatch: pytest.MonkeyPatch,
+        services: FakeServices, cache: LoraCache,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("CIVITAI_API_TOKEN", CIVITAI_SECRET)
+    cache = reconfigured(cache, tokens={"CIVITAI_API_TOKEN": CIVITAI_SECRET})
     lora = make_lora(9)
     services.serve("/cdn/file.safetensors", lora)
     services.redirect("/civitai/api/download/models/77",
@@ -242,9 +245,9 @@ def test_plain_urls_with_signed_queries_are_fetched(services: FakeServices, cach
     ({"body": b"gone", "status": 410}, "HTTP 410"),
 ])
 def test_bad_payloads_are_refused_and_leave_nothing_behind(services: FakeServices, cache: LoraCache,
-                                                           monkeypatch: pytest.MonkeyPatch, route: dict,
+                                                           route: dict,
                                                            problem: str) -> None:
-    monkeypatch.setenv("LASSIE_MAX_LORA_BYTES", "2048")
+    cache = reconfigured(cache, max_download_bytes=2048)
     url = services.serve("/files/bad.safetensors", **route)
     with pytest.raises(InputError, match="^extra_lora: ") as caught:
         cache.fetch(url)
@@ -254,9 +257,8 @@ def test_bad_payloads_are_refused_and_leave_nothing_behind(services: FakeService
     assert cache.fetch(url).read_bytes() == make_lora()
 
 
-def test_refused_addresses_reach_nothing_and_cache_nothing(services: FakeServices, cache: LoraCache,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LASSIE_ALLOW_PRIVATE_URLS")
+def test_refused_addresses_reach_nothing_and_cache_nothing(services: FakeServices, cache: LoraCache) -> None:
+    cache = reconfigured(cache, allow_all_addresses=False)
     services.serve("/files/lora.safetensors", make_lora())
     for host in ("127.0.0.1", "localhost", "[::1]", "2130706433"):
         with pytest.raises(InputError, match="loopback address"):
@@ -271,7 +273,7 @@ def test_the_same_lora_is_downloaded_once(services: FakeServices, cache: LoraCac
     url = services.serve("/files/lora.safetensors", make_lora())
     first = cache.fetch(url)
     assert cache.fetch(url) == first
-    assert LoraCache(cache.directory).fetch(url) == first
+    assert LoraCache(cache.settings, cache.directory).fetch(url) == first
     assert services.count("/files/lora.safetensors") == 1
 
 
@@ -282,7 +284,7 @@ def test_a_corrupted_cached_file_is_fetched_again(services: FakeServices, cache:
     damaged = bytearray(lora)
     damaged[-3] ^= 0xFF  # same size, valid header: only the checksum can tell
     path.write_bytes(bytes(damaged))
-    assert LoraCache(cache.directory).fetch(url).read_bytes() == lora
+    assert LoraCache(cache.settings, cache.directory).fetch(url).read_bytes() == lora
     assert services.count("/files/lora.safetensors") == 2
 
 
@@ -320,9 +322,29 @@ def test_two_concurrent_requests_download_once(services: FakeServices, cache: Lo
     assert services.count("/files/slow.safetensors") == 1
 
 
+def test_a_fetch_that_waits_on_another_fetch_of_the_same_lora_says_so_once(services: FakeServices, cache: LoraCache,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    url = services.serve("/files/slow.safetensors", make_lora(8), delay=1.0)
+    results: list[Path] = []
+    first = threading.Thread(target=lambda: results.append(cache.fetch(url)))
+    first.start()
+    for _ in range(500):  # until the first fetch holds the lock and its download has begun
+        if services.count("/files/slow.safetensors"):
+            break
+        time.sleep(0.01)
+    with caplog.at_level(logging.INFO, logger="lassie"):
+        results.append(cache.fetch(url))
+    first.join(timeout=10)
+    waits = [record for record in caplog.records if "waiting for another fetch" in record.getMessage()]
+    assert [record.levelno for record in waits] == [logging.INFO]
+    assert "waiting for another fetch of http://127.0.0.1" in waits[0].getMessage()
+    assert len(results) == 2 and results[0] == results[1]
+    assert services.count("/files/slow.safetensors") == 1
+
+
 def test_least_recently_used_loras_are_evicted_first(services: FakeServices, tmp_path: Path) -> None:
     size = len(make_lora())
-    cache = LoraCache(tmp_path / "c", max_bytes=int(2.5 * size), min_free_bytes=0)
+    cache = LoraCache(services.settings(cache_bytes=int(2.5 * size), min_free_bytes=0), tmp_path / "c")
     urls = {name: services.serve(f"/files/{name}.safetensors", make_lora(index)) for index, name in
             enumerate(("a", "b", "c"))}
     path_a, path_b = cache.fetch(urls["a"]), cache.fetch(urls["b"])
@@ -335,17 +357,17 @@ def test_least_recently_used_loras_are_evicted_first(services: FakeServices, tmp
 
 def test_eviction_keeps_free_disk_but_never_drops_the_lora_just_fetched(services: FakeServices,
                                                                          tmp_path: Path) -> None:
-    cache = LoraCache(tmp_path / "c", min_free_bytes=10**18)
+    cache = LoraCache(services.settings(min_free_bytes=10**18), tmp_path / "c")
     first = cache.fetch(services.serve("/files/a.safetensors", make_lora(1)))
     second = cache.fetch(services.serve("/files/b.safetensors", make_lora(2)))
     assert cache.cached_files() == [second]
     assert not first.exists()
 
 
-def test_the_size_budget_comes_from_the_environment(services: FakeServices, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LASSIE_LORA_CACHE_BYTES", "1")
-    cache = LoraCache(tmp_path / "c", min_free_bytes=0)
+def test_the_size_budget_comes_from_the_environment(services: FakeServices, tmp_path: Path) -> None:
+    settings = Settings.from_env({**services.env(), "LASSIE_LORA_CACHE_BYTES": "1",
+                                  "LASSIE_LORA_CACHE_MIN_FREE_BYTES": "0"}).lora
+    cache = LoraCache(settings, tmp_path / "c")
     cache.fetch(services.serve("/files/a.safetensors", make_lora(1)))
     second = cache.fetch(services.serve("/files/b.safetensors", make_lora(2)))
     assert cache.max_bytes == 1 and cache.cached_files() == [second]
@@ -359,16 +381,15 @@ def test_stale_staging_leftovers_are_cleared_on_start(tmp_path: Path) -> None:
         (folder / "lora.safetensors").write_bytes(b"partial")
     a_day_ago = time.time() - 86400
     os.utime(stale, (a_day_ago, a_day_ago))
-    LoraCache(tmp_path / "c")
+    LoraCache(LoraSettings(), tmp_path / "c")
     assert not stale.exists() and fresh.exists()
 
 
-def test_cache_directory_defaults_beside_the_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("LASSIE_LORA_CACHE", raising=False)
+def test_cache_directory_defaults_beside_the_weights(tmp_path: Path) -> None:
     layout = WeightsLayout(tmp_path / "weights")
-    assert lora_cache_dir(layout) == tmp_path / "weights" / "lora-cache"
-    monkeypatch.setenv("LASSIE_LORA_CACHE", str(tmp_path / "elsewhere"))
-    assert lora_cache_dir(layout) == tmp_path / "elsewhere"
+    assert LoraCache(Settings.from_env({}).lora, layout.lora_cache_dir).directory == tmp_path / "weights" / "lora-cache"
+    elsewhere = Settings.from_env({"LASSIE_LORA_CACHE": str(tmp_path / "elsewhere")}).lora
+    assert LoraCache(elsewhere, layout.lora_cache_dir).directory == tmp_path / "elsewhere"
 
 
 def test_bad_strings_fail_before_any_request(services: FakeServices, cache: LoraCache) -> None:

@@ -14,7 +14,7 @@ from fake_services import make_lora, make_tar
 from safetensors.numpy import save
 
 from lassie.errors import InputError
-from lassie.lora_files import extract_single_safetensors, validate_safetensors
+from lassie.lora.files import extract_single_safetensors, validate_safetensors
 
 
 # --- safetensors validation ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ the extra LoRA by far more than that, so a LoRA that silently loads as nothing c
 
 from __future__ import annotations
 
+import shutil
 from typing import Callable
 
 import numpy as np
@@ -17,8 +18,10 @@ from safetensors.torch import save_file
 
 import lora_formats as forms
 from lassie.errors import InputError
+from lassie.predictor import Lassie
 from lassie.request import Mode
 from lassie.variants import Variant
+from lassie.weights import WeightsLayout
 
 DEV = Variant("dev", False)
 
@@ -164,3 +167,16 @@ def test_lora_that_does_not_fit_is_refused_and_leaves_the_model_as_it_was(predic
     assert predictor.variants.adapters.names() == names_before
     predictor.variants.adapters.activate(DEV, {"lassie": 0.0})
     assert np.array_equal(render(predictor), base_image)
+
+
+def test_a_lassie_lora_that_does_not_fit_fails_setup_naming_the_lassie_lora(tiny_weights, tmp_path):
+    """The Lassie LoRA comes from the weights at setup, not from a request: its errors name its file."""
+    root = tmp_path / "weights"
+    shutil.copytree(tiny_weights, root)
+    layout = WeightsLayout(root)
+    build, culprit = REFUSED["sd15_kohya"]
+    save_file(build(None), layout.lassie_lora)
+    with pytest.raises(InputError) as error:
+        Lassie(root).setup()
+    assert str(error.value).startswith(f"Lassie LoRA ({layout.lassie_lora}): ")
+    assert culprit in str(error.value) and "extra_lora" not in str(error.value)

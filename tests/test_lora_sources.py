@@ -8,15 +8,15 @@ import sys
 import pytest
 
 from lassie.errors import InputError
-from lassie.lora_sources import (
+from lassie.lora.sources import (
     CivitaiModelSource,
     CivitaiVersionSource,
     HuggingFaceSource,
     ReplicateSource,
-    ServiceAddresses,
     UrlSource,
     parse_extra_lora,
 )
+from lassie.settings import Settings
 
 VERSION = "5a8b6a7c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f809123"
 
@@ -148,17 +148,15 @@ def test_url_key_and_description_keep_signed_query_secret() -> None:
     assert source.describe() == "https://cdn.example.com/lora.safetensors?…"
 
 
-def test_service_addresses_default_to_the_public_services(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("LASSIE_REPLICATE_URL", "LASSIE_CIVITAI_URL", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    assert ServiceAddresses.from_env() == ServiceAddresses(
+def test_service_addresses_default_to_the_public_services() -> None:
+    settings = Settings.from_env({}).lora
+    assert (settings.replicate_url, settings.civitai_url, settings.hf_endpoint) == (
         "https://replicate.com", "https://civitai.com", "https://huggingface.co")
 
 
-def test_pasted_service_urls_are_fetched_from_the_configured_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LASSIE_REPLICATE_URL", "http://mirror.internal:8080/replicate/")
-    monkeypatch.setenv("LASSIE_CIVITAI_URL", "http://civitai.mirror")
-    addresses = ServiceAddresses.from_env()
+def test_pasted_service_urls_are_fetched_from_the_configured_addresses() -> None:
+    addresses = Settings.from_env({"LASSIE_REPLICATE_URL": "http://mirror.internal:8080/replicate/",
+                                   "LASSIE_CIVITAI_URL": "http://civitai.mirror"}).lora
     replicate = parse_extra_lora("https://replicate.com/fofr/cars")
     versioned = parse_extra_lora(f"https://replicate.com/fofr/cars/versions/{VERSION}")
     civitai = parse_extra_lora("https://civitai.com/api/download/models/9")
@@ -168,13 +166,12 @@ def test_pasted_service_urls_are_fetched_from_the_configured_addresses(monkeypat
     assert civitai.download_url(addresses) == "http://civitai.mirror/api/download/models/9"
 
 
-def test_a_malformed_service_address_is_an_operator_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LASSIE_CIVITAI_URL", "civitai.mirror")
+def test_a_malformed_service_address_is_an_operator_error() -> None:
     with pytest.raises(ValueError, match="LASSIE_CIVITAI_URL"):
-        ServiceAddresses.from_env()
+        Settings.from_env({"LASSIE_CIVITAI_URL": "civitai.mirror"})
 
 
 def test_source_parsing_and_download_modules_do_not_import_torch() -> None:
-    code = "import sys, lassie.lora_sources, lassie.download; print('torch' in sys.modules)"
+    code = "import sys, lassie.lora.sources, lassie.lora.http; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -13,7 +13,7 @@ import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from safetensors.torch import save_file
 
-from lassie.adapters import LoraAdapters
+from lassie.lora.adapters import LoraAdapters
 from lassie.prompts import PromptCache, encode_prompt
 from test_predictor import reference, reference_images, run  # noqa: F401 (reference is a fixture)
 

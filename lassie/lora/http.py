@@ -4,7 +4,10 @@
 redirect) must land on a public address, and the connection goes to exactly the address that was
 checked (a second DNS answer cannot swap in 127.0.0.1). Tokens belong to one service origin and
 never follow a redirect elsewhere; URLs are shown without their query strings, because signed URLs
-carry secrets there. What was fetched is checked in `lassie.lora_files`.
+carry secrets there. What was fetched is checked in `lassie.lora.files`.
+
+Every bound, exception and token comes from the operator's `LoraSettings`; nothing here reads the
+environment.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +29,15 @@ from typing import Any, BinaryIO
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from lassie.errors import InputError
+from lassie.settings import LoraSettings
 
 FIELD = "extra_lora"
 logger = logging.getLogger(__name__)
 
 ALLOW_PRIVATE_ENV = "LASSIE_ALLOW_PRIVATE_URLS"
 MAX_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
-TOKEN_ENVS = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
-GIB = 1024**3
 MIB = 1024**2
-DEFAULT_MAX_BYTES = 2 * GIB
 MAX_JSON_BYTES = 16 * MIB
 CHUNK_BYTES = MIB
 PROGRESS_FROM_BYTES = 64 * MIB
@@ -110,26 +110,14 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 @dataclass(frozen=True)
 class AddressRule:
     """The address rule plus the operator's exceptions from `LASSIE_ALLOW_PRIVATE_URLS`:
-    `1` allows every address (tests, private mirrors); a comma-separated list of addresses or
-    networks (`10.0.0.5,fd00::/8`) allows just those."""
+    every address (tests, private mirrors), or just the listed addresses and networks."""
 
     allow_all: bool = False
     allowed_networks: tuple[IPNetwork, ...] = ()
 
     @classmethod
-    def from_env(cls) -> AddressRule:
-        value = os.environ.get(ALLOW_PRIVATE_ENV, "").strip()
-        if value.lower() in ("", "0", "false", "no"):
-            return cls()
-        if value.lower() in ("1", "true", "yes"):
-            return cls(allow_all=True)
-        try:
-            networks = tuple(ipaddress.ip_network(item.strip(), strict=False) for item in value.split(","))
-        except ValueError:
-            raise ValueError(
-                f"{ALLOW_PRIVATE_ENV} must be 1 or a comma-separated list of addresses/networks, got {value!r}"
-            ) from None
-        return cls(allowed_networks=networks)
+    def from_settings(cls, settings: LoraSettings) -> AddressRule:
+        return cls(allow_all=settings.allow_all_addresses, allowed_networks=settings.allowed_networks)
 
     def refusal(self, address: IPAddress) -> str | None:
         if self.allow_all or any(address in network for network in self.allowed_networks):
@@ -154,12 +142,12 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}{query}"
 
 
-def redact_secrets(text: str) -> str:
-    """Last line of defence for texts from other libraries: blanks out every configured token."""
-    for env in TOKEN_ENVS:
-        token = os.environ.get(env, "")
+def redact_secrets(text: str, tokens: Mapping[str, str]) -> str:
+    """Last line of defence for texts from other libraries: blanks out every configured token
+    (`tokens`: variable name -> token)."""
+    for name, token in tokens.items():
         if len(token) >= 4:
-            text = text.replace(token, f"<{env}>")
+            text = text.replace(token, f"<{name}>")
     return text
 
 
@@ -175,8 +163,8 @@ class Credential:
     token: str = field(default="", repr=False)
 
     @classmethod
-    def from_env(cls, origin_url: str, env_name: str) -> Credential:
-        return cls(origin=origin_url, env_name=env_name, token=os.environ.get(env_name, "").strip())
+    def from_settings(cls, origin_url: str, env_name: str, settings: LoraSettings) -> Credential:
+        return cls(origin=origin_url, env_name=env_name, token=settings.tokens.get(env_name, ""))
 
     def applies_to(self, url: str) -> bool:
         return bool(self.token) and _origin(urlsplit(url)) == _origin(urlsplit(self.origin))
@@ -192,31 +180,20 @@ def _origin(parts: SplitResult) -> tuple[str, str, int]:
 
 @dataclass(frozen=True)
 class DownloadLimits:
-    """Everything that bounds one fetch; tests and callers pass tighter ones."""
+    """Everything that bounds one fetch, and the tokens no error of it may show; tests and
+    callers pass tighter ones."""
 
-    max_bytes: int = DEFAULT_MAX_BYTES
+    max_bytes: int = LoraSettings.max_download_bytes
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
     max_redirects: int = 8
     rule: AddressRule = AddressRule()
+    tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
 
     @classmethod
-    def from_env(cls) -> DownloadLimits:
-        return cls(max_bytes=max_lora_bytes(), rule=AddressRule.from_env())
-
-
-def env_bytes(name: str, default: int, minimum: int = 0) -> int:
-    """A byte count from the environment (operators' settings): a clear error rather than a guess."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < minimum:
-        raise ValueError(f"{name} must be a number of bytes of at least {minimum}, got {value!r}")
-    return int(value)
-
-
-def max_lora_bytes() -> int:
-    return env_bytes(MAX_BYTES_ENV, DEFAULT_MAX_BYTES, minimum=1)
+    def from_settings(cls, settings: LoraSettings) -> DownloadLimits:
+        return cls(max_bytes=settings.max_download_bytes, rule=AddressRule.from_settings(settings),
+                   tokens=settings.tokens)
 
 
 def human_bytes(count: float) -> str:
@@ -332,13 +309,13 @@ def _send(url: str, credential: Credential | None, limits: DownloadLimits) -> ht
         return connection.getresponse()
     except (OSError, http.client.HTTPException) as error:
         connection.close()
-        raise InputError(FIELD, f"could not download {redact_url(url)}: {_network_reason(error)}") from None
+        raise InputError(FIELD, f"could not download {redact_url(url)}: {_network_reason(error, limits)}") from None
 
 
-def _network_reason(error: BaseException) -> str:
+def _network_reason(error: BaseException, limits: DownloadLimits) -> str:
     if isinstance(error, TimeoutError):
         return "the server did not answer in time"
-    return redact_secrets(f"{type(error).__name__}: {error}".rstrip(": "))
+    return redact_secrets(f"{type(error).__name__}: {error}".rstrip(": "), limits.tokens)
 
 
 @contextmanager
@@ -349,7 +326,7 @@ def open_url(
 
     Once a redirect leaves the credential's origin the credential is dropped for good.
     """
-    limits = limits or DownloadLimits.from_env()
+    limits = limits or DownloadLimits()
     current = url
     for _ in range(limits.max_redirects + 1):
         response = _send(current, credential, limits)
@@ -397,24 +374,25 @@ def download_file(
     The size cap is checked against Content-Length first and again while streaming, since servers
     can lie or send no length at all.
     """
-    limits = limits or DownloadLimits.from_env()
+    limits = limits or DownloadLimits()
     with open_url(url, credential=credential, limits=limits) as (response, final_url):
         declared = _declared_length(response)
         _check_size(declared or 0, limits.max_bytes, url)
-        logger.info("extra_lora: downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
+        logger.info("downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
         with destination.open("wb") as sink:
-            received = _stream(response, sink, declared, limits.max_bytes, final_url)
+            received = _stream(response, sink, declared, limits.max_bytes, final_url, limits)
     if declared is not None and received != declared:
         raise InputError(FIELD, f"the download of {redact_url(url)} was cut short ({received} of {declared} bytes)")
-    logger.info("extra_lora: downloaded %s (%s)", redact_url(url), human_bytes(received))
+    logger.info("downloaded %s (%s)", redact_url(url), human_bytes(received))
     return received
 
 
 def fetch_json(url: str, *, credential: Credential | None = None, limits: DownloadLimits | None = None) -> Any:
     """A small JSON API answer (CivitAI), size-capped like any download."""
+    limits = limits or DownloadLimits()
     body = io.BytesIO()
     with open_url(url, credential=credential, limits=limits) as (response, _):
-        _stream(response, body, _declared_length(response), MAX_JSON_BYTES, url)
+        _stream(response, body, _declared_length(response), MAX_JSON_BYTES, url, limits)
     try:
         return json.loads(body.getvalue())
     except ValueError:
@@ -436,10 +414,10 @@ def _check_size(size: int, max_bytes: int, url: str) -> None:
 
 
 def _stream(response: http.client.HTTPResponse, sink: BinaryIO, declared: int | None, max_bytes: int,
-            url: str) -> int:
+            url: str, limits: DownloadLimits) -> int:
     progress = _ProgressLog(url, declared)
     received = 0
-    while chunk := _read_chunk(response, url):
+    while chunk := _read_chunk(response, url, limits):
         received += len(chunk)
         _check_size(received, max_bytes, url)
         sink.write(chunk)
@@ -447,13 +425,13 @@ def _stream(response: http.client.HTTPResponse, sink: BinaryIO, declared: int | 
     return received
 
 
-def _read_chunk(response: http.client.HTTPResponse, url: str) -> bytes:
+def _read_chunk(response: http.client.HTTPResponse, url: str, limits: DownloadLimits) -> bytes:
     try:
         return response.read(CHUNK_BYTES)
     except http.client.IncompleteRead:
         problem = "was cut short (the connection closed early)"
     except (OSError, http.client.HTTPException) as error:
-        problem = f"failed: {_network_reason(error)}"
+        problem = f"failed: {_network_reason(error, limits)}"
     raise InputError(FIELD, f"the download of {redact_url(url)} {problem}")
 
 

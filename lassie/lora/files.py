@@ -3,7 +3,11 @@
 Pickle-based checkpoints (.bin/.ckpt/.pt) run code when loaded, so nothing but safetensors is
 accepted. The safetensors library itself checks the header, dtypes and offsets and that the tensor
 data covers the file exactly; this module adds what a user needs when it refuses a file (what the
-file is instead: a pickle, an HTML login page, a cut-off download) and unpacks Replicate archives.
+file is instead: a pickle, an HTML login page, a cut-off download) and the one rule for tar
+archives (Replicate's `_weights`): exactly one .safetensors member, copied out, never a path.
+
+The checks themselves raise caller-neutral errors whose messages do not name the file, so that
+setup (the Lassie LoRA) and requests (`extra_lora`) word their own errors around the same rule.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from lassie.download import CHUNK_BYTES, FIELD, MAX_BYTES_ENV, human_bytes
 from lassie.errors import InputError
+from lassie.lora.http import CHUNK_BYTES, FIELD, human_bytes
 
 HEAD_BYTES = 256
 # What the loaders here handle. The library also reads the sub-byte F4/F6 formats, which no
@@ -44,10 +48,14 @@ class UnusableSafetensorsError(ValueError):
     so that each caller can wrap it in its own error type."""
 
 
+class UnusableArchiveError(ValueError):
+    """An archive does not give up exactly one .safetensors; the message reads after the
+    archive's name ("holds no .safetensors file ..."), so that each caller can name it."""
+
+
 @dataclass(frozen=True)
 class SafetensorsSummary:
     tensor_count: int
-    data_bytes: int
     metadata: dict[str, str]
 
 
@@ -75,9 +83,7 @@ def inspect_safetensors(path: Path) -> SafetensorsSummary:
     try:
         with safe_open(path, framework="numpy") as tensors:
             problem = _usability_problem(tensors)
-            summary = SafetensorsSummary(tensor_count=len(tensors.keys()),
-                                         data_bytes=size - 8 - int.from_bytes(start[:8], "little"),
-                                         metadata=tensors.metadata() or {})
+            summary = SafetensorsSummary(tensor_count=len(tensors.keys()), metadata=tensors.metadata() or {})
     except SafetensorError as error:
         raise UnusableSafetensorsError(_library_refusal(path, size, error)) from None
     if problem is not None:
@@ -137,31 +143,49 @@ def _coverage_problem(path: Path, size: int) -> str:
     return f"{present - needed} unexpected bytes follow the tensor data"
 
 
-# --- Replicate `_weights` archives ------------------------------------------------------------
+# --- tar archives (Replicate `_weights`) -------------------------------------------------------
+
+
+def unpack_if_tar(fetched: Path, destination: Path, *, max_bytes: int, origin: str) -> Path:
+    """The .safetensors a user's download stands for: a tar gives up its one .safetensors member
+    (copied to `destination`, the tar removed); anything else is taken as the file itself, which
+    the safetensors check judges next."""
+    if not tarfile.is_tarfile(fetched):
+        return fetched
+    extract_single_safetensors(fetched, destination, max_bytes=max_bytes, origin=origin)
+    fetched.unlink()
+    return destination
 
 
 def extract_single_safetensors(archive: Path, destination: Path, *, max_bytes: int, origin: str) -> None:
-    """Copies the one .safetensors member of a tar into `destination`.
+    """`safetensors_from_tar` for a user's LoRA: refusals become an InputError naming `origin`."""
+    try:
+        safetensors_from_tar(archive, destination, max_bytes=max_bytes)
+    except UnusableArchiveError as problem:
+        raise InputError(FIELD, f"{origin} {problem}") from None
+
+
+def safetensors_from_tar(archive: Path, destination: Path, *, max_bytes: int) -> None:
+    """The one tar rule: copies the tar's one .safetensors member into `destination`.
 
     Member names are only compared, never used as paths, so `../` or absolute names cannot write
     anywhere; links and devices are ignored.
     """
     try:
         with tarfile.open(archive, "r:*") as tar:
-            member = _single_safetensors_member(tar, origin)
+            member = _single_safetensors_member(tar)
             if member.size > max_bytes:
-                raise InputError(FIELD, f"the .safetensors in {origin} is larger than {human_bytes(max_bytes)} "
-                                        f"({MAX_BYTES_ENV})")
+                raise UnusableArchiveError(f"holds a .safetensors file larger than {human_bytes(max_bytes)}")
             _copy_member(tar, member, destination)
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise InputError(FIELD, f"{origin} is not a readable tar archive ({type(error).__name__})") from None
+        raise UnusableArchiveError(f"is not a readable tar archive ({type(error).__name__})") from None
 
 
-def _single_safetensors_member(tar: tarfile.TarFile, origin: str) -> tarfile.TarInfo:
+def _single_safetensors_member(tar: tarfile.TarFile) -> tarfile.TarInfo:
     names, candidates = [], []
     for count, member in enumerate(tar):
         if count >= MAX_TAR_MEMBERS:
-            raise InputError(FIELD, f"{origin} holds more than {MAX_TAR_MEMBERS} files")
+            raise UnusableArchiveError(f"holds more than {MAX_TAR_MEMBERS} files")
         names.append(member.name)
         basename = member.name.rsplit("/", 1)[-1]
         if member.isfile() and basename.lower().endswith(".safetensors") and not basename.startswith("._"):
@@ -169,9 +193,9 @@ def _single_safetensors_member(tar: tarfile.TarFile, origin: str) -> tarfile.Tar
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise InputError(FIELD, f"{origin} holds no .safetensors file (it holds: {_listing(names)})")
-    raise InputError(
-        FIELD, f"{origin} holds several .safetensors files ({_listing([m.name for m in candidates])}); expected one"
+        raise UnusableArchiveError(f"holds no .safetensors file (it holds: {_listing(names)})")
+    raise UnusableArchiveError(
+        f"holds several .safetensors files ({_listing([m.name for m in candidates])}); expected one"
     )
 
 

@@ -51,6 +51,7 @@ LORA_B = ".lora_B."
 SLOT_ADAPTER = "extra"
 SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
 SLOT_RANK = 128
+EXTRA_LORA_FIELD = "extra_lora"
 
 
 @dataclass
@@ -59,7 +60,7 @@ class _Lora:
 
     `pinned` LoRAs keep their own adapter in slot mode too; `slot_state_dict` is the transformer
     part of any other LoRA, made ready to hot-swap into the slot (slot mode only). `field_name`
-    is the input errors name (the Lassie LoRA is not `extra_lora`).
+    is what its errors start with (see `error_label`).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -145,19 +146,22 @@ def _strip_prefix(mapping: dict, prefix: str) -> dict:
     return {key.removeprefix(prefix): value for key, value in mapping.items() if key.startswith(prefix)}
 
 
-def slot_rank_setting(value: str | None, compiled: bool, default: int) -> int | None:
-    """`LASSIE_LORA_SLOT_RANK`: the hot-swap slot's rank, or None for no slot.
+def error_label(path: Path, pinned: bool) -> str:
+    """What a LoRA's errors start with: a pinned LoRA is the Lassie LoRA, loaded at setup from
+    the weights, so its errors name that file; any other came with a request, in `extra_lora`."""
+    return f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
 
-    Unset: a rank-`default` slot exactly when the transformers are compiled, the only case where
-    a new adapter name costs anything (a recompile). 0: never. N > 0: always, at rank N (CPU
+
+def slot_rank_for(configured: int | None, compiled: bool, default: int) -> int | None:
+    """The hot-swap slot's rank, or None for no slot, from the operator's `LASSIE_LORA_SLOT_RANK`.
+
+    Unset (None): a rank-`default` slot exactly when the transformers are compiled, the only case
+    where a new adapter name costs anything (a recompile). 0: never. N > 0: always, at rank N (CPU
     tests drive the slot this way without compiling).
     """
-    text = (value or "").strip()
-    if not text:
+    if configured is None:
         return default if compiled else None
-    if not text.isdigit():
-        raise ValueError(f"{SLOT_RANK_ENV} must be a rank (0 turns the slot off), got {value!r}")
-    return int(text) or None
+    return configured or None
 
 
 def _transformer_lora_config(lora: _Lora) -> LoraConfig:
@@ -325,15 +329,16 @@ class LoraAdapters:
         return self._slot_holds.get(key)
 
     def attach(self, key: Hashable, transformer: torch.nn.Module) -> None:
-        """Track another transformer (e.g. a go_fast fp8 twin); LoRAs load into it on first use."""
+        """Track another transformer (e.g. the go_fast variant of a model); LoRAs load into it on first use."""
         self._transformers[key] = transformer
 
-    def add(self, name: str, path: Path, field_name: str = "extra_lora", pinned: bool = False) -> None:
+    def add(self, name: str, path: Path, pinned: bool = False) -> None:
         """Convert and check a LoRA file; it loads into a transformer the first time that one runs it.
 
         In slot mode an extra LoRA is also made ready to swap here, so one that cannot fit the
         slot (rank above R) is refused before anything touches the model.
         """
+        field_name = error_label(path, pinned)
         state_dict, alphas, metadata = _drop_unloadable_keys(*_convert(path, field_name))
         _check_fits(state_dict, next(iter(self._transformers.values())), self._text_encoder, field_name)
         lora = _Lora(state_dict, alphas, metadata, field_name=field_name, pinned=pinned)

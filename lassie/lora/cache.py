@@ -1,0 +1,242 @@
+"""Extra LoRAs on local disk: fetched once, validated, kept under a size budget.
+
+A file only ever appears under its final name complete and validated (it is written in a staging
+folder inside the cache, then renamed), and a checksum beside it catches later damage, so a
+partial or corrupted download can never be mistaken for a good LoRA. Fetches of the same LoRA are
+serialised by a file lock per LoRA (threads and processes alike), so concurrent requests download
+it once; a request that waits on another's download says so in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from lassie.errors import InputError
+from lassie.lora.files import validate_safetensors
+from lassie.lora.http import human_bytes
+from lassie.lora.sources import LoraSource, fetch_source, parse_extra_lora, short_digest
+from lassie.settings import LoraSettings
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".partial"
+LOCKS_DIR = ".locks"
+STALE_STAGING_SECONDS = 6 * 3600
+
+
+class LoraCache:
+    """`fetch(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix.
+
+    Where the cache lives, its budget, and where and how LoRAs are fetched all come from
+    `settings`; the cache sits in `default_directory` (beside the weights) unless they name another.
+    """
+
+    def __init__(self, settings: LoraSettings, default_directory: Path) -> None:
+        self.settings = settings
+        self.directory = Path(settings.cache_dir or default_directory)
+        self.max_bytes = settings.cache_bytes
+        self.min_free_bytes = settings.min_free_bytes
+        self.staging_dir = self.directory / STAGING_DIR
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._locks = _KeyLocks(self.directory / LOCKS_DIR)
+        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._remove_stale_staging()
+
+    def fetch(self, extra_lora: str) -> Path:
+        source = parse_extra_lora(extra_lora)
+        key = short_digest(source.cache_key, 40)
+        with self._locks.fetching(key, source):
+            path = self._cached(key, source) or self._download(key, source)
+        self._evict(keep=key)
+        return path
+
+    def cached_files(self) -> list[Path]:
+        """The cached LoRA files, least recently used first."""
+        return [path for path, _ in sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)]
+
+    # --- entries --------------------------------------------------------------------------------
+
+    def _data_path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def _record_path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def _cached(self, key: str, source: LoraSource) -> Path | None:
+        data, record = self._data_path(key), self._record_path(key)
+        if not data.exists() and not record.exists():
+            return None
+        problem = self._damage(key, source)
+        if problem is not None:
+            logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again",
+                           source.describe(), problem)
+            self._remove(key)
+            return None
+        _mark_used(data)
+        logger.info("extra_lora: using cached %s", source.describe())
+        return data
+
+    def _damage(self, key: str, source: LoraSource) -> str | None:
+        """What is wrong with a cached entry. The checksum is recomputed once per process and file
+        version (inode, size, mtime), so repeated requests stay cheap while replaced files are caught."""
+        data = self._data_path(key)
+        record = _read_record(self._record_path(key))
+        if record is None or not data.is_file():
+            return "incomplete entry"
+        stat = data.stat()
+        if stat.st_size != record.get("size"):
+            return f"size {stat.st_size} instead of {record.get('size')}"
+        try:
+            validate_safetensors(data, source.describe())
+        except InputError as error:
+            return str(error)
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._verified.get(key) != version:
+            if _sha256(data) != record.get("sha256"):
+                return "checksum mismatch"
+            self._verified[key] = version
+        return None
+
+    def _download(self, key: str, source: LoraSource) -> Path:
+        logger.info("extra_lora: fetching %s", source.describe())
+        staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
+        try:
+            fetched = fetch_source(source, staging, self.settings)
+            validate_safetensors(fetched, source.describe())
+            return self._store(key, source, fetched, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _store(self, key: str, source: LoraSource, fetched: Path, staging: Path) -> Path:
+        record = {"key": source.cache_key, "source": source.describe(), "size": fetched.stat().st_size,
+                  "sha256": _sha256(fetched)}
+        record_tmp = staging / "record.json"
+        record_tmp.write_text(json.dumps(record, indent=1))
+        data = self._data_path(key)
+        os.replace(fetched, data)
+        os.replace(record_tmp, self._record_path(key))
+        _mark_used(data)
+        stat = data.stat()
+        self._verified[key] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        logger.info("extra_lora: cached %s (%s)", source.describe(), human_bytes(record["size"]))
+        return data
+
+    def _remove(self, key: str) -> None:
+        self._verified.pop(key, None)
+        self._data_path(key).unlink(missing_ok=True)
+        self._record_path(key).unlink(missing_ok=True)
+
+    # --- housekeeping ---------------------------------------------------------------------------
+
+    def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        entries = []
+        for path in self.directory.glob("*.safetensors"):
+            try:
+                entries.append((path, path.stat()))
+            except FileNotFoundError:
+                continue
+        return entries
+
+    def _evict(self, keep: str) -> None:
+        """Least recently used first, until under the size budget and enough disk is free; never
+        the entry just returned, never one another request is fetching right now."""
+        entries = sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)
+        total = sum(stat.st_size for _, stat in entries)
+        for path, stat in entries:
+            if total <= self.max_bytes and shutil.disk_usage(self.directory).free >= self.min_free_bytes:
+                return
+            key = path.stem
+            if key == keep:
+                continue
+            with self._locks.unless_in_use(key) as free:
+                if free:
+                    self._remove(key)
+                    total -= stat.st_size
+                    logger.info("extra_lora: evicted %s from the LoRA cache", path.name)
+
+    def _remove_stale_staging(self) -> None:
+        """Staging folders left by a crash; recent ones may belong to another process's download."""
+        cutoff = time.time() - STALE_STAGING_SECONDS
+        for leftover in self.staging_dir.iterdir():
+            try:
+                stale = leftover.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _mark_used(path: Path) -> None:
+    """The access time is the LRU clock; the modification time is left alone, as it identifies the
+    file version whose checksum was verified."""
+    stat = path.stat()
+    os.utime(path, ns=(time.time_ns(), stat.st_mtime_ns))
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
+
+
+class _KeyLocks:
+    """One fetch per LoRA at a time: a file lock per key, which other threads and other processes
+    sharing the cache directory wait on alike (each FileLock holds its own descriptor)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _lock(self, key: str) -> FileLock:
+        return FileLock(self.directory / f"{key}.lock")
+
+    @contextmanager
+    def fetching(self, key: str, source: LoraSource) -> Iterator[None]:
+        """Held while `source` is looked up and fetched; a wait for another fetch of it is logged
+        once, since it can last as long as that download."""
+        lock = self._lock(key)
+        if not _acquired_at_once(lock):
+            logger.info("extra_lora: waiting for another fetch of %s to finish", source.describe())
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextmanager
+    def unless_in_use(self, key: str) -> Iterator[bool]:
+        """Yields whether the lock could be had without waiting (held until the block ends)."""
+        lock = self._lock(key)
+        acquired = _acquired_at_once(lock)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                lock.release()
+
+
+def _acquired_at_once(lock: FileLock) -> bool:
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return False
+    return True
