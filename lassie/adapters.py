@@ -50,7 +50,6 @@ LORA_A = ".lora_A."
 LORA_B = ".lora_B."
 SLOT_ADAPTER = "extra"
 SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
-SLOT_RANK = 128
 
 
 @dataclass
@@ -145,19 +144,16 @@ def _strip_prefix(mapping: dict, prefix: str) -> dict:
     return {key.removeprefix(prefix): value for key, value in mapping.items() if key.startswith(prefix)}
 
 
-def slot_rank_setting(value: str | None, compiled: bool, default: int) -> int | None:
-    """`LASSIE_LORA_SLOT_RANK`: the hot-swap slot's rank, or None for no slot.
+def slot_rank_setting(asked: int | None, compiled: bool, default: int) -> int | None:
+    """`LASSIE_LORA_SLOT_RANK` (`Settings.slot_rank`): the hot-swap slot's rank, or None for no slot.
 
     Unset: a rank-`default` slot exactly when the transformers are compiled, the only case where
     a new adapter name costs anything (a recompile). 0: never. N > 0: always, at rank N (CPU
     tests drive the slot this way without compiling).
     """
-    text = (value or "").strip()
-    if not text:
+    if asked is None:
         return default if compiled else None
-    if not text.isdigit():
-        raise ValueError(f"{SLOT_RANK_ENV} must be a rank (0 turns the slot off), got {value!r}")
-    return int(text) or None
+    return asked or None
 
 
 def _transformer_lora_config(lora: _Lora) -> LoraConfig:

@@ -29,7 +29,8 @@ if sys.version_info < (3, 11):
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:
     from lassie.provision import ProvisionError, provision
-    from lassie.weights import MissingWeightsError, default_weights_dir
+    from lassie.settings import Settings
+    from lassie.weights import MissingWeightsError
 except ModuleNotFoundError as missing:
     sys.exit(f"error: {missing}; {HOW_TO_RUN}")
 
@@ -38,7 +39,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("lassie").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("weights_dir", type=Path, nargs="?", default=default_weights_dir(),
+    parser.add_argument("weights_dir", type=Path, nargs="?", default=Settings.from_env().weights_dir,
                         help="default: $LASSIE_WEIGHTS_DIR or ./weights")
     parser.add_argument("--verify", action="store_true",
                         help="rehash files the manifest already vouches for (slow on real weights)")

@@ -13,11 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script, settings_for
 from lassie.generate import Inputs, generate
 from lassie.predictor import Lassie
-from lassie.variants import LASSIE_ADAPTER, Variant
-from lassie.quantization import image_psnr
 from lassie.request import Mode, Request, make_plan
+from lassie.variants import LASSIE_ADAPTER, Variant
+
+image_psnr = load_script("bench_gpu").image_psnr
 
 DEV = Variant("dev", False)
 
@@ -57,7 +59,7 @@ def test_custom_sizes_run_without_the_multiplier(predictor):
 
 def test_the_log_says_which_precision_ran_and_why(tiny_weights, caplog):
     """A fresh predictor: the reason is logged once per (model, go_fast, precision) and process."""
-    lassie = Lassie(tiny_weights)
+    lassie = Lassie(settings_for(tiny_weights))
     with caplog.at_level(logging.INFO, logger="lassie"):
         lassie.setup()
         image_of(lassie, go_fast=True, model="schnell")
@@ -69,10 +71,8 @@ def test_the_log_says_which_precision_ran_and_why(tiny_weights, caplog):
 
 @pytest.fixture(scope="module")
 def fp8_predictor(tiny_weights):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LASSIE_GO_FAST_MODE", "fp8-weight-only")
-        lassie = Lassie(tiny_weights)
-        lassie.setup()
+    lassie = Lassie(settings_for(tiny_weights, LASSIE_GO_FAST_MODE="fp8-weight-only"))
+    lassie.setup()
     return lassie
 
 
