@@ -78,7 +78,7 @@ def fp8_predictor(tiny_weights):
 
 def test_quantized_path_applies_adapters_at_the_multiplied_scale(fp8_predictor, caplog):
     with caplog.at_level(logging.INFO, logger="lassie"):
-        fast = image_of(fp8_predictor, go_fast=True, lora_scale=0.4)
+        go_fast_image = image_of(fp8_predictor, go_fast=True, lora_scale=0.4)
     assert "precision: fp8" in caplog.text
     transformer = fp8_predictor.variants.transformer(Variant("dev", True))
     assert transformer is not fp8_predictor.models.transformers["dev"]
@@ -89,18 +89,18 @@ def test_quantized_path_applies_adapters_at_the_multiplied_scale(fp8_predictor, 
     fp8_predictor.variants.adapters.activate(Variant("dev", True), {LASSIE_ADAPTER: 0.6})
     pipeline = fp8_predictor.models.pipeline("dev", Mode.TXT2IMG, transformer)
     direct = np.asarray(generate(pipeline, plan, Inputs())[0])
-    assert np.array_equal(fast, direct)
+    assert np.array_equal(go_fast_image, direct)
 
 
 def test_quantized_image_stays_close_to_full_precision(fp8_predictor):
     """fp8 (e4m3) keeps 3 mantissa bits: weights are off by up to ~6%, so the image drifts but must
     stay recognisably the same picture. 20 dB PSNR is far above two unrelated noise images
     (about 8-11 dB here) and well below identity."""
-    fast = image_of(fp8_predictor, go_fast=True, lora_scale=1 / 1.5)
+    go_fast_image = image_of(fp8_predictor, go_fast=True, lora_scale=1 / 1.5)
     full = image_of(fp8_predictor, go_fast=False, lora_scale=1.0)
     other_seed = image_of(fp8_predictor, go_fast=False, lora_scale=1.0, seed=4)
     assert image_psnr(full, other_seed) < 15
-    assert 20 < image_psnr(full, fast) < float("inf")
+    assert 20 < image_psnr(full, go_fast_image) < float("inf")
 
 
 @pytest.mark.parametrize("model", ["dev", "schnell"])

@@ -196,30 +196,31 @@ def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def test_each_fp8_weight_only_linear_stays_within_the_e4m3_rounding_bound(transformer):
-    quantized = dict(go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY).named_modules())
+    go_fast_modules = dict(go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY).named_modules())
     generator = torch.Generator().manual_seed(1)
     for name, linear in transformer.named_modules():
         if go_fast.is_token_linear(linear, name):
             inputs = torch.randn(7, linear.in_features, generator=generator)
             with torch.no_grad():
-                error = relative_error(linear(inputs), quantized[name](inputs))
+                error = relative_error(linear(inputs), go_fast_modules[name](inputs))
             assert 0.005 < error < FP8_RELATIVE_ERROR_BOUND, name
 
 
 def test_fp8_weight_only_transformer_stays_close_to_float32(transformer):
     reference = run(transformer)
-    quantized = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
-    assert 0 < relative_error(reference, run(quantized)) < FP8_RELATIVE_ERROR_BOUND
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
+    assert 0 < relative_error(reference, run(go_fast_copy)) < FP8_RELATIVE_ERROR_BOUND
     assert torch.equal(run(transformer), reference), "the original must be left exactly as it was"
 
 
 def test_only_token_linears_are_quantized_and_everything_else_is_shared(transformer):
-    quantized = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
-    fp8 = {name for name, m in quantized.named_modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)}
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
+    fp8 = {name for name, m in go_fast_copy.named_modules()
+           if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)}
     token_linears = {name for name, m in transformer.named_modules() if go_fast.is_token_linear(m, name)}
     assert fp8 == token_linears and "transformer_blocks.0.attn.to_q" in fp8
     assert "transformer_blocks.0.norm1.linear" not in fp8 and "proj_out" not in fp8
-    shared = quantized.transformer_blocks[0].norm1.linear.weight
+    shared = go_fast_copy.transformer_blocks[0].norm1.linear.weight
     assert shared.data_ptr() == transformer.transformer_blocks[0].norm1.linear.weight.data_ptr()
     assert not isinstance(transformer.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
 
@@ -230,9 +231,9 @@ def test_unquantized_mode_is_the_same_transformer(transformer):
 
 def test_quantizing_leaves_the_source_adapters_behind(transformer, tiny):
     attach_lassie(transformer, tiny)
-    quantized = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
-    assert not any(isinstance(m, BaseTunerLayer) for m in quantized.modules())
-    assert not getattr(quantized, "peft_config", None)
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
+    assert not any(isinstance(m, BaseTunerLayer) for m in go_fast_copy.modules())
+    assert not getattr(go_fast_copy, "peft_config", None)
     assert "lassie" in transformer.peft_config
 
 
@@ -254,14 +255,14 @@ def lora_delta(layer, inputs: torch.Tensor) -> torch.Tensor:
 def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transformer, tiny):
     """PEFT puts TorchaoLoraLinear on fp8 weights; the LoRA path itself is not quantized, so its
     contribution, and the 1.5x go_fast multiplier on it, are the same as on the original."""
-    quantized = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
     attach_lassie(transformer, tiny)
-    attach_lassie(quantized, tiny)
-    layer, fp8_layer = transformer.transformer_blocks[0].attn.to_q, quantized.transformer_blocks[0].attn.to_q
+    attach_lassie(go_fast_copy, tiny)
+    layer, fp8_layer = transformer.transformer_blocks[0].attn.to_q, go_fast_copy.transformer_blocks[0].attn.to_q
     assert type(fp8_layer).__name__ == "TorchaoLoraLinear"
     inputs = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(lora_delta(fp8_layer, inputs), lora_delta(layer, inputs))
-    quantized.set_adapters(["lassie"], [GO_FAST_LORA_MULTIPLIER])
+    go_fast_copy.set_adapters(["lassie"], [GO_FAST_LORA_MULTIPLIER])
     transformer.set_adapters(["lassie"], [1.0])
     torch.testing.assert_close(lora_delta(fp8_layer, inputs), GO_FAST_LORA_MULTIPLIER * lora_delta(layer, inputs))
 
