@@ -24,13 +24,14 @@ from lassie.input_files import request_file  # noqa: E402
 from lassie.predictor import Lassie  # noqa: E402
 from lassie.request import Request  # noqa: E402
 from lassie.serial import SerialRunner  # noqa: E402
+from lassie.settings import Settings  # noqa: E402
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.runner = SerialRunner(interrupt=CancelationException)
-        self.lassie = Lassie()
+        self.lassie = Lassie(Settings.from_env())  # the one read of the environment
         self.runner.run_now(self.lassie.setup)
 
     async def predict(

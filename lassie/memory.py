@@ -6,11 +6,11 @@ be loaded; in tests, the full-size ones of `lassie/flux_configs`), and `plan_mem
 device's memory and the working memory of the worst request the schema allows (4 outputs at
 1440x1440, go_fast, an extra LoRA in the slot). Candidates are tried from fastest to leanest:
 
-1. both go_fast twins resident, the slot at the asked rank, VAE decoding the batch at once;
+1. both go_fast copies resident, the slot at the asked rank, VAE decoding the batch at once;
 2. the same with VAE slicing (one image decoded at a time: the same images, a fraction of the
    memory);
 3. the same with a narrower hot-swap slot (down to `MIN_SLOT_RANK`);
-4. no go_fast twins: go_fast runs the bf16 transformers, which need no extra memory;
+4. no go_fast copies: go_fast runs the bf16 transformers, which need no extra memory;
 and when not even that fits, setup fails with the memory it needs: never an OOM in a request.
 """
 
@@ -28,7 +28,6 @@ from lassie.weights import WeightsLayout
 GIB = 2**30
 BF16_BYTES = 2
 FP8_BYTES = 1
-CONFIGS = Path(__file__).parent / "flux_configs"
 
 WORST_SIZE = (1440, 1440)
 WORST_OUTPUTS = 4
@@ -57,12 +56,12 @@ class Footprint:
     safety_parameters: int
     hidden_size: int
 
-    def resident_bytes(self, fast_twins: bool, slot_rank: int | None) -> int:
-        """bf16 transformers, encoders, VAE and safety models, plus fp8 twins and slots."""
-        transformers = len(self.transformer_parameters) * (2 if fast_twins else 1)
+    def resident_bytes(self, go_fast_copies: bool, slot_rank: int | None) -> int:
+        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8) and slots."""
+        transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
         total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
                  + self.safety_parameters) * BF16_BYTES
-        if fast_twins:
+        if go_fast_copies:
             total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
         if slot_rank:
             total += transformers * slot_rank * self.slot_parameters_per_rank * BF16_BYTES
@@ -79,7 +78,7 @@ class Footprint:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    fast_twins: bool
+    go_fast_copies: bool
     vae_slicing: bool
     slot_rank: int | None
     resident_bytes: int
@@ -100,8 +99,8 @@ def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
     if device_bytes is None:
         return _plan(footprint, quantizes, False, slot_rank, "host memory: every variant stays resident")
     budget = device_bytes - RESERVED_BYTES
-    for fast_twins, vae_slicing, rank in _candidates(quantizes, slot_rank):
-        plan = _plan(footprint, fast_twins, vae_slicing, rank, "")
+    for go_fast_copies, vae_slicing, rank in _candidates(quantizes, slot_rank):
+        plan = _plan(footprint, go_fast_copies, vae_slicing, rank, "")
         if plan.resident_bytes + plan.worst_request_bytes <= budget:
             return _explained(plan, device_bytes, quantizes, slot_rank)
     leanest = _plan(footprint, False, True, MIN_SLOT_RANK if slot_rank else None, "")
@@ -113,23 +112,24 @@ def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
 
 
 def _candidates(quantizes: bool, slot_rank: int | None) -> list[tuple[bool, bool, int | None]]:
-    """(fast twins, VAE slicing, slot rank), fastest first: a narrower slot only after slicing."""
+    """(go_fast copies, VAE slicing, slot rank), fastest first: a narrower slot only after slicing."""
     narrower = []
     while slot_rank and (narrower[-1] if narrower else slot_rank) // 2 >= MIN_SLOT_RANK:
         narrower.append((narrower[-1] if narrower else slot_rank) // 2)
     candidates = []
-    for fast_twins in ([True, False] if quantizes else [False]):
-        candidates += [(fast_twins, False, slot_rank), (fast_twins, True, slot_rank)]
-        candidates += [(fast_twins, True, rank) for rank in narrower]
+    for go_fast_copies in ([True, False] if quantizes else [False]):
+        candidates += [(go_fast_copies, False, slot_rank), (go_fast_copies, True, slot_rank)]
+        candidates += [(go_fast_copies, True, rank) for rank in narrower]
     return candidates
 
 
-def _plan(footprint: Footprint, fast_twins: bool, vae_slicing: bool, slot_rank: int | None, reason: str) -> MemoryPlan:
+def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_rank: int | None,
+          reason: str) -> MemoryPlan:
     return MemoryPlan(
-        fast_twins=fast_twins,
+        go_fast_copies=go_fast_copies,
         vae_slicing=vae_slicing,
         slot_rank=slot_rank,
-        resident_bytes=footprint.resident_bytes(fast_twins, slot_rank),
+        resident_bytes=footprint.resident_bytes(go_fast_copies, slot_rank),
         worst_request_bytes=footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing),
         reason=reason,
     )
@@ -139,7 +139,8 @@ def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank:
     parts = [f"{plan.resident_bytes / GIB:.1f} GiB resident + {plan.worst_request_bytes / GIB:.1f} GiB for the "
              f"largest request of {device_bytes / GIB:.1f} GiB"]
     if quantizes:
-        parts.append("go_fast twins resident" if plan.fast_twins else "no room for go_fast twins: go_fast runs bf16")
+        parts.append("go_fast copies resident" if plan.go_fast_copies
+                     else "no room for go_fast copies: go_fast runs bf16")
     if plan.vae_slicing:
         parts.append("VAE decodes one image at a time")
     if plan.slot_rank != asked_rank:
@@ -154,7 +155,7 @@ def parameters(module: nn.Module) -> int:
 def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Module], vae: nn.Module,
                  safety: list[nn.Module]) -> Footprint:
     """Counts the modules as they are (real or on the meta device); LoRA adapters are not counted."""
-    from lassie.quantization import is_token_linear
+    from lassie.go_fast import is_token_linear
 
     first = next(iter(transformers.values()))
     linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
@@ -179,14 +180,6 @@ class ModelConfigs:
     vae: Path
     compvis: Path
     falcon: Path
-
-    @classmethod
-    def full_size(cls) -> "ModelConfigs":
-        """FLUX.1 dev + schnell and the safety models as published (`lassie/flux_configs`)."""
-        return cls(transformers={model: CONFIGS / f"{model}_transformer.json" for model in ("dev", "schnell")},
-                   t5=CONFIGS / "t5_text_encoder.json", clip=CONFIGS / "clip_text_encoder.json",
-                   vae=CONFIGS / "vae.json", compvis=CONFIGS / "compvis_safety_checker.json",
-                   falcon=CONFIGS / "falcon_nsfw_classifier.json")
 
     @classmethod
     def of_layout(cls, layout: WeightsLayout) -> "ModelConfigs":

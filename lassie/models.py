@@ -21,8 +21,8 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from lassie.attention import choose_attention, installed_attention_packages, use_attention
+from lassie.hardware import DeviceInfo
 from lassie.prompts import PromptCache
-from lassie.quantization import DeviceInfo
 from lassie.request import Mode
 from lassie.weights import WeightsLayout
 
@@ -33,19 +33,6 @@ PIPELINE_CLASSES: dict[Mode, type[DiffusionPipeline]] = {
     Mode.IMG2IMG: FluxImg2ImgPipeline,
     Mode.INPAINT: FluxInpaintPipeline,
 }
-
-
-@dataclass(frozen=True)
-class Device:
-    torch_device: torch.device
-    dtype: torch.dtype
-
-    @classmethod
-    def for_hardware(cls, gpu: bool) -> "Device":
-        """bf16 on a GPU, float32 on CPU (bf16 matmuls on CPU are slow and less exact)."""
-        if gpu:
-            return cls(torch.device("cuda"), torch.bfloat16)
-        return cls(torch.device("cpu"), torch.float32)
 
 
 @dataclass
@@ -63,9 +50,9 @@ class FluxModels:
         return self.base.text_encoder
 
     def pipeline(self, model: str, mode: Mode, transformer: FluxTransformer2DModel | None = None) -> DiffusionPipeline:
-        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. fp8).
+        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. its go_fast copy).
 
-        Built per call (about a millisecond) rather than cached: a cache would keep dropped fp8
+        Built per call (about a millisecond) rather than cached: a cache would keep dropped go_fast
         copies alive, and a fresh scheduler carries no state from the previous call.
         """
         components = dict(self.base.components)
@@ -74,8 +61,8 @@ class FluxModels:
         return PIPELINE_CLASSES[mode](**components)
 
 
-def load_models(layout: WeightsLayout, device: Device, vae_slicing: bool = False) -> FluxModels:
-    """Weights go straight to `device` (`device_map`), never staged whole in host memory first.
+def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = False) -> FluxModels:
+    """Weights go straight to `device` in its dtype (`device_map`), never staged whole in host memory first.
     `vae_slicing` decodes a batch one image at a time (the memory plan's call)."""
     device_map = device.torch_device.type
     log.info("loading FLUX.1 dev from %s (%s, %s)", layout.dev_dir, device.torch_device, device.dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -11,31 +10,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from lassie.compilation import compile_setting, configure_compile_cache
 from lassie.encoding import save_images
 from lassie.generate import generate
+from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
+from lassie.hardware import DeviceInfo, query_device
 from lassie.images import load_inputs
-from lassie.lora.adapters import SLOT_RANK, slot_rank_for
+from lassie.lora.adapters import slot_rank_for
 from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory
-from lassie.models import Device, FluxModels, load_models, prepare_for_speed
+from lassie.models import FluxModels, load_models, prepare_for_speed
 from lassie.provision import ensure_weights
-from lassie.quantization import (
-    COMPILE_BACKEND_ENV,
-    COMPILE_ENV,
-    GO_FAST_MODE_ENV,
-    PrecisionLog,
-    compile_setting,
-    configure_compile_cache,
-    plan_go_fast,
-    precision_of,
-    query_device,
-    requested_mode,
-)
 from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
-from lassie.settings import Settings
+from lassie.settings import DEFAULT_SLOT_RANK, Settings
 from lassie.variants import TransformerVariants
-from lassie.weights import WeightsLayout, default_weights_dir
+from lassie.weights import WeightsLayout
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +37,42 @@ def timed(phase: str) -> Iterator[None]:
 
 
 class Lassie:
-    def __init__(self, weights_dir: Path | None = None) -> None:
-        self.layout = WeightsLayout(Path(weights_dir) if weights_dir else default_weights_dir())
+    """Built from the operator's `Settings` (read once, by the caller); nothing here reads the environment."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layout = WeightsLayout(settings.weights_dir)
         self.models: FluxModels | None = None
         self.variants: TransformerVariants | None = None
         self.lora_cache: LoraCache | None = None
         self.safety: SafetyFilter | None = None
         self._output_dir: Path | None = None
-        self._device: Device | None = None
+        self._device: DeviceInfo | None = None
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
-        settings = Settings.from_env()
-        ensure_weights(self.layout, settings)
+        ensure_weights(self.layout, self.settings)
         hardware = query_device()
-        self._device = Device.for_hardware(hardware.is_gpu)
-        go_fast = plan_go_fast(hardware, requested_mode(os.environ.get(GO_FAST_MODE_ENV)))
-        compiling = compile_setting(os.environ.get(COMPILE_ENV), os.environ.get(COMPILE_BACKEND_ENV), hardware)
+        self._device = hardware
+        go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
+        compiling = compile_setting(self.settings.compile, hardware)
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
-        slot_rank = slot_rank_for(settings.slot_rank, compiling.enabled, SLOT_RANK)
+        slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
                              footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_rank)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         if compiling.enabled:
-            configure_compile_cache(self.layout.root)
+            configure_compile_cache(self.settings.compile, self.layout.root)
         with timed("loading models"):
-            self.models = load_models(self.layout, self._device, vae_slicing=memory.vae_slicing)
+            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
             prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
-            self.safety = SafetyFilter.load(self.layout, self._device.torch_device, self._device.dtype)
+            self.safety = SafetyFilter.load(self.layout, hardware)
         self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
             self.variants.prepare(self.layout.lassie_lora)
-        self.lora_cache = LoraCache(settings.lora, self.layout.lora_cache_dir)
+        self.lora_cache = LoraCache(self.settings.lora, self.layout.lora_cache_dir)
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
     def predict(self, request: Request) -> list[Path]:
@@ -105,7 +97,7 @@ class Lassie:
                                                          plan, inputs, self.models.prompts))
         if plan.safety_checker:
             with timed("safety checking"):
-                results = self.safety.filter(results).kept
+                results = self.safety.filter(results)
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
 

@@ -7,7 +7,6 @@ dropped only when the Falcon classifier, asked about each image CompVis flagged,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from lassie.hardware import DeviceInfo
 from lassie.weights import WeightsLayout
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,6 @@ class AllOutputsFlaggedError(RuntimeError):
                          "Try a different prompt (or set disable_safety_checker).")
 
 
-@dataclass(frozen=True)
-class SafetyResult:
-    kept: list[Image.Image]
-    kept_indices: list[int]
-    dropped: int
-
-
 class SafetyFilter:
     """Both models, loaded once at setup and kept on the generation device."""
 
@@ -57,20 +50,21 @@ class SafetyFilter:
         self.dtype = dtype
 
     @classmethod
-    def load(cls, layout: WeightsLayout, device: torch.device, dtype: torch.dtype = torch.float32) -> SafetyFilter:
+    def load(cls, layout: WeightsLayout, device: DeviceInfo) -> SafetyFilter:
+        """On the generation device, in its dtype."""
         checker = StableDiffusionSafetyChecker.from_pretrained(layout.compvis_dir)
         classifier = ViTForImageClassification.from_pretrained(layout.falcon_dir)
         return cls(
-            checker.to(device=device, dtype=dtype).eval(),
+            checker.to(device=device.torch_device, dtype=device.dtype).eval(),
             CLIPImageProcessor.from_pretrained(layout.compvis_dir),
-            classifier.to(device=device, dtype=dtype).eval(),
+            classifier.to(device=device.torch_device, dtype=device.dtype).eval(),
             AutoImageProcessor.from_pretrained(layout.falcon_dir),
-            device,
-            dtype,
+            device.torch_device,
+            device.dtype,
         )
 
-    def filter(self, images: list[Image.Image]) -> SafetyResult:
-        """Keeps every image unless both models flag it; raises when that leaves nothing."""
+    def filter(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The images kept, in order: every image unless both models flag it; raises when that leaves nothing."""
         flagged = [index for index, flag in enumerate(self.checker_flags(images)) if flag]
         confirmed = self.classifier_flags([images[index] for index in flagged]) if flagged else []
         dropped = {index for index, nsfw in zip(flagged, confirmed) if nsfw}
@@ -78,8 +72,7 @@ class SafetyFilter:
                  len(flagged), len(images), len(dropped))
         if images and len(dropped) == len(images):
             raise AllOutputsFlaggedError(len(images))
-        kept_indices = [index for index in range(len(images)) if index not in dropped]
-        return SafetyResult([images[index] for index in kept_indices], kept_indices, len(dropped))
+        return [image for index, image in enumerate(images) if index not in dropped]
 
     @torch.inference_mode()
     def checker_flags(self, images: list[Image.Image]) -> list[bool]:

@@ -9,7 +9,7 @@ LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and wa
   that fit still run, the rest eagerly), with one warning naming the guards that failed. Only
   that refusal is caught: torch raises it as a plain RuntimeError, recognised by its message.
   `FailOnRecompileLimitHit` cannot happen: nothing compiles after setup.
-- A compile that fails at setup leaves the server eager (`force_eager`), and fp8 twins that
+- A compile that fails at setup leaves the server eager (`force_eager`), and go_fast copies that
   cannot be built leave go_fast on bf16, each with one log line: never SETUP_FAILED.
 """
 
@@ -31,7 +31,8 @@ from lassie.generate import Inputs, pipeline_arguments
 from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
-from lassie.quantization import CompileSetting, FastMode, GoFastPlan, compile_transformer, quantize_transformer
+from lassie.compilation import CompileSetting, compile_transformer
+from lassie.go_fast import FastMode, GoFastPlan, quantize_transformer
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,13 @@ GUARD_LINE = re.compile(r"^\s*- \d+/\d+: (.+)$", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Variant:
-    """A runnable transformer: `fast` is the go_fast twin (fp8 where the hardware has it)."""
+    """A runnable transformer: `go_fast` is the model's go_fast copy (fp8 where the hardware has it)."""
 
     model: str
-    fast: bool
+    go_fast: bool
 
     def __str__(self) -> str:
-        return f"{self.model} go_fast" if self.fast else self.model
+        return f"{self.model} go_fast" if self.go_fast else self.model
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class WarmUpRun:
     lassie_scale: float
 
 
-def plan_warm_up(fast_twins: bool, slot: bool) -> list[WarmUpRun]:
+def plan_warm_up(go_fast_copies: bool, slot: bool) -> list[WarmUpRun]:
     """One short call per set of graphs requests use, at the scales they use.
 
     Graphs differ by precision (bf16 and fp8 blocks), by active-adapter set (Lassie alone, or
@@ -73,8 +74,8 @@ def plan_warm_up(fast_twins: bool, slot: bool) -> list[WarmUpRun]:
     block classes and so their graphs: warming dev covers schnell. Each call compiles one graph
     per block class (double and single blocks).
     """
-    variants = [Variant("dev", False)] + ([Variant("dev", True)] if fast_twins else [])
-    return [WarmUpRun(variant, extra_slot, outputs, GO_FAST_LORA_MULTIPLIER if variant.fast else 1.0)
+    variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
+    return [WarmUpRun(variant, extra_slot, outputs, GO_FAST_LORA_MULTIPLIER if variant.go_fast else 1.0)
             for variant in variants for extra_slot in ((False, True) if slot else (False,))
             for outputs in WARM_UP_BATCHES]
 
@@ -99,29 +100,29 @@ class TransformerVariants:
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
                                      slot_rank=memory.slot_rank)
-        self._twins: dict[str, nn.Module] = {}
+        self._go_fast_copies: dict[str, nn.Module] = {}
         self._extra: str | None = None
         self._stance: str | None = None
 
     def prepare(self, lassie_lora: Path) -> None:
-        """Lassie on every variant, the fp8 twins, then compile and warm-up: after this no request
+        """Lassie on every variant, the go_fast copies, then compile and warm-up: after this no request
         loads, quantizes or compiles anything but an extra LoRA's weights."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
-        self._build_twins()
+        self._build_go_fast_copies()
         for variant in self.variants():
             self.adapters.activate(variant, {LASSIE_ADAPTER: 1.0})
         if self._compile.enabled:
             self._compile_and_warm_up()
 
     def variants(self) -> list[Variant]:
-        return [Variant(model, fast) for fast in (False, True) for model in self._models.transformers
-                if not fast or model in self._twins]
+        return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
+                if not go_fast or model in self._go_fast_copies]
 
     def variant_for(self, model: str, go_fast: bool) -> Variant:
-        return Variant(model, go_fast and model in self._twins)
+        return Variant(model, go_fast and model in self._go_fast_copies)
 
     def transformer(self, variant: Variant) -> nn.Module:
-        return self._twins[variant.model] if variant.fast else self._models.transformers[variant.model]
+        return self._go_fast_copies[variant.model] if variant.go_fast else self._models.transformers[variant.model]
 
     def ready(self, variant: Variant, lassie_scale: float, extra: Path | None, extra_scale: float) -> nn.Module:
         """The variant with Lassie (and `extra`) active at the given scales. A new extra LoRA
@@ -162,28 +163,28 @@ class TransformerVariants:
             with torch.compiler.set_stance("eager_on_recompile"):
                 return call()
 
-    def _build_twins(self) -> None:
+    def _build_go_fast_copies(self) -> None:
         if not self.go_fast.quantizes:
             return
-        if not self._memory.fast_twins:
+        if not self._memory.go_fast_copies:
             self.go_fast = GoFastPlan(FastMode.UNQUANTIZED, f"{self.go_fast.reason}; {self._memory.reason}")
             return
         started = time.perf_counter()
         try:
-            twins = {model: quantize_transformer(transformer, self.go_fast.mode)
+            copies = {model: quantize_transformer(transformer, self.go_fast.mode)
                      for model, transformer in self._models.transformers.items()}
         except Exception as error:
             log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
                         "transformers", self.go_fast.mode.value, type(error).__name__, error)
             self.go_fast = GoFastPlan(FastMode.UNQUANTIZED, f"go_fast: {self.go_fast.mode.value} failed at setup")
             return
-        for model, twin in twins.items():
-            self._twins[model] = twin
-            self.adapters.attach(Variant(model, True), twin)
+        for model, go_fast_copy in copies.items():
+            self._go_fast_copies[model] = go_fast_copy
+            self.adapters.attach(Variant(model, True), go_fast_copy)
         log.info("built the %s go_fast transformers in %.1fs", self.go_fast.mode.value, time.perf_counter() - started)
 
     def _compile_and_warm_up(self) -> None:
-        runs = plan_warm_up(bool(self._twins), self.adapters.slot_rank is not None)
+        runs = plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_rank is not None)
         graphs_before = counters["stats"]["unique_graphs"]
         started = time.perf_counter()
         try:

@@ -7,21 +7,15 @@ not; both layouts are accepted, and nothing here ever asks which kind of weights
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-WEIGHTS_DIR_ENV = "LASSIE_WEIGHTS_DIR"
 PROVIDE_COMMAND = "python scripts/download_weights.py"
 TINY_WEIGHTS_COMMAND = "python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
-
-
-def default_weights_dir() -> Path:
-    return Path(os.environ.get(WEIGHTS_DIR_ENV, "weights"))
 
 
 class MissingWeightsError(RuntimeError):
@@ -32,7 +26,7 @@ def tiny_weights_hint() -> str:
     """Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck."""
     return (f"To run the server without the real weights, build tiny random ones (same layout; images are "
             f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
-            f"{WEIGHTS_DIR_ENV}={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
+            f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
 
 
 def _model_files_missing(directory: Path, stem: str) -> list[Path]:

@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -174,12 +175,13 @@ def main() -> None:
 
     from lassie.predictor import Lassie
     from lassie.request import Request
+    from lassie.settings import Settings
 
     diffusers_logging.disable_progress_bar()
     weights = tiny_weights(args.weights)
     inputs = dict(prompt=PROMPT, megapixels="0.25", num_inference_steps=STEPS, seed=SEED, output_format=args.format,
                   disable_safety_checker=True)
-    predictor = Lassie(weights)
+    predictor = Lassie(replace(Settings.from_env(), weights_dir=weights))
     predictor.setup()
     request = Request(**inputs)
     checked = Request(**{**inputs, "disable_safety_checker": False})

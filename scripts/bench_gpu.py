@@ -6,7 +6,7 @@ weights straight on the GPU: the weights directory holds configs, tokenizers and
 (about 0.7 GB, nothing like 58 GB), and in this script's processes the library loaders
 (`from_pretrained` of those four classes) materialise a directory marked
 `bench-random-weights.json` on the device instead of reading files. The product itself runs
-unchanged through its public surface: `Lassie(weights).setup()`, `.predict(Request(...))`
+unchanged through its public surface: `Lassie(settings).setup()`, `.predict(Request(...))`
 and its environment settings (LASSIE_COMPILE, LASSIE_COMPILE_BACKEND, LASSIE_GO_FAST_MODE...).
 
 Sections, each in its own process (a clean GPU, its own peak memory), in this order:
@@ -56,7 +56,7 @@ import time
 import tomllib
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
@@ -659,12 +659,13 @@ def serve_extras(directory: Path) -> str:
 
 def set_up_product(weights: Path, sink: Sink, label: str, clocks: "Clocks"):
     from lassie.predictor import Lassie
+    from lassie.settings import Settings
 
     lines = TimedLogLines()
     product_log = logging.getLogger("lassie")
     product_log.addHandler(lines)
     compiled_before = compile_seconds()
-    predictor = Lassie(weights)
+    predictor = Lassie(replace(Settings.from_env(), weights_dir=weights))
     seconds, _ = timed(predictor.setup)
     product_log.removeHandler(lines)
     compiled = compile_seconds()
@@ -703,6 +704,16 @@ def run_cases(predictor, cases: list[Case], options: Options, sink: Sink, clock:
         log.info("round %d/%d done", round_index, options.repeats)
 
 
+def image_psnr(reference, candidate) -> float:
+    """PSNR in dB of two 8-bit images (arrays) of the same shape; infinite when they are identical."""
+    import numpy as np
+
+    if reference.shape != candidate.shape:
+        raise ValueError(f"images differ in shape: {reference.shape} vs {candidate.shape}")
+    error = np.mean((np.asarray(reference, dtype=np.float64) - np.asarray(candidate, dtype=np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
+
+
 def measure_psnr(predictor, options: Options, sink: Sink) -> None:
     """go_fast at lora_scale 1 runs the LoRA at 1.5; bf16 gets 1.5 directly: only precision differs."""
     import numpy as np
@@ -719,9 +730,8 @@ def measure_psnr(predictor, options: Options, sink: Sink) -> None:
             request = Request(prompt=PROMPT, model=model, num_inference_steps=options.steps(model), aspect_ratio="1:1",
                               megapixels=options.megapixels, seed=SEED, go_fast=go_fast, lora_scale=scale,
                               output_format="png", disable_safety_checker=True)
-            images[go_fast] = np.asarray(Image.open(predictor.predict(request)[0]).convert("RGB"), dtype=np.float64)
-        error = float(np.mean((images[True] - images[False]) ** 2))
-        sink.write("psnr", model=model, db=float("inf") if error == 0 else 10 * float(np.log10(255.0**2 / error)))
+            images[go_fast] = np.asarray(Image.open(predictor.predict(request)[0]).convert("RGB"))
+        sink.write("psnr", model=model, db=image_psnr(images[True], images[False]))
 
 
 class Warnings(logging.Handler):

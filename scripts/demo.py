@@ -15,7 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lassie.weights import TINY_WEIGHTS_DIR, WEIGHTS_DIR_ENV, WeightsLayout, default_weights_dir  # noqa: E402
+from lassie.settings import Settings  # noqa: E402
+from lassie.weights import TINY_WEIGHTS_DIR, WeightsLayout  # noqa: E402
 
 log = logging.getLogger("demo")
 TINY_DIR = REPO / TINY_WEIGHTS_DIR
@@ -23,7 +24,7 @@ OUT = REPO / "out"
 
 
 def weights_to_serve() -> Path:
-    real = default_weights_dir()
+    real = Settings.from_env().weights_dir
     if not WeightsLayout(real).missing():
         log.info("serving the real weights in %s", real)
         return real
@@ -67,8 +68,8 @@ def main() -> None:
     log.info("image: %s (%s, %dx%d, predicted in %.2fs)", path, image.format, *image.size,
              response.get("metrics", {}).get("predict_time", 0.0))
     log.info("server log: %s", server.log_path)
-    log.info("to keep a server running on these weights: README.md, 'Serve it yourself', with %s=%s",
-             WEIGHTS_DIR_ENV, weights)
+    log.info("to keep a server running on these weights: README.md, 'Serve it yourself', with LASSIE_WEIGHTS_DIR=%s",
+             weights)
 
 
 if __name__ == "__main__":

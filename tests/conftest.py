@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from lassie.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 LORA_HOST = "127.0.0.2"
@@ -21,11 +24,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_script(name: str):
-    """Import a script from scripts/ as a module (in-process: torch is imported once)."""
+    """Import a script from scripts/ as a module (in-process: torch is imported once). Registered
+    under its name before it runs: dataclasses look their module up by name."""
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def settings_for(weights: Path, **env: str) -> Settings:
+    """The settings a server started now would read, serving `weights`, with `env` set on top."""
+    return Settings.from_env({**os.environ, "LASSIE_WEIGHTS_DIR": str(weights), **env})
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +60,7 @@ def predictor(tiny_weights: Path):
     """One predictor for the session, set up on the tiny weights like a fresh server."""
     from lassie.predictor import Lassie
 
-    lassie = Lassie(tiny_weights)
+    lassie = Lassie(settings_for(tiny_weights))
     lassie.setup()
     return lassie
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +129,14 @@ def test_dry_run_reports_the_setup_breakdown_and_what_needs_cuda(dry_run):
     assert table in result.stdout
     assert "| dev go_fast | " in table and "| switch to a cached extra LoRA" in table
     assert "dry run on CPU" in table.splitlines()[0]
+
+
+def test_psnr(bench):
+    image = np.full((4, 4, 3), 100, dtype=np.uint8)
+    assert bench.image_psnr(image, image) == float("inf")
+    assert bench.image_psnr(image, image + 1) == pytest.approx(20 * np.log10(255), abs=1e-9)
+    with pytest.raises(ValueError, match="differ in shape"):
+        bench.image_psnr(image, image[:2])
 
 
 def test_dry_run_psnr_shows_go_fast_is_bf16_at_one_and_a_half_times_the_scale_on_cpu(dry_run):

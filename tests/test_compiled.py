@@ -3,7 +3,7 @@
 `aot_eager` runs AOTAutograd, which specialises exactly as inductor does (a Python float read by
 the graph becomes a constant guarded by value), so what recompiles here recompiles on a GPU.
 Graphs are counted with dynamo's own counter after warm-up. The compiled predictor runs the
-go_fast twins as fp8 weight-only (the quantized path CPU can run) and extra LoRAs through the
+go_fast copies as fp8 weight-only (the quantized path CPU can run) and extra LoRAs through the
 hot-swap slot; its images are compared with an eager predictor of the same settings.
 """
 
@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save
 from torch._dynamo.utils import counters
 
-from conftest import load_script
+from conftest import load_script, settings_for
 from lassie.predictor import Lassie
 from lassie.request import Request
 from lassie.sizes import aspect_ratios
@@ -43,11 +43,8 @@ def graphs() -> int:
 
 
 def set_up(weights: Path, env: dict[str, str]) -> Lassie:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        lassie = Lassie(weights)
-        lassie.setup()
+    lassie = Lassie(settings_for(weights, **env))
+    lassie.setup()
     return lassie
 
 
@@ -126,7 +123,7 @@ def assert_same_images(compiled: list[np.ndarray], eager: list[np.ndarray], fiel
 
 def test_warm_up_makes_at_most_two_calls_per_graph_and_covers_every_graph_set(warmed):
     lassie, compiled, calls, messages = warmed
-    runs = plan_warm_up(fast_twins=True, slot=True)
+    runs = plan_warm_up(go_fast_copies=True, slot=True)
     assert calls == len(runs) == 8  # bf16 and fp8, with and without the slot, batch 1 and 2
     assert compiled >= len(runs)  # each run compiles the double- and the single-block graph
     assert calls <= 2 * compiled
@@ -179,7 +176,7 @@ def test_a_compile_that_fails_at_setup_leaves_a_working_eager_server(tiny_weight
     assert_same_images(images(lassie, fields), images(predictor, fields), fields)
 
 
-def test_twins_that_cannot_be_built_leave_go_fast_on_bf16(tiny_weights, predictor, monkeypatch, caplog):
+def test_go_fast_copies_that_cannot_be_built_leave_go_fast_on_bf16(tiny_weights, predictor, monkeypatch, caplog):
     def broken(transformer, mode):
         raise RuntimeError("no fp8 kernels here")
 

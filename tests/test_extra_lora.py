@@ -11,7 +11,7 @@ from fake_services import CivitaiFile, FakeServices, make_tar, services  # noqa:
 from PIL import Image
 from safetensors.torch import save
 
-from conftest import load_script
+from conftest import load_script, settings_for
 from lassie.errors import InputError
 from lassie.lora.cache import LoraCache
 from lassie.predictor import Lassie
@@ -156,7 +156,7 @@ def test_no_bleed_across_a_random_sequence_of_requests(predictor, tiny_weights, 
     for fields in requests:
         key = tuple(sorted(fields.items()))
         if key not in fresh_results:
-            fresh = Lassie(tiny_weights)
+            fresh = Lassie(settings_for(tiny_weights))
             fresh.setup()
             fresh_results[key] = outcome(fresh, fields)
         assert outcome(predictor, fields) == fresh_results[key], fields

@@ -13,11 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script, settings_for
 from lassie.generate import Inputs, generate
 from lassie.predictor import Lassie
-from lassie.variants import LASSIE_ADAPTER, Variant
-from lassie.quantization import image_psnr
 from lassie.request import Mode, Request, make_plan
+from lassie.variants import LASSIE_ADAPTER, Variant
+
+image_psnr = load_script("bench_gpu").image_psnr
 
 DEV = Variant("dev", False)
 
@@ -57,7 +59,7 @@ def test_custom_sizes_run_without_the_multiplier(predictor):
 
 def test_the_log_says_which_precision_ran_and_why(tiny_weights, caplog):
     """A fresh predictor: the reason is logged once per (model, go_fast, precision) and process."""
-    lassie = Lassie(tiny_weights)
+    lassie = Lassie(settings_for(tiny_weights))
     with caplog.at_level(logging.INFO, logger="lassie"):
         lassie.setup()
         image_of(lassie, go_fast=True, model="schnell")
@@ -69,16 +71,14 @@ def test_the_log_says_which_precision_ran_and_why(tiny_weights, caplog):
 
 @pytest.fixture(scope="module")
 def fp8_predictor(tiny_weights):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LASSIE_GO_FAST_MODE", "fp8-weight-only")
-        lassie = Lassie(tiny_weights)
-        lassie.setup()
+    lassie = Lassie(settings_for(tiny_weights, LASSIE_GO_FAST_MODE="fp8-weight-only"))
+    lassie.setup()
     return lassie
 
 
 def test_quantized_path_applies_adapters_at_the_multiplied_scale(fp8_predictor, caplog):
     with caplog.at_level(logging.INFO, logger="lassie"):
-        fast = image_of(fp8_predictor, go_fast=True, lora_scale=0.4)
+        go_fast_image = image_of(fp8_predictor, go_fast=True, lora_scale=0.4)
     assert "precision: fp8" in caplog.text
     transformer = fp8_predictor.variants.transformer(Variant("dev", True))
     assert transformer is not fp8_predictor.models.transformers["dev"]
@@ -89,18 +89,18 @@ def test_quantized_path_applies_adapters_at_the_multiplied_scale(fp8_predictor, 
     fp8_predictor.variants.adapters.activate(Variant("dev", True), {LASSIE_ADAPTER: 0.6})
     pipeline = fp8_predictor.models.pipeline("dev", Mode.TXT2IMG, transformer)
     direct = np.asarray(generate(pipeline, plan, Inputs())[0])
-    assert np.array_equal(fast, direct)
+    assert np.array_equal(go_fast_image, direct)
 
 
 def test_quantized_image_stays_close_to_full_precision(fp8_predictor):
     """fp8 (e4m3) keeps 3 mantissa bits: weights are off by up to ~6%, so the image drifts but must
     stay recognisably the same picture. 20 dB PSNR is far above two unrelated noise images
     (about 8-11 dB here) and well below identity."""
-    fast = image_of(fp8_predictor, go_fast=True, lora_scale=1 / 1.5)
+    go_fast_image = image_of(fp8_predictor, go_fast=True, lora_scale=1 / 1.5)
     full = image_of(fp8_predictor, go_fast=False, lora_scale=1.0)
     other_seed = image_of(fp8_predictor, go_fast=False, lora_scale=1.0, seed=4)
     assert image_psnr(full, other_seed) < 15
-    assert 20 < image_psnr(full, fast) < float("inf")
+    assert 20 < image_psnr(full, go_fast_image) < float("inf")
 
 
 @pytest.mark.parametrize("model", ["dev", "schnell"])

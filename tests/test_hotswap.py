@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save, save_file
 
 import lora_formats as forms
+from conftest import settings_for
 from lassie.lora.adapters import SLOT_ADAPTER, SLOT_RANK_ENV, slot_rank_for
 from lassie.errors import InputError
 from lassie.predictor import Lassie
@@ -39,12 +40,9 @@ BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0
 
 
 def new_slot_predictor(weights: Path) -> Lassie:
-    """Slot mode on CPU, with fp8 weight-only go_fast copies so the quantized twins get slots too."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SLOT_RANK_ENV, str(SLOT_RANK))
-        patch.setenv("LASSIE_GO_FAST_MODE", "fp8-weight-only")
-        lassie = Lassie(weights)
-        lassie.setup()
+    """Slot mode on CPU, with fp8 weight-only go_fast copies so that they get slots too."""
+    lassie = Lassie(settings_for(weights, **{SLOT_RANK_ENV: str(SLOT_RANK), "LASSIE_GO_FAST_MODE": "fp8-weight-only"}))
+    lassie.setup()
     return lassie
 
 
@@ -121,11 +119,13 @@ def assert_bitwise_equal(after: dict[str, torch.Tensor], before: dict[str, torch
     assert all(after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]) for key in before)
 
 
-def test_slot_rank_setting():
-    def slot_rank(value: str | None, compiled: bool) -> int | None:
-        configured = Settings.from_env({} if value is None else {SLOT_RANK_ENV: value}).slot_rank
-        return slot_rank_for(configured, compiled=compiled, default=128)
+def slot_rank(value: str | None, compiled: bool) -> int | None:
+    """The slot a server started with LASSIE_LORA_SLOT_RANK=`value` (None: unset) gets."""
+    environ = {} if value is None else {SLOT_RANK_ENV: value}
+    return slot_rank_for(Settings.from_env(environ).slot_rank, compiled=compiled, default=128)
 
+
+def test_slot_rank_setting():
     assert slot_rank(None, compiled=True) == 128
     assert slot_rank(" ", compiled=False) is None
     assert slot_rank("0", compiled=True) is None

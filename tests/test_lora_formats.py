@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_formats as forms
+from conftest import settings_for
 from lassie.errors import InputError
 from lassie.predictor import Lassie
 from lassie.request import Mode
@@ -177,6 +178,6 @@ def test_a_lassie_lora_that_does_not_fit_fails_setup_naming_the_lassie_lora(tiny
     build, culprit = REFUSED["sd15_kohya"]
     save_file(build(None), layout.lassie_lora)
     with pytest.raises(InputError) as error:
-        Lassie(root).setup()
+        Lassie(settings_for(root)).setup()
     assert str(error.value).startswith(f"Lassie LoRA ({layout.lassie_lora}): ")
     assert culprit in str(error.value) and "extra_lora" not in str(error.value)

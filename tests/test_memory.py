@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import REPO
 from lassie import memory as m
+
+CONFIGS = REPO / "lassie" / "flux_configs"
 
 GIB = 2**30
 H100_80GB = 85_031_714_816  # what torch reports for an 80 GB H100: 79.2 GiB
@@ -13,9 +16,17 @@ H200_141GB = 150_110_011_392  # 139.8 GiB
 L40S_48GB = 48_305_799_168
 
 
+def full_size_configs() -> m.ModelConfigs:
+    """FLUX.1 dev + schnell and the safety models as published (`lassie/flux_configs`)."""
+    return m.ModelConfigs(transformers={model: CONFIGS / f"{model}_transformer.json" for model in ("dev", "schnell")},
+                          t5=CONFIGS / "t5_text_encoder.json", clip=CONFIGS / "clip_text_encoder.json",
+                          vae=CONFIGS / "vae.json", compvis=CONFIGS / "compvis_safety_checker.json",
+                          falcon=CONFIGS / "falcon_nsfw_classifier.json")
+
+
 @pytest.fixture(scope="module")
 def full_size() -> m.Footprint:
-    return m.footprint_from_configs(m.ModelConfigs.full_size())
+    return m.footprint_from_configs(full_size_configs())
 
 
 def test_the_full_size_models_are_counted_from_their_configs(full_size):
@@ -31,11 +42,11 @@ def test_the_full_size_models_are_counted_from_their_configs(full_size):
 
 
 def test_the_resident_set_is_what_the_counted_parameters_take(full_size):
-    bf16_only = full_size.resident_bytes(fast_twins=False, slot_rank=None)
-    with_twins = full_size.resident_bytes(fast_twins=True, slot_rank=None)
+    bf16_only = full_size.resident_bytes(go_fast_copies=False, slot_rank=None)
+    with_copies = full_size.resident_bytes(go_fast_copies=True, slot_rank=None)
     assert bf16_only / GIB == pytest.approx(54.3, abs=0.1)
-    assert (with_twins - bf16_only) / GIB == pytest.approx(2 * 8.0, abs=0.1)
-    slots = full_size.resident_bytes(fast_twins=True, slot_rank=128) - with_twins
+    assert (with_copies - bf16_only) / GIB == pytest.approx(2 * 8.0, abs=0.1)
+    slots = full_size.resident_bytes(go_fast_copies=True, slot_rank=128) - with_copies
     assert slots / GIB == pytest.approx(4 * 1.29, abs=0.05)  # a rank-128 slot on each of 4 transformers
 
 
@@ -52,36 +63,36 @@ def test_the_worst_request_is_estimated_from_the_per_megapixel_figures(full_size
 
 def test_an_h200_keeps_everything_resident_and_decodes_batches_at_once(full_size):
     plan = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
     assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES < H200_141GB
 
 
 def test_a_94_gb_h100_nvl_just_holds_everything_and_slices_nothing(full_size):
     plan = m.plan_memory(H100_NVL_94GB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
     assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES <= H100_NVL_94GB
     assert "VAE decodes one image at a time" not in plan.reason
 
 
 def test_a_little_less_memory_slices_the_vae_before_narrowing_the_slot(full_size):
     plan = m.plan_memory(90 * GIB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, True, 128)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, True, 128)
     assert "VAE decodes one image at a time" in plan.reason
 
 
-def test_an_80_gb_h100_keeps_the_twins_with_a_narrower_slot(full_size):
-    """No go_fast request pays for quantization: both twins stay, warm, next to the bf16 models."""
+def test_an_80_gb_h100_keeps_the_go_fast_copies_with_a_narrower_slot(full_size):
+    """No go_fast request pays for quantization: both go_fast copies stay, warm, next to the bf16 models."""
     plan = m.plan_memory(H100_80GB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, True, 32)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, True, 32)
     assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES <= H100_80GB
     wider = full_size.resident_bytes(True, 64) + full_size.working_bytes(m.WORST_SIZE, m.WORST_OUTPUTS, True)
     assert wider + m.RESERVED_BYTES > H100_80GB
     assert "hot-swap slot narrowed to rank 32" in plan.reason
 
 
-def test_without_quantization_nothing_is_added_for_twins(full_size):
+def test_without_quantization_nothing_is_added_for_go_fast_copies(full_size):
     plan = m.plan_memory(H100_80GB, full_size, quantizes=False, slot_rank=None)
-    assert (plan.fast_twins, plan.slot_rank) == (False, None)
+    assert (plan.go_fast_copies, plan.slot_rank) == (False, None)
     assert plan.resident_bytes == full_size.resident_bytes(False, None)
 
 
@@ -92,4 +103,4 @@ def test_a_gpu_that_cannot_hold_the_models_fails_setup_naming_the_memory_it_need
 
 def test_host_memory_plans_nothing_away(full_size):
     plan = m.plan_memory(None, full_size, quantizes=True, slot_rank=8)
-    assert (plan.fast_twins, plan.vae_slicing, plan.slot_rank) == (True, False, 8)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 8)

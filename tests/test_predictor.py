@@ -192,6 +192,7 @@ def flagging_weights(tiny_weights, tmp_path_factory):
 
 @pytest.mark.parametrize(("falcon_says", "kept"), [("nsfw", 0), ("normal", 3)])
 def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_weights, falcon_says, kept):
+    from conftest import settings_for
     from test_safety import write_falcon
 
     from lassie.predictor import Lassie
@@ -199,7 +200,7 @@ def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_
     from lassie.weights import WeightsLayout
 
     write_falcon(WeightsLayout(tiny_weights), WeightsLayout(flagging_weights), falcon_says)
-    lassie = Lassie(flagging_weights)
+    lassie = Lassie(settings_for(flagging_weights))
     lassie.setup()
     request = dict(prompt="x", num_inference_steps=1, seed=1, megapixels="0.25", num_outputs=3)
     if kept == 0:
@@ -250,3 +251,34 @@ def test_prompt_strength_zero_gives_the_input_image_back(predictor, photo, mask,
     expected = np.asarray(Image.open(photo).convert("RGB").resize((608, 400), Image.Resampling.LANCZOS))
     assert len(outputs) == 2 and all(np.array_equal(output, expected) for output in outputs)
     assert transformer_calls == [] and "runs 0 of 2 steps (the input image comes back unchanged)" in caplog.text
+
+
+def test_a_bad_setting_fails_predict_py_setup_naming_the_variable(tiny_weights):
+    """predict.py reads the settings once, first: a typo fails setup there, before any weights load."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LASSIE_WEIGHTS_DIR": str(tiny_weights),
+           "LASSIE_GO_FAST_MODE": "bogus"}
+    result = subprocess.run([sys.executable, "-c", "import predict; predict.Predictor().setup()"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert ("SettingError: LASSIE_GO_FAST_MODE must be one of auto, fp8, fp8-weight-only, unquantized, got 'bogus'"
+            in result.stderr)
+    assert "loading FLUX.1 dev" not in result.stderr
+
+
+def test_a_compile_backend_this_torch_lacks_fails_setup_naming_the_variable(tiny_weights):
+    """Only the hardware's torch knows its backends: setup checks the setting against them."""
+    from conftest import settings_for
+
+    from lassie.predictor import Lassie
+    from lassie.settings import SettingError
+
+    lassie = Lassie(settings_for(tiny_weights, LASSIE_COMPILE="1", LASSIE_COMPILE_BACKEND="bogus"))
+    with pytest.raises(SettingError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
+        lassie.setup()
+    assert lassie.models is None

@@ -10,8 +10,8 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from lassie.attention import CUDNN, FLASH_3, NATIVE, AttentionChoice, choose_attention, use_attention
-from lassie.models import Device, load_models, prepare_for_speed
-from lassie.quantization import DeviceInfo
+from lassie.hardware import DeviceInfo
+from lassie.models import load_models, prepare_for_speed
 from lassie.weights import WeightsLayout
 from test_prompts import library_log
 
@@ -84,7 +84,7 @@ def test_an_unavailable_backend_falls_back_to_native_with_the_reason(transformer
 def test_a_gpu_plan_on_this_cpu_falls_back_and_puts_the_vae_in_channels_last(tiny_weights, caplog):
     """prepare_for_speed as a Hopper would run it: cuDNN attention fails its check here and falls
     back; the VAE decodes in channels_last to the contiguous VAE's numbers."""
-    models = load_models(WeightsLayout(tiny_weights), Device.for_hardware(gpu=False))
+    models = load_models(WeightsLayout(tiny_weights), DeviceInfo(kind="cpu"))
     reference = AutoencoderKL.from_pretrained(tiny_weights / "flux-dev" / "vae")
     with caplog.at_level(logging.INFO, logger="lassie"):
         prepare_for_speed(models, DeviceInfo(kind="cuda", name="H100", capability=(9, 0)))
@@ -102,7 +102,7 @@ def test_a_gpu_plan_on_this_cpu_falls_back_and_puts_the_vae_in_channels_last(tin
 
 
 def test_on_the_cpu_nothing_changes(tiny_weights, caplog):
-    models = load_models(WeightsLayout(tiny_weights), Device.for_hardware(gpu=False))
+    models = load_models(WeightsLayout(tiny_weights), DeviceInfo(kind="cpu"))
     with caplog.at_level(logging.INFO, logger="lassie"):
         prepare_for_speed(models, DeviceInfo(kind="cpu"))
     assert "attention: native (torch's native SDPA on cpu)" in caplog.text

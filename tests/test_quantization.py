@@ -1,4 +1,4 @@
-"""go_fast on CPU: the hardware decision for faked devices, and the quantized path for real.
+"""go_fast on CPU: the hardware decision for faked devices, compile settings, and the quantized path for real.
 
 Only the hardware query is faked; the fp8 weight-only transformer is really built and run
 (torchao's float8 weight-only storage works on CPU), with real PEFT adapters on it.
@@ -9,22 +9,22 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torchao.utils import TorchAOBaseTensor
 
 from conftest import load_script
-from lassie import quantization as q
+from lassie import compilation, go_fast, hardware
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Request, effective_lora_scales, go_fast_applies
+from lassie.settings import CompileSettings, Settings
 
-CPU = q.DeviceInfo(kind="cpu")
-A100 = q.DeviceInfo(kind="cuda", name="NVIDIA A100-SXM4-80GB", capability=(8, 0), total_memory=85_100_000_000)
-H100 = q.DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_memory=85_031_714_816)
-H200 = q.DeviceInfo(kind="cuda", name="NVIDIA H200", capability=(9, 0), total_memory=150_110_011_392)
-L40S = q.DeviceInfo(kind="cuda", name="NVIDIA L40S", capability=(8, 9), total_memory=48_305_799_168)
-MI300X = q.DeviceInfo(kind="rocm", name="AMD Instinct MI300X", capability=(9, 4), total_memory=206_141_652_992)
+CPU = hardware.DeviceInfo(kind="cpu")
+A100 = hardware.DeviceInfo(kind="cuda", name="NVIDIA A100-SXM4-80GB", capability=(8, 0), total_memory=85_100_000_000)
+H100 = hardware.DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_memory=85_031_714_816)
+H200 = hardware.DeviceInfo(kind="cuda", name="NVIDIA H200", capability=(9, 0), total_memory=150_110_011_392)
+L40S = hardware.DeviceInfo(kind="cuda", name="NVIDIA L40S", capability=(8, 9), total_memory=48_305_799_168)
+MI300X = hardware.DeviceInfo(kind="rocm", name="AMD Instinct MI300X", capability=(9, 4), total_memory=206_141_652_992)
 
 # e4m3 keeps 3 mantissa bits: rounding to nearest leaves each weight a relative error of at most
 # half a step, a step being 2**-3 of the weight's power of two, so its RMS is at most
@@ -71,32 +71,38 @@ def attach_lassie(transformer, tiny, name: str = "lassie") -> None:
 @pytest.mark.parametrize(
     ("device", "mode", "says"),
     [
-        (CPU, q.FastMode.UNQUANTIZED, "no GPU here"),
-        (A100, q.FastMode.UNQUANTIZED, "this GPU (NVIDIA A100-SXM4-80GB, compute capability 8.0) has no fp8"),
-        (L40S, q.FastMode.FP8_DYNAMIC, "fp8 (torchao dynamic float8 activations and weights) on NVIDIA L40S"),
-        (H100, q.FastMode.FP8_DYNAMIC, "on NVIDIA H100 80GB HBM3, compute capability 9.0"),
-        (H200, q.FastMode.FP8_DYNAMIC, "on NVIDIA H200"),
-        (MI300X, q.FastMode.UNQUANTIZED, "not set up for ROCm"),
+        (CPU, go_fast.FastMode.UNQUANTIZED, "no GPU here"),
+        (A100, go_fast.FastMode.UNQUANTIZED, "this GPU (NVIDIA A100-SXM4-80GB, compute capability 8.0) has no fp8"),
+        (L40S, go_fast.FastMode.FP8_DYNAMIC, "fp8 (torchao dynamic float8 activations and weights) on NVIDIA L40S"),
+        (H100, go_fast.FastMode.FP8_DYNAMIC, "on NVIDIA H100 80GB HBM3, compute capability 9.0"),
+        (H200, go_fast.FastMode.FP8_DYNAMIC, "on NVIDIA H200"),
+        (MI300X, go_fast.FastMode.UNQUANTIZED, "not set up for ROCm"),
     ],
 )
 def test_go_fast_plan_follows_the_hardware(device, mode, says):
-    plan = q.plan_go_fast(device)
+    plan = go_fast.plan_go_fast(device)
     assert plan.mode == mode
     assert says in plan.reason
 
 
 def test_an_operator_can_ask_for_a_mode_and_fp8_falls_back_where_it_cannot_run():
-    assert q.plan_go_fast(CPU, q.FastMode.FP8_WEIGHT_ONLY).mode is q.FastMode.FP8_WEIGHT_ONLY
-    assert q.plan_go_fast(H200, q.FastMode.UNQUANTIZED).mode is q.FastMode.UNQUANTIZED
-    refused = q.plan_go_fast(A100, q.FastMode.FP8_DYNAMIC)
-    assert refused.mode is q.FastMode.UNQUANTIZED
+    assert go_fast.plan_go_fast(CPU, go_fast.FastMode.FP8_WEIGHT_ONLY).mode is go_fast.FastMode.FP8_WEIGHT_ONLY
+    assert go_fast.plan_go_fast(H200, go_fast.FastMode.UNQUANTIZED).mode is go_fast.FastMode.UNQUANTIZED
+    refused = go_fast.plan_go_fast(A100, go_fast.FastMode.FP8_DYNAMIC)
+    assert refused.mode is go_fast.FastMode.UNQUANTIZED
     assert refused.reason.startswith("LASSIE_GO_FAST_MODE=fp8 cannot be honoured: go_fast: this GPU")
 
 
+def go_fast_mode(value: str | None) -> go_fast.FastMode | None:
+    """The mode a server started with LASSIE_GO_FAST_MODE=`value` (None: unset) asks for."""
+    environ = {} if value is None else {"LASSIE_GO_FAST_MODE": value}
+    return go_fast.requested_mode(Settings.from_env(environ).go_fast_mode)
+
+
 def test_go_fast_mode_setting_is_parsed_strictly():
-    assert [q.requested_mode(v) for v in (None, "", "auto", " FP8 ")] == [None, None, None, q.FastMode.FP8_DYNAMIC]
+    assert [go_fast_mode(v) for v in (None, "", "auto", " FP8 ")] == [None, None, None, go_fast.FastMode.FP8_DYNAMIC]
     with pytest.raises(ValueError, match="LASSIE_GO_FAST_MODE must be one of auto, fp8, fp8-weight-only"):
-        q.requested_mode("fast")
+        go_fast_mode("fast")
 
 
 def test_the_real_hardware_query_feeds_the_plan(monkeypatch):
@@ -110,14 +116,14 @@ def test_the_real_hardware_query_feeds_the_plan(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
     monkeypatch.setattr(torch.version, "hip", None)
-    device = q.query_device()
+    device = hardware.query_device()
     assert device == H100
-    assert q.plan_go_fast(device).mode is q.FastMode.FP8_DYNAMIC
+    assert go_fast.plan_go_fast(device).mode is go_fast.FastMode.FP8_DYNAMIC
 
 
 def test_without_cuda_the_query_reports_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert q.query_device() == CPU
+    assert hardware.query_device() == CPU
 
 
 def test_go_fast_multiplies_lora_scales_by_exactly_one_and_a_half_and_custom_sizes_run_bf16():
@@ -126,6 +132,12 @@ def test_go_fast_multiplies_lora_scales_by_exactly_one_and_a_half_and_custom_siz
     assert effective_lora_scales(0.7, -0.3, go_fast=False) == (0.7, -0.3)
     assert not go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=512))
     assert go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="16:9"))
+
+
+def compile_settings(value: str | None, backend: str | None) -> CompileSettings:
+    """What a server started with LASSIE_COMPILE=`value`, LASSIE_COMPILE_BACKEND=`backend` (None: unset) reads."""
+    environ = {"LASSIE_COMPILE": value, "LASSIE_COMPILE_BACKEND": backend}
+    return Settings.from_env({name: text for name, text in environ.items() if text is not None}).compile
 
 
 @pytest.mark.parametrize(
@@ -145,37 +157,37 @@ def test_go_fast_multiplies_lora_scales_by_exactly_one_and_a_half_and_custom_siz
 )
 def test_compile_setting(value, backend, device, enabled, mode, chosen):
     """Unset compiles on CUDA only; asked for, it compiles anywhere, with the chosen backend."""
-    setting = q.compile_setting(value, backend, device)
+    setting = compilation.compile_setting(compile_settings(value, backend), device)
     assert (setting.enabled, setting.mode, setting.backend) == (enabled, mode, chosen)
 
 
 def test_compile_setting_rejects_unknown_values():
-    with pytest.raises(ValueError, match="LASSIE_COMPILE must be one of 0, 1, default"):
-        q.compile_setting("maybe", None, H200)
+    with pytest.raises(ValueError, match="LASSIE_COMPILE must be one of 1, true, yes, on, 0, false, no, off, default"):
+        compilation.compile_setting(compile_settings("maybe", None), H200)
     with pytest.raises(ValueError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'fast'"):
-        q.compile_setting("1", "fast", H200)
+        compilation.compile_setting(compile_settings("1", "fast"), H200)
 
 
 @pytest.fixture
 def no_cache_settings(monkeypatch) -> None:
     """Setting then deleting records the variables, so whatever the code under test sets is undone."""
-    for name in (q.INDUCTOR_CACHE_ENV, q.COMPILE_CACHE_ENV):
+    for name in (compilation.INDUCTOR_CACHE_ENV, "LASSIE_COMPILE_CACHE"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
 
 
-def test_compile_cache_lives_under_the_weights_unless_the_operator_chose(tmp_path, monkeypatch, no_cache_settings):
-    assert q.configure_compile_cache(tmp_path) == tmp_path / "compile-cache"
-    assert os.environ[q.INDUCTOR_CACHE_ENV] == str(tmp_path / "compile-cache")
-    monkeypatch.setenv(q.INDUCTOR_CACHE_ENV, str(tmp_path / "operator"))
-    assert q.configure_compile_cache(tmp_path) == tmp_path / "operator"
+def test_compile_cache_lives_under_the_weights_unless_the_operator_chose(tmp_path, no_cache_settings):
+    assert compilation.configure_compile_cache(CompileSettings(), tmp_path) == tmp_path / "compile-cache"
+    assert os.environ[compilation.INDUCTOR_CACHE_ENV] == str(tmp_path / "compile-cache")
+    chosen = Settings.from_env({compilation.INDUCTOR_CACHE_ENV: str(tmp_path / "operator")}).compile
+    assert compilation.configure_compile_cache(chosen, tmp_path) == tmp_path / "operator"
 
 
-def test_an_unwritable_compile_cache_only_costs_the_reuse(tmp_path, monkeypatch, no_cache_settings, caplog):
+def test_an_unwritable_compile_cache_only_costs_the_reuse(tmp_path, no_cache_settings, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setenv(q.COMPILE_CACHE_ENV, str(blocker / "cache"))
-    assert q.configure_compile_cache(tmp_path) is None
+    unwritable = Settings.from_env({"LASSIE_COMPILE_CACHE": str(blocker / "cache")}).compile
+    assert compilation.configure_compile_cache(unwritable, tmp_path) is None
     assert "not writable" in caplog.text
 
 
@@ -184,43 +196,44 @@ def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def test_each_fp8_weight_only_linear_stays_within_the_e4m3_rounding_bound(transformer):
-    quantized = dict(q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY).named_modules())
+    go_fast_modules = dict(go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY).named_modules())
     generator = torch.Generator().manual_seed(1)
     for name, linear in transformer.named_modules():
-        if q.is_token_linear(linear, name):
+        if go_fast.is_token_linear(linear, name):
             inputs = torch.randn(7, linear.in_features, generator=generator)
             with torch.no_grad():
-                error = relative_error(linear(inputs), quantized[name](inputs))
+                error = relative_error(linear(inputs), go_fast_modules[name](inputs))
             assert 0.005 < error < FP8_RELATIVE_ERROR_BOUND, name
 
 
 def test_fp8_weight_only_transformer_stays_close_to_float32(transformer):
     reference = run(transformer)
-    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
-    assert 0 < relative_error(reference, run(quantized)) < FP8_RELATIVE_ERROR_BOUND
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
+    assert 0 < relative_error(reference, run(go_fast_copy)) < FP8_RELATIVE_ERROR_BOUND
     assert torch.equal(run(transformer), reference), "the original must be left exactly as it was"
 
 
 def test_only_token_linears_are_quantized_and_everything_else_is_shared(transformer):
-    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
-    fp8 = {name for name, m in quantized.named_modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)}
-    token_linears = {name for name, m in transformer.named_modules() if q.is_token_linear(m, name)}
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
+    fp8 = {name for name, m in go_fast_copy.named_modules()
+           if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)}
+    token_linears = {name for name, m in transformer.named_modules() if go_fast.is_token_linear(m, name)}
     assert fp8 == token_linears and "transformer_blocks.0.attn.to_q" in fp8
     assert "transformer_blocks.0.norm1.linear" not in fp8 and "proj_out" not in fp8
-    shared = quantized.transformer_blocks[0].norm1.linear.weight
+    shared = go_fast_copy.transformer_blocks[0].norm1.linear.weight
     assert shared.data_ptr() == transformer.transformer_blocks[0].norm1.linear.weight.data_ptr()
     assert not isinstance(transformer.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
 
 
 def test_unquantized_mode_is_the_same_transformer(transformer):
-    assert q.quantize_transformer(transformer, q.FastMode.UNQUANTIZED) is transformer
+    assert go_fast.quantize_transformer(transformer, go_fast.FastMode.UNQUANTIZED) is transformer
 
 
 def test_quantizing_leaves_the_source_adapters_behind(transformer, tiny):
     attach_lassie(transformer, tiny)
-    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
-    assert not any(isinstance(m, BaseTunerLayer) for m in quantized.modules())
-    assert not getattr(quantized, "peft_config", None)
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
+    assert not any(isinstance(m, BaseTunerLayer) for m in go_fast_copy.modules())
+    assert not getattr(go_fast_copy, "peft_config", None)
     assert "lassie" in transformer.peft_config
 
 
@@ -230,7 +243,7 @@ def test_fused_adapters_are_refused(transformer, tiny):
         if isinstance(module, BaseTunerLayer):
             module.merge()
     with pytest.raises(ValueError, match="fused LoRA"):
-        q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
+        go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
 
 
 def lora_delta(layer, inputs: torch.Tensor) -> torch.Tensor:
@@ -242,22 +255,22 @@ def lora_delta(layer, inputs: torch.Tensor) -> torch.Tensor:
 def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transformer, tiny):
     """PEFT puts TorchaoLoraLinear on fp8 weights; the LoRA path itself is not quantized, so its
     contribution, and the 1.5x go_fast multiplier on it, are the same as on the original."""
-    quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
+    go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
     attach_lassie(transformer, tiny)
-    attach_lassie(quantized, tiny)
-    layer, fp8_layer = transformer.transformer_blocks[0].attn.to_q, quantized.transformer_blocks[0].attn.to_q
+    attach_lassie(go_fast_copy, tiny)
+    layer, fp8_layer = transformer.transformer_blocks[0].attn.to_q, go_fast_copy.transformer_blocks[0].attn.to_q
     assert type(fp8_layer).__name__ == "TorchaoLoraLinear"
     inputs = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(lora_delta(fp8_layer, inputs), lora_delta(layer, inputs))
-    quantized.set_adapters(["lassie"], [GO_FAST_LORA_MULTIPLIER])
+    go_fast_copy.set_adapters(["lassie"], [GO_FAST_LORA_MULTIPLIER])
     transformer.set_adapters(["lassie"], [1.0])
     torch.testing.assert_close(lora_delta(fp8_layer, inputs), GO_FAST_LORA_MULTIPLIER * lora_delta(layer, inputs))
 
 
 def test_precision_is_logged_once_per_model_and_precision(caplog):
-    caplog.set_level(logging.INFO, logger="lassie.quantization")
-    log = q.PrecisionLog()
-    plan = q.plan_go_fast(A100)
+    caplog.set_level(logging.INFO, logger="lassie.go_fast")
+    log = go_fast.PrecisionLog()
+    plan = go_fast.plan_go_fast(A100)
     for _ in range(3):
         log.ran("dev", True, plan, torch.bfloat16)
         log.ran("dev", False, plan, torch.bfloat16)
@@ -266,14 +279,7 @@ def test_precision_is_logged_once_per_model_and_precision(caplog):
 
 
 def test_fp8_runs_are_logged_by_their_precision(caplog):
-    caplog.set_level(logging.INFO, logger="lassie.quantization")
-    q.PrecisionLog().ran("schnell", True, q.plan_go_fast(H200), torch.bfloat16)
+    caplog.set_level(logging.INFO, logger="lassie.go_fast")
+    go_fast.PrecisionLog().ran("schnell", True, go_fast.plan_go_fast(H200), torch.bfloat16)
     assert "schnell with go_fast=true runs fp8 (torchao dynamic float8 activations and weights)" in caplog.text
 
-
-def test_psnr():
-    image = np.full((4, 4, 3), 100, dtype=np.uint8)
-    assert q.image_psnr(image, image) == float("inf")
-    assert q.image_psnr(image, image + 1) == pytest.approx(20 * np.log10(255), abs=1e-9)
-    with pytest.raises(ValueError, match="differ in shape"):
-        q.image_psnr(image, image[:2])

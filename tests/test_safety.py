@@ -18,12 +18,13 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from transformers import CLIPImageProcessor, ViTForImageClassification
 
+from lassie.hardware import DeviceInfo
 from lassie.safety import AllOutputsFlaggedError, SafetyFilter
 from lassie.weights import WeightsLayout
 
 NEVER = 2.0  # above any cosine: the concept never fires
 ALWAYS = -2.0  # below any cosine: the concept always fires
-CPU = torch.device("cpu")
+CPU = DeviceInfo(kind="cpu")
 
 
 def sample_images() -> list[Image.Image]:
@@ -91,10 +92,14 @@ def safety_filter(tiny_weights: Path, root: Path, compvis_flags: list[int] | str
     return SafetyFilter.load(layout, CPU)
 
 
+def same_images(kept: list[Image.Image], expected: list[Image.Image]) -> bool:
+    """The very images expected, in their order: which were kept and how many dropped."""
+    return len(kept) == len(expected) and all(image is wanted for image, wanted in zip(kept, expected))
+
+
 def test_unmodified_tiny_models_keep_every_image(tiny_weights: Path) -> None:
     images = sample_images()
-    result = SafetyFilter.load(WeightsLayout(tiny_weights), CPU).filter(images)
-    assert (result.kept, result.kept_indices, result.dropped) == (images, [0, 1, 2, 3], 0)
+    assert same_images(SafetyFilter.load(WeightsLayout(tiny_weights), CPU).filter(images), images)
 
 
 def test_images_both_models_flag_are_dropped(
@@ -102,21 +107,21 @@ def test_images_both_models_flag_are_dropped(
     images = sample_images()
     checker = safety_filter(tiny_weights, tmp_path, compvis_flags=[0, 2], falcon_says="nsfw")
     with caplog.at_level(logging.INFO, logger="lassie.safety"):
-        result = checker.filter(images)
-    assert (result.kept, result.kept_indices, result.dropped) == ([images[1], images[3]], [1, 3], 2)
+        kept = checker.filter(images)
+    assert same_images(kept, [images[1], images[3]])
     assert "2 of 4 outputs flagged by CompVis, 2 of those confirmed by Falcon and dropped" in caplog.text
 
 
 def test_second_opinion_clears_a_compvis_flag(tiny_weights: Path, tmp_path: Path) -> None:
     images = sample_images()
-    result = safety_filter(tiny_weights, tmp_path, compvis_flags="all", falcon_says="normal").filter(images)
-    assert (result.kept, result.dropped) == (images, 0)
+    assert same_images(safety_filter(tiny_weights, tmp_path, compvis_flags="all", falcon_says="normal").filter(images),
+                       images)
 
 
 def test_falcon_alone_drops_nothing(tiny_weights: Path, tmp_path: Path) -> None:
     images = sample_images()
-    result = safety_filter(tiny_weights, tmp_path, compvis_flags="none", falcon_says="nsfw").filter(images)
-    assert (result.kept, result.dropped) == (images, 0)
+    assert same_images(safety_filter(tiny_weights, tmp_path, compvis_flags="none", falcon_says="nsfw").filter(images),
+                       images)
 
 
 def test_every_output_flagged_fails_with_a_clear_message(tiny_weights: Path, tmp_path: Path) -> None:

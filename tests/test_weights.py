@@ -2,6 +2,7 @@ import shutil
 
 import pytest
 
+from conftest import settings_for
 from lassie.predictor import Lassie
 from lassie.weights import MissingWeightsError, WeightsLayout
 
@@ -18,7 +19,7 @@ def test_setup_names_every_missing_file_and_the_command(tiny_weights, tmp_path, 
     (half / "lassie" / "lora.safetensors").unlink()
     (half / "flux-dev" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(MissingWeightsError) as error:
-        Lassie(half).setup()
+        Lassie(settings_for(half)).setup()
     message = str(error.value)
     for missing in ("flux-schnell/transformer/config.json", "flux-schnell/transformer/diffusion_pytorch_model.safetensors",
                     "lassie/lora.safetensors", "flux-dev/vae/diffusion_pytorch_model.safetensors"):

@@ -50,7 +50,6 @@ LORA_A = ".lora_A."
 LORA_B = ".lora_B."
 SLOT_ADAPTER = "extra"
 SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
-SLOT_RANK = 128
 EXTRA_LORA_FIELD = "extra_lora"
 
 
