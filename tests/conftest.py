@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cog_server import CogServer
 
 REPO = Path(__file__).resolve().parent.parent
 LORA_HOST = "127.0.0.2"
@@ -20,14 +20,6 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def load_script(name: str):
-    """Import a script from scripts/ as a module (in-process: torch is imported once)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A complete weights directory with tiny random models, built by the real builder script.
@@ -35,8 +27,10 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     Shared by the whole session, so it stays exactly as built: extra LoRAs that predictors fetch
     are cached outside it rather than in its default `lora-cache/`.
     """
+    import make_tiny_weights  # here, not above: tests that need no weights never import torch
+
     out = tmp_path_factory.mktemp("tiny-weights")
-    load_script("make_tiny_weights").build(out)
+    make_tiny_weights.build(out)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LASSIE_LORA_CACHE", str(tmp_path_factory.mktemp("lora-cache")))
         yield out
@@ -59,8 +53,30 @@ def cog_server(tiny_weights: Path):
     Extra LoRAs may come from 127.0.0.2 alone (the tests' file server); every other private or
     loopback address stays refused, as in production.
     """
-    server = load_script("cog_server").CogServer(tiny_weights, env={"LASSIE_ALLOW_PRIVATE_URLS": LORA_HOST})
+    server = CogServer(tiny_weights, env={"LASSIE_ALLOW_PRIVATE_URLS": LORA_HOST})
     health = server.start()
     assert health.get("status") == "READY", f"setup failed: {health}"
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights: Path):
+    """Bare diffusers pipelines loaded on their own, with the LoRA loaded by diffusers itself."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    def build(cls, model="dev", lora_scale=None):
+        extra = {}
+        if model == "schnell":
+            extra = dict(
+                transformer=FluxTransformer2DModel.from_pretrained(tiny_weights / "flux-schnell" / "transformer"),
+                scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_weights / "flux-schnell" / "scheduler"),
+            )
+        pipe = cls.from_pretrained(tiny_weights / "flux-dev", **extra)
+        if lora_scale is not None:
+            pipe.load_lora_weights(str(tiny_weights / "lassie" / "lora.safetensors"), adapter_name="lassie")
+            pipe.set_adapters("lassie", lora_scale)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return build

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_lora
 from PIL import Image
 
 from lassie.generate import Inputs, generate
@@ -105,8 +106,6 @@ def test_quantized_image_stays_close_to_full_precision(fp8_predictor):
 
 @pytest.mark.parametrize("model", ["dev", "schnell"])
 def test_quantized_path_serves_every_mode_with_an_extra_lora(fp8_predictor, services, model, tmp_path):
-    from test_extra_lora import tiny_lora
-
     photo = tmp_path / "photo.png"
     Image.effect_noise((320, 256), 50).convert("RGB").save(photo)
     mask = tmp_path / "mask.png"

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_services import CivitaiFile, FakeServices, make_lora, make_tar, services  # noqa: F401 (fixture)
+from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
+from helpers import make_lora, make_tar
 
 from lassie.errors import InputError
 from lassie.lora_cache import LoraCache, lora_cache_dir

@@ -15,7 +15,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torchao.utils import TorchAOBaseTensor
 
-from conftest import load_script
+import make_tiny_weights as tiny
 from lassie import quantization as q
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Request, effective_lora_scales, go_fast_applies
 
@@ -35,13 +35,8 @@ MI300X = q.DeviceInfo(kind="rocm", name="AMD Instinct MI300X", capability=(9, 4)
 FP8_RELATIVE_ERROR_BOUND = 2 * 2**-3 / 12**0.5
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_script("make_tiny_weights")
-
-
 @pytest.fixture
-def transformer(tiny):
+def transformer():
     return tiny.tiny_transformer(guidance_embeds=True, seed=0).eval()
 
 
@@ -64,7 +59,7 @@ def run(transformer) -> torch.Tensor:
         return transformer(**transformer_inputs())[0]
 
 
-def attach_lassie(transformer, tiny, name: str = "lassie") -> None:
+def attach_lassie(transformer, name: str = "lassie") -> None:
     transformer.load_lora_adapter(tiny.lassie_lora_state_dict(transformer), prefix="transformer", adapter_name=name)
 
 
@@ -216,16 +211,16 @@ def test_unquantized_mode_is_the_same_transformer(transformer):
     assert q.quantize_transformer(transformer, q.FastMode.UNQUANTIZED) is transformer
 
 
-def test_quantizing_leaves_the_source_adapters_behind(transformer, tiny):
-    attach_lassie(transformer, tiny)
+def test_quantizing_leaves_the_source_adapters_behind(transformer):
+    attach_lassie(transformer)
     quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
     assert not any(isinstance(m, BaseTunerLayer) for m in quantized.modules())
     assert not getattr(quantized, "peft_config", None)
     assert "lassie" in transformer.peft_config
 
 
-def test_fused_adapters_are_refused(transformer, tiny):
-    attach_lassie(transformer, tiny)
+def test_fused_adapters_are_refused(transformer):
+    attach_lassie(transformer)
     for module in transformer.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge()
@@ -239,12 +234,12 @@ def lora_delta(layer, inputs: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated without")
-def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transformer, tiny):
+def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transformer):
     """PEFT puts TorchaoLoraLinear on fp8 weights; the LoRA path itself is not quantized, so its
     contribution, and the 1.5x go_fast multiplier on it, are the same as on the original."""
     quantized = q.quantize_transformer(transformer, q.FastMode.FP8_WEIGHT_ONLY)
-    attach_lassie(transformer, tiny)
-    attach_lassie(quantized, tiny)
+    attach_lassie(transformer)
+    attach_lassie(quantized)
     layer, fp8_layer = transformer.transformer_blocks[0].attn.to_q, quantized.transformer_blocks[0].attn.to_q
     assert type(fp8_layer).__name__ == "TorchaoLoraLinear"
     inputs = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from conftest import REPO, load_script
+import write_openapi_schema
+from conftest import REPO
 
 SPEC = REPO.parent / "shared" / "spec" / "replicate-model-schema.txt"
 TYPES = {"string": "string", "string (enum)": "string", "integer": "integer", "number": "number",
@@ -49,7 +50,7 @@ def committed() -> dict:
 
 
 def test_committed_openapi_schema_is_fresh(committed):
-    assert committed == json.loads(load_script("write_openapi_schema").render()), (
+    assert committed == json.loads(write_openapi_schema.render()), (
         "run: python scripts/write_openapi_schema.py"
     )
 

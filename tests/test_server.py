@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import base64
-import io
 import re
 
 import pytest
+from helpers import data_uri, decode, tiny_lora
 from PIL import Image
 
 from conftest import LORA_HOST
 from lassie import sizes
 
 FAST = {"num_inference_steps": 1, "seed": 11}
-
-
-def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def decode(uri: str) -> Image.Image:
-    header, payload = uri.split(",", 1)
-    image = Image.open(io.BytesIO(base64.b64decode(payload)))
-    image.load()
-    return image
 
 
 def succeed(server, **inputs) -> list[Image.Image]:
@@ -111,7 +98,6 @@ def test_failures_are_readable_and_the_next_request_works(cog_server):
 def lora_host():
     """A file server on 127.0.0.2 (the one address the test server may fetch LoRAs from)."""
     from fake_services import FakeServices
-    from test_extra_lora import tiny_lora
 
     with FakeServices(host=LORA_HOST) as files:
         files.serve("/lora.safetensors", tiny_lora(51))
