@@ -117,7 +117,7 @@ def test_without_cuda_the_query_reports_the_cpu(monkeypatch):
 
 def test_go_fast_multiplies_lora_scales_by_exactly_one_and_a_half_and_custom_sizes_run_bf16():
     assert GO_FAST_LORA_MULTIPLIER == 1.5
-    assert effective_lora_scales(0.7, -0.3, go_fast=True) == (0.7 * 1.5, -0.3 * 1.5)
+    assert effective_lora_scales(0.7, -0.3, go_fast=True) == pytest.approx((1.05, -0.45))
     assert effective_lora_scales(0.7, -0.3, go_fast=False) == (0.7, -0.3)
     assert not go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=512))
     assert go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="16:9"))
@@ -269,6 +269,9 @@ def test_fp8_runs_are_logged_by_their_precision(caplog):
 def test_psnr():
     image = np.full((4, 4, 3), 100, dtype=np.uint8)
     assert q.image_psnr(image, image) == float("inf")
-    assert q.image_psnr(image, image + 1) == pytest.approx(20 * np.log10(255), abs=1e-9)
+    assert q.image_psnr(image, image + 1) == pytest.approx(48.1308, abs=1e-4)  # 10 log10(255² / 1)
+    half_off_by_two = image.copy()
+    half_off_by_two[:2] += 2  # mean squared error 2 (the mean absolute error is 1)
+    assert q.image_psnr(image, half_off_by_two) == pytest.approx(45.1205, abs=1e-4)  # 10 log10(255² / 2)
     with pytest.raises(ValueError, match="differ in shape"):
         q.image_psnr(image, image[:2])
