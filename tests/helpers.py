@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save
 from transformers import CLIPImageProcessor, ViTForImageClassification
 
-from lassie.request import Request
+from lassie.request import Mode, Request
 from lassie.weights import WeightsLayout
 
 # --- LoRA files and tars ------------------------------------------------------------------------
@@ -108,6 +108,14 @@ def reference_images(pipe, **arguments) -> list[np.ndarray]:
                  "width": 512, "height": 512, "max_sequence_length": 512,
                  "generator": torch.Generator("cpu").manual_seed(7), **arguments}
     return [np.asarray(image) for image in pipe(**arguments).images]
+
+
+def dev_float_image(lassie) -> np.ndarray:
+    """The float image of the dev txt2img pipeline with the adapters active now (256x256, 2 steps, seed 7):
+    finer than 8-bit files for comparing LoRAs."""
+    pipeline = lassie.models.pipeline("dev", Mode.TXT2IMG)
+    return pipeline(prompt="a photo of LSSIE", width=256, height=256, num_inference_steps=2, guidance_scale=3.0,
+                    generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
 
 
 # --- safety models made to flag ------------------------------------------------------------------
