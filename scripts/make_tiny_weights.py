@@ -181,24 +181,40 @@ def tiny_t5(vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def lassie_lora_state_dict(transformer: FluxTransformer2DModel, seed: int = 5) -> dict[str, torch.Tensor]:
-    """A rank-4 LoRA over every attention and MLP linear, in the trainer's diffusers/PEFT keys.
+def random_lora(linears: dict[str, tuple[int, int]], seed: int, *, rank: int = LORA_RANK, scale: float = 0.5,
+                prefix: str = "transformer") -> dict[str, torch.Tensor]:
+    """A LoRA on `linears` (module name -> (in_features, out_features)), in diffusers/PEFT keys.
 
+    Keys are `<prefix>.<module>.lora_A.weight` / `.lora_B.weight`, A and B drawn from N(0, scale²).
     B is non-zero (unlike a freshly initialised LoRA) so the adapter visibly changes images.
-    Other seeds give other LoRAs of the same shape (tests use them as extra LoRAs).
+    Other seeds give other LoRAs of the same shape (tests build every LoRA they need with this).
     """
     generator = torch.Generator().manual_seed(seed)
-    targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj_mlp", "proj_out")
     state: dict[str, torch.Tensor] = {}
-    for name, module in transformer.named_modules():
-        in_blocks = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
-        if not (in_blocks and isinstance(module, torch.nn.Linear) and name.endswith(targets)):
-            continue
-        down = torch.randn(LORA_RANK, module.in_features, generator=generator) * 0.5
-        up = torch.randn(module.out_features, LORA_RANK, generator=generator) * 0.5
-        state[f"transformer.{name}.lora_A.weight"] = down.contiguous()
-        state[f"transformer.{name}.lora_B.weight"] = up.contiguous()
+    for name, (in_features, out_features) in linears.items():
+        down = torch.randn(rank, in_features, generator=generator) * scale
+        up = torch.randn(out_features, rank, generator=generator) * scale
+        state[f"{prefix}.{name}.lora_A.weight"] = down.contiguous()
+        state[f"{prefix}.{name}.lora_B.weight"] = up.contiguous()
     return state
+
+
+def linear_sizes(model: torch.nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each named linear of `model`, for `random_lora`."""
+    return {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in names}
+
+
+def lassie_targets(transformer: FluxTransformer2DModel) -> list[str]:
+    """The linears the Lassie trainer adapts: every attention and MLP projection in the blocks."""
+    targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj_mlp", "proj_out")
+    return [name for name, module in transformer.named_modules()
+            if name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+            and isinstance(module, torch.nn.Linear) and name.endswith(targets)]
+
+
+def lassie_lora_state_dict(transformer: FluxTransformer2DModel, seed: int = 5) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA over every attention and MLP linear, in the trainer's diffusers/PEFT keys."""
+    return random_lora(linear_sizes(transformer, lassie_targets(transformer)), seed)
 
 
 def write_safety_models(layout: WeightsLayout) -> None:

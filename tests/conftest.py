@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cog_server import CogServer
 
 from lassie.settings import Settings
 
@@ -21,16 +20,6 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # Before torch starts OpenMP: idle threads sleep instead of spinning, so the test process and the
 # Cog servers it starts do not steal each other's two cores (same numbers, only waiting changes).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def load_script(name: str):
-    """Import a script from scripts/ as a module (in-process: torch is imported once). Registered
-    under its name before it runs: dataclasses look their module up by name."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def settings_for(weights: Path, **env: str) -> Settings:
@@ -47,8 +36,10 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     at setup, so every one set up in this session may fetch from the tests' LoRA services on
     127.0.0.1 (`fake_services`), and from no other private address.
     """
+    import make_tiny_weights  # here, not above: tests that need no weights never import torch
+
     out = tmp_path_factory.mktemp("tiny-weights")
-    load_script("make_tiny_weights").build(out)
+    make_tiny_weights.build(out)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LASSIE_LORA_CACHE", str(tmp_path_factory.mktemp("lora-cache")))
         patch.setenv("LASSIE_ALLOW_PRIVATE_URLS", "127.0.0.1")
@@ -72,8 +63,30 @@ def cog_server(tiny_weights: Path):
     Extra LoRAs may come from 127.0.0.2 alone (the tests' file server); every other private or
     loopback address stays refused, as in production.
     """
-    server = load_script("cog_server").CogServer(tiny_weights, env={"LASSIE_ALLOW_PRIVATE_URLS": LORA_HOST})
+    server = CogServer(tiny_weights, env={"LASSIE_ALLOW_PRIVATE_URLS": LORA_HOST})
     health = server.start()
     assert health.get("status") == "READY", f"setup failed: {health}"
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights: Path):
+    """Bare diffusers pipelines loaded on their own, with the LoRA loaded by diffusers itself."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    def build(cls, model="dev", lora_scale=None):
+        extra = {}
+        if model == "schnell":
+            extra = dict(
+                transformer=FluxTransformer2DModel.from_pretrained(tiny_weights / "flux-schnell" / "transformer"),
+                scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_weights / "flux-schnell" / "scheduler"),
+            )
+        pipe = cls.from_pretrained(tiny_weights / "flux-dev", **extra)
+        if lora_scale is not None:
+            pipe.load_lora_weights(str(tiny_weights / "lassie" / "lora.safetensors"), adapter_name="lassie")
+            pipe.set_adapters("lassie", lora_scale)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return build

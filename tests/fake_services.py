@@ -5,15 +5,13 @@ One threaded server on 127.0.0.1 with a prefix per service: Replicate `_weights`
 HF_ENDPOINT; the project's one fake hub, `fake_hub.FakeHub`, answers there), and plain files
 anywhere else. Routes can require a bearer token, lie about their length, stall, or redirect. Every request
 is recorded (path, method, Authorization header) so tests can count downloads and check where a
-token went. Payload builders make small synthetic LoRAs without torch.
+token went. Tests build the LoRA files and tars it serves with helpers.py.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import socket
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,9 +19,7 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-import numpy as np
 import pytest
-from safetensors.numpy import save
 
 from fake_hub import FakeHub
 from lassie.lora.http import parse_ip_literal
@@ -63,32 +59,6 @@ def forbid_non_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(socket.socket, "connect", connect)
-
-
-def make_lora(seed: int = 0, rank: int = 2, width: int = 8) -> bytes:
-    """A tiny LoRA in diffusers/PEFT key form (content varies with seed)."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for module in ("attn.to_q", "attn.to_k"):
-        prefix = f"transformer.transformer_blocks.0.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, width), dtype=np.float32)
-        tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((width, rank), dtype=np.float32)
-    return save(tensors, metadata={"format": "pt"})
-
-
-def make_tar(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    """A tar of regular files plus symbolic links (name -> target)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    return buffer.getvalue()
 
 
 @dataclass

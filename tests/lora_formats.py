@@ -12,6 +12,7 @@ scales by powers of two.
 
 from __future__ import annotations
 
+import make_tiny_weights
 import torch
 
 RANK = 4
@@ -79,12 +80,8 @@ def random_lora(transformer: torch.nn.Module, modules: list[str], seed: int, *, 
 
     B is non-zero (unlike a fresh LoRA) and small enough that images change visibly but stay images.
     """
-    generator = torch.Generator().manual_seed(seed)
-    lora = {}
-    for module in modules:
-        linear = transformer.get_submodule(module)
-        lora[down_key(module)] = torch.randn(rank, linear.in_features, generator=generator) * 0.25
-        lora[up_key(module)] = torch.randn(linear.out_features, rank, generator=generator) * 0.25
+    lora = make_tiny_weights.random_lora(make_tiny_weights.linear_sizes(transformer, modules), seed, rank=rank,
+                                         scale=0.25, prefix=PEFT_PREFIX.removesuffix("."))
     for first, *others in shared_down:
         for module in others:
             lora[down_key(module)] = lora[down_key(first)].clone()

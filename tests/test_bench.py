@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tomllib
 
+import bench_gpu as bench
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_lora
 
-from conftest import REPO, load_script
+from conftest import REPO
 from fake_services import services  # noqa: F401 (fixture)
-from safetensors.torch import save
 
 BENCH_GPU = REPO / "scripts" / "bench_gpu.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    """Registered as a module before it runs: its dataclasses look their module up by name."""
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH_GPU)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_gpu"]
 
 
 def pyproject_pins() -> dict[str, str]:
@@ -54,7 +43,7 @@ def test_gpu_benchmark_exits_2_with_a_clear_message_without_cuda():
     assert "Traceback" not in result.stderr
 
 
-def test_preflight_names_the_install_line_for_missing_diffusers_and_torchao(bench):
+def test_preflight_names_the_install_line_for_missing_diffusers_and_torchao():
     """As on the GPU machine: no diffusers, torchao or httpx2's own httpcore2. Nothing is built."""
     blocked = "import sys\nfor name in ('diffusers', 'torchao', 'httpcore2'):\n    sys.modules[name] = None"
     pins = {**pyproject_pins(), "httpcore2": bench.CARRY_PINS["httpcore2"]}
@@ -77,7 +66,7 @@ def test_wheels_to_carry_are_the_pinned_versions_and_never_torch():
     assert len({line.split("==")[0] for line in listed}) == len(listed)  # one version of each
 
 
-def test_random_weights_are_seeded_in_the_asked_dtype_with_real_buffers(bench, tmp_path):
+def test_random_weights_are_seeded_in_the_asked_dtype_with_real_buffers(tmp_path):
     """The classes' own init on the target device: buffers (CLIP's position ids) are right, not
     the garbage `to_empty` leaves, and every process materialises the same weights."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -103,7 +92,7 @@ def dry_run(tmp_path_factory):
     return result, records, (work / "table.md").read_text()
 
 
-def test_dry_run_times_every_request_case_and_the_eager_baseline(bench, dry_run):
+def test_dry_run_times_every_request_case_and_the_eager_baseline(dry_run):
     result, records, _ = dry_run
     runs = [record for record in records if record["kind"] == "run"]
     quick_cases = [case.name for case in bench.CASES if not case.full_only]
@@ -131,10 +120,13 @@ def test_dry_run_reports_the_setup_breakdown_and_what_needs_cuda(dry_run):
     assert "dry run on CPU" in table.splitlines()[0]
 
 
-def test_psnr(bench):
+def test_psnr():
     image = np.full((4, 4, 3), 100, dtype=np.uint8)
     assert bench.image_psnr(image, image) == float("inf")
-    assert bench.image_psnr(image, image + 1) == pytest.approx(20 * np.log10(255), abs=1e-9)
+    assert bench.image_psnr(image, image + 1) == pytest.approx(48.1308, abs=1e-4)  # 10 log10(255² / 1)
+    half_off_by_two = image.copy()
+    half_off_by_two[:2] += 2  # mean squared error 2 (the mean absolute error is 1)
+    assert bench.image_psnr(image, half_off_by_two) == pytest.approx(45.1205, abs=1e-4)  # 10 log10(255² / 2)
     with pytest.raises(ValueError, match="differ in shape"):
         bench.image_psnr(image, image[:2])
 
@@ -145,7 +137,7 @@ def test_dry_run_psnr_shows_go_fast_is_bf16_at_one_and_a_half_times_the_scale_on
     assert [record["db"] for record in records if record["kind"] == "psnr"] == [float("inf")]
 
 
-def test_dry_run_sends_random_traffic_and_reports_what_it_compiled(bench, dry_run):
+def test_dry_run_sends_random_traffic_and_reports_what_it_compiled(dry_run):
     """On CPU nothing is compiled, so no request adds a graph or runs eagerly; on a GPU the same
     row is the check that warm-up covered what users send."""
     _, records, table = dry_run
@@ -154,19 +146,17 @@ def test_dry_run_sends_random_traffic_and_reports_what_it_compiled(bench, dry_ru
     assert f"| {bench.TRAFFIC_REQUESTS_DRY_RUN} random requests after warm-up: graphs compiled / served eagerly | 0 / 0" in table
 
 
-def test_the_worst_request_runs_four_outputs_with_an_extra_lora(bench, predictor, services, tmp_path):
+def test_the_worst_request_runs_four_outputs_with_an_extra_lora(predictor, services, tmp_path):
     """The h100 section's last request (it needs CUDA, so the dry run skips it): run here on the
     session's predictor at the dry run's size."""
-    builder = load_script("make_tiny_weights")
-    lora = builder.lassie_lora_state_dict(builder.tiny_transformer(guidance_embeds=True, seed=0), seed=61)
-    url = services.serve("/worst/extra-a.safetensors", save(lora))
+    url = services.serve("/worst/extra-a.safetensors", tiny_lora(61))
     options = bench.Options(quick=True, dry_run=True, repeats=1, work=tmp_path, deadline=None)
     bench.worst_request(predictor, options, bench.Sink(tmp_path / "records.jsonl", "h100"), url.rsplit("/", 1)[0])
     (record,) = bench.read_records(tmp_path / "records.jsonl")
     assert record["kind"] == "run" and record["case"] == "worst request: dev, 4 x 512x512, extra LoRA, 1 step"
 
 
-def test_table_has_ratios_to_each_baseline_and_judges_the_targets(bench):
+def test_table_has_ratios_to_each_baseline_and_judges_the_targets():
     def run(case, model, seconds, warm=False):
         return {"kind": "run", "section": "s", "case": case, "model": model, "warm": warm, "seconds": seconds,
                 "phases": {}}

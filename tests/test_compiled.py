@@ -18,11 +18,11 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from fake_services import services  # noqa: F401 (fixture)
+from helpers import tiny_lora
 from PIL import Image
-from safetensors.torch import save
 from torch._dynamo.utils import counters
 
-from conftest import load_script, settings_for
+from conftest import settings_for
 from lassie.predictor import Lassie
 from lassie.request import Request
 from lassie.sizes import aspect_ratios
@@ -82,11 +82,6 @@ def eager(tiny_weights: Path) -> Lassie:
     return set_up(tiny_weights, {"LASSIE_COMPILE": "0"} | FAST_WITH_SLOT)
 
 
-def tiny_lora_bytes(seed: int) -> bytes:
-    builder = load_script("make_tiny_weights")
-    return save(builder.lassie_lora_state_dict(builder.tiny_transformer(guidance_embeds=True, seed=0), seed=seed))
-
-
 def random_request(rng: random.Random, extras: list[str | None]) -> dict:
     fields = {
         "prompt": rng.choice(["a photo of LSSIE", "LSSIE on a beach at dusk", ""]),
@@ -134,8 +129,8 @@ def test_warm_up_makes_at_most_two_calls_per_graph_and_covers_every_graph_set(wa
 
 def test_random_traffic_after_warm_up_compiles_nothing_and_equals_eager(warmed, eager, services, caplog):
     lassie = warmed[0]
-    extras = [None, services.serve("/compiled/a.safetensors", tiny_lora_bytes(51)),
-              services.serve("/compiled/b.safetensors", tiny_lora_bytes(52))]
+    extras = [None, services.serve("/compiled/a.safetensors", tiny_lora(51)),
+              services.serve("/compiled/b.safetensors", tiny_lora(52))]
     rng = random.Random(8)
     before = graphs()
     with caplog.at_level(logging.WARNING, logger="lassie"):
@@ -149,7 +144,7 @@ def test_random_traffic_after_warm_up_compiles_nothing_and_equals_eager(warmed, 
 def test_an_unforeseen_recompile_is_served_eagerly_with_one_warning(tiny_weights, predictor, services, caplog):
     """Without the slot a new extra LoRA is a new adapter name, which the graphs guard on."""
     lassie = set_up(tiny_weights, COMPILED | {"LASSIE_LORA_SLOT_RANK": "0"})
-    url = services.serve("/compiled/named.safetensors", tiny_lora_bytes(53))
+    url = services.serve("/compiled/named.safetensors", tiny_lora(53))
     fields = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 9,
               "output_format": "png", "extra_lora": url, "go_fast": False}
     before = graphs()

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_services import FakeServices, forbid_non_loopback, make_lora
+from fake_services import FakeServices, forbid_non_loopback
+from helpers import make_lora
 
 from lassie.lora.http import (
     MIB,

@@ -7,11 +7,13 @@ import random
 
 import numpy as np
 import pytest
-from fake_services import CivitaiFile, FakeServices, make_tar, services  # noqa: F401 (fixture)
+from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
+from helpers import make_tar, tiny_lora
 from PIL import Image
 from safetensors.torch import save
 
-from conftest import load_script, settings_for
+import lora_formats as forms
+from conftest import settings_for
 from lassie.errors import InputError
 from lassie.lora.cache import LoraCache
 from lassie.predictor import Lassie
@@ -20,15 +22,6 @@ from lassie.settings import LoraSettings
 
 BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 5,
         "output_format": "png"}
-
-
-def tiny_lora(seed: int, only: tuple[str, ...] = ()) -> bytes:
-    """A PEFT-format LoRA for the tiny transformer; `only` keeps just the keys containing these."""
-    builder = load_script("make_tiny_weights")
-    state = builder.lassie_lora_state_dict(builder.tiny_transformer(guidance_embeds=True, seed=0), seed=seed)
-    if only:
-        state = {key: value for key, value in state.items() if any(part in key for part in only)}
-    return save(state)
 
 
 def image_of(predictor: Lassie, **fields) -> np.ndarray:
@@ -92,8 +85,7 @@ def test_a_request_without_extra_lora_runs_no_extra_adapter(predictor, services)
 @pytest.mark.parametrize(("payload", "message"), [
     (b"\x80\x04\x95" + b"\x00" * 64, "extra_lora"),
     (tiny_lora(24)[:-100], "extra_lora"),
-    (save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": __import__("torch").ones(4, 320)}),
-     "extra_lora"),
+    (save(forms.sd15_kohya_lora()), "extra_lora"),
 ])
 def test_bad_payloads_fail_clearly_and_leave_the_model_as_it_was(predictor, services, payload, message):
     before = {k: v.clone() for k, v in predictor.models.transformers["dev"].state_dict().items()}

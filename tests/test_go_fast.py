@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script, settings_for
+from bench_gpu import image_psnr
+from conftest import settings_for
+from helpers import tiny_lora
 from lassie.generate import Inputs, generate
 from lassie.predictor import Lassie
 from lassie.request import Mode, Request, make_plan
 from lassie.variants import LASSIE_ADAPTER, Variant
 
-image_psnr = load_script("bench_gpu").image_psnr
 
 DEV = Variant("dev", False)
 
@@ -105,8 +106,6 @@ def test_quantized_image_stays_close_to_full_precision(fp8_predictor):
 
 @pytest.mark.parametrize("model", ["dev", "schnell"])
 def test_quantized_path_serves_every_mode_with_an_extra_lora(fp8_predictor, services, model, tmp_path):
-    from test_extra_lora import tiny_lora
-
     photo = tmp_path / "photo.png"
     Image.effect_noise((320, 256), 50).convert("RGB").save(photo)
     mask = tmp_path / "mask.png"

@@ -18,6 +18,7 @@ import peft.utils.hotswap
 import pytest
 import torch
 from fake_services import services  # noqa: F401 (fixture)
+from helpers import dev_float_image
 from PIL import Image
 from safetensors.torch import save, save_file
 
@@ -27,7 +28,7 @@ from lassie.lora.adapters import SLOT_ADAPTER, SLOT_RANK_ENV, slot_rank_for
 from lassie.errors import InputError
 from lassie.predictor import Lassie
 from lassie.variants import LASSIE_ADAPTER, Variant
-from lassie.request import Mode, Request
+from lassie.request import Request
 from lassie.settings import Settings
 
 DEV = Variant("dev", False)
@@ -88,9 +89,7 @@ def write_lora(directory: Path, name: str, state_dict: dict[str, torch.Tensor], 
 def render(lassie: Lassie, extra: str | None = None, scale: float = SCALE) -> np.ndarray:
     """The float image of dev with the Lassie LoRA at 0.5 and `extra` at `scale`."""
     lassie.variants.adapters.activate(DEV, {LASSIE_ADAPTER: 0.5, **({extra: scale} if extra else {})})
-    pipeline = lassie.models.pipeline("dev", Mode.TXT2IMG)
-    return pipeline(prompt="a photo of LSSIE", width=256, height=256, num_inference_steps=2, guidance_scale=3.0,
-                    generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
+    return dev_float_image(lassie)
 
 
 @pytest.fixture

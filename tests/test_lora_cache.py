@@ -10,7 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fake_services import CivitaiFile, FakeServices, make_lora, make_tar, services  # noqa: F401 (fixture)
+from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
+from helpers import make_lora, make_tar
 
 from lassie.errors import InputError
 from lassie.lora.cache import LoraCache

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_services import make_lora, make_tar
+from helpers import make_lora, make_tar
 from safetensors.numpy import save
 
 from lassie.errors import InputError

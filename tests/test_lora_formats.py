@@ -14,13 +14,13 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from helpers import dev_float_image
 from safetensors.torch import save_file
 
 import lora_formats as forms
 from conftest import settings_for
 from lassie.errors import InputError
 from lassie.predictor import Lassie
-from lassie.request import Mode
 from lassie.variants import Variant
 from lassie.weights import WeightsLayout
 
@@ -80,15 +80,9 @@ REFUSED = {
 }
 
 
-def render(predictor) -> np.ndarray:
-    pipeline = predictor.models.pipeline("dev", Mode.TXT2IMG)
-    return pipeline(prompt="a photo of LSSIE", width=256, height=256, num_inference_steps=2, guidance_scale=3.0,
-                    generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
-
-
 def render_with(predictor, extra: str) -> np.ndarray:
     predictor.variants.adapters.activate(DEV, {"lassie": 0.0, extra: SCALE})
-    return render(predictor)
+    return dev_float_image(predictor)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def base_image(predictor) -> np.ndarray:
     """The image without any extra LoRA (and the Lassie LoRA at 0)."""
     predictor.variants.adapters.activate(DEV, {"lassie": 0.0})
     try:
-        return render(predictor)
+        return dev_float_image(predictor)
     finally:
         predictor.variants.adapters.activate(DEV, {"lassie": 1.0})
 
@@ -167,7 +161,7 @@ def test_lora_that_does_not_fit_is_refused_and_leaves_the_model_as_it_was(predic
     assert all(after[key].shape == before[key].shape and torch.equal(after[key], before[key]) for key in before)
     assert predictor.variants.adapters.names() == names_before
     predictor.variants.adapters.activate(DEV, {"lassie": 0.0})
-    assert np.array_equal(render(predictor), base_image)
+    assert np.array_equal(dev_float_image(predictor), base_image)
 
 
 def test_a_lassie_lora_that_does_not_fit_fails_setup_naming_the_lassie_lora(tiny_weights, tmp_path):

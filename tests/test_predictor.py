@@ -14,54 +14,13 @@ from diffusers import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxPipeline,
-    FluxTransformer2DModel,
 )
+from helpers import reference_images, run, write_compvis, write_falcon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from lassie.request import Request, denoising_steps
-
-STEPS = 2
-SIZE = {"megapixels": "0.25"}
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def run(predictor, **fields) -> list[np.ndarray]:
-    fields = {"prompt": "a photo of LSSIE", "num_inference_steps": STEPS, "seed": 7, "output_format": "png",
-              **SIZE, **fields}
-    return [pixels(path) for path in predictor.predict(Request(**fields))]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_weights):
-    """Bare diffusers pipelines loaded on their own, with the LoRA loaded by diffusers itself."""
-
-    def build(cls, model="dev", lora_scale=None):
-        extra = {}
-        if model == "schnell":
-            extra = dict(
-                transformer=FluxTransformer2DModel.from_pretrained(tiny_weights / "flux-schnell" / "transformer"),
-                scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_weights / "flux-schnell" / "scheduler"),
-            )
-        pipe = cls.from_pretrained(tiny_weights / "flux-dev", **extra)
-        if lora_scale is not None:
-            pipe.load_lora_weights(str(tiny_weights / "lassie" / "lora.safetensors"), adapter_name="lassie")
-            pipe.set_adapters("lassie", lora_scale)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    return build
-
-
-def reference_images(pipe, **arguments) -> list[np.ndarray]:
-    arguments = {"prompt": "a photo of LSSIE", "num_inference_steps": STEPS, "guidance_scale": 3.0,
-                 "width": 512, "height": 512, "max_sequence_length": 512,
-                 "generator": torch.Generator("cpu").manual_seed(7), **arguments}
-    return [np.asarray(image) for image in pipe(**arguments).images]
 
 
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
@@ -180,8 +139,6 @@ def test_output_quality_changes_lossy_files(predictor):
 @pytest.fixture(scope="module")
 def flagging_weights(tiny_weights, tmp_path_factory):
     """A copy of the tiny weights whose CompVis checker flags everything."""
-    from test_safety import write_compvis
-
     from lassie.weights import WeightsLayout
 
     root = tmp_path_factory.mktemp("flagging")
@@ -193,7 +150,6 @@ def flagging_weights(tiny_weights, tmp_path_factory):
 @pytest.mark.parametrize(("falcon_says", "kept"), [("nsfw", 0), ("normal", 3)])
 def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_weights, falcon_says, kept):
     from conftest import settings_for
-    from test_safety import write_falcon
 
     from lassie.predictor import Lassie
     from lassie.safety import AllOutputsFlaggedError

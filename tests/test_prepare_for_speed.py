@@ -8,12 +8,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.attention_dispatch import AttentionBackendName
+from helpers import library_log
 
 from lassie.attention import CUDNN, FLASH_3, NATIVE, AttentionChoice, choose_attention, use_attention
 from lassie.hardware import DeviceInfo
 from lassie.models import load_models, prepare_for_speed
 from lassie.weights import WeightsLayout
-from test_prompts import library_log
 
 NONE: frozenset[str] = frozenset()
 FA3 = frozenset({"flash_attn_3"})

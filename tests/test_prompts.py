@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+from helpers import library_log, reference_images, run
+from make_tiny_weights import linear_sizes, random_lora
 from safetensors.torch import save_file
 
 from lassie.lora.adapters import LoraAdapters
 from lassie.prompts import PromptCache, encode_prompt
-from test_predictor import reference, reference_images, run  # noqa: F401 (reference is a fixture)
 
 LONG_PROMPT = ("a photo of a dog in the snow, " * 4000)[:100_000]
 
@@ -84,15 +85,9 @@ def test_the_cache_is_bounded_and_drops_the_least_recently_used(tiny_weights):
 
 def clip_lora(text_encoder: torch.nn.Module, transformer: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """A LoRA with a CLIP part (every attention projection) and one transformer layer, PEFT keys."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    targets = [(f"text_encoder.{name}", module) for name, module in text_encoder.named_modules()
-               if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))]
-    targets.append(("transformer.transformer_blocks.0.attn.to_q", transformer.transformer_blocks[0].attn.to_q))
-    for name, module in targets:
-        state[f"{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator)
-        state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=generator)
-    return state
+    clip = [name for name, _ in text_encoder.named_modules() if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))]
+    return {**random_lora(linear_sizes(text_encoder, clip), seed, scale=1.0, prefix="text_encoder"),
+            **random_lora(linear_sizes(transformer, ["transformer_blocks.0.attn.to_q"]), seed, scale=1.0)}
 
 
 def test_a_clip_lora_at_two_scales_never_gets_stale_embeddings(tiny_weights, tmp_path):
@@ -126,22 +121,6 @@ def test_a_clip_lora_at_two_scales_never_gets_stale_embeddings(tiny_weights, tmp
     adapters.activate("dev", {"clip": 0.5})
     cached, fresh = cached_and_fresh()
     assert torch.equal(cached, fresh) and not torch.equal(cached, seen[1])
-
-
-@contextmanager
-def library_log(*logger_names: str) -> Iterator[list[str]]:
-    """Every message that reaches these library loggers' handlers (diffusers and transformers
-    keep their own handlers and do not propagate to the root logger that caplog watches)."""
-    messages: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    for name in logger_names:
-        logging.getLogger(name).addHandler(handler)
-    try:
-        yield messages
-    finally:
-        for name in logger_names:
-            logging.getLogger(name).removeHandler(handler)
 
 
 @pytest.mark.parametrize("pipeline_class", [FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline])

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torchao.utils import TorchAOBaseTensor
 
-from conftest import load_script
+import make_tiny_weights as tiny
 from lassie import compilation, go_fast, hardware
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Request, effective_lora_scales, go_fast_applies
 from lassie.settings import CompileSettings, Settings
@@ -35,13 +35,8 @@ MI300X = hardware.DeviceInfo(kind="rocm", name="AMD Instinct MI300X", capability
 FP8_RELATIVE_ERROR_BOUND = 2 * 2**-3 / 12**0.5
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_script("make_tiny_weights")
-
-
 @pytest.fixture
-def transformer(tiny):
+def transformer():
     return tiny.tiny_transformer(guidance_embeds=True, seed=0).eval()
 
 
@@ -64,7 +59,7 @@ def run(transformer) -> torch.Tensor:
         return transformer(**transformer_inputs())[0]
 
 
-def attach_lassie(transformer, tiny, name: str = "lassie") -> None:
+def attach_lassie(transformer, name: str = "lassie") -> None:
     transformer.load_lora_adapter(tiny.lassie_lora_state_dict(transformer), prefix="transformer", adapter_name=name)
 
 
@@ -128,7 +123,7 @@ def test_without_cuda_the_query_reports_the_cpu(monkeypatch):
 
 def test_go_fast_multiplies_lora_scales_by_exactly_one_and_a_half_and_custom_sizes_run_bf16():
     assert GO_FAST_LORA_MULTIPLIER == 1.5
-    assert effective_lora_scales(0.7, -0.3, go_fast=True) == (0.7 * 1.5, -0.3 * 1.5)
+    assert effective_lora_scales(0.7, -0.3, go_fast=True) == pytest.approx((1.05, -0.45))
     assert effective_lora_scales(0.7, -0.3, go_fast=False) == (0.7, -0.3)
     assert not go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="custom", width=512, height=512))
     assert go_fast_applies(Request(prompt="x", go_fast=True, aspect_ratio="16:9"))
@@ -229,16 +224,16 @@ def test_unquantized_mode_is_the_same_transformer(transformer):
     assert go_fast.quantize_transformer(transformer, go_fast.FastMode.UNQUANTIZED) is transformer
 
 
-def test_quantizing_leaves_the_source_adapters_behind(transformer, tiny):
-    attach_lassie(transformer, tiny)
+def test_quantizing_leaves_the_source_adapters_behind(transformer):
+    attach_lassie(transformer)
     go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
     assert not any(isinstance(m, BaseTunerLayer) for m in go_fast_copy.modules())
     assert not getattr(go_fast_copy, "peft_config", None)
     assert "lassie" in transformer.peft_config
 
 
-def test_fused_adapters_are_refused(transformer, tiny):
-    attach_lassie(transformer, tiny)
+def test_fused_adapters_are_refused(transformer):
+    attach_lassie(transformer)
     for module in transformer.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge()
@@ -252,12 +247,12 @@ def lora_delta(layer, inputs: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated without")
-def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transformer, tiny):
+def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transformer):
     """PEFT puts TorchaoLoraLinear on fp8 weights; the LoRA path itself is not quantized, so its
     contribution, and the 1.5x go_fast multiplier on it, are the same as on the original."""
     go_fast_copy = go_fast.quantize_transformer(transformer, go_fast.FastMode.FP8_WEIGHT_ONLY)
-    attach_lassie(transformer, tiny)
-    attach_lassie(go_fast_copy, tiny)
+    attach_lassie(transformer)
+    attach_lassie(go_fast_copy)
     layer, fp8_layer = transformer.transformer_blocks[0].attn.to_q, go_fast_copy.transformer_blocks[0].attn.to_q
     assert type(fp8_layer).__name__ == "TorchaoLoraLinear"
     inputs = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_script
+from cog_server import CogServer
+from conftest import REPO
 
 # A piece of each line that used to reach the log at startup or on the first request.
 KNOWN_NOISE = (
@@ -38,7 +39,7 @@ def noise_in(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fp8_server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    server = load_script("cog_server").CogServer(
+    server = CogServer(
         tiny_weights, env={"LASSIE_GO_FAST_MODE": "fp8-weight-only"},
         log_path=tmp_path_factory.mktemp("quiet-logs") / "server.log")
     health = server.start()

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from conftest import REPO, load_script
+import write_openapi_schema
+from conftest import REPO
 
 from lassie.bounds import BOUNDS, CHOICES
 from lassie.sizes import aspect_ratios
@@ -53,7 +54,7 @@ def committed() -> dict:
 
 
 def test_committed_openapi_schema_is_fresh(committed):
-    assert committed == json.loads(load_script("write_openapi_schema").render()), (
+    assert committed == json.loads(write_openapi_schema.render()), (
         "run: python scripts/write_openapi_schema.py"
     )
 

@@ -10,14 +10,13 @@ multiplied together (4 outputs of 1440x1440 at 50 steps prove nothing 1 output d
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import re
 import time
 
 import pytest
+from helpers import data_uri, decode, tiny_lora
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -65,12 +64,6 @@ def integers(field: str) -> st.SearchStrategy:
 def numbers(field: str) -> st.SearchStrategy:
     low, high = bounds(field)
     return st.floats(low, high) | st.integers(math.ceil(low), math.floor(high))
-
-
-def data_uri(image: Image.Image, fmt: str) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @st.composite
@@ -167,7 +160,6 @@ def requests(draw) -> tuple[dict, tuple[int, int] | None]:
 def lora_url() -> str:
     """A LoRA on a file server at 127.0.0.2 (the one address the test server may fetch LoRAs from)."""
     from fake_services import FakeServices
-    from test_extra_lora import tiny_lora
 
     with FakeServices(host=LORA_HOST) as files:
         yield files.serve("/lora.safetensors", tiny_lora(52))
@@ -178,12 +170,6 @@ def probe_output(cog_server) -> list[str]:
     status, body = cog_server.predict(PROBE)
     assert status == 200 and body["status"] == "succeeded", body
     return body["output"]
-
-
-def decode(uri: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-    image.load()
-    return image
 
 
 def still_serving(server, probe_output: list[str]) -> None:

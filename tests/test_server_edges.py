@@ -22,12 +22,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import data_uri, decode
 from PIL import Image
 
-from conftest import REPO, load_script
-from test_server import data_uri, decode
+from cog_server import CogServer, free_port, max_concurrency
+from conftest import REPO
 
-cog_server_script = load_script("cog_server")
 SMALLEST = {"prompt": "x", "aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1,
             "model": "schnell", "seed": 3}
 # Minutes on a CPU unless cancelled: dev, 50 steps, 4 outputs at the largest size.
@@ -47,8 +47,8 @@ def readme_blocks_after(heading: str, count: int) -> list[str]:
 def test_readme_server_and_curl_lines_work_as_written_after_the_demo(tiny_weights, tmp_path):
     """A checkout after `bash scripts/demo.sh`: the tiny weights in .tiny-weights/, no ./weights."""
     server_lines, client_lines = readme_blocks_after("### Serve it yourself", 2)
-    assert f"COG_MAX_CONCURRENCY={cog_server_script.max_concurrency()} " in server_lines
-    port = str(cog_server_script.free_port())
+    assert f"COG_MAX_CONCURRENCY={max_concurrency()} " in server_lines
+    port = str(free_port())
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     for name in ("predict.py", "lassie", ".cog", "cog.yaml"):
@@ -64,7 +64,7 @@ def test_readme_server_and_curl_lines_work_as_written_after_the_demo(tiny_weight
         health = {}
         while health.get("status") not in ("READY", "SETUP_FAILED") and time.monotonic() < deadline:
             time.sleep(0.5)
-            health = cog_server_script.CogServer(tiny_weights, port=int(port)).health()
+            health = CogServer(tiny_weights, port=int(port)).health()
         assert health.get("status") == "READY", (tmp_path / "server.log").read_text()[-3000:]
         client = subprocess.run(["bash", "-ec", client_lines.replace("5000", port)], cwd=checkout, env=env,
                                 capture_output=True, text=True, timeout=WAIT_SECONDS)
@@ -77,7 +77,7 @@ def test_readme_server_and_curl_lines_work_as_written_after_the_demo(tiny_weight
 
 
 def test_setup_without_weights_names_the_token_and_the_tiny_weights(tmp_path):
-    server = cog_server_script.CogServer(tmp_path / "weights", env={
+    server = CogServer(tmp_path / "weights", env={
         "HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": "http://127.0.0.1:9"})
     try:
         health = server.start()
