@@ -19,12 +19,10 @@ The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lass
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -35,14 +33,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 from huggingface_hub import HfApi, get_token, snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
-from huggingface_hub.utils import filter_repo_objects, tqdm
-from huggingface_hub.utils.sha import git_hash, sha_fileobj
+from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils.sha import git_hash
 
-from lassie.lora.http import AddressRule, DownloadLimits, download_file, human_bytes, redact_url
+from lassie.lora.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
 from lassie.errors import InputError
-from lassie.lora.files import UnusableArchiveError, UnusableSafetensorsError, inspect_safetensors, safetensors_from_tar
+from lassie.hub_errors import HUB_ERRORS, hub_problem
+from lassie.lora.files import (
+    UnusableArchiveError,
+    UnusableSafetensorsError,
+    inspect_safetensors,
+    safetensors_from_tar,
+    sha256_of,
+)
 from lassie.settings import Settings
 from lassie.weights import MissingWeightsError, WeightsLayout, tiny_weights_hint
 
@@ -51,7 +56,6 @@ log = logging.getLogger(__name__)
 LORA_URL_ENV = "LASSIE_LORA_URL"
 LORA_MEMBER = "lora.safetensors"
 MANIFEST_FORMAT = 1
-LOG_BAR = "  {percentage:3.0f}% of {total_fmt}B, {rate_fmt}, {remaining} left"
 RUN_AGAIN = "Files finished so far are kept; run again to resume."
 
 # Pickled or foreign-framework weights: the layout loads safetensors only.
@@ -171,11 +175,6 @@ class Manifest:
         self.save()
 
 
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as file:
-        return sha_fileobj(file).hex()
-
-
 def has_size(path: Path, size: int | None) -> bool:
     return path.is_file() and path.stat().st_size == size
 
@@ -186,23 +185,6 @@ def check_safetensors(path: Path, name: str) -> None:
         inspect_safetensors(path)
     except UnusableSafetensorsError as problem:
         raise CorruptFileError(f"{name} is not a valid safetensors file: {problem}") from None
-
-
-class ProgressLog(tqdm):
-    """A bar on a terminal; elsewhere (Cog's setup log) a log line every 30 s, where no bar is seen."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.to_log = not sys.stderr.isatty()
-        if self.to_log:
-            kwargs |= {"disable": False, "mininterval": 30, "file": io.StringIO(), "bar_format": LOG_BAR}
-        super().__init__(*args, **kwargs)
-
-    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        if not self.to_log:
-            return super().display(msg, pos)
-        if self.n:
-            log.info(self.format_meter(**self.format_dict))
-        return True
 
 
 # --- the hub ------------------------------------------------------------------------------------
@@ -251,15 +233,22 @@ class HubAccess:
 
 @contextmanager
 def explained_hub_errors(source: HubSource, access: HubAccess) -> Iterator[None]:
-    """The one place huggingface_hub's errors become messages that say what to do next."""
+    """A gated repo gets setup's own guidance (its license page, the token to create); any other
+    failure the project's one wording of hub errors, and a rerun resumes."""
     try:
         yield
-    except (GatedRepoError, RepositoryNotFoundError) as error:
+    except RepositoryNotFoundError as error:
         if source.gated:
             raise ProvisionError(access.gated_message(source.repo_id)) from None
-        raise ProvisionError(f"{source.repo_id} is not reachable on {access.endpoint}: {error}") from None
-    except (HfHubHTTPError, OSError, httpx2.HTTPError) as error:
-        raise ProvisionError(f"fetching {source.repo_id} failed: {error}\n{RUN_AGAIN}") from error
+        raise ProvisionError(hub_problem_of(source, access, error)) from None
+    except HUB_ERRORS as error:
+        raise ProvisionError(f"{hub_problem_of(source, access, error)}\n{RUN_AGAIN}") from None
+
+
+def hub_problem_of(source: HubSource, access: HubAccess, error: BaseException) -> str:
+    tokens = {"HF_TOKEN": access.token} if access.token else {}
+    return hub_problem(error, f"{source.repo_id} on {access.endpoint}", revision=None,
+                       has_token=bool(access.token), tokens=tokens)
 
 
 def is_in_place(source: HubSource, manifest: Manifest) -> bool:
@@ -273,7 +262,7 @@ def token_problem(source: HubSource, access: HubAccess) -> str | None:
     return access.gated_message(source.repo_id) if source.gated and access.token is None else None
 
 
-def hub_problem(path: Path, name: str, remote: RepoSibling) -> tuple[str | None, str]:
+def mismatch_with_hub(path: Path, name: str, remote: RepoSibling) -> tuple[str | None, str]:
     """(what is wrong with the file compared with the hub's listing, its sha256)."""
     size = path.stat().st_size
     if remote.size is not None and size != remote.size:
@@ -315,7 +304,7 @@ def plan_hub_source(source: HubSource, access: HubAccess, manifest: Manifest, ve
         record = manifest.files.get(name)
         if not path.is_file():
             continue
-        problem, sha256 = hub_problem(path, name, remote) if verify else (None, "")
+        problem, sha256 = mismatch_with_hub(path, name, remote) if verify else (None, "")
         if problem is None and has_size(path, remote.size) and record is not None and record.revision == commit:
             vouched[name] = FileRecord(source.repo_id, commit, record.size, sha256 or record.sha256)
         elif problem is not None or not has_size(path, remote.size):
@@ -340,7 +329,7 @@ def fetch_hub_source(plan: HubPlan, access: HubAccess, manifest: Manifest, repor
             records[name] = plan.vouched[name]
             report.kept.append(name)
             continue
-        problem, sha256 = hub_problem(path, name, remote)
+        problem, sha256 = mismatch_with_hub(path, name, remote)
         if problem is not None:
             path.unlink()
             problems.append(problem)

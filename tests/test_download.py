@@ -27,7 +27,7 @@ from lassie.lora.http import (
     download_file,
     fetch_json,
     parse_ip_literal,
-    _ProgressLog,
+    ProgressLog,
     redact_url,
 )
 from lassie.errors import InputError
@@ -264,9 +264,10 @@ def test_fetch_json_reads_an_api_answer_and_refuses_html(services: FakeServices)
 
 def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="lassie.lora.http")
-    progress = _ProgressLog(f"https://example.com/big.safetensors?sig={SECRET}", 100 * MIB)
-    for received in range(0, 100 * MIB + 1, 4 * MIB):
-        progress.update(received)
+    with ProgressLog(total=100 * MIB, desc=redact_url(f"https://example.com/big.safetensors?sig={SECRET}"),
+                     unit="B") as progress:
+        for _ in range(25):
+            progress.update(4 * MIB)
     percents = [int(record.getMessage().rsplit("(", 1)[1].rstrip("%)")) for record in caplog.records]
     assert [percent // 10 for percent in percents] == list(range(1, 11)), "one line per tenth"
     assert "big.safetensors?…" in caplog.text and SECRET not in caplog.text
@@ -274,9 +275,17 @@ def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureF
 
 def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="lassie.lora.http")
-    progress = _ProgressLog("https://example.com/small.safetensors", 10 * MIB)
-    for received in range(0, 10 * MIB + 1, MIB):
-        progress.update(received)
+    with ProgressLog(total=10 * MIB, desc="https://example.com/small.safetensors", unit="B") as progress:
+        for _ in range(10):
+            progress.update(MIB)
+    assert caplog.records == []
+
+
+def test_progress_of_anything_but_bytes_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """huggingface_hub also counts files with its tqdm_class: those counts are no download size."""
+    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    with ProgressLog(total=200 * MIB, desc="Fetching 3 files", unit="it") as progress:
+        progress.update(200 * MIB)
     assert caplog.records == []
 
 

@@ -163,6 +163,7 @@ def test_interrupted_run_resumes_where_it_stopped(hub: FakeHub, tmp_path: Path) 
     first = download(hub, weights)
     assert first.returncode == 1
     assert "run again to resume" in first.stderr
+    assert f"{SCHNELL} on {hub.endpoint}: Hugging Face answered HTTP 500" in first.stderr  # the one hub wording
     hub.faults.fail.clear()
     hub.clear_log()
     second = download(hub, weights)

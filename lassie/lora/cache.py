@@ -9,7 +9,6 @@ it once; a request that waits on another's download says so in the log.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from lassie.errors import InputError
-from lassie.lora.files import validate_safetensors
+from lassie.lora.files import sha256_of, validate_safetensors
 from lassie.lora.http import human_bytes
 from lassie.lora.sources import LoraSource, fetch_source, parse_extra_lora, short_digest
 from lassie.settings import LoraSettings
@@ -104,7 +103,7 @@ class LoraCache:
             return str(error)
         version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if self._verified.get(key) != version:
-            if _sha256(data) != record.get("sha256"):
+            if sha256_of(data) != record.get("sha256"):
                 return "checksum mismatch"
             self._verified[key] = version
         return None
@@ -121,7 +120,7 @@ class LoraCache:
 
     def _store(self, key: str, source: LoraSource, fetched: Path, staging: Path) -> Path:
         record = {"key": source.cache_key, "source": source.describe(), "size": fetched.stat().st_size,
-                  "sha256": _sha256(fetched)}
+                  "sha256": sha256_of(fetched)}
         record_tmp = staging / "record.json"
         record_tmp.write_text(json.dumps(record, indent=1))
         data = self._data_path(key)
@@ -191,11 +190,6 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as source:
-        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 class _KeyLocks:

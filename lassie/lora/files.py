@@ -12,6 +12,7 @@ setup (the Lassie LoRA) and requests (`extra_lora`) word their own errors around
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from dataclasses import dataclass
@@ -216,3 +217,9 @@ def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Pat
                 raise EOFError("archive ends inside the .safetensors member")
             sink.write(chunk)
             remaining -= len(chunk)
+
+
+def sha256_of(path: Path) -> str:
+    """The project's one file hash: the cache's integrity record and the weights manifest use it."""
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()

@@ -21,12 +21,15 @@ import math
 import re
 import socket
 import ssl
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import SplitResult, urljoin, urlsplit
+
+from huggingface_hub.utils import tqdm
 
 from lassie.errors import InputError
 from lassie.settings import LoraSettings
@@ -415,13 +418,13 @@ def _check_size(size: int, max_bytes: int, url: str) -> None:
 
 def _stream(response: http.client.HTTPResponse, sink: BinaryIO, declared: int | None, max_bytes: int,
             url: str, limits: DownloadLimits) -> int:
-    progress = _ProgressLog(url, declared)
     received = 0
-    while chunk := _read_chunk(response, url, limits):
-        received += len(chunk)
-        _check_size(received, max_bytes, url)
-        sink.write(chunk)
-        progress.update(received)
+    with ProgressLog(total=declared, desc=redact_url(url), unit="B") as progress:
+        while chunk := _read_chunk(response, url, limits):
+            received += len(chunk)
+            _check_size(received, max_bytes, url)
+            sink.write(chunk)
+            progress.update(len(chunk))
     return received
 
 
@@ -435,18 +438,28 @@ def _read_chunk(response: http.client.HTTPResponse, url: str, limits: DownloadLi
     raise InputError(FIELD, f"the download of {redact_url(url)} {problem}")
 
 
-class _ProgressLog:
-    """Large downloads take minutes: log every tenth (or every 256 MiB when the size is unknown)."""
+class ProgressLog(tqdm):
+    """Progress of a large download as log lines, since Cog's logs show no bars: one line per tenth
+    (per 256 MiB when the size is unknown), none for files under 64 MiB. A bar on a terminal.
 
-    def __init__(self, url: str, total: int | None) -> None:
-        self.url = redact_url(url)
-        self.total = total
-        self.step = max(total // 10, 1) if total else 4 * PROGRESS_FROM_BYTES
-        self.next_report = self.step
+    The one progress report of the project: lassie's own downloads drive it, and huggingface_hub
+    takes it as its `tqdm_class` when setup fetches the weights.
+    """
 
-    def update(self, received: int) -> None:
-        if received < self.next_report or (self.total is not None and self.total < PROGRESS_FROM_BYTES):
-            return
-        self.next_report = (received // self.step + 1) * self.step
-        share = f" ({100 * received // self.total}%)" if self.total else ""
-        logger.info("extra_lora: %s of %s%s", human_bytes(received), self.url, share)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.to_log = not sys.stderr.isatty()
+        if self.to_log:
+            kwargs |= {"disable": False, "file": io.StringIO()}
+        super().__init__(*args, **kwargs)
+        size = self.total if self.unit == "B" else None
+        self._quiet = self.unit != "B" or (size is not None and size < PROGRESS_FROM_BYTES)
+        self._step = max(int(size) // 10, 1) if size else 4 * PROGRESS_FROM_BYTES
+        self._next_report = self._step
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        if self.to_log and not self._quiet and self.n >= self._next_report:
+            self._next_report = (int(self.n) // self._step + 1) * self._step
+            share = f" ({100 * int(self.n) // int(self.total)}%)" if self.total else ""
+            logger.info("%s: %s%s", self.desc, human_bytes(self.n), share)
+        return shown

@@ -18,20 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
-import httpx2
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from huggingface_hub.hf_api import RepoFile
 
 from lassie.errors import InputError
+from lassie.hub_errors import HUB_ERRORS, hub_problem
 from lassie.lora.files import unpack_if_tar
 from lassie.lora.http import (
     FIELD,
@@ -41,7 +32,6 @@ from lassie.lora.http import (
     download_file,
     fetch_json,
     human_bytes,
-    redact_secrets,
     redact_url,
 )
 from lassie.settings import LoraSettings
@@ -452,24 +442,9 @@ def _choose_hf_file(source: HuggingFaceSource, files: list[RepoFile]) -> RepoFil
 @contextmanager
 def _huggingface_errors(source: HuggingFaceSource, has_token: bool, limits: DownloadLimits) -> Iterator[None]:
     """huggingface_hub's exceptions -> InputErrors that say what to do (and never show a token)."""
-    described = source.describe()
-    access = "HF_TOKEN has no access to it" if has_token else "if it is private, set HF_TOKEN"
     try:
         yield
-    except GatedRepoError:
-        raise InputError(FIELD, f"{described} is gated: accept its terms on Hugging Face and set HF_TOKEN "
-                                "to a token of that account") from None
-    except RepositoryNotFoundError:
-        raise InputError(FIELD, f"{described} not found ({access})") from None
-    except RevisionNotFoundError:
-        raise InputError(FIELD, f"{described}: revision {source.revision!r} not found") from None
-    except RemoteEntryNotFoundError:
-        raise InputError(FIELD, f"{described}: file not found") from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else "?"
-        raise InputError(FIELD, f"{described}: Hugging Face answered HTTP {status}") from None
-    except HFValidationError:
-        raise InputError(FIELD, f"{described}: not a valid Hugging Face repo id or revision") from None
-    except (LocalEntryNotFoundError, httpx2.HTTPError, OSError) as error:
-        reason = redact_secrets(f"{type(error).__name__}: {error}", limits.tokens)[:300]
-        raise InputError(FIELD, f"{described}: could not be downloaded ({reason})") from None
+    except HUB_ERRORS as error:
+        problem = hub_problem(error, source.describe(), revision=source.revision, has_token=has_token,
+                              tokens=limits.tokens)
+        raise InputError(FIELD, problem) from None
