@@ -60,7 +60,7 @@ def use_attention(transformers: Iterable[torch.nn.Module], choice: AttentionChoi
     """Run `choice` on every transformer if it passes the tiny check, else native; returns the backend.
 
     diffusers also makes the backend the process's active one, so transformers built later from
-    the same config (the go_fast fp8 twins) dispatch to it too.
+    the same config (the go_fast copies) dispatch to it too.
     """
     transformers = list(transformers)
     if choice.backend == NATIVE:

@@ -2,7 +2,7 @@
 
 The plan is computed, not asserted: `footprint_from_configs` counts the parameters of every resident
 module built on the meta device from its config (at setup, the configs of the weights about to
-be loaded; in tests, the full-size ones of `lassie/flux_configs`), and `plan_memory` weighs them against the
+be loaded; in tests, the full-size ones of `scripts/flux_configs`), and `plan_memory` weighs them against the
 device's memory and the working memory of the worst request the schema allows (4 outputs at
 1440x1440, go_fast, an extra LoRA in the slot). Candidates are tried from fastest to leanest:
 

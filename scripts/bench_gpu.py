@@ -1,7 +1,7 @@
 """GPU benchmark: lassie's `predict()` at full FLUX size against plain diffusers, in one command.
 
 Real FLUX weights cannot be fetched where this runs, so every big model (both transformers,
-T5-XXL, CLIP-L, the VAE) is built from the public configs in lassie/flux_configs with random
+T5-XXL, CLIP-L, the VAE) is built from the public configs in scripts/flux_configs with random
 weights straight on the GPU: the weights directory holds configs, tokenizers and LoRAs only
 (about 0.7 GB, nothing like 58 GB), and in this script's processes the library loaders
 (`from_pretrained` of those four classes) materialise a directory marked
@@ -68,7 +68,7 @@ log = logging.getLogger("bench_gpu")
 
 MISSING_EXIT = 2
 GIB = 2**30
-CONFIGS = REPO / "lassie" / "flux_configs"
+CONFIGS = REPO / "scripts" / "flux_configs"
 RANDOM_MARKER = "bench-random-weights.json"
 WEIGHTS_MARKER = "bench-weights.json"
 PROMPT = "a photo of LSSIE the dog on a beach"
@@ -338,7 +338,7 @@ def load_config(name: str) -> dict:
     return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
-# model directory -> (full-size config in lassie/flux_configs, weights file stem)
+# model directory -> (full-size config in scripts/flux_configs, weights file stem)
 RANDOM_MODELS = {
     "flux-dev/transformer": ("dev_transformer", "diffusion_pytorch_model"),
     "flux-schnell/transformer": ("schnell_transformer", "diffusion_pytorch_model"),

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from lassie import memory as m
 
-CONFIGS = REPO / "lassie" / "flux_configs"
+CONFIGS = REPO / "scripts" / "flux_configs"
 
 GIB = 2**30
 H100_80GB = 85_031_714_816  # what torch reports for an 80 GB H100: 79.2 GiB
@@ -17,7 +17,7 @@ L40S_48GB = 48_305_799_168
 
 
 def full_size_configs() -> m.ModelConfigs:
-    """FLUX.1 dev + schnell and the safety models as published (`lassie/flux_configs`)."""
+    """FLUX.1 dev + schnell and the safety models as published (`scripts/flux_configs`)."""
     return m.ModelConfigs(transformers={model: CONFIGS / f"{model}_transformer.json" for model in ("dev", "schnell")},
                           t5=CONFIGS / "t5_text_encoder.json", clip=CONFIGS / "clip_text_encoder.json",
                           vae=CONFIGS / "vae.json", compvis=CONFIGS / "compvis_safety_checker.json",
