@@ -1,5 +1,6 @@
 """The build files agree with each other: what `cog build` installs is what the tests ran."""
 
+import re
 import tomllib
 
 import yaml
@@ -47,3 +48,15 @@ def test_cog_yaml_cuda_is_one_torch_ships_and_cog_knows():
     builds = sorted(TORCH_CUDA_BUILDS[torch_version])
     assert cuda in builds, f"cog.yaml asks for CUDA {cuda}, but torch {torch_version} is built for {builds}"
     assert cuda in TORCH_CUDA_BUILDS[COG_TABLE_NEWEST_TORCH], f"cog's table has no CUDA {cuda} for current torch"
+
+
+def test_the_architecture_doc_names_every_module_and_only_modules_that_exist():
+    documented = set(re.findall(r"^\| `(lassie/[\w/]+\.py)` \|", (REPO / "docs" / "architecture.md").read_text(), re.M))
+    modules = {path.relative_to(REPO).as_posix() for path in (REPO / "lassie").rglob("*.py")} - {"lassie/__init__.py"}
+    assert documented == modules
+
+
+def test_every_lassie_package_is_packaged():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {path.parent.relative_to(REPO).as_posix().replace("/", ".") for path in (REPO / "lassie").rglob("__init__.py")}
+    assert set(pyproject["tool"]["setuptools"]["packages"]) == packages
