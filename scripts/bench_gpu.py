@@ -436,7 +436,7 @@ class RandomLoader:
 
     def install(self) -> None:
         for cls in model_classes():
-            self._wrap(cls)
+            self.wrap(cls)
 
     def _wrap(self, cls: type) -> None:
         original = cls.from_pretrained
@@ -521,23 +521,27 @@ class PhaseClock:
     """Seconds per phase of one request, from wrappers on the methods every FLUX call goes
     through (class attributes, so every pipeline view and model copy is timed). Denoising is the
     pipeline call less its text encoding, VAE decode and postprocessing; `rest` is the request
-    less the pipeline call and image encoding (plan, adapters, files)."""
+    less the pipeline call and image encoding (plan, adapters, files). Only phases timed inside
+    the pipeline call count against it: lassie encodes prompts before calling the pipeline (its
+    embedding cache), diffusers' own call encodes them inside."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.inside_pipeline = 0.0
+        self._pipeline_calls = 0
 
     def install(self) -> None:
         from diffusers import AutoencoderKL, FluxPipeline
         from diffusers.image_processor import VaeImageProcessor
         from PIL import Image
 
-        self._wrap(FluxPipeline, "__call__", "pipeline")
-        self._wrap(FluxPipeline, "encode_prompt", "text encoding")
-        self._wrap(AutoencoderKL, "decode", "VAE decode")
-        self._wrap(VaeImageProcessor, "postprocess", "to PIL")
-        self._wrap(Image.Image, "save", "image encoding")
+        self.wrap(FluxPipeline, "__call__", "pipeline")
+        self.wrap(FluxPipeline, "encode_prompt", "text encoding")
+        self.wrap(AutoencoderKL, "decode", "VAE decode")
+        self.wrap(VaeImageProcessor, "postprocess", "to PIL")
+        self.wrap(Image.Image, "save", "image encoding")
 
-    def _wrap(self, owner: type, attribute: str, phase: str) -> None:
+    def wrap(self, owner: type, attribute: str, phase: str) -> None:
         original = getattr(owner, attribute)
         clock = self
 
@@ -545,23 +549,30 @@ class PhaseClock:
         def timed_method(*args, **kwargs):
             synchronize()
             started = time.perf_counter()
+            inside = clock._pipeline_calls > 0
+            clock._pipeline_calls += phase == "pipeline"
             try:
                 return original(*args, **kwargs)
             finally:
                 synchronize()
-                clock.seconds[phase] += time.perf_counter() - started
+                clock._pipeline_calls -= phase == "pipeline"
+                elapsed = time.perf_counter() - started
+                clock.seconds[phase] += elapsed
+                if inside and phase in ("text encoding", "VAE decode", "to PIL"):
+                    clock.inside_pipeline += elapsed
 
         setattr(owner, attribute, timed_method)
 
     def reset(self) -> None:
         self.seconds.clear()
+        self.inside_pipeline = 0.0
 
     def phases(self, total: float) -> dict[str, float]:
         measured = dict(self.seconds)
         pipeline = measured.pop("pipeline", 0.0)
-        inner = sum(measured.get(name, 0.0) for name in ("text encoding", "VAE decode", "to PIL"))
-        measured["denoising"] = max(pipeline - inner, 0.0)
-        measured["rest"] = max(total - pipeline - measured.get("image encoding", 0.0), 0.0)
+        outside_pipeline = sum(measured.values()) - self.inside_pipeline  # image encoding, lassie's text encoding
+        measured["denoising"] = max(pipeline - self.inside_pipeline, 0.0)
+        measured["rest"] = max(total - pipeline - outside_pipeline, 0.0)
         return {name: measured.get(name, 0.0) for name in PHASES}
 
 

@@ -198,3 +198,31 @@ def test_cpu_benchmark_sets_the_server_beside_the_bare_call(tiny_weights):
         assert row in out, row
     assert "x the bare call (" in out and out.count("x the bare call") == 2
     assert out.splitlines()[-1].startswith("markdown row: | ")
+
+
+def test_the_phase_clock_charges_the_pipeline_only_with_what_ran_inside_it(monkeypatch):
+    """lassie encodes prompts before the pipeline call (its cache); diffusers inside it. Both give
+    the denoising time, and the phases add up to the request."""
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    class Pipeline:
+        def encode_prompt(self):
+            now[0] += 3.0
+
+        def __call__(self, encode: bool):
+            if encode:
+                self.encode_prompt()
+            now[0] += 5.0  # denoising
+
+    clock = bench.PhaseClock()
+    clock.wrap(Pipeline, "encode_prompt", "text encoding")
+    clock.wrap(Pipeline, "__call__", "pipeline")
+    for encodes_inside in (False, True):
+        clock.reset()
+        pipeline, started = Pipeline(), now[0]
+        if not encodes_inside:
+            pipeline.encode_prompt()
+        pipeline(encode=encodes_inside)
+        phases = clock.phases(now[0] - started)
+        assert (phases["text encoding"], phases["denoising"], phases["rest"]) == (3.0, 5.0, 0.0), encodes_inside
