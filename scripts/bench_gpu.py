@@ -436,7 +436,7 @@ class RandomLoader:
 
     def install(self) -> None:
         for cls in model_classes():
-            self.wrap(cls)
+            self._wrap(cls)
 
     def _wrap(self, cls: type) -> None:
         original = cls.from_pretrained
