@@ -172,7 +172,7 @@ def test_a_compile_that_fails_at_setup_leaves_a_working_eager_server(tiny_weight
 
 
 def test_go_fast_copies_that_cannot_be_built_leave_go_fast_on_bf16(tiny_weights, predictor, monkeypatch, caplog):
-    def broken(transformer, mode):
+    def broken(transformer, mode, own_weight=None):
         raise RuntimeError("no fp8 kernels here")
 
     monkeypatch.setattr("lassie.variants.quantize_transformer", broken)
