@@ -20,7 +20,8 @@ computed from the modules' sizes and the GPU's memory.
 PEFT LoRA on the fp8 transformer (see docs/go_fast.md for the experiments): PEFT wraps a linear
 whose weight is a torchao tensor in `TorchaoLoraLinear`; the base matmul stays fp8 and the LoRA
 path runs in the activations' dtype, so scales are exact. Merging (`fuse_lora`) is impossible
-there (no re-quantization recipe): adapters stay unfused, which lassie does anyway.
+there (no re-quantization recipe): adapters stay unfused. The Lassie LoRA is merged before
+quantizing instead (`own_weight` of `quantize_transformer`, see `lassie.variants`).
 """
 
 from __future__ import annotations

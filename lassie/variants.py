@@ -135,9 +135,9 @@ class TransformerVariants:
             except Exception as error:
                 log.warning("merging the Lassie LoRA into the %s weights failed (%s); it runs as an adapter "
                             "at every step there", variant, _one_line(error))
-                continue
-            log.info("Lassie LoRA merged into the %s weights at %g: requests at that scale run no LoRA work, "
-                     "others run the difference as an adapter", variant, MERGED_LASSIE_SCALE[variant.go_fast])
+            else:
+                log.info("Lassie LoRA merged into the %s weights at %g: requests at that scale run no LoRA work, "
+                         "others run the difference as an adapter", variant, MERGED_LASSIE_SCALE[variant.go_fast])
 
     def variants(self) -> list[Variant]:
         return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
@@ -207,6 +207,8 @@ class TransformerVariants:
             self._go_fast_copies[model] = go_fast_copy
             merged = {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[True]} if self._go_fast_weight(model) is not None else {}
             self.adapters.attach(Variant(model, True), go_fast_copy, merged)
+            if merged:
+                log.info("Lassie LoRA merged into the %s go_fast weights at %g", model, MERGED_LASSIE_SCALE[True])
         log.info("built the %s go_fast transformers in %.1fs", self.go_fast.mode.value, time.perf_counter() - started)
 
     def _go_fast_weight(self, model: str) -> OwnWeight | None:

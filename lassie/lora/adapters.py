@@ -22,7 +22,7 @@ Slot mode (`slot_rank`, for compiled transformers): a new adapter *name* makes t
 trace the blocks again, so extra LoRAs do not get names on the transformers. Each transformer
 carries one zero LoRA of rank R over every linear, the slot `SLOT_ADAPTER`, and an extra LoRA
 is copied into it in place (diffusers' hot-swap). The adapter names never change, and the active
-set is only ever {pinned} or {pinned, slot}: graphs compiled once serve every extra LoRA. Only
+set is only ever a subset of {pinned, slot}: graphs compiled once serve every extra LoRA. Only
 the transformer is compiled, so an extra LoRA's text-encoder part loads under its own name as
 outside slot mode. See docs/go_fast.md for the rules this follows.
 """
