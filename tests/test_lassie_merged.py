@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
+from transformers import CLIPTextModel
 
 import lassie.lora.adapters as adapters_module
 from conftest import settings_for
@@ -203,3 +204,23 @@ def test_a_merge_that_fails_leaves_lassie_an_adapter_at_the_request_scale(tiny_w
     np.testing.assert_allclose(image, expected, rtol=0, atol=ATOL)
     served_image(lassie, DEV_FAST, MERGED_LASSIE_SCALE[True])
     assert running_adapters(lassie.variants.transformer(DEV_FAST)) == {LASSIE_ADAPTER}
+
+
+def test_a_lassie_text_encoder_part_stays_an_adapter_at_the_request_scale(tiny_weights, tmp_path):
+    """The text encoder runs per prompt, not per step: its Lassie part is not merged."""
+    encoder = CLIPTextModel.from_pretrained(tiny_weights / "flux-dev" / "text_encoder")
+    encoder_linears = [f"encoder.layers.0.self_attn.{name}" for name in ("q_proj", "v_proj")]
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_weights / "flux-dev" / "transformer")
+    lora = {**make_tiny_weights.lassie_lora_state_dict(transformer),
+            **make_tiny_weights.random_lora(make_tiny_weights.linear_sizes(encoder, encoder_linears), seed=32,
+                                            prefix="text_encoder")}
+    lassie = Lassie(settings_for(copy_of_weights(tiny_weights, tmp_path / "weights", lora)))
+    lassie.setup()
+    original = encoder.get_submodule(encoder_linears[0]).weight
+    layer = lassie.models.text_encoder.get_submodule(encoder_linears[0])
+    for scale in (1.0, 0.5):
+        lassie.variants.ready(DEV, scale, None, 1.0)
+        assert running_adapters(lassie.models.text_encoder) == {LASSIE_ADAPTER}
+        assert float(layer.scaling[LASSIE_ADAPTER]) == pytest.approx(scale)
+        assert torch.equal(layer.base_layer.weight, original)
+    assert running_adapters(lassie.models.transformers["dev"]) == {LASSIE_ADAPTER}  # at 0.5: the delta runs
