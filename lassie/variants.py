@@ -1,6 +1,11 @@
 """The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their
 LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
 
+The Lassie LoRA is merged once, at setup, into each variant's weights at the scale that
+variant's default request runs it (`MERGED_LASSIE_SCALE`: 1.0 bf16, go_fast's 1.5 on the go_fast
+copies), so the common request runs no LoRA work per step; other scales run the difference
+through the Lassie adapter. A merge that fails leaves Lassie an adapter there, with one log line.
+
 `predict()` asks for a (model, go_fast) variant with its LoRA scales and gets a ready module;
 `run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
 
@@ -32,12 +37,16 @@ from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
 from lassie.compilation import CompileSetting, compile_transformer
-from lassie.go_fast import FastMode, GoFastPlan, quantize_transformer
+from lassie.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
 
 log = logging.getLogger(__name__)
 
 LASSIE_ADAPTER = "lassie"
+# go_fast -> the Lassie scale merged into that variant's weights: the default request's (lora_scale 1).
+MERGED_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
+# How far from the merged scale warm-up runs the Lassie adapter (any nonzero value: scales are graph inputs).
+WARM_UP_LASSIE_DELTA = 0.5
 WARM_UP_SIZE = (256, 256)
 WARM_UP_BATCHES = (1, 2)
 T = TypeVar("T")
@@ -60,24 +69,25 @@ class Variant:
 @dataclass(frozen=True)
 class WarmUpRun:
     variant: Variant
+    lassie_delta: bool
     extra_slot: bool
     outputs: int
-    lassie_scale: float
 
 
 def plan_warm_up(go_fast_copies: bool, slot: bool) -> list[WarmUpRun]:
-    """One short call per set of graphs requests use, at the scales they use.
+    """One short call per set of graphs requests use.
 
-    Graphs differ by precision (bf16 and fp8 blocks), by active-adapter set (Lassie alone, or
-    with the extra-LoRA slot) and by batch class (1 is specialised; 2 and more share one dynamic
-    graph). Sizes, scales and the slot's contents are graph inputs. dev and schnell share their
-    block classes and so their graphs: warming dev covers schnell. Each call compiles one graph
-    per block class (double and single blocks).
+    Graphs differ by precision (bf16 and fp8 blocks), by active-adapter set (the Lassie delta
+    adapter off, at the merged scale, or on, at any other; the extra-LoRA slot idle or in use:
+    up to 4 sets) and by batch class (1 is specialised; 2 and more share one dynamic graph).
+    Sizes, scales and the slot's contents are graph inputs. dev and schnell share their block
+    classes and so their graphs: warming dev covers schnell. Each call compiles one graph per
+    block class (double and single blocks).
     """
     variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
-    return [WarmUpRun(variant, extra_slot, outputs, GO_FAST_LORA_MULTIPLIER if variant.go_fast else 1.0)
-            for variant in variants for extra_slot in ((False, True) if slot else (False,))
-            for outputs in WARM_UP_BATCHES]
+    return [WarmUpRun(variant, lassie_delta, extra_slot, outputs)
+            for variant in variants for lassie_delta in (False, True)
+            for extra_slot in ((False, True) if slot else (False,)) for outputs in WARM_UP_BATCHES]
 
 
 def extra_adapter_name(path: Path) -> str:
@@ -105,14 +115,29 @@ class TransformerVariants:
         self._stance: str | None = None
 
     def prepare(self, lassie_lora: Path) -> None:
-        """Lassie on every variant, the go_fast copies, then compile and warm-up: after this no request
-        loads, quantizes or compiles anything but an extra LoRA's weights."""
+        """Lassie on every variant (merged into the weights), the go_fast copies, then compile and
+        warm-up: after this no request loads, quantizes or compiles anything but an extra LoRA's weights."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
+        for variant in self.variants():
+            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[False]})
+        self._merge_lassie()
         self._build_go_fast_copies()
         for variant in self.variants():
-            self.adapters.activate(variant, {LASSIE_ADAPTER: 1.0})
+            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[variant.go_fast]})
         if self._compile.enabled:
             self._compile_and_warm_up()
+
+    def _merge_lassie(self) -> None:
+        """Lassie at 1.0 into the bf16 weights, once; the go_fast copies are built from them."""
+        for variant in self.variants():
+            try:
+                self.adapters.merge(variant, LASSIE_ADAPTER, MERGED_LASSIE_SCALE[variant.go_fast])
+            except Exception as error:
+                log.warning("merging the Lassie LoRA into the %s weights failed (%s); it runs as an adapter "
+                            "at every step there", variant, _one_line(error))
+            else:
+                log.info("Lassie LoRA merged into the %s weights at %g: requests at that scale run no LoRA work, "
+                         "others run the difference as an adapter", variant, MERGED_LASSIE_SCALE[variant.go_fast])
 
     def variants(self) -> list[Variant]:
         return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
@@ -171,8 +196,8 @@ class TransformerVariants:
             return
         started = time.perf_counter()
         try:
-            copies = {model: quantize_transformer(transformer, self.go_fast.mode)
-                     for model, transformer in self._models.transformers.items()}
+            copies = {model: quantize_transformer(transformer, self.go_fast.mode, self._go_fast_weight(model))
+                      for model, transformer in self._models.transformers.items()}
         except Exception as error:
             log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
                         "transformers", self.go_fast.mode.value, type(error).__name__, error)
@@ -180,8 +205,22 @@ class TransformerVariants:
             return
         for model, go_fast_copy in copies.items():
             self._go_fast_copies[model] = go_fast_copy
-            self.adapters.attach(Variant(model, True), go_fast_copy)
+            merged = {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[True]} if self._go_fast_weight(model) is not None else {}
+            self.adapters.attach(Variant(model, True), go_fast_copy, merged)
+            if merged:
+                log.info("Lassie LoRA merged into the %s go_fast weights at %g", model, MERGED_LASSIE_SCALE[True])
         log.info("built the %s go_fast transformers in %.1fs", self.go_fast.mode.value, time.perf_counter() - started)
+
+    def _go_fast_weight(self, model: str) -> OwnWeight | None:
+        """The go_fast copy's own weights where Lassie adapts a linear: the shared bf16 weights hold
+        it at 1.0, the copy's at 1.5 (a token linear's only until it is quantized). None where the
+        bf16 merge failed: the copy then runs Lassie as an adapter too."""
+        source = Variant(model, False)
+        merged = self.adapters.merged_scale(source, LASSIE_ADAPTER)
+        if not merged:
+            return None
+        missing = MERGED_LASSIE_SCALE[True] - merged
+        return lambda name, weight: self.adapters.merged_weight(source, LASSIE_ADAPTER, name, weight, missing)
 
     def _compile_and_warm_up(self) -> None:
         runs = plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_rank is not None)
@@ -203,7 +242,8 @@ class TransformerVariants:
 
     def _warm(self, run: WarmUpRun) -> None:
         """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
-        scales = {LASSIE_ADAPTER: run.lassie_scale}
+        merged = self.adapters.merged_scale(run.variant, LASSIE_ADAPTER)
+        scales = {LASSIE_ADAPTER: merged + WARM_UP_LASSIE_DELTA if run.lassie_delta else merged}
         if run.extra_slot:
             self.adapters.activate_with_idle_slot(run.variant, scales)
         else:

@@ -1,9 +1,15 @@
 """LoRA adapters on the shared text encoder and the transformers, and which are active at what scale.
 
-Every LoRA stays a separate PEFT adapter, never fused: a scale is set with PEFT's `set_scale`,
-which recomputes `scale * alpha / r` from scratch, so changing scales is exact, never drifts
-the base weights, and a scale is applied exactly once (never again through
+Every LoRA stays a separate PEFT adapter, never fused by PEFT: a scale is set with PEFT's
+`set_scale`, which recomputes `scale * alpha / r` from scratch, so changing scales is exact, never
+drifts the base weights, and a scale is applied exactly once (never again through
 `joint_attention_kwargs`).
+
+Merged (`merge`, once at setup, for the Lassie LoRA): a pinned LoRA's `scale * B @ A * alpha/r`
+is added into a transformer's base weights, computed in float32, so the common request runs no
+LoRA work per step. Its adapter stays loaded as a *delta*: a request at scale s runs it at
+s - merged, and not at all when that is 0. Not PEFT's `merge()`: its `merged` flag makes a layer
+skip every adapter, the hot-swap slot included, and unmerging per request would drift the weights.
 
 Scales are graph inputs: on the transformers every PEFT `scaling` entry is a 0-dim tensor,
 rewritten in place (PEFT's own hot-swap preparation does the same). As Python floats they
@@ -16,7 +22,7 @@ Slot mode (`slot_rank`, for compiled transformers): a new adapter *name* makes t
 trace the blocks again, so extra LoRAs do not get names on the transformers. Each transformer
 carries one zero LoRA of rank R over every linear, the slot `SLOT_ADAPTER`, and an extra LoRA
 is copied into it in place (diffusers' hot-swap). The adapter names never change, and the active
-set is only ever {pinned} or {pinned, slot}: graphs compiled once serve every extra LoRA. Only
+set is only ever a subset of {pinned, slot}: graphs compiled once serve every extra LoRA. Only
 the transformer is compiled, so an extra LoRA's text-encoder part loads under its own name as
 outside slot mode. See docs/go_fast.md for the rules this follows.
 """
@@ -297,13 +303,55 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
         setattr(parent, child_name, getattr(parent, child_name).get_base_layer())
 
 
+def _unit_delta(layer: LoraLayer, name: str) -> torch.Tensor:
+    """B @ A * alpha/r (alpha/sqrt(r) with rsLoRA) in float32: what the adapter adds at scale 1."""
+    if layer.use_dora.get(name) or layer.lora_bias.get(name) or getattr(layer, "fan_in_fan_out", False):
+        raise ValueError(f"{name} is not a plain LoRA on {type(layer.get_base_layer()).__name__} (DoRA, bias or "
+                         "fan-in-fan-out): it cannot be merged into the weights")
+    rank = layer.r[name]
+    scaling = layer.lora_alpha[name] / (math.sqrt(rank) if layer.use_rslora.get(name) else rank)
+    return (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * scaling
+
+
+def _with_delta(weight: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """weight + scale * delta, added in float32 and cast back to the weight's dtype."""
+    return (weight.float() + scale * delta.to(weight.device)).to(weight.dtype)
+
+
+@torch.no_grad()
+def _merge_into_weights(transformer: torch.nn.Module, name: str, scale: float) -> None:
+    """Add `scale` x the LoRA into the base weights of every layer it adapts.
+
+    Every layer is checked before any weight changes; if adding fails part-way, the layers done
+    are put back by subtracting what was added (within one rounding of the weights' dtype).
+    """
+    layers = [layer for layer in _lora_layers(transformer) if name in layer.lora_A]
+    for layer in layers:
+        weight = layer.get_base_layer().weight
+        if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
+            raise ValueError(f"{type(weight.data).__name__} {weight.dtype} weights cannot take a merged LoRA")
+        _unit_delta(layer, name)
+    done = []
+    try:
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            weight.copy_(_with_delta(weight, _unit_delta(layer, name), scale))
+            done.append(layer)
+    except Exception:
+        for layer in done:
+            weight = layer.get_base_layer().weight
+            weight.copy_(_with_delta(weight, _unit_delta(layer, name), -scale))
+        raise
+
+
 class LoraAdapters:
     """The one owner of LoRA state on the loaded models.
 
     Transformers are known by a key of the caller's choosing (the variants owner uses
     `lassie.variants.Variant`). With `slot_rank`, LoRAs that are not pinned (the extras) go
     through each transformer's hot-swap slot; pinned ones (the Lassie LoRA) keep their own
-    adapter, loaded as usual.
+    adapter, loaded as usual, and may be merged into a transformer's weights at one scale
+    (`merge`), their adapter then running only the difference to a request's scale.
     """
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
@@ -315,6 +363,7 @@ class LoraAdapters:
         self._active: dict[Hashable, dict[str, float]] = {}
         self._text_encoder_active: dict[str, float] | None = None
         self._slot_holds: dict[Hashable, str | None] = {}
+        self._merged: dict[Hashable, dict[str, float]] = {}
 
     @property
     def slot_rank(self) -> int | None:
@@ -327,9 +376,45 @@ class LoraAdapters:
         """The LoRA whose weights fill `key`'s slot (None: zeros, or no slot yet)."""
         return self._slot_holds.get(key)
 
-    def attach(self, key: Hashable, transformer: torch.nn.Module) -> None:
-        """Track another transformer (e.g. the go_fast variant of a model); LoRAs load into it on first use."""
+    def attach(self, key: Hashable, transformer: torch.nn.Module, merged: dict[str, float] | None = None) -> None:
+        """Track another transformer (e.g. the go_fast variant of a model); LoRAs load into it on first use.
+
+        `merged`: pinned LoRA -> the scale its weights were built with (see `merged_weight`).
+        """
         self._transformers[key] = transformer
+        self._merged[key] = dict(merged or {})
+
+    def merged_scale(self, key: Hashable, name: str) -> float:
+        """The scale of `name` held in `key`'s base weights (0: not merged)."""
+        return self._merged.get(key, {}).get(name, 0.0)
+
+    def merge(self, key: Hashable, name: str, scale: float) -> None:
+        """Add the pinned LoRA `name` at `scale` into `key`'s base weights, once (at setup).
+
+        The LoRA must be loaded into that transformer (activated once). From now on a request at
+        scale s runs its adapter at s - `scale` only. On failure the weights are as before (see
+        `_merge_into_weights`) and the LoRA stays an adapter at the request's scale.
+        """
+        lora = self._loras[name]
+        if not lora.pinned or key not in lora.loaded_into or self.merged_scale(key, name):
+            raise ValueError(f"{name} is not a pinned LoRA loaded, unmerged, into {key}")
+        _merge_into_weights(self._transformers[key], name, scale)
+        self._merged.setdefault(key, {})[name] = scale
+        self._active.pop(key, None)
+
+    def merged_weight(self, key: Hashable, name: str, module: str, weight: torch.Tensor,
+                      scale: float) -> torch.Tensor | None:
+        """`weight` plus `scale` x the LoRA `name` as loaded into `key`'s layer `module` (a new tensor),
+        or None where that LoRA does not adapt `module`: how a go_fast copy built from `key`'s
+        weights gets its own merge scale."""
+        try:
+            layer = self._transformers[key].get_submodule(module)
+        except AttributeError:
+            return None
+        if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+            return None
+        with torch.no_grad():
+            return _with_delta(weight, _unit_delta(layer, name), scale)
 
     def add(self, name: str, path: Path, pinned: bool = False) -> None:
         """Convert and check a LoRA file; it loads into a transformer the first time that one runs it.
@@ -368,24 +453,33 @@ class LoraAdapters:
         transformer has one slot.
         """
         self._ensure_loaded(list(scales), key)
-        self._apply(key, self._transformer_scales(scales), scales)
+        self._apply(key, self._transformer_scales(key, scales), scales)
 
     def activate_with_idle_slot(self, key: Hashable, scales: dict[str, float]) -> None:
         """`scales` plus the slot at scale 0: the adapter set of requests with an extra LoRA, for
         warm-up to compile before any extra LoRA exists. Outside slot mode, just `scales`."""
         self._ensure_loaded(list(scales), key)
         slot = {SLOT_ADAPTER: 0.0} if self._slot_rank is not None else {}
-        self._apply(key, {**self._transformer_scales(scales), **slot}, scales)
+        self._apply(key, {**self._transformer_scales(key, scales), **slot}, scales)
 
     def _swaps(self, lora: _Lora) -> bool:
         return self._slot_rank is not None and not lora.pinned
 
-    def _transformer_scales(self, scales: dict[str, float]) -> dict[str, float]:
-        """Adapter name on the transformer -> scale: an extra LoRA runs under the slot's name."""
+    def _transformer_scales(self, key: Hashable, scales: dict[str, float]) -> dict[str, float]:
+        """Adapter name on the transformer -> scale: an extra LoRA runs under the slot's name; a
+        pinned one at what its merged weights lack, and not at all when they hold its scale."""
         swapped = [name for name in scales if self._swaps(self._loras[name])]
         if len(swapped) > 1:
             raise ValueError(f"one hot-swap slot cannot hold {len(swapped)} LoRAs at once: {swapped}")
-        return {SLOT_ADAPTER if name in swapped else name: scale for name, scale in scales.items()}
+        transformer_scales = {}
+        for name, scale in scales.items():
+            if name in swapped:
+                transformer_scales[SLOT_ADAPTER] = scale
+            elif not self._loras[name].pinned:
+                transformer_scales[name] = scale
+            elif scale != self.merged_scale(key, name):
+                transformer_scales[name] = scale - self.merged_scale(key, name)
+        return transformer_scales
 
     def _apply(self, key: Hashable, transformer_scales: dict[str, float], scales: dict[str, float]) -> None:
         transformer = self._transformers[key]
