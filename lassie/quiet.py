@@ -73,8 +73,17 @@ KNOWN_WARNINGS = (
     KnownWarning(UserWarning,
                  re.escape("TorchaoLoraLinear was instantiated without `get_apply_tensor_subclass`. Forward and "
                            "training will work, but `merge()` / `unmerge()` will raise an error."),
-                 "LoRAs on the fp8 transformers are never merged (adapters stay unfused)",
+                 "LoRAs on the fp8 transformers are never merged by PEFT (the Lassie LoRA is merged before quantizing)",
                  module=r"peft\.tuners\.lora\.torchao\Z"),
+    KnownWarning(UserWarning,
+                 re.escape("Already found a `peft_config` attribute in the model. This will lead to having "
+                           "multiple adapters in the model."),
+                 "every extra LoRA is an adapter beside Lassie's, by design (lassie.lora.adapters)",
+                 module=r"peft\.tuners\.tuners_utils\Z"),
+    KnownWarning(UserWarning, r"Adapter \S+ was active which is now deleted\. Setting active adapter to ",
+                 "LoraAdapters sets each transformer's active adapters itself before its next run, so "
+                 "PEFT's stand-in choice after a replaced extra LoRA is never used",
+                 module=r"peft\.tuners\.tuners_utils\Z"),
 )
 
 

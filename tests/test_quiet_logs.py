@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from cog_server import CogServer
-from conftest import REPO
+from conftest import LORA_HOST, REPO
+from fake_services import FakeServices
+from helpers import tiny_lora
 
 # A piece of each line that used to reach the log at startup or on the first request.
 KNOWN_NOISE = (
@@ -30,6 +32,8 @@ KNOWN_NOISE = (
     "Predictor.predict() is deprecated",  # cog's Python warning (coglet's own notice stays)
     "BasePredictor is deprecated",
     "TorchaoLoraLinear was instantiated without",  # PEFT on fp8 weights; adapters are never merged
+    "Already found a `peft_config` attribute in the model",  # PEFT, on every extra LoRA's adapter
+    "was active which is now deleted. Setting active adapter to",  # PEFT, when an extra LoRA is replaced
 )
 
 
@@ -62,6 +66,24 @@ def test_startup_and_first_request_log_no_known_noise(fp8_server) -> None:
     assert noise_in(response["logs"]) == []
     assert noise_in(server.log_path.read_text()) == []  # everything the server and its worker printed
 
+
+
+def test_switching_extra_loras_logs_no_known_noise(cog_server) -> None:
+    """Each request with a new extra LoRA adds its adapter and deletes the previous one (outside
+    slot mode), across dev and schnell: PEFT's generic notes about that are not for users."""
+    with FakeServices(host=LORA_HOST) as files:
+        for name, seed in (("a", 61), ("b", 62)):
+            files.serve(f"/{name}.safetensors", tiny_lora(seed))
+        logs = []
+        for model, name in (("schnell", "a"), ("dev", "b"), ("schnell", "a")):
+            status, response = cog_server.predict({
+                "prompt": "a photo of LSSIE", "model": model, "num_inference_steps": 1, "megapixels": "0.25",
+                "output_format": "png", "extra_lora": f"{files.base}/{name}.safetensors"})
+            assert (status, response.get("status")) == (200, "succeeded"), response
+            logs.append(response["logs"])
+    assert all("LoRA scales: lassie=1" in log for log in logs)  # the logs were captured
+    assert noise_in("\n".join(logs)) == []
+    assert noise_in(cog_server.log_path.read_text()) == []
 
 UNRELATED = {
     "another torchao library failing": "Failed to load /opt/torchao/_C_other.so: Could not load this library",
