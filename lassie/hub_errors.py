@@ -31,7 +31,8 @@ def hub_problem(error: BaseException, described: str, *, revision: str | None, h
     if isinstance(error, GatedRepoError):
         return f"{described} is gated: accept its terms on Hugging Face and set HF_TOKEN to a token of that account"
     if isinstance(error, RepositoryNotFoundError):
-        return f"{described} not found ({'HF_TOKEN has no access to it' if has_token else 'if it is private, set HF_TOKEN'})"
+        access = "HF_TOKEN has no access to it" if has_token else "if it is private, set HF_TOKEN"
+        return f"{described} not found ({access})"
     if isinstance(error, RevisionNotFoundError):
         return f"{described}: revision {revision!r} not found"
     if isinstance(error, RemoteEntryNotFoundError):

@@ -202,7 +202,8 @@ def footprint_from_configs(configs: ModelConfigs) -> Footprint:
     with torch.device("meta"):
         transformers = {model: FluxTransformer2DModel.from_config(_read(path))
                         for model, path in configs.transformers.items()}
-        text_encoders = [T5EncoderModel(T5Config(**_read(configs.t5))), CLIPTextModel(CLIPTextConfig(**_read(configs.clip)))]
+        text_encoders = [T5EncoderModel(T5Config(**_read(configs.t5))),
+                         CLIPTextModel(CLIPTextConfig(**_read(configs.clip)))]
         vae = AutoencoderKL.from_config(_read(configs.vae))
         safety = [StableDiffusionSafetyChecker(CLIPConfig(**_read(configs.compvis))),
                   ViTForImageClassification(ViTConfig(**_read(configs.falcon)))]

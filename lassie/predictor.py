@@ -102,8 +102,8 @@ class Lassie:
             return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
 
     def _log_precision(self, plan: Plan) -> None:
-        self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast, self._device.dtype)
-        log.info("precision: %s", precision_of(self.variants.go_fast, plan.go_fast, self._device.dtype))
+        self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast_plan, self._device.dtype)
+        log.info("precision: %s", precision_of(self.variants.go_fast_plan, plan.go_fast, self._device.dtype))
 
     def _fresh_output_dir(self) -> Path:
         """Outputs of the previous prediction have been served by now: reuse no names across calls."""

@@ -182,7 +182,8 @@ class Settings:
             weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
             go_fast_mode=env.choice("LASSIE_GO_FAST_MODE", GO_FAST_MODES, "auto"),
             compile=CompileSettings.read(env),
-            slot_rank=env.count("LASSIE_LORA_SLOT_RANK", 0, what="a rank (0 turns the slot off)") if slot_rank else None,
+            slot_rank=env.count("LASSIE_LORA_SLOT_RANK", 0, what="a rank (0 turns the slot off)")
+            if slot_rank else None,
             lora=LoraSettings.read(env),
             provision=ProvisionSettings.read(env),
         )

@@ -101,12 +101,12 @@ def extra_adapter_name(path: Path) -> str:
 
 
 class TransformerVariants:
-    def __init__(self, models: FluxModels, go_fast: GoFastPlan, compile_setting: CompileSetting,
+    def __init__(self, models: FluxModels, go_fast_plan: GoFastPlan, compile_setting: CompileSetting,
                  memory: MemoryPlan) -> None:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
-        self.go_fast = go_fast
+        self.go_fast_plan = go_fast_plan
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
                                      slot_rank=memory.slot_rank)
@@ -189,19 +189,20 @@ class TransformerVariants:
                 return call()
 
     def _build_go_fast_copies(self) -> None:
-        if not self.go_fast.quantizes:
+        if not self.go_fast_plan.quantizes:
             return
         if not self._memory.go_fast_copies:
-            self.go_fast = GoFastPlan(FastMode.UNQUANTIZED, f"{self.go_fast.reason}; {self._memory.reason}")
+            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, f"{self.go_fast_plan.reason}; {self._memory.reason}")
             return
         started = time.perf_counter()
         try:
-            copies = {model: quantize_transformer(transformer, self.go_fast.mode, self._go_fast_weight(model))
+            copies = {model: quantize_transformer(transformer, self.go_fast_plan.mode, self._go_fast_weight(model))
                       for model, transformer in self._models.transformers.items()}
         except Exception as error:
             log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
-                        "transformers", self.go_fast.mode.value, type(error).__name__, error)
-            self.go_fast = GoFastPlan(FastMode.UNQUANTIZED, f"go_fast: {self.go_fast.mode.value} failed at setup")
+                        "transformers", self.go_fast_plan.mode.value, type(error).__name__, error)
+            failed = f"go_fast: {self.go_fast_plan.mode.value} failed at setup"
+            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, failed)
             return
         for model, go_fast_copy in copies.items():
             self._go_fast_copies[model] = go_fast_copy
@@ -209,7 +210,8 @@ class TransformerVariants:
             self.adapters.attach(Variant(model, True), go_fast_copy, merged)
             if merged:
                 log.info("Lassie LoRA merged into the %s go_fast weights at %g", model, MERGED_LASSIE_SCALE[True])
-        log.info("built the %s go_fast transformers in %.1fs", self.go_fast.mode.value, time.perf_counter() - started)
+        log.info("built the %s go_fast transformers in %.1fs", self.go_fast_plan.mode.value,
+                 time.perf_counter() - started)
 
     def _go_fast_weight(self, model: str) -> OwnWeight | None:
         """The go_fast copy's own weights where Lassie adapts a linear: the shared bf16 weights hold

@@ -110,7 +110,8 @@ def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Modul
     diffusers would otherwise *expand* the transformer's layers for LoRAs with larger inputs
     (Flux Control LoRAs), a change that outlives the request.
     """
-    roots = {TRANSFORMER_PREFIX: dict(transformer.named_modules()), TEXT_ENCODER_PREFIX: dict(text_encoder.named_modules())}
+    roots = {TRANSFORMER_PREFIX: dict(transformer.named_modules()),
+             TEXT_ENCODER_PREFIX: dict(text_encoder.named_modules())}
     lora_keys = [key for key in state_dict if ".lora_A." in key or ".lora_B." in key]
     if not lora_keys or len(lora_keys) != len(state_dict):
         foreign = sorted(set(state_dict) - set(lora_keys))[:3]
@@ -296,7 +297,8 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
     structure (and state-dict keys) exactly as before the adapter came.
     """
     empty = [name for name, module in model.named_modules()
-             if isinstance(module, BaseTunerLayer) and not any(getattr(module, attr) for attr in module.adapter_layer_names)]
+             if isinstance(module, BaseTunerLayer)
+             and not any(getattr(module, attr) for attr in module.adapter_layer_names)]
     for name in empty:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
