@@ -17,13 +17,17 @@ import torch
 from torch import nn
 
 from lassie.hardware import DeviceInfo
-from lassie.settings import DEFAULT_COMPILE_BACKEND, CompileSettings, SettingError
+from lassie.settings import (
+    COMPILE_BACKEND_ENV,
+    COMPILE_ENV,
+    DEFAULT_COMPILE_BACKEND,
+    INDUCTOR_CACHE_ENV,
+    CompileSettings,
+    SettingError,
+)
 
 log = logging.getLogger(__name__)
 
-COMPILE_ENV = "LASSIE_COMPILE"
-COMPILE_BACKEND_ENV = "LASSIE_COMPILE_BACKEND"
-INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 COMPILE_CACHE_DIRNAME = "compile-cache"
 DEFAULT_COMPILE_MODE = "default"
 RECOMPILE_LIMIT = 64

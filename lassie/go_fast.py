@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from lassie.hardware import DeviceInfo
+from lassie.settings import GO_FAST_MODE_ENV
 
 log = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)
-GO_FAST_MODE_ENV = "LASSIE_GO_FAST_MODE"
 QUANTIZED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
 

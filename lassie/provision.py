@@ -48,12 +48,11 @@ from lassie.lora.files import (
     safetensors_from_tar,
     sha256_of,
 )
-from lassie.settings import Settings
+from lassie.settings import LORA_URL_ENV, Settings
 from lassie.weights import MissingWeightsError, WeightsLayout, tiny_weights_hint
 
 log = logging.getLogger(__name__)
 
-LORA_URL_ENV = "LASSIE_LORA_URL"
 LORA_MEMBER = "lora.safetensors"
 MANIFEST_FORMAT = 1
 RUN_AGAIN = "Files finished so far are kept; run again to resume."

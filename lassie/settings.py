@@ -28,6 +28,16 @@ DEFAULT_SLOT_RANK = 128
 DEFAULT_REPLICATE_URL = "https://replicate.com"
 DEFAULT_CIVITAI_URL = "https://civitai.com"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+# The variables other modules name in their messages.
+GO_FAST_MODE_ENV = "LASSIE_GO_FAST_MODE"
+COMPILE_ENV = "LASSIE_COMPILE"
+COMPILE_BACKEND_ENV = "LASSIE_COMPILE_BACKEND"
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
+ALLOW_PRIVATE_ENV = "LASSIE_ALLOW_PRIVATE_URLS"
+MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
+LORA_URL_ENV = "LASSIE_LORA_URL"
+
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -107,13 +117,13 @@ class CompileSettings:
 
     @classmethod
     def read(cls, env: Environment) -> CompileSettings:
-        value = env.text("LASSIE_COMPILE").lower()
+        value = env.text(COMPILE_ENV).lower()
         if value and value not in ON + OFF + COMPILE_MODES:
-            raise SettingError("LASSIE_COMPILE", f"one of {', '.join(ON + OFF + COMPILE_MODES)}", value)
+            raise SettingError(COMPILE_ENV, f"one of {', '.join(ON + OFF + COMPILE_MODES)}", value)
         requested = None if not value else value not in OFF
         mode = value if value in COMPILE_MODES else "default"
-        return cls(requested=requested, mode=mode, backend=env.text("LASSIE_COMPILE_BACKEND", DEFAULT_COMPILE_BACKEND),
-                   cache_dir=env.path("TORCHINDUCTOR_CACHE_DIR") or env.path("LASSIE_COMPILE_CACHE"))
+        return cls(requested=requested, mode=mode, backend=env.text(COMPILE_BACKEND_ENV, DEFAULT_COMPILE_BACKEND),
+                   cache_dir=env.path(INDUCTOR_CACHE_ENV) or env.path("LASSIE_COMPILE_CACHE"))
 
 
 @dataclass(frozen=True)
@@ -133,12 +143,12 @@ class LoraSettings:
 
     @classmethod
     def read(cls, env: Environment) -> LoraSettings:
-        allow_all, networks = env.networks("LASSIE_ALLOW_PRIVATE_URLS")
+        allow_all, networks = env.networks(ALLOW_PRIVATE_ENV)
         return cls(
             cache_dir=env.path("LASSIE_LORA_CACHE"),
             cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes, what="a number of bytes"),
             min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes, what="a number of bytes"),
-            max_download_bytes=env.count("LASSIE_MAX_LORA_BYTES", cls.max_download_bytes, minimum=1,
+            max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1,
                                          what="a number of bytes"),
             allow_all_addresses=allow_all,
             allowed_networks=networks,
@@ -160,7 +170,7 @@ class ProvisionSettings:
 
     @classmethod
     def read(cls, env: Environment) -> ProvisionSettings:
-        return cls(lora_url=env.text("LASSIE_LORA_URL") or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
+        return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
                    hf_endpoint=env.base_url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
                    offline=env.flag("HF_HUB_OFFLINE", default=False))
 
@@ -177,12 +187,12 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = Environment(os.environ if environ is None else environ)
-        slot_rank = env.text("LASSIE_LORA_SLOT_RANK")
+        slot_rank = env.text(SLOT_RANK_ENV)
         return cls(
             weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
-            go_fast_mode=env.choice("LASSIE_GO_FAST_MODE", GO_FAST_MODES, "auto"),
+            go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"),
             compile=CompileSettings.read(env),
-            slot_rank=env.count("LASSIE_LORA_SLOT_RANK", 0, what="a rank (0 turns the slot off)")
+            slot_rank=env.count(SLOT_RANK_ENV, 0, what="a rank (0 turns the slot off)")
             if slot_rank else None,
             lora=LoraSettings.read(env),
             provision=ProvisionSettings.read(env),

@@ -24,12 +24,12 @@ from safetensors.torch import save, save_file
 
 import lora_formats as forms
 from conftest import settings_for
-from lassie.lora.adapters import SLOT_ADAPTER, SLOT_RANK_ENV, slot_rank_for
+from lassie.lora.adapters import SLOT_ADAPTER, slot_rank_for
 from lassie.errors import InputError
 from lassie.predictor import Lassie
 from lassie.variants import LASSIE_ADAPTER, Variant
 from lassie.request import Request
-from lassie.settings import Settings
+from lassie.settings import SLOT_RANK_ENV, Settings
 
 DEV = Variant("dev", False)
 

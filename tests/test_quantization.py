@@ -17,7 +17,7 @@ from torchao.utils import TorchAOBaseTensor
 import make_tiny_weights as tiny
 from lassie import compilation, go_fast, hardware
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Request, effective_lora_scales, go_fast_applies
-from lassie.settings import CompileSettings, Settings
+from lassie.settings import GO_FAST_MODES, CompileSettings, Settings
 
 CPU = hardware.DeviceInfo(kind="cpu")
 A100 = hardware.DeviceInfo(kind="cuda", name="NVIDIA A100-SXM4-80GB", capability=(8, 0), total_memory=85_100_000_000)
@@ -278,3 +278,8 @@ def test_fp8_runs_are_logged_by_their_precision(caplog):
     go_fast.PrecisionLog().ran("schnell", True, go_fast.plan_go_fast(H200), torch.bfloat16)
     assert "schnell with go_fast=true runs fp8 (torchao dynamic float8 activations and weights)" in caplog.text
 
+
+
+def test_the_go_fast_modes_settings_accept_are_the_modes_go_fast_knows():
+    """settings.py stays free of torch, so it lists the mode names itself: they must be FastMode's."""
+    assert set(GO_FAST_MODES) == {"auto", *(mode.value for mode in go_fast.FastMode)}

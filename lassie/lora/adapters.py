@@ -46,6 +46,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import get_pattern_key
 
 from lassie.errors import InputError
+from lassie.settings import SLOT_RANK_ENV
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ TEXT_ENCODER_PREFIX = "text_encoder."
 LORA_A = ".lora_A."
 LORA_B = ".lora_B."
 SLOT_ADAPTER = "extra"
-SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
 EXTRA_LORA_FIELD = "extra_lora"
 
 

@@ -32,13 +32,11 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 from huggingface_hub.utils import tqdm
 
 from lassie.errors import InputError
-from lassie.settings import LoraSettings
+from lassie.settings import ALLOW_PRIVATE_ENV, MAX_LORA_BYTES_ENV, LoraSettings
 
 FIELD = "extra_lora"
 logger = logging.getLogger(__name__)
 
-ALLOW_PRIVATE_ENV = "LASSIE_ALLOW_PRIVATE_URLS"
-MAX_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
 
 MIB = 1024**2
 MAX_JSON_BYTES = 16 * MIB
@@ -412,7 +410,7 @@ def _check_size(size: int, max_bytes: int, url: str) -> None:
         raise InputError(
             FIELD,
             f"{redact_url(url)} is larger than the {human_bytes(max_bytes)} allowed for a LoRA "
-            f"({MAX_BYTES_ENV}); a LoRA is usually well under 1 GiB",
+            f"({MAX_LORA_BYTES_ENV}); a LoRA is usually well under 1 GiB",
         )
 
 

@@ -26,7 +26,6 @@ from lassie.hub_errors import HUB_ERRORS, hub_problem
 from lassie.lora.files import unpack_if_tar
 from lassie.lora.http import (
     FIELD,
-    MAX_BYTES_ENV,
     Credential,
     DownloadLimits,
     download_file,
@@ -34,7 +33,7 @@ from lassie.lora.http import (
     human_bytes,
     redact_url,
 )
-from lassie.settings import LoraSettings
+from lassie.settings import MAX_LORA_BYTES_ENV, LoraSettings
 
 ACCEPTED_FORMS = (
     "a Replicate model: owner/model, owner/model/<64-hex version id>, "
@@ -362,7 +361,7 @@ def _refuse_oversized(described: str, size: float, limits: DownloadLimits) -> No
     """Checks sizes the services announce, before any byte of the file is fetched."""
     if size > limits.max_bytes:
         raise InputError(FIELD, f"{described} is {human_bytes(size)}, more than the "
-                                f"{human_bytes(limits.max_bytes)} allowed for a LoRA ({MAX_BYTES_ENV})")
+                                f"{human_bytes(limits.max_bytes)} allowed for a LoRA ({MAX_LORA_BYTES_ENV})")
 
 
 def _civitai_version(model: Any, source: CivitaiModelSource) -> dict[str, Any]:
