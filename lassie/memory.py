@@ -4,12 +4,13 @@ The plan is computed, not asserted: `footprint_from_configs` counts the paramete
 module built on the meta device from its config (at setup, the configs of the weights about to
 be loaded; in tests, the full-size ones of `scripts/flux_configs`), and `plan_memory` weighs them against the
 device's memory and the working memory of the worst request the schema allows (4 outputs at
-1440x1440, go_fast, an extra LoRA in the slot). Candidates are tried from fastest to leanest:
+1440x1440, go_fast, an extra LoRA in a slot). Candidates are tried from fastest to leanest:
 
-1. both go_fast copies resident, the slot at the asked rank, VAE decoding the batch at once;
+1. both go_fast copies resident, the hot-swap slots at the asked ranks, VAE decoding the batch
+   at once;
 2. the same with VAE slicing (one image decoded at a time: the same images, a fraction of the
    memory);
-3. the same with a narrower hot-swap slot (down to `MIN_SLOT_RANK`);
+3. the same with a narrower widest slot (halved, down to `MIN_SLOT_RANK`; see `narrower_ranks`);
 4. no go_fast copies: go_fast runs the bf16 transformers, which need no extra memory;
 and when not even that fits, setup fails with the memory it needs: never an OOM in a request.
 """
@@ -56,15 +57,14 @@ class Footprint:
     safety_parameters: int
     hidden_size: int
 
-    def resident_bytes(self, go_fast_copies: bool, slot_rank: int | None) -> int:
+    def resident_bytes(self, go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> int:
         """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8) and slots."""
         transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
         total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
                  + self.safety_parameters) * BF16_BYTES
         if go_fast_copies:
             total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
-        if slot_rank:
-            total += transformers * slot_rank * self.slot_parameters_per_rank * BF16_BYTES
+        total += transformers * sum(slot_ranks) * self.slot_parameters_per_rank * BF16_BYTES
         return total
 
     def working_bytes(self, size: tuple[int, int], outputs: int, vae_slicing: bool) -> int:
@@ -80,7 +80,7 @@ class Footprint:
 class MemoryPlan:
     go_fast_copies: bool
     vae_slicing: bool
-    slot_rank: int | None
+    slot_ranks: tuple[int, ...]  # () is no slot
     resident_bytes: int
     worst_request_bytes: int
     reason: str
@@ -91,19 +91,20 @@ class InsufficientMemory(RuntimeError):
 
 
 def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
-                slot_rank: int | None) -> MemoryPlan:
+                slot_ranks: tuple[int, ...]) -> MemoryPlan:
     """The fastest arrangement whose resident set plus the worst request fits `device_bytes`.
 
     `device_bytes` None means host memory (CPU): everything stays, nothing is planned around.
     """
     if device_bytes is None:
-        return _plan(footprint, quantizes, False, slot_rank, "host memory: every variant stays resident")
+        return _plan(footprint, quantizes, False, slot_ranks, "host memory: every variant stays resident")
     budget = device_bytes - RESERVED_BYTES
-    for go_fast_copies, vae_slicing, rank in _candidates(quantizes, slot_rank):
-        plan = _plan(footprint, go_fast_copies, vae_slicing, rank, "")
+    candidates = _candidates(quantizes, slot_ranks)
+    for go_fast_copies, vae_slicing, ranks in candidates:
+        plan = _plan(footprint, go_fast_copies, vae_slicing, ranks, "")
         if plan.resident_bytes + plan.worst_request_bytes <= budget:
-            return _explained(plan, device_bytes, quantizes, slot_rank)
-    leanest = _plan(footprint, False, True, MIN_SLOT_RANK if slot_rank else None, "")
+            return _explained(plan, device_bytes, quantizes, slot_ranks)
+    leanest = _plan(footprint, *candidates[-1], "")
     needed = leanest.resident_bytes + leanest.worst_request_bytes + RESERVED_BYTES
     raise InsufficientMemory(
         f"this GPU has {device_bytes / GIB:.1f} GiB; lassie needs at least {needed / GIB:.1f} GiB "
@@ -111,31 +112,40 @@ def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
         f"the largest request: {leanest.worst_request_bytes / GIB:.1f} GiB; reserve {RESERVED_BYTES / GIB:.0f} GiB)")
 
 
-def _candidates(quantizes: bool, slot_rank: int | None) -> list[tuple[bool, bool, int | None]]:
-    """(go_fast copies, VAE slicing, slot rank), fastest first: a narrower slot only after slicing."""
+def narrower_ranks(slot_ranks: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The slots with the widest halved (the narrower ones it reaches merge into it), or None when
+    it would fall below `MIN_SLOT_RANK`: (32, 128) -> (32, 64) -> (32,)."""
+    if not slot_ranks or slot_ranks[-1] // 2 < MIN_SLOT_RANK:
+        return None
+    half = slot_ranks[-1] // 2
+    return tuple(rank for rank in slot_ranks if rank < half) + (half,)
+
+
+def _candidates(quantizes: bool, slot_ranks: tuple[int, ...]) -> list[tuple[bool, bool, tuple[int, ...]]]:
+    """(go_fast copies, VAE slicing, slot ranks), fastest first: narrower slots only after slicing."""
     narrower = []
-    while slot_rank and (narrower[-1] if narrower else slot_rank) // 2 >= MIN_SLOT_RANK:
-        narrower.append((narrower[-1] if narrower else slot_rank) // 2)
+    while (ranks := narrower_ranks(narrower[-1] if narrower else slot_ranks)) is not None:
+        narrower.append(ranks)
     candidates = []
     for go_fast_copies in ([True, False] if quantizes else [False]):
-        candidates += [(go_fast_copies, False, slot_rank), (go_fast_copies, True, slot_rank)]
-        candidates += [(go_fast_copies, True, rank) for rank in narrower]
+        candidates += [(go_fast_copies, False, slot_ranks), (go_fast_copies, True, slot_ranks)]
+        candidates += [(go_fast_copies, True, ranks) for ranks in narrower]
     return candidates
 
 
-def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_rank: int | None,
+def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_ranks: tuple[int, ...],
           reason: str) -> MemoryPlan:
     return MemoryPlan(
         go_fast_copies=go_fast_copies,
         vae_slicing=vae_slicing,
-        slot_rank=slot_rank,
-        resident_bytes=footprint.resident_bytes(go_fast_copies, slot_rank),
+        slot_ranks=slot_ranks,
+        resident_bytes=footprint.resident_bytes(go_fast_copies, slot_ranks),
         worst_request_bytes=footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing),
         reason=reason,
     )
 
 
-def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank: int | None) -> MemoryPlan:
+def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_ranks: tuple[int, ...]) -> MemoryPlan:
     parts = [f"{plan.resident_bytes / GIB:.1f} GiB resident + {plan.worst_request_bytes / GIB:.1f} GiB for the "
              f"largest request of {device_bytes / GIB:.1f} GiB"]
     if quantizes:
@@ -143,9 +153,17 @@ def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank:
                      else "no room for go_fast copies: go_fast runs bf16")
     if plan.vae_slicing:
         parts.append("VAE decodes one image at a time")
-    if plan.slot_rank != asked_rank:
-        parts.append(f"hot-swap slot narrowed to rank {plan.slot_rank} (LoRAs up to that rank)")
+    if plan.slot_ranks != asked_ranks:
+        parts.append(f"hot-swap slots narrowed to {ranks_text(plan.slot_ranks)} (LoRAs up to rank "
+                     f"{plan.slot_ranks[-1]})")
     return replace(plan, reason="memory plan: " + "; ".join(parts))
+
+
+def ranks_text(slot_ranks: tuple[int, ...]) -> str:
+    """(32, 128) -> 'ranks 32, 128'."""
+    if not slot_ranks:
+        return "no slot"
+    return ("rank " if len(slot_ranks) == 1 else "ranks ") + ", ".join(map(str, slot_ranks))
 
 
 def parameters(module: nn.Module) -> int:

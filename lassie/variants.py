@@ -70,24 +70,25 @@ class Variant:
 class WarmUpRun:
     variant: Variant
     lassie_delta: bool
-    extra_slot: bool
+    slot_rank: int | None  # the slot active (idle, at scale 0), or None: no extra LoRA
     outputs: int
 
 
-def plan_warm_up(go_fast_copies: bool, slot: bool) -> list[WarmUpRun]:
+def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> list[WarmUpRun]:
     """One short call per set of graphs requests use.
 
     Graphs differ by precision (bf16 and fp8 blocks), by active-adapter set (the Lassie delta
-    adapter off, at the merged scale, or on, at any other; the extra-LoRA slot idle or in use:
-    up to 4 sets) and by batch class (1 is specialised; 2 and more share one dynamic graph).
+    adapter off, at the merged scale, or on, at any other; no extra LoRA, or one in any of the
+    slots: 2 x (1 + slots) sets) and by batch class (1 is specialised; 2 and more share one
+    dynamic graph).
     Sizes, scales and the slot's contents are graph inputs. dev and schnell share their block
     classes and so their graphs: warming dev covers schnell. Each call compiles one graph per
     block class (double and single blocks).
     """
     variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
-    return [WarmUpRun(variant, lassie_delta, extra_slot, outputs)
+    return [WarmUpRun(variant, lassie_delta, slot_rank, outputs)
             for variant in variants for lassie_delta in (False, True)
-            for extra_slot in ((False, True) if slot else (False,)) for outputs in WARM_UP_BATCHES]
+            for slot_rank in (None, *slot_ranks) for outputs in WARM_UP_BATCHES]
 
 
 def extra_adapter_name(path: Path) -> str:
@@ -109,7 +110,7 @@ class TransformerVariants:
         self.go_fast_plan = go_fast_plan
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
-                                     slot_rank=memory.slot_rank)
+                                     slot_ranks=memory.slot_ranks)
         self._go_fast_copies: dict[str, nn.Module] = {}
         self._extra: str | None = None
         self._stance: str | None = None
@@ -225,7 +226,7 @@ class TransformerVariants:
         return lambda name, weight: self.adapters.merged_weight(source, LASSIE_ADAPTER, name, weight, missing)
 
     def _compile_and_warm_up(self) -> None:
-        runs = plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_rank is not None)
+        runs = plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks)
         graphs_before = counters["stats"]["unique_graphs"]
         started = time.perf_counter()
         try:
@@ -246,8 +247,8 @@ class TransformerVariants:
         """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
         merged = self.adapters.merged_scale(run.variant, LASSIE_ADAPTER)
         scales = {LASSIE_ADAPTER: merged + WARM_UP_LASSIE_DELTA if run.lassie_delta else merged}
-        if run.extra_slot:
-            self.adapters.activate_with_idle_slot(run.variant, scales)
+        if run.slot_rank is not None:
+            self.adapters.activate_with_idle_slot(run.variant, scales, run.slot_rank)
         else:
             self.adapters.activate(run.variant, scales)
         model = run.variant.model

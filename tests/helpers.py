@@ -49,12 +49,12 @@ def tiny_lassie_linears() -> dict[str, tuple[int, int]]:
     return make_tiny_weights.linear_sizes(transformer, make_tiny_weights.lassie_targets(transformer))
 
 
-def tiny_lora(seed: int, only: tuple[str, ...] = ()) -> bytes:
+def tiny_lora(seed: int, only: tuple[str, ...] = (), rank: int = make_tiny_weights.LORA_RANK) -> bytes:
     """An extra LoRA for the tiny transformers, shaped like the Lassie LoRA; `only` keeps just the
     modules whose names contain one of these."""
     linears = {name: size for name, size in tiny_lassie_linears().items()
                if not only or any(part in name for part in only)}
-    return save(make_tiny_weights.random_lora(linears, seed), metadata=LORA_METADATA)
+    return save(make_tiny_weights.random_lora(linears, seed, rank=rank), metadata=LORA_METADATA)
 
 
 def make_tar(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:

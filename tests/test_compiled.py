@@ -4,7 +4,7 @@
 the graph becomes a constant guarded by value), so what recompiles here recompiles on a GPU.
 Graphs are counted with dynamo's own counter after warm-up. The compiled predictor runs the
 go_fast copies as fp8 weight-only (the quantized path CPU can run) and extra LoRAs through the
-hot-swap slot; its images are compared with an eager predictor of the same settings.
+hot-swap slots of ranks 4 and 8; its images are compared with an eager predictor of the same settings.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from lassie.sizes import aspect_ratios
 from lassie.variants import plan_warm_up
 
 REQUESTS = 50
-SLOT_RANK = "8"
+SLOT_RANKS = (4, 8)
 RECOMPILE_WARNING = "needs a graph warm-up did not compile"
 COMPILED = {"LASSIE_COMPILE": "1", "LASSIE_COMPILE_BACKEND": "aot_eager"}
-FAST_WITH_SLOT = {"LASSIE_GO_FAST_MODE": "fp8-weight-only", "LASSIE_LORA_SLOT_RANK": SLOT_RANK}
+FAST_WITH_SLOT = {"LASSIE_GO_FAST_MODE": "fp8-weight-only", "LASSIE_LORA_SLOT_RANK": ",".join(map(str, SLOT_RANKS))}
 # aot_eager runs AOTAutograd's decomposed aten graph: float32 sums may round differently from
 # eager in the last bit, which can move an 8-bit pixel by one.
 PIXEL_TOLERANCE = 1
@@ -119,19 +119,19 @@ def assert_same_images(compiled: list[np.ndarray], eager: list[np.ndarray], fiel
 
 def test_warm_up_makes_at_most_two_calls_per_graph_and_covers_every_graph_set(warmed):
     lassie, compiled, calls, messages = warmed
-    runs = plan_warm_up(go_fast_copies=True, slot=True)
-    assert calls == len(runs) == 16  # bf16 and fp8, Lassie delta off and on, slot idle or not, batch 1 and 2
+    runs = plan_warm_up(go_fast_copies=True, slot_ranks=SLOT_RANKS)
+    assert calls == len(runs) == 24  # bf16 and fp8, Lassie delta off and on, no slot or either slot, batch 1 and 2
     assert compiled >= len(runs)  # each run compiles the double- and the single-block graph
     assert calls <= 2 * compiled
     said = [line for line in messages if line.startswith("warm-up compiled")]
     assert len(said) == 1 and said[0].startswith(f"warm-up compiled {compiled} graphs (backend aot_eager, mode default) "
-                                                  f"with 16 calls in ")
+                                                  f"with 24 calls in ")
 
 
 def test_random_traffic_after_warm_up_compiles_nothing_and_equals_eager(warmed, eager, services, caplog):
     lassie = warmed[0]
     extras = [None, services.serve("/compiled/a.safetensors", tiny_lora(51)),
-              services.serve("/compiled/b.safetensors", tiny_lora(52))]
+              services.serve("/compiled/b.safetensors", tiny_lora(52, rank=8))]  # into slots of rank 4 and 8
     rng = random.Random(8)
     before = graphs()
     with caplog.at_level(logging.WARNING, logger="lassie"):

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import REPO
 from lassie import memory as m
+from lassie.settings import DEFAULT_SLOT_RANKS
 
 CONFIGS = REPO / "scripts" / "flux_configs"
 
@@ -42,12 +43,14 @@ def test_the_full_size_models_are_counted_from_their_configs(full_size):
 
 
 def test_the_resident_set_is_what_the_counted_parameters_take(full_size):
-    bf16_only = full_size.resident_bytes(go_fast_copies=False, slot_rank=None)
-    with_copies = full_size.resident_bytes(go_fast_copies=True, slot_rank=None)
+    bf16_only = full_size.resident_bytes(go_fast_copies=False, slot_ranks=())
+    with_copies = full_size.resident_bytes(go_fast_copies=True, slot_ranks=())
     assert bf16_only / GIB == pytest.approx(54.3, abs=0.1)
     assert (with_copies - bf16_only) / GIB == pytest.approx(2 * 8.0, abs=0.1)
-    slots = full_size.resident_bytes(go_fast_copies=True, slot_rank=128) - with_copies
+    slots = full_size.resident_bytes(go_fast_copies=True, slot_ranks=(128,)) - with_copies
     assert slots / GIB == pytest.approx(4 * 1.29, abs=0.05)  # a rank-128 slot on each of 4 transformers
+    ladder = full_size.resident_bytes(go_fast_copies=True, slot_ranks=DEFAULT_SLOT_RANKS) - with_copies
+    assert ladder == slots * 160 // 128  # slots of rank 32 and 128
 
 
 def test_the_worst_request_is_estimated_from_the_per_megapixel_figures(full_size):
@@ -62,45 +65,57 @@ def test_the_worst_request_is_estimated_from_the_per_megapixel_figures(full_size
 
 
 def test_an_h200_keeps_everything_resident_and_decodes_batches_at_once(full_size):
-    plan = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
+    plan = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, False, (32, 128))
     assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES < H200_141GB
 
 
-def test_a_94_gb_h100_nvl_just_holds_everything_and_slices_nothing(full_size):
-    plan = m.plan_memory(H100_NVL_94GB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
+def test_a_94_gb_h100_nvl_holds_every_slot_by_decoding_one_image_at_a_time(full_size):
+    """One rank-128 slot fits beside a batched decode (93.4 of 93.6 GiB); the rank-32 slot beside it
+    does not, and slicing the VAE (same images) costs less than narrowing the slots."""
+    one_slot = m.plan_memory(H100_NVL_94GB, full_size, quantizes=True, slot_ranks=(128,))
+    assert (one_slot.go_fast_copies, one_slot.vae_slicing, one_slot.slot_ranks) == (True, False, (128,))
+    plan = m.plan_memory(H100_NVL_94GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, True, (32, 128))
     assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES <= H100_NVL_94GB
-    assert "VAE decodes one image at a time" not in plan.reason
+    assert "VAE decodes one image at a time" in plan.reason and "narrowed" not in plan.reason
 
 
 def test_a_little_less_memory_slices_the_vae_before_narrowing_the_slot(full_size):
-    plan = m.plan_memory(90 * GIB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, True, 128)
+    plan = m.plan_memory(90 * GIB, full_size, quantizes=True, slot_ranks=(128,))
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, True, (128,))
     assert "VAE decodes one image at a time" in plan.reason
+
+
+def test_narrower_slots_halve_the_widest_down_to_the_minimum():
+    assert m.narrower_ranks((32, 128)) == (32, 64)
+    assert m.narrower_ranks((32, 64)) == (32,)
+    assert m.narrower_ranks((16, 128)) == (16, 64)
+    assert m.narrower_ranks((32,)) is None and m.narrower_ranks(()) is None
+    assert m.narrower_ranks((8,)) is None  # already below the minimum: never narrowed
 
 
 def test_an_80_gb_h100_keeps_the_go_fast_copies_with_a_narrower_slot(full_size):
     """No go_fast request pays for quantization: both go_fast copies stay, warm, next to the bf16 models."""
-    plan = m.plan_memory(H100_80GB, full_size, quantizes=True, slot_rank=128)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, True, 32)
+    plan = m.plan_memory(H100_80GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, True, (32,))
     assert plan.resident_bytes + plan.worst_request_bytes + m.RESERVED_BYTES <= H100_80GB
-    wider = full_size.resident_bytes(True, 64) + full_size.working_bytes(m.WORST_SIZE, m.WORST_OUTPUTS, True)
+    wider = full_size.resident_bytes(True, (32, 64)) + full_size.working_bytes(m.WORST_SIZE, m.WORST_OUTPUTS, True)
     assert wider + m.RESERVED_BYTES > H100_80GB
-    assert "hot-swap slot narrowed to rank 32" in plan.reason
+    assert "hot-swap slots narrowed to rank 32 (LoRAs up to rank 32)" in plan.reason
 
 
 def test_without_quantization_nothing_is_added_for_go_fast_copies(full_size):
-    plan = m.plan_memory(H100_80GB, full_size, quantizes=False, slot_rank=None)
-    assert (plan.go_fast_copies, plan.slot_rank) == (False, None)
-    assert plan.resident_bytes == full_size.resident_bytes(False, None)
+    plan = m.plan_memory(H100_80GB, full_size, quantizes=False, slot_ranks=())
+    assert (plan.go_fast_copies, plan.slot_ranks) == (False, ())
+    assert plan.resident_bytes == full_size.resident_bytes(False, ())
 
 
 def test_a_gpu_that_cannot_hold_the_models_fails_setup_naming_the_memory_it_needs(full_size):
     with pytest.raises(m.InsufficientMemory, match=r"this GPU has 45.0 GiB; lassie needs at least 6\d.\d GiB"):
-        m.plan_memory(L40S_48GB, full_size, quantizes=True, slot_rank=128)
+        m.plan_memory(L40S_48GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
 
 
 def test_host_memory_plans_nothing_away(full_size):
-    plan = m.plan_memory(None, full_size, quantizes=True, slot_rank=8)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 8)
+    plan = m.plan_memory(None, full_size, quantizes=True, slot_ranks=(4, 8))
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, False, (4, 8))
