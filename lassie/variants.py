@@ -49,6 +49,10 @@ MERGED_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
 WARM_UP_LASSIE_DELTA = 0.5
 WARM_UP_SIZE = (256, 256)
 WARM_UP_BATCHES = (1, 2)
+# Extra LoRAs kept converted after their request, so switching back to one reads and converts
+# nothing. With hot-swap slots a kept LoRA costs host memory only (its tensors are copied into a
+# slot when used); without, each would stay a named adapter on the device, so only the last is kept.
+KEPT_EXTRA_LORAS = 4
 T = TypeVar("T")
 # What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
 RECOMPILE_REFUSED = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
@@ -112,7 +116,7 @@ class TransformerVariants:
                                       in models.transformers.items()}, models.text_encoder,
                                      slot_ranks=memory.slot_ranks)
         self._go_fast_copies: dict[str, nn.Module] = {}
-        self._extra: str | None = None
+        self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
 
     def prepare(self, lassie_lora: Path) -> None:
@@ -152,9 +156,10 @@ class TransformerVariants:
 
     def ready(self, variant: Variant, lassie_scale: float, extra: Path | None, extra_scale: float) -> nn.Module:
         """The variant with Lassie (and `extra`) active at the given scales. A new extra LoRA
-        replaces the previous one; one that fails to load leaves the previous state."""
+        joins the kept ones (see `KEPT_EXTRA_LORAS`), dropping the least recently used; one that
+        fails to load leaves the previous state."""
         scales = {LASSIE_ADAPTER: lassie_scale}
-        new_extra = None
+        new_extra = name = None
         if extra is not None:
             name = extra_adapter_name(extra)
             if name not in self.adapters.names():
@@ -166,13 +171,20 @@ class TransformerVariants:
         except Exception:
             if new_extra:
                 self.adapters.remove(new_extra)
+            self._extras = [kept for kept in self._extras if kept in self.adapters.names()]
             raise
-        if new_extra:
-            if self._extra:
-                self.adapters.remove(self._extra)
-            self._extra = new_extra
+        if name is not None:
+            self._keep(name)
         log.info("LoRA scales: %s", ", ".join(f"{name}={scale:g}" for name, scale in scales.items()))
         return self.transformer(variant)
+
+    def _keep(self, name: str) -> None:
+        """`name` becomes the most recently used extra LoRA; the least recently used beyond the
+        limit are removed (with slots: their slots emptied)."""
+        self._extras = [kept for kept in self._extras if kept != name] + [name]
+        limit = KEPT_EXTRA_LORAS if self.adapters.slot_ranks else 1
+        while len(self._extras) > limit:
+            self.adapters.remove(self._extras.pop(0))
 
     def run(self, call: Callable[[], T]) -> T:
         """`call` (one pipeline call) under the stance warm-up left; see the module docstring."""

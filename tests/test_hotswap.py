@@ -26,10 +26,11 @@ from safetensors.torch import save, save_file
 
 import lora_formats as forms
 from conftest import settings_for
+from lassie.lora import adapters as lora_adapters
 from lassie.lora.adapters import slot_adapter, slot_ranks_for
 from lassie.errors import InputError
 from lassie.predictor import Lassie
-from lassie.variants import LASSIE_ADAPTER, Variant
+from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.request import Request
 from lassie.settings import SLOT_RANK_ENV, Settings
 
@@ -226,7 +227,8 @@ def test_a_failed_swap_leaves_the_transformer_bit_for_bit_as_it_was(slot_predict
     adapters, transformer = slot_predictor.variants.adapters, slot_predictor.models.transformers["dev"]
     adapters.add("held", write_lora(tmp_path, "held", LORAS["peft"](transformer)))
     held_image = render(slot_predictor, "held")
-    before, names = transformer_state(transformer), adapters.names()
+    before, names, holds = transformer_state(transformer), adapters.names(), adapters.slot_holds(DEV)
+    assert holds[4] == "held"
     build, message = FAILING[case]
     if case.startswith("fails_mid_swap"):
         monkeypatch.setattr(peft.utils.hotswap, "hotswap_adapter_from_state_dict",
@@ -236,7 +238,7 @@ def test_a_failed_swap_leaves_the_transformer_bit_for_bit_as_it_was(slot_predict
         render(slot_predictor, "failing")
     monkeypatch.undo()
     assert_bitwise_equal(transformer_state(transformer), before)
-    assert adapters.names() == names and adapters.slot_holds(DEV) == {4: "held", 8: None}
+    assert adapters.names() == names and adapters.slot_holds(DEV) == holds
     assert np.array_equal(render(slot_predictor, "held"), held_image)
     adapters.remove("held")
 
@@ -258,3 +260,35 @@ def test_an_extra_lora_runs_in_the_narrowest_slot_that_fits_it(slot_predictor, t
         adapters.remove("wide")
         adapters.activate(DEV, {LASSIE_ADAPTER: 1.0})
     assert adapters.slot_holds(DEV) == {4: None, 8: None}
+
+
+def counting_conversions(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The LoRA files diffusers is asked to convert from now on."""
+    converted, convert = [], lora_adapters._convert
+    monkeypatch.setattr(lora_adapters, "_convert", lambda path, field: converted.append(path) or convert(path, field))
+    return converted
+
+
+def test_switching_back_to_a_kept_extra_lora_reads_and_converts_nothing(slot_predictor, services, monkeypatch):
+    transformer = slot_predictor.models.transformers["dev"]
+    urls = [services.serve(f"/kept/{index}.safetensors",
+                           save(forms.random_lora(transformer, list(forms.PEFT_MODULES), seed=30 + index)))
+            for index in range(KEPT_EXTRA_LORAS + 1)]
+    converted = counting_conversions(monkeypatch)
+    first = [image_of(slot_predictor, extra_lora=url) for url in urls[:KEPT_EXTRA_LORAS]]
+    assert [image_of(slot_predictor, extra_lora=url) for url in urls[:KEPT_EXTRA_LORAS]] == first
+    assert len(converted) == KEPT_EXTRA_LORAS and len(set(first)) == KEPT_EXTRA_LORAS
+    image_of(slot_predictor, extra_lora=urls[-1])  # one more: the least recently used (urls[0]) goes
+    assert len(slot_predictor.variants.adapters.names()) == 1 + KEPT_EXTRA_LORAS
+    assert image_of(slot_predictor, extra_lora=urls[1]) == first[1] and len(converted) == KEPT_EXTRA_LORAS + 1
+    assert image_of(slot_predictor, extra_lora=urls[0]) == first[0] and len(converted) == KEPT_EXTRA_LORAS + 2
+
+
+def test_without_slots_only_the_last_extra_lora_stays_an_adapter(predictor, services):
+    """Kept named adapters would each hold device memory the memory plan does not count."""
+    transformer = predictor.models.transformers["dev"]
+    for index in range(3):
+        url = services.serve(f"/named/{index}.safetensors",
+                             save(forms.random_lora(transformer, list(forms.PEFT_MODULES), seed=40 + index)))
+        image_of(predictor, extra_lora=url)
+        assert len(predictor.variants.adapters.names()) == 2  # Lassie and this one
