@@ -117,6 +117,7 @@ def test_dry_run_reports_the_setup_breakdown_and_what_needs_cuda(dry_run):
     assert {f"diffusers {recipe}: needs CUDA (dry run)" for recipe in compiled} <= notes
     assert table in result.stdout
     assert "| dev go_fast | " in table and "| switch to a cached extra LoRA" in table
+    assert "| wide slot vs narrow slot (rank-64 vs rank-16 extra, schnell go_fast) | " in table
     assert "dry run on CPU" in table.splitlines()[0]
 
 
