@@ -20,11 +20,13 @@ import peft.utils.hotswap
 import pytest
 import torch
 from fake_services import services  # noqa: F401 (fixture)
-from helpers import dev_float_image
+from diffusers import FluxPipeline
+from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
 from PIL import Image
 from safetensors.torch import save, save_file
 
 import lora_formats as forms
+import make_tiny_weights
 from conftest import settings_for
 from lassie.lora import adapters as lora_adapters
 from lassie.lora.adapters import slot_adapter, slot_ranks_for
@@ -292,3 +294,40 @@ def test_without_slots_only_the_last_extra_lora_stays_an_adapter(predictor, serv
                              save(forms.random_lora(transformer, list(forms.PEFT_MODULES), seed=40 + index)))
         image_of(predictor, extra_lora=url)
         assert len(predictor.variants.adapters.names()) == 2  # Lassie and this one
+
+
+def text_encoder_lora(lassie: Lassie) -> dict[str, torch.Tensor]:
+    """Transformer and CLIP parts, as kohya-trained FLUX LoRAs often have: the CLIP part always loads
+    as its own adapter (the text encoder is never compiled), the transformer part into a slot."""
+    encoder = lassie.models.text_encoder
+    clip_linears = [name for name, module in encoder.named_modules()
+                    if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "v_proj"))]
+    clip = make_tiny_weights.random_lora(make_tiny_weights.linear_sizes(encoder, clip_linears), seed=21,
+                                         prefix="text_encoder", scale=0.2)
+    return {**forms.random_lora(lassie.models.transformers["dev"], list(forms.PEFT_MODULES), seed=20), **clip}
+
+
+def diffusers_image(reference, extra: dict[str, torch.Tensor]) -> np.ndarray:
+    """diffusers' own pipeline with Lassie at 1 and `extra` at SCALE, each loaded by diffusers."""
+    pipe = reference(FluxPipeline, lora_scale=1.0)
+    pipe.load_lora_weights(dict(extra), adapter_name="extra")
+    pipe.set_adapters(["lassie", "extra"], [1.0, SCALE])
+    (image,) = reference_images(pipe)
+    return image
+
+
+@pytest.mark.parametrize("mode", ["slot", "named adapters"])
+def test_a_lora_with_a_text_encoder_part_gives_diffusers_own_image(mode, predictor, slot_predictor, reference,
+                                                                   services):
+    lassie = slot_predictor if mode == "slot" else predictor
+    lora = text_encoder_lora(lassie)
+    url = services.serve(f"/with-clip/{mode.replace(' ', '-')}.safetensors", save(lora))
+    expected = diffusers_image(reference, lora)
+    (actual,) = run(lassie, extra_lora=url, extra_lora_scale=SCALE)
+    assert_equal_but_for_rounding(actual, expected)
+    without_clip = diffusers_image(reference, {key: value for key, value in lora.items()
+                                               if key.startswith("transformer.")})
+    assert np.abs(expected.astype(np.int16) - without_clip).max() > 10  # the CLIP part changes the image
+    (after,) = run(lassie)  # the LoRA is kept (slot mode): its CLIP adapter must no longer run
+    (lassie_only,) = reference_images(reference(FluxPipeline, lora_scale=1.0))
+    assert_equal_but_for_rounding(after, lassie_only)

@@ -442,6 +442,8 @@ class LoraAdapters:
         lora = _Lora(state_dict, alphas, metadata, field_name=field_name, pinned=pinned)
         if self._swaps(lora):
             lora.slot_rank, lora.slot_state_dict = _slot_state_dict(lora, self._slot_ranks, field_name)
+            # Only the slot copy of the transformer part is ever used again: kept LoRAs hold it once.
+            lora.state_dict = {key: value for key, value in state_dict.items() if key.startswith(TEXT_ENCODER_PREFIX)}
         self._loras[name] = lora
 
     def remove(self, name: str) -> None:
