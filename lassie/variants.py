@@ -85,7 +85,7 @@ def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> list[Warm
     adapter off, at the merged scale, or on, at any other; no extra LoRA, or one in any of the
     slots: 2 x (1 + slots) sets) and by batch class (1 is specialised; 2 and more share one
     dynamic graph).
-    Sizes, scales and the slot's contents are graph inputs. dev and schnell share their block
+    Sizes, scales and the slots' contents are graph inputs. dev and schnell share their block
     classes and so their graphs: warming dev covers schnell. Each call compiles one graph per
     block class (double and single blocks).
     """
