@@ -236,9 +236,9 @@ class Case:
                        lora_scale=self.lora_scale, extra_lora=extra, disable_safety_checker=True)
 
 
+SAME_EXTRA = "schnell go_fast + extra LoRA, same as before"
 # A rank-64 extra runs in the rank-128 slot, the rank-16 extra-a in the rank-32 one (default slots).
-WIDE_SLOT = ("schnell go_fast + a rank-64 extra LoRA (the wide slot), same as before",
-             "schnell go_fast + extra LoRA, same as before")
+WIDE_SLOT = ("schnell go_fast + a rank-64 extra LoRA (the wide slot), same as before", SAME_EXTRA)
 CASES = (
     Case("dev bf16", "dev", False, target_s=3.5, anchor="diffusers bf16 eager 6.6-6.9 s; + torch.compile 4.2-4.5 s"),
     Case("dev go_fast", "dev", True, target_s=2.0, target_ratio=0.75,
@@ -250,12 +250,12 @@ CASES = (
     Case("schnell bf16", "schnell", False),
     Case("schnell go_fast", "schnell", True, target_s=0.35, target_ratio=0.75, anchor="Replicate go_fast 0.72 s"),
     Case("schnell go_fast, lora_scale 0.7", "schnell", True, lora_scale=0.7),
-    Case("schnell go_fast + extra LoRA, same as before", "schnell", True, extra="extra-a", previous_extra="extra-a"),
+    Case(SAME_EXTRA, "schnell", True, extra="extra-a", previous_extra="extra-a"),
     Case("schnell go_fast, switching to another cached extra LoRA", "schnell", True, extra="extra-b",
          previous_extra="extra-a"),
     Case(WIDE_SLOT[0], "schnell", True, extra="extra-wide", previous_extra="extra-wide"),
 )
-SWITCH = ("schnell go_fast, switching to another cached extra LoRA", "schnell go_fast + extra LoRA, same as before")
+SWITCH = ("schnell go_fast, switching to another cached extra LoRA", SAME_EXTRA)
 SWITCH_TARGET_S = 0.5
 WARM_SETUP_TARGET_S = 90.0
 BASELINE_RECIPES = ("bf16 eager", "torchao fp8 + compile", "bf16 + compile")  # cheapest and most wanted first
