@@ -115,9 +115,9 @@ def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
 def narrower_ranks(slot_ranks: tuple[int, ...]) -> tuple[int, ...] | None:
     """The slots with the widest halved (the narrower ones it reaches merge into it), or None when
     it would fall below `MIN_SLOT_RANK`: (32, 128) -> (32, 64) -> (32,)."""
-    if not slot_ranks or slot_ranks[-1] // 2 < MIN_SLOT_RANK:
+    half = slot_ranks[-1] // 2 if slot_ranks else 0
+    if half < MIN_SLOT_RANK:
         return None
-    half = slot_ranks[-1] // 2
     return tuple(rank for rank in slot_ranks if rank < half) + (half,)
 
 

@@ -252,10 +252,10 @@ def test_an_extra_lora_runs_in_the_narrowest_slot_that_fits_it(slot_predictor, t
     adapters.add("wide", write_lora(tmp_path, "wide", mixed_rank_lora(transformer)))
     layer = transformer.transformer_blocks[0].attn.to_q
     try:
-        for name, slot in (("narrow", "slot4"), ("wide", "slot8"), ("narrow", "slot4")):
+        for name, rank in (("narrow", 4), ("wide", 8), ("narrow", 4)):
             adapters.activate(DEV, {LASSIE_ADAPTER: 0.5, name: 1.0})
-            assert layer.active_adapters == [LASSIE_ADAPTER, slot]
-            assert layer.lora_A[slot].weight.shape[0] == int(slot.removeprefix("slot"))
+            assert layer.active_adapters == [LASSIE_ADAPTER, slot_adapter(rank)]
+            assert layer.lora_A[slot_adapter(rank)].weight.shape[0] == rank
         assert adapters.slot_holds(DEV) == {4: "narrow", 8: "wide"}
     finally:
         adapters.remove("narrow")
