@@ -28,10 +28,11 @@ from lassie.settings import Settings  # noqa: E402
 
 
 class Predictor(BasePredictor):
-    def setup(self) -> None:
+    def setup(self, weights: Optional[str] = None) -> None:
+        """`weights` is COG_WEIGHTS as cog passes it (a fine-tuned version's LoRA, usually a tar URL)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.runner = SerialRunner(interrupt=CancelationException)
-        self.lassie = Lassie(Settings.from_env())  # the one read of the environment
+        self.lassie = Lassie(Settings.from_env(cog_weights=weights))  # the one read of the environment
         self.runner.run_now(self.lassie.setup)
 
     async def predict(

@@ -20,10 +20,11 @@ from lassie.lora.adapters import slot_ranks_for
 from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
 from lassie.models import FluxModels, load_models, prepare_for_speed
-from lassie.provision import ensure_weights
+from lassie.provision import ensure_weights, lassie_lora
 from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
-from lassie.settings import DEFAULT_SLOT_RANKS, Settings
+from lassie.settings import DEFAULT_SLOT_RANKS, LORA_CACHE_ENV, Settings
+from lassie.storage import writable_place
 from lassie.variants import TransformerVariants
 from lassie.weights import WeightsLayout
 
@@ -51,7 +52,10 @@ class Lassie:
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
+        lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
+                                        LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
+        lassie = lassie_lora(self.layout, self.settings)
         hardware = query_device()
         self._device = hardware
         go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
@@ -72,9 +76,9 @@ class Lassie:
             self.safety = SafetyFilter.load(self.layout, hardware)
         self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
-            self.variants.prepare(self.layout.lassie_lora)
-        self.lora_cache = LoraCache(self.settings.lora, self.layout.lora_cache_dir)
-        log.info("ready; trigger word: %r", self.layout.trigger_word())
+            self.variants.prepare(lassie.path)
+        self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
+        log.info("ready; Lassie LoRA %s; trigger word: %r", lassie.path, lassie.trigger_word)
 
     def predict(self, request: Request) -> list[Path]:
         """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""

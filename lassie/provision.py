@@ -19,19 +19,23 @@ The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lass
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
+from filelock import FileLock
 from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
@@ -39,6 +43,7 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils.sha import git_hash
 
 from lassie.lora.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
+from lassie.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
 from lassie.errors import InputError
 from lassie.hub_errors import HUB_ERRORS, hub_problem
 from lassie.lora.files import (
@@ -48,12 +53,20 @@ from lassie.lora.files import (
     safetensors_from_tar,
     sha256_of,
 )
-from lassie.settings import LORA_URL_ENV, Settings
-from lassie.weights import MissingWeightsError, WeightsLayout, tiny_weights_hint
+from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_URL_ENV, Settings
+from lassie.storage import writable_place
+from lassie.weights import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint
 
 log = logging.getLogger(__name__)
 
 LORA_MEMBER = "lora.safetensors"
+TRIGGER_WORD_MEMBER = "trigger_word.txt"
+COG_WEIGHTS_ENV = "COG_WEIGHTS"
+FETCHED_LORA_DIRNAME = "fetched-lora"
+FETCH_LOCK = ".fetching.lock"
+MAX_TEXT_MEMBER_BYTES = 1024**2
+# Replicate's FLUX trainer (ai-toolkit) writes `trigger_word: TOK` into the config.yaml of its output tar.
+CONFIG_TRIGGER_WORD = re.compile(r"""^\s*trigger_word:\s*["']?([^"'#\n]+?)["']?\s*(?:#.*)?$""", re.M)
 MANIFEST_FORMAT = 1
 RUN_AGAIN = "Files finished so far are kept; run again to resume."
 
@@ -364,13 +377,13 @@ def without_field(error: InputError) -> str:
     return str(error).removeprefix(f"{error.field}: ")
 
 
-def download_lora(url: str, staging: Path, limits: DownloadLimits) -> Path:
+def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str = LORA_URL_ENV) -> Path:
     fetched = staging / "fetched"
     log.info("fetching the Lassie LoRA from %s", redact_url(url))
     try:
         download_file(url, fetched, limits=limits)
     except InputError as error:
-        raise ProvisionError(f"downloading the Lassie LoRA ({LORA_URL_ENV}) failed: {without_field(error)}\n"
+        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {without_field(error)}\n"
                              f"{RUN_AGAIN}") from None
     return fetched
 
@@ -397,17 +410,22 @@ def lora_origin_problem(layout: WeightsLayout, origin: str | None) -> str | None
             return None
         return (f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training "
                 "output (a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
+    return origin_problem(origin, LORA_URL_ENV)
+
+
+def origin_problem(origin: str, variable: str) -> str | None:
+    """What is wrong with a LoRA address before anything is fetched: a URL without host, a missing file."""
     if Path(origin).expanduser().is_file():
         return None
     try:
         url = httpx2.URL(origin)
     except httpx2.InvalidURL:
-        return f"{LORA_URL_ENV} is not a well-formed URL"
+        return f"{variable} is not a well-formed URL"
     if url.scheme in ("http", "https"):
-        return None if url.host else f"{LORA_URL_ENV} has no host: {public_origin(origin)}"
+        return None if url.host else f"{variable} has no host: {public_origin(origin)}"
     if url.scheme:
-        return f"{LORA_URL_ENV} must be an http(s) URL or a local path, not a {url.scheme}: URL"
-    return f"{LORA_URL_ENV} is neither an http(s) URL nor an existing file: {public_origin(origin)}"
+        return f"{variable} must be an http(s) URL or a local path, not a {url.scheme}: URL"
+    return f"{variable} is neither an http(s) URL nor an existing file: {public_origin(origin)}"
 
 
 def is_intact(path: Path, record: FileRecord, verify: bool) -> bool:
@@ -470,12 +488,14 @@ def fail_on(problems: list[str | None]) -> None:
         raise ProvisionError("\n".join(found))
 
 
-def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: bool = False) -> ProvisionReport:
+def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: bool = False,
+              lassie: bool = True) -> ProvisionReport:
     """Brings `weights_dir` to the complete layout; `verify` rehashes every file against the hub's listing.
 
     Nothing is downloaded until every check passed: first those needing no network (LoRA origin,
     writable directory, a token for the gated repo), then the hub's listings (token access, sizes
-    against free space). The LoRA, small, is fetched last.
+    against free space). The LoRA, small, is fetched last; `lassie` False leaves weights/lassie/
+    alone (the Lassie LoRA comes from COG_WEIGHTS or LASSIE_LORA_URL at setup instead).
     """
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
@@ -489,29 +509,163 @@ def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: boo
             report.kept.extend(manifest.files_from(source.repo_id))
         else:
             pending.append(source)
-    fail_on([lora_origin_problem(layout, origin), writing_problem(layout.root),
+    fail_on([lora_origin_problem(layout, origin) if lassie else None, writing_problem(layout.root),
              *(token_problem(source, access) for source in pending)])
     plans = [plan_hub_source(source, access, manifest, verify) for source in pending]
     fail_on([space_problem(layout.root, plans)])
     for plan in plans:
         fetch_hub_source(plan, access, manifest, report)
-    limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
-    provision_lassie_lora(layout, manifest, report, origin, verify, limits)
-    write_trigger_word(layout, settings.provision.trigger_word)
-    layout.require_complete()
+    if lassie:
+        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+        provision_lassie_lora(layout, manifest, report, origin, verify, limits)
+        write_trigger_word(layout, settings.provision.trigger_word)
+    layout.require_complete(lassie=lassie)
     return report
 
 
+# --- weights from tar URLs (no token) -----------------------------------------------------------
+
+
+def missing_folders(layout: WeightsLayout, lassie: bool) -> list[str]:
+    """The layout folders with anything missing, each fetched whole from its tar."""
+    missing = {name.split("/", 1)[0] for name in layout.missing(lassie=lassie)}
+    return [folder for folder in LAYOUT_FOLDERS if folder in missing]
+
+
+def unpacked_lacks(folder: str, unpacked: Path) -> list[str]:
+    """What the layout needs from `folder` that the unpacked tar at `unpacked` lacks."""
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=unpacked.parent) as probe:
+        (Path(probe) / folder).parent.mkdir(parents=True, exist_ok=True)
+        (Path(probe) / folder).symlink_to(unpacked.resolve(), target_is_directory=True)
+        return [name for name in WeightsLayout(Path(probe)).missing() if name.startswith(f"{folder}/")]
+
+
+def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
+    unnamed = [folder for folder in folders if settings.provision.tar_url(folder) is None]
+    if not unnamed:
+        return None
+    own = ", ".join(FOLDER_URL_ENVS[folder] for folder in unnamed if folder in FOLDER_URL_ENVS)
+    return (f"{', '.join(unnamed)} missing and no URL names a tar for it: set {WEIGHTS_URL_ENV} "
+            f"(each folder is fetched from <{WEIGHTS_URL_ENV}>/<folder>.tar){f' or {own}' if own else ''}")
+
+
+def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: bool = True,
+                          options: FetchOptions = FetchOptions()) -> list[str]:
+    """Each missing layout folder from its tar, renamed into place only when complete; returns the folders fetched.
+
+    A lock on the directory lets one process fetch while others sharing the directory wait and
+    then find the folders in place; staging folders of a killed fetch are removed under it.
+    """
+    fail_on([tar_urls_problem(settings, missing_folders(layout, lassie)), writing_problem(layout.root)])
+    fetched = []
+    with FileLock(layout.root / FETCH_LOCK):
+        remove_leftovers(layout.root)
+        for folder in missing_folders(layout, lassie):
+            url = settings.provision.tar_url(folder)
+            try:
+                fetch_folder(url, layout.root / folder, layout.root, partial(unpacked_lacks, folder), options)
+            except DownloadError as error:
+                raise ProvisionError(f"fetching {layout.root / folder} failed: {error}\n{RUN_AGAIN}") from None
+            fetched.append(folder)
+    return fetched
+
+
+# --- the Lassie LoRA at setup: COG_WEIGHTS, then LASSIE_LORA_URL, then weights/lassie/ ----------
+
+
+@dataclass(frozen=True)
+class LassieLora:
+    path: Path
+    trigger_word: str
+
+
+def trigger_word_in_tar(archive: Path) -> str | None:
+    """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its
+    config.yaml (Replicate's FLUX trainer). Members are only read, never written anywhere."""
+    texts = {}
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            basename = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and basename in (TRIGGER_WORD_MEMBER, "config.yaml") \
+                    and member.size <= MAX_TEXT_MEMBER_BYTES and basename not in texts:
+                source = tar.extractfile(member)
+                texts[basename] = source.read().decode("utf-8", "replace") if source else ""
+    if texts.get(TRIGGER_WORD_MEMBER, "").strip():
+        return texts[TRIGGER_WORD_MEMBER].strip()
+    found = CONFIG_TRIGGER_WORD.search(texts.get("config.yaml", ""))
+    return found.group(1).strip() if found else None
+
+
+def origin_variable(settings: Settings) -> str:
+    return COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV
+
+
+def installed_from(layout: WeightsLayout, origin: str) -> bool:
+    """weights/lassie/ holds the LoRA from `origin` (scripts/download_weights.py put it there)."""
+    record = Manifest.load(layout.manifest).files.get("lassie/lora.safetensors")
+    return record is not None and record.source == public_origin(origin) and has_size(layout.lassie_lora, record.size)
+
+
+def fetch_lassie_lora(origin: str, keep: Path, variable: str, limits: DownloadLimits) -> None:
+    """The LoRA (and the trigger word its tar names) into `keep`, renamed there only once checked."""
+    fail_on([origin_problem(origin, variable)])
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=keep.parent) as staging_name:
+        staging = Path(staging_name)
+        fetched = download_lora(origin, staging, limits, variable) if is_url(origin) else Path(origin).expanduser()
+        folder = staging / "lora"
+        folder.mkdir()
+        install_lora(fetched, folder / LORA_MEMBER, folder, limits.max_bytes)
+        word = trigger_word_in_tar(fetched) if tarfile.is_tarfile(fetched) else None
+        if word:
+            (folder / TRIGGER_WORD_MEMBER).write_text(word + "\n")
+        shutil.rmtree(keep, ignore_errors=True)
+        folder.rename(keep)
+    log.info("the Lassie LoRA from %s (%s) is kept in %s", variable, public_origin(origin), keep)
+
+
+def lassie_lora(layout: WeightsLayout, settings: Settings) -> LassieLora:
+    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/.
+
+    A LoRA given by address is fetched once and kept under a name derived from the address (a
+    restart fetches nothing), beside the weights or, where they are read-only, in a writable place.
+    The trigger word is the one its tar names, else LASSIE_TRIGGER_WORD.
+    """
+    origin = settings.provision.lassie_origin
+    configured = settings.provision.trigger_word or ""
+    if origin is None or (origin == settings.provision.lora_url and installed_from(layout, origin)):
+        return LassieLora(layout.lassie_lora, layout.trigger_word() or configured)
+    place = writable_place("fetched Lassie LoRA", layout.root / FETCHED_LORA_DIRNAME)
+    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
+    if (keep / LORA_MEMBER).is_file():
+        log.info("the Lassie LoRA from %s: already fetched, in %s", origin_variable(settings), keep)
+    else:
+        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+        fetch_lassie_lora(origin, keep, origin_variable(settings), limits)
+    word_file = keep / TRIGGER_WORD_MEMBER
+    return LassieLora(keep / LORA_MEMBER, word_file.read_text().strip() if word_file.is_file() else configured)
+
+
 def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
-    """What setup() calls: nothing to do on a complete directory; otherwise fetch, unless HF_HUB_OFFLINE."""
-    missing = layout.missing()
+    """What setup() calls: nothing to do on a complete directory; otherwise fetch, unless HF_HUB_OFFLINE.
+
+    Missing folders come as tars where LASSIE_WEIGHTS_URL or a folder's own URL is set (no token
+    needed), else from the Hugging Face hub. weights/lassie/ is needed only when neither
+    COG_WEIGHTS nor LASSIE_LORA_URL names the Lassie LoRA.
+    """
+    lassie = settings.provision.lassie_origin is None
+    missing = layout.missing(lassie=lassie)
     if not missing:
         return
     if settings.provision.offline:
-        layout.require_complete()  # raises, naming every missing file
+        layout.require_complete(lassie=lassie)  # raises, naming every missing file
     log.warning("weights missing (%s); fetching them", ", ".join(missing))
     try:
-        log.info(provision(layout.root, settings).summary())
+        if settings.provision.fetches_tars:
+            fetch_missing_folders(layout, settings, lassie)
+            layout.require_complete(lassie=lassie)
+        else:
+            log.info(provision(layout.root, settings, lassie=lassie).summary())
     except ProvisionError as error:
         raise ProvisionError(f"{error}\n{tiny_weights_hint()}") from error
     except Exception as error:

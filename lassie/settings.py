@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,6 +39,13 @@ SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
 ALLOW_PRIVATE_ENV = "LASSIE_ALLOW_PRIVATE_URLS"
 MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
 LORA_URL_ENV = "LASSIE_LORA_URL"
+LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
+WEIGHTS_URL_ENV = "LASSIE_WEIGHTS_URL"
+# The layout folders fetched as tars, each from its own variable or `<LASSIE_WEIGHTS_URL>/<folder>.tar`.
+FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FLUX_SCHNELL_URL",
+                   "safety": "LASSIE_SAFETY_URL"}
+# What cog releases up to 0.16 passed to setup(weights) when a ./weights folder existed: no value.
+OLD_COG_WEIGHTS_VALUE = "weights"
 
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
@@ -94,6 +101,14 @@ class Environment:
         if len(ranks) != len(items) or (0 in ranks and len(ranks) > 1):
             raise SettingError(name, "0 (no slot), a rank, or comma-separated ranks such as 32,128", value)
         return tuple(sorted(set(ranks) - {0}))
+
+    def url(self, name: str) -> str | None:
+        """An operator's http(s) address (any host: mirrors may be private), or None when unset."""
+        value = self.text(name)
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise SettingError(name, "an http(s) URL", value)
+        return value or None
 
     def path(self, name: str) -> Path | None:
         value = self.text(name)
@@ -158,7 +173,7 @@ class LoraSettings:
     def read(cls, env: Environment) -> LoraSettings:
         allow_all, networks = env.networks(ALLOW_PRIVATE_ENV)
         return cls(
-            cache_dir=env.path("LASSIE_LORA_CACHE"),
+            cache_dir=env.path(LORA_CACHE_ENV),
             cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes, what="a number of bytes"),
             min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes, what="a number of bytes"),
             max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1,
@@ -180,12 +195,32 @@ class ProvisionSettings:
     trigger_word: str | None = None  # LASSIE_TRIGGER_WORD
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
     offline: bool = False  # HF_HUB_OFFLINE: never fetch, only check
+    weights_url: str | None = None  # LASSIE_WEIGHTS_URL: <base>/<folder>.tar for each missing folder
+    folder_urls: Mapping[str, str] = field(default_factory=dict)  # folder -> its own tar URL (FOLDER_URL_ENVS)
+    cog_weights: str | None = None  # COG_WEIGHTS, as cog hands it to setup(weights): the Lassie LoRA
 
     @classmethod
     def read(cls, env: Environment) -> ProvisionSettings:
+        folder_urls = {folder: env.url(name) for folder, name in FOLDER_URL_ENVS.items()}
         return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
                    hf_endpoint=env.base_url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
-                   offline=env.flag("HF_HUB_OFFLINE", default=False))
+                   offline=env.flag("HF_HUB_OFFLINE", default=False),
+                   weights_url=(env.url(WEIGHTS_URL_ENV) or "").rstrip("/") or None,
+                   folder_urls={folder: url for folder, url in folder_urls.items() if url})
+
+    @property
+    def lassie_origin(self) -> str | None:
+        """Where the Lassie LoRA comes from when not from weights/lassie/: COG_WEIGHTS, then LASSIE_LORA_URL."""
+        return self.cog_weights or self.lora_url
+
+    def tar_url(self, folder: str) -> str | None:
+        """The tar a missing layout folder is fetched from: its own variable, else the base's `<folder>.tar`."""
+        own = self.folder_urls.get(folder)
+        return own or (f"{self.weights_url}/{folder}.tar" if self.weights_url else None)
+
+    @property
+    def fetches_tars(self) -> bool:
+        return bool(self.weights_url or self.folder_urls)
 
 
 @dataclass(frozen=True)
@@ -198,13 +233,21 @@ class Settings:
     provision: ProvisionSettings = ProvisionSettings()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
+        """`cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
         env = Environment(os.environ if environ is None else environ)
+        provision = replace(ProvisionSettings.read(env), cog_weights=cog_weights_value(cog_weights))
         return cls(
             weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
             go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"),
             compile=CompileSettings.read(env),
             slot_ranks=env.ranks(SLOT_RANK_ENV),
             lora=LoraSettings.read(env),
-            provision=ProvisionSettings.read(env),
+            provision=provision,
         )
+
+
+def cog_weights_value(weights: object) -> str | None:
+    """The Lassie LoRA's address in COG_WEIGHTS; None, empty and old cog's `weights` folder are no value."""
+    value = str(weights or "").strip()
+    return None if value in ("", OLD_COG_WEIGHTS_VALUE) else value

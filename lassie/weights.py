@@ -14,6 +14,9 @@ PROVIDE_COMMAND = "python scripts/download_weights.py"
 TINY_WEIGHTS_COMMAND = "python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
 
+# The top-level folders of the layout, each fetched whole when it comes from a tar.
+LAYOUT_FOLDERS = ("flux-dev", "flux-schnell", "safety", "lassie")
+
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
 
@@ -92,11 +95,12 @@ class WeightsLayout:
     def trigger_word(self) -> str:
         return self.trigger_word_file.read_text().strip() if self.trigger_word_file.is_file() else ""
 
-    def missing_paths(self) -> list[Path]:
+    def missing_paths(self, lassie: bool = True) -> list[Path]:
+        """`lassie` False: the Lassie LoRA comes from elsewhere (COG_WEIGHTS, LASSIE_LORA_URL)."""
         dev, schnell = self.dev_dir, self.schnell_dir
         missing: list[Path] = []
         for required in (dev / "model_index.json", dev / "scheduler" / "scheduler_config.json",
-                         schnell / "scheduler" / "scheduler_config.json", self.lassie_lora,
+                         schnell / "scheduler" / "scheduler_config.json", *([self.lassie_lora] if lassie else []),
                          self.compvis_dir / "preprocessor_config.json",
                          self.falcon_dir / "preprocessor_config.json"):
             if not required.is_file():
@@ -112,12 +116,12 @@ class WeightsLayout:
         missing += _any_missing(dev / "tokenizer_2", ("tokenizer.json", "spiece.model"))
         return missing
 
-    def missing(self) -> list[str]:
+    def missing(self, lassie: bool = True) -> list[str]:
         """Missing files, relative to the weights directory, for messages people can act on."""
-        return [str(path.relative_to(self.root)) for path in self.missing_paths()]
+        return [path.relative_to(self.root).as_posix() for path in self.missing_paths(lassie)]
 
-    def require_complete(self) -> None:
-        missing = self.missing()
+    def require_complete(self, lassie: bool = True) -> None:
+        missing = self.missing(lassie)
         if missing:
             raise MissingWeightsError(
                 f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "

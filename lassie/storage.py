@@ -1,0 +1,52 @@
+"""Where setup may write: the place asked for if it can be written, else a fallback, said once.
+
+A weights directory mounted read-only (one copy shared by several containers) must still serve,
+so what setup writes beside the weights by default (the extra-LoRA cache, a LoRA fetched from
+`COG_WEIGHTS`) moves to a writable place instead, with one log line. A place the operator named
+explicitly is a promise: if it cannot be written, setup fails naming the variable.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import tempfile
+from pathlib import Path
+
+from lassie.settings import SettingError
+
+log = logging.getLogger(__name__)
+
+
+def fallback_root() -> Path:
+    """Per user, so two users on one machine never share (or fight over) a fallback."""
+    return Path(tempfile.gettempdir()) / f"lassie-{getpass.getuser()}"
+
+
+def write_problem(directory: Path) -> str | None:
+    """Why `directory` cannot hold new files (created if missing), or None."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
+
+
+def writable_place(what: str, default: Path, explicit: Path | None = None, variable: str = "") -> Path:
+    """`explicit` (from `variable`) if set, failing setup when it cannot be written; else
+    `default`, or, when that cannot be written, the same name under `fallback_root()`."""
+    if explicit is not None:
+        problem = write_problem(explicit)
+        if problem is not None:
+            raise SettingError(variable, f"a directory this server can write ({problem})", str(explicit))
+        return explicit
+    problem = write_problem(default)
+    if problem is None:
+        return default
+    fallback = fallback_root() / default.name
+    fallback_problem = write_problem(fallback)
+    if fallback_problem is not None:
+        raise OSError(f"cannot write the {what} at {default} ({problem}) nor at {fallback} ({fallback_problem})")
+    log.info("%s: %s cannot be written (%s); using %s", what, default, problem, fallback)
+    return fallback
