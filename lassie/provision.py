@@ -66,7 +66,7 @@ FETCHED_LORA_DIRNAME = "fetched-lora"
 FETCH_LOCK = ".fetching.lock"
 MAX_TEXT_MEMBER_BYTES = 1024**2
 # Replicate's FLUX trainer (ai-toolkit) writes `trigger_word: TOK` into the config.yaml of its output tar.
-CONFIG_TRIGGER_WORD = re.compile(r"""^\s*trigger_word:\s*["']?([^"'#\n]+?)["']?\s*(?:#.*)?$""", re.M)
+CONFIG_TRIGGER_WORD = re.compile(r"""^[\s-]*trigger_word:\s*["']?([^"'#\n]+?)["']?\s*(?:#.*)?$""", re.M)
 MANIFEST_FORMAT = 1
 RUN_AGAIN = "Files finished so far are kept; run again to resume."
 

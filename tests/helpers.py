@@ -224,3 +224,26 @@ def library_log(*logger_names: str) -> Iterator[list[str]]:
     finally:
         for name in logger_names:
             logging.getLogger(name).removeHandler(handler)
+
+
+# --- weights as tars (Replicate's weights host, COG_WEIGHTS) -------------------------------------
+
+def folder_tar(folder, top: str | None = None) -> bytes:
+    """A tar of `folder`'s files, at its root or under one top-level folder `top` (as Replicate's
+    `FLUX.1-dev/...` tar)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                name = path.relative_to(folder).as_posix()
+                tar.add(path, arcname=f"{top}/{name}" if top else name)
+    return buffer.getvalue()
+
+
+def training_output_tar(lora: bytes, trigger_word: str = "LSSIE") -> bytes:
+    """Shaped like Replicate's FLUX trainer output: the LoRA deep in a folder, beside its config
+    (which names the trigger word) and captions."""
+    folder = "output/flux_train_replicate"
+    return make_tar({f"{folder}/config.yaml": f"config:\n  process:\n    - trigger_word: \"{trigger_word}\"\n".encode(),
+                     f"{folder}/captions/1.txt": f"a photo of {trigger_word}".encode(),
+                     f"{folder}/lora.safetensors": lora})

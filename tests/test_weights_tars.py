@@ -1,0 +1,201 @@
+"""Weights from tar URLs and the Lassie LoRA from COG_WEIGHTS, in-process, against a loopback host.
+
+The host (`scripts/range_server.py`) answers range requests or not, and can cut a response short
+while announcing its full length, as a dropped connection does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import folder_tar, tiny_lora, training_output_tar
+from range_server import RangeServer
+
+from lassie.downloads import FetchOptions
+from lassie.provision import ProvisionError, ensure_weights, fetch_missing_folders, lassie_lora
+from lassie.settings import Settings, SettingError, cog_weights_value
+from lassie.storage import writable_place
+from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
+
+SMALL_CHUNKS = FetchOptions(connections=4, chunk_bytes=64 * 1024, use_pget=False)
+TOP_FOLDERS = {"flux-dev": "FLUX.1-dev"}  # the others sit at the tar's root
+
+
+@pytest.fixture(scope="module")
+def tars(tiny_weights: Path) -> dict[str, bytes]:
+    return {folder: folder_tar(tiny_weights / folder, TOP_FOLDERS.get(folder)) for folder in LAYOUT_FOLDERS}
+
+
+@pytest.fixture(params=[True, False], ids=["ranges", "one-stream"])
+def host(request: pytest.FixtureRequest, tars: dict[str, bytes]) -> Iterator[RangeServer]:
+    with RangeServer(ranges=request.param) as server:
+        for folder, data in tars.items():
+            server.serve(f"/weights/{folder}.tar", data)
+        yield server
+
+
+def settings_with(**env: str) -> Settings:
+    return Settings.from_env({name: value for name, value in env.items()})
+
+
+def layout_with(root: Path, tiny_weights: Path, *folders: str) -> WeightsLayout:
+    """A weights directory holding only `folders` (links to the tiny weights' own)."""
+    root.mkdir()
+    for folder in folders:
+        os.symlink(tiny_weights / folder, root / folder)
+    return WeightsLayout(root)
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*"))
+            if path.is_file() and not path.name.startswith(".")}
+
+
+def test_an_empty_directory_is_filled_from_the_base_url_and_a_second_run_fetches_nothing(
+        host: RangeServer, tiny_weights: Path, tmp_path: Path) -> None:
+    layout = WeightsLayout(tmp_path / "weights")
+    settings = settings_with(LASSIE_WEIGHTS_URL=host.url("/weights/"))
+    assert fetch_missing_folders(layout, settings, options=SMALL_CHUNKS) == list(LAYOUT_FOLDERS)
+    assert layout.missing() == []
+    expected = {name: data for name, data in files_of(tiny_weights).items() if name.split("/")[0] in LAYOUT_FOLDERS}
+    assert files_of(layout.root) == expected
+    assert sorted(path.name for path in layout.root.iterdir()) == sorted([*LAYOUT_FOLDERS, ".fetching.lock"])
+    dev_requests = host.count("/weights/flux-dev.tar")
+    assert dev_requests > 1 if host.ranges else dev_requests == 1  # 65 kB chunks: several ranges
+    assert fetch_missing_folders(layout, settings, options=SMALL_CHUNKS) == []
+    assert host.count("/weights/flux-dev.tar") == dev_requests
+
+
+def test_a_folder_url_overrides_the_base_and_only_missing_folders_are_fetched(
+        host: RangeServer, tiny_weights: Path, tmp_path: Path, tars: dict[str, bytes]) -> None:
+    layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "lassie")
+    own = host.serve("/elsewhere/slim.tar", tars["flux-schnell"])
+    settings = settings_with(LASSIE_WEIGHTS_URL=host.url("/weights"), LASSIE_FLUX_SCHNELL_URL=own)
+    assert fetch_missing_folders(layout, settings, options=SMALL_CHUNKS) == ["flux-schnell", "safety"]
+    assert host.count("/weights/flux-schnell.tar") == 0 and host.count("/elsewhere/slim.tar") >= 1
+    assert layout.missing() == []
+
+
+def test_a_tar_cut_short_leaves_no_folder_and_names_the_url(host: RangeServer, tars: dict[str, bytes],
+                                                            tiny_weights: Path, tmp_path: Path) -> None:
+    data = tars["flux-schnell"]
+    url = host.serve("/weights/flux-schnell.tar", data, cut_after=len(data) // 3)
+    layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "safety")
+    settings = settings_with(LASSIE_FLUX_SCHNELL_URL=f"{url}?signature=secret")
+    with pytest.raises(ProvisionError) as caught:
+        fetch_missing_folders(layout, settings, lassie=False, options=SMALL_CHUNKS)
+    message = str(caught.value)
+    assert f"the download of {url}?… was cut short" in message and "secret" not in message
+    assert "run again to resume" in message
+    assert not layout.schnell_dir.exists()
+    assert sorted(path.name for path in layout.root.iterdir()) == [".fetching.lock", "flux-dev", "safety"]
+
+
+def test_a_tar_without_the_folders_files_is_refused(host: RangeServer, tars: dict[str, bytes],
+                                                    tiny_weights: Path, tmp_path: Path) -> None:
+    url = host.serve("/weights/wrong.tar", tars["lassie"])
+    layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "safety")
+    with pytest.raises(ProvisionError, match=r"wrong\.tar lacks flux-schnell/scheduler/scheduler_config\.json"):
+        fetch_missing_folders(layout, settings_with(LASSIE_FLUX_SCHNELL_URL=url), lassie=False, options=SMALL_CHUNKS)
+    assert not layout.schnell_dir.exists()
+
+
+def test_a_missing_folder_without_any_url_is_named_before_any_fetch(tmp_path: Path) -> None:
+    with pytest.raises(ProvisionError, match="^flux-schnell, safety missing and no URL names a tar for it: set LASSIE_WEIGHTS_URL .* or LASSIE_FLUX_SCHNELL_URL, LASSIE_SAFETY_URL$"):
+        fetch_missing_folders(WeightsLayout(tmp_path), settings_with(LASSIE_FLUX_DEV_URL="http://127.0.0.1:9/x.tar"),
+                              lassie=False)
+
+
+def test_pget_on_path_fetches_and_extracts(tars: dict[str, bytes], tiny_weights: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in `pget` with pget's command line (`pget -x URL DEST`) that records its calls."""
+    calls = tmp_path / "pget-calls"
+    fake = tmp_path / "bin" / "pget"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+[ "$1" = "-x" ] || exit 2
+mkdir -p "$3" && curl -sf "$2" | tar -x -C "$3"
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "flux-schnell")
+    with RangeServer() as server:
+        url = server.serve("/safety.tar", tars["safety"])
+        assert fetch_missing_folders(layout, settings_with(LASSIE_SAFETY_URL=url), lassie=False) == ["safety"]
+        assert server.count("/safety.tar") == 1
+    (line,) = calls.read_text().splitlines()
+    assert line.startswith(f"-x {url} {layout.root}/.fetching-safety-")
+    assert layout.missing(lassie=False) == []
+
+
+# --- the Lassie LoRA from COG_WEIGHTS ------------------------------------------------------------
+
+
+def test_cog_weights_tar_is_fetched_once_with_its_trigger_word(tiny_weights: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    lora = WeightsLayout(tiny_weights).lassie_lora.read_bytes()
+    layout = WeightsLayout(tmp_path / "weights")
+    with RangeServer() as server:
+        url = server.serve("/trained_model.tar", training_output_tar(lora, "ZWX"))
+        settings = Settings.from_env({"LASSIE_LORA_URL": "http://127.0.0.1:9/never.tar"}, cog_weights=url)
+        first = lassie_lora(layout, settings)
+        again = lassie_lora(layout, settings)
+        assert server.count("/trained_model.tar") == 1
+    assert first == again and first.trigger_word == "ZWX"
+    assert first.path.read_bytes() == lora
+    assert first.path.parent.parent == layout.root / "fetched-lora"
+
+
+def test_cog_weights_wins_over_the_lora_in_the_weights_directory(tiny_weights: Path, tmp_path: Path) -> None:
+    layout = WeightsLayout(tmp_path / "weights")
+    layout.lassie_dir.mkdir(parents=True)
+    layout.lassie_lora.write_bytes(tiny_lora(seed=99))
+    chosen = tmp_path / "lora.safetensors"
+    chosen.write_bytes(WeightsLayout(tiny_weights).lassie_lora.read_bytes())
+    resolved = lassie_lora(layout, Settings.from_env({"LASSIE_TRIGGER_WORD": "LSSIE"}, cog_weights=str(chosen)))
+    assert resolved.path.read_bytes() == chosen.read_bytes() and resolved.trigger_word == "LSSIE"
+    assert lassie_lora(layout, Settings.from_env({}, cog_weights="weights")).path == layout.lassie_lora
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, None), ("", None), ("weights", None), (" https://x/y.tar ",
+                                                                                             "https://x/y.tar")])
+def test_cog_weights_values(value: str | None, expected: str | None) -> None:
+    assert cog_weights_value(value) == expected
+
+
+def test_a_missing_local_cog_weights_file_fails_naming_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ProvisionError, match="COG_WEIGHTS is neither an http"):
+        lassie_lora(WeightsLayout(tmp_path), Settings.from_env({}, cog_weights=str(tmp_path / "nothing.tar")))
+
+
+def test_with_cog_weights_the_weights_directory_needs_no_lassie_folder(tiny_weights: Path, tmp_path: Path) -> None:
+    layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "flux-schnell", "safety")
+    ensure_weights(layout, Settings.from_env({"HF_HUB_OFFLINE": "1"}, cog_weights="https://x/y.tar"))
+
+
+# --- where setup writes --------------------------------------------------------------------------
+
+
+def test_an_unwritable_default_falls_back_with_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    not_a_directory = tmp_path / "weights"
+    not_a_directory.write_text("a file, so nothing can be created below it")
+    monkeypatch.setattr("lassie.storage.fallback_root", lambda: tmp_path / "fallback")
+    with caplog.at_level(logging.INFO, logger="lassie.storage"):
+        place = writable_place("extra-LoRA cache", not_a_directory / "lora-cache")
+    assert place == tmp_path / "fallback" / "lora-cache" and place.is_dir()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"extra-LoRA cache: {not_a_directory / 'lora-cache'} cannot be written (Not a directory); using {place}"]
+
+
+def test_an_unwritable_explicit_place_fails_naming_the_variable(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    with pytest.raises(SettingError, match="LASSIE_LORA_CACHE must be a directory this server can write"):
+        writable_place("extra-LoRA cache", tmp_path / "default", not_a_directory / "cache", "LASSIE_LORA_CACHE")
