@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -244,16 +245,27 @@ def pget_path() -> str | None:
 
 
 def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOptions) -> None:
-    """`pget -x URL DEST`: Replicate's downloader fetches in parallel chunks and extracts as it goes."""
+    """`pget -x URL DEST`: Replicate's downloader fetches in parallel chunks and extracts as it goes.
+    Its output is passed on as log lines (without terminal control codes or the URL's query)."""
     log.info("fetching %s with pget", redact_url(url))
-    try:
-        done = subprocess.run([pget, "-x", url, str(destination)], capture_output=True, text=True,
-                              timeout=options.deadline_seconds)
-    except subprocess.TimeoutExpired:
-        raise DownloadError(f"pget did not finish {redact_url(url)} in {options.deadline_seconds:.0f} s") from None
-    said = TERMINAL_CODES.sub("", (done.stderr + done.stdout).replace(url, redact_url(url))).strip()
-    if done.returncode != 0:
-        raise DownloadError(f"pget could not download {redact_url(url)} (exit {done.returncode}): {said[-2000:]}")
+    said: deque[str] = deque(maxlen=20)
+    with subprocess.Popen([pget, "-x", url, str(destination)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace") as process:
+        watchdog = threading.Timer(options.deadline_seconds, process.kill)
+        watchdog.start()
+        try:
+            for line in process.stdout or ():
+                shown = TERMINAL_CODES.sub("", line).replace(url, redact_url(url)).strip()
+                if shown:
+                    log.info("pget: %s", shown)
+                    said.append(shown)
+        finally:
+            watchdog.cancel()
+    if process.returncode < 0:
+        raise DownloadError(f"pget did not finish {redact_url(url)} in {options.deadline_seconds:.0f} s")
+    if process.returncode != 0:
+        raise DownloadError(f"pget could not download {redact_url(url)} (exit {process.returncode}): "
+                            + " / ".join(said))
 
 
 def single_root(unpacked: Path) -> Path:

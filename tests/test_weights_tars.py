@@ -134,6 +134,21 @@ mkdir -p "$3" && curl -sf "$2" | tar -x -C "$3"
     assert layout.missing(lassie=False) == []
 
 
+def test_a_failing_pget_leaves_no_folder_and_says_what_it_said(tiny_weights: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "bin" / "pget"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nmkdir -p "$3/compvis" && echo half > "$3/compvis/config.json"\n'
+                    'printf "\\033[31mconnection reset\\033[0m\\n"; exit 3\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "flux-schnell")
+    url = "http://127.0.0.1:9/safety.tar"
+    with pytest.raises(ProvisionError, match=rf"pget could not download {url}\?… \(exit 3\): connection reset\n"):
+        fetch_missing_folders(layout, settings_with(LASSIE_SAFETY_URL=f"{url}?sig=x"), lassie=False)
+    assert sorted(path.name for path in layout.root.iterdir()) == [".fetching.lock", "flux-dev", "flux-schnell"]
+
+
 # --- the Lassie LoRA from COG_WEIGHTS ------------------------------------------------------------
 
 
