@@ -435,7 +435,8 @@ def is_intact(path: Path, record: FileRecord, verify: bool) -> bool:
 
 def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: ProvisionReport, origin: str | None,
                           verify: bool, limits: DownloadLimits = DownloadLimits(rule=OPERATOR_ADDRESSES)) -> None:
-    """Installs the LoRA from `origin` (see lora_origin_problem); no origin keeps the one in place."""
+    """Installs the LoRA from `origin` (see lora_origin_problem), with the trigger word its tar
+    names; no origin keeps the one in place."""
     name = manifest.name_of(layout.lassie_lora)
     if not origin:
         report.kept.append(name)
@@ -449,6 +450,7 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
     with tempfile.TemporaryDirectory(prefix=".download-", dir=layout.lassie_dir) as staging:
         fetched = download_lora(origin, Path(staging), limits) if is_url(origin) else Path(origin).expanduser()
         install_lora(fetched, layout.lassie_lora, Path(staging), limits.max_bytes)
+        write_trigger_word(layout, trigger_word_in_tar(fetched) if tarfile.is_tarfile(fetched) else None)
     size = layout.lassie_lora.stat().st_size
     report.add_fetched(name, size)
     manifest.record(layout.lassie_lora, FileRecord(source, None, size, sha256_of(layout.lassie_lora)))
@@ -567,6 +569,21 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
             except DownloadError as error:
                 raise ProvisionError(f"fetching {layout.root / folder} failed: {error}\n{RUN_AGAIN}") from None
             fetched.append(folder)
+    return fetched
+
+
+def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
+    """scripts/download_weights.py without a token: the missing folders from their tars, and the
+    Lassie LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`)."""
+    layout = WeightsLayout(Path(weights_dir))
+    origin = settings.provision.lora_url
+    fail_on([lora_origin_problem(layout, origin) if origin else None])
+    fetched = fetch_missing_folders(layout, settings, lassie=origin is None)
+    if origin:
+        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+        provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False, limits)
+        write_trigger_word(layout, settings.provision.trigger_word)
+    layout.require_complete()
     return fetched
 
 

@@ -1,6 +1,7 @@
 """Fetch every weight the predictor loads into WEIGHTS_DIR, verified and recorded in manifest.json.
 
-FLUX.1-dev is gated: accept its license on huggingface.co and set HF_TOKEN. The Lassie LoRA comes
+FLUX.1-dev is gated: accept its license on huggingface.co and set HF_TOKEN; or, with no token, set
+LASSIE_WEIGHTS_URL (and/or a folder's own URL) to fetch each missing folder as a tar. The Lassie LoRA comes
 from LASSIE_LORA_URL (the Replicate training output tar, a .safetensors URL, or a local path to
 either); LASSIE_TRIGGER_WORD, if set, is written beside it. HF_ENDPOINT selects another hub.
 Everything is checked (the LoRA's origin, the token, a writable directory, free space) before
@@ -28,7 +29,7 @@ if sys.version_info < (3, 11):
     sys.exit(f"error: Python {sys.version.split()[0]} is too old (3.11 or newer needed); {HOW_TO_RUN}")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:
-    from lassie.provision import ProvisionError, provision
+    from lassie.provision import ProvisionError, provision, provision_from_tars
     from lassie.settings import Settings, SettingError
     from lassie.weights import MissingWeightsError
 except ModuleNotFoundError as missing:
@@ -50,6 +51,10 @@ def main() -> int:
                         help="rehash files the manifest already vouches for (slow on real weights)")
     args = parser.parse_args()
     try:
+        if settings.provision.fetches_tars:
+            folders = provision_from_tars(args.weights_dir, settings)
+            print(f"{args.weights_dir}: fetched {', '.join(folders) or 'nothing'} from tars")
+            return 0
         report = provision(args.weights_dir, settings, verify=args.verify)
     except (ProvisionError, MissingWeightsError) as error:
         print(f"error: {error}", file=sys.stderr)

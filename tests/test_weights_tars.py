@@ -17,7 +17,13 @@ from helpers import folder_tar, tiny_lora, training_output_tar
 from range_server import RangeServer
 
 from lassie.downloads import FetchOptions
-from lassie.provision import ProvisionError, ensure_weights, fetch_missing_folders, lassie_lora
+from lassie.provision import (
+    ProvisionError,
+    ensure_weights,
+    fetch_missing_folders,
+    lassie_lora,
+    provision_from_tars,
+)
 from lassie.settings import Settings, SettingError, cog_weights_value
 from lassie.storage import writable_place
 from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
@@ -147,6 +153,20 @@ def test_a_failing_pget_leaves_no_folder_and_says_what_it_said(tiny_weights: Pat
     with pytest.raises(ProvisionError, match=rf"pget could not download {url}\?… \(exit 3\): connection reset\n"):
         fetch_missing_folders(layout, settings_with(LASSIE_SAFETY_URL=f"{url}?sig=x"), lassie=False)
     assert sorted(path.name for path in layout.root.iterdir()) == [".fetching.lock", "flux-dev", "flux-schnell"]
+
+
+def test_download_weights_without_a_token_takes_folders_from_tars_and_the_lora_from_its_url(
+        tars: dict[str, bytes], tiny_weights: Path, tmp_path: Path) -> None:
+    lora = WeightsLayout(tiny_weights).lassie_lora.read_bytes()
+    with RangeServer() as server:
+        for folder, data in tars.items():
+            server.serve(f"/weights/{folder}.tar", data)
+        trained = server.serve("/trained_model.tar", training_output_tar(lora, "ZWX"))
+        settings = settings_with(LASSIE_WEIGHTS_URL=server.url("/weights"), LASSIE_LORA_URL=trained)
+        assert provision_from_tars(tmp_path / "weights", settings) == ["flux-dev", "flux-schnell", "safety"]
+        assert server.count("/weights/lassie.tar") == 0
+    layout = WeightsLayout(tmp_path / "weights")
+    assert layout.lassie_lora.read_bytes() == lora and layout.trigger_word() == "ZWX"
 
 
 # --- the Lassie LoRA from COG_WEIGHTS ------------------------------------------------------------
