@@ -13,8 +13,13 @@ manifest is what makes a second run free: a source whose recorded files are all 
 their recorded size is not asked about again, so a provisioned box needs no network; a manifest
 shipped without the weights (in the image) pins each repo to the commit it recorded.
 
+Without a token (Replicate gives a model none), LASSIE_WEIGHTS_URL or a folder's own URL names a
+tar for each missing layout folder instead (`lassie.downloads`: fetched at full speed, renamed
+into place only when complete).
+
 The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.lora.http`,
-`lassie.lora.files`), with the operator's address trusted: LASSIE_LORA_URL may be a private mirror.
+`lassie.lora.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
+private mirrors. At setup COG_WEIGHTS wins over LASSIE_LORA_URL, which wins over weights/lassie/.
 """
 
 from __future__ import annotations
