@@ -211,12 +211,16 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions()) -> Iterator[_Bo
     """The tar's bytes, through parallel ranges when one first ranged request is answered with 206."""
     first = _open(url, options, (0, options.chunk_bytes) if options.connections > 1 else None)
     match = CONTENT_RANGE.fullmatch(first.getheader("Content-Range") or "")
-    if first.status == 206 and match and int(match.group(1)) == 0:
-        body: _Body = ParallelRanges(url, first, int(match.group(3)), options)
-        how = f"{options.connections} parallel ranges"
-    else:
-        body = OneStream(url, first, options)
-        how = "one stream (the server does not answer range requests)"
+    try:
+        if first.status == 206 and match and int(match.group(1)) == 0:
+            body: _Body = ParallelRanges(url, first, int(match.group(3)), options)
+            how = f"{options.connections} parallel ranges"
+        else:
+            body = OneStream(url, first, options)
+            how = "one stream (the server does not answer range requests)"
+    except DownloadError:
+        first.close()
+        raise
     log.info("fetching %s%s through %s", redact_url(url), f" ({human_bytes(body.total)})" if body.total else "", how)
     try:
         yield body

@@ -102,6 +102,20 @@ def test_a_tar_cut_short_leaves_no_folder_and_names_the_url(host: RangeServer, t
     assert sorted(path.name for path in layout.root.iterdir()) == [".fetching.lock", "flux-dev", "safety"]
 
 
+@pytest.mark.parametrize(("bounds", "said"), [
+    ({"max_bytes": 1000}, r"is \d+\.\d KiB, more than the 1000 bytes a weights folder may be"),
+    ({"deadline_seconds": 0.0}, r"took longer than 0 s and was stopped"),
+])
+def test_sizes_and_times_are_bounded(host: RangeServer, tiny_weights: Path, tmp_path: Path,
+                                     bounds: dict[str, float], said: str) -> None:
+    layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "flux-schnell")
+    options = FetchOptions(connections=4, chunk_bytes=64 * 1024, use_pget=False, **bounds)
+    with pytest.raises(ProvisionError, match=said):
+        fetch_missing_folders(layout, settings_with(LASSIE_SAFETY_URL=host.url("/weights/safety.tar")), lassie=False,
+                              options=options)
+    assert not (layout.root / "safety").exists()
+
+
 def test_a_tar_without_the_folders_files_is_refused(host: RangeServer, tars: dict[str, bytes],
                                                     tiny_weights: Path, tmp_path: Path) -> None:
     url = host.serve("/weights/wrong.tar", tars["lassie"])
@@ -234,3 +248,20 @@ def test_an_unwritable_explicit_place_fails_naming_the_variable(tmp_path: Path) 
     not_a_directory.write_text("")
     with pytest.raises(SettingError, match="LASSIE_LORA_CACHE must be a directory this server can write"):
         writable_place("extra-LoRA cache", tmp_path / "default", not_a_directory / "cache", "LASSIE_LORA_CACHE")
+
+
+# --- the settings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["LASSIE_WEIGHTS_URL", "LASSIE_FLUX_DEV_URL", "LASSIE_SAFETY_URL"])
+def test_a_tar_url_that_is_no_http_url_fails_naming_its_variable(variable: str) -> None:
+    with pytest.raises(SettingError, match=f"^{variable} must be an http\\(s\\) URL, got 'file:///weights'$"):
+        settings_with(**{variable: "file:///weights"})
+
+
+def test_a_folders_own_url_overrides_the_base() -> None:
+    provision = settings_with(LASSIE_WEIGHTS_URL="https://host/base/", LASSIE_FLUX_DEV_URL="https://r8/files.tar").provision
+    assert [provision.tar_url(folder) for folder in LAYOUT_FOLDERS] == [
+        "https://r8/files.tar", "https://host/base/flux-schnell.tar", "https://host/base/safety.tar",
+        "https://host/base/lassie.tar"]
+    assert settings_with().provision.fetches_tars is False and settings_with().provision.tar_url("safety") is None
