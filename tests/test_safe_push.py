@@ -63,8 +63,8 @@ def test_the_validator_catches_what_coglet_refuses() -> None:
     assert schema_problems({"prompt": "x", "model": "pro", "width": 100, "go_fast": "yes", "seed": 1.5,
                             "image": "/local/file.png", "lora_weights": "x"}) == [
         "model: 'pro' not one of ['dev', 'schnell']", "width: 100 outside 256..1440",
-        "go_fast: 'yes' is not a boolean", "seed: 1.5 is not a integer", "image: '/local/file.png' is not an http(s) URL",
-        "lora_weights: not an input"]
+        "go_fast: 'yes' is not a boolean", "seed: 1.5 is not a integer",
+        "image: '/local/file.png' is not an http(s) URL", "lora_weights: not an input"]
     assert schema_problems({"model": "dev"}) == ["prompt: required"]
 
 

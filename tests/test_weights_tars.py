@@ -126,7 +126,9 @@ def test_a_tar_without_the_folders_files_is_refused(host: RangeServer, tars: dic
 
 
 def test_a_missing_folder_without_any_url_is_named_before_any_fetch(tmp_path: Path) -> None:
-    with pytest.raises(ProvisionError, match="^flux-schnell, safety missing and no URL names a tar for it: set LASSIE_WEIGHTS_URL .* or LASSIE_FLUX_SCHNELL_URL, LASSIE_SAFETY_URL$"):
+    said = ("^flux-schnell, safety missing and no URL names a tar for it: set LASSIE_WEIGHTS_URL .* "
+            "or LASSIE_FLUX_SCHNELL_URL, LASSIE_SAFETY_URL$")
+    with pytest.raises(ProvisionError, match=said):
         fetch_missing_folders(WeightsLayout(tmp_path), settings_with(LASSIE_FLUX_DEV_URL="http://127.0.0.1:9/x.tar"),
                               lassie=False)
 
@@ -186,8 +188,7 @@ def test_download_weights_without_a_token_takes_folders_from_tars_and_the_lora_f
 # --- the Lassie LoRA from COG_WEIGHTS ------------------------------------------------------------
 
 
-def test_cog_weights_tar_is_fetched_once_with_its_trigger_word(tiny_weights: Path, tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_cog_weights_tar_is_fetched_once_with_its_trigger_word(tiny_weights: Path, tmp_path: Path) -> None:
     lora = WeightsLayout(tiny_weights).lassie_lora.read_bytes()
     layout = WeightsLayout(tmp_path / "weights")
     with RangeServer() as server:
@@ -260,7 +261,8 @@ def test_a_tar_url_that_is_no_http_url_fails_naming_its_variable(variable: str) 
 
 
 def test_a_folders_own_url_overrides_the_base() -> None:
-    provision = settings_with(LASSIE_WEIGHTS_URL="https://host/base/", LASSIE_FLUX_DEV_URL="https://r8/files.tar").provision
+    provision = settings_with(LASSIE_WEIGHTS_URL="https://host/base/",
+                              LASSIE_FLUX_DEV_URL="https://r8/files.tar").provision
     assert [provision.tar_url(folder) for folder in LAYOUT_FOLDERS] == [
         "https://r8/files.tar", "https://host/base/flux-schnell.tar", "https://host/base/safety.tar",
         "https://host/base/lassie.tar"]
