@@ -211,6 +211,9 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions()) -> Iterator[_Bo
     """The tar's bytes, through parallel ranges when one first ranged request is answered with 206."""
     first = _open(url, options, (0, options.chunk_bytes) if options.connections > 1 else None)
     match = CONTENT_RANGE.fullmatch(first.getheader("Content-Range") or "")
+    if first.status == 206 and not (match and int(match.group(1)) == 0):
+        first.close()  # a part of unknown total: ask for the whole instead
+        first = _open(url, options)
     try:
         if first.status == 206 and match and int(match.group(1)) == 0:
             body: _Body = ParallelRanges(url, first, int(match.group(3)), options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,10 +140,13 @@ def test_pget_on_path_fetches_and_extracts(tars: dict[str, bytes], tiny_weights:
     calls = tmp_path / "pget-calls"
     fake = tmp_path / "bin" / "pget"
     fake.parent.mkdir()
-    fake.write_text(f"""#!/bin/sh
-echo "$@" >> {calls}
-[ "$1" = "-x" ] || exit 2
-mkdir -p "$3" && curl -sf "$2" | tar -x -C "$3"
+    fake.write_text(f"""#!{sys.executable}
+import sys, tarfile, urllib.request
+open({str(calls)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")
+flag, url, destination = sys.argv[1:]
+assert flag == "-x"
+with urllib.request.urlopen(url) as response, tarfile.open(fileobj=response, mode="r|") as tar:
+    tar.extractall(destination, filter="data")
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
