@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import folder_tar, tiny_lora, training_output_tar
 from range_server import RangeServer
+
+from conftest import REPO
 
 from lassie.downloads import FetchOptions
 from lassie.provision import (
@@ -271,3 +274,24 @@ def test_a_folders_own_url_overrides_the_base() -> None:
         "https://r8/files.tar", "https://host/base/flux-schnell.tar", "https://host/base/safety.tar",
         "https://host/base/lassie.tar"]
     assert settings_with().provision.fetches_tars is False and settings_with().provision.tar_url("safety") is None
+
+
+def test_the_download_benchmark_runs_both_arms_through_the_product_path() -> None:
+    """Speed is the script's to measure (docs/benchmarks.md); here only that it runs and reports."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_download.py"), "--megabytes", "4",
+                             "--cap-mb-per-s", "0", "--rounds", "1", "--connections", "4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "one stream:" in result.stdout and "4 parallel ranges:" in result.stdout
+    assert "faster than one stream" in result.stdout
+
+
+def test_setup_fails_first_on_a_lora_cache_setting_it_cannot_write(tiny_weights: Path, tmp_path: Path) -> None:
+    from lassie.predictor import Lassie
+
+    (tmp_path / "file").write_text("")
+    lassie = Lassie(Settings.from_env({"LASSIE_WEIGHTS_DIR": str(tiny_weights),
+                                       "LASSIE_LORA_CACHE": str(tmp_path / "file" / "cache")}))
+    with pytest.raises(SettingError, match="^LASSIE_LORA_CACHE must be a directory this server can write"):
+        lassie.setup()
+    assert lassie.models is None
