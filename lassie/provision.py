@@ -659,11 +659,12 @@ def lassie_lora(layout: WeightsLayout, settings: Settings) -> LassieLora:
         return LassieLora(layout.lassie_lora, layout.trigger_word() or configured)
     place = writable_place("fetched Lassie LoRA", layout.root / FETCHED_LORA_DIRNAME)
     keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
-    if (keep / LORA_MEMBER).is_file():
-        log.info("the Lassie LoRA from %s: already fetched, in %s", origin_variable(settings), keep)
-    else:
-        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
-        fetch_lassie_lora(origin, keep, origin_variable(settings), limits)
+    with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
+        if (keep / LORA_MEMBER).is_file():
+            log.info("the Lassie LoRA from %s: already fetched, in %s", origin_variable(settings), keep)
+        else:
+            limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+            fetch_lassie_lora(origin, keep, origin_variable(settings), limits)
     word_file = keep / TRIGGER_WORD_MEMBER
     return LassieLora(keep / LORA_MEMBER, word_file.read_text().strip() if word_file.is_file() else configured)
 
