@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,19 @@ def test_a_server_that_stops_sending_times_out(services: FakeServices, tmp_path:
     limits = DownloadLimits(read_timeout=0.3, rule=AddressRule(allow_all=True))
     with pytest.raises(InputError, match="did not answer in time"):
         download_file(url, tmp_path / "out", limits=limits)
+
+
+def test_a_trickling_download_is_stopped_by_the_overall_time_limit(services: FakeServices, tmp_path: Path) -> None:
+    """A byte every 0.1 s never trips the 0.3 s per-read timeout; the whole-fetch limit of 1 s does."""
+    url = services.serve("/trickle.safetensors?sig=secret", make_lora(), trickle=0.1)
+    settings = Settings.from_env({"LASSIE_ALLOW_PRIVATE_URLS": "1", "LASSIE_LORA_DOWNLOAD_TIMEOUT": "1"}).lora
+    limits = replace(DownloadLimits.from_settings(settings), read_timeout=0.3)
+    with pytest.raises(InputError) as error:
+        download_file(url, tmp_path / "out", limits=limits)
+    assert str(error.value).startswith(f"extra_lora: the download of {url.split('?')[0]}?… took longer than the 1 s "
+                                       "allowed for fetching a LoRA (LASSIE_LORA_DOWNLOAD_TIMEOUT)")
+    with pytest.raises(ValueError, match="LASSIE_LORA_DOWNLOAD_TIMEOUT must be a number of seconds"):
+        Settings.from_env({"LASSIE_LORA_DOWNLOAD_TIMEOUT": "0"})
 
 
 @pytest.mark.parametrize(("status", "expected"), [(404, "not found \\(HTTP 404\\)"), (500, "answered HTTP 500"),
