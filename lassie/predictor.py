@@ -10,8 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from lassie.compilation import compile_setting, configure_compile_cache
 from lassie.encoding import save_images
+from lassie.errors import InputError
 from lassie.generate import generate
 from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.hardware import DeviceInfo, query_device
@@ -21,10 +24,11 @@ from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
 from lassie.models import FluxModels, load_models, prepare_for_speed
 from lassie.provision import ensure_weights
+from lassie.quiet import no_progress_bars
 from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
 from lassie.settings import DEFAULT_SLOT_RANKS, Settings
-from lassie.variants import TransformerVariants
+from lassie.variants import TransformerVariants, Variant
 from lassie.weights import WeightsLayout
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class Lassie:
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
+        no_progress_bars()
         ensure_weights(self.layout, self.settings)
         hardware = query_device()
         self._device = hardware
@@ -76,8 +81,20 @@ class Lassie:
         self.lora_cache = LoraCache(self.settings.lora, self.layout.lora_cache_dir)
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
-    def predict(self, request: Request) -> list[Path]:
-        """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
+    def fetch_extra_lora(self, request: Request) -> Path | None:
+        """The request's extra LoRA on local disk (None without one), after its fields are checked.
+
+        The one part of a prediction that waits on the network and never on the GPU: predict.py runs
+        it outside the one-at-a-time line, so a slow download holds up no other request."""
+        request = checked(request)
+        if not request.extra_lora:
+            return None
+        with timed("fetching the extra LoRA"):
+            return self.lora_cache.fetch(request.extra_lora.strip())
+
+    def predict(self, request: Request, extra_lora_file: Path | None = None) -> list[Path]:
+        """Fields are checked before any image is decoded; the plan is made once, from the decoded image.
+        `extra_lora_file` is what `fetch_extra_lora` gave for this request (fetched here if not given)."""
         request = checked(request)
         with timed("reading inputs"):
             decoded = load_inputs(request.image, request.mask)
@@ -87,11 +104,8 @@ class Lassie:
         log.info("%s", describe(plan))
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
-            extra = None
-            if plan.extra_lora:
-                with timed("fetching the extra LoRA"):
-                    extra = self.lora_cache.fetch(plan.extra_lora)
-            transformer = self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
+            extra = extra_lora_file or self.fetch_extra_lora(request)
+            transformer = self._ready(variant, plan, extra)
         self._log_precision(plan)
         with timed("generating"):
             results = self.variants.run(lambda: generate(self.models.pipeline(plan.model, plan.mode, transformer),
@@ -101,6 +115,15 @@ class Lassie:
                 results = self.safety.filter(results)
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
+
+    def _ready(self, variant: Variant, plan: Plan, extra: Path | None) -> torch.nn.Module:
+        """The transformer with the plan's LoRAs; an extra LoRA refused for its content leaves the cache."""
+        try:
+            return self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
+        except InputError as error:
+            if extra is not None and error.field == "extra_lora":
+                self.lora_cache.forget(plan.extra_lora)
+            raise
 
     def _log_precision(self, plan: Plan) -> None:
         self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast_plan, self._device.dtype)

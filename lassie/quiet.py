@@ -124,3 +124,16 @@ def silence_known_noise() -> None:
             logger.addFilter(KnownLinesFilter([line.text + r"\Z" for line in KNOWN_LOG_LINES if line.logger == name]))
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.text, category=known.category, module=known.module)
+
+
+def no_progress_bars() -> None:
+    """Turns off the progress bars diffusers and transformers draw while loading ("Loading pipeline
+    components...", "Loading weights"), through their public switches: in Cog's logs (and in
+    `/health-check`, which repeats the setup log) a bar is a stream of carriage returns and cursor
+    moves, not a line. Setup logs how long each load took instead. huggingface_hub's bars are left
+    on: its downloads report through `ProgressLog` (lassie.lora.http), which writes log lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lassie.request import Request, denoising_steps
+from lassie.request import Request, denoising_steps, make_plan
 
 
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
@@ -173,11 +174,21 @@ def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_
 @settings(max_examples=300, deadline=None, database=None)
 @given(steps=st.integers(1, 50), strength=st.floats(0, 1))
 def test_steps_run_are_what_diffusers_get_timesteps_runs(steps, strength):
+    """The strength the pipeline gets makes diffusers run exactly the planned steps; it is the request's
+    own strength unless diffusers' rounding would start from pure noise below 1.0."""
+    plan = make_plan(Request(prompt="x", image=Path("photo.png"), num_inference_steps=steps,
+                             prompt_strength=strength), (600, 400))
+    assert plan.steps_run == denoising_steps(steps, strength)
+    noise_first = steps * (1 - strength) < 1 and strength < 1
+    assert (plan.pipeline_strength == strength) != noise_first
     for pipeline_class in (FluxImg2ImgPipeline, FluxInpaintPipeline):
         scheduler = FlowMatchEulerDiscreteScheduler()
         scheduler.set_timesteps(steps)
-        _, runs = pipeline_class.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
-        assert denoising_steps(steps, strength) == runs
+        own = SimpleNamespace(scheduler=scheduler)
+        _, runs = pipeline_class.get_timesteps(own, steps, plan.pipeline_strength, "cpu")
+        assert plan.steps_run in (runs, 0)
+        if not noise_first:
+            assert pipeline_class.get_timesteps(own, steps, strength, "cpu")[1] == runs
 
 
 @pytest.fixture
@@ -196,7 +207,7 @@ def test_img2img_logs_and_runs_the_steps_that_strength_leaves(predictor, photo, 
     with caplog.at_level(logging.INFO, logger="lassie"):
         run(predictor, **inputs, num_inference_steps=8, prompt_strength=0.8)
     mode = "inpaint" if with_mask else "img2img"
-    assert f"{mode} from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 7 of 8 steps" in caplog.text
+    assert f"{mode} from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 7 of 8 steps, from step 2" in caplog.text
     assert len(transformer_calls) == 7
 
 
