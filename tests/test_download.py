@@ -287,6 +287,22 @@ def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureF
     assert "big.safetensors?…" in caplog.text and SECRET not in caplog.text
 
 
+def test_progress_is_logged_while_library_progress_bars_are_off(caplog: pytest.LogCaptureFixture) -> None:
+    """Setup turns library bars off (transformers' switch turns off huggingface_hub's too); the
+    progress log still counts and logs."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    disable_progress_bars()
+    try:
+        with ProgressLog(total=100 * MIB, desc="https://example.com/big.safetensors", unit="B") as progress:
+            for _ in range(10):
+                progress.update(10 * MIB)
+    finally:
+        enable_progress_bars()
+    assert len(caplog.records) == 10 and caplog.records[-1].getMessage().endswith("100.0 MiB (100%)")
+
+
 def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="lassie.lora.http")
     with ProgressLog(total=10 * MIB, desc="https://example.com/small.safetensors", unit="B") as progress:
