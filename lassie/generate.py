@@ -59,7 +59,6 @@ def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs,
     runs no step, which diffusers refuses: each output is then the input image at the output size."""
     if plan.mode is not Mode.TXT2IMG and plan.steps_run == 0:
         return [inputs.image.copy() for _ in range(plan.num_outputs)]
-    pipeline.set_progress_bar_config(disable=True)  # a bar is control codes in Cog's logs; timings are logged
     with torch.inference_mode():
         encode = prompts.encode if prompts is not None else encode_prompt
         embeddings = encode(pipeline, plan.prompt, plan.max_sequence_length)

@@ -160,11 +160,11 @@ def test_a_refused_lora_leaves_no_cache_entry(server, lora_files, cache_dir):
     assert len(list(cache_dir.glob("*.safetensors"))) == 1
 
 
-def test_setup_and_prediction_logs_carry_no_terminal_control_codes(server):
+def test_the_setup_log_carries_no_terminal_control_codes(server):
+    """`/health-check` repeats it: library loading bars would be carriage returns and cursor moves."""
     setup_log = server.health()["setup"]["logs"]
     assert "loading models took" in setup_log
     assert not CONTROL_CODES.search(setup_log), [line for line in setup_log.splitlines() if CONTROL_CODES.search(line)]
-    assert not CONTROL_CODES.search(succeed(server, num_inference_steps=2)["logs"])
 
 
 # --- a LoRA cache on a disk that fills up, then turns read-only ---------------------------------
