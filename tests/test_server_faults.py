@@ -115,6 +115,24 @@ def test_a_trickling_lora_is_refused_at_the_time_limit_while_the_other_slot_gene
     assert "secret" not in error
 
 
+def test_cancelling_a_prediction_stops_its_download(server, lora_files):
+    url = lora_files.serve("/cancelled/lora.safetensors", tiny_lora(33), trickle=1.0)
+    status, body = server.post("/predictions", {"id": "fetch-cancelled", "input": {**QUICK, "extra_lora": url}},
+                               headers={"Prefer": "respond-async"})
+    assert status == 202, body
+    deadline = time.monotonic() + 60
+    while lora_files.count("/cancelled/lora.safetensors") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.post("/predictions/fetch-cancelled/cancel", {})[0] == 200
+    stopped, overdue = f"extra_lora: stopped fetching {url} (CancelationException)", f"{url} took longer"
+    deadline = time.monotonic() + 60
+    while not any(line in server.log_path.read_text() for line in (stopped, overdue)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = server.log_path.read_text()
+    assert stopped in log and overdue not in log
+    succeed(server, seed=6)
+
+
 def test_img2img_keeps_the_image_at_schnell_steps_and_equals_diffusers_at_28_steps(server, reference):
     first, second = data_uri(noise(1)), data_uri(noise(2))
     for strength, same in ((0.8, False), (1.0, True)):

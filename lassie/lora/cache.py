@@ -142,6 +142,10 @@ class LoraCache:
             validate_safetensors(fetched, source.describe())
             with _disk_faults(source):
                 return self._store(key, source, fetched, staging)
+        except BaseException as interrupt:
+            if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
+                logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
