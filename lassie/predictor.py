@@ -104,7 +104,9 @@ class Lassie:
         log.info("%s", describe(plan))
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
-            extra = extra_lora_file or self.fetch_extra_lora(request)
+            # Fetched while earlier predictions ran, so another request's fetch may have evicted it since.
+            fetched = extra_lora_file is not None and extra_lora_file.is_file()
+            extra = extra_lora_file if fetched else self.fetch_extra_lora(request)
             transformer = self._ready(variant, plan, extra)
         self._log_precision(plan)
         with timed("generating"):

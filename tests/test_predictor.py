@@ -210,7 +210,8 @@ def test_img2img_logs_and_runs_the_steps_that_strength_leaves(predictor, photo, 
     with caplog.at_level(logging.INFO, logger="lassie"):
         run(predictor, **inputs, num_inference_steps=8, prompt_strength=0.8)
     mode = "inpaint" if with_mask else "img2img"
-    assert f"{mode} from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 7 of 8 steps, from step 2" in caplog.text
+    assert (f"{mode} from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 7 of 8 steps, from step 2"
+            in caplog.text)
     assert len(transformer_calls) == 7
 
 

@@ -186,8 +186,9 @@ class DownloadLimits:
     callers pass tighter ones.
 
     `time_limit` bounds the whole fetch (every request, redirect and byte of it), counted from when
-    the limits are made (one `DownloadLimits` per fetch): a server that trickles a byte at a time never trips the per-read timeout,
-    so without it one download could hold a request (and its Cog slot) for as long as it likes.
+    the limits are made (one `DownloadLimits` per fetch): a server that trickles a byte at a time
+    never trips the per-read timeout, so without it one download could hold a request (and its Cog
+    slot) for as long as it likes.
     """
 
     max_bytes: int = LoraSettings.max_download_bytes
