@@ -4,7 +4,8 @@ A warning in the log should mean something. Each entry names where the message c
 logger, or its warning category and module) and its whole text, and says why it is harmless;
 anything else those libraries say, and every other warning, still shows. `silence_known_noise()`
 runs before torch, torchao, diffusers and transformers are imported (most of these are printed
-then), once per process: predict.py calls it first. `dropping` does the same for one call.
+then), once per process: predict.py calls it first. `dropping` does the same for one call, and
+`no_progress_bars` turns off the libraries' loading bars when setup starts.
 """
 
 from __future__ import annotations
