@@ -157,6 +157,6 @@ class Predictor(BasePredictor):
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
         )
-        extra_lora_file = await self.runner.run_aside(partial(self.lassie.fetch_extra_lora, request))
-        paths = await self.runner.run(partial(self.lassie.predict, request, extra_lora_file))
+        prepared = await self.runner.run_aside(partial(self.lassie.prepare, request))
+        paths = await self.runner.run(partial(self.lassie.predict_prepared, prepared))
         return [Path(path) for path in paths]

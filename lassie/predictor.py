@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,7 @@ from lassie.errors import InputError
 from lassie.generate import generate
 from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.hardware import DeviceInfo, query_device
-from lassie.images import load_inputs
+from lassie.images import Inputs, load_inputs
 from lassie.lora.adapters import slot_ranks_for
 from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
@@ -32,6 +33,15 @@ from lassie.variants import TransformerVariants, Variant
 from lassie.weights import WeightsLayout
 
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA on disk."""
+
+    plan: Plan
+    inputs: Inputs
+    extra_lora_file: Path | None
+
 
 @contextmanager
 def timed(phase: str) -> Iterator[None]:
@@ -81,20 +91,13 @@ class Lassie:
         self.lora_cache = LoraCache(self.settings.lora, self.layout.lora_cache_dir)
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
-    def fetch_extra_lora(self, request: Request) -> Path | None:
-        """The request's extra LoRA on local disk (None without one), after its fields are checked.
+    def prepare(self, request: Request) -> Prepared:
+        """Everything before the GPU, in this order: fields checked, images decoded, the plan made
+        (once, from the decoded image), the extra LoRA fetched: a bad field or image is refused
+        before any download.
 
-        The one part of a prediction that waits on the network and never on the GPU: predict.py runs
-        it outside the one-at-a-time line, so a slow download holds up no other request."""
-        request = checked(request)
-        if not request.extra_lora:
-            return None
-        with timed("fetching the extra LoRA"):
-            return self.lora_cache.fetch(request.extra_lora.strip())
-
-    def predict(self, request: Request, extra_lora_file: Path | None = None) -> list[Path]:
-        """Fields are checked before any image is decoded; the plan is made once, from the decoded image.
-        `extra_lora_file` is what `fetch_extra_lora` gave for this request (fetched here if not given)."""
+        None of it touches the GPU and the fetch may wait on the network: predict.py runs it outside
+        the one-at-a-time line, so a slow download holds up no other request."""
         request = checked(request)
         with timed("reading inputs"):
             decoded = load_inputs(request.image, request.mask)
@@ -102,11 +105,26 @@ class Lassie:
         inputs = decoded.at(plan.size)
         log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
         log.info("%s", describe(plan))
+        return Prepared(plan, inputs, self._fetch_extra_lora(plan))
+
+    def _fetch_extra_lora(self, plan: Plan) -> Path | None:
+        if not plan.extra_lora:
+            return None
+        with timed("fetching the extra LoRA"):
+            return self.lora_cache.fetch(plan.extra_lora)
+
+    def predict(self, request: Request) -> list[Path]:
+        """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
+        return self.predict_prepared(self.prepare(request))
+
+    def predict_prepared(self, prepared: Prepared) -> list[Path]:
+        """The GPU's part of a prediction, from what `prepare` gave."""
+        plan, inputs = prepared.plan, prepared.inputs
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
             # Fetched while earlier predictions ran, so another request's fetch may have evicted it since.
-            fetched = extra_lora_file is not None and extra_lora_file.is_file()
-            extra = extra_lora_file if fetched else self.fetch_extra_lora(request)
+            fetched = prepared.extra_lora_file
+            extra = fetched if fetched is None or fetched.is_file() else self._fetch_extra_lora(plan)
             transformer = self._ready(variant, plan, extra)
         self._log_precision(plan)
         with timed("generating"):

@@ -153,6 +153,12 @@ def test_sizes_from_images_stay_within_256_and_1440(server):
     assert error.startswith("image: is 10000x100, an aspect ratio of 100:1") and "at most 5.625:1 (1440x256)" in error
 
 
+def test_a_refused_image_is_refused_before_any_extra_lora_download(server, lora_files):
+    url = lora_files.serve("/never/lora.safetensors", tiny_lora(34))
+    assert fail(server, image=data_uri(Image.new("RGB", (10000, 100))), extra_lora=url).startswith("image: ")
+    assert lora_files.count("/never/lora.safetensors") == 0
+
+
 def test_a_mask_must_have_the_images_aspect_ratio_and_its_resize_is_logged(server):
     photo = data_uri(noise(3, (320, 256)))
     error = fail(server, image=photo, mask=data_uri(Image.new("L", (100, 300), 255)))
