@@ -8,7 +8,7 @@ next request as soon as the previous one returned often meets an empty pool and 
 next request always finds the other slot free; this runner keeps the GPU doing one prediction at a
 time, in arrival order, so a waiting request costs no memory on the GPU.
 
-Work that needs no GPU and may take long (fetching an extra LoRA) runs beside that line, on threads
+Work that needs no GPU and may take long (decoding images, fetching an extra LoRA) runs beside that line, on threads
 of its own (`run_aside`): a slow download then holds only its own request, while the other slot's
 request generates.
 
