@@ -8,9 +8,9 @@ next request as soon as the previous one returned often meets an empty pool and 
 next request always finds the other slot free; this runner keeps the GPU doing one prediction at a
 time, in arrival order, so a waiting request costs no memory on the GPU.
 
-Work that needs no GPU and may take long (decoding images, fetching an extra LoRA) runs beside that line, on threads
-of its own (`run_aside`): a slow download then holds only its own request, while the other slot's
-request generates.
+Work that needs no GPU and may take long (decoding images, fetching an extra LoRA) runs beside
+that line, on threads of its own (`run_aside`): a slow download then holds only its own request,
+while the other slot's request generates.
 
 A cancelled request that is still waiting never runs. A running one is interrupted the way coglet
 interrupts a sync predictor: its exception type is raised in the thread that runs it.
