@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import save
 
 from cog_server import CogServer
-from conftest import LORA_HOST
+from conftest import LORA_HOST, REPO
 from fake_services import FakeServices
 
 TIME_LIMIT = 10  # LASSIE_LORA_DOWNLOAD_TIMEOUT of the server here: far above one small prediction
@@ -189,6 +189,24 @@ def test_the_setup_log_carries_no_terminal_control_codes(server):
     setup_log = server.health()["setup"]["logs"]
     assert "loading models took" in setup_log
     assert not CONTROL_CODES.search(setup_log), [line for line in setup_log.splitlines() if CONTROL_CODES.search(line)]
+
+
+def test_the_readme_retry_recipe_serves_more_clients_than_slots(server):
+    """Six clients at once against two slots: each gets its images through the README's own code."""
+    section = (REPO / "README.md").read_text().split("**Clients.**", 1)[1]
+    recipe: dict = {}
+    exec(re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1), recipe)
+    bodies: list[dict] = []
+
+    def client(seed: int) -> None:
+        bodies.append(recipe["predict"](server.url, {**QUICK, "seed": seed}))
+
+    clients = [threading.Thread(target=client, args=(seed,)) for seed in range(6)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(timeout=600)
+    assert [body["status"] for body in bodies] == ["succeeded"] * 6
 
 
 # --- a LoRA cache on a disk that fills up, then turns read-only ---------------------------------
