@@ -29,8 +29,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Two Cog slots: at most two requests fetch at once; a spare thread covers a cancelled fetch that
-# has not reached its next interruptible point yet.
+# Two Cog slots: at most two requests are prepared at once; a spare thread covers a cancelled one
+# that has not reached its next interruptible point yet.
 ASIDE_THREADS = 3
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
@@ -53,7 +53,7 @@ class SerialRunner:
         """`interrupt` is raised inside a running call whose request was cancelled."""
         self._interrupt = interrupt
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lassie-predict")
-        self._aside = ThreadPoolExecutor(max_workers=ASIDE_THREADS, thread_name_prefix="lassie-fetch")
+        self._aside = ThreadPoolExecutor(max_workers=ASIDE_THREADS, thread_name_prefix="lassie-aside")
         self._lock = threading.Lock()
 
     def run_now(self, call: Callable[[], T]) -> T:

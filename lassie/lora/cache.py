@@ -31,9 +31,8 @@ from filelock import FileLock, Timeout
 
 from lassie.errors import InputError
 from lassie.lora.files import sha256_of, validate_safetensors
-from lassie.lora.http import human_bytes
+from lassie.lora.http import FIELD, human_bytes
 from lassie.lora.sources import LoraSource, fetch_source, parse_extra_lora, short_digest
-from lassie.lora.http import FIELD
 from lassie.settings import LORA_CACHE_ENV, LoraSettings
 
 logger = logging.getLogger(__name__)
