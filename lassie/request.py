@@ -138,14 +138,15 @@ def describe(plan: Plan) -> str:
         return f"size {width}x{height}, {plan.steps_run} steps, {outputs}"
     source = "x".join(map(str, plan.input_size))
     steps = plan.num_inference_steps
+    one_step_in = plan.steps_skipped > diffusers_skipped_steps(steps, plan.strength)
+    why = f"one step in: {steps} x {1 - plan.strength:.3g} < 1 would start from pure noise"
     if plan.steps_run == 0:
-        start = " (the input image comes back unchanged)"
+        leaves = f"{why}, which leaves none; " if one_step_in else ""
+        start = f" ({leaves}the input image comes back unchanged)"
     elif plan.steps_skipped == 0:
         start = ", from pure noise"
     else:
-        start = f", from step {plan.steps_skipped + 1}"
-        if diffusers_skipped_steps(steps, plan.strength) == 0:
-            start += f" (one step in: {steps} x {1 - plan.strength:.3g} < 1 would start from pure noise)"
+        start = f", from step {plan.steps_skipped + 1}" + (f" ({why})" if one_step_in else "")
     return (f"{plan.mode.value} from a {source} input image: size {width}x{height}, prompt_strength "
             f"{plan.strength} runs {plan.steps_run} of {steps} steps{start}, {outputs}")
 

@@ -163,6 +163,10 @@ def test_the_log_line_names_strength_input_size_and_steps_that_run():
     assert describe(plan(**PHOTO, num_inference_steps=4, model="schnell")) == (
         "img2img from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 3 of 4 steps, from step 2 "
         "(one step in: 4 x 0.2 < 1 would start from pure noise), 1 output(s)")
+    assert describe(plan(**PHOTO, num_inference_steps=1, prompt_strength=0.5)) == (
+        "img2img from a 600x400 input image: size 608x400, prompt_strength 0.5 runs 0 of 1 steps (one step in: "
+        "1 x 0.5 < 1 would start from pure noise, which leaves none; the input image comes back unchanged), "
+        "1 output(s)")
     assert describe(plan(**PHOTO, num_inference_steps=4, prompt_strength=1.0)) == (
         "img2img from a 600x400 input image: size 608x400, prompt_strength 1.0 runs 4 of 4 steps, from pure noise, "
         "1 output(s)")
