@@ -158,5 +158,6 @@ class Predictor(BasePredictor):
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
         )
-        paths = await self.runner.run(partial(self.lassie.predict, request))
+        prepared = await self.runner.run_aside(partial(self.lassie.prepare, request))
+        paths = await self.runner.run(partial(self.lassie.predict_prepared, prepared))
         return [Path(path) for path in paths]

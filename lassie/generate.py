@@ -33,7 +33,7 @@ def pipeline_arguments(plan: Plan, inputs: Inputs) -> dict:
         output_type="pil",
     )
     if plan.mode is not Mode.TXT2IMG:
-        arguments.update(image=inputs.image, strength=plan.strength)
+        arguments.update(image=inputs.image, strength=plan.pipeline_strength)
     if plan.mode is Mode.INPAINT:
         arguments.update(mask_image=inputs.mask)
     return arguments

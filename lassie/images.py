@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lassie.errors import InputError
+from lassie.sizes import check_mask_size
+
+log = logging.getLogger(__name__)
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
+
+
+def _said(error: BaseException, path: Path, field: str) -> str:
+    """Pillow's words for a problem, with the server's temporary path of the upload left out."""
+    text = str(error)
+    for spelled in dict.fromkeys((str(path), str(Path(path).resolve()))):
+        text = text.replace(f"'{spelled}'", f"the uploaded {field}").replace(spelled, f"the uploaded {field}")
+    return text
 
 
 def _open(path: Path, field: str) -> Image.Image:
@@ -18,9 +30,10 @@ def _open(path: Path, field: str) -> Image.Image:
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise InputError(field, f"{error}; images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused") from None
+        raise InputError(field, f"{_said(error, path, field)}; images above {MAX_INPUT_PIXELS // 2**20} "
+                                "megapixels are refused") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise InputError(field, f"could not be read as an image ({SUPPORTED}): {error}") from None
+        raise InputError(field, f"could not be read as an image ({SUPPORTED}): {_said(error, path, field)}") from None
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
         image.close()
@@ -30,12 +43,12 @@ def _open(path: Path, field: str) -> Image.Image:
     return image
 
 
-def _decode(image: Image.Image, field: str) -> Image.Image:
+def _decode(image: Image.Image, path: Path, field: str) -> Image.Image:
     try:
         image.load()
         return ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError) as error:
-        raise InputError(field, f"is a damaged or truncated image: {error}") from None
+        raise InputError(field, f"is a damaged or truncated image: {_said(error, path, field)}") from None
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -49,7 +62,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def load_rgb(path: Path, field: str = "image") -> Image.Image:
     """An RGB image; transparency is composited over white rather than turned black."""
-    image = _to_8bit(_decode(_open(path, field), field))
+    image = _to_8bit(_decode(_open(path, field), path, field))
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -80,11 +93,16 @@ class Inputs:
 
     def at(self, size: tuple[int, int]) -> Inputs:
         """Both resized to the output size, as the pipelines take them."""
+        if self.mask is not None and self.mask.size != size:
+            log.info("mask: resized from %dx%d to %dx%d (the output size)", *self.mask.size, *size)
         return Inputs(image=None if self.image is None else resized(self.image, size),
                       mask=None if self.mask is None else resized(self.mask, size))
 
 
 def load_inputs(image: Path | None, mask: Path | None) -> Inputs:
-    """Decode the image, then the mask, each error naming its field."""
-    return Inputs(image=None if image is None else load_rgb(image, field="image"),
-                  mask=None if mask is None else load_mask(mask))
+    """Decode the image, then the mask, each error naming its field; a mask must have the image's shape."""
+    inputs = Inputs(image=None if image is None else load_rgb(image, field="image"),
+                    mask=None if mask is None else load_mask(mask))
+    if inputs.image is not None and inputs.mask is not None:
+        check_mask_size(inputs.mask.size, inputs.image.size)
+    return inputs

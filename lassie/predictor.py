@@ -7,28 +7,42 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from lassie.compilation import compile_setting, configure_compile_cache
 from lassie.encoding import save_images
+from lassie.errors import InputError
 from lassie.generate import generate
 from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.hardware import DeviceInfo, query_device
-from lassie.images import load_inputs
+from lassie.images import Inputs, load_inputs
 from lassie.lora.adapters import slot_ranks_for
 from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
 from lassie.models import FluxModels, load_models, prepare_for_speed
 from lassie.provision import ensure_weights, lassie_lora
+from lassie.quiet import no_progress_bars
 from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
 from lassie.settings import DEFAULT_SLOT_RANKS, LORA_CACHE_ENV, Settings
 from lassie.storage import writable_place
-from lassie.variants import TransformerVariants
+from lassie.variants import TransformerVariants, Variant
 from lassie.weights import WeightsLayout
 
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA on disk."""
+
+    plan: Plan
+    inputs: Inputs
+    extra_lora_file: Path | None
+
 
 @contextmanager
 def timed(phase: str) -> Iterator[None]:
@@ -52,6 +66,7 @@ class Lassie:
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
+        no_progress_bars()
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
@@ -80,8 +95,13 @@ class Lassie:
         self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
         log.info("ready; Lassie LoRA %s; trigger word: %r", lassie.path, lassie.trigger_word)
 
-    def predict(self, request: Request) -> list[Path]:
-        """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
+    def prepare(self, request: Request) -> Prepared:
+        """Everything before the GPU, in this order: fields checked, images decoded, the plan made
+        (once, from the decoded image), the extra LoRA fetched: a bad field or image is refused
+        before any download.
+
+        None of it touches the GPU and the fetch may wait on the network: predict.py runs it outside
+        the one-at-a-time line, so a slow download holds up no other request."""
         request = checked(request)
         with timed("reading inputs"):
             decoded = load_inputs(request.image, request.mask)
@@ -89,13 +109,27 @@ class Lassie:
         inputs = decoded.at(plan.size)
         log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
         log.info("%s", describe(plan))
+        return Prepared(plan, inputs, self._fetch_extra_lora(plan))
+
+    def _fetch_extra_lora(self, plan: Plan) -> Path | None:
+        if not plan.extra_lora:
+            return None
+        with timed("fetching the extra LoRA"):
+            return self.lora_cache.fetch(plan.extra_lora)
+
+    def predict(self, request: Request) -> list[Path]:
+        """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
+        return self.predict_prepared(self.prepare(request))
+
+    def predict_prepared(self, prepared: Prepared) -> list[Path]:
+        """The GPU's part of a prediction, from what `prepare` gave."""
+        plan, inputs = prepared.plan, prepared.inputs
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
-            extra = None
-            if plan.extra_lora:
-                with timed("fetching the extra LoRA"):
-                    extra = self.lora_cache.fetch(plan.extra_lora)
-            transformer = self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
+            # Fetched while earlier predictions ran, so another request's fetch may have evicted it since.
+            fetched = prepared.extra_lora_file
+            extra = fetched if fetched is None or fetched.is_file() else self._fetch_extra_lora(plan)
+            transformer = self._ready(variant, plan, extra)
         self._log_precision(plan)
         with timed("generating"):
             results = self.variants.run(lambda: generate(self.models.pipeline(plan.model, plan.mode, transformer),
@@ -105,6 +139,15 @@ class Lassie:
                 results = self.safety.filter(results)
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
+
+    def _ready(self, variant: Variant, plan: Plan, extra: Path | None) -> torch.nn.Module:
+        """The transformer with the plan's LoRAs; an extra LoRA refused for its content leaves the cache."""
+        try:
+            return self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
+        except InputError as error:
+            if extra is not None and error.field == "extra_lora":
+                self.lora_cache.forget(plan.extra_lora)
+            raise
 
     def _log_precision(self, plan: Plan) -> None:
         self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast_plan, self._device.dtype)

@@ -4,7 +4,8 @@ A warning in the log should mean something. Each entry names where the message c
 logger, or its warning category and module) and its whole text, and says why it is harmless;
 anything else those libraries say, and every other warning, still shows. `silence_known_noise()`
 runs before torch, torchao, diffusers and transformers are imported (most of these are printed
-then), once per process: predict.py calls it first. `dropping` does the same for one call.
+then), once per process: predict.py calls it first. `dropping` does the same for one call, and
+`no_progress_bars` turns off the libraries' loading bars when setup starts.
 """
 
 from __future__ import annotations
@@ -124,3 +125,16 @@ def silence_known_noise() -> None:
             logger.addFilter(KnownLinesFilter([line.text + r"\Z" for line in KNOWN_LOG_LINES if line.logger == name]))
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.text, category=known.category, module=known.module)
+
+
+def no_progress_bars() -> None:
+    """Turns off the progress bars diffusers and transformers draw while loading ("Loading pipeline
+    components...", "Loading weights"), through their public switches: in Cog's logs (and in
+    `/health-check`, which repeats the setup log) a bar is a stream of carriage returns and cursor
+    moves, not a line. Setup logs how long each load took instead. huggingface_hub's bars are left
+    on: its downloads report through `ProgressLog` (lassie.lora.http), which writes log lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

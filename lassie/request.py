@@ -84,22 +84,49 @@ class Plan:
     input_size: tuple[int, int] | None = None
 
     @property
+    def steps_skipped(self) -> int:
+        """Steps of the schedule img2img and inpainting leave out before denoising starts."""
+        if self.mode is Mode.TXT2IMG:
+            return 0
+        return skipped_steps(self.num_inference_steps, self.strength)
+
+    @property
     def steps_run(self) -> int:
         """The denoising steps that really run: img2img and inpainting skip part of the schedule."""
-        if self.mode is Mode.TXT2IMG:
-            return self.num_inference_steps
-        return denoising_steps(self.num_inference_steps, self.strength)
+        return self.num_inference_steps - self.steps_skipped
+
+    @property
+    def pipeline_strength(self) -> float:
+        """The `strength` the diffusers pipeline gets so that it skips `steps_skipped` steps: the
+        request's own wherever diffusers' rounding already does that (every default-step request),
+        else one that its `get_timesteps` turns into exactly that many."""
+        steps, skipped = self.num_inference_steps, self.steps_skipped
+        if diffusers_skipped_steps(steps, self.strength) == skipped:
+            return self.strength
+        return (steps - skipped - 0.5) / steps
+
+
+def diffusers_skipped_steps(num_inference_steps: int, strength: float) -> int:
+    """Steps diffusers' FLUX img2img and inpainting pipelines skip for `strength` (their `get_timesteps`):
+    int(n - n * strength) of n, so 0.8 of 28 steps skips 5 and runs 23, but 0.8 of 4 skips none."""
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    return int(max(num_inference_steps - init_timestep, 0))
+
+
+def skipped_steps(num_inference_steps: int, strength: float) -> int:
+    """diffusers' rounding, except that a strength below 1 never starts from pure noise.
+
+    Where n * (1 - strength) < 1 diffusers skips no step, so the first step starts from pure noise
+    and the input image is lost (schnell's 4 steps at the default 0.8); there denoising starts one
+    step into the schedule instead. Only 1.0 starts from pure noise; 0 runs no step at all.
+    """
+    skipped = diffusers_skipped_steps(num_inference_steps, strength)
+    return skipped if strength >= 1 else max(skipped, 1)
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
-    """Steps diffusers' FLUX img2img and inpainting pipelines run for `strength` (their `get_timesteps`).
-
-    They skip the first int(n - n * strength) of n steps, so every strength above 0 runs at least
-    one step (about n * strength, rounded up); only 0 (or a strength too small to move n - n * strength
-    off n in floating point) runs none, and then the input image comes back unchanged.
-    """
-    init_timestep = min(num_inference_steps * strength, num_inference_steps)
-    return num_inference_steps - int(max(num_inference_steps - init_timestep, 0))
+    """The steps img2img and inpainting run for `strength` (see `skipped_steps`)."""
+    return num_inference_steps - skipped_steps(num_inference_steps, strength)
 
 
 def describe(plan: Plan) -> str:
@@ -110,9 +137,18 @@ def describe(plan: Plan) -> str:
     if plan.mode is Mode.TXT2IMG:
         return f"size {width}x{height}, {plan.steps_run} steps, {outputs}"
     source = "x".join(map(str, plan.input_size))
-    unchanged = " (the input image comes back unchanged)" if plan.steps_run == 0 else ""
+    steps = plan.num_inference_steps
+    one_step_in = plan.steps_skipped > diffusers_skipped_steps(steps, plan.strength)
+    why = f"one step in: {steps} x {1 - plan.strength:.3g} < 1 would start from pure noise"
+    if plan.steps_run == 0:
+        leaves = f"{why}, which leaves none; " if one_step_in else ""
+        start = f" ({leaves}the input image comes back unchanged)"
+    elif plan.steps_skipped == 0:
+        start = ", from pure noise"
+    else:
+        start = f", from step {plan.steps_skipped + 1}" + (f" ({why})" if one_step_in else "")
     return (f"{plan.mode.value} from a {source} input image: size {width}x{height}, prompt_strength "
-            f"{plan.strength} runs {plan.steps_run} of {plan.num_inference_steps} steps{unchanged}, {outputs}")
+            f"{plan.strength} runs {plan.steps_run} of {steps} steps{start}, {outputs}")
 
 
 def _check_range(field: str, value: float) -> None:

@@ -8,6 +8,10 @@ next request as soon as the previous one returned often meets an empty pool and 
 next request always finds the other slot free; this runner keeps the GPU doing one prediction at a
 time, in arrival order, so a waiting request costs no memory on the GPU.
 
+Work that needs no GPU and may take long (decoding images, fetching an extra LoRA) runs beside
+that line, on threads of its own (`run_aside`): a slow download then holds only its own request,
+while the other slot's request generates.
+
 A cancelled request that is still waiting never runs. A running one is interrupted the way coglet
 interrupts a sync predictor: its exception type is raised in the thread that runs it.
 """
@@ -24,6 +28,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# Two Cog slots: at most two requests are prepared at once; a spare thread covers a cancelled one
+# that has not reached its next interruptible point yet.
+ASIDE_THREADS = 3
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 
@@ -45,6 +53,7 @@ class SerialRunner:
         """`interrupt` is raised inside a running call whose request was cancelled."""
         self._interrupt = interrupt
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lassie-predict")
+        self._aside = ThreadPoolExecutor(max_workers=ASIDE_THREADS, thread_name_prefix="lassie-aside")
         self._lock = threading.Lock()
 
     def run_now(self, call: Callable[[], T]) -> T:
@@ -55,9 +64,17 @@ class SerialRunner:
     async def run(self, call: Callable[[], T]) -> T:
         """`call()` after every earlier call has finished, in the caller's context (coglet routes
         log lines to the prediction through context variables)."""
+        return await self._submit(self._executor, call)
+
+    async def run_aside(self, call: Callable[[], T]) -> T:
+        """`call()` now, on a thread of its own, outside the one-at-a-time line: for work that does
+        not touch the GPU. Cancelling interrupts it the same way."""
+        return await self._submit(self._aside, call)
+
+    async def _submit(self, executor: ThreadPoolExecutor, call: Callable[[], T]) -> T:
         job = _Job()
         context = contextvars.copy_context()
-        pending = self._executor.submit(self._run_job, job, context, call)
+        pending = executor.submit(self._run_job, job, context, call)
         try:
             return await asyncio.wrap_future(pending)
         except asyncio.CancelledError:

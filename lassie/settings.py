@@ -38,6 +38,8 @@ INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
 ALLOW_PRIVATE_ENV = "LASSIE_ALLOW_PRIVATE_URLS"
 MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
+LORA_DOWNLOAD_TIMEOUT_ENV = "LASSIE_LORA_DOWNLOAD_TIMEOUT"
+LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
 LORA_URL_ENV = "LASSIE_LORA_URL"
 LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
 WEIGHTS_URL_ENV = "LASSIE_WEIGHTS_URL"
@@ -162,6 +164,7 @@ class LoraSettings:
     cache_bytes: int = 20 * GIB
     min_free_bytes: int = 5 * GIB
     max_download_bytes: int = 2 * GIB
+    download_timeout: int = 300  # seconds for one whole fetch, however slowly its bytes trickle in
     allow_all_addresses: bool = False
     allowed_networks: tuple[IPNetwork, ...] = ()
     replicate_url: str = DEFAULT_REPLICATE_URL
@@ -178,6 +181,8 @@ class LoraSettings:
             min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes, what="a number of bytes"),
             max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1,
                                          what="a number of bytes"),
+            download_timeout=env.count(LORA_DOWNLOAD_TIMEOUT_ENV, cls.download_timeout, minimum=1,
+                                       what="a number of seconds"),
             allow_all_addresses=allow_all,
             allowed_networks=networks,
             replicate_url=env.base_url("LASSIE_REPLICATE_URL", DEFAULT_REPLICATE_URL),

@@ -56,7 +56,32 @@ def custom_size(width: int | None, height: int | None) -> tuple[int, int]:
     return round_to_multiple(width), round_to_multiple(height)
 
 
+# The most elongated shape whose sides both fit 256..1440: 1440x256, 5.625:1. Both ends are
+# multiples of 16, so rounding a side that lies within them to 16 keeps it within them.
+WIDEST_RATIO = SIDE.high / SIDE.low
+
+
 def size_from_image(width: int, height: int) -> tuple[int, int]:
-    """Keep the input image's aspect ratio, fit within 1440, then make each side a multiple of 16."""
-    scale = min(1.0, SIDE.high / max(width, height))
+    """Keep the input image's aspect ratio with each side within 256..1440 (scaled down to fit 1440,
+    small images scaled up to 256), then make each side a multiple of 16. An image more elongated
+    than 1440x256 has no such size: it is refused, naming `image`."""
+    long, short = max(width, height), min(width, height)
+    if long * SIDE.low > SIDE.high * short:
+        raise InputError("image", f"is {width}x{height}, an aspect ratio of {long / short:.3g}:1; outputs are "
+                                  f"{SIDE.low}..{SIDE.high} pixels per side, so an input image may be at most "
+                                  f"{WIDEST_RATIO:g}:1 ({SIDE.high}x{SIDE.low}); crop it closer to that")
+    scale = min(SIDE.high / long, max(1.0, SIDE.low / short))
     return round_to_multiple(width * scale), round_to_multiple(height * scale)
+
+
+def check_mask_size(mask: tuple[int, int], image: tuple[int, int]) -> None:
+    """A mask is resized to the output size, so it must have the image's aspect ratio: up to one
+    pixel of the mask's own rounding, or the rounding to multiples of 16 (a mask drawn at the output
+    size). Compared as |mask_w * image_h - mask_h * image_w|, which one mask pixel moves by a side of
+    the image, and 8 pixels by 8 mask sides."""
+    (mask_w, mask_h), (image_w, image_h) = mask, image
+    mismatch = abs(mask_w * image_h - mask_h * image_w)
+    tolerance = max(image_w + image_h, SIZE_MULTIPLE // 2 * (mask_w + mask_h))
+    if mismatch > tolerance:
+        raise InputError("mask", f"is {mask_w}x{mask_h} but the image is {image_w}x{image_h}: a mask must have the "
+                                 "image's aspect ratio (at any size), since both are resized to the output size")

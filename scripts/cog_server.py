@@ -38,7 +38,8 @@ def free_port() -> int:
 class CogServer:
     def __init__(self, weights_dir: Path, port: int | None = None, env: dict[str, str] | None = None,
                  log_path: Path | None = None, wrapper: list[str] | None = None) -> None:
-        """`wrapper`: a command the server runs under (e.g. `unshare` for a private mount namespace)."""
+        """`wrapper`: a command the server is started through (it must exec its arguments, so the
+        process stays the one `stop` signals), e.g. `unshare` for a private mount namespace."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"cog-server-{self.port}.log"
@@ -57,6 +58,10 @@ class CogServer:
         }
         self._wrapper = wrapper or []
         self._process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     def start(self, timeout: float = 300.0) -> dict:
         log = open(self.log_path, "wb")

@@ -71,6 +71,7 @@ class Route:
     send_length: bool = True
     delay: float = 0.0  # seconds before the response starts
     stall: float = 0.0  # seconds between the headers and the body
+    trickle: float = 0.0  # seconds between one byte of the body and the next (0: all at once)
 
 
 @dataclass(frozen=True)
@@ -252,8 +253,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         time.sleep(route.stall)
-        if with_body:
+        if with_body and route.trickle:
+            self._trickle(route)
+        elif with_body:
             self.wfile.write(route.body)
+
+    def _trickle(self, route: Route) -> None:
+        """A byte at a time: never quiet long enough for a per-read timeout; stops when the client leaves."""
+        try:
+            for offset in range(len(route.body)):
+                self.wfile.write(route.body[offset:offset + 1])
+                self.wfile.flush()
+                time.sleep(route.trickle)
+        except (BrokenPipeError, ConnectionResetError):
+            return
 
     def _not_found(self, path: str) -> None:
         self._plain(404, b"not found", {})

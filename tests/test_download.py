@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,19 @@ def test_a_server_that_stops_sending_times_out(services: FakeServices, tmp_path:
         download_file(url, tmp_path / "out", limits=limits)
 
 
+def test_a_trickling_download_is_stopped_by_the_overall_time_limit(services: FakeServices, tmp_path: Path) -> None:
+    """A byte every 0.1 s never trips the 0.3 s per-read timeout; the whole-fetch limit of 1 s does."""
+    url = services.serve("/trickle.safetensors?sig=secret", make_lora(), trickle=0.1)
+    settings = Settings.from_env({"LASSIE_ALLOW_PRIVATE_URLS": "1", "LASSIE_LORA_DOWNLOAD_TIMEOUT": "1"}).lora
+    limits = replace(DownloadLimits.from_settings(settings), read_timeout=0.3)
+    with pytest.raises(InputError) as error:
+        download_file(url, tmp_path / "out", limits=limits)
+    assert str(error.value).startswith(f"extra_lora: the download of {url.split('?')[0]}?… took longer than the 1 s "
+                                       "allowed for fetching a LoRA (LASSIE_LORA_DOWNLOAD_TIMEOUT)")
+    with pytest.raises(ValueError, match="LASSIE_LORA_DOWNLOAD_TIMEOUT must be a number of seconds"):
+        Settings.from_env({"LASSIE_LORA_DOWNLOAD_TIMEOUT": "0"})
+
+
 @pytest.mark.parametrize(("status", "expected"), [(404, "not found \\(HTTP 404\\)"), (500, "answered HTTP 500"),
                                                   (401, "answered HTTP 401")])
 def test_http_errors_are_reported_with_their_status(services: FakeServices, tmp_path: Path, status: int,
@@ -271,6 +285,22 @@ def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureF
     percents = [int(record.getMessage().rsplit("(", 1)[1].rstrip("%)")) for record in caplog.records]
     assert [percent // 10 for percent in percents] == list(range(1, 11)), "one line per tenth"
     assert "big.safetensors?…" in caplog.text and SECRET not in caplog.text
+
+
+def test_progress_is_logged_while_library_progress_bars_are_off(caplog: pytest.LogCaptureFixture) -> None:
+    """Setup turns library bars off (transformers' switch turns off huggingface_hub's too); the
+    progress log still counts and logs."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    disable_progress_bars()
+    try:
+        with ProgressLog(total=100 * MIB, desc="https://example.com/big.safetensors", unit="B") as progress:
+            for _ in range(10):
+                progress.update(10 * MIB)
+    finally:
+        enable_progress_bars()
+    assert len(caplog.records) == 10 and caplog.records[-1].getMessage().endswith("100.0 MiB (100%)")
 
 
 def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -> None:

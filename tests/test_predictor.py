@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lassie.request import Request, denoising_steps
+from lassie.request import Request, denoising_steps, make_plan
 
 
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
@@ -91,10 +92,11 @@ def mask(tmp_path):
 
 
 def test_img2img_equals_diffusers_img2img(predictor, reference, photo):
-    outputs = run(predictor, image=photo, prompt_strength=0.7)
+    """0.7 of 4 steps: diffusers' own rounding (skip 1, run 3) holds, so its strength is the request's."""
+    outputs = run(predictor, image=photo, prompt_strength=0.7, num_inference_steps=4)
     image = Image.open(photo).convert("RGB")
     expected = reference_images(reference(FluxImg2ImgPipeline, lora_scale=1.0), image=image, strength=0.7,
-                                width=608, height=400)
+                                width=608, height=400, num_inference_steps=4)
     assert outputs[0].shape == (400, 608, 3)
     assert_equal_but_for_rounding(outputs[0], expected[0])
 
@@ -115,11 +117,13 @@ def test_the_plan_is_made_once_from_the_decoded_image_and_is_what_the_pipeline_r
 
 
 def test_inpainting_equals_diffusers_inpaint(predictor, reference, photo, mask):
-    outputs = run(predictor, image=photo, mask=mask, prompt_strength=0.9)
+    """0.9 of 4 steps would skip none in diffusers (pure noise); it starts one step in, which is
+    diffusers' own inpainting at 0.75 of 4 (skip 1, run 3)."""
+    outputs = run(predictor, image=photo, mask=mask, prompt_strength=0.9, num_inference_steps=4)
     image = Image.open(photo).convert("RGB").resize((608, 400), Image.Resampling.LANCZOS)
     mask_image = Image.open(mask).convert("L").resize((608, 400), Image.Resampling.LANCZOS)
     expected = reference_images(reference(FluxInpaintPipeline, lora_scale=1.0), image=image, mask_image=mask_image,
-                                strength=0.9, width=608, height=400)
+                                strength=0.75, width=608, height=400, num_inference_steps=4)
     assert_equal_but_for_rounding(outputs[0], expected[0])
 
 
@@ -173,11 +177,21 @@ def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_
 @settings(max_examples=300, deadline=None, database=None)
 @given(steps=st.integers(1, 50), strength=st.floats(0, 1))
 def test_steps_run_are_what_diffusers_get_timesteps_runs(steps, strength):
+    """The strength the pipeline gets makes diffusers run exactly the planned steps; it is the request's
+    own strength unless diffusers' rounding would start from pure noise below 1.0."""
+    plan = make_plan(Request(prompt="x", image=Path("photo.png"), num_inference_steps=steps,
+                             prompt_strength=strength), (600, 400))
+    assert plan.steps_run == denoising_steps(steps, strength)
+    noise_first = steps * (1 - strength) < 1 and strength < 1
+    assert (plan.pipeline_strength == strength) != noise_first
     for pipeline_class in (FluxImg2ImgPipeline, FluxInpaintPipeline):
         scheduler = FlowMatchEulerDiscreteScheduler()
         scheduler.set_timesteps(steps)
-        _, runs = pipeline_class.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
-        assert denoising_steps(steps, strength) == runs
+        own = SimpleNamespace(scheduler=scheduler)
+        _, runs = pipeline_class.get_timesteps(own, steps, plan.pipeline_strength, "cpu")
+        assert plan.steps_run in (runs, 0)
+        if not noise_first:
+            assert pipeline_class.get_timesteps(own, steps, strength, "cpu")[1] == runs
 
 
 @pytest.fixture
@@ -196,7 +210,8 @@ def test_img2img_logs_and_runs_the_steps_that_strength_leaves(predictor, photo, 
     with caplog.at_level(logging.INFO, logger="lassie"):
         run(predictor, **inputs, num_inference_steps=8, prompt_strength=0.8)
     mode = "inpaint" if with_mask else "img2img"
-    assert f"{mode} from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 7 of 8 steps" in caplog.text
+    assert (f"{mode} from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 7 of 8 steps, from step 2"
+            in caplog.text)
     assert len(transformer_calls) == 7
 
 

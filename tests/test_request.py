@@ -139,7 +139,9 @@ def test_fractional_integer_fields_name_their_field(field, value):
 
 
 @pytest.mark.parametrize(("steps", "strength", "expected"), [
-    (8, 0.8, 7), (28, 0.8, 23), (4, 0.8, 4), (50, 0.01, 1), (1, 1.0, 1), (50, 1.0, 50), (28, 0.0, 0), (1, 1e-20, 0),
+    (8, 0.8, 7), (28, 0.8, 23), (50, 0.01, 1), (1, 1.0, 1), (50, 1.0, 50), (28, 0.0, 0), (1, 1e-20, 0),
+    # Where diffusers would start from pure noise below 1.0, denoising starts one step in.
+    (4, 0.8, 3), (4, 0.9, 3), (4, 1.0, 4), (2, 0.6, 1), (1, 0.8, 0), (28, 0.99, 27),
 ])
 def test_steps_run_follow_diffusers_strength_rounding(steps, strength, expected):
     p = plan(**PHOTO, num_inference_steps=steps, prompt_strength=strength)
@@ -153,8 +155,18 @@ def test_txt2img_runs_every_step_whatever_the_strength():
 def test_the_log_line_names_strength_input_size_and_steps_that_run():
     p = plan(**PHOTO, num_inference_steps=8)
     assert describe(p) == ("img2img from a 600x400 input image: size 608x400, "
-                           "prompt_strength 0.8 runs 7 of 8 steps, 1 output(s)")
+                           "prompt_strength 0.8 runs 7 of 8 steps, from step 2, 1 output(s)")
     unchanged = replace(p, strength=0.0, mode=Mode.INPAINT)
     assert describe(unchanged) == ("inpaint from a 600x400 input image: size 608x400, prompt_strength 0.0 runs "
                                    "0 of 8 steps (the input image comes back unchanged), 1 output(s)")
     assert describe(plan(megapixels="0.25", num_inference_steps=3)) == "size 512x512, 3 steps, 1 output(s)"
+    assert describe(plan(**PHOTO, num_inference_steps=4, model="schnell")) == (
+        "img2img from a 600x400 input image: size 608x400, prompt_strength 0.8 runs 3 of 4 steps, from step 2 "
+        "(one step in: 4 x 0.2 < 1 would start from pure noise), 1 output(s)")
+    assert describe(plan(**PHOTO, num_inference_steps=1, prompt_strength=0.5)) == (
+        "img2img from a 600x400 input image: size 608x400, prompt_strength 0.5 runs 0 of 1 steps (one step in: "
+        "1 x 0.5 < 1 would start from pure noise, which leaves none; the input image comes back unchanged), "
+        "1 output(s)")
+    assert describe(plan(**PHOTO, num_inference_steps=4, prompt_strength=1.0)) == (
+        "img2img from a 600x400 input image: size 608x400, prompt_strength 1.0 runs 4 of 4 steps, from pure noise, "
+        "1 output(s)")

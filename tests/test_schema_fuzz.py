@@ -23,6 +23,7 @@ from PIL import Image
 
 from conftest import LORA_HOST, REPO
 from lassie import sizes
+from lassie.errors import InputError
 
 SCHEMA = json.loads((REPO / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]
 FIELDS = SCHEMA["Input"]["properties"]
@@ -77,9 +78,17 @@ def input_images(draw) -> tuple[str, tuple[int, int]]:
     return data_uri(image, fmt), size
 
 
-def size_from_image(width: int, height: int) -> tuple[int, int]:
-    """FACTS.md: scale down to fit 1440 keeping the aspect ratio, then each side to a multiple of 16."""
-    scale = min(1.0, 1440 / max(width, height))
+def too_elongated(width: int, height: int) -> bool:
+    """No size with the image's aspect ratio has both sides within 256..1440 (beyond 1440x256)."""
+    return max(width, height) * 256 > 1440 * min(width, height)
+
+
+def size_from_image(width: int, height: int) -> tuple[int, int] | None:
+    """Keep the aspect ratio with each side within 256..1440 (scale down to fit 1440, small images
+    up to 256), then each side to a multiple of 16; None for an image that is refused."""
+    if too_elongated(width, height):
+        return None
+    scale = min(1440 / max(width, height), max(1.0, 256 / min(width, height)))
     return nearest_16(width * scale), nearest_16(height * scale)
 
 
@@ -97,11 +106,25 @@ def expected_size(inputs: dict, image_size: tuple[int, int] | None) -> tuple[int
     return tuple(sizes.size_table()[value(inputs, "megapixels")][value(inputs, "aspect_ratio")])
 
 
+def mask_fits(mask_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    try:
+        sizes.check_mask_size(mask_size, image_size)
+    except InputError:
+        return False
+    return True
+
+
 def fields_at_fault(inputs: dict) -> set[str]:
     """The fields a correct server names when it refuses these inputs; empty when it must succeed."""
     faults = set()
     if "mask" in inputs and "image" not in inputs:
         faults.add("mask")
+    if "image" in inputs:
+        image_size = decode(inputs["image"]).size
+        if too_elongated(*image_size):
+            faults.add("image")
+        elif "mask" in inputs and not mask_fits(decode(inputs["mask"]).size, image_size):
+            faults.add("mask")
     if "seed" in inputs and not 0 <= inputs["seed"] <= MAX_SEED:
         faults.add("seed")
     if "image" not in inputs and value(inputs, "aspect_ratio") == sizes.CUSTOM:
@@ -140,7 +163,9 @@ def requests(draw) -> tuple[dict, tuple[int, int] | None]:
     image_size = None
     if mode in ("img2img", "inpaint"):
         inputs["image"], image_size = draw(input_images())
-    if mode in ("inpaint", "mask without image"):
+    if mode == "inpaint" and draw(st.booleans()):  # a mask of the image's shape, as masks are drawn
+        inputs["mask"] = data_uri(Image.effect_noise(image_size, 80).convert("L"), "PNG")
+    elif mode in ("inpaint", "mask without image"):
         inputs["mask"] = draw(input_images())[0]
     for field, values in optional_fields().items():
         if draw(st.booleans()):
@@ -206,11 +231,11 @@ def photo(width: int, height: int) -> str:
 
 def test_prompt_strength_zero_returns_the_input_image_through_the_server(cog_server, probe_output):
     source = Image.effect_noise((40, 24), 60).convert("RGB")
-    for extra in ({}, {"mask": photo(8, 8)}):
+    for extra in ({}, {"mask": photo(10, 6)}):
         inputs = {"prompt": "x", "image": data_uri(source, "PNG"), "prompt_strength": 0, "num_outputs": 3,
                   "output_format": "png", **extra}
         body = check_outcome(cog_server, inputs, source.size)
-        expected = source.resize((48, 32), Image.Resampling.LANCZOS).tobytes()
+        expected = source.resize((432, 256), Image.Resampling.LANCZOS).tobytes()
         assert all(decode(uri).convert("RGB").tobytes() == expected for uri in body["output"])
         assert "prompt_strength 0 runs 0 of 28 steps (the input image comes back unchanged)" in body["logs"]
         still_serving(cog_server, probe_output)
@@ -223,7 +248,8 @@ def test_image_logs_name_strength_input_size_and_the_steps_that_run(cog_server, 
         inputs["mask"] = photo(10, 6)
     body = check_outcome(cog_server, inputs, (100, 60))
     mode = "inpaint" if mask else "img2img"
-    assert f"{mode} from a 100x60 input image: size 96x64, prompt_strength 0.8 runs 7 of 8 steps" in body["logs"]
+    assert f"{mode} from a 100x60 input image: size 432x256, prompt_strength 0.8 runs 7 of 8 steps, from step 2" \
+        in body["logs"]
 
 
 @pytest.mark.parametrize(("seed", "shown"), [

@@ -196,5 +196,5 @@ def test_coglet_fetches_image_urls_itself_as_the_readme_security_section_says(co
         status, body = cog_server.predict({**SMALLEST, "image": url})
         fetched = [seen.path for seen in files.seen]
     assert status == 200 and body["status"] == "succeeded", body
-    assert decode(body["output"][0]).size == (64, 64)
+    assert decode(body["output"][0]).size == (256, 256)  # scaled up to the smallest side allowed
     assert fetched == ["/photo.png"]

@@ -58,3 +58,29 @@ def test_sizes_from_images_fit_1440_keep_aspect_and_round(size, expected):
 def test_unknown_ratio_lists_what_is_allowed():
     with pytest.raises(InputError, match="aspect_ratio: must be one of 1:1, 16:9"):
         sizes.table_size("7:3", "1")
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    ((1, 1), (256, 256)), ((64, 32), (512, 256)), ((256, 46), (1424, 256)), ((1440, 256), (1440, 256)),
+    ((4500, 800), (1440, 256)), ((100, 300), (256, 768)),
+])
+def test_sizes_from_images_scale_small_images_up_to_256(size, expected):
+    assert sizes.size_from_image(*size) == expected
+
+
+@pytest.mark.parametrize("size", [(10000, 100), (100, 563), (1441, 256)])
+def test_images_more_elongated_than_1440x256_are_refused(size):
+    with pytest.raises(InputError, match=r"^image: .* an input image may be at most 5\.625:1 \(1440x256\)"):
+        sizes.size_from_image(*size)
+
+
+@pytest.mark.parametrize(("mask", "image", "fits"), [
+    ((160, 90), (1600, 900), True), ((10, 6), (100, 50), True), ((1008, 752), (1000, 750), True),
+    ((100, 300), (256, 192), False), ((600, 600), (600, 400), False), ((90, 160), (1600, 900), False),
+])
+def test_a_mask_must_have_the_images_aspect_ratio_within_rounding(mask, image, fits):
+    if fits:
+        sizes.check_mask_size(mask, image)
+    else:
+        with pytest.raises(InputError, match=f"^mask: is {mask[0]}x{mask[1]} but the image is"):
+            sizes.check_mask_size(mask, image)

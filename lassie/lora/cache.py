@@ -5,15 +5,22 @@ folder inside the cache, then renamed), and a checksum beside it catches later d
 partial or corrupted download can never be mistaken for a good LoRA. Fetches of the same LoRA are
 serialised by a file lock per LoRA (threads and processes alike), so concurrent requests download
 it once; a request that waits on another's download says so in the log.
+
+The disk can fail the cache while it serves: full, or made read-only. A full or read-only cache
+refuses new LoRAs with an error that names the cache's variable and what to do, while LoRAs
+already in it keep serving (no lock file can be created then: fetches fall back to a lock within
+this process, and the LRU clock stands still).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,15 +31,17 @@ from filelock import FileLock, Timeout
 
 from lassie.errors import InputError
 from lassie.lora.files import sha256_of, validate_safetensors
-from lassie.lora.http import human_bytes
+from lassie.lora.http import FIELD, human_bytes
 from lassie.lora.sources import LoraSource, fetch_source, parse_extra_lora, short_digest
-from lassie.settings import LoraSettings
+from lassie.settings import LORA_CACHE_ENV, LoraSettings
 
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".partial"
 LOCKS_DIR = ".locks"
 STALE_STAGING_SECONDS = 6 * 3600
+FULL_DISK = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class LoraCache:
@@ -60,6 +69,20 @@ class LoraCache:
             path = self._cached(key, source) or self._download(key, source)
         self._evict(keep=key)
         return path
+
+    def forget(self, extra_lora: str) -> None:
+        """Drops a cached LoRA that was refused after its download (it fits no FLUX layer, say):
+        the cache keeps only LoRAs that can serve."""
+        source = parse_extra_lora(extra_lora)
+        key = short_digest(source.cache_key, 40)
+        with self._locks.fetching(key, source):
+            try:
+                self._remove(key)
+            except OSError as error:
+                logger.warning("extra_lora: could not remove the refused %s from the LoRA cache (%s)",
+                               source.describe(), error.strerror)
+                return
+        logger.info("extra_lora: removed the refused %s from the LoRA cache", source.describe())
 
     def cached_files(self) -> list[Path]:
         """The cached LoRA files, least recently used first."""
@@ -110,11 +133,18 @@ class LoraCache:
 
     def _download(self, key: str, source: LoraSource) -> Path:
         logger.info("extra_lora: fetching %s", source.describe())
-        staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
+        with _disk_faults(source):
+            staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
         try:
-            fetched = fetch_source(source, staging, self.settings)
+            with _disk_faults(source):
+                fetched = fetch_source(source, staging, self.settings)
             validate_safetensors(fetched, source.describe())
-            return self._store(key, source, fetched, staging)
+            with _disk_faults(source):
+                return self._store(key, source, fetched, staging)
+        except BaseException as interrupt:
+            if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
+                logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -151,6 +181,13 @@ class LoraCache:
     def _evict(self, keep: str) -> None:
         """Least recently used first, until under the size budget and enough disk is free; never
         the entry just returned, never one another request is fetching right now."""
+        try:
+            self._evict_least_used(keep)
+        except OSError as error:
+            logger.warning("extra_lora: could not evict from the LoRA cache (%s); check %s", error.strerror,
+                           LORA_CACHE_ENV)
+
+    def _evict_least_used(self, keep: str) -> None:
         entries = sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)
         total = sum(stat.st_size for _, stat in entries)
         for path, stat in entries:
@@ -177,11 +214,35 @@ class LoraCache:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+@contextmanager
+def _disk_faults(source: LoraSource) -> Iterator[None]:
+    """A full or read-only cache disk in words that say what to do; other OS errors pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in FULL_DISK:
+            problem = (f"the LoRA cache has no space left to store {source.describe()}. The operator can free "
+                       f"space on its disk, point {LORA_CACHE_ENV} at a larger one, or lower "
+                       "LASSIE_LORA_CACHE_BYTES / raise LASSIE_LORA_CACHE_MIN_FREE_BYTES so that older LoRAs "
+                       "are evicted sooner")
+        elif error.errno in READ_ONLY:
+            problem = (f"the LoRA cache cannot be written ({error.strerror}), so {source.describe()} cannot be "
+                       f"stored; LoRAs already cached still serve. The operator can make it writable or point "
+                       f"{LORA_CACHE_ENV} at a writable directory")
+        else:
+            raise
+        raise InputError(FIELD, problem) from None
+
+
 def _mark_used(path: Path) -> None:
     """The access time is the LRU clock; the modification time is left alone, as it identifies the
-    file version whose checksum was verified."""
+    file version whose checksum was verified. A read-only cache keeps its clock as it was."""
     stat = path.stat()
-    os.utime(path, ns=(time.time_ns(), stat.st_mtime_ns))
+    try:
+        os.utime(path, ns=(time.time_ns(), stat.st_mtime_ns))
+    except OSError as error:
+        if error.errno not in READ_ONLY:
+            raise
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -194,23 +255,48 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 class _KeyLocks:
     """One fetch per LoRA at a time: a file lock per key, which other threads and other processes
-    sharing the cache directory wait on alike (each FileLock holds its own descriptor)."""
+    sharing the cache directory wait on alike (each FileLock holds its own descriptor).
+
+    Where no lock file can be made (the cache turned read-only), a lock per key within this process
+    stands in: nothing can be written there by anyone then, so only readers remain to serialise.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._in_process: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
-    def _lock(self, key: str) -> FileLock:
+    def _file_lock(self, key: str) -> FileLock:
         return FileLock(self.directory / f"{key}.lock")
+
+    def _process_lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._in_process.setdefault(key, threading.Lock())
+
+    def _acquire(self, key: str, blocking: bool) -> FileLock | threading.Lock | None:
+        """The held lock, or None when `blocking` is false and another fetch holds it."""
+        lock = self._file_lock(key)
+        try:
+            lock.acquire(blocking=blocking)
+            return lock
+        except Timeout:
+            return None
+        except OSError as error:
+            if error.errno not in READ_ONLY:
+                raise
+        logger.debug("extra_lora: no lock file in the LoRA cache (%s); locking within this process", key)
+        fallback = self._process_lock(key)
+        return fallback if fallback.acquire(blocking=blocking) else None
 
     @contextmanager
     def fetching(self, key: str, source: LoraSource) -> Iterator[None]:
         """Held while `source` is looked up and fetched; a wait for another fetch of it is logged
         once, since it can last as long as that download."""
-        lock = self._lock(key)
-        if not _acquired_at_once(lock):
+        lock = self._acquire(key, blocking=False)
+        if lock is None:
             logger.info("extra_lora: waiting for another fetch of %s to finish", source.describe())
-            lock.acquire()
+            lock = self._acquire(key, blocking=True)
         try:
             yield
         finally:
@@ -219,18 +305,9 @@ class _KeyLocks:
     @contextmanager
     def unless_in_use(self, key: str) -> Iterator[bool]:
         """Yields whether the lock could be had without waiting (held until the block ends)."""
-        lock = self._lock(key)
-        acquired = _acquired_at_once(lock)
+        lock = self._acquire(key, blocking=False)
         try:
-            yield acquired
+            yield lock is not None
         finally:
-            if acquired:
+            if lock is not None:
                 lock.release()
-
-
-def _acquired_at_once(lock: FileLock) -> bool:
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        return False
-    return True

@@ -22,6 +22,7 @@ import re
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 from huggingface_hub.utils import tqdm
 
 from lassie.errors import InputError
-from lassie.settings import ALLOW_PRIVATE_ENV, MAX_LORA_BYTES_ENV, LoraSettings
+from lassie.settings import ALLOW_PRIVATE_ENV, LORA_DOWNLOAD_TIMEOUT_ENV, MAX_LORA_BYTES_ENV, LoraSettings
 
 FIELD = "extra_lora"
 logger = logging.getLogger(__name__)
@@ -182,7 +183,13 @@ def _origin(parts: SplitResult) -> tuple[str, str, int]:
 @dataclass(frozen=True)
 class DownloadLimits:
     """Everything that bounds one fetch, and the tokens no error of it may show; tests and
-    callers pass tighter ones."""
+    callers pass tighter ones.
+
+    `time_limit` bounds the whole fetch (every request, redirect and byte of it), counted from when
+    the limits are made (one `DownloadLimits` per fetch): a server that trickles a byte at a time
+    never trips the per-read timeout, so without it one download could hold a request (and its Cog
+    slot) for as long as it likes.
+    """
 
     max_bytes: int = LoraSettings.max_download_bytes
     connect_timeout: float = 15.0
@@ -190,11 +197,26 @@ class DownloadLimits:
     max_redirects: int = 8
     rule: AddressRule = AddressRule()
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
+    time_limit: float = math.inf  # extra LoRAs: LASSIE_LORA_DOWNLOAD_TIMEOUT (`from_settings`)
+    started: float = field(default_factory=time.monotonic)
 
     @classmethod
     def from_settings(cls, settings: LoraSettings) -> DownloadLimits:
         return cls(max_bytes=settings.max_download_bytes, rule=AddressRule.from_settings(settings),
-                   tokens=settings.tokens)
+                   tokens=settings.tokens, time_limit=float(settings.download_timeout))
+
+    def remaining(self) -> float:
+        """Seconds left of `time_limit`; 0 once it has passed."""
+        return max(self.started + self.time_limit - time.monotonic(), 0.0)
+
+    def timeout(self, per_step: float) -> float:
+        """A socket timeout for the next step: `per_step`, but never past the overall limit."""
+        return max(min(per_step, self.remaining()), 0.001)
+
+    def overdue(self, url: str, received: int | None = None) -> InputError:
+        got = "" if received is None else f" ({human_bytes(received)} had arrived)"
+        return InputError(FIELD, f"the download of {redact_url(url)} took longer than the {self.time_limit:g} s "
+                                 f"allowed for fetching a LoRA ({LORA_DOWNLOAD_TIMEOUT_ENV}){got}")
 
 
 def human_bytes(count: float) -> str:
@@ -241,20 +263,31 @@ def _connect(addresses: list[IPAddress], port: int, limits: DownloadLimits) -> s
     last_error: OSError = OSError("no address to connect to")
     for address in addresses:
         sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(limits.connect_timeout)
+        sock.settimeout(limits.timeout(limits.connect_timeout))
         try:
             sock.connect((str(address), port))
         except OSError as error:
             sock.close()
             last_error = error
             continue
-        sock.settimeout(limits.read_timeout)
+        sock.settimeout(limits.timeout(limits.read_timeout))
         return sock
     raise last_error
 
 
+class _TimedResponse(http.client.HTTPResponse):
+    """A response that keeps its socket, so each read's timeout can shrink as the overall time
+    limit nears (`response_class` of the connections below)."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.socket = sock
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Talks HTTP to `host` (Host header) over a socket to an address that was already checked."""
+
+    response_class = _TimedResponse
 
     def __init__(self, host: str, port: int, addresses: list[IPAddress], limits: DownloadLimits) -> None:
         super().__init__(host, port, timeout=limits.connect_timeout)
@@ -267,6 +300,8 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """TLS is verified against the host name while the TCP connection goes to the checked address."""
+
+    response_class = _TimedResponse
 
     def __init__(self, host: str, port: int, addresses: list[IPAddress], limits: DownloadLimits) -> None:
         self.tls = ssl.create_default_context()
@@ -310,6 +345,8 @@ def _send(url: str, credential: Credential | None, limits: DownloadLimits) -> ht
         return connection.getresponse()
     except (OSError, http.client.HTTPException) as error:
         connection.close()
+        if limits.remaining() == 0:
+            raise limits.overdue(url) from None
         raise InputError(FIELD, f"could not download {redact_url(url)}: {_network_reason(error, limits)}") from None
 
 
@@ -330,6 +367,8 @@ def open_url(
     limits = limits or DownloadLimits()
     current = url
     for _ in range(limits.max_redirects + 1):
+        if limits.remaining() == 0:
+            raise limits.overdue(current)
         response = _send(current, credential, limits)
         location = response.getheader("Location") if response.status in REDIRECT_STATUSES else None
         if location is None:
@@ -418,7 +457,7 @@ def _stream(response: http.client.HTTPResponse, sink: BinaryIO, declared: int | 
             url: str, limits: DownloadLimits) -> int:
     received = 0
     with ProgressLog(total=declared, desc=redact_url(url), unit="B") as progress:
-        while chunk := _read_chunk(response, url, limits):
+        while chunk := _read_chunk(response, url, limits, received):
             received += len(chunk)
             _check_size(received, max_bytes, url)
             sink.write(chunk)
@@ -426,9 +465,20 @@ def _stream(response: http.client.HTTPResponse, sink: BinaryIO, declared: int | 
     return received
 
 
-def _read_chunk(response: http.client.HTTPResponse, url: str, limits: DownloadLimits) -> bytes:
+def _read_chunk(response: _TimedResponse, url: str, limits: DownloadLimits, received: int) -> bytes:
+    """What one receive brings (`read1`: a full-size `read` would wait for a whole chunk, however
+    slowly it trickles in), within the time left of the overall limit."""
+    if response.isclosed():
+        return b""
+    if limits.remaining() == 0:
+        raise limits.overdue(url, received)
     try:
-        return response.read(CHUNK_BYTES)
+        response.socket.settimeout(limits.timeout(limits.read_timeout))
+        return response.read1(CHUNK_BYTES)
+    except TimeoutError:
+        if limits.remaining() == 0:
+            raise limits.overdue(url, received) from None
+        problem = f"failed: {_network_reason(TimeoutError(), limits)}"
     except http.client.IncompleteRead:
         problem = "was cut short (the connection closed early)"
     except (OSError, http.client.HTTPException) as error:
@@ -445,19 +495,24 @@ class ProgressLog(tqdm):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Counts on its own, from the keyword arguments: huggingface_hub turns a bar off (and tqdm
+        then skips setting it up) when its bars are disabled, which setup does for library bars."""
         self.to_log = not sys.stderr.isatty()
         if self.to_log:
             kwargs |= {"disable": False, "file": io.StringIO()}
         super().__init__(*args, **kwargs)
-        size = self.total if self.unit == "B" else None
-        self._quiet = self.unit != "B" or (size is not None and size < PROGRESS_FROM_BYTES)
-        self._step = max(int(size) // 10, 1) if size else 4 * PROGRESS_FROM_BYTES
+        self._label = kwargs.get("desc") or ""
+        self._size = kwargs.get("total") if kwargs.get("unit") == "B" else None
+        self._received = kwargs.get("initial") or 0
+        self._quiet = kwargs.get("unit") != "B" or (self._size is not None and self._size < PROGRESS_FROM_BYTES)
+        self._step = max(int(self._size) // 10, 1) if self._size else 4 * PROGRESS_FROM_BYTES
         self._next_report = self._step
 
     def update(self, n: float | None = 1) -> bool | None:
         shown = super().update(n)
-        if self.to_log and not self._quiet and self.n >= self._next_report:
-            self._next_report = (int(self.n) // self._step + 1) * self._step
-            share = f" ({100 * int(self.n) // int(self.total)}%)" if self.total else ""
-            logger.info("%s: %s%s", self.desc, human_bytes(self.n), share)
+        self._received += n or 0
+        if self.to_log and not self._quiet and self._received >= self._next_report:
+            self._next_report = (int(self._received) // self._step + 1) * self._step
+            share = f" ({100 * int(self._received) // int(self._size)}%)" if self._size else ""
+            logger.info("%s: %s%s", self._label, human_bytes(self._received), share)
         return shown
