@@ -63,16 +63,20 @@ class Lassie:
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
                  if memory.slot_ranks else "one adapter each")
-        if compiling.enabled:
-            configure_compile_cache(self.settings.compile, self.layout.root)
+        compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
+                         if compiling.enabled else None)
         with timed("loading models"):
             self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
             prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
         self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
+        if compile_cache:
+            compile_cache.load()
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
             self.variants.prepare(self.layout.lassie_lora)
+        if compile_cache:
+            compile_cache.save()
         self.lora_cache = LoraCache(self.settings.lora, self.layout.lora_cache_dir)
         log.info("ready; trigger word: %r", self.layout.trigger_word())
 
