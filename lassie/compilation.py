@@ -87,6 +87,9 @@ class CompileCache:
             log.warning("compile cache: loading %s failed (%s: %s); warm-up compiles from cold",
                         source, type(error).__name__, error)
             return
+        if info is None:  # torch logs why (a corrupt or foreign file) and returns nothing
+            log.warning("compile cache: %s could not be read; warm-up compiles from cold", source)
+            return
         log.info("compile cache: loaded %s (%s)", source, _entries(info))
 
     def save(self) -> None:

@@ -1,6 +1,6 @@
 """Compile-cache benchmark: a cold start against a restart that finds the cache beside the weights.
 
-Each start is a new process running the product's own setup (`Lassie(Settings.from_env()).setup()`,
+Each start is a new process running the product's own setup (predict.py's `Predictor.setup()`,
 `LASSIE_COMPILE=1`, the inductor backend) on the tiny weights, with a fresh temporary directory and
 no `TORCHINDUCTOR_CACHE_DIR`, as a restarted container has: what survives is only what lies in the
 weights directory (inductor's caches in `compile-cache/` and the portable artifacts file saved
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import re
@@ -35,11 +36,11 @@ COUNTED = {"fxgraph_cache_hit": "inductor", "fxgraph_cache_miss": "inductor",
 
 
 def child() -> None:
-    """One start of the product in this process; prints one JSON line of what it compiled and reused."""
+    """One start of the product in this process, as Cog starts it (import predict.py, then its
+    `setup`); prints one JSON line of what it compiled and reused."""
     sys.path.insert(0, str(REPO))
-    from lassie.settings import Settings  # first: before anything imports torch, as predict.py does
 
-    import logging
+    import predict  # first, as Cog imports it: its imports are what rewrites TORCHINDUCTOR_CACHE_DIR
 
     messages: list[str] = []
 
@@ -47,20 +48,19 @@ def child() -> None:
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("lassie").addHandler(Lines())
     from torch._dynamo.utils import counters
 
-    from lassie.predictor import Lassie
-
+    predictor = predict.Predictor()
     started = time.perf_counter()
-    Lassie(Settings.from_env()).setup()
+    predictor.setup()
     setup_s = time.perf_counter() - started
     warm_up = next((WARM_UP_LINE.search(line) for line in messages if WARM_UP_LINE.search(line)), None)
     record = {name: counters[group][name] for name, group in COUNTED.items()}
     record |= {"setup_s": round(setup_s, 2), "graphs": int(warm_up.group(1)) if warm_up else None,
                "warm_up_s": float(warm_up.group(2)) if warm_up else None,
                "cache_lines": [line for line in messages if line.startswith("compile cache")],
+               "setting": str(predictor.lassie.settings.compile.cache_dir),
                "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
     print(json.dumps(record), flush=True)
 
@@ -76,7 +76,7 @@ def start(weights: Path, extra_env: dict[str, str] | None = None, timeout: float
         if done.returncode != 0:
             raise RuntimeError(f"setup failed ({done.returncode}):\n{done.stderr[-4000:]}")
         record = json.loads(done.stdout.strip().splitlines()[-1])
-        record["tmp_inductor_dirs"] = sorted(path.name for path in Path(fresh_tmp).glob("torchinductor_*"))
+        record["fxgraph_dirs_in_tmp"] = sorted(str(path) for path in Path(fresh_tmp).rglob("fxgraph"))
         return record
 
 
