@@ -98,7 +98,7 @@ class Lassie:
             transformer = self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
         self._log_precision(plan)
         with timed("generating"):
-            results = self.variants.run(lambda: generate(self.models.pipeline(plan.model, plan.mode, transformer),
+            results = self.variants.run(variant, lambda: generate(self.models.pipeline(plan.model, plan.mode, transformer),
                                                          plan, inputs, self.models.prompts))
         if plan.safety_checker:
             with timed("safety checking"):
