@@ -93,6 +93,15 @@ def test_artifacts_that_cannot_be_read_or_written_never_fail_setup(tmp_path, mon
     assert not unwritable.exists()
 
 
+@pytest.mark.parametrize("at_start", [None, "/srv/operator-cache"])
+def test_the_process_environment_counts_inductor_s_variable_as_it_was_at_start(monkeypatch, at_start):
+    monkeypatch.setattr("lassie.settings._AT_START", {INDUCTOR_CACHE_ENV: at_start})
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, "/tmp/torchinductor_root")  # what torch's import writes
+    expected = None if at_start is None else Path(at_start)
+    assert Settings.from_env().compile.cache_dir == expected
+    assert Settings.from_env({INDUCTOR_CACHE_ENV: "/given"}).compile.cache_dir == Path("/given")  # as given
+
+
 def imported_predict_reads(env: dict[str, str]) -> dict:
     """What `Settings.from_env()` reads, and what the process environment holds, after `import predict`."""
     code = ("import json, os, predict; from lassie.settings import Settings; "
