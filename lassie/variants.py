@@ -209,23 +209,22 @@ class TransformerVariants:
                     return call()
             if stance == "force_eager" or not _raised_in_compiled_code(error):
                 raise
-            failure = error
+            failure = _one_line(error)  # text only: the traceback's frames would keep the failed call's tensors
         return self._run_eagerly_after(variant, call, failure)
 
-    def _run_eagerly_after(self, variant: Variant, call: Callable[[], T], failure: Exception) -> T:
-        """A compiled call failed: the same call eagerly, and if that works the variant stays eager
-        (its compiled graphs are what failed). If it fails too, the error is the request's, not the
-        compiler's: the variant stays compiled and the eager error is raised."""
+    def _run_eagerly_after(self, variant: Variant, call: Callable[[], T], failure: str) -> T:
+        """A compiled call failed (`failure`): the same call eagerly, and if that works the variant
+        stays eager (its compiled graphs are what failed). If it fails too, the error is the
+        request's, not the compiler's: the variant stays compiled and the eager error is raised."""
         try:
             with torch.compiler.set_stance("force_eager"):
                 result = call()
         except Exception:
-            log.warning("%s: a compiled call failed (%s) and so did the same call run eagerly", variant,
-                        _one_line(failure))
+            log.warning("%s: a compiled call failed (%s) and so did the same call run eagerly", variant, failure)
             raise
         self._eager_variants.add(variant)
         log.warning("%s: a compiled call failed (%s); served eagerly, and %s runs eagerly from now on", variant,
-                    _one_line(failure), variant)
+                    failure, variant)
         return result
 
     def _build_go_fast_copies(self) -> None:

@@ -147,11 +147,10 @@ def missing_module(error: ImportError) -> str | None:
     return found.group(1) if found else None
 
 
-def missing_imports(dry_run: bool = False) -> dict[str, str]:
-    """distribution -> why, for every needed import that fails (a missing dependency of a
+def missing_imports(imports: dict[str, str]) -> dict[str, str]:
+    """distribution -> why, for every import of `imports` that fails (a missing dependency of a
     present package is named itself, so the install line is the one that fixes it)."""
     missing: dict[str, str] = {}
-    imports = PREFLIGHT_IMPORTS if dry_run else {**PREFLIGHT_IMPORTS, **GPU_RUN_IMPORTS}
     for module, distribution in imports.items():
         try:
             importlib.import_module(module)
@@ -185,7 +184,7 @@ def install_advice(missing: dict[str, str]) -> str:
 def preflight(dry_run: bool) -> None:
     """Before anything is built: every import the sections need, CUDA unless this is a dry run,
     then what only a GPU run needs."""
-    missing = missing_imports(dry_run=True)
+    missing = missing_imports(PREFLIGHT_IMPORTS)
     if missing:
         exit_missing(missing)
     import torch
@@ -195,7 +194,7 @@ def preflight(dry_run: bool) -> None:
               "was run. Run it where a GPU is lent (docs/benchmarks.md), or use --dry-run for the CPU path.",
               file=sys.stderr)
         raise SystemExit(MISSING_EXIT)
-    missing = {} if dry_run else missing_imports(dry_run=False)
+    missing = {} if dry_run else missing_imports(GPU_RUN_IMPORTS)
     if missing:
         exit_missing(missing)
 

@@ -120,3 +120,20 @@ def test_an_error_that_eager_code_raises_too_leaves_the_variant_compiled(compile
     monkeypatch.undo()
     assert len(decode) == 1 and "compiled call failed" not in caplog.text
     assert compiled_calls(lambda: images(compiled, model="schnell")) > 0
+
+
+def test_a_compiled_failure_whose_eager_rerun_fails_too_leaves_the_variant_compiled(compiled, monkeypatch, caplog):
+    """The eager run's error is the request's (here the VAE's): raised, and the variant keeps its graphs."""
+    def failing_decode(self, *args, **kwargs):
+        raise ValueError("the VAE cannot decode this")
+
+    Graphs.failure = RuntimeError("injected kernel failure")
+    monkeypatch.setattr("diffusers.AutoencoderKL.decode", failing_decode)
+    with caplog.at_level(logging.WARNING, logger="lassie"), pytest.raises(ValueError, match="cannot decode"):
+        images(compiled, model="schnell")
+    Graphs.failure = None
+    monkeypatch.undo()
+    warnings = [record.getMessage() for record in caplog.records if "compiled call failed" in record.getMessage()]
+    assert warnings == ["schnell: a compiled call failed (RuntimeError: injected kernel failure) and so did the "
+                        "same call run eagerly"]
+    assert compiled_calls(lambda: images(compiled, model="schnell")) > 0
