@@ -339,8 +339,8 @@ class Section:
 
 SECTIONS = (
     Section("product", "lassie on this GPU's plan: setup, then every request case", reserve_s=330),
-    Section("baselines", "plain diffusers, same weights, calls and encoding, no LoRA: " + ", ".join(BASELINE_RECIPES),
-            reserve_s=210),
+    Section("baselines", "plain diffusers, same weights, calls and encoding, no LoRA: " + ", ".join(BASELINE_RECIPES)
+            + " (quick: " + ", then ".join(QUICK_BASELINE_RECIPES) + ")", reserve_s=210),
     Section("switches", "lassie with its defaults, then with each switch on (" + ", ".join(
         f"{switch.variable}={switch.on}" for switch in SWITCHES) + "), one process each", reserve_s=100),
     Section("h100", "lassie on the plan of an 80 GB H100 (memory capped at 79 GiB), warm compile cache",
@@ -1176,7 +1176,10 @@ def run_child(section: Section, options: Options, deadline: float | None, result
         argv += ["--deadline", f"{deadline:.3f}"]
     shutil.rmtree(options.work / "lora-cache", ignore_errors=True)
     started = time.perf_counter()
-    env = section_env(options) | ({switch.variable: switch.on} if switch else {})
+    env = section_env(options)
+    if section.name == "switches":  # every switch at its default, whatever this shell set, but the arm's
+        env = {name: value for name, value in env.items() if name not in {item.variable for item in SWITCHES}}
+        env |= {switch.variable: switch.on} if switch else {}
     child = subprocess.Popen(argv, env=env, cwd=REPO)
     try:
         child.wait(timeout=None if deadline is None else max(deadline - time.time(), 0) + KILL_GRACE_S)
@@ -1220,6 +1223,8 @@ def run_switch_arms(section: Section, options: Options, deadline: float | None, 
                     after_each: Callable[[], object]) -> None:
     """One process per arm (a clean GPU each), all within the section's deadline; the table is
     published after each, and arms the budget does not reach are named."""
+    if options.dry_run:
+        Sink(results, section.name).note("dry run: the defaults and the first switch only")
     for arm in switch_arms(options):
         if deadline is not None and deadline - time.time() < 30:
             Sink(results, section.name).note(f"{arm}: not measured (budget spent)")
