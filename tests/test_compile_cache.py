@@ -72,6 +72,44 @@ def test_weights_that_cannot_be_written_compile_into_a_temporary_place_and_still
     assert sum("weights directory is read-only" in record.getMessage() for record in caplog.records) == 1
 
 
+READ_ONLY_CHECK = """
+import json, os, sys
+from lassie import compilation
+from lassie.hardware import DeviceInfo
+from lassie.settings import Settings
+weights = sys.argv[1]
+try:
+    cache = compilation.configure_compile_cache(Settings.from_env().compile, compilation.Path(weights),
+                                                DeviceInfo(kind="cpu"), compilation.CompileSetting(True))
+    print(json.dumps([str(cache.directory), str(cache.carried), os.environ["TORCHINDUCTOR_CACHE_DIR"]]))
+except ValueError as error:
+    print(json.dumps(["error", str(error)]))
+"""
+
+
+def on_read_only_weights(weights: Path, env: dict[str, str]) -> list[str]:
+    """`configure_compile_cache` in a private mount namespace where `weights` is mounted read-only."""
+    mount = f"mount --bind {weights} {weights} && mount -o remount,ro,bind {weights} {weights}"
+    environ = {name: value for name, value in os.environ.items() if name != INDUCTOR_CACHE_ENV}
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", f'{mount} && exec "$@"', "sh", sys.executable, "-c",
+                           READ_ONLY_CHECK, str(weights)], env=environ | {"PYTHONPATH": str(REPO), **env},
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare for a private read-only mount")
+def test_read_only_weights_compile_into_the_temporary_place_and_a_read_only_choice_fails(tmp_path):
+    weights, scratch = tmp_path / "weights", tmp_path / "scratch"
+    (weights / "compile-cache").mkdir(parents=True)
+    scratch.mkdir()
+    directory, carried, variable = on_read_only_weights(weights, {"TMPDIR": str(scratch)})
+    assert directory == variable == str(scratch / "lassie" / "compile-cache")
+    assert Path(carried).parent == weights / "compile-cache"  # an artifacts file carried with the weights is read
+    error = on_read_only_weights(weights, {"LASSIE_COMPILE_CACHE": str(weights / "compile-cache")})
+    assert error[0] == "error" and error[1].startswith("LASSIE_COMPILE_CACHE must be a directory this process can")
+
+
 def test_artifacts_are_named_by_what_must_match():
     h100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_memory=80 * 2**30)
     names = {compilation.artifacts_name(device, setting) for device in (CPU, h100)
