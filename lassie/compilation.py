@@ -100,7 +100,7 @@ class CompileCache:
                 log.info("compile cache: nothing to save")
                 return
             data, info = saved
-            partial = self.artifacts.with_name(self.artifacts.name + ".partial")
+            partial = self.artifacts.with_name(f"{self.artifacts.name}.{os.getpid()}.partial")  # servers may share it
             partial.write_bytes(data)
             partial.replace(self.artifacts)
         except Exception as error:
@@ -137,7 +137,9 @@ def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device
     be written fails setup naming it), else beside the weights, so a restarted server reuses its
     compiled kernels. Read-only weights get a temporary place instead, with one log line, and
     their carried artifacts are still read. Inductor reads the place from `TORCHINDUCTOR_CACHE_DIR`
-    at each use, so that is where it goes, whatever torch wrote there when it was imported."""
+    at each use, so that is where it goes, whatever torch wrote there when it was imported: the
+    paths torch memoises are first computed at a compile, and setup calls this before any (checked
+    on torch 2.13; only CPU's precompiled headers stay under the temporary directory)."""
     beside_weights = weights_dir / COMPILE_CACHE_DIRNAME
     name = artifacts_name(device, setting)
     if settings.cache_dir is not None:
