@@ -338,11 +338,11 @@ class Section:
 
 
 SECTIONS = (
-    Section("product", "lassie on this GPU's plan: setup, then every request case", reserve_s=330),
+    Section("product", "lassie on this GPU's plan: setup, then every request case", reserve_s=300),
     Section("baselines", "plain diffusers, same weights, calls and encoding, no LoRA: " + ", ".join(BASELINE_RECIPES)
-            + " (quick: " + ", then ".join(QUICK_BASELINE_RECIPES) + ")", reserve_s=210),
+            + " (quick: " + ", then ".join(QUICK_BASELINE_RECIPES) + ")", reserve_s=190),
     Section("switches", "lassie with its defaults, then with each switch on (" + ", ".join(
-        f"{switch.variable}={switch.on}" for switch in SWITCHES) + "), one process each", reserve_s=100),
+        f"{switch.variable}={switch.on}" for switch in SWITCHES) + "), one process each", reserve_s=90),
     Section("h100", "lassie on the plan of an 80 GB H100 (memory capped at 79 GiB), warm compile cache",
             needs_cuda=True),
     Section("warm-setup", "lassie setup on this GPU's plan again, warm compile cache", needs_cuda=True,
