@@ -14,6 +14,7 @@ import logging
 from functools import partial
 from typing import List, Optional
 
+from lassie.settings import Settings  # first: it records the operator's environment before torch rewrites it
 from lassie.quiet import silence_known_noise
 
 silence_known_noise()  # first: torch, torchao and transformers print their known noise as they are imported
@@ -24,7 +25,6 @@ from lassie.input_files import request_file  # noqa: E402
 from lassie.predictor import Lassie  # noqa: E402
 from lassie.request import Request  # noqa: E402
 from lassie.serial import SerialRunner  # noqa: E402
-from lassie.settings import Settings  # noqa: E402
 
 
 class Predictor(BasePredictor):

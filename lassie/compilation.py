@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from lassie.settings import (
     CompileSettings,
     SettingError,
 )
+from lassie.storage import writable_place
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +62,90 @@ def compile_setting(settings: CompileSettings, device: DeviceInfo) -> CompileSet
                           reason=f"backend {settings.backend}, mode {settings.mode}")
 
 
-def configure_compile_cache(settings: CompileSettings, weights_dir: Path) -> Path | None:
-    """Put inductor's caches (FX graphs, AOTAutograd, autotuning, Triton) next to the weights,
-    so a restarted server reuses its compiled kernels, unless the operator chose a place
-    (`TORCHINDUCTOR_CACHE_DIR`, then `LASSIE_COMPILE_CACHE`). Inductor reads the place from
-    `TORCHINDUCTOR_CACHE_DIR`, so that is where it goes. An unwritable place only costs the reuse."""
-    directory = settings.cache_dir or weights_dir / COMPILE_CACHE_DIRNAME
+@dataclass(frozen=True)
+class CompileCache:
+    """Where inductor keeps its caches, and the portable artifacts that carry them to a new machine.
+
+    `artifacts` is written after warm-up and read before the next one; `carried` is where an image
+    or a weights volume may have brought one (beside read-only weights), read when `artifacts` is absent.
+    """
+
+    directory: Path
+    artifacts: Path
+    carried: Path | None = None
+
+    def load(self) -> None:
+        """Fill inductor's caches from the saved artifacts, so warm-up compiles only what they lack."""
+        source = next((path for path in (self.artifacts, self.carried) if path and path.is_file()), None)
+        if source is None:
+            log.info("compile cache: no saved artifacts for this machine (%s); warm-up compiles from cold",
+                     self.artifacts.name)
+            return
+        try:
+            info = torch.compiler.load_cache_artifacts(source.read_bytes())
+        except Exception as error:
+            log.warning("compile cache: loading %s failed (%s: %s); warm-up compiles from cold",
+                        source, type(error).__name__, error)
+            return
+        if info is None:  # torch logs why (a corrupt or foreign file) and returns nothing
+            log.warning("compile cache: %s could not be read; warm-up compiles from cold", source)
+            return
+        log.info("compile cache: loaded %s (%s)", source, _entries(info))
+
+    def save(self) -> None:
+        """Write what this process compiled or loaded, for the next start; a failure costs only that reuse."""
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:
+                log.info("compile cache: nothing to save")
+                return
+            data, info = saved
+            partial = self.artifacts.with_name(f"{self.artifacts.name}.{os.getpid()}.partial")  # servers may share it
+            partial.write_bytes(data)
+            partial.replace(self.artifacts)
+        except Exception as error:
+            log.warning("compile cache: saving %s failed (%s: %s); the next start compiles from cold",
+                        self.artifacts, type(error).__name__, error)
+            return
+        log.info("compile cache: saved %s (%d bytes; %s)", self.artifacts, len(data), _entries(info))
+
+
+def _entries(info: object) -> str:
+    """`CacheInfo`'s artifact counts by kind, on one line."""
+    artifacts = getattr(info, "artifacts", None) or {}
+    return ", ".join(f"{len(keys)} {kind}" for kind, keys in artifacts.items() if keys) or "no entries"
+
+
+def artifacts_name(device: DeviceInfo, setting: CompileSetting) -> str:
+    """What must match for compiled kernels to be reused: torch and Python, the device and its
+    architecture (and CUDA's version), the backend and mode. Anything else that changes a graph
+    (diffusers, the weights' shapes) changes inductor's own keys inside the file: a miss, not an error."""
+    parts = [f"torch-{torch.__version__}", f"py{sys.version_info.major}.{sys.version_info.minor}"]
+    if device.is_gpu:
+        major, minor = device.capability or (0, 0)
+        parts += [device.name, f"sm{major}{minor}", f"cuda-{torch.version.cuda or torch.version.hip}"]
+    else:
+        parts += ["cpu", platform.machine()]
+    parts += [setting.backend, setting.mode]
+    return "artifacts_" + re.sub(r"[^A-Za-z0-9.+-]+", "-", "_".join(parts)) + ".bin"
+
+
+def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device: DeviceInfo,
+                            setting: CompileSetting) -> CompileCache | None:
+    """Put inductor's caches (FX graphs, AOTAutograd, autotuning, Triton) where the operator chose
+    (`TORCHINDUCTOR_CACHE_DIR` as the process started, then `LASSIE_COMPILE_CACHE`; one that cannot
+    be written fails setup naming it), else beside the weights, so a restarted server reuses its
+    compiled kernels. Read-only weights get a temporary place instead, with one log line, and
+    their carried artifacts are still read. Inductor reads the place from `TORCHINDUCTOR_CACHE_DIR`
+    at each use, so that is where it goes, whatever torch wrote there when it was imported: the
+    paths torch memoises are first computed at a compile, and setup calls this before any (checked
+    on torch 2.13; only CPU's precompiled headers stay under the temporary directory)."""
+    beside_weights = weights_dir / COMPILE_CACHE_DIRNAME
+    name = artifacts_name(device, setting)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = writable_place("compile cache", beside_weights, settings.cache_dir, settings.cache_variable)
     except OSError as error:
-        log.warning("compile cache %s is not writable (%s); compiled kernels will not outlive this process",
-                    directory, error)
+        log.warning("%s; compiled kernels will not outlive this process", error)
         return None
     os.environ[INDUCTOR_CACHE_ENV] = str(directory)
     import torch._functorch.config
@@ -77,7 +154,8 @@ def configure_compile_cache(settings: CompileSettings, weights_dir: Path) -> Pat
     torch._inductor.config.fx_graph_cache = True
     torch._inductor.config.autotune_local_cache = True
     torch._functorch.config.enable_autograd_cache = True
-    return directory
+    carried = beside_weights / name if directory != beside_weights else None
+    return CompileCache(directory, directory / name, carried)
 
 
 def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None:

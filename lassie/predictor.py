@@ -82,16 +82,20 @@ class Lassie:
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
                  if memory.slot_ranks else "one adapter each")
-        if compiling.enabled:
-            configure_compile_cache(self.settings.compile, self.layout.root)
+        compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
+                         if compiling.enabled else None)
         with timed("loading models"):
             self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
             prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
         self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
+        if compile_cache:
+            compile_cache.load()
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
             self.variants.prepare(lassie.path)
+        if compile_cache:
+            compile_cache.save()
         self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
         log.info("ready; Lassie LoRA %s; trigger word: %r", lassie.path, lassie.trigger_word)
 
@@ -132,8 +136,8 @@ class Lassie:
             transformer = self._ready(variant, plan, extra)
         self._log_precision(plan)
         with timed("generating"):
-            results = self.variants.run(lambda: generate(self.models.pipeline(plan.model, plan.mode, transformer),
-                                                         plan, inputs, self.models.prompts))
+            results = self.variants.run(variant, lambda: generate(
+                self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs, self.models.prompts))
         if plan.safety_checker:
             with timed("safety checking"):
                 results = self.safety.filter(results)

@@ -4,6 +4,9 @@ Why one place: a typo in a variable's value fails setup naming the variable and 
 instead of surfacing in some request later; and nothing on the request path reads the
 environment, so a request behaves the same whatever the process environment does meanwhile.
 One yes/no vocabulary for every switch: 1/true/yes/on and 0/false/no/off.
+
+Import this module before anything imports torch (predict.py does): it records the variables
+libraries rewrite in the process environment as the process started (see `operator_environment`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ GO_FAST_MODE_ENV = "LASSIE_GO_FAST_MODE"
 COMPILE_ENV = "LASSIE_COMPILE"
 COMPILE_BACKEND_ENV = "LASSIE_COMPILE_BACKEND"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+COMPILE_CACHE_ENV = "LASSIE_COMPILE_CACHE"
 SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
 ALLOW_PRIVATE_ENV = "LASSIE_ALLOW_PRIVATE_URLS"
 MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
@@ -52,6 +56,23 @@ OLD_COG_WEIGHTS_VALUE = "weights"
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Importing torch's dynamo code (diffusers, torchao and lassie do) calls inductor's `cache_dir()`,
+# which writes its /tmp default into TORCHINDUCTOR_CACHE_DIR: only the value the process started
+# with is the operator's. Recorded once, when this module is first imported.
+REWRITTEN_BY_LIBRARIES = (INDUCTOR_CACHE_ENV,)
+_AT_START = {name: os.environ.get(name) for name in REWRITTEN_BY_LIBRARIES}
+
+
+def operator_environment() -> dict[str, str]:
+    """The process environment, with each variable libraries rewrite as it was when the process started."""
+    environ = dict(os.environ)
+    for name, value in _AT_START.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return environ
 
 
 class SettingError(ValueError):
@@ -144,6 +165,7 @@ class CompileSettings:
     mode: str = "default"
     backend: str = DEFAULT_COMPILE_BACKEND
     cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR, else LASSIE_COMPILE_CACHE, else beside the weights
+    cache_variable: str = ""  # the variable that chose `cache_dir`, named when it cannot be used
 
     @classmethod
     def read(cls, env: Environment) -> CompileSettings:
@@ -152,8 +174,9 @@ class CompileSettings:
             raise SettingError(COMPILE_ENV, f"one of {', '.join(ON + OFF + COMPILE_MODES)}", value)
         requested = None if not value else value not in OFF
         mode = value if value in COMPILE_MODES else "default"
+        cache_variable = next((name for name in (INDUCTOR_CACHE_ENV, COMPILE_CACHE_ENV) if env.path(name)), "")
         return cls(requested=requested, mode=mode, backend=env.text(COMPILE_BACKEND_ENV, DEFAULT_COMPILE_BACKEND),
-                   cache_dir=env.path(INDUCTOR_CACHE_ENV) or env.path("LASSIE_COMPILE_CACHE"))
+                   cache_dir=env.path(cache_variable) if cache_variable else None, cache_variable=cache_variable)
 
 
 @dataclass(frozen=True)
@@ -239,8 +262,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
-        """`cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
-        env = Environment(os.environ if environ is None else environ)
+        """`environ` defaults to the process's, as the operator set it (`operator_environment`);
+        `cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
+        env = Environment(operator_environment() if environ is None else environ)
         provision = replace(ProvisionSettings.read(env), cog_weights=cog_weights_value(cog_weights))
         return cls(
             weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),

@@ -11,8 +11,11 @@ through the Lassie adapter. A merge that fails leaves Lassie an adapter there, w
 
 - After warm-up, requests run under torch's `fail_on_recompile` stance. A call that would need
   a graph warm-up did not make is run again under `eager_on_recompile` (the compiled graphs
-  that fit still run, the rest eagerly), with one warning naming the guards that failed. Only
-  that refusal is caught: torch raises it as a plain RuntimeError, recognised by its message.
+  that fit still run, the rest eagerly), with one warning naming the guards that failed. Torch
+  raises that refusal as a plain RuntimeError, recognised by its message.
+- A compiled call that raises anything else through torch's compiler is run again eagerly; if
+  that works, the variant stays eager from then on, with one warning naming the error. Interrupts
+  (cancellation) are BaseExceptions and pass through untouched.
   `FailOnRecompileLimitHit` cannot happen: nothing compiles after setup.
 - A compile that fails at setup leaves the server eager (`force_eager`), and go_fast copies that
   cannot be built leave go_fast on bf16, each with one log line: never SETUP_FAILED.
@@ -24,6 +27,7 @@ import hashlib
 import logging
 import re
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -57,6 +61,8 @@ T = TypeVar("T")
 # What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
 RECOMPILE_REFUSED = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 GUARD_LINE = re.compile(r"^\s*- \d+/\d+: (.+)$", re.MULTILINE)
+# Where a compiled call runs: an error raised through these came from the compiled path.
+COMPILER_MODULES = ("torch._dynamo.", "torch._functorch.", "torch._inductor.")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class TransformerVariants:
         self._go_fast_copies: dict[str, nn.Module] = {}
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
+        self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
 
     def prepare(self, lassie_lora: Path) -> None:
         """Lassie on every variant (merged into the weights), the go_fast copies, then compile and
@@ -186,20 +193,39 @@ class TransformerVariants:
         while len(self._extras) > limit:
             self.adapters.remove(self._extras.pop(0))
 
-    def run(self, call: Callable[[], T]) -> T:
-        """`call` (one pipeline call) under the stance warm-up left; see the module docstring."""
+    def run(self, variant: Variant, call: Callable[[], T]) -> T:
+        """`call` (one pipeline call of `variant`) under the stance warm-up left; see the module docstring."""
         if self._stance is None:
             return call()
+        stance = "force_eager" if variant in self._eager_variants else self._stance
         try:
-            with torch.compiler.set_stance(self._stance):
+            with torch.compiler.set_stance(stance):
                 return call()
-        except RuntimeError as error:
-            if not str(error).startswith(RECOMPILE_REFUSED):
+        except Exception as error:  # interrupts (cog's CancelationException, KeyboardInterrupt) are BaseExceptions
+            if isinstance(error, RuntimeError) and str(error).startswith(RECOMPILE_REFUSED):
+                log.warning("this request needs a graph warm-up did not compile; running it without compiling "
+                            "the missing graph (guards that failed: %s)", _guard_failures(str(error)))
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    return call()
+            if stance == "force_eager" or not _raised_in_compiled_code(error):
                 raise
-            log.warning("this request needs a graph warm-up did not compile; running it without compiling "
-                        "the missing graph (guards that failed: %s)", _guard_failures(str(error)))
-            with torch.compiler.set_stance("eager_on_recompile"):
-                return call()
+            failure = _one_line(error)  # text only: the traceback's frames would keep the failed call's tensors
+        return self._run_eagerly_after(variant, call, failure)
+
+    def _run_eagerly_after(self, variant: Variant, call: Callable[[], T], failure: str) -> T:
+        """A compiled call failed (`failure`): the same call eagerly, and if that works the variant
+        stays eager (its compiled graphs are what failed). If it fails too, the error is the
+        request's, not the compiler's: the variant stays compiled and the eager error is raised."""
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                result = call()
+        except Exception:
+            log.warning("%s: a compiled call failed (%s) and so did the same call run eagerly", variant, failure)
+            raise
+        self._eager_variants.add(variant)
+        log.warning("%s: a compiled call failed (%s); served eagerly, and %s runs eagerly from now on", variant,
+                    failure, variant)
+        return result
 
     def _build_go_fast_copies(self) -> None:
         if not self.go_fast_plan.quantizes:
@@ -277,6 +303,14 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or "no message"
     text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _raised_in_compiled_code(error: BaseException) -> bool:
+    """Whether `error` came through torch's compiler (dynamo's frame evaluation, AOTAutograd's or
+    inductor's runtime): every call of a compiled block does; a pipeline's own input checks, the
+    VAE and the text encoders do not, and running those again eagerly would change nothing."""
+    return any(frame.f_globals.get("__name__", "").startswith(COMPILER_MODULES)
+               for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _guard_failures(message: str, shown: int = 3) -> str:

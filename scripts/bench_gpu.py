@@ -11,12 +11,15 @@ and its environment settings (LASSIE_COMPILE, LASSIE_COMPILE_BACKEND, LASSIE_GO_
 
 Sections, each in its own process (a clean GPU, its own peak memory), in this order:
 - product: setup (load, quantize, compile, warm-up), then timed requests interleaved round by
-  round: dev 28 steps and schnell 4 steps at 1024x1024, bf16 and go_fast, other lora_scales,
+  round, the headline ones first: dev 28 steps and schnell 4 steps at 1024x1024, bf16 and go_fast, other lora_scales,
   a new prompt every request, a cached extra LoRA and switching between two, a rank-64 extra
   (in the rank-128 hot-swap slot) against the rank-16 one (in the rank-32 slot); PSNR of go_fast
   against bf16 (at the 1.5x LoRA scale go_fast applies, so only the precision differs);
 - baselines: plain diffusers on the same weights, no LoRA: bf16 eager, bf16 +
   `compile_repeated_blocks`, torchao fp8 + `compile_repeated_blocks`, same calls and encoding;
+- switches: the product with its defaults, then with each switch whose gain is an estimate on
+  (SWITCHES, set through the environment), one process each: warm-up graphs and seconds, and
+  seconds per step of dev go_fast without and with an extra LoRA, so one run decides the defaults;
 - h100: the plan an 80 GB H100 gets, simulated here (the allocator capped at 79 GiB with
   `torch.cuda.set_per_process_memory_fraction`, the device reported as 79 GiB), setup with the
   compile cache the product section left warm, model switches, and the peak;
@@ -78,7 +81,9 @@ TRAFFIC_REQUESTS_QUICK = 30
 TRAFFIC_REQUESTS_DRY_RUN = 4
 SEED = 1234
 H100_MEMORY = int(79.19 * GIB)  # what torch reports for an 80 GB H100
-QUICK_BUDGET_S = 360  # a device call also pays the machine's start: keep a quick run well inside 8 minutes
+# A device call has 15 minutes of device time, the machine's start included, and 10 minutes a
+# command: a quick run keeps to 9, so the command ends inside its 10 with the wheels' install.
+QUICK_BUDGET_S = 540
 KILL_GRACE_S = 20
 STOP_MARGIN_S = 15
 
@@ -94,15 +99,22 @@ PREFLIGHT_IMPORTS = {
     "accelerate": "accelerate",
     "safetensors.torch": "safetensors",
     "PIL.Image": "pillow",
+    "requests": "requests",
     "huggingface_hub": "huggingface_hub",
     "httpx2": "httpx2",
     "lassie.predictor": "lassie",
 }
+# Only the GPU run needs these: with torchvision present, transformers builds the safety model's
+# image processor on it, so one that does not match the machine's torch fails setup there (the
+# device image's torch 2.11 comes with torchvision 0.26; without torchvision, as here, transformers
+# falls back to its PIL processor).
+GPU_RUN_IMPORTS = {"torchvision.transforms.v2": "torchvision"}
 DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml"}
+MODULE_NOT_FOUND = re.compile(r"No module named '([\w.]+)'")
 # What the GPU machine lacks (docs/benchmarks.md), and the needs of those wheels it lacks too.
 CARRIED = ("diffusers", "torchao", "httpx2", "httpcore2", "truststore")
 CARRY_PINS = {"httpcore2": "2.16.2", "truststore": "0.10.5"}
-NEVER_CARRIED = ("torch",)
+NEVER_CARRIED = ("torch", "torchvision")
 
 
 # --- preflight -------------------------------------------------------------------------------
@@ -124,16 +136,27 @@ def distribution_of(module: str) -> str:
     return DISTRIBUTIONS.get(root, root)
 
 
-def missing_imports() -> dict[str, str]:
-    """distribution -> why, for every needed import that fails (a missing dependency of a
+def missing_module(error: ImportError) -> str | None:
+    """The module an import failed on. `error.name` is that module only when the import system set
+    it: libraries raise ImportError(message), or put a whole message there; then the message's
+    "No module named 'x'" names it, or nothing does."""
+    name = error.name or ""
+    if re.fullmatch(r"[A-Za-z_][\w.]*", name):
+        return name
+    found = MODULE_NOT_FOUND.search(str(error)) or MODULE_NOT_FOUND.search(name)
+    return found.group(1) if found else None
+
+
+def missing_imports(imports: dict[str, str]) -> dict[str, str]:
+    """distribution -> why, for every import of `imports` that fails (a missing dependency of a
     present package is named itself, so the install line is the one that fixes it)."""
     missing: dict[str, str] = {}
-    for module, distribution in PREFLIGHT_IMPORTS.items():
+    for module, distribution in imports.items():
         try:
             importlib.import_module(module)
         except ImportError as error:
-            culprit = distribution_of(error.name) if error.name else distribution
-            missing.setdefault(culprit, f"import {module}: {error}")
+            culprit = missing_module(error)
+            missing.setdefault(distribution_of(culprit) if culprit else distribution, f"import {module}: {error}")
         except Exception as error:  # a broken install is a miss too, reported, not raised
             missing.setdefault(distribution, f"import {module}: {type(error).__name__}: {error}")
     return missing
@@ -152,16 +175,18 @@ def install_advice(missing: dict[str, str]) -> str:
                   "--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site"]
     if "torch" in missing:
         lines.append("torch is never installed by this benchmark: run it with the python that has the machine's torch")
+    if "torchvision" in missing:
+        lines.append("torchvision must be the build made for this torch (torch 2.11: torchvision 0.26), "
+                     "from the machine's image: it is never carried")
     return "\n".join(lines)
 
 
 def preflight(dry_run: bool) -> None:
-    """Before anything is built: every import the sections need, and CUDA unless this is a dry run."""
-    missing = missing_imports()
+    """Before anything is built: every import the sections need, CUDA unless this is a dry run,
+    then what only a GPU run needs."""
+    missing = missing_imports(PREFLIGHT_IMPORTS)
     if missing:
-        print("bench_gpu.py cannot run: imports are missing; nothing was run.\n" + install_advice(missing),
-              file=sys.stderr)
-        raise SystemExit(MISSING_EXIT)
+        exit_missing(missing)
     import torch
 
     if not dry_run and not torch.cuda.is_available():
@@ -169,6 +194,15 @@ def preflight(dry_run: bool) -> None:
               "was run. Run it where a GPU is lent (docs/benchmarks.md), or use --dry-run for the CPU path.",
               file=sys.stderr)
         raise SystemExit(MISSING_EXIT)
+    missing = {} if dry_run else missing_imports(GPU_RUN_IMPORTS)
+    if missing:
+        exit_missing(missing)
+
+
+def exit_missing(missing: dict[str, str]) -> None:
+    print("bench_gpu.py cannot run: imports are missing; nothing was run.\n" + install_advice(missing),
+          file=sys.stderr)
+    raise SystemExit(MISSING_EXIT)
 
 
 # --- what runs ---------------------------------------------------------------------------------
@@ -224,6 +258,10 @@ class Case:
     target_ratio: float | None = None  # at most this times the fp8 + compile baseline
     anchor: str = ""
     full_only: bool = False
+    steps: int | None = None  # other than the model's usual (28 dev, 4 schnell); not in dry runs
+
+    def step_count(self, options: Options) -> int:
+        return options.steps(self.model) if self.steps is None or options.dry_run else self.steps
 
     def request(self, options: Options, round_index: int, base_url: str, extra_name: str | None = None):
         from lassie.request import Request
@@ -231,7 +269,7 @@ class Case:
         extra_name = extra_name or self.extra
         extra = f"{base_url}/{extra_name}.safetensors" if extra_name else None
         prompt = f"{PROMPT}, take {round_index}" if self.fresh_prompt else PROMPT
-        return Request(prompt=prompt, model=self.model, num_inference_steps=options.steps(self.model),
+        return Request(prompt=prompt, model=self.model, num_inference_steps=self.step_count(options),
                        aspect_ratio="1:1", megapixels=options.megapixels, seed=SEED, go_fast=self.go_fast,
                        lora_scale=self.lora_scale, extra_lora=extra, disable_safety_checker=True)
 
@@ -243,12 +281,12 @@ CASES = (
     Case("dev bf16", "dev", False, target_s=3.5, anchor="diffusers bf16 eager 6.6-6.9 s; + torch.compile 4.2-4.5 s"),
     Case("dev go_fast", "dev", True, target_s=2.0, target_ratio=0.75,
          anchor="torchao fp8 + compile 3.0-3.2 s; flux-fp8-api 2.4 s (denoising); Replicate go_fast 3.03 s"),
-    Case("dev go_fast, lora_scale 0.8", "dev", True, lora_scale=0.8),
-    Case("dev go_fast, new prompt each request", "dev", True, fresh_prompt=True),
+    Case("schnell go_fast", "schnell", True, target_s=0.35, target_ratio=0.75, anchor="Replicate go_fast 0.72 s"),
+    Case("dev go_fast, lora_scale 0.8", "dev", True, lora_scale=0.8, full_only=True),
+    Case("dev go_fast, new prompt each request", "dev", True, fresh_prompt=True, full_only=True),
     Case("dev go_fast + extra LoRA", "dev", True, extra="extra-a", previous_extra="extra-a", full_only=True,
          anchor="diffusers hotswap + FA3 + fp8 + compile, with a LoRA 3.55 s"),
     Case("schnell bf16", "schnell", False),
-    Case("schnell go_fast", "schnell", True, target_s=0.35, target_ratio=0.75, anchor="Replicate go_fast 0.72 s"),
     Case("schnell go_fast, lora_scale 0.7", "schnell", True, lora_scale=0.7),
     Case(SAME_EXTRA, "schnell", True, extra="extra-a", previous_extra="extra-a"),
     Case("schnell go_fast, switching to another cached extra LoRA", "schnell", True, extra="extra-b",
@@ -259,6 +297,35 @@ SWITCH = ("schnell go_fast, switching to another cached extra LoRA", SAME_EXTRA)
 SWITCH_TARGET_S = 0.5
 WARM_SETUP_TARGET_S = 90.0
 BASELINE_RECIPES = ("bf16 eager", "torchao fp8 + compile", "bf16 + compile")  # cheapest and most wanted first
+QUICK_BASELINE_RECIPES = ("torchao fp8 + compile", "bf16 eager")  # the headline comparison first
+
+
+@dataclass(frozen=True)
+class Switch:
+    """An operator switch whose gain is an estimate (docs/go_fast.md): measured on against its
+    default in the same run. Set through the environment only, as an operator would."""
+
+    variable: str
+    on: str
+    what: str
+
+
+# The most promising first: a quick run measures as many as its budget allows, in this order.
+SWITCHES = (
+    Switch("LASSIE_ATTENTION_BACKEND", "auto", "the fastest attention backend this GPU has (default native)"),
+    Switch("LASSIE_MERGE_LASSIE", "1", "Lassie merged into the weights, a delta adapter for other scales"),
+    Switch("LASSIE_ADAPTERS_WHEN_NEEDED", "1", "the slot and Lassie delta active only when a request needs them"),
+    Switch("LASSIE_LORA_SLOT_RANK", "32,128", "a rank-32 slot beside the rank-128 one, for narrow extras"),
+    Switch("LASSIE_PROMPT_CACHE", "1", "the prompt-embedding cache"),
+)
+DEFAULTS_ARM = "defaults"
+SWITCH_STEPS = 8  # per-step time is the denoising phase over the steps: fewer steps, same figure
+SWITCH_CASES = (
+    Case("dev go_fast", "dev", True, steps=SWITCH_STEPS),
+    Case("dev go_fast + rank-16 extra LoRA", "dev", True, extra="extra-a", previous_extra="extra-a",
+         steps=SWITCH_STEPS),
+)
+WARM_UP_LINE = re.compile(r"^warm-up compiled (\d+) graphs")
 
 
 @dataclass(frozen=True)
@@ -271,9 +338,11 @@ class Section:
 
 
 SECTIONS = (
-    Section("product", "lassie on this GPU's plan: setup, then every request case", reserve_s=100),
-    Section("baselines", "plain diffusers, same weights, calls and encoding, no LoRA: " + ", ".join(BASELINE_RECIPES),
-            reserve_s=0),
+    Section("product", "lassie on this GPU's plan: setup, then every request case", reserve_s=300),
+    Section("baselines", "plain diffusers, same weights, calls and encoding, no LoRA: " + ", ".join(BASELINE_RECIPES)
+            + " (quick: " + ", then ".join(QUICK_BASELINE_RECIPES) + ")", reserve_s=190),
+    Section("switches", "lassie with its defaults, then with each switch on (" + ", ".join(
+        f"{switch.variable}={switch.on}" for switch in SWITCHES) + "), one process each", reserve_s=90),
     Section("h100", "lassie on the plan of an 80 GB H100 (memory capped at 79 GiB), warm compile cache",
             needs_cuda=True),
     Section("warm-setup", "lassie setup on this GPU's plan again, warm compile cache", needs_cuda=True,
@@ -905,6 +974,7 @@ class Baselines:
         schnell_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(weights / "flux-schnell" / "scheduler")
         self.schedulers = {"dev": dev.scheduler, "schnell": schnell_scheduler}
         self.pipelines: dict = {}
+        self.changed = False  # the transformers are no longer the bf16 weights as loaded
         self.use_transformers({"dev": dev.transformer, "schnell": self.load_transformer("schnell")})
 
     def load_transformer(self, model: str):
@@ -923,27 +993,28 @@ class Baselines:
             pipeline.set_progress_bar_config(disable=True)
 
     def prepare(self, recipe: str) -> None:
-        """In BASELINE_RECIPES order: eager as loaded; fp8 quantizes those transformers in place
-        (the published recipe); bf16 + compile then loads the same bf16 weights afresh."""
+        """Each recipe starts from the bf16 weights: as loaded while nothing changed them, else
+        loaded afresh. fp8 quantizes them in place (the published recipe); a bf16 + compile after
+        it inherits torchao's inductor settings, as in BASELINE_RECIPES' order."""
         import gc
 
         import torch
 
-        if recipe == "bf16 eager":
-            return
         torch._dynamo.reset()
+        if self.changed:
+            self.pipelines = {}
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.use_transformers({model: self.load_transformer(model) for model in ("dev", "schnell")})
+        self.changed = recipe != "bf16 eager"
         if recipe == "torchao fp8 + compile":
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
             for pipeline in self.pipelines.values():
                 quantize_(pipeline.transformer, Float8DynamicActivationFloat8WeightConfig())
-        else:
-            self.pipelines = {}
-            gc.collect()
-            torch.cuda.empty_cache()
-            self.use_transformers({model: self.load_transformer(model) for model in ("dev", "schnell")})
-        for pipeline in self.pipelines.values():
-            pipeline.transformer.compile_repeated_blocks(fullgraph=True)
+        if recipe != "bf16 eager":
+            for pipeline in self.pipelines.values():
+                pipeline.transformer.compile_repeated_blocks(fullgraph=True)
 
     def call(self, model: str, options: Options, out: Path) -> None:
         """The product's call for a txt2img request (lassie.generate), then its webp encoding."""
@@ -976,7 +1047,7 @@ def baselines_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
     sink.write("setup", label="diffusers pipelines", total=seconds, materialise=clocks.loader.seconds,
                quantize=None, compile=None, warm_up=None, steps=[], plan=[])
     out = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
-    for recipe in BASELINE_RECIPES:
+    for recipe in QUICK_BASELINE_RECIPES if options.quick else BASELINE_RECIPES:
         if recipe != "bf16 eager" and not cuda:
             sink.note(f"diffusers {recipe}: needs CUDA (dry run)")
             continue
@@ -1000,6 +1071,39 @@ def baselines_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
     memory_record(sink, "baselines, peak")
 
 
+def switch_arm(name: str) -> Switch | None:
+    """The switch an arm turns on (by its variable), or None for the defaults arm."""
+    return None if name == DEFAULTS_ARM else next(switch for switch in SWITCHES if switch.variable == name)
+
+
+def switches_arm_section(options: Options, sink: Sink, clocks: "Clocks", arm: str) -> None:
+    """One arm: the product's setup with every switch at its default but this one on (set in this
+    process's environment by the parent), then the switch cases: per-step time is the denoising
+    phase over the steps, text encoding shows the prompt cache."""
+    weights = ensure_bench_weights(options)
+    base_url = serve_extras(weights / "bench-extras")
+    switch = switch_arm(arm)
+    label = f"switch {switch.variable}={switch.on}" if switch else "switches: defaults"
+    predictor = set_up_product(weights, sink, label, clocks)
+    for round_index in range(options.repeats + 1):
+        for case in SWITCH_CASES:
+            if options.out_of_time():
+                sink.note(f"{label}: budget reached in round {round_index}")
+                return
+            try:
+                if case.previous_extra:
+                    predictor.predict(case.request(options, round_index, base_url, case.previous_extra))
+                clocks.phases.reset()
+                seconds, _ = timed(lambda: predictor.predict(case.request(options, round_index, base_url)))
+            except Exception as error:
+                sink.write("error", case=f"{label}: {case.name}", error=f"{type(error).__name__}: {error}"[:300])
+                return
+            phases = clocks.phases.phases(seconds)
+            sink.write("switch-run", arm=arm, case=case.name, warm=round_index == 0, seconds=seconds,
+                       per_step=phases["denoising"] / case.step_count(options),
+                       text_encoding=phases["text encoding"])
+
+
 @dataclass
 class Clocks:
     loader: RandomLoader
@@ -1015,7 +1119,7 @@ SECTION_RUNS: dict[str, Callable[[Options, Sink, Clocks], None]] = {
 }
 
 
-def run_section(name: str, options: Options, results: Path) -> None:
+def run_section(name: str, options: Options, results: Path, arm: str | None = None) -> None:
     """One section in this process; its records go to `results` as they are measured."""
     import torch
 
@@ -1031,7 +1135,10 @@ def run_section(name: str, options: Options, results: Path) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
-        SECTION_RUNS[name](options, sink, clocks)
+        if name == "switches":
+            switches_arm_section(options, sink, clocks, arm or DEFAULTS_ARM)
+        else:
+            SECTION_RUNS[name](options, sink, clocks)
     except Exception as error:
         log.exception("section %s failed", name)
         sink.write("error", case=name, error=f"{type(error).__name__}: {error}"[:500])
@@ -1057,15 +1164,23 @@ def section_env(options: Options) -> dict[str, str]:
     }
 
 
-def run_child(section: Section, options: Options, deadline: float | None, results: Path) -> None:
+def run_child(section: Section, options: Options, deadline: float | None, results: Path,
+              arm: str | None = None) -> None:
+    """The section in a child process; a switches `arm` runs with that switch on in its environment."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--section", section.name, "--results", str(results),
             "--work-dir", str(options.work), "--repeats", str(options.repeats)]
+    argv += ["--arm", arm] if arm else []
+    switch = switch_arm(arm) if arm else None
     argv += ["--quick"] * options.quick + ["--dry-run"] * options.dry_run
     if deadline is not None:
         argv += ["--deadline", f"{deadline:.3f}"]
     shutil.rmtree(options.work / "lora-cache", ignore_errors=True)
     started = time.perf_counter()
-    child = subprocess.Popen(argv, env=section_env(options), cwd=REPO)
+    env = section_env(options)
+    if section.name == "switches":  # every switch at its default, whatever this shell set, but the arm's
+        env = {name: value for name, value in env.items() if name not in {item.variable for item in SWITCHES}}
+        env |= {switch.variable: switch.on} if switch else {}
+    child = subprocess.Popen(argv, env=env, cwd=REPO)
     try:
         child.wait(timeout=None if deadline is None else max(deadline - time.time(), 0) + KILL_GRACE_S)
     except subprocess.TimeoutExpired:
@@ -1092,7 +1207,29 @@ def run_sections(sections: list[Section], options: Options, results: Path, after
             Sink(results, section.name).note("skipped: budget spent")
             continue
         log.info("section %s (%s)", section.name, section.what)
-        run_child(section, options, deadline, results)
+        if section.name == "switches":
+            run_switch_arms(section, options, deadline, results, after_each)
+        else:
+            run_child(section, options, deadline, results)
+        after_each()
+
+
+def switch_arms(options: Options) -> list[str]:
+    """The defaults, then each switch; a dry run checks the path with the first switch only."""
+    return [DEFAULTS_ARM] + [switch.variable for switch in SWITCHES[:1 if options.dry_run else None]]
+
+
+def run_switch_arms(section: Section, options: Options, deadline: float | None, results: Path,
+                    after_each: Callable[[], object]) -> None:
+    """One process per arm (a clean GPU each), all within the section's deadline; the table is
+    published after each, and arms the budget does not reach are named."""
+    if options.dry_run:
+        Sink(results, section.name).note("dry run: the defaults and the first switch only")
+    for arm in switch_arms(options):
+        if deadline is not None and deadline - time.time() < 30:
+            Sink(results, section.name).note(f"{arm}: not measured (budget spent)")
+            continue
+        run_child(section, options, deadline, results, arm)
         after_each()
 
 
@@ -1211,6 +1348,42 @@ def setup_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def switch_table(records: list[dict]) -> list[str]:
+    """Each switch on against the defaults, measured in the same run: per-step time (median of the
+    timed rounds) of each switch case, text encoding, and what warm-up compiled."""
+    runs: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record["kind"] == "switch-run" and not record["warm"]:
+            runs[record["arm"]][record["case"]].append(record)
+    setups = {record["label"]: record for record in records if record["kind"] == "setup"}
+    if not runs and not any(label.startswith(("switch ", "switches:")) for label in setups):
+        return []
+
+    def median(arm: str, case: str, key: str) -> float | None:
+        values = [record[key] for record in runs.get(arm, {}).get(case, [])]
+        return statistics.median(values) if values else None
+
+    lines = ["| switch | warm-up graphs | warm-up | " + " | ".join(f"{case.name}: s/step | vs defaults"
+                                                                     for case in SWITCH_CASES)
+             + " | text encoding |", "| --- | --- | --- |" + " --- | --- |" * len(SWITCH_CASES) + " --- |"]
+    for arm in [DEFAULTS_ARM] + [switch.variable for switch in SWITCHES]:
+        switch = switch_arm(arm)
+        label = f"switch {switch.variable}={switch.on}" if switch else "switches: defaults"
+        name = f"`{switch.variable}={switch.on}` ({switch.what})" if switch else "defaults (every switch off)"
+        setup = setups.get(label)
+        if setup is None:
+            lines.append(f"| {name} | not measured |" + " |" * (2 * len(SWITCH_CASES) + 2))
+            continue
+        graphs = next((match.group(1) for what, _ in setup["steps"] if (match := WARM_UP_LINE.match(what))), "n/a")
+        cells = []
+        for case in SWITCH_CASES:
+            step, reference = median(arm, case.name, "per_step"), median(DEFAULTS_ARM, case.name, "per_step")
+            cells += [seconds_text(step, 4), f"{step / reference:.3f}x" if step and reference and switch else ""]
+        lines.append(f"| {name} | {graphs} | {seconds_text(setup['warm_up'], 1)} | " + " | ".join(cells)
+                     + f" | {seconds_text(median(arm, SWITCH_CASES[0].name, 'text_encoding'), 4)} |")
+    return lines
+
+
 def memory_lines(records: list[dict]) -> list[str]:
     lines = []
     for record in records:
@@ -1238,8 +1411,11 @@ def header(records: list[dict], options: Options) -> str:
 
 def render(records: list[dict], options: Options) -> str:
     timings = collect_timings(records)
-    parts = [header(records, options), "", *main_table(records, timings, judge=not options.dry_run), "",
-             "Phases (per request):", "", *phase_table(timings), "", *setup_table(records), ""]
+    switches = switch_table(records)
+    parts = [header(records, options), "", *main_table(records, timings, judge=not options.dry_run), ""]
+    if switches:
+        parts += ["Switches (each on, the rest at their defaults; same run):", "", *switches, ""]
+    parts += ["Phases (per request):", "", *phase_table(timings), "", *setup_table(records), ""]
     parts += memory_lines(records)
     for record in records:
         if record["kind"] == "setup" and record["plan"]:
@@ -1271,6 +1447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--arm", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1290,7 +1467,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.section:
-        run_section(args.section, options_from(args, args.deadline), args.results)
+        run_section(args.section, options_from(args, args.deadline), args.results, args.arm)
         return
     budget = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if args.quick else None)
     started = time.time()

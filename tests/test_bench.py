@@ -57,6 +57,32 @@ def test_preflight_names_the_install_line_for_missing_diffusers_and_torchao():
     assert "bench_gpu plan" not in result.stdout  # nothing started
 
 
+def test_preflight_of_a_gpu_run_names_torchvision_and_says_it_must_match_torch(monkeypatch, capsys):
+    """As on a GPU machine whose torchvision is broken: a library that raises ImportError with its
+    whole message as `name` still gets a clean line, naming the distribution the preflight checked."""
+    def broken_torchvision(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise ImportError("torchvision needs torch 2.11", name="torchvision needs torch 2.11")
+        return real_import(name, *args, **kwargs)
+
+    real_import = bench.importlib.import_module
+    monkeypatch.setattr(bench.importlib, "import_module", broken_torchvision)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as exited:
+        bench.preflight(dry_run=False)
+    assert exited.value.code == bench.MISSING_EXIT
+    stderr = capsys.readouterr().err
+    assert "  torchvision: import torchvision.transforms.v2: torchvision needs torch 2.11" in stderr
+    assert "torchvision must be the build made for this torch (torch 2.11: torchvision 0.26)" in stderr
+    assert "pip install" not in stderr  # nothing to install: torch and torchvision are the machine's own
+
+
+def test_missing_module_is_read_from_the_message_when_name_holds_it():
+    assert bench.missing_module(ImportError("x", name="httpcore2")) == "httpcore2"
+    assert bench.missing_module(ImportError("No module named 'h2'", name="No module named 'h2'")) == "h2"
+    assert bench.missing_module(ImportError("needs requests>=2", name="needs requests>=2")) is None
+
+
 def test_wheels_to_carry_are_the_pinned_versions_and_never_torch():
     listed = subprocess.run(["bash", str(REPO / "scripts" / "carry_wheels.sh"), "--list"], capture_output=True,
                             text=True, timeout=60, check=True).stdout.split()
@@ -113,11 +139,26 @@ def test_dry_run_reports_the_setup_breakdown_and_what_needs_cuda(dry_run):
     assert any(what.startswith("loading models") for what, _ in product["steps"])
     notes = {record["text"] for record in records if record["kind"] == "note"}
     assert "skipped: needs CUDA (dry run)" in notes
-    compiled = ("torchao fp8 + compile", "bf16 + compile")
-    assert {f"diffusers {recipe}: needs CUDA (dry run)" for recipe in compiled} <= notes
+    assert "diffusers torchao fp8 + compile: needs CUDA (dry run)" in notes
     assert table in result.stdout
     assert "| dev go_fast | " in table and "| switch to a cached extra LoRA" in table
     assert "| wide slot vs narrow slot (rank-64 vs rank-16 extra, schnell go_fast) | " in table
+
+
+def test_dry_run_measures_the_defaults_and_a_switch_in_the_same_run(dry_run):
+    _, records, table = dry_run
+    arms = {(record["arm"], record["case"]) for record in records if record["kind"] == "switch-run"}
+    assert arms == {(arm, case.name) for arm in bench.switch_arms(bench.Options(True, True, 1, REPO, None))
+                    for case in bench.SWITCH_CASES}
+    assert all(record["per_step"] > 0 for record in records if record["kind"] == "switch-run")
+    lines = table.splitlines()
+    first = bench.SWITCHES[0]
+    assert lines.index("Switches (each on, the rest at their defaults; same run):") < lines.index("Phases (per request):")
+    assert any(line.startswith("| defaults (every switch off) | ") for line in lines)
+    row = next(line for line in lines if line.startswith(f"| `{first.variable}={first.on}`"))
+    assert row.count("x |") == len(bench.SWITCH_CASES)  # each case's ratio to the defaults
+    later = bench.SWITCHES[1]
+    assert f"| `{later.variable}={later.on}` ({later.what}) | not measured |" in table
     assert "dry run on CPU" in table.splitlines()[0]
 
 

@@ -7,7 +7,6 @@ Only the hardware query is faked; the fp8 weight-only transformer is really buil
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -161,29 +160,6 @@ def test_compile_setting_rejects_unknown_values():
         compilation.compile_setting(compile_settings("maybe", None), H200)
     with pytest.raises(ValueError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'fast'"):
         compilation.compile_setting(compile_settings("1", "fast"), H200)
-
-
-@pytest.fixture
-def no_cache_settings(monkeypatch) -> None:
-    """Setting then deleting records the variables, so whatever the code under test sets is undone."""
-    for name in (compilation.INDUCTOR_CACHE_ENV, "LASSIE_COMPILE_CACHE"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-
-
-def test_compile_cache_lives_under_the_weights_unless_the_operator_chose(tmp_path, no_cache_settings):
-    assert compilation.configure_compile_cache(CompileSettings(), tmp_path) == tmp_path / "compile-cache"
-    assert os.environ[compilation.INDUCTOR_CACHE_ENV] == str(tmp_path / "compile-cache")
-    chosen = Settings.from_env({compilation.INDUCTOR_CACHE_ENV: str(tmp_path / "operator")}).compile
-    assert compilation.configure_compile_cache(chosen, tmp_path) == tmp_path / "operator"
-
-
-def test_an_unwritable_compile_cache_only_costs_the_reuse(tmp_path, no_cache_settings, caplog):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    unwritable = Settings.from_env({"LASSIE_COMPILE_CACHE": str(blocker / "cache")}).compile
-    assert compilation.configure_compile_cache(unwritable, tmp_path) is None
-    assert "not writable" in caplog.text
 
 
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
