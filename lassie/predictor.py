@@ -66,11 +66,12 @@ class Lassie:
         if compiling.enabled:
             configure_compile_cache(self.settings.compile, self.layout.root)
         with timed("loading models"):
-            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
-            prepare_for_speed(self.models, hardware)
+            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing,
+                                      prompt_cache=self.settings.speed.prompt_cache)
+            prepare_for_speed(self.models, hardware, self.settings.speed.attention_backend)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
-        self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
+        self.variants = TransformerVariants(self.models, go_fast, compiling, memory, self.settings.speed)
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
             self.variants.prepare(self.layout.lassie_lora)
         self.lora_cache = LoraCache(self.settings.lora, self.layout.lora_cache_dir)

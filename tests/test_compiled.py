@@ -4,7 +4,7 @@
 the graph becomes a constant guarded by value), so what recompiles here recompiles on a GPU.
 Graphs are counted with dynamo's own counter after warm-up. The compiled predictor runs the
 go_fast copies as fp8 weight-only (the quantized path CPU can run) and extra LoRAs through the
-hot-swap slots of ranks 4 and 8; its images are compared with an eager predictor of the same settings.
+hot-swap slot of rank 8; its images are compared with an eager predictor of the same settings.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from conftest import settings_for
 from lassie.predictor import Lassie
 from lassie.request import Request
 from lassie.sizes import aspect_ratios
-from lassie.variants import plan_warm_up
+from lassie.variants import plan_warm_up, planned_graphs
 
 REQUESTS = 50
-SLOT_RANKS = (4, 8)
+SLOT_RANKS = (8,)
 RECOMPILE_WARNING = "needs a graph warm-up did not compile"
 COMPILED = {"LASSIE_COMPILE": "1", "LASSIE_COMPILE_BACKEND": "aot_eager"}
 FAST_WITH_SLOT = {"LASSIE_GO_FAST_MODE": "fp8-weight-only", "LASSIE_LORA_SLOT_RANK": ",".join(map(str, SLOT_RANKS))}
@@ -117,21 +117,22 @@ def assert_same_images(compiled: list[np.ndarray], eager: list[np.ndarray], fiel
         assert np.abs(got - expected).max() <= PIXEL_TOLERANCE, fields
 
 
-def test_warm_up_makes_at_most_two_calls_per_graph_and_covers_every_graph_set(warmed):
+def test_warm_up_compiles_exactly_the_planned_graphs_one_set_per_precision(warmed):
     lassie, compiled, calls, messages = warmed
     runs = plan_warm_up(go_fast_copies=True, slot_ranks=SLOT_RANKS)
-    assert calls == len(runs) == 24  # bf16 and fp8, Lassie delta off and on, no slot or either slot, batch 1 and 2
-    assert compiled >= len(runs)  # each run compiles the double- and the single-block graph
-    assert calls <= 2 * compiled
+    assert runs == lassie.variants.warm_up_plan()
+    assert calls == len(runs) == 2  # bf16 and fp8, each with Lassie and the slot active, any batch
+    assert compiled == planned_graphs(runs) == 4  # each run compiles the double- and the single-block graph
     said = [line for line in messages if line.startswith("warm-up compiled")]
     assert len(said) == 1 and said[0].startswith(f"warm-up compiled {compiled} graphs (backend aot_eager, mode default) "
-                                                  f"with 24 calls in ")
+                                                  f"with 2 calls in ")
+    assert said[0].endswith("; 4 planned")
 
 
 def test_random_traffic_after_warm_up_compiles_nothing_and_equals_eager(warmed, eager, services, caplog):
     lassie = warmed[0]
     extras = [None, services.serve("/compiled/a.safetensors", tiny_lora(51)),
-              services.serve("/compiled/b.safetensors", tiny_lora(52, rank=8))]  # into slots of rank 4 and 8
+              services.serve("/compiled/b.safetensors", tiny_lora(52, rank=8))]  # both into the rank-8 slot
     rng = random.Random(8)
     before = graphs()
     with caplog.at_level(logging.WARNING, logger="lassie"):

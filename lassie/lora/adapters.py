@@ -367,10 +367,11 @@ class LoraAdapters:
     """
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
-                 slot_ranks: tuple[int, ...] = ()) -> None:
+                 slot_ranks: tuple[int, ...] = (), idle_active: bool = True) -> None:
         self._transformers = dict(transformers)
         self._text_encoder = text_encoder
         self._slot_ranks = tuple(sorted(slot_ranks))
+        self._idle_active = idle_active
         self._loras: dict[str, _Lora] = {}
         self._active: dict[Hashable, dict[str, float]] = {}
         self._text_encoder_active: dict[str, float] | None = None
@@ -478,14 +479,19 @@ class LoraAdapters:
         if slot_rank not in self._slot_ranks:
             raise ValueError(f"no rank-{slot_rank} slot: the slots' ranks are {self._slot_ranks}")
         self._ensure_loaded(list(scales), key)
-        self._apply(key, {**self._transformer_scales(key, scales), slot_adapter(slot_rank): 0.0}, scales)
+        slots = {slot_adapter(rank) for rank in self._slot_ranks}
+        transformer_scales = {name: scale for name, scale in self._transformer_scales(key, scales).items()
+                              if name not in slots}
+        self._apply(key, {**transformer_scales, slot_adapter(slot_rank): 0.0}, scales)
 
     def _swaps(self, lora: _Lora) -> bool:
         return bool(self._slot_ranks) and not lora.pinned
 
     def _transformer_scales(self, key: Hashable, scales: dict[str, float]) -> dict[str, float]:
         """Adapter name on the transformer -> scale: an extra LoRA runs under its slot's name; a
-        pinned one at what its merged weights lack, and not at all when they hold its scale."""
+        pinned one at what its merged weights lack. With `idle_active` the set is the same for
+        every request (one graph set): a pinned LoRA runs at 0 too, and without an extra LoRA the
+        narrowest slot runs at 0; without, those idle adapters are off."""
         swapped = [name for name in scales if self._swaps(self._loras[name])]
         if len(swapped) > 1:
             raise ValueError(f"slot mode runs one extra LoRA at a time, not {len(swapped)}: {swapped}")
@@ -495,8 +501,10 @@ class LoraAdapters:
                 transformer_scales[slot_adapter(self._loras[name].slot_rank)] = scale
             elif not self._loras[name].pinned:
                 transformer_scales[name] = scale
-            elif scale != self.merged_scale(key, name):
+            elif self._idle_active or scale != self.merged_scale(key, name):
                 transformer_scales[name] = scale - self.merged_scale(key, name)
+        if self._idle_active and self._slot_ranks and not swapped:
+            transformer_scales[slot_adapter(self._slot_ranks[0])] = 0.0
         return transformer_scales
 
     def _apply(self, key: Hashable, transformer_scales: dict[str, float], scales: dict[str, float]) -> None:
