@@ -18,14 +18,15 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
+from lassie.internals import CUDNN_ATTENTION, FLASH_3_ATTENTION
 from lassie.quiet import dropping
 from lassie.settings import ATTENTION_AUTO, ATTENTION_BACKEND_ENV, SettingError
 
 log = logging.getLogger(__name__)
 
 NATIVE = AttentionBackendName.NATIVE.value
-CUDNN = AttentionBackendName._NATIVE_CUDNN.value
-FLASH_3 = AttentionBackendName._FLASH_3.value
+CUDNN = CUDNN_ATTENTION
+FLASH_3 = FLASH_3_ATTENTION
 FLASH_3_PACKAGE = "flash_attn_3"
 HOPPER = 9
 EXPERIMENTAL_WARNING = "Attention backends are an experimental feature"

@@ -38,6 +38,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lassie.generate import Inputs, pipeline_arguments
+from lassie.internals import FLUX_BLOCK_BATCH_DIMENSIONS
 from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
@@ -57,12 +58,10 @@ WARM_UP_SIZE = (256, 256)
 WARM_UP_OUTPUTS = 1
 # Regional compilation compiles one graph per block class: FLUX's double and single blocks.
 BLOCK_CLASSES = 2
-# The blocks' batch dimensions, traced as unbacked sizes: a backed size 1 is specialised (torch's
-# 0/1 specialisation, also with `dynamic=True`; `backed_size_oblivious` still guards batch != 1 at
-# the attention output's `.contiguous()`), so batch 1 would need graphs of its own. Unbacked, one
-# graph serves every batch. The names are the forward arguments of diffusers' FluxTransformerBlock
-# and FluxSingleTransformerBlock (checked against diffusers 0.42.1, torch 2.13).
-BATCH_DIMENSIONS = "L['hidden_states']:0,L['encoder_hidden_states']:0,L['temb']:0"
+# The blocks' batch dimensions are traced as unbacked sizes (`FLUX_BLOCK_BATCH_DIMENSIONS`): a
+# backed size 1 is specialised (torch's 0/1 specialisation, also with `dynamic=True`;
+# `backed_size_oblivious` still guards batch != 1 at the attention output's `.contiguous()`), so
+# batch 1 would need graphs of its own. Unbacked, one graph serves every batch.
 # Extra LoRAs kept converted after their request, so switching back to one reads and converts
 # nothing. With hot-swap slots a kept LoRA costs host memory only (its tensors are copied into a
 # slot when used); without, each would stay a named adapter on the device, so only the last is kept.
@@ -268,7 +267,7 @@ class TransformerVariants:
         try:
             for variant in self.variants():
                 compile_transformer(self.transformer(variant), self._compile)
-            with torch.compiler.config.patch(unbacked_sources=BATCH_DIMENSIONS):
+            with torch.compiler.config.patch(unbacked_sources=FLUX_BLOCK_BATCH_DIMENSIONS):
                 for run in runs:
                     self._warm(run)
         except Exception as error:

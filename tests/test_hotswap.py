@@ -34,7 +34,7 @@ from lassie.errors import InputError
 from lassie.predictor import Lassie
 from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.request import Request
-from lassie.settings import SLOT_RANK_ENV, Settings
+from lassie.settings import DEFAULT_SLOT_RANKS, SLOT_RANK_ENV, Settings
 
 DEV = Variant("dev", False)
 

@@ -40,14 +40,18 @@ from typing import Hashable
 
 import torch
 from diffusers import FluxPipeline
-from diffusers.loaders.lora_base import set_adapters_for_text_encoder
-from diffusers.utils.peft_utils import _create_lora_config, delete_adapter_layers
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import get_pattern_key
+from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
 from lassie.errors import InputError
+from lassie.internals import (
+    config_value,
+    delete_text_encoder_adapter,
+    set_text_encoder_adapters,
+    transformer_lora_config,
+)
 from lassie.settings import SLOT_RANK_ENV
 
 log = logging.getLogger(__name__)
@@ -188,13 +192,13 @@ def _transformer_lora_config(lora: _Lora) -> LoraConfig:
     ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if LORA_B in key}
     alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
     metadata = _strip_prefix(lora.metadata, TRANSFORMER_PREFIX) if lora.metadata is not None else None
-    return _create_lora_config(state_dict, alphas, metadata, ranks)
+    return transformer_lora_config(state_dict, alphas, metadata, ranks)
 
 
 def _module_scaling(config: LoraConfig, module: str) -> float:
     """alpha/r (alpha/sqrt(r) with rsLoRA) of `module`, looked up in the config as PEFT does."""
-    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    rank = config_value(config.rank_pattern, module, config.r)
+    alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
     return float(alpha) / (math.sqrt(rank) if config.use_rslora else rank)
 
 
@@ -279,12 +283,11 @@ def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
 
 
 def _scales_as_tensors(transformer: torch.nn.Module) -> None:
-    """Turn every new PEFT `scaling` float into a 0-dim float32 tensor beside the layer's weight,
-    so compiled graphs read scales as inputs (see the module docstring)."""
-    for layer in _lora_layers(transformer):
-        for name, value in layer.scaling.items():
-            if not isinstance(value, torch.Tensor):
-                layer.scaling[name] = torch.tensor(float(value), device=layer.get_base_layer().weight.device)
+    """Turn every new PEFT `scaling` float into a 0-dim tensor beside the layer's weight, so
+    compiled graphs read scales as inputs (see the module docstring): PEFT's own preparation for
+    compiled hot-swapping, which converts the scales and nothing else without a target rank. Also
+    after compiling (an extra LoRA as a named adapter without slots): the blocks recompile anyway."""
+    prepare_model_for_compiled_hotswap(transformer, check_compiled="ignore")
 
 
 @torch.no_grad()
@@ -453,10 +456,11 @@ class LoraAdapters:
         self._loras.pop(name, None)
         self._active.clear()
         self._text_encoder_active = None
-        for module in [*self._transformers.values(), self._text_encoder]:
-            delete_adapter_layers(module, name)
-            getattr(module, "peft_config", {}).pop(name, None)
-            _unwrap_layers_without_adapters(module)
+        for transformer in self._transformers.values():
+            transformer.delete_adapters(name)
+            _unwrap_layers_without_adapters(transformer)
+        delete_text_encoder_adapter(self._text_encoder, name)
+        _unwrap_layers_without_adapters(self._text_encoder)
         for key, holds in self._slot_holds.items():
             for rank, held in holds.items():
                 if held == name:
@@ -527,7 +531,7 @@ class LoraAdapters:
         tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
         if not tuner_layers:
             return
-        set_adapters_for_text_encoder(names, self._text_encoder, weights)
+        set_text_encoder_adapters(self._text_encoder, names, weights)
         for layer in tuner_layers:
             layer.enable_adapters(bool(names))
 
@@ -622,9 +626,7 @@ class LoraAdapters:
         transformer = self._transformers[key]
         config = getattr(transformer, "peft_config", {})
         if any(slot_adapter(rank) not in config for rank in self._slot_ranks):
-            for rank in self._slot_ranks:
-                delete_adapter_layers(transformer, slot_adapter(rank))
-                config.pop(slot_adapter(rank), None)
+            transformer.delete_adapters([slot_adapter(rank) for rank in self._slot_ranks])
             for rank in self._slot_ranks:
                 _create_slot(transformer, rank)
         for rank, held in self._slot_holds[key].items():
