@@ -59,7 +59,8 @@ class Lassie:
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
         slot_ranks = slot_ranks_for(self.settings.slot_ranks, compiling.enabled, DEFAULT_SLOT_RANKS)
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
-                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_ranks)
+                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_ranks,
+                             self.settings.speed.prompt_cache)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
                  if memory.slot_ranks else "one adapter each")

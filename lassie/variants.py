@@ -58,10 +58,6 @@ WARM_UP_SIZE = (256, 256)
 WARM_UP_OUTPUTS = 1
 # Regional compilation compiles one graph per block class: FLUX's double and single blocks.
 BLOCK_CLASSES = 2
-# The blocks' batch dimensions are traced as unbacked sizes (`FLUX_BLOCK_BATCH_DIMENSIONS`): a
-# backed size 1 is specialised (torch's 0/1 specialisation, also with `dynamic=True`;
-# `backed_size_oblivious` still guards batch != 1 at the attention output's `.contiguous()`), so
-# batch 1 would need graphs of its own. Unbacked, one graph serves every batch.
 # Extra LoRAs kept converted after their request, so switching back to one reads and converts
 # nothing. With hot-swap slots a kept LoRA costs host memory only (its tensors are copied into a
 # slot when used); without, each would stay a named adapter on the device, so only the last is kept.
@@ -97,7 +93,7 @@ def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...], when_needed:
     every request runs the same set: Lassie always, and one slot (the one holding the extra LoRA,
     else the narrowest at scale 0), so one set per slot rank. With `when_needed` (idle adapters
     off) the Lassie adapter is off or on and no slot or any one runs: 2 x (1 + slots) sets.
-    Sizes, batch sizes (`BATCH_DIMENSIONS`), scales and the slots' contents are graph inputs.
+    Sizes, batch sizes (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots' contents are graph inputs.
     dev and schnell share their block classes and so their graphs: warming dev covers schnell.
     """
     variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
@@ -267,6 +263,10 @@ class TransformerVariants:
         try:
             for variant in self.variants():
                 compile_transformer(self.transformer(variant), self._compile)
+            # The blocks' batch dimensions traced as unbacked sizes: a backed size 1 is specialised
+            # (torch's 0/1 specialisation, also with `dynamic=True`; `backed_size_oblivious` still
+            # guards batch != 1 at the attention output's `.contiguous()`), so batch 1 would need
+            # graphs of its own. Unbacked, one graph serves every batch. Only tracing reads this.
             with torch.compiler.config.patch(unbacked_sources=FLUX_BLOCK_BATCH_DIMENSIONS):
                 for run in runs:
                     self._warm(run)
