@@ -143,6 +143,31 @@ def test_random_traffic_after_warm_up_compiles_nothing_and_equals_eager(warmed, 
     assert RECOMPILE_WARNING not in caplog.text
 
 
+@pytest.mark.parametrize("switches, planned", [
+    ({"LASSIE_LORA_SLOT_RANK": "4,8"}, 4),  # narrow slots: a set per slot
+    ({"LASSIE_LORA_SLOT_RANK": "4,8", "LASSIE_ADAPTERS_WHEN_NEEDED": "1", "LASSIE_MERGE_LASSIE": "1"}, 12),
+])
+def test_each_switch_warms_up_exactly_its_planned_graphs_and_traffic_compiles_nothing(tiny_weights, services,
+                                                                                      switches, planned, caplog):
+    """bf16 only (no go_fast copies on CPU by default), so each set is one call and two graphs;
+    then requests with no extra, a rank-4 and a rank-8 LoRA, batches 1 to 4, compile nothing.
+    Graphs dynamo cached for an earlier predictor of the same structure would be reused (the
+    blocks' code is shared): each case starts from an empty cache."""
+    torch._dynamo.reset()
+    before = graphs()
+    lassie = set_up(tiny_weights, COMPILED | switches)
+    assert graphs() - before == planned_graphs(lassie.variants.warm_up_plan()) == planned
+    extras = [None, services.serve("/compiled/c.safetensors", tiny_lora(54)),
+              services.serve("/compiled/d.safetensors", tiny_lora(55, rank=8))]
+    rng = random.Random(11)
+    before = graphs()
+    with caplog.at_level(logging.WARNING, logger="lassie"):
+        for _ in range(8):
+            images(lassie, random_request(rng, extras) | {"num_inference_steps": 1})
+    assert graphs() == before
+    assert RECOMPILE_WARNING not in caplog.text
+
+
 def test_an_unforeseen_recompile_is_served_eagerly_with_one_warning(tiny_weights, predictor, services, caplog):
     """Without the slot a new extra LoRA is a new adapter name, which the graphs guard on."""
     lassie = set_up(tiny_weights, COMPILED | {"LASSIE_LORA_SLOT_RANK": "0"})
