@@ -18,13 +18,15 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
+from lassie.internals import CUDNN_ATTENTION, FLASH_3_ATTENTION
 from lassie.quiet import dropping
+from lassie.settings import ATTENTION_AUTO, ATTENTION_BACKEND_ENV, SettingError
 
 log = logging.getLogger(__name__)
 
 NATIVE = AttentionBackendName.NATIVE.value
-CUDNN = AttentionBackendName._NATIVE_CUDNN.value
-FLASH_3 = AttentionBackendName._FLASH_3.value
+CUDNN = CUDNN_ATTENTION
+FLASH_3 = FLASH_3_ATTENTION
 FLASH_3_PACKAGE = "flash_attn_3"
 HOPPER = 9
 EXPERIMENTAL_WARNING = "Attention backends are an experimental feature"
@@ -47,6 +49,18 @@ def choose_attention(device_kind: str, capability: tuple[int, int] | None,
     if capability is not None and capability >= (8, 0):
         return AttentionChoice(CUDNN, "cuDNN fused attention through torch SDPA (compute capability 8.0+)")
     return AttentionChoice(NATIVE, "torch's native SDPA (no faster kernel for this GPU)")
+
+
+def asked_attention(setting: str, device_kind: str, capability: tuple[int, int] | None,
+                    installed: frozenset[str]) -> AttentionChoice:
+    """The operator's `LASSIE_ATTENTION_BACKEND`: `auto` is `choose_attention`'s pick; any other
+    value must name a backend this diffusers has (a typo fails setup naming the variable)."""
+    if setting == ATTENTION_AUTO:
+        return choose_attention(device_kind, capability, installed)
+    known = [backend.value for backend in AttentionBackendName]
+    if setting not in known:
+        raise SettingError(ATTENTION_BACKEND_ENV, f"{ATTENTION_AUTO} or one of {', '.join(known)}", setting)
+    return AttentionChoice(setting, f"{ATTENTION_BACKEND_ENV}={setting}")
 
 
 def installed_attention_packages() -> frozenset[str]:

@@ -2,9 +2,12 @@
 
 The plan is computed, not asserted: `footprint_from_configs` counts the parameters of every resident
 module built on the meta device from its config (at setup, the configs of the weights about to
-be loaded; in tests, the full-size ones of `scripts/flux_configs`), and `plan_memory` weighs them against the
-device's memory and the working memory of the worst request the schema allows (4 outputs at
-1440x1440, go_fast, an extra LoRA in a slot). Candidates are tried from fastest to leanest:
+be loaded; in tests, the full-size ones of `scripts/flux_configs`), the Lassie LoRA's adapter on
+each transformer (its tensors as the file holds them, or `LASSIE_RANK_BOUND` where no file is
+given), and `plan_memory` weighs them against the device's memory, the working memory of the
+worst request the schema allows (4 outputs at 1440x1440, go_fast, an extra LoRA in a slot) and
+`HEADROOM_BYTES` more, because the activation figure is an estimate. Candidates are tried from
+fastest to leanest:
 
 1. both go_fast copies resident, the hot-swap slots at the asked ranks, VAE decoding the batch
    at once;
@@ -18,12 +21,14 @@ and when not even that fits, setup fails with the memory it needs: never an OOM 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lassie.prompts import PROMPT_CACHE_ENTRIES
 from lassie.weights import WeightsLayout
 
 GIB = 2**30
@@ -42,7 +47,15 @@ VAE_DECODE_BYTES_PER_MEGAPIXEL = 1.8 * GIB
 BLOCK_ACTIVATION_TENSORS = 16
 # CUDA context, cuBLAS/cuDNN workspaces, compile workspaces and allocator fragmentation.
 RESERVED_BYTES = 3 * GIB
+# Kept free beyond the worst request's estimated working memory: the estimate is not yet measured.
+HEADROOM_BYTES = 2 * GIB
 MIN_SLOT_RANK = 32
+# Without the Lassie LoRA file (the plan made from configs alone): what a LoRA of this rank on
+# every linear takes, the most Replicate's FLUX LoRA trainer makes (rank 16 is its default).
+LASSIE_RANK_BOUND = 128
+# The prompt cache full (lassie.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
+T5_HIDDEN_SIZE = 4096
+PROMPT_CACHE_BYTES = PROMPT_CACHE_ENTRIES * TEXT_TOKENS * T5_HIDDEN_SIZE * BF16_BYTES
 
 
 @dataclass(frozen=True)
@@ -56,16 +69,19 @@ class Footprint:
     vae_parameters: int
     safety_parameters: int
     hidden_size: int
+    lassie_parameters: int  # the Lassie LoRA's tensors (see LASSIE_RANK_BOUND)
+    cached_bytes: int = 0  # the prompt-embedding cache, when it is on
 
     def resident_bytes(self, go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> int:
-        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8) and slots."""
+        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on
+        each transformer the slots and the Lassie adapter (its text-encoder part counted there too)."""
         transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
         total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
                  + self.safety_parameters) * BF16_BYTES
         if go_fast_copies:
             total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
-        total += transformers * sum(slot_ranks) * self.slot_parameters_per_rank * BF16_BYTES
-        return total
+        total += transformers * (sum(slot_ranks) * self.slot_parameters_per_rank + self.lassie_parameters) * BF16_BYTES
+        return total + self.cached_bytes
 
     def working_bytes(self, size: tuple[int, int], outputs: int, vae_slicing: bool) -> int:
         """Peak working memory of one request: denoising and VAE decode run one after the other."""
@@ -91,25 +107,29 @@ class InsufficientMemory(RuntimeError):
 
 
 def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
-                slot_ranks: tuple[int, ...]) -> MemoryPlan:
+                slot_ranks: tuple[int, ...], prompt_cache: bool = False) -> MemoryPlan:
     """The fastest arrangement whose resident set plus the worst request fits `device_bytes`.
 
     `device_bytes` None means host memory (CPU): everything stays, nothing is planned around.
+    `prompt_cache` (`LASSIE_PROMPT_CACHE`) adds its full size to what stays resident.
     """
+    if prompt_cache:
+        footprint = replace(footprint, cached_bytes=PROMPT_CACHE_BYTES)
     if device_bytes is None:
         return _plan(footprint, quantizes, False, slot_ranks, "host memory: every variant stays resident")
-    budget = device_bytes - RESERVED_BYTES
+    budget = device_bytes - RESERVED_BYTES - HEADROOM_BYTES
     candidates = _candidates(quantizes, slot_ranks)
     for go_fast_copies, vae_slicing, ranks in candidates:
         plan = _plan(footprint, go_fast_copies, vae_slicing, ranks, "")
         if plan.resident_bytes + plan.worst_request_bytes <= budget:
             return _explained(plan, device_bytes, quantizes, slot_ranks)
     leanest = _plan(footprint, *candidates[-1], "")
-    needed = leanest.resident_bytes + leanest.worst_request_bytes + RESERVED_BYTES
+    needed = leanest.resident_bytes + leanest.worst_request_bytes + RESERVED_BYTES + HEADROOM_BYTES
     raise InsufficientMemory(
         f"this GPU has {device_bytes / GIB:.1f} GiB; lassie needs at least {needed / GIB:.1f} GiB "
-        f"(bf16 dev + schnell, text encoders, VAE and safety models: {leanest.resident_bytes / GIB:.1f} GiB; "
-        f"the largest request: {leanest.worst_request_bytes / GIB:.1f} GiB; reserve {RESERVED_BYTES / GIB:.0f} GiB)")
+        f"(bf16 dev + schnell with their LoRA adapters, text encoders, VAE and safety models: "
+        f"{leanest.resident_bytes / GIB:.1f} GiB; the largest request: {leanest.worst_request_bytes / GIB:.1f} GiB; "
+        f"reserve {RESERVED_BYTES / GIB:.0f} GiB and headroom {HEADROOM_BYTES / GIB:.0f} GiB)")
 
 
 def narrower_ranks(slot_ranks: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -171,20 +191,24 @@ def parameters(module: nn.Module) -> int:
 
 
 def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Module], vae: nn.Module,
-                 safety: list[nn.Module]) -> Footprint:
-    """Counts the modules as they are (real or on the meta device); LoRA adapters are not counted."""
+                 safety: list[nn.Module], lassie_parameters: int | None = None) -> Footprint:
+    """Counts the modules as they are (real or on the meta device), without LoRA adapters: those
+    are counted per transformer (`lassie_parameters`: None is `LASSIE_RANK_BOUND` on every linear)."""
     from lassie.go_fast import is_token_linear
 
     first = next(iter(transformers.values()))
     linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
+    slot_parameters_per_rank = sum(module.in_features + module.out_features for _, module in linears)
     return Footprint(
         transformer_parameters={model: parameters(transformer) for model, transformer in transformers.items()},
         token_linear_parameters=sum(module.weight.numel() for name, module in linears if is_token_linear(module, name)),
-        slot_parameters_per_rank=sum(module.in_features + module.out_features for _, module in linears),
+        slot_parameters_per_rank=slot_parameters_per_rank,
         text_encoder_parameters=sum(parameters(encoder) for encoder in text_encoders),
         vae_parameters=parameters(vae),
         safety_parameters=sum(parameters(model) for model in safety),
         hidden_size=first.config.num_attention_heads * first.config.attention_head_dim,
+        lassie_parameters=(LASSIE_RANK_BOUND * slot_parameters_per_rank if lassie_parameters is None
+                           else lassie_parameters),
     )
 
 
@@ -198,6 +222,7 @@ class ModelConfigs:
     vae: Path
     compvis: Path
     falcon: Path
+    lassie_lora: Path | None = None  # None: sized by LASSIE_RANK_BOUND
 
     @classmethod
     def of_layout(cls, layout: WeightsLayout) -> "ModelConfigs":
@@ -206,7 +231,8 @@ class ModelConfigs:
                                  "schnell": layout.schnell_dir / "transformer" / "config.json"},
                    t5=layout.dev_dir / "text_encoder_2" / "config.json",
                    clip=layout.dev_dir / "text_encoder" / "config.json", vae=layout.dev_dir / "vae" / "config.json",
-                   compvis=layout.compvis_dir / "config.json", falcon=layout.falcon_dir / "config.json")
+                   compvis=layout.compvis_dir / "config.json", falcon=layout.falcon_dir / "config.json",
+                   lassie_lora=layout.lassie_lora)
 
 
 def footprint_from_configs(configs: ModelConfigs) -> Footprint:
@@ -225,7 +251,16 @@ def footprint_from_configs(configs: ModelConfigs) -> Footprint:
         vae = AutoencoderKL.from_config(_read(configs.vae))
         safety = [StableDiffusionSafetyChecker(CLIPConfig(**_read(configs.compvis))),
                   ViTForImageClassification(ViTConfig(**_read(configs.falcon)))]
-    return footprint_of(transformers, text_encoders, vae, safety)
+    lassie = lora_parameters(configs.lassie_lora) if configs.lassie_lora is not None else None
+    return footprint_of(transformers, text_encoders, vae, safety, lassie)
+
+
+def lora_parameters(path: Path) -> int:
+    """Every tensor of a LoRA file, counted from its header (nothing is read into memory)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as lora:
+        return sum(math.prod(lora.get_slice(key).get_shape()) for key in lora.keys())
 
 
 def _read(path: Path) -> dict:

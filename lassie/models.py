@@ -8,7 +8,7 @@ schedulers keep per-call state (begin index, step index) that must not leak betw
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import (
@@ -20,10 +20,11 @@ from diffusers import (
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from lassie.attention import choose_attention, installed_attention_packages, use_attention
+from lassie.attention import asked_attention, installed_attention_packages, use_attention
 from lassie.hardware import DeviceInfo
 from lassie.prompts import PromptCache
 from lassie.request import Mode
+from lassie.settings import DEFAULT_ATTENTION_BACKEND
 from lassie.weights import WeightsLayout
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,12 @@ PIPELINE_CLASSES: dict[Mode, type[DiffusionPipeline]] = {
 @dataclass
 class FluxModels:
     """The loaded modules. `transformers` maps model name -> transformer (dev, schnell); `prompts`
-    caches embeddings of the shared text encoders."""
+    caches embeddings of the shared text encoders (`LASSIE_PROMPT_CACHE`; None: every request encodes)."""
 
     base: FluxPipeline
     transformers: dict[str, FluxTransformer2DModel]
     schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
-    prompts: PromptCache = field(default_factory=PromptCache)
+    prompts: PromptCache | None = None
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -61,9 +62,11 @@ class FluxModels:
         return PIPELINE_CLASSES[mode](**components)
 
 
-def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = False) -> FluxModels:
+def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = False,
+                prompt_cache: bool = False) -> FluxModels:
     """Weights go straight to `device` in its dtype (`device_map`), never staged whole in host memory first.
-    `vae_slicing` decodes a batch one image at a time (the memory plan's call)."""
+    `vae_slicing` decodes a batch one image at a time (the memory plan's call); `prompt_cache`
+    keeps recent prompts' embeddings (`LASSIE_PROMPT_CACHE`)."""
     device_map = device.torch_device.type
     log.info("loading FLUX.1 dev from %s (%s, %s)", layout.dev_dir, device.torch_device, device.dtype)
     base = FluxPipeline.from_pretrained(layout.dev_dir, dtype=device.dtype, device_map=device_map)
@@ -76,14 +79,16 @@ def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = F
         "dev": base.scheduler,
         "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(layout.schnell_dir / "scheduler"),
     }
-    return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers)
+    return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers,
+                      prompts=PromptCache() if prompt_cache else None)
 
 
-def prepare_for_speed(models: FluxModels, hardware: DeviceInfo) -> None:
-    """What runs faster around the same weights: the attention backend, and on GPUs the VAE in
-    channels_last, the layout cuDNN's convolutions run fastest in (same numbers within float
-    rounding; CPUs keep the contiguous layout diffusers' own pipelines use, image for image)."""
-    choice = choose_attention(hardware.kind, hardware.capability, installed_attention_packages())
+def prepare_for_speed(models: FluxModels, hardware: DeviceInfo, attention: str = DEFAULT_ATTENTION_BACKEND) -> None:
+    """What runs faster around the same weights: the attention backend (`LASSIE_ATTENTION_BACKEND`),
+    and on GPUs the VAE in channels_last, the layout cuDNN's convolutions run fastest in (same
+    numbers within float rounding; CPUs keep the contiguous layout diffusers' own pipelines use,
+    image for image)."""
+    choice = asked_attention(attention, hardware.kind, hardware.capability, installed_attention_packages())
     use_attention(models.transformers.values(), choice)
     if hardware.is_gpu:
         models.base.vae.to(memory_format=torch.channels_last)

@@ -26,9 +26,14 @@ OFF = ("0", "false", "no", "off")
 GO_FAST_MODES = ("auto", "fp8", "fp8-weight-only", "unquantized")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DEFAULT_COMPILE_BACKEND = "inductor"
-# The hot-swap slots' ranks: an extra LoRA runs in the narrowest that fits it, so the common rank
-# 16 and 32 LoRAs pay a quarter of what one rank-128 slot would cost per step.
-DEFAULT_SLOT_RANKS = (32, 128)
+# The hot-swap slot's rank: one slot, so extra LoRAs up to rank 128 share one set of graphs.
+# `LASSIE_LORA_SLOT_RANK=32,128` adds a narrow slot (rank-16/32 LoRAs then pay a quarter of the
+# slot's cost per step, for one more graph set at warm-up).
+DEFAULT_SLOT_RANKS = (128,)
+# `LASSIE_ATTENTION_BACKEND`: `auto` lets the hardware choose (lassie.attention), else a diffusers
+# attention backend name, checked against the installed diffusers at setup.
+ATTENTION_AUTO = "auto"
+DEFAULT_ATTENTION_BACKEND = "native"
 
 DEFAULT_REPLICATE_URL = "https://replicate.com"
 DEFAULT_CIVITAI_URL = "https://civitai.com"
@@ -45,13 +50,16 @@ MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
 LORA_DOWNLOAD_TIMEOUT_ENV = "LASSIE_LORA_DOWNLOAD_TIMEOUT"
 LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
 LORA_URL_ENV = "LASSIE_LORA_URL"
-LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
 WEIGHTS_URL_ENV = "LASSIE_WEIGHTS_URL"
 # The layout folders fetched as tars, each from its own variable or `<LASSIE_WEIGHTS_URL>/<folder>.tar`.
 FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FLUX_SCHNELL_URL",
                    "safety": "LASSIE_SAFETY_URL"}
 # What cog releases up to 0.16 passed to setup(weights) when a ./weights folder existed: no value.
 OLD_COG_WEIGHTS_VALUE = "weights"
+MERGE_LASSIE_ENV = "LASSIE_MERGE_LASSIE"
+ADAPTERS_WHEN_NEEDED_ENV = "LASSIE_ADAPTERS_WHEN_NEEDED"
+PROMPT_CACHE_ENV = "LASSIE_PROMPT_CACHE"
+ATTENTION_BACKEND_ENV = "LASSIE_ATTENTION_BACKEND"
 
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
@@ -252,6 +260,27 @@ class ProvisionSettings:
 
 
 @dataclass(frozen=True)
+class SpeedSwitches:
+    """Speed-ups whose gain is an estimate until the GPU benchmark measures it: each off by
+    default, the setting with the fewest warm-up graphs and code paths (see docs/go_fast.md)."""
+
+    merge_lassie: bool = False  # LASSIE_MERGE_LASSIE: Lassie merged into the weights, a delta adapter for other scales
+    adapters_when_needed: bool = False  # LASSIE_ADAPTERS_WHEN_NEEDED: idle adapters off (more graph sets)
+    prompt_cache: bool = False  # LASSIE_PROMPT_CACHE: the prompt-embedding LRU cache
+    attention_backend: str = DEFAULT_ATTENTION_BACKEND  # LASSIE_ATTENTION_BACKEND: auto, or a backend name
+
+    @classmethod
+    def read(cls, env: Environment) -> SpeedSwitches:
+        backend = env.text(ATTENTION_BACKEND_ENV, DEFAULT_ATTENTION_BACKEND).lower()
+        if not backend.replace("_", "").replace("-", "").isalnum():
+            raise SettingError(ATTENTION_BACKEND_ENV, f"{ATTENTION_AUTO} or a diffusers attention backend name",
+                               backend)
+        return cls(merge_lassie=env.flag(MERGE_LASSIE_ENV, False),
+                   adapters_when_needed=env.flag(ADAPTERS_WHEN_NEEDED_ENV, False),
+                   prompt_cache=env.flag(PROMPT_CACHE_ENV, False), attention_backend=backend)
+
+
+@dataclass(frozen=True)
 class Settings:
     weights_dir: Path = Path("weights")
     go_fast_mode: str = "auto"  # one of GO_FAST_MODES; auto lets the hardware decide
@@ -259,6 +288,7 @@ class Settings:
     slot_ranks: tuple[int, ...] | None = None  # LASSIE_LORA_SLOT_RANK: None lets compiling decide, () is no slot
     lora: LoraSettings = LoraSettings()
     provision: ProvisionSettings = ProvisionSettings()
+    speed: SpeedSwitches = SpeedSwitches()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
@@ -273,6 +303,7 @@ class Settings:
             slot_ranks=env.ranks(SLOT_RANK_ENV),
             lora=LoraSettings.read(env),
             provision=provision,
+            speed=SpeedSwitches.read(env),
         )
 
 

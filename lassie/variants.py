@@ -1,10 +1,15 @@
 """The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their
 LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
 
-The Lassie LoRA is merged once, at setup, into each variant's weights at the scale that
-variant's default request runs it (`MERGED_LASSIE_SCALE`: 1.0 bf16, go_fast's 1.5 on the go_fast
-copies), so the common request runs no LoRA work per step; other scales run the difference
-through the Lassie adapter. A merge that fails leaves Lassie an adapter there, with one log line.
+The Lassie LoRA is an ordinary PEFT adapter whose scale is a tensor (a graph input), active on
+every variant at every scale, 0 included; with slots, one slot is active too, at scale 0 when the
+request has no extra LoRA. So every request runs the same adapter set, and warm-up compiles one
+graph set per precision (`plan_warm_up`). `LASSIE_MERGE_LASSIE` merges Lassie once, at setup, into
+each variant's weights at the scale that variant's default request runs it (`MERGED_LASSIE_SCALE`:
+1.0 bf16, go_fast's 1.5 on the go_fast copies); its adapter then runs the difference to other
+scales. `LASSIE_ADAPTERS_WHEN_NEEDED` turns idle adapters off instead (no Lassie adapter at the
+merged scale, no slot without an extra LoRA): less work per step, more graph sets. A merge
+that fails leaves Lassie an adapter there, with one log line.
 
 `predict()` asks for a (model, go_fast) variant with its LoRA scales and gets a ready module;
 `run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
@@ -37,12 +42,14 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lassie.generate import Inputs, pipeline_arguments
+from lassie.internals import FLUX_BLOCK_BATCH_DIMENSIONS
 from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
 from lassie.compilation import CompileSetting, compile_transformer
 from lassie.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
+from lassie.settings import SpeedSwitches
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,9 @@ MERGED_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
 # How far from the merged scale warm-up runs the Lassie adapter (any nonzero value: scales are graph inputs).
 WARM_UP_LASSIE_DELTA = 0.5
 WARM_UP_SIZE = (256, 256)
-WARM_UP_BATCHES = (1, 2)
+WARM_UP_OUTPUTS = 1
+# Regional compilation compiles one graph per block class: FLUX's double and single blocks.
+BLOCK_CLASSES = 2
 # Extra LoRAs kept converted after their request, so switching back to one reads and converts
 # nothing. With hot-swap slots a kept LoRA costs host memory only (its tensors are copied into a
 # slot when used); without, each would stay a named adapter on the device, so only the last is kept.
@@ -79,26 +88,30 @@ class Variant:
 @dataclass(frozen=True)
 class WarmUpRun:
     variant: Variant
-    lassie_delta: bool
-    slot_rank: int | None  # the slot active (idle, at scale 0), or None: no extra LoRA
-    outputs: int
+    lassie_adapter: bool  # the Lassie adapter runs (False only when idle adapters are off: at the merged scale)
+    slot_rank: int | None  # the slot active (idle, at scale 0), or None: no slot runs
 
 
-def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> list[WarmUpRun]:
+def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...], when_needed: bool = False) -> list[WarmUpRun]:
     """One short call per set of graphs requests use.
 
-    Graphs differ by precision (bf16 and fp8 blocks), by active-adapter set (the Lassie delta
-    adapter off, at the merged scale, or on, at any other; no extra LoRA, or one in any of the
-    slots: 2 x (1 + slots) sets) and by batch class (1 is specialised; 2 and more share one
-    dynamic graph).
-    Sizes, scales and the slots' contents are graph inputs. dev and schnell share their block
-    classes and so their graphs: warming dev covers schnell. Each call compiles one graph per
-    block class (double and single blocks).
+    Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. By default
+    every request runs the same set: Lassie always, and one slot (the one holding the extra LoRA,
+    else the narrowest at scale 0), so one set per slot rank. With `when_needed` (idle adapters
+    off) the Lassie adapter is off or on and no slot or any one runs: 2 x (1 + slots) sets.
+    Sizes, batch sizes (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots' contents are graph inputs.
+    dev and schnell share their block classes and so their graphs: warming dev covers schnell.
     """
     variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
-    return [WarmUpRun(variant, lassie_delta, slot_rank, outputs)
-            for variant in variants for lassie_delta in (False, True)
-            for slot_rank in (None, *slot_ranks) for outputs in WARM_UP_BATCHES]
+    lassie_states = (False, True) if when_needed else (True,)
+    slot_states = (None, *slot_ranks) if when_needed else (slot_ranks or (None,))
+    return [WarmUpRun(variant, lassie_adapter, slot_rank)
+            for variant in variants for lassie_adapter in lassie_states for slot_rank in slot_states]
+
+
+def planned_graphs(runs: list[WarmUpRun]) -> int:
+    """Each warm-up call compiles one graph per block class; no two calls share an adapter set."""
+    return len(runs) * BLOCK_CLASSES
 
 
 def extra_adapter_name(path: Path) -> str:
@@ -113,26 +126,29 @@ def extra_adapter_name(path: Path) -> str:
 
 class TransformerVariants:
     def __init__(self, models: FluxModels, go_fast_plan: GoFastPlan, compile_setting: CompileSetting,
-                 memory: MemoryPlan) -> None:
+                 memory: MemoryPlan, switches: SpeedSwitches = SpeedSwitches()) -> None:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
+        self._switches = switches
         self.go_fast_plan = go_fast_plan
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
-                                     slot_ranks=memory.slot_ranks)
+                                     slot_ranks=memory.slot_ranks, idle_active=not switches.adapters_when_needed)
         self._go_fast_copies: dict[str, nn.Module] = {}
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
 
     def prepare(self, lassie_lora: Path) -> None:
-        """Lassie on every variant (merged into the weights), the go_fast copies, then compile and
-        warm-up: after this no request loads, quantizes or compiles anything but an extra LoRA's weights."""
+        """Lassie on every variant (merged into the weights with `LASSIE_MERGE_LASSIE`), the go_fast
+        copies, then compile and warm-up: after this no request loads, quantizes or compiles
+        anything but an extra LoRA's weights."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
         for variant in self.variants():
             self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[False]})
-        self._merge_lassie()
+        if self._switches.merge_lassie:
+            self._merge_lassie()
         self._build_go_fast_copies()
         for variant in self.variants():
             self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[variant.go_fast]})
@@ -263,35 +279,43 @@ class TransformerVariants:
         missing = MERGED_LASSIE_SCALE[True] - merged
         return lambda name, weight: self.adapters.merged_weight(source, LASSIE_ADAPTER, name, weight, missing)
 
+    def warm_up_plan(self) -> list[WarmUpRun]:
+        return plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks, self._switches.adapters_when_needed)
+
     def _compile_and_warm_up(self) -> None:
-        runs = plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks)
+        runs = self.warm_up_plan()
         graphs_before = counters["stats"]["unique_graphs"]
         started = time.perf_counter()
         try:
             for variant in self.variants():
                 compile_transformer(self.transformer(variant), self._compile)
-            for run in runs:
-                self._warm(run)
+            # The blocks' batch dimensions traced as unbacked sizes: a backed size 1 is specialised
+            # (torch's 0/1 specialisation, also with `dynamic=True`; `backed_size_oblivious` still
+            # guards batch != 1 at the attention output's `.contiguous()`), so batch 1 would need
+            # graphs of its own. Unbacked, one graph serves every batch. Only tracing reads this.
+            with torch.compiler.config.patch(unbacked_sources=FLUX_BLOCK_BATCH_DIMENSIONS):
+                for run in runs:
+                    self._warm(run)
         except Exception as error:
             self._stance = "force_eager"
             log.warning("compiling failed during warm-up (%s); serving uncompiled", _one_line(error))
             return
         self._stance = "fail_on_recompile"
-        log.info("warm-up compiled %d graphs (backend %s, mode %s) with %d calls in %.1fs",
+        log.info("warm-up compiled %d graphs (backend %s, mode %s) with %d calls in %.1fs; %d planned",
                  counters["stats"]["unique_graphs"] - graphs_before, self._compile.backend, self._compile.mode,
-                 len(runs), time.perf_counter() - started)
+                 len(runs), time.perf_counter() - started, planned_graphs(runs))
 
     def _warm(self, run: WarmUpRun) -> None:
         """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
         merged = self.adapters.merged_scale(run.variant, LASSIE_ADAPTER)
-        scales = {LASSIE_ADAPTER: merged + WARM_UP_LASSIE_DELTA if run.lassie_delta else merged}
+        scales = {LASSIE_ADAPTER: merged + WARM_UP_LASSIE_DELTA if run.lassie_adapter else merged}
         if run.slot_rank is not None:
             self.adapters.activate_with_idle_slot(run.variant, scales, run.slot_rank)
         else:
             self.adapters.activate(run.variant, scales)
         model = run.variant.model
         plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0,
-                                 num_outputs=run.outputs))
+                                 num_outputs=WARM_UP_OUTPUTS))
         pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(run.variant))
         arguments = pipeline_arguments(replace(plan, size=WARM_UP_SIZE), Inputs()) | {"output_type": "latent"}
         with torch.inference_mode():

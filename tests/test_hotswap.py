@@ -34,7 +34,7 @@ from lassie.errors import InputError
 from lassie.predictor import Lassie
 from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.request import Request
-from lassie.settings import SLOT_RANK_ENV, Settings
+from lassie.settings import DEFAULT_SLOT_RANKS, SLOT_RANK_ENV, Settings
 
 DEV = Variant("dev", False)
 
@@ -128,11 +128,12 @@ def assert_bitwise_equal(after: dict[str, torch.Tensor], before: dict[str, torch
 def slot_ranks(value: str | None, compiled: bool) -> tuple[int, ...]:
     """The slots a server started with LASSIE_LORA_SLOT_RANK=`value` (None: unset) gets."""
     environ = {} if value is None else {SLOT_RANK_ENV: value}
-    return slot_ranks_for(Settings.from_env(environ).slot_ranks, compiled=compiled, default=(32, 128))
+    return slot_ranks_for(Settings.from_env(environ).slot_ranks, compiled=compiled, default=DEFAULT_SLOT_RANKS)
 
 
 def test_slot_rank_setting():
-    assert slot_ranks(None, compiled=True) == (32, 128)
+    assert slot_ranks(None, compiled=True) == (128,)  # one slot: one graph set
+    assert slot_ranks("32,128", compiled=True) == (32, 128)
     assert slot_ranks(None, compiled=False) == ()
     assert slot_ranks(" ", compiled=False) == ()
     assert slot_ranks("0", compiled=True) == ()

@@ -1,4 +1,5 @@
-"""The Lassie LoRA merged into the weights at setup: the default request runs no LoRA work per step.
+"""The Lassie LoRA merged into the weights at setup (`LASSIE_MERGE_LASSIE`, with idle adapters off:
+`LASSIE_ADAPTERS_WHEN_NEEDED`): the default request runs no LoRA work per step.
 
 bf16 variants hold Lassie at 1.0, go_fast copies at go_fast's 1.5; any other scale runs the
 difference through the Lassie adapter, so every scale stays exactly linear. Compared with
@@ -29,7 +30,8 @@ from lassie.variants import LASSIE_ADAPTER, MERGED_LASSIE_SCALE, Variant
 from lassie.weights import WeightsLayout
 
 DEV, DEV_FAST = Variant("dev", False), Variant("dev", True)
-FP8 = {"LASSIE_GO_FAST_MODE": "fp8-weight-only"}
+MERGED = {"LASSIE_MERGE_LASSIE": "1", "LASSIE_ADAPTERS_WHEN_NEEDED": "1"}
+FP8 = {"LASSIE_GO_FAST_MODE": "fp8-weight-only", **MERGED}
 # float32 images in [0, 1]: merged and adapter paths differ by about 2e-6 here; the Lassie LoRA
 # moves the image by 0.3 and more.
 ATOL = 1e-5
@@ -56,6 +58,14 @@ def diffusers_at(reference):
         return float_image(pipe)
 
     return at
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_weights):
+    """This module's bf16 predictor: Lassie merged, idle adapters off."""
+    lassie = Lassie(settings_for(tiny_weights, **MERGED))
+    lassie.setup()
+    return lassie
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +224,7 @@ def test_a_lassie_text_encoder_part_stays_an_adapter_at_the_request_scale(tiny_w
     lora = {**make_tiny_weights.lassie_lora_state_dict(transformer),
             **make_tiny_weights.random_lora(make_tiny_weights.linear_sizes(encoder, encoder_linears), seed=32,
                                             prefix="text_encoder")}
-    lassie = Lassie(settings_for(copy_of_weights(tiny_weights, tmp_path / "weights", lora)))
+    lassie = Lassie(settings_for(copy_of_weights(tiny_weights, tmp_path / "weights", lora), **MERGED))
     lassie.setup()
     original = encoder.get_submodule(encoder_linears[0]).weight
     layer = lassie.models.text_encoder.get_submodule(encoder_linears[0])
@@ -224,3 +234,15 @@ def test_a_lassie_text_encoder_part_stays_an_adapter_at_the_request_scale(tiny_w
         assert float(layer.scaling[LASSIE_ADAPTER]) == pytest.approx(scale)
         assert torch.equal(layer.base_layer.weight, original)
     assert running_adapters(lassie.models.transformers["dev"]) == {LASSIE_ADAPTER}  # at 0.5: the delta runs
+
+
+def test_merged_with_idle_adapters_on_runs_the_delta_at_zero_and_equals_diffusers(tiny_weights, diffusers_at):
+    """`LASSIE_MERGE_LASSIE` alone: the delta adapter always runs (one graph set), at 0 by default."""
+    lassie = Lassie(settings_for(tiny_weights, LASSIE_MERGE_LASSIE="1"))
+    lassie.setup()
+    transformer = lassie.models.transformers["dev"]
+    for scale in (1.0, 0.5):
+        image = served_image(lassie, DEV, scale)
+        assert running_adapters(transformer) == {LASSIE_ADAPTER}
+        assert float(transformer.transformer_blocks[0].attn.to_q.scaling[LASSIE_ADAPTER]) == pytest.approx(scale - 1.0)
+        np.testing.assert_allclose(image, diffusers_at(scale), rtol=0, atol=ATOL)

@@ -1,5 +1,6 @@
-"""The predictor against diffusers' own pipelines on the same weights, pixel for pixel (but for float32
-rounding: the predictor holds the Lassie LoRA merged into its weights)."""
+"""The predictor against diffusers' own pipelines on the same weights, pixel for pixel (some tests
+allow float32 rounding, which `LASSIE_MERGE_LASSIE` brings: by default the Lassie LoRA is an
+adapter, as in diffusers, and the images are bitwise equal)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ from lassie.request import Request, denoising_steps, make_plan
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
     expected = reference_images(reference(FluxPipeline, lora_scale=1.0))
     assert_equal_but_for_rounding(run(predictor)[0], expected[0])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, -1.0])
+def test_the_default_lassie_adapter_gives_diffusers_own_images_bit_for_bit(predictor, reference, scale):
+    """The Lassie adapter's scale is a tensor, always active: the same sums as diffusers' float scale."""
+    expected = reference_images(reference(FluxPipeline, lora_scale=scale))
+    assert np.array_equal(run(predictor, lora_scale=scale)[0], expected[0])
 
 
 def test_lora_scale_zero_equals_the_base_model(predictor, reference):

@@ -10,9 +10,10 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.attention_dispatch import AttentionBackendName
 from helpers import library_log
 
-from lassie.attention import CUDNN, FLASH_3, NATIVE, AttentionChoice, choose_attention, use_attention
+from lassie.attention import CUDNN, FLASH_3, NATIVE, AttentionChoice, asked_attention, choose_attention, use_attention
 from lassie.hardware import DeviceInfo
 from lassie.models import load_models, prepare_for_speed
+from lassie.settings import SettingError
 from lassie.weights import WeightsLayout
 
 NONE: frozenset[str] = frozenset()
@@ -87,7 +88,7 @@ def test_a_gpu_plan_on_this_cpu_falls_back_and_puts_the_vae_in_channels_last(tin
     models = load_models(WeightsLayout(tiny_weights), DeviceInfo(kind="cpu"))
     reference = AutoencoderKL.from_pretrained(tiny_weights / "flux-dev" / "vae")
     with caplog.at_level(logging.INFO, logger="lassie"):
-        prepare_for_speed(models, DeviceInfo(kind="cuda", name="H100", capability=(9, 0)))
+        prepare_for_speed(models, DeviceInfo(kind="cuda", name="H100", capability=(9, 0)), attention="auto")
     models.transformers["dev"].set_attention_backend(NATIVE)
     assert f"attention: native ({CUDNN} is unavailable" in caplog.text
     vae = models.base.vae
@@ -101,11 +102,21 @@ def test_a_gpu_plan_on_this_cpu_falls_back_and_puts_the_vae_in_channels_last(tin
     torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_on_the_cpu_nothing_changes(tiny_weights, caplog):
+@pytest.mark.parametrize("attention, says", [("native", "attention: native (LASSIE_ATTENTION_BACKEND=native)"),
+                                              ("auto", "attention: native (torch's native SDPA on cpu)")])
+def test_on_the_cpu_nothing_changes(tiny_weights, caplog, attention, says):
     models = load_models(WeightsLayout(tiny_weights), DeviceInfo(kind="cpu"))
     with caplog.at_level(logging.INFO, logger="lassie"):
-        prepare_for_speed(models, DeviceInfo(kind="cpu"))
-    assert "attention: native (torch's native SDPA on cpu)" in caplog.text
+        prepare_for_speed(models, DeviceInfo(kind="cpu"), attention=attention)
+    assert says in caplog.text
     assert all(module.weight.is_contiguous() for module in models.base.vae.modules()
                if isinstance(module, torch.nn.Conv2d))
     assert backends(models.transformers["dev"]) == {None}
+
+
+def test_the_default_is_native_and_an_unknown_backend_fails_setup_naming_the_variable():
+    assert asked_attention("native", "cuda", (9, 0), frozenset({"flash_attn_3"})).backend == NATIVE
+    assert asked_attention("auto", "cuda", (9, 0), frozenset({"flash_attn_3"})).backend == FLASH_3
+    assert asked_attention(CUDNN, "cpu", None, frozenset()).backend == CUDNN
+    with pytest.raises(SettingError, match="LASSIE_ATTENTION_BACKEND must be auto or one of .*native.*'flashy'"):
+        asked_attention("flashy", "cuda", (9, 0), frozenset())

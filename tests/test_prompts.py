@@ -15,7 +15,9 @@ from helpers import assert_equal_but_for_rounding, library_log, reference_images
 from make_tiny_weights import linear_sizes, random_lora
 from safetensors.torch import save_file
 
+from conftest import settings_for
 from lassie.lora.adapters import LoraAdapters
+from lassie.predictor import Lassie
 from lassie.prompts import PromptCache, encode_prompt
 
 LONG_PROMPT = ("a photo of a dog in the snow, " * 4000)[:100_000]
@@ -39,10 +41,29 @@ def encoder_calls(*encoders: torch.nn.Module) -> Iterator[list[int]]:
             handle.remove()
 
 
+@pytest.fixture(scope="module")
+def predictor(tiny_weights):
+    """A predictor with the prompt cache on (`LASSIE_PROMPT_CACHE`; off by default)."""
+    lassie = Lassie(settings_for(tiny_weights, LASSIE_PROMPT_CACHE="1"))
+    lassie.setup()
+    return lassie
+
+
+def test_without_the_switch_every_request_encodes_its_prompt(tiny_weights):
+    lassie = Lassie(settings_for(tiny_weights))
+    lassie.setup()
+    base = lassie.models.base
+    assert lassie.models.prompts is None
+    with encoder_calls(base.text_encoder, base.text_encoder_2) as calls:
+        run(lassie, prompt="a photo of LSSIE", num_inference_steps=1)
+        run(lassie, prompt="a photo of LSSIE", num_inference_steps=1)
+    assert calls == [2, 2]
+
+
 def test_cached_embeddings_give_diffusers_own_images(predictor, reference):
     """The first request encodes, the second reuses the embeddings: both equal diffusers called with
-    `prompt=`, pixel for pixel (but for float32 rounding: the Lassie LoRA is merged into the
-    predictor's weights), for a batch of two; the two requests' images are bitwise equal."""
+    `prompt=`, pixel for pixel (but for float32 rounding), for a batch of two; the two requests'
+    images are bitwise equal."""
     fields = dict(prompt="a cached photo of LSSIE", num_outputs=2)
     expected = reference_images(reference(FluxPipeline, lora_scale=1.0), prompt=fields["prompt"],
                                 num_images_per_prompt=2)

@@ -5,11 +5,14 @@ Every LoRA stays a separate PEFT adapter, never fused by PEFT: a scale is set wi
 drifts the base weights, and a scale is applied exactly once (never again through
 `joint_attention_kwargs`).
 
-Merged (`merge`, once at setup, for the Lassie LoRA): a pinned LoRA's `scale * B @ A * alpha/r`
-is added into a transformer's base weights, computed in float32, so the common request runs no
-LoRA work per step. Its adapter stays loaded as a *delta*: a request at scale s runs it at
-s - merged, and not at all when that is 0. Not PEFT's `merge()`: its `merged` flag makes a layer
-skip every adapter, the hot-swap slot included, and unmerging per request would drift the weights.
+By default every adapter stays unmerged and, with `idle_active`, the active set is the same for
+every request (pinned LoRAs at any scale, 0 included; one slot, at 0 without an extra LoRA): one
+graph set. Merged (`merge`, once at setup, for the Lassie LoRA with `LASSIE_MERGE_LASSIE`): a
+pinned LoRA's `scale * B @ A * alpha/r` is added into a transformer's base weights, computed in
+float32, so the common request runs no LoRA work per step. Its adapter stays loaded as a
+*delta*: a request at scale s runs it at s - merged, and (without `idle_active`) not at all when
+that is 0. Not PEFT's `merge()`: its `merged` flag makes a layer skip every adapter, the hot-swap
+slot included, and unmerging per request would drift the weights.
 
 Scales are graph inputs: on the transformers every PEFT `scaling` entry is a 0-dim tensor,
 rewritten in place (PEFT's own hot-swap preparation does the same). As Python floats they
@@ -40,14 +43,18 @@ from typing import Hashable
 
 import torch
 from diffusers import FluxPipeline
-from diffusers.loaders.lora_base import set_adapters_for_text_encoder
-from diffusers.utils.peft_utils import _create_lora_config, delete_adapter_layers
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import get_pattern_key
+from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
 from lassie.errors import InputError
+from lassie.internals import (
+    config_value,
+    delete_text_encoder_adapter,
+    set_text_encoder_adapters,
+    transformer_lora_config,
+)
 from lassie.settings import SLOT_RANK_ENV
 
 log = logging.getLogger(__name__)
@@ -76,12 +83,25 @@ class _Lora:
     pinned: bool = False
     slot_state_dict: dict[str, torch.Tensor] | None = None
     slot_rank: int = 0
-    loaded_into: set[Hashable] = field(default_factory=set)
-    in_text_encoder: bool = False
 
     @property
     def has_text_encoder(self) -> bool:
         return any(key.startswith(TEXT_ENCODER_PREFIX) for key in self.state_dict)
+
+
+@dataclass
+class _Transformer:
+    """One transformer's LoRA state that its modules do not hold (which adapters it has, their
+    layers and scales, PEFT's own config and layers say)."""
+
+    module: torch.nn.Module
+    merged: dict[str, float] = field(default_factory=dict)  # pinned LoRA -> the scale in its base weights
+    slot_holds: dict[int, str | None] | None = None  # slot rank -> the LoRA in it (None: zeros); None: no slots yet
+    active: dict[str, float] | None = None  # adapter -> scale as last set; None: set them again
+
+
+def _has_adapter(module: torch.nn.Module, name: str) -> bool:
+    return name in (getattr(module, "peft_config", None) or {})
 
 
 def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | None]:
@@ -188,13 +208,13 @@ def _transformer_lora_config(lora: _Lora) -> LoraConfig:
     ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if LORA_B in key}
     alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
     metadata = _strip_prefix(lora.metadata, TRANSFORMER_PREFIX) if lora.metadata is not None else None
-    return _create_lora_config(state_dict, alphas, metadata, ranks)
+    return transformer_lora_config(state_dict, alphas, metadata, ranks)
 
 
 def _module_scaling(config: LoraConfig, module: str) -> float:
     """alpha/r (alpha/sqrt(r) with rsLoRA) of `module`, looked up in the config as PEFT does."""
-    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    rank = config_value(config.rank_pattern, module, config.r)
+    alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
     return float(alpha) / (math.sqrt(rank) if config.use_rslora else rank)
 
 
@@ -279,12 +299,11 @@ def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
 
 
 def _scales_as_tensors(transformer: torch.nn.Module) -> None:
-    """Turn every new PEFT `scaling` float into a 0-dim float32 tensor beside the layer's weight,
-    so compiled graphs read scales as inputs (see the module docstring)."""
-    for layer in _lora_layers(transformer):
-        for name, value in layer.scaling.items():
-            if not isinstance(value, torch.Tensor):
-                layer.scaling[name] = torch.tensor(float(value), device=layer.get_base_layer().weight.device)
+    """Turn every new PEFT `scaling` float into a 0-dim tensor beside the layer's weight, so
+    compiled graphs read scales as inputs (see the module docstring): PEFT's own preparation for
+    compiled hot-swapping, which converts the scales and nothing else without a target rank. Also
+    after compiling (an extra LoRA as a named adapter without slots): the blocks recompile anyway."""
+    prepare_model_for_compiled_hotswap(transformer, check_compiled="ignore")
 
 
 @torch.no_grad()
@@ -367,15 +386,13 @@ class LoraAdapters:
     """
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
-                 slot_ranks: tuple[int, ...] = ()) -> None:
-        self._transformers = dict(transformers)
+                 slot_ranks: tuple[int, ...] = (), idle_active: bool = True) -> None:
+        self._transformers = {key: _Transformer(module) for key, module in transformers.items()}
         self._text_encoder = text_encoder
         self._slot_ranks = tuple(sorted(slot_ranks))
+        self._idle_active = idle_active
         self._loras: dict[str, _Lora] = {}
-        self._active: dict[Hashable, dict[str, float]] = {}
         self._text_encoder_active: dict[str, float] | None = None
-        self._slot_holds: dict[Hashable, dict[int, str | None]] = {}
-        self._merged: dict[Hashable, dict[str, float]] = {}
 
     @property
     def slot_ranks(self) -> tuple[int, ...]:
@@ -387,19 +404,18 @@ class LoraAdapters:
     def slot_holds(self, key: Hashable) -> dict[int, str | None]:
         """Slot rank -> the LoRA whose weights fill that slot of `key` (None: zeros); {} before
         `key`'s first run gives it its slots."""
-        return dict(self._slot_holds.get(key, {}))
+        return dict(self._transformers[key].slot_holds or {})
 
     def attach(self, key: Hashable, transformer: torch.nn.Module, merged: dict[str, float] | None = None) -> None:
         """Track another transformer (e.g. the go_fast variant of a model); LoRAs load into it on first use.
 
         `merged`: pinned LoRA -> the scale its weights were built with (see `merged_weight`).
         """
-        self._transformers[key] = transformer
-        self._merged[key] = dict(merged or {})
+        self._transformers[key] = _Transformer(transformer, merged=dict(merged or {}))
 
     def merged_scale(self, key: Hashable, name: str) -> float:
         """The scale of `name` held in `key`'s base weights (0: not merged)."""
-        return self._merged.get(key, {}).get(name, 0.0)
+        return self._transformers[key].merged.get(name, 0.0)
 
     def merge(self, key: Hashable, name: str, scale: float) -> None:
         """Add the pinned LoRA `name` at `scale` into `key`'s base weights, once (at setup).
@@ -409,11 +425,12 @@ class LoraAdapters:
         `_merge_into_weights`) and the LoRA stays an adapter at the request's scale.
         """
         lora = self._loras[name]
-        if not lora.pinned or key not in lora.loaded_into or self.merged_scale(key, name):
+        state = self._transformers[key]
+        if not lora.pinned or not _has_adapter(state.module, name) or self.merged_scale(key, name):
             raise ValueError(f"{name} is not a pinned LoRA loaded, unmerged, into {key}")
-        _merge_into_weights(self._transformers[key], name, scale)
-        self._merged.setdefault(key, {})[name] = scale
-        self._active.pop(key, None)
+        _merge_into_weights(state.module, name, scale)
+        state.merged[name] = scale
+        state.active = None
 
     def merged_weight(self, key: Hashable, name: str, module: str, weight: torch.Tensor,
                       scale: float) -> torch.Tensor | None:
@@ -421,7 +438,7 @@ class LoraAdapters:
         or None where that LoRA does not adapt `module`: how a go_fast copy built from `key`'s
         weights gets its own merge scale."""
         try:
-            layer = self._transformers[key].get_submodule(module)
+            layer = self._transformers[key].module.get_submodule(module)
         except AttributeError:
             return None
         if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
@@ -438,7 +455,7 @@ class LoraAdapters:
         """
         field_name = error_label(path, pinned)
         state_dict, alphas, metadata = _drop_unloadable_keys(*_convert(path, field_name))
-        _check_fits(state_dict, next(iter(self._transformers.values())), self._text_encoder, field_name)
+        _check_fits(state_dict, next(iter(self._transformers.values())).module, self._text_encoder, field_name)
         lora = _Lora(state_dict, alphas, metadata, field_name=field_name, pinned=pinned)
         if self._swaps(lora):
             lora.slot_rank, lora.slot_state_dict = _slot_state_dict(lora, self._slot_ranks, field_name)
@@ -450,17 +467,17 @@ class LoraAdapters:
         """Delete the adapter from every module that has it (also a half-loaded one), and empty
         every slot holding it, so a slot holds exactly the LoRA `slot_holds` names, or zeros."""
         self._loras.pop(name, None)
-        self._active.clear()
         self._text_encoder_active = None
-        for module in [*self._transformers.values(), self._text_encoder]:
-            delete_adapter_layers(module, name)
-            getattr(module, "peft_config", {}).pop(name, None)
-            _unwrap_layers_without_adapters(module)
-        for key, holds in self._slot_holds.items():
-            for rank, held in holds.items():
+        for state in self._transformers.values():
+            state.active = None
+            state.module.delete_adapters(name)
+            _unwrap_layers_without_adapters(state.module)
+            for rank, held in (state.slot_holds or {}).items():
                 if held == name:
-                    _zero_slot(self._transformers[key], rank)
-                    holds[rank] = None
+                    _zero_slot(state.module, rank)
+                    state.slot_holds[rank] = None
+        delete_text_encoder_adapter(self._text_encoder, name)
+        _unwrap_layers_without_adapters(self._text_encoder)
 
     def activate(self, key: Hashable, scales: dict[str, float]) -> None:
         """Make exactly `scales`' adapters active on `key`'s transformer and the text encoder.
@@ -478,14 +495,19 @@ class LoraAdapters:
         if slot_rank not in self._slot_ranks:
             raise ValueError(f"no rank-{slot_rank} slot: the slots' ranks are {self._slot_ranks}")
         self._ensure_loaded(list(scales), key)
-        self._apply(key, {**self._transformer_scales(key, scales), slot_adapter(slot_rank): 0.0}, scales)
+        slots = {slot_adapter(rank) for rank in self._slot_ranks}
+        transformer_scales = {name: scale for name, scale in self._transformer_scales(key, scales).items()
+                              if name not in slots}
+        self._apply(key, {**transformer_scales, slot_adapter(slot_rank): 0.0}, scales)
 
     def _swaps(self, lora: _Lora) -> bool:
         return bool(self._slot_ranks) and not lora.pinned
 
     def _transformer_scales(self, key: Hashable, scales: dict[str, float]) -> dict[str, float]:
         """Adapter name on the transformer -> scale: an extra LoRA runs under its slot's name; a
-        pinned one at what its merged weights lack, and not at all when they hold its scale."""
+        pinned one at what its merged weights lack. With `idle_active` the set is the same for
+        every request (one graph set): a pinned LoRA runs at 0 too, and without an extra LoRA the
+        narrowest slot runs at 0; without, those idle adapters are off."""
         swapped = [name for name in scales if self._swaps(self._loras[name])]
         if len(swapped) > 1:
             raise ValueError(f"slot mode runs one extra LoRA at a time, not {len(swapped)}: {swapped}")
@@ -495,13 +517,15 @@ class LoraAdapters:
                 transformer_scales[slot_adapter(self._loras[name].slot_rank)] = scale
             elif not self._loras[name].pinned:
                 transformer_scales[name] = scale
-            elif scale != self.merged_scale(key, name):
+            elif self._idle_active or scale != self.merged_scale(key, name):
                 transformer_scales[name] = scale - self.merged_scale(key, name)
+        if self._idle_active and self._slot_ranks and not swapped:
+            transformer_scales[slot_adapter(self._slot_ranks[0])] = 0.0
         return transformer_scales
 
     def _apply(self, key: Hashable, transformer_scales: dict[str, float], scales: dict[str, float]) -> None:
-        transformer = self._transformers[key]
-        active = self._active.get(key)
+        state = self._transformers[key]
+        transformer, active = state.module, state.active
         if getattr(transformer, "peft_config", None) and active != transformer_scales:
             if not transformer_scales:
                 transformer.disable_lora()
@@ -509,7 +533,7 @@ class LoraAdapters:
                 transformer.enable_lora()
                 transformer.set_adapter(list(transformer_scales))
             _write_scales(transformer, transformer_scales)
-        self._active[key] = dict(transformer_scales)
+        state.active = dict(transformer_scales)
         encoder_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
         if encoder_scales != self._text_encoder_active:
             self._activate_text_encoder(list(encoder_scales), list(encoder_scales.values()))
@@ -519,7 +543,7 @@ class LoraAdapters:
         tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
         if not tuner_layers:
             return
-        set_adapters_for_text_encoder(names, self._text_encoder, weights)
+        set_text_encoder_adapters(self._text_encoder, names, weights)
         for layer in tuner_layers:
             layer.enable_adapters(bool(names))
 
@@ -537,47 +561,46 @@ class LoraAdapters:
 
     def _ensure_named(self, name: str, key: Hashable) -> None:
         """Load the LoRA as its own adapter into the transformer (and the text encoder)."""
-        lora = self._loras[name]
-        if key in lora.loaded_into:
+        lora, state = self._loras[name], self._transformers[key]
+        if _has_adapter(state.module, name):
             return
         started = time.perf_counter()
         try:
             FluxPipeline.load_lora_into_transformer(
-                dict(lora.state_dict), network_alphas=lora.alphas, transformer=self._transformers[key],
+                dict(lora.state_dict), network_alphas=lora.alphas, transformer=state.module,
                 adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
             )
             self._ensure_in_text_encoder(name)
         except Exception as error:
             self.remove(name)
             raise InputError(lora.field_name, f"could not be applied to the FLUX transformer: {error}") from None
-        _scales_as_tensors(self._transformers[key])
-        self._active.pop(key, None)
-        lora.loaded_into.add(key)
+        _scales_as_tensors(state.module)
+        state.active = None
         log.info("LoRA %s loaded into %s in %.2fs", name, key, time.perf_counter() - started)
 
     def _ensure_in_text_encoder(self, name: str) -> None:
         lora = self._loras[name]
-        if lora.has_text_encoder and not lora.in_text_encoder:
+        if lora.has_text_encoder and not _has_adapter(self._text_encoder, name):
             FluxPipeline.load_lora_into_text_encoder(
                 dict(lora.state_dict), network_alphas=lora.alphas, text_encoder=self._text_encoder,
                 prefix=TEXT_ENCODER, adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
             )
-            lora.in_text_encoder = True
             self._text_encoder_active = None
 
     def _ensure_slots(self, key: Hashable) -> None:
         """Give the transformer its slots before its first run: adding them later would change the
         module structure under the compiled blocks (a recompile)."""
-        if key not in self._slot_holds:
+        state = self._transformers[key]
+        if state.slot_holds is None:
             for rank in self._slot_ranks:
-                _create_slot(self._transformers[key], rank)
-            self._active.pop(key, None)
-            self._slot_holds[key] = dict.fromkeys(self._slot_ranks)
+                _create_slot(state.module, rank)
+            state.active = None
+            state.slot_holds = dict.fromkeys(self._slot_ranks)
 
     def _ensure_in_slot(self, name: str, key: Hashable) -> None:
         """Swap the LoRA into its slot of the transformer; on failure every slot holds what it held before."""
-        lora = self._loras[name]
-        if self._slot_holds[key][lora.slot_rank] == name:
+        lora, state = self._loras[name], self._transformers[key]
+        if state.slot_holds[lora.slot_rank] == name:
             return
         started = time.perf_counter()
         try:
@@ -587,15 +610,15 @@ class LoraAdapters:
             self._restore_slots(key)
             self.remove(name)
             raise InputError(lora.field_name, f"could not be swapped into the FLUX transformer: {error}") from None
-        self._slot_holds[key][lora.slot_rank] = name
-        self._active.pop(key, None)
+        state.slot_holds[lora.slot_rank] = name
+        state.active = None
         log.info("LoRA %s swapped into the %s rank-%d slot in %.2fs", name, key, lora.slot_rank,
                  time.perf_counter() - started)
 
     def _write_slot(self, key: Hashable, rank: int, lora: _Lora) -> None:
         """Copy the LoRA into the rank-`rank` slot's tensors in place (layers it does not train get
         zeros). PEFT's hot-swap rewrites the slot's scaling tensors in place too."""
-        transformer = self._transformers[key]
+        transformer = self._transformers[key].module
         if not lora.slot_state_dict:
             _zero_slot(transformer, rank)
             return
@@ -611,19 +634,18 @@ class LoraAdapters:
         narrowest first, with the same modules and ranks, so the layers' adapters are in the order
         the compiled graphs were traced with, and each is refilled with what it held.
         """
-        transformer = self._transformers[key]
+        state = self._transformers[key]
+        transformer = state.module
         config = getattr(transformer, "peft_config", {})
         if any(slot_adapter(rank) not in config for rank in self._slot_ranks):
-            for rank in self._slot_ranks:
-                delete_adapter_layers(transformer, slot_adapter(rank))
-                config.pop(slot_adapter(rank), None)
+            transformer.delete_adapters([slot_adapter(rank) for rank in self._slot_ranks])
             for rank in self._slot_ranks:
                 _create_slot(transformer, rank)
-        for rank, held in self._slot_holds[key].items():
+        for rank, held in state.slot_holds.items():
             if held is None:
                 _zero_slot(transformer, rank)
             else:
                 self._write_slot(key, rank, self._loras[held])
-        self._active.pop(key, None)
+        state.active = None
         log.warning("restored the %s slots (%s) after a failed swap", key,
-                    ", ".join(f"rank {rank}: {held or 'zeros'}" for rank, held in self._slot_holds[key].items()))
+                    ", ".join(f"rank {rank}: {held or 'zeros'}" for rank, held in state.slot_holds.items()))
