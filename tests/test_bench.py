@@ -142,7 +142,7 @@ def test_dry_run_reports_the_setup_breakdown_and_what_needs_cuda(dry_run):
     assert "diffusers torchao fp8 + compile: needs CUDA (dry run)" in notes
     assert table in result.stdout
     assert "| dev go_fast | " in table and "| switch to a cached extra LoRA" in table
-    assert "| wide slot vs narrow slot (rank-64 vs rank-16 extra, schnell go_fast) | " in table
+    assert "| rank-64 vs rank-16 extra LoRA (schnell go_fast, the same slot by default) | " in table
 
 
 def test_dry_run_measures_the_defaults_and_a_switch_in_the_same_run(dry_run):
