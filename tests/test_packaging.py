@@ -1,5 +1,6 @@
 """The build files agree with each other: what `cog build` installs is what the tests ran."""
 
+import fnmatch
 import re
 import tomllib
 
@@ -22,9 +23,30 @@ def test_cog_yaml_builds_for_a_gpu_and_points_at_the_predictor():
     assert config["predict"] == "predict.py:Predictor"
 
 
-def test_weights_stay_out_of_the_image_except_the_manifest():
-    lines = (REPO / ".dockerignore").read_text().splitlines()
-    assert "weights/*" in lines and "!weights/manifest.json" in lines
+def docker_ignores(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders decides
+    (`*` stays within one folder, `!` re-includes)."""
+    parts = path.split("/")
+    ignored = False
+    for pattern in patterns:
+        include = pattern.startswith("!")
+        pattern = pattern.removeprefix("!")
+        depth = pattern.count("/") + 1
+        if len(parts) >= depth and fnmatch.fnmatchcase("/".join(parts[:depth]), pattern) and (
+                "*" not in pattern or all("/" not in part for part in parts[:depth])):
+            ignored = not include
+    return ignored
+
+
+def test_weights_stay_out_of_the_image_except_the_manifest_and_compile_artifacts():
+    patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert docker_ignores("weights/flux-dev/transformer/model.safetensors", patterns)
+    assert docker_ignores("weights/compile-cache/fxgraph/ab/entry", patterns)
+    assert docker_ignores("weights/lora-cache/x.safetensors", patterns)
+    assert not docker_ignores("weights/manifest.json", patterns)
+    assert not docker_ignores("weights/compile-cache/artifacts_torch-2.13.0_cuda.bin", patterns)
+    assert not docker_ignores("lassie/predictor.py", patterns)
 
 
 # CUDA versions each torch release is published for. Sources: for 2.11.0 and 2.12.1, cog's own table
