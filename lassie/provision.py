@@ -59,7 +59,7 @@ from lassie.lora.files import (
     sha256_of,
 )
 from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_URL_ENV, Settings
-from lassie.storage import writable_place
+from lassie.storage import writable_place, write_problem
 from lassie.weights import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint
 
 log = logging.getLogger(__name__)
@@ -471,12 +471,8 @@ def write_trigger_word(layout: WeightsLayout, word: str | None) -> None:
 
 
 def writing_problem(root: Path) -> str | None:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            return None
-    except OSError as error:
-        return f"cannot write to the weights directory {root}: {error.strerror or error}"
+    problem = write_problem(root)
+    return None if problem is None else f"cannot write to the weights directory {root}: {problem}"
 
 
 def space_problem(root: Path, plans: list[HubPlan]) -> str | None:
