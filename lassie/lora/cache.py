@@ -135,18 +135,16 @@ class LoraCache:
         logger.info("extra_lora: fetching %s", source.describe())
         with _disk_faults(source):
             staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
-        try:
-            with _disk_faults(source):
+            try:
                 fetched = fetch_source(source, staging, self.settings)
-            validate_safetensors(fetched, source.describe())
-            with _disk_faults(source):
+                validate_safetensors(fetched, source.describe())
                 return self._store(key, source, fetched, staging)
-        except BaseException as interrupt:
-            if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
-                logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
-            raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            except BaseException as interrupt:
+                if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
+                    logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def _store(self, key: str, source: LoraSource, fetched: Path, staging: Path) -> Path:
         record = {"key": source.cache_key, "source": source.describe(), "size": fetched.stat().st_size,
