@@ -47,9 +47,16 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils.sha import git_hash
 
-from lassie.lora.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
+from lassie.lora.http import (
+    AddressRule,
+    DownloadLimits,
+    FetchError,
+    ProgressLog,
+    download_file,
+    human_bytes,
+    redact_url,
+)
 from lassie.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
-from lassie.errors import InputError
 from lassie.hub_errors import HUB_ERRORS, hub_problem
 from lassie.lora.files import (
     UnusableArchiveError,
@@ -377,18 +384,13 @@ def is_url(origin: str) -> bool:
     return urlsplit(origin).scheme in ("http", "https")
 
 
-def without_field(error: InputError) -> str:
-    """The shared downloader speaks of the extra_lora field; here its words are about LASSIE_LORA_URL."""
-    return str(error).removeprefix(f"{error.field}: ")
-
-
 def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str = LORA_URL_ENV) -> Path:
     fetched = staging / "fetched"
     log.info("fetching the Lassie LoRA from %s", redact_url(url))
     try:
         download_file(url, fetched, limits=limits)
-    except InputError as error:
-        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {without_field(error)}\n"
+    except FetchError as error:
+        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {error}\n"
                              f"{RUN_AGAIN}") from None
     return fetched
 
@@ -553,13 +555,14 @@ def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
 
 
 def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: bool = True,
-                          options: FetchOptions = FetchOptions()) -> list[str]:
+                          options: FetchOptions | None = None) -> list[str]:
     """Each missing layout folder from its tar, renamed into place only when complete; returns the folders fetched.
 
     A lock on the directory lets one process fetch while others sharing the directory wait and
     then find the folders in place; staging folders of a killed fetch are removed under it.
     """
     fail_on([tar_urls_problem(settings, missing_folders(layout, lassie)), writing_problem(layout.root)])
+    options = options or FetchOptions(deadline_seconds=settings.provision.weights_download_timeout)
     fetched = []
     with FileLock(layout.root / FETCH_LOCK):
         remove_leftovers(layout.root)
