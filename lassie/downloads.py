@@ -3,13 +3,15 @@
 Replicate serves its FLUX weights as tars from a public host that answers HTTP range requests.
 Where `pget` (Replicate's parallel downloader) is on PATH it fetches and extracts; otherwise the
 tar comes through parallel range requests when the server allows them (one request tells: 206
-Partial Content), reassembled in order and extracted while it arrives, else as one stream. Either
+Partial Content, with an ETag or Last-Modified to hold every later range to), reassembled in order
+and extracted while it arrives, else as one stream. Either
 way it is unpacked into a staging folder beside its target and renamed into place only once
 complete and checked; the staging folder is removed whatever happens.
 
 The addresses are the operator's (cog.yaml's `environment:` or the container's), trusted like
-LASSIE_LORA_URL: any host, loopback and private mirrors included. Sizes, members and time are
-bounded, and progress is logged (one line per tenth, no terminal control codes).
+LASSIE_LORA_URL: any host, loopback and private mirrors included. They come through the project's
+one HTTP client (`lassie.lora.http`). Sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per
+folder) are bounded, and progress is logged (one line per tenth, no terminal control codes).
 """
 
 from __future__ import annotations
