@@ -15,16 +15,19 @@ from functools import partial
 from typing import List, Optional
 
 from lassie.settings import Settings  # first: it records the operator's environment before torch rewrites it
+
+# isort: split
+# (isort would put quiet before settings; settings must be imported first, for the reason above.)
 from lassie.quiet import silence_known_noise
 
 silence_known_noise()  # first: torch, torchao and transformers print their known noise as they are imported
 
-from cog import BasePredictor, CancelationException, Input, Path  # noqa: E402
+from cog import BasePredictor, CancelationException, Input, Path
 
-from lassie.input_files import request_file  # noqa: E402
-from lassie.predictor import Lassie  # noqa: E402
-from lassie.request import Request  # noqa: E402
-from lassie.serial import SerialRunner  # noqa: E402
+from lassie.input_files import request_file
+from lassie.predictor import Lassie
+from lassie.request import Request
+from lassie.serial import SerialRunner
 
 
 class Predictor(BasePredictor):
