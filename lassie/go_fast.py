@@ -27,9 +27,9 @@ quantizing instead (`own_weight` of `quantize_transformer`, see `lassie.variants
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
 
 import torch
 from torch import nn

@@ -225,7 +225,7 @@ class ModelConfigs:
     lassie_lora: Path | None = None  # None: sized by LASSIE_RANK_BOUND
 
     @classmethod
-    def of_layout(cls, layout: WeightsLayout) -> "ModelConfigs":
+    def of_layout(cls, layout: WeightsLayout) -> ModelConfigs:
         """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
         return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
                                  "schnell": layout.schnell_dir / "transformer" / "config.json"},
@@ -240,8 +240,15 @@ def footprint_from_configs(configs: ModelConfigs) -> Footprint:
     at full size."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import (CLIPConfig, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, ViTConfig,
-                              ViTForImageClassification)
+    from transformers import (
+        CLIPConfig,
+        CLIPTextConfig,
+        CLIPTextModel,
+        T5Config,
+        T5EncoderModel,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     with torch.device("meta"):
         transformers = {model: FluxTransformer2DModel.from_config(_read(path))

@@ -47,7 +47,6 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils.sha import git_hash
 
-from lassie.lora.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
 from lassie.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
 from lassie.errors import InputError
 from lassie.hub_errors import HUB_ERRORS, hub_problem
@@ -58,6 +57,7 @@ from lassie.lora.files import (
     safetensors_from_tar,
     sha256_of,
 )
+from lassie.lora.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
 from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_URL_ENV, Settings
 from lassie.storage import writable_place, write_problem
 from lassie.weights import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint

@@ -33,21 +33,22 @@ import logging
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+from lassie.compilation import CompileSetting, compile_transformer
 from lassie.generate import Inputs, pipeline_arguments
+from lassie.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
 from lassie.internals import FLUX_BLOCK_BATCH_DIMENSIONS
 from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
-from lassie.compilation import CompileSetting, compile_transformer
-from lassie.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
 from lassie.settings import SpeedSwitches
 

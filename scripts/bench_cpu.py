@@ -32,9 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -92,7 +92,7 @@ class ServerArm:
         self.inputs = inputs
         self.predict_times: list[float] = []
 
-    def __enter__(self) -> "ServerArm":
+    def __enter__(self) -> ServerArm:
         health = self.server.start()
         if health.get("status") != "READY":
             self.server.stop()

@@ -24,9 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from range_server import RangeServer  # noqa: E402
-
-from lassie.downloads import FetchOptions, fetch_folder  # noqa: E402
+from lassie.downloads import FetchOptions, fetch_folder
+from range_server import RangeServer
 
 MB = 1000**2
 

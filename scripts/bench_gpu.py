@@ -59,11 +59,11 @@ import threading
 import time
 import tomllib
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -743,7 +743,7 @@ def serve_extras(directory: Path) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def set_up_product(weights: Path, sink: Sink, label: str, clocks: "Clocks"):
+def set_up_product(weights: Path, sink: Sink, label: str, clocks: Clocks):
     from lassie.predictor import Lassie
     from lassie.settings import Settings
 
@@ -862,7 +862,7 @@ def random_traffic(predictor, options: Options, sink: Sink, base_url: str) -> No
                eager=eager, first=seconds[0] if seconds else None, tenth=seconds[9] if len(seconds) > 9 else None)
 
 
-def product_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def product_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     weights = ensure_bench_weights(options)
     base_url = serve_extras(weights / "bench-extras")
     predictor = set_up_product(weights, sink, "product", clocks)
@@ -873,7 +873,7 @@ def product_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
     memory_record(sink, "peak over setup and every request")
 
 
-def warm_setup_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def warm_setup_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     weights = ensure_bench_weights(options)
     predictor = set_up_product(weights, sink, "warm compile cache", clocks)
     first = Case("first dev go_fast request after a warm-cache setup", "dev", True)
@@ -922,7 +922,7 @@ H100_SEQUENCE = (
 )
 
 
-def h100_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def h100_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     import torch
 
     weights = ensure_bench_weights(options)
@@ -1034,7 +1034,7 @@ class Baselines:
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 
 
-def baselines_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def baselines_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     """Plain diffusers: the published recipes on the same random weights, with the product's
     call arguments and encoding, and no LoRA."""
     import tempfile
@@ -1077,7 +1077,7 @@ def switch_arm(name: str) -> Switch | None:
     return None if name == DEFAULTS_ARM else next(switch for switch in SWITCHES if switch.variable == name)
 
 
-def switches_arm_section(options: Options, sink: Sink, clocks: "Clocks", arm: str) -> None:
+def switches_arm_section(options: Options, sink: Sink, clocks: Clocks, arm: str) -> None:
     """One arm: the product's setup with every switch at its default but this one on (set in this
     process's environment by the parent), then the switch cases: per-step time is the denoising
     phase over the steps, text encoding shows the prompt cache."""

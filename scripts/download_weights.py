@@ -30,7 +30,7 @@ if sys.version_info < (3, 11):
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:
     from lassie.provision import ProvisionError, provision, provision_from_tars
-    from lassie.settings import Settings, SettingError
+    from lassie.settings import SettingError, Settings
     from lassie.weights import MissingWeightsError
 except ModuleNotFoundError as missing:
     sys.exit(f"error: {missing}; {HOW_TO_RUN}")

@@ -8,14 +8,14 @@ import subprocess
 import sys
 import tomllib
 
-import bench_gpu as bench
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_lora
 
+import bench_gpu as bench
 from conftest import REPO
 from fake_services import services  # noqa: F401 (fixture)
+from helpers import tiny_lora
 
 BENCH_GPU = REPO / "scripts" / "bench_gpu.py"
 

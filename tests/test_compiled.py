@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from fake_services import services  # noqa: F401 (fixture)
-from helpers import tiny_lora
 from PIL import Image
 from torch._dynamo.utils import counters
 
 from conftest import settings_for
+from fake_services import services  # noqa: F401 (fixture)
+from helpers import tiny_lora
 from lassie.predictor import Lassie
 from lassie.request import Request
 from lassie.sizes import aspect_ratios

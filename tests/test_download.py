@@ -15,23 +15,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from fake_services import FakeServices, forbid_non_loopback
 from helpers import make_lora
-
+from lassie.errors import InputError
 from lassie.lora.http import (
     MIB,
     AddressRule,
     Credential,
     DownloadLimits,
+    ProgressLog,
     address_refusal,
     allowed_addresses,
     download_file,
     fetch_json,
     parse_ip_literal,
-    ProgressLog,
     redact_url,
 )
-from lassie.errors import InputError
 from lassie.settings import Settings
 
 SECRET = "civ-token-5ec7e7-do-not-log"

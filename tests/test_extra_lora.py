@@ -7,13 +7,13 @@ import random
 
 import numpy as np
 import pytest
-from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
-from helpers import make_tar, running_adapters, tiny_lora
 from PIL import Image
 from safetensors.torch import save
 
 import lora_formats as forms
 from conftest import settings_for
+from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
+from helpers import make_tar, running_adapters, tiny_lora
 from lassie.errors import InputError
 from lassie.lora.cache import LoraCache
 from lassie.predictor import Lassie

@@ -21,7 +21,6 @@ from lassie.predictor import Lassie
 from lassie.request import Mode, Request, make_plan
 from lassie.variants import LASSIE_ADAPTER, Variant
 
-
 DEV = Variant("dev", False)
 
 BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 2, "megapixels": "0.25", "seed": 3,

@@ -12,29 +12,29 @@ lora_B may change float32 rounding, hence ATOL, far below what any LoRA changes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import peft.utils.hotswap
 import pytest
 import torch
-from fake_services import services  # noqa: F401 (fixture)
 from diffusers import FluxPipeline
-from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
 from PIL import Image
 from safetensors.torch import save, save_file
 
 import lora_formats as forms
 import make_tiny_weights
 from conftest import settings_for
+from fake_services import services  # noqa: F401 (fixture)
+from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
+from lassie.errors import InputError
 from lassie.lora import adapters as lora_adapters
 from lassie.lora.adapters import slot_adapter, slot_ranks_for
-from lassie.errors import InputError
 from lassie.predictor import Lassie
-from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.request import Request
 from lassie.settings import DEFAULT_SLOT_RANKS, SLOT_RANK_ENV, Settings
+from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 
 DEV = Variant("dev", False)
 

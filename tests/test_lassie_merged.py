@@ -12,7 +12,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import make_tiny_weights
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 import lassie.lora.adapters as adapters_module
+import make_tiny_weights
 from conftest import settings_for
 from helpers import running_adapters
 from lassie.go_fast import FastMode, quantize_transformer

@@ -10,9 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
 from helpers import make_lora, make_tar
-
 from lassie.errors import InputError
 from lassie.lora.cache import LoraCache
 from lassie.settings import LoraSettings, Settings

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_lora, make_tar
 from safetensors.numpy import save
 
+from helpers import make_lora, make_tar
 from lassie.errors import InputError
 from lassie.lora.files import extract_single_safetensors, validate_safetensors
-
 
 # --- safetensors validation ---------------------------------------------------------------------
 

@@ -18,11 +18,11 @@ from diffusers import (
     FluxInpaintPipeline,
     FluxPipeline,
 )
-from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
 from lassie.request import Request, denoising_steps, make_plan
 
 
@@ -165,7 +165,6 @@ def flagging_weights(tiny_weights, tmp_path_factory):
 @pytest.mark.parametrize(("falcon_says", "kept"), [("nsfw", 0), ("normal", 3)])
 def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_weights, falcon_says, kept):
     from conftest import settings_for
-
     from lassie.predictor import Lassie
     from lassie.safety import AllOutputsFlaggedError
     from lassie.weights import WeightsLayout
@@ -256,7 +255,6 @@ def test_a_bad_setting_fails_predict_py_setup_naming_the_variable(tiny_weights):
 def test_a_compile_backend_this_torch_lacks_fails_setup_naming_the_variable(tiny_weights):
     """Only the hardware's torch knows its backends: setup checks the setting against them."""
     from conftest import settings_for
-
     from lassie.predictor import Lassie
     from lassie.settings import SettingError
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.attention_dispatch import AttentionBackendName
-from helpers import library_log
 
+from helpers import library_log
 from lassie.attention import CUDNN, FLASH_3, NATIVE, AttentionChoice, asked_attention, choose_attention, use_attention
 from lassie.hardware import DeviceInfo
 from lassie.models import load_models, prepare_for_speed

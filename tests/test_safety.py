@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from helpers import sample_images, write_compvis, write_falcon
-
 from lassie.hardware import DeviceInfo
 from lassie.safety import AllOutputsFlaggedError, SafetyFilter
 from lassie.weights import WeightsLayout

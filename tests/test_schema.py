@@ -10,7 +10,6 @@ import pytest
 
 import write_openapi_schema
 from conftest import REPO
-
 from lassie.bounds import BOUNDS, CHOICES
 from lassie.sizes import aspect_ratios
 

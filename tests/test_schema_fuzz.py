@@ -16,12 +16,12 @@ import re
 import time
 
 import pytest
-from helpers import data_uri, decode, tiny_lora
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import LORA_HOST, REPO
+from helpers import data_uri, decode, tiny_lora
 from lassie import sizes
 from lassie.errors import InputError
 

@@ -6,10 +6,10 @@ import base64
 import re
 
 import pytest
-from helpers import data_uri, decode, tiny_lora
 from PIL import Image
 
 from conftest import LORA_HOST
+from helpers import data_uri, decode, tiny_lora
 
 FAST = {"num_inference_steps": 1, "seed": 11}
 

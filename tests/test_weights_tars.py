@@ -15,11 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import folder_tar, tiny_lora, training_output_tar
-from range_server import RangeServer
 
 from conftest import REPO
-
+from helpers import folder_tar, tiny_lora, training_output_tar
 from lassie.downloads import FetchOptions
 from lassie.provision import (
     ProvisionError,
@@ -28,9 +26,10 @@ from lassie.provision import (
     lassie_lora,
     provision_from_tars,
 )
-from lassie.settings import Settings, SettingError, cog_weights_value
+from lassie.settings import SettingError, Settings, cog_weights_value
 from lassie.storage import writable_place
 from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
+from range_server import RangeServer
 
 SMALL_CHUNKS = FetchOptions(connections=4, chunk_bytes=64 * 1024, use_pget=False)
 TOP_FOLDERS = {"flux-dev": "FLUX.1-dev"}  # the others sit at the tar's root
