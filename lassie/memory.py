@@ -138,7 +138,7 @@ def narrower_ranks(slot_ranks: tuple[int, ...]) -> tuple[int, ...] | None:
     half = slot_ranks[-1] // 2 if slot_ranks else 0
     if half < MIN_SLOT_RANK:
         return None
-    return tuple(rank for rank in slot_ranks if rank < half) + (half,)
+    return (*(rank for rank in slot_ranks if rank < half), half)
 
 
 def _candidates(quantizes: bool, slot_ranks: tuple[int, ...]) -> list[tuple[bool, bool, tuple[int, ...]]]:

@@ -26,7 +26,7 @@ def size_table() -> dict[str, dict[str, tuple[int, int]]]:
 
 
 def aspect_ratios() -> tuple[str, ...]:
-    return tuple(size_table()["1"]) + (CUSTOM,)
+    return (*size_table()["1"], CUSTOM)
 
 
 def round_to_multiple(value: float, multiple: int = SIZE_MULTIPLE) -> int:

@@ -38,7 +38,7 @@ def weights_to_serve() -> Path:
 
 
 def save_data_uri(uri: str, path: Path) -> Path:
-    header, payload = uri.split(",", 1)
+    _, payload = uri.split(",", 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(payload))
     return path

@@ -67,7 +67,7 @@ def images(lassie: Lassie, **fields) -> list[np.ndarray]:
 
 def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
     assert len(got) == len(expected) > 0
-    for actual, wanted in zip(got, expected):
+    for actual, wanted in zip(got, expected, strict=True):
         assert actual.shape == wanted.shape and np.abs(actual - wanted).max() <= PIXEL_TOLERANCE
 
 

@@ -112,7 +112,7 @@ def images(lassie: Lassie, fields: dict) -> list[np.ndarray]:
 
 def assert_same_images(compiled: list[np.ndarray], eager: list[np.ndarray], fields: dict) -> None:
     assert len(compiled) == len(eager) == fields["num_outputs"], fields
-    for got, expected in zip(compiled, eager):
+    for got, expected in zip(compiled, eager, strict=True):
         assert got.shape == expected.shape, fields
         assert np.abs(got - expected).max() <= PIXEL_TOLERANCE, fields
 

@@ -152,7 +152,7 @@ def fake_resolver(monkeypatch: pytest.MonkeyPatch, *answers: list[str]) -> list[
 
 def test_a_name_with_any_internal_answer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_resolver(monkeypatch, ["93.184.216.34", "127.0.0.1"])
-    with pytest.raises(InputError, match="refusing to fetch from two-faced.example \\(which is 127.0.0.1\\)"):
+    with pytest.raises(InputError, match=r"refusing to fetch from two-faced.example \(which is 127.0.0.1\)"):
         allowed_addresses("two-faced.example", 443, AddressRule())
 
 
@@ -211,7 +211,7 @@ def test_redirect_loops_end_with_a_clear_error(services: FakeServices, tmp_path:
 def test_a_declared_size_over_the_cap_is_refused_before_the_body(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/big.safetensors", b"x" * 5000)
     limits = DownloadLimits(max_bytes=4096, rule=AddressRule(allow_all=True))
-    with pytest.raises(InputError, match="larger than the 4.0 KiB allowed for a LoRA \\(LASSIE_MAX_LORA_BYTES\\)"):
+    with pytest.raises(InputError, match=r"larger than the 4.0 KiB allowed for a LoRA \(LASSIE_MAX_LORA_BYTES\)"):
         download_file(url, tmp_path / "out", limits=limits)
     assert not (tmp_path / "out").exists()
 
@@ -219,7 +219,7 @@ def test_a_declared_size_over_the_cap_is_refused_before_the_body(services: FakeS
 def test_the_cap_is_enforced_while_streaming_when_no_size_is_declared(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/big.safetensors", b"x" * (3 * 1024 * 1024), send_length=False)
     limits = DownloadLimits(max_bytes=1024 * 1024, rule=AddressRule(allow_all=True))
-    with pytest.raises(InputError, match="larger than the 1.0 MiB allowed"):
+    with pytest.raises(InputError, match=r"larger than the 1.0 MiB allowed"):
         download_file(url, tmp_path / "out", limits=limits)
     assert (tmp_path / "out").stat().st_size <= 1024 * 1024
 

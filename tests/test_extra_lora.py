@@ -101,7 +101,7 @@ def test_private_addresses_are_refused_without_the_opt_in(predictor, use_setting
     use_settings(LoraSettings())
     for url in ("http://127.0.0.1:9/x.safetensors", "http://localhost:9/x.safetensors",
                 "http://[::1]:9/x.safetensors", "http://2130706433/x.safetensors", "file:///etc/passwd"):
-        with pytest.raises(InputError, match="^extra_lora: "):
+        with pytest.raises(InputError, match=r"^extra_lora: "):
             image_of(predictor, extra_lora=url)
     image_of(predictor)
 

@@ -188,7 +188,7 @@ def test_switching_gives_each_request_the_image_of_a_fresh_server(slot_predictor
                 {"extra_lora": loras["a"]}, {"extra_lora": loras["b"], "go_fast": True, "model": "schnell"}]
     results = [image_of(slot_predictor, **fields) for fields in requests]
     fresh = {}
-    for fields, result in zip(requests, results):
+    for fields, result in zip(requests, results, strict=True):
         key = tuple(sorted(fields.items()))
         fresh.setdefault(key, image_of(new_slot_predictor(tiny_weights), **fields))
         assert result == fresh[key], fields

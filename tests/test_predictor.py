@@ -73,7 +73,7 @@ def test_four_outputs_come_from_one_batched_call_and_differ(predictor, reference
     outputs = run(predictor, num_outputs=4)
     expected = reference_images(reference(FluxPipeline, lora_scale=1.0), num_images_per_prompt=4)
     assert len(outputs) == len(expected) == 4
-    for output, reference_output in zip(outputs, expected):
+    for output, reference_output in zip(outputs, expected, strict=True):
         assert_equal_but_for_rounding(output, reference_output)
     assert len({o.tobytes() for o in outputs}) == 4
 
@@ -259,6 +259,6 @@ def test_a_compile_backend_this_torch_lacks_fails_setup_naming_the_variable(tiny
     from lassie.settings import SettingError
 
     lassie = Lassie(settings_for(tiny_weights, LASSIE_COMPILE="1", LASSIE_COMPILE_BACKEND="bogus"))
-    with pytest.raises(SettingError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
+    with pytest.raises(SettingError, match=r"LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
         lassie.setup()
     assert lassie.models is None

@@ -118,5 +118,5 @@ def test_the_default_is_native_and_an_unknown_backend_fails_setup_naming_the_var
     assert asked_attention("native", "cuda", (9, 0), frozenset({"flash_attn_3"})).backend == NATIVE
     assert asked_attention("auto", "cuda", (9, 0), frozenset({"flash_attn_3"})).backend == FLASH_3
     assert asked_attention(CUDNN, "cpu", None, frozenset()).backend == CUDNN
-    with pytest.raises(SettingError, match="LASSIE_ATTENTION_BACKEND must be auto or one of .*native.*'flashy'"):
+    with pytest.raises(SettingError, match=r"LASSIE_ATTENTION_BACKEND must be auto or one of .*native.*'flashy'"):
         asked_attention("flashy", "cuda", (9, 0), frozenset())

@@ -342,7 +342,7 @@ def test_bad_lora_never_replaces_a_good_one(tiny_weights: Path, tmp_path: Path) 
     manifest = Manifest(layout.manifest)
     with pytest.raises(CorruptFileError, match="not a valid safetensors file"):
         provision_lassie_lora(layout, manifest, ProvisionReport(), str(not_safetensors), verify=False)
-    with pytest.raises(ProvisionError, match="expected one lora.safetensors in the LoRA archive"):
+    with pytest.raises(ProvisionError, match=r"expected one lora.safetensors in the LoRA archive"):
         provision_lassie_lora(layout, manifest, ProvisionReport(), str(empty_archive), verify=False)
     assert layout.lassie_lora.read_bytes() == good
     assert sorted(path.name for path in layout.lassie_dir.iterdir()) == ["lora.safetensors"]

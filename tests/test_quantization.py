@@ -158,7 +158,7 @@ def test_compile_setting(value, backend, device, enabled, mode, chosen):
 def test_compile_setting_rejects_unknown_values():
     with pytest.raises(ValueError, match="LASSIE_COMPILE must be one of 1, true, yes, on, 0, false, no, off, default"):
         compilation.compile_setting(compile_settings("maybe", None), H200)
-    with pytest.raises(ValueError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'fast'"):
+    with pytest.raises(ValueError, match=r"LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'fast'"):
         compilation.compile_setting(compile_settings("1", "fast"), H200)
 
 

@@ -26,7 +26,7 @@ def safety_filter(tiny_weights: Path, root: Path, compvis_flags: list[int] | str
 
 def same_images(kept: list[Image.Image], expected: list[Image.Image]) -> bool:
     """The very images expected, in their order: which were kept and how many dropped."""
-    return len(kept) == len(expected) and all(image is wanted for image, wanted in zip(kept, expected))
+    return len(kept) == len(expected) and all(image is wanted for image, wanted in zip(kept, expected, strict=True))
 
 
 def test_unmodified_tiny_models_keep_every_image(tiny_weights: Path) -> None:
@@ -61,5 +61,5 @@ def test_every_output_flagged_fails_with_a_clear_message(tiny_weights: Path, tmp
     with pytest.raises(AllOutputsFlaggedError, match="All 4 outputs were flagged as NSFW") as caught:
         checker.filter(sample_images())
     assert "Try a different prompt" in str(caught.value)
-    with pytest.raises(AllOutputsFlaggedError, match="^The output was flagged as NSFW"):
+    with pytest.raises(AllOutputsFlaggedError, match=r"^The output was flagged as NSFW"):
         checker.filter(sample_images()[:1])

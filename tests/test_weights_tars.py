@@ -291,6 +291,6 @@ def test_setup_fails_first_on_a_lora_cache_setting_it_cannot_write(tiny_weights:
     (tmp_path / "file").write_text("")
     lassie = Lassie(Settings.from_env({"LASSIE_WEIGHTS_DIR": str(tiny_weights),
                                        "LASSIE_LORA_CACHE": str(tmp_path / "file" / "cache")}))
-    with pytest.raises(SettingError, match="^LASSIE_LORA_CACHE must be a directory this server can write"):
+    with pytest.raises(SettingError, match=r"^LASSIE_LORA_CACHE must be a directory this server can write"):
         lassie.setup()
     assert lassie.models is None
