@@ -7,23 +7,23 @@ coglet has not freed yet (HTTP 409), while `SerialRunner` still runs one predict
 
 Bounds and choices are written as literals: `cog build` makes the schema by reading this file as
 text (static schema generation), and drops a `ge`/`le` it cannot read as a number. A test checks
-that they are literals and equal `lassie.bounds`, the table request validation and sizes use.
+that they are literals and equal `lassie.request.bounds`, the table request validation and sizes use.
 """
 
 import logging
 from functools import partial
 from typing import List, Optional
 
-from lassie.settings import Settings  # first: it records the operator's environment before torch rewrites it
 from lassie.quiet import silence_known_noise
+from lassie.settings import Settings  # first: it records the operator's environment before torch rewrites it
 
 silence_known_noise()  # first: torch, torchao and transformers print their known noise as they are imported
 
 from cog import BasePredictor, CancelationException, Input, Path  # noqa: E402
 
-from lassie.input_files import request_file  # noqa: E402
 from lassie.predictor import Lassie  # noqa: E402
-from lassie.request import Request  # noqa: E402
+from lassie.request.input_files import request_file  # noqa: E402
+from lassie.request.plan import Request  # noqa: E402
 from lassie.serial import SerialRunner  # noqa: E402
 
 

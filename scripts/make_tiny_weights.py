@@ -35,7 +35,7 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
 
-from lassie.weights import WeightsLayout  # noqa: E402
+from lassie.weights.layout import WeightsLayout  # noqa: E402
 
 log = logging.getLogger("make_tiny_weights")
 

@@ -20,9 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 import pytest
-
 from fake_hub import FakeHub
-from lassie.lora.http import parse_ip_literal
+
+from lassie.fetch.http import parse_ip_literal
 from lassie.settings import LoraSettings, Settings
 
 HF_PREFIX = "/hf"

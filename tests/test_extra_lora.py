@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 import random
 
+import lora_formats as forms
 import numpy as np
 import pytest
+from conftest import settings_for
 from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
 from helpers import make_tar, running_adapters, tiny_lora
 from PIL import Image
 from safetensors.torch import save
 
-import lora_formats as forms
-from conftest import settings_for
-from lassie.errors import InputError
-from lassie.lora.cache import LoraCache
+from lassie.fetch.lora_cache import LoraCache
 from lassie.predictor import Lassie
-from lassie.request import Request
+from lassie.request.errors import InputError
+from lassie.request.plan import Request
 from lassie.settings import LoraSettings
 
 BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 5,

@@ -15,25 +15,25 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import lora_formats as forms
+import make_tiny_weights
 import numpy as np
 import peft.utils.hotswap
 import pytest
 import torch
-from fake_services import services  # noqa: F401 (fixture)
+from conftest import settings_for
 from diffusers import FluxPipeline
+from fake_services import services  # noqa: F401 (fixture)
 from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
 from PIL import Image
 from safetensors.torch import save, save_file
 
-import lora_formats as forms
-import make_tiny_weights
-from conftest import settings_for
-from lassie.lora import adapters as lora_adapters
-from lassie.lora.adapters import slot_adapter, slot_ranks_for
-from lassie.errors import InputError
+from lassie.engine import adapters as lora_adapters
+from lassie.engine.adapters import slot_adapter, slot_ranks_for
+from lassie.engine.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.predictor import Lassie
-from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
-from lassie.request import Request
+from lassie.request.errors import InputError
+from lassie.request.plan import Request
 from lassie.settings import DEFAULT_SLOT_RANKS, SLOT_RANK_ENV, Settings
 
 DEV = Variant("dev", False)

@@ -1,10 +1,10 @@
 import shutil
 
 import pytest
-
 from conftest import settings_for
+
 from lassie.predictor import Lassie
-from lassie.weights import MissingWeightsError, WeightsLayout
+from lassie.weights.layout import MissingWeightsError, WeightsLayout
 
 
 def test_tiny_weights_are_complete(tiny_weights):
