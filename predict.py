@@ -7,7 +7,7 @@ coglet has not freed yet (HTTP 409), while `SerialRunner` still runs one predict
 
 Bounds and choices are written as literals: `cog build` makes the schema by reading this file as
 text (static schema generation), and drops a `ge`/`le` it cannot read as a number. A test checks
-that they are literals and equal `lassie.bounds`, the table request validation and sizes use.
+that they are literals and equal `lassie.request.bounds`, the table request validation and sizes use.
 """
 
 import logging
@@ -23,9 +23,9 @@ silence_known_noise()  # first: torch, torchao and transformers print their know
 
 from cog import BasePredictor, CancelationException, Input, Path
 
-from lassie.input_files import request_file
 from lassie.predictor import Lassie
-from lassie.request import Request
+from lassie.request.input_files import request_file
+from lassie.request.plan import Request
 from lassie.serial import SerialRunner
 
 

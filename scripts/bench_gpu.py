@@ -264,7 +264,7 @@ class Case:
         return options.steps(self.model) if self.steps is None or options.dry_run else self.steps
 
     def request(self, options: Options, round_index: int, base_url: str, extra_name: str | None = None):
-        from lassie.request import Request
+        from lassie.request.plan import Request
 
         extra_name = extra_name or self.extra
         extra = f"{base_url}/{extra_name}.safetensors" if extra_name else None
@@ -805,7 +805,7 @@ def measure_psnr(predictor, options: Options, sink: Sink) -> None:
     import numpy as np
     from PIL import Image
 
-    from lassie.request import Request
+    from lassie.request.plan import Request
 
     for model in ("schnell",) if options.quick else ("schnell", "dev"):
         if options.out_of_time():
@@ -836,7 +836,7 @@ def random_traffic(predictor, options: Options, sink: Sink, base_url: str) -> No
 
     from torch._dynamo.utils import counters
 
-    from lassie.request import Request
+    from lassie.request.plan import Request
 
     rng = random.Random(SEED)
     warnings = Warnings()
@@ -944,11 +944,11 @@ def h100_section(options: Options, sink: Sink, clocks: Clocks) -> None:
 
 
 def worst_request(predictor, options: Options, sink: Sink, base_url: str) -> None:
-    """The largest request the schema allows, the one `lassie/memory.py` plans for: 4 outputs at
+    """The largest request the schema allows, the one `lassie/engine/memory.py` plans for: 4 outputs at
     1440x1440 with an extra LoRA (1 step: memory, not time, is the point)."""
     import torch
 
-    from lassie.request import Request
+    from lassie.request.plan import Request
 
     side = 512 if options.dry_run else 1440
     request = Request(prompt=PROMPT, model="dev", aspect_ratio="custom", width=side, height=side, num_outputs=4,
@@ -1018,10 +1018,10 @@ class Baselines:
                 pipeline.transformer.compile_repeated_blocks(fullgraph=True)
 
     def call(self, model: str, options: Options, out: Path) -> None:
-        """The product's call for a txt2img request (lassie.generate), then its webp encoding."""
+        """The product's call for a txt2img request (lassie.engine.generate), then its webp encoding."""
         import torch
 
-        from lassie.encoding import save_images
+        from lassie.request.encoding import save_images
 
         with torch.inference_mode():
             images = self.pipelines[model](PROMPT, width=options.size, height=options.size,

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lassie.settings import Settings  # noqa: E402
-from lassie.weights import TINY_WEIGHTS_DIR, WeightsLayout  # noqa: E402
+from lassie.weights.layout import TINY_WEIGHTS_DIR, WeightsLayout  # noqa: E402
 
 log = logging.getLogger("demo")
 TINY_DIR = REPO / TINY_WEIGHTS_DIR

@@ -35,7 +35,7 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
 
 log = logging.getLogger("make_tiny_weights")
 

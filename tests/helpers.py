@@ -25,8 +25,8 @@ from safetensors.torch import save
 from transformers import CLIPImageProcessor, ViTForImageClassification
 
 import make_tiny_weights
-from lassie.request import Mode, Request
-from lassie.weights import WeightsLayout
+from lassie.request.plan import Mode, Request
+from lassie.weights.layout import WeightsLayout
 
 # --- LoRA files and tars ------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from torch._dynamo.backends.debugging import aot_eager
 
 from conftest import settings_for
 from lassie.predictor import Lassie
-from lassie.request import Request
+from lassie.request.plan import Request
 
 BACKEND = "lassie_test_breakable"
 # aot_eager's decomposed float32 sums may round differently from eager in the last bit.

@@ -14,10 +14,10 @@ import lora_formats as forms
 from conftest import settings_for
 from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
 from helpers import make_tar, running_adapters, tiny_lora
-from lassie.errors import InputError
-from lassie.lora.cache import LoraCache
+from lassie.fetch.lora_cache import LoraCache
 from lassie.predictor import Lassie
-from lassie.request import Request
+from lassie.request.errors import InputError
+from lassie.request.plan import Request
 from lassie.settings import LoraSettings
 
 BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 5,

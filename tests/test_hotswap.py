@@ -28,13 +28,13 @@ import make_tiny_weights
 from conftest import settings_for
 from fake_services import services  # noqa: F401 (fixture)
 from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
-from lassie.errors import InputError
-from lassie.lora import adapters as lora_adapters
-from lassie.lora.adapters import slot_adapter, slot_ranks_for
+from lassie.engine import adapters as lora_adapters
+from lassie.engine.adapters import slot_adapter, slot_ranks_for
+from lassie.engine.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.predictor import Lassie
-from lassie.request import Request
+from lassie.request.errors import InputError
+from lassie.request.plan import Request
 from lassie.settings import DEFAULT_SLOT_RANKS, SLOT_RANK_ENV, Settings
-from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 
 DEV = Variant("dev", False)
 

@@ -5,8 +5,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from lassie.errors import InputError
-from lassie.images import Inputs, load_inputs, load_mask, load_rgb, resized
+from lassie.request.errors import InputError
+from lassie.request.images import Inputs, load_inputs, load_mask, load_rgb, resized
 
 
 def save(image: Image.Image, path, fmt="PNG", **options):

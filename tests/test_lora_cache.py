@@ -13,10 +13,10 @@ import pytest
 
 from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
 from helpers import make_lora, make_tar
-from lassie.errors import InputError
-from lassie.lora.cache import LoraCache
+from lassie.fetch.lora_cache import LoraCache
+from lassie.request.errors import InputError
 from lassie.settings import LoraSettings, Settings
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
 
 VERSION = "ab" * 32
 CIVITAI_SECRET = "civitai-5ecret-7f3a"

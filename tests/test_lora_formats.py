@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 import lora_formats as forms
 from conftest import settings_for
 from helpers import dev_float_image
-from lassie.errors import InputError
+from lassie.engine.variants import Variant
 from lassie.predictor import Lassie
-from lassie.variants import Variant
-from lassie.weights import WeightsLayout
+from lassie.request.errors import InputError
+from lassie.weights.layout import WeightsLayout
 
 DEV = Variant("dev", False)
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
-from lassie.request import Request, denoising_steps, make_plan
+from lassie.request.plan import Request, denoising_steps, make_plan
 
 
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
@@ -154,7 +154,7 @@ def test_output_quality_changes_lossy_files(predictor):
 @pytest.fixture(scope="module")
 def flagging_weights(tiny_weights, tmp_path_factory):
     """A copy of the tiny weights whose CompVis checker flags everything."""
-    from lassie.weights import WeightsLayout
+    from lassie.weights.layout import WeightsLayout
 
     root = tmp_path_factory.mktemp("flagging")
     shutil.copytree(tiny_weights, root, dirs_exist_ok=True)
@@ -165,9 +165,9 @@ def flagging_weights(tiny_weights, tmp_path_factory):
 @pytest.mark.parametrize(("falcon_says", "kept"), [("nsfw", 0), ("normal", 3)])
 def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_weights, falcon_says, kept):
     from conftest import settings_for
+    from lassie.engine.safety import AllOutputsFlaggedError
     from lassie.predictor import Lassie
-    from lassie.safety import AllOutputsFlaggedError
-    from lassie.weights import WeightsLayout
+    from lassie.weights.layout import WeightsLayout
 
     write_falcon(WeightsLayout(tiny_weights), WeightsLayout(flagging_weights), falcon_says)
     lassie = Lassie(settings_for(flagging_weights))

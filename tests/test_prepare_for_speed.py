@@ -10,11 +10,19 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from helpers import library_log
-from lassie.attention import CUDNN, FLASH_3, NATIVE, AttentionChoice, asked_attention, choose_attention, use_attention
-from lassie.hardware import DeviceInfo
-from lassie.models import load_models, prepare_for_speed
+from lassie.engine.attention import (
+    CUDNN,
+    FLASH_3,
+    NATIVE,
+    AttentionChoice,
+    asked_attention,
+    choose_attention,
+    use_attention,
+)
+from lassie.engine.hardware import DeviceInfo
+from lassie.engine.models import load_models, prepare_for_speed
 from lassie.settings import SettingError
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
 
 NONE: frozenset[str] = frozenset()
 FA3 = frozenset({"flash_attn_3"})

@@ -25,7 +25,9 @@ import safetensors.numpy
 
 from conftest import REPO
 from fake_hub import FakeHub
-from lassie.provision import (
+from lassie.settings import LoraSettings, ProvisionSettings, Settings
+from lassie.weights.layout import MissingWeightsError, WeightsLayout
+from lassie.weights.provision import (
     CorruptFileError,
     Manifest,
     ProvisionError,
@@ -34,8 +36,6 @@ from lassie.provision import (
     provision,
     provision_lassie_lora,
 )
-from lassie.settings import LoraSettings, ProvisionSettings, Settings
-from lassie.weights import MissingWeightsError, WeightsLayout
 
 DEV = "black-forest-labs/FLUX.1-dev"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"

@@ -17,7 +17,7 @@ import pytest
 
 from cog_server import CogServer
 from helpers import decode, folder_tar, tiny_lora, training_output_tar
-from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
+from lassie.weights.layout import LAYOUT_FOLDERS, WeightsLayout
 from range_server import RangeServer
 
 REQUEST = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "seed": 11, "megapixels": "0.25",

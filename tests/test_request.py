@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from lassie.bounds import BOUNDS
-from lassie.errors import InputError
-from lassie.request import Mode, Plan, Request, describe, make_plan, random_seed
+from lassie.request.bounds import BOUNDS
+from lassie.request.errors import InputError
+from lassie.request.plan import Mode, Plan, Request, describe, make_plan, random_seed
 
 PHOTO = {"image": Path("x.png"), "image_size": (600, 400)}
 """An image input as the predictor plans it: the path, and the size its decoded image has."""

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from helpers import sample_images, write_compvis, write_falcon
-from lassie.hardware import DeviceInfo
-from lassie.safety import AllOutputsFlaggedError, SafetyFilter
-from lassie.weights import WeightsLayout
+from lassie.engine.hardware import DeviceInfo
+from lassie.engine.safety import AllOutputsFlaggedError, SafetyFilter
+from lassie.weights.layout import WeightsLayout
 
 CPU = DeviceInfo(kind="cpu")
 
@@ -38,7 +38,7 @@ def test_images_both_models_flag_are_dropped(
         tiny_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     images = sample_images()
     checker = safety_filter(tiny_weights, tmp_path, compvis_flags=[0, 2], falcon_says="nsfw")
-    with caplog.at_level(logging.INFO, logger="lassie.safety"):
+    with caplog.at_level(logging.INFO, logger="lassie.engine.safety"):
         kept = checker.filter(images)
     assert same_images(kept, [images[1], images[3]])
     assert "2 of 4 outputs flagged by CompVis, 2 of those confirmed by Falcon and dropped" in caplog.text

@@ -12,8 +12,8 @@ import pytest
 
 import write_openapi_schema
 from conftest import REPO
-from lassie.bounds import BOUNDS, CHOICES
-from lassie.sizes import aspect_ratios
+from lassie.request.bounds import BOUNDS, CHOICES
+from lassie.request.sizes import aspect_ratios
 
 SPEC = REPO.parent / "shared" / "spec" / "replicate-model-schema.txt"
 TYPES = {"string": "string", "string (enum)": "string", "integer": "integer", "number": "number",
@@ -208,7 +208,7 @@ def test_the_compatibility_check_catches_each_rule_cog_safe_push_applies(committ
 
 
 def test_the_schema_bounds_and_choices_are_the_table(committed):
-    """predict.py's Input(...) reads lassie.bounds, the table request validation and sizes check."""
+    """predict.py's Input(...) reads lassie.request.bounds, the table request validation and sizes check."""
     schemas = committed["components"]["schemas"]
     properties = schemas["Input"]["properties"]
     for field, bound in BOUNDS.items():

@@ -22,8 +22,8 @@ from PIL import Image
 
 from conftest import LORA_HOST, REPO
 from helpers import data_uri, decode, tiny_lora
-from lassie import sizes
-from lassie.errors import InputError
+from lassie.request import sizes
+from lassie.request.errors import InputError
 
 SCHEMA = json.loads((REPO / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]
 FIELDS = SCHEMA["Input"]["properties"]

@@ -18,17 +18,17 @@ import pytest
 
 from conftest import REPO
 from helpers import folder_tar, tiny_lora, training_output_tar
-from lassie.downloads import FetchOptions
-from lassie.provision import (
+from lassie.fetch.storage import writable_place
+from lassie.settings import SettingError, Settings, cog_weights_value
+from lassie.weights.downloads import FetchOptions
+from lassie.weights.layout import LAYOUT_FOLDERS, WeightsLayout
+from lassie.weights.provision import (
     ProvisionError,
     ensure_weights,
     fetch_missing_folders,
     lassie_lora,
     provision_from_tars,
 )
-from lassie.settings import SettingError, Settings, cog_weights_value
-from lassie.storage import writable_place
-from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
 from range_server import RangeServer
 
 SMALL_CHUNKS = FetchOptions(connections=4, chunk_bytes=64 * 1024, use_pget=False)
@@ -242,8 +242,8 @@ def test_an_unwritable_default_falls_back_with_one_log_line(tmp_path: Path, capl
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     not_a_directory = tmp_path / "weights"
     not_a_directory.write_text("a file, so nothing can be created below it")
-    monkeypatch.setattr("lassie.storage.fallback_root", lambda: tmp_path / "fallback")
-    with caplog.at_level(logging.INFO, logger="lassie.storage"):
+    monkeypatch.setattr("lassie.fetch.storage.fallback_root", lambda: tmp_path / "fallback")
+    with caplog.at_level(logging.INFO, logger="lassie.fetch.storage"):
         place = writable_place("extra-LoRA cache", not_a_directory / "lora-cache")
     assert place == tmp_path / "fallback" / "lora-cache" and place.is_dir()
     assert [record.getMessage() for record in caplog.records] == [

@@ -19,8 +19,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from lassie.hardware import DeviceInfo
-from lassie.weights import WeightsLayout
+from lassie.engine.hardware import DeviceInfo
+from lassie.weights.layout import WeightsLayout
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lassie.prompts import PROMPT_CACHE_ENTRIES
-from lassie.weights import WeightsLayout
+from lassie.engine.prompts import PROMPT_CACHE_ENTRIES
+from lassie.weights.layout import WeightsLayout
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -53,7 +53,7 @@ MIN_SLOT_RANK = 32
 # Without the Lassie LoRA file (the plan made from configs alone): what a LoRA of this rank on
 # every linear takes, the most Replicate's FLUX LoRA trainer makes (rank 16 is its default).
 LASSIE_RANK_BOUND = 128
-# The prompt cache full (lassie.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
+# The prompt cache full (lassie.engine.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
 T5_HIDDEN_SIZE = 4096
 PROMPT_CACHE_BYTES = PROMPT_CACHE_ENTRIES * TEXT_TOKENS * T5_HIDDEN_SIZE * BF16_BYTES
 
@@ -194,7 +194,7 @@ def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Modu
                  safety: list[nn.Module], lassie_parameters: int | None = None) -> Footprint:
     """Counts the modules as they are (real or on the meta device), without LoRA adapters: those
     are counted per transformer (`lassie_parameters`: None is `LASSIE_RANK_BOUND` on every linear)."""
-    from lassie.go_fast import is_token_linear
+    from lassie.engine.go_fast import is_token_linear
 
     first = next(iter(transformers.values()))
     linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]

@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import save
 
 from helpers import make_lora, make_tar
-from lassie.errors import InputError
-from lassie.lora.files import extract_single_safetensors, validate_safetensors
+from lassie.fetch.files import extract_single_safetensors, validate_safetensors
+from lassie.request.errors import InputError
 
 # --- safetensors validation ---------------------------------------------------------------------
 

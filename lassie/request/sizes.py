@@ -9,8 +9,8 @@ import json
 from functools import cache
 from pathlib import Path
 
-from lassie.bounds import BOUNDS, CHOICES, SIDE
-from lassie.errors import InputError
+from lassie.request.bounds import BOUNDS, CHOICES, SIDE
+from lassie.request.errors import InputError
 
 SIZE_MULTIPLE = 16
 CUSTOM = "custom"

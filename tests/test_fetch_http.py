@@ -18,8 +18,7 @@ import pytest
 
 from fake_services import FakeServices, forbid_non_loopback
 from helpers import make_lora
-from lassie.errors import InputError
-from lassie.lora.http import (
+from lassie.fetch.http import (
     MIB,
     AddressRule,
     Credential,
@@ -32,6 +31,7 @@ from lassie.lora.http import (
     parse_ip_literal,
     redact_url,
 )
+from lassie.request.errors import InputError
 from lassie.settings import Settings
 
 SECRET = "civ-token-5ec7e7-do-not-log"
@@ -277,7 +277,7 @@ def test_fetch_json_reads_an_api_answer_and_refuses_html(services: FakeServices)
 
 
 def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     with ProgressLog(total=100 * MIB, desc=redact_url(f"https://example.com/big.safetensors?sig={SECRET}"),
                      unit="B") as progress:
         for _ in range(25):
@@ -292,7 +292,7 @@ def test_progress_is_logged_while_library_progress_bars_are_off(caplog: pytest.L
     progress log still counts and logs."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     disable_progress_bars()
     try:
         with ProgressLog(total=100 * MIB, desc="https://example.com/big.safetensors", unit="B") as progress:
@@ -304,7 +304,7 @@ def test_progress_is_logged_while_library_progress_bars_are_off(caplog: pytest.L
 
 
 def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     with ProgressLog(total=10 * MIB, desc="https://example.com/small.safetensors", unit="B") as progress:
         for _ in range(10):
             progress.update(MIB)
@@ -313,7 +313,7 @@ def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -
 
 def test_progress_of_anything_but_bytes_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
     """huggingface_hub also counts files with its tqdm_class: those counts are no download size."""
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     with ProgressLog(total=200 * MIB, desc="Fetching 3 files", unit="it") as progress:
         progress.update(200 * MIB)
     assert caplog.records == []
