@@ -10,7 +10,7 @@ complete and checked; the staging folder is removed whatever happens.
 
 The addresses are the operator's (cog.yaml's `environment:` or the container's), trusted like
 LASSIE_LORA_URL: any host, loopback and private mirrors included. They come through the project's
-one HTTP client (`lassie.lora.http`). Sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per
+one HTTP client (`lassie.fetch.http`). Sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per
 folder) are bounded, and progress is logged (one line per tenth, no terminal control codes).
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx2
 
-from lassie.lora.http import (
+from lassie.fetch.http import (
     AddressRule,
     Deadline,
     DownloadLimits,
