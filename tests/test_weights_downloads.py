@@ -22,7 +22,7 @@ from fake_services import FakeServices
 from lassie.settings import SettingError, Settings
 from lassie.weights.downloads import DownloadError, FetchOptions, fetch_folder, tar_stream
 from lassie.weights.layout import WeightsLayout
-from lassie.weights.provision import ProvisionError, fetch_missing_folders
+from lassie.weights.provision import ProvisionError, fetch_missing_folders, provision_from_tars
 from range_server import RangeServer
 
 CHUNK = 64 * 1024
@@ -125,6 +125,22 @@ def test_a_trickling_weights_host_is_cut_at_the_variables_deadline(tmp_path: Pat
                                                  r"\(LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT\)"):
             fetch_missing_folders(WeightsLayout(root), settings, lassie=False)
     assert not (root / "safety").exists()
+
+
+def test_a_trickling_lassie_lora_host_is_cut_at_the_same_deadline(tmp_path: Path, tiny_weights: Path) -> None:
+    with RangeServer(ranges=False) as host:
+        url = host.serve("/lora.safetensors", b"x" * 40, trickle=0.5)
+        root = tmp_path / "weights"
+        root.mkdir()
+        for folder in ("flux-dev", "flux-schnell", "safety"):
+            os.symlink(tiny_weights / folder, root / folder)
+        settings = Settings.from_env({"LASSIE_LORA_URL": url, "LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT": "2"})
+        with pytest.raises(ProvisionError, match=r"downloading the Lassie LoRA \(LASSIE_LORA_URL\) failed: the download "
+                                                 r"of http://127\.0\.0\.1:\d+/lora\.safetensors took longer than the "
+                                                 r"2 s allowed for fetching the Lassie LoRA "
+                                                 r"\(LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT\)"):
+            provision_from_tars(root, settings)
+    assert not (root / "lassie" / "lora.safetensors").exists()
 
 
 def test_the_weights_deadline_is_a_validated_variable() -> None:

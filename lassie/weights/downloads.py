@@ -106,8 +106,11 @@ class Version:
     def if_range(self) -> str | None:
         return self.etag or self.last_modified
 
-    def same_as(self, other: Version) -> bool:
-        return other.etag == self.etag if self.etag else other.last_modified == self.last_modified
+    def contradicted_by(self, other: Version) -> bool:
+        """A part names another version (a part that names none was held to ours by If-Range)."""
+        if self.etag and other.etag:
+            return other.etag != self.etag
+        return bool(self.last_modified and other.last_modified and other.last_modified != self.last_modified)
 
 
 def _open(client: httpx2.Client, url: str, limits: DownloadLimits, byte_range: tuple[int, int] | None = None,
@@ -240,7 +243,7 @@ class ParallelRanges(_Body):
     def _check_part(self, response: httpx2.Response, start: int, end: int) -> None:
         """The range asked for, of the version the first part came from; a changed file is
         answered whole (200) by an If-Range request, or names another version."""
-        if response.status_code == 200 or not self.version.same_as(Version.of(response)):
+        if response.status_code == 200 or self.version.contradicted_by(Version.of(response)):
             response.close()
             raise FileChanged(f"{redact_url(self.url)} changed while it was being downloaded")
         asked = f"bytes {start}-{end - 1}/{self.total}"

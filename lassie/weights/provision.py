@@ -56,6 +56,7 @@ from lassie.fetch.files import (
 )
 from lassie.fetch.http import (
     AddressRule,
+    Deadline,
     DownloadLimits,
     FetchError,
     ProgressLog,
@@ -65,7 +66,7 @@ from lassie.fetch.http import (
 )
 from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
 from lassie.fetch.storage import writable_place, write_problem
-from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_URL_ENV, Settings
+from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, WEIGHTS_URL_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
 from lassie.weights.layout import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint
 
@@ -384,6 +385,14 @@ def is_url(origin: str) -> bool:
     return urlsplit(origin).scheme in ("http", "https")
 
 
+def lassie_lora_limits(settings: Settings) -> DownloadLimits:
+    """The Lassie LoRA's address is the operator's (any host); its fetch holds to the LoRA size cap
+    and, like a weights folder, to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
+    deadline = Deadline(settings.provision.weights_download_timeout, WEIGHTS_DOWNLOAD_TIMEOUT_ENV,
+                        "fetching the Lassie LoRA")
+    return DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES, deadline=deadline)
+
+
 def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str = LORA_URL_ENV) -> Path:
     fetched = staging / "fetched"
     log.info("fetching the Lassie LoRA from %s", redact_url(url))
@@ -521,7 +530,7 @@ def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: boo
     for plan in plans:
         fetch_hub_source(plan, access, manifest, report)
     if lassie:
-        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+        limits = lassie_lora_limits(settings)
         provision_lassie_lora(layout, manifest, report, origin, verify, limits)
         write_trigger_word(layout, settings.provision.trigger_word)
     layout.require_complete(lassie=lassie)
@@ -584,7 +593,7 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
     fail_on([lora_origin_problem(layout, origin) if origin else None])
     fetched = fetch_missing_folders(layout, settings, lassie=origin is None)
     if origin:
-        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+        limits = lassie_lora_limits(settings)
         provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False, limits)
         write_trigger_word(layout, settings.provision.trigger_word)
     layout.require_complete()
@@ -662,7 +671,7 @@ def lassie_lora(layout: WeightsLayout, settings: Settings) -> LassieLora:
         if (keep / LORA_MEMBER).is_file():
             log.info("the Lassie LoRA from %s: already fetched, in %s", origin_variable(settings), keep)
         else:
-            limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+            limits = lassie_lora_limits(settings)
             fetch_lassie_lora(origin, keep, origin_variable(settings), limits)
     word_file = keep / TRIGGER_WORD_MEMBER
     return LassieLora(keep / LORA_MEMBER, word_file.read_text().strip() if word_file.is_file() else configured)
