@@ -22,6 +22,7 @@ SCHNELL_MAX_STEPS = 4
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 GO_FAST_LORA_MULTIPLIER = 1.5
 SEED_BITS = 32
+EXTRA_LORA_FIELD = "extra_lora"  # the one spelling of the field every extra-LoRA error names
 REQUIRED_NUMBERS = ("num_outputs", "num_inference_steps", "guidance_scale", "prompt_strength", "output_quality",
                     "lora_scale", "extra_lora_scale")
 OPTIONAL_NUMBERS = ("width", "height", "seed")
@@ -182,7 +183,7 @@ def validate(request: Request) -> None:
     if request.mask is not None and request.image is None:
         raise InputError("mask", "inpainting needs an `image` too; give both, or neither for text-to-image")
     if request.extra_lora is not None and not request.extra_lora.strip():
-        raise InputError("extra_lora", "is empty; leave it out to run without an extra LoRA")
+        raise InputError(EXTRA_LORA_FIELD, "is empty; leave it out to run without an extra LoRA")
 
 
 def whole_numbers(request: Request) -> Request:
