@@ -170,8 +170,8 @@ class TransformerVariants:
 
     def ready(self, variant: Variant, lassie_scale: float, extra: tuple[str, Path] | None,
               extra_scale: float) -> nn.Module:
-        """The variant with Lassie (and `extra`: an adapter name, the LoRA's cache key, and its file)
-        active at the given scales. A new extra LoRA joins the kept ones (see `KEPT_EXTRA_LORAS`),
+        """The variant with Lassie (and `extra`: its adapter name, which is the LoRA's cache key, and
+        its file) active at the given scales. A new extra LoRA joins the kept ones (see `KEPT_EXTRA_LORAS`),
         dropping the least recently used; one that fails to load leaves the previous state. A kept
         one is used as it is: its file is not read again."""
         scales = {LASSIE_ADAPTER: lassie_scale}
