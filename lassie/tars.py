@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from lassie.lora.http import human_bytes
+
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 READ_BYTES = 1024**2
@@ -54,12 +56,14 @@ class TarLimits:
     max_bytes: int
 
 
-def shown_name(name: str) -> str:
-    """A member name as messages show it: quoted, control characters as `?`, at most 120 characters."""
+def sanitised(name: str) -> str:
+    """A member name as messages show it: control characters as `?`, at most 120 characters."""
     printable = "".join(character if character.isprintable() else "?" for character in name)
-    if len(printable) > SHOWN_NAME_CHARS:
-        printable = printable[:SHOWN_NAME_CHARS] + "…"
-    return f'"{printable}"'
+    return printable[:SHOWN_NAME_CHARS] + "…" if len(printable) > SHOWN_NAME_CHARS else printable
+
+
+def shown_name(name: str) -> str:
+    return f'"{sanitised(name)}"'
 
 
 def compression_of(head: bytes) -> str | None:
@@ -116,7 +120,7 @@ class _Tally:
         if self.members > self.limits.max_members:
             raise TarRefused(f"holds more than {self.limits.max_members} members")
         if self.bytes > self.limits.max_bytes:
-            raise TarRefused(f"holds more than {self.limits.max_bytes} bytes of files")
+            raise TarRefused(f"holds more than {human_bytes(self.limits.max_bytes)} of files")
 
 
 # --- a stream of members, then the end-of-archive blocks ----------------------------------------
@@ -188,7 +192,7 @@ def checked_members(source: BinaryIO, limits: TarLimits
                 yield path, member, tar.extractfile(member) if member.isreg() else None
             end = tar.offset
     except (tarfile.TarError, EOFError) as error:
-        raise TarRefused(f"is not a readable tar ({error})") from None
+        raise TarRefused(f"is not a readable tar archive ({error})") from None
     if watched.bytes_from(end, len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
         raise TarRefused("ends without its end-of-archive blocks: it was cut short or is damaged")
 
@@ -229,16 +233,21 @@ def write_file(target: Path, data: BinaryIO, member: tarfile.TarInfo) -> None:
     except FileExistsError:
         raise TarRefused(f"holds {shown_name(member.name)} twice") from None
     with os.fdopen(descriptor, "wb") as sink:
-        remaining = member.size
-        while remaining > 0:
-            try:
-                chunk = data.read(min(READ_BYTES, remaining))
-            except (tarfile.TarError, EOFError):
-                chunk = b""
-            if not chunk:
-                raise TarRefused(f"ends inside {shown_name(member.name)}: it was cut short")
-            sink.write(chunk)
-            remaining -= len(chunk)
+        copy_data(data, member, sink)
+
+
+def copy_data(data: BinaryIO, member: tarfile.TarInfo, sink: BinaryIO) -> None:
+    """A file member's bytes into `sink`; a tar that ends before them is refused."""
+    remaining = member.size
+    while remaining > 0:
+        try:
+            chunk = data.read(min(READ_BYTES, remaining))
+        except (tarfile.TarError, EOFError):
+            chunk = b""
+        if not chunk:
+            raise TarRefused(f"ends inside {shown_name(member.name)}: it was cut short")
+        sink.write(chunk)
+        remaining -= len(chunk)
 
 
 # --- a tree someone else unpacked (pget) --------------------------------------------------------
@@ -264,4 +273,4 @@ def check_tree(root: Path, limits: TarLimits) -> None:
             if count > limits.max_members:
                 raise TarRefused(f"holds more than {limits.max_members} members")
             if size > limits.max_bytes:
-                raise TarRefused(f"holds more than {limits.max_bytes} bytes of files")
+                raise TarRefused(f"holds more than {human_bytes(limits.max_bytes)} of files")
