@@ -584,17 +584,15 @@ def file_problems(folder: Path, name: str) -> list[str]:
 
 
 def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]:
-    """The complete layout folders in place whose files fail their check (a 0-byte or cut
-    safetensors, a JSON file that does not parse), with what is wrong."""
-    incomplete = set(missing_folders(layout, lassie))
-    wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and folder not in incomplete]
+    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a
+    JSON file that does not parse), with what is wrong."""
+    wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
     found = {folder: file_problems(layout.root / folder, folder) for folder in wanted}
     return {folder: problems for folder, problems in found.items() if problems}
 
 
-def damage_problem(layout: WeightsLayout, lassie: bool) -> str | None:
-    """Setup's refusal of damaged folders still in place (no tar URL, or offline)."""
-    damaged = damaged_folders(layout, lassie)
+def damage_problem(layout: WeightsLayout, damaged: dict[str, list[str]]) -> str | None:
+    """Setup's refusal of damaged folders it cannot fetch again (no tar URL names them, or offline)."""
     if not damaged:
         return None
     described = "\n".join(f"{layout.root / folder} is damaged: {'; '.join(problems)}"
@@ -742,24 +740,26 @@ def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
     names it; otherwise, or if it is still damaged, setup fails naming it and what is wrong.
     """
     lassie = settings.provision.lassie_origin is None
-    missing = layout.missing(lassie=lassie)
     damaged = damaged_folders(layout, lassie)
+    fail_on([damage_problem(layout, {folder: problems for folder, problems in damaged.items()
+                                     if settings.provision.tar_url(folder) is None})])
+    missing = layout.missing(lassie=lassie)
     if not missing and not damaged:
         return
     if settings.provision.offline:
         layout.require_complete(lassie=lassie)  # raises, naming every missing file
-        fail_on([damage_problem(layout, lassie)])
+        fail_on([damage_problem(layout, damaged)])
     if missing:
         log.warning("weights missing (%s); fetching them", ", ".join(missing))
     try:
         if settings.provision.fetches_tars:
             fetch_missing_folders(layout, settings, lassie)
             layout.require_complete(lassie=lassie)
-        elif missing:
+        else:
             log.info(provision(layout.root, settings, lassie=lassie).summary())
     except ProvisionError as error:
         raise ProvisionError(f"{error}\n{tiny_weights_hint()}") from error
     except Exception as error:
         raise MissingWeightsError(f"weights directory {layout.root} is incomplete (missing: {', '.join(missing)}) "
                                   f"and fetching them failed: {error}\n{tiny_weights_hint()}") from error
-    fail_on([damage_problem(layout, lassie)])
+    fail_on([damage_problem(layout, damaged_folders(layout, lassie))])

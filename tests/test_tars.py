@@ -374,15 +374,24 @@ def test_a_damaged_folder_whose_tar_is_damaged_too_fails_setup_naming_both(
     assert (layout.root / "safety" / COMPVIS_WEIGHTS).read_bytes() == kept and lassie.models is None
 
 
+def cut_index_in_place(layout: WeightsLayout) -> None:
+    """compvis/ as a sharded checkpoint whose index is cut: no shard can be found from it."""
+    (layout.root / "safety" / COMPVIS_WEIGHTS).unlink()
+    (layout.root / "safety" / f"{COMPVIS_WEIGHTS}.index.json").write_text('{"weight_map": {"a": "model-0')
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (cut_in_place, f"safety/{COMPVIS_WEIGHTS} is not a usable .safetensors file: the file is truncated"),
+    (cut_index_in_place, f"safety/{COMPVIS_WEIGHTS}.index.json is not valid JSON"),
+], ids=["truncated safetensors", "cut index"])
 def test_a_damaged_folder_without_a_url_fails_setup_naming_it_and_what_is_wrong(
-        tiny_weights: Path, tmp_path: Path) -> None:
+        tiny_weights: Path, tmp_path: Path, damage: Callable[[WeightsLayout], None], said: str) -> None:
     layout = layout_with_own_safety(tmp_path / "weights", tiny_weights)
-    cut_in_place(layout)
+    damage(layout)
     lassie = Lassie(Settings.from_env({"LASSIE_WEIGHTS_DIR": str(layout.root)}))
     with pytest.raises(ProvisionError) as caught:
         lassie.setup()
-    assert (f"{layout.root / 'safety'} is damaged: safety/{COMPVIS_WEIGHTS} is not a usable .safetensors file: "
-            "the file is truncated") in str(caught.value)
+    assert f"{layout.root / 'safety'} is damaged: {said}" in str(caught.value)
     assert "LASSIE_WEIGHTS_URL" in str(caught.value) and lassie.models is None
 
 
