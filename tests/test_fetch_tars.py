@@ -33,7 +33,13 @@ from lassie.request.errors import InputError
 from lassie.settings import Settings
 from lassie.weights.downloads import FetchOptions
 from lassie.weights.layout import WeightsLayout
-from lassie.weights.provision import ProvisionError, ensure_weights, fetch_missing_folders, lassie_lora
+from lassie.weights.provision import (
+    ProvisionError,
+    ensure_weights,
+    fetch_missing_folders,
+    lassie_lora,
+    provision_from_tars,
+)
 from range_server import RangeServer
 
 SMALL_CHUNKS = FetchOptions(connections=4, chunk_bytes=64 * 1024, use_pget=False)
@@ -393,6 +399,19 @@ def test_a_damaged_folder_without_a_url_fails_setup_naming_it_and_what_is_wrong(
         lassie.setup()
     assert f"{layout.root / 'safety'} is damaged: {said}" in str(caught.value)
     assert "LASSIE_WEIGHTS_URL" in str(caught.value) and lassie.models is None
+
+
+def test_download_weights_refetches_a_damaged_folder_and_names_one_it_cannot(
+        safety_tar: bytes, tiny_weights: Path, tmp_path: Path) -> None:
+    layout = layout_with_own_safety(tmp_path / "weights", tiny_weights)
+    cut_in_place(layout)
+    with pytest.raises(ProvisionError, match=rf"{layout.root / 'safety'} is damaged: safety/{COMPVIS_WEIGHTS} is not"):
+        provision_from_tars(layout.root, Settings.from_env({"LASSIE_FLUX_DEV_URL": "http://127.0.0.1:9/dev.tar"}))
+    with RangeServer() as host:
+        url = host.serve("/safety.tar", safety_tar)
+        assert provision_from_tars(layout.root, Settings.from_env({"LASSIE_SAFETY_URL": url})) == ["safety"]
+    assert (layout.root / "safety" / COMPVIS_WEIGHTS).read_bytes() == \
+        (tiny_weights / "safety" / COMPVIS_WEIGHTS).read_bytes()
 
 
 # --- pget's output ------------------------------------------------------------------------------

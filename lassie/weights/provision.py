@@ -644,8 +644,9 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
 
 
 def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
-    """scripts/download_weights.py without a token: the missing folders from their tars, and the
-    Lassie LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`)."""
+    """scripts/download_weights.py without a token: the missing (or damaged) folders from their tars,
+    and the Lassie LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`);
+    a damaged folder no URL names fails it, as it would fail setup."""
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
     fail_on([lora_origin_problem(layout, origin) if origin else None])
@@ -655,6 +656,7 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
         provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False, limits)
         write_trigger_word(layout, settings.provision.trigger_word)
     layout.require_complete()
+    fail_on([damage_problem(layout, damaged_folders(layout, lassie=True))])
     return fetched
 
 
