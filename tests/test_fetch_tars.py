@@ -144,6 +144,12 @@ def test_names_leaving_the_folder_are_refused(tmp_path: Path, name: str, said: s
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out" / "escape.txt").exists()
 
 
+def test_a_name_too_long_for_the_filesystem_is_refused_sanitised(tmp_path: Path) -> None:
+    said = refusal(tar_of(("a/" + "n" * 300 + ".json", b"{}")), tmp_path)
+    assert said.startswith('holds a member whose name cannot be a file name here, "a/nnnn')
+    assert "(File name too long)" in said and len(said) < SHOWN_NAME_CHARS + 100
+
+
 def test_member_names_are_shown_sanitised(tmp_path: Path) -> None:
     hostile = "model\x1b[2J\r\nERROR: all is fine\x07" + "x" * 5000
     said = refusal(tar_of(entry(hostile, tarfile.SYMTYPE, link="/")), tmp_path)

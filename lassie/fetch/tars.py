@@ -20,6 +20,7 @@ and member names in them are sanitised (printable, bounded length).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -44,6 +45,7 @@ REFUSED_KINDS = ((tarfile.SYMTYPE, "a symbolic link"), (tarfile.LNKTYPE, "a hard
                  (tarfile.CHRTYPE, "a character device"), (tarfile.BLKTYPE, "a block device"),
                  (tarfile.FIFOTYPE, "a FIFO"))
 ONLY_FILES = "only regular files and folders are unpacked"
+UNUSABLE_NAME_ERRORS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
 
 
 class TarRefused(ValueError):
@@ -207,11 +209,17 @@ def unpack(source: BinaryIO, destination: Path, limits: TarLimits) -> int:
     count = 0
     for path, member, data in checked_members(source, limits):
         count += 1
-        if data is None:
-            make_folders(destination, path.parts, member.name)
-        else:
-            make_folders(destination, path.parts[:-1], member.name)
-            write_file(destination / path, data, member)
+        try:
+            if data is None:
+                make_folders(destination, path.parts, member.name)
+            else:
+                make_folders(destination, path.parts[:-1], member.name)
+                write_file(destination / path, data, member)
+        except OSError as error:
+            if error.errno not in UNUSABLE_NAME_ERRORS:
+                raise  # the disk's problem (full, read-only), not the tar's
+            raise TarRefused(f"holds a member whose name cannot be a file name here, {shown_name(member.name)} "
+                             f"({error.strerror})") from None
     return count
 
 
