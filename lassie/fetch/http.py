@@ -37,7 +37,6 @@ from huggingface_hub.utils import tqdm
 
 from lassie.settings import ALLOW_PRIVATE_ENV, LORA_DOWNLOAD_TIMEOUT_ENV, MAX_LORA_BYTES_ENV, LoraSettings
 
-FIELD = "extra_lora"  # the request field whose LoRAs come through here (fetch.files and fetch.lora_cache name it)
 logger = logging.getLogger(__name__)
 for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs, signed queries included
     logging.getLogger(_library).setLevel(logging.WARNING)

@@ -41,7 +41,10 @@ def _model_files_missing(directory: Path, stem: str) -> list[Path]:
         return missing
     if not index.is_file():
         return [*missing, single]
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    try:
+        shards = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):  # a damaged index names no shards: as good as none
+        return [*missing, index]
     return missing + [directory / shard for shard in shards if not (directory / shard).is_file()]
 
 
