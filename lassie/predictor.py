@@ -20,11 +20,12 @@ from lassie.generate import generate
 from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.hardware import DeviceInfo, query_device
 from lassie.images import Inputs, load_inputs
+from lassie.lassie_lora import resolve
 from lassie.lora.adapters import slot_ranks_for
 from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
 from lassie.models import FluxModels, load_models, prepare_for_speed
-from lassie.provision import ensure_weights, lassie_lora
+from lassie.provision import ensure_weights
 from lassie.quiet import no_progress_bars
 from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
@@ -70,16 +71,16 @@ class Lassie:
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
-        lassie = lassie_lora(self.layout, self.settings)
+        lassie = resolve(self.layout, self.settings)  # the one file everything below uses
         hardware = query_device()
         self._device = hardware
         go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
         slot_ranks = slot_ranks_for(self.settings.slot_ranks, compiling.enabled, DEFAULT_SLOT_RANKS)
-        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
-                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_ranks,
-                             self.settings.speed.prompt_cache)
+        footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
+        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint, go_fast.quantizes,
+                             slot_ranks, self.settings.speed.prompt_cache)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
                  if memory.slot_ranks else "one adapter each")
@@ -99,7 +100,7 @@ class Lassie:
         if compile_cache:
             compile_cache.save()
         self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
-        log.info("ready; Lassie LoRA %s; trigger word: %r", lassie.path, lassie.trigger_word)
+        log.info("ready; Lassie LoRA %s from %s; trigger word: %r", lassie.path, lassie.origin, lassie.trigger_word)
 
     def prepare(self, request: Request) -> Prepared:
         """Everything before the GPU, in this order: fields checked, images decoded, the plan made
