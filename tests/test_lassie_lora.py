@@ -11,15 +11,14 @@ import stat
 from pathlib import Path
 
 import pytest
-from helpers import make_tar, tiny_lora, training_output_tar
-from range_server import RangeServer
 
-from lassie.lassie_lora import MAX_TRIGGER_WORD_CHARS, config_trigger_word, resolve
-from lassie.memory import ModelConfigs
-from lassie.provision import ProvisionError
+from helpers import make_tar, tiny_lora, training_output_tar
+from lassie.engine.memory import ModelConfigs
+from lassie.fetch.storage import writable_place
 from lassie.settings import SettingError, Settings
-from lassie.storage import writable_place
-from lassie.weights import CorruptFileError, WeightsLayout
+from lassie.weights.lassie_lora import MAX_TRIGGER_WORD_CHARS, config_trigger_word, resolve
+from lassie.weights.layout import CorruptFileError, ProvisionError, WeightsLayout
+from range_server import RangeServer
 
 
 def lora_of(tiny_weights: Path) -> bytes:
@@ -95,7 +94,7 @@ def test_a_damaged_kept_lora_is_fetched_again_once(tiny_weights: Path, tmp_path:
         settings = Settings.from_env({}, cog_weights=url)
         kept = resolve(layout, settings).path
         damage(kept, how)
-        with caplog.at_level(logging.WARNING, logger="lassie.lassie_lora"):
+        with caplog.at_level(logging.WARNING, logger="lassie.weights.lassie_lora"):
             again = resolve(layout, settings)
         assert server.count("/trained_model.tar") == 2
     assert again.path == kept and kept.read_bytes() == lora and again.trigger_word == "LSSIE"
@@ -147,7 +146,7 @@ def test_a_trigger_word_from_the_environment_or_weights_lassie_is_bounded_too(ti
     layout = WeightsLayout(tmp_path / "weights")
     layout.lassie_dir.mkdir(parents=True)
     layout.lassie_lora.write_bytes(lora_of(tiny_weights))
-    with pytest.raises(ProvisionError, match="^the trigger word in LASSIE_TRIGGER_WORD has 201 characters"):
+    with pytest.raises(ProvisionError, match=r"^the trigger word in LASSIE_TRIGGER_WORD has 201 characters"):
         resolve(layout, Settings.from_env({"LASSIE_TRIGGER_WORD": "T" * 201}))
     layout.trigger_word_file.write_text("TOK\x07\n")
     with pytest.raises(ProvisionError, match=rf"^the trigger word in {layout.trigger_word_file} holds the "
@@ -183,8 +182,8 @@ def test_an_unwritable_default_falls_back_with_one_log_line(tmp_path: Path, capl
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     not_a_directory = tmp_path / "weights"
     not_a_directory.write_text("a file, so nothing can be created below it")
-    monkeypatch.setattr("lassie.storage.fallback_root", lambda: tmp_path / "fallback")
-    with caplog.at_level(logging.INFO, logger="lassie.storage"):
+    monkeypatch.setattr("lassie.fetch.storage.fallback_root", lambda: tmp_path / "fallback")
+    with caplog.at_level(logging.INFO, logger="lassie.fetch.storage"):
         place = writable_place("extra-LoRA cache", not_a_directory / "lora-cache")
     assert place == tmp_path / "fallback" / "lora-cache" and place.is_dir()
     assert stat.S_IMODE((tmp_path / "fallback").stat().st_mode) == 0o700
@@ -226,7 +225,7 @@ def test_a_fallback_folder_planted_in_a_shared_tmpdir_is_refused_naming_it(
         (tmp_path / "elsewhere").mkdir()
         planted.symlink_to(tmp_path / "elsewhere")
         said = "is not a directory"
-    monkeypatch.setattr("lassie.storage.fallback_root", lambda: planted)
+    monkeypatch.setattr("lassie.fetch.storage.fallback_root", lambda: planted)
     with pytest.raises(OSError, match=rf"refusing the fallback folder {planted}: {planted} {said}"):
         writable_place("extra-LoRA cache", not_a_directory / "lora-cache")
     assert not (planted / "lora-cache").exists()

@@ -14,19 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 from helpers import folder_tar, training_output_tar
-from range_server import RangeServer
-
-from lassie.downloads import FetchOptions
-from lassie.provision import (
+from lassie.settings import SettingError, Settings, cog_weights_value
+from lassie.weights.downloads import FetchOptions
+from lassie.weights.layout import LAYOUT_FOLDERS, WeightsLayout
+from lassie.weights.provision import (
     ProvisionError,
     ensure_weights,
     fetch_missing_folders,
     provision_from_tars,
 )
-from lassie.settings import SettingError, Settings, cog_weights_value
-from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
+from range_server import RangeServer
 
 SMALL_CHUNKS = FetchOptions(connections=4, chunk_bytes=64 * 1024, use_pget=False)
 TOP_FOLDERS = {"flux-dev": "FLUX.1-dev"}  # the others sit at the tar's root
@@ -236,6 +236,6 @@ def test_setup_fails_first_on_a_lora_cache_setting_it_cannot_write(tiny_weights:
     (tmp_path / "file").write_text("")
     lassie = Lassie(Settings.from_env({"LASSIE_WEIGHTS_DIR": str(tiny_weights),
                                        "LASSIE_LORA_CACHE": str(tmp_path / "file" / "cache")}))
-    with pytest.raises(SettingError, match="^LASSIE_LORA_CACHE must be a directory this server can write"):
+    with pytest.raises(SettingError, match=r"^LASSIE_LORA_CACHE must be a directory this server can write"):
         lassie.setup()
     assert lassie.models is None

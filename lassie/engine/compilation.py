@@ -1,0 +1,173 @@
+"""Compiling the transformers: whether this server compiles, its kernel cache, and the regional compile.
+
+What the operator asked for is `lassie.settings.CompileSettings`; what only this machine can
+decide is here: whether torch has the asked backend, and compiling by default on CUDA GPUs only.
+Warm-up (which graphs to compile before the first request) is `lassie.engine.variants`'s, the owner of
+the transformers it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lassie.engine.hardware import DeviceInfo
+from lassie.fetch.storage import writable_place
+from lassie.settings import (
+    COMPILE_BACKEND_ENV,
+    COMPILE_ENV,
+    DEFAULT_COMPILE_BACKEND,
+    INDUCTOR_CACHE_ENV,
+    CompileSettings,
+    SettingError,
+)
+
+log = logging.getLogger(__name__)
+
+COMPILE_CACHE_DIRNAME = "compile-cache"
+DEFAULT_COMPILE_MODE = "default"
+RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class CompileSetting:
+    enabled: bool
+    mode: str = DEFAULT_COMPILE_MODE
+    backend: str = DEFAULT_COMPILE_BACKEND
+    reason: str = ""
+
+
+def compile_setting(settings: CompileSettings, device: DeviceInfo) -> CompileSetting:
+    """`LASSIE_COMPILE`: unset compiles on CUDA GPUs only (inductor's CPU code takes minutes to
+    build for seconds of gain); on or a torch.compile mode name compiles on any device, so the
+    compiled path runs in tests and on any machine; off never. `LASSIE_COMPILE_BACKEND` (default
+    inductor) picks the backend, e.g. `aot_eager`, which specialises exactly as inductor does;
+    one this torch does not have fails setup."""
+    if settings.requested is False:
+        return CompileSetting(False, reason=f"{COMPILE_ENV} is off")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if settings.backend not in backends:
+        raise SettingError(COMPILE_BACKEND_ENV, f"one of {', '.join(sorted(backends))}", settings.backend)
+    if settings.requested is None and device.kind != "cuda":
+        return CompileSetting(False, reason=f"no CUDA GPU ({device.describe()}); {COMPILE_ENV}=1 compiles anyway")
+    return CompileSetting(True, mode=settings.mode, backend=settings.backend,
+                          reason=f"backend {settings.backend}, mode {settings.mode}")
+
+
+@dataclass(frozen=True)
+class CompileCache:
+    """Where inductor keeps its caches, and the portable artifacts that carry them to a new machine.
+
+    `artifacts` is written after warm-up and read before the next one; `carried` is where an image
+    or a weights volume may have brought one (beside read-only weights), read when `artifacts` is absent.
+    """
+
+    directory: Path
+    artifacts: Path
+    carried: Path | None = None
+
+    def load(self) -> None:
+        """Fill inductor's caches from the saved artifacts, so warm-up compiles only what they lack."""
+        source = next((path for path in (self.artifacts, self.carried) if path and path.is_file()), None)
+        if source is None:
+            log.info("compile cache: no saved artifacts for this machine (%s); warm-up compiles from cold",
+                     self.artifacts.name)
+            return
+        try:
+            info = torch.compiler.load_cache_artifacts(source.read_bytes())
+        except Exception as error:
+            log.warning("compile cache: loading %s failed (%s: %s); warm-up compiles from cold",
+                        source, type(error).__name__, error)
+            return
+        if info is None:  # torch logs why (a corrupt or foreign file) and returns nothing
+            log.warning("compile cache: %s could not be read; warm-up compiles from cold", source)
+            return
+        log.info("compile cache: loaded %s (%s)", source, _entries(info))
+
+    def save(self) -> None:
+        """Write what this process compiled or loaded, for the next start; a failure costs only that reuse."""
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:
+                log.info("compile cache: nothing to save")
+                return
+            data, info = saved
+            partial = self.artifacts.with_name(f"{self.artifacts.name}.{os.getpid()}.partial")  # servers may share it
+            partial.write_bytes(data)
+            partial.replace(self.artifacts)
+        except Exception as error:
+            log.warning("compile cache: saving %s failed (%s: %s); the next start compiles from cold",
+                        self.artifacts, type(error).__name__, error)
+            return
+        log.info("compile cache: saved %s (%d bytes; %s)", self.artifacts, len(data), _entries(info))
+
+
+def _entries(info: object) -> str:
+    """`CacheInfo`'s artifact counts by kind, on one line."""
+    artifacts = getattr(info, "artifacts", None) or {}
+    return ", ".join(f"{len(keys)} {kind}" for kind, keys in artifacts.items() if keys) or "no entries"
+
+
+def artifacts_name(device: DeviceInfo, setting: CompileSetting) -> str:
+    """What must match for compiled kernels to be reused: torch and Python, the device and its
+    architecture (and CUDA's version), the backend and mode. Anything else that changes a graph
+    (diffusers, the weights' shapes) changes inductor's own keys inside the file: a miss, not an error."""
+    parts = [f"torch-{torch.__version__}", f"py{sys.version_info.major}.{sys.version_info.minor}"]
+    if device.is_gpu:
+        major, minor = device.capability or (0, 0)
+        parts += [device.name, f"sm{major}{minor}", f"cuda-{torch.version.cuda or torch.version.hip}"]
+    else:
+        parts += ["cpu", platform.machine()]
+    parts += [setting.backend, setting.mode]
+    return "artifacts_" + re.sub(r"[^A-Za-z0-9.+-]+", "-", "_".join(parts)) + ".bin"
+
+
+def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device: DeviceInfo,
+                            setting: CompileSetting) -> CompileCache | None:
+    """Put inductor's caches (FX graphs, AOTAutograd, autotuning, Triton) where the operator chose
+    (`TORCHINDUCTOR_CACHE_DIR` as the process started, then `LASSIE_COMPILE_CACHE`; one that cannot
+    be written fails setup naming it), else beside the weights, so a restarted server reuses its
+    compiled kernels. Read-only weights get a temporary place instead, with one log line, and
+    their carried artifacts are still read. Inductor reads the place from `TORCHINDUCTOR_CACHE_DIR`
+    at each use, so that is where it goes, whatever torch wrote there when it was imported: the
+    paths torch memoises are first computed at a compile, and setup calls this before any (checked
+    on torch 2.13; only CPU's precompiled headers stay under the temporary directory)."""
+    beside_weights = weights_dir / COMPILE_CACHE_DIRNAME
+    name = artifacts_name(device, setting)
+    try:
+        directory = writable_place("compile cache", beside_weights, settings.cache_dir, settings.cache_variable)
+    except OSError as error:
+        log.warning("%s; compiled kernels will not outlive this process", error)
+        return None
+    os.environ[INDUCTOR_CACHE_ENV] = str(directory)
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = True
+    torch._inductor.config.autotune_local_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    carried = beside_weights / name if directory != beside_weights else None
+    return CompileCache(directory, directory / name, carried)
+
+
+def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None:
+    """Regional compile of the repeated blocks, in place (module names and PEFT keys unchanged).
+
+    One graph per block class serves all 57 blocks, dev and schnell alike, which keeps compile
+    time to a fraction of a whole-model compile. `dynamic=True` serves every output size and
+    batch of 2 or more from one graph (batch 1 is specialised: its own graph). LoRA scales are
+    tensors (`lassie.engine.adapters`), so changing them never recompiles; the active-adapter set is
+    guarded, one graph each. Modes are inductor's: other backends get none.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    inductor_mode = setting.backend == DEFAULT_COMPILE_BACKEND and setting.mode != DEFAULT_COMPILE_MODE
+    mode = setting.mode if inductor_mode else None
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=mode, backend=setting.backend)

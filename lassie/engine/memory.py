@@ -1,0 +1,275 @@
+"""What stays resident on the GPU, and whether the worst request still fits beside it.
+
+The plan is computed, not asserted: `footprint_from_configs` counts the parameters of every resident
+module built on the meta device from its config (at setup, the configs of the weights about to
+be loaded; in tests, the full-size ones of `scripts/flux_configs`), the Lassie LoRA's adapter on
+each transformer (its tensors as the file holds them, or `LASSIE_RANK_BOUND` where no file is
+given), and `plan_memory` weighs them against the device's memory, the working memory of the
+worst request the schema allows (4 outputs at 1440x1440, go_fast, an extra LoRA in a slot) and
+`HEADROOM_BYTES` more, because the activation figure is an estimate. Candidates are tried from
+fastest to leanest:
+
+1. both go_fast copies resident, the hot-swap slots at the asked ranks, VAE decoding the batch
+   at once;
+2. the same with VAE slicing (one image decoded at a time: the same images, a fraction of the
+   memory);
+3. the same with a narrower widest slot (halved, down to `MIN_SLOT_RANK`; see `narrower_ranks`);
+4. no go_fast copies: go_fast runs the bf16 transformers, which need no extra memory;
+and when not even that fits, setup fails with the memory it needs: never an OOM in a request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lassie.engine.prompts import PROMPT_CACHE_ENTRIES
+from lassie.weights.layout import WeightsLayout
+
+GIB = 2**30
+BF16_BYTES = 2
+FP8_BYTES = 1
+
+WORST_SIZE = (1440, 1440)
+WORST_OUTPUTS = 4
+TEXT_TOKENS = 512
+PATCH_PIXELS = 16
+# Measured: AutoencoderKL decode of FLUX latents in bf16 peaks at about 1.8 GiB per output megapixel.
+VAE_DECODE_BYTES_PER_MEGAPIXEL = 1.8 * GIB
+# Estimated (not yet measured on a GPU): live bf16 activations inside one FLUX block, in units of one
+# (tokens x hidden) tensor: the residual streams, the normed input, q/k/v, the attention output and
+# the 4x MLP hidden state with its activation.
+BLOCK_ACTIVATION_TENSORS = 16
+# CUDA context, cuBLAS/cuDNN workspaces, compile workspaces and allocator fragmentation.
+RESERVED_BYTES = 3 * GIB
+# Kept free beyond the worst request's estimated working memory: the estimate is not yet measured.
+HEADROOM_BYTES = 2 * GIB
+MIN_SLOT_RANK = 32
+# Without the Lassie LoRA file (the plan made from configs alone): what a LoRA of this rank on
+# every linear takes, the most Replicate's FLUX LoRA trainer makes (rank 16 is its default).
+LASSIE_RANK_BOUND = 128
+# The prompt cache full (lassie.engine.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
+T5_HIDDEN_SIZE = 4096
+PROMPT_CACHE_BYTES = PROMPT_CACHE_ENTRIES * TEXT_TOKENS * T5_HIDDEN_SIZE * BF16_BYTES
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Parameter counts of the modules that stay on the device, and what the variants add."""
+
+    transformer_parameters: dict[str, int]
+    token_linear_parameters: int
+    slot_parameters_per_rank: int
+    text_encoder_parameters: int
+    vae_parameters: int
+    safety_parameters: int
+    hidden_size: int
+    lassie_parameters: int  # the Lassie LoRA's tensors (see LASSIE_RANK_BOUND)
+    cached_bytes: int = 0  # the prompt-embedding cache, when it is on
+
+    def resident_bytes(self, go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> int:
+        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on
+        each transformer the slots and the Lassie adapter (its text-encoder part counted there too)."""
+        transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
+        total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
+                 + self.safety_parameters) * BF16_BYTES
+        if go_fast_copies:
+            total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
+        total += transformers * (sum(slot_ranks) * self.slot_parameters_per_rank + self.lassie_parameters) * BF16_BYTES
+        return total + self.cached_bytes
+
+    def working_bytes(self, size: tuple[int, int], outputs: int, vae_slicing: bool) -> int:
+        """Peak working memory of one request: denoising and VAE decode run one after the other."""
+        width, height = size
+        tokens = (width // PATCH_PIXELS) * (height // PATCH_PIXELS) + TEXT_TOKENS
+        denoising = outputs * tokens * self.hidden_size * BF16_BYTES * BLOCK_ACTIVATION_TENSORS
+        decoded_megapixels = width * height / 1e6 * (1 if vae_slicing else outputs)
+        return max(denoising, int(decoded_megapixels * VAE_DECODE_BYTES_PER_MEGAPIXEL))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    go_fast_copies: bool
+    vae_slicing: bool
+    slot_ranks: tuple[int, ...]  # () is no slot
+    resident_bytes: int
+    worst_request_bytes: int
+    reason: str
+
+
+class InsufficientMemory(RuntimeError):
+    pass
+
+
+def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
+                slot_ranks: tuple[int, ...], prompt_cache: bool = False) -> MemoryPlan:
+    """The fastest arrangement whose resident set plus the worst request fits `device_bytes`.
+
+    `device_bytes` None means host memory (CPU): everything stays, nothing is planned around.
+    `prompt_cache` (`LASSIE_PROMPT_CACHE`) adds its full size to what stays resident.
+    """
+    if prompt_cache:
+        footprint = replace(footprint, cached_bytes=PROMPT_CACHE_BYTES)
+    if device_bytes is None:
+        return _plan(footprint, quantizes, False, slot_ranks, "host memory: every variant stays resident")
+    budget = device_bytes - RESERVED_BYTES - HEADROOM_BYTES
+    candidates = _candidates(quantizes, slot_ranks)
+    for go_fast_copies, vae_slicing, ranks in candidates:
+        plan = _plan(footprint, go_fast_copies, vae_slicing, ranks, "")
+        if plan.resident_bytes + plan.worst_request_bytes <= budget:
+            return _explained(plan, device_bytes, quantizes, slot_ranks)
+    leanest = _plan(footprint, *candidates[-1], "")
+    needed = leanest.resident_bytes + leanest.worst_request_bytes + RESERVED_BYTES + HEADROOM_BYTES
+    raise InsufficientMemory(
+        f"this GPU has {device_bytes / GIB:.1f} GiB; lassie needs at least {needed / GIB:.1f} GiB "
+        f"(bf16 dev + schnell with their LoRA adapters, text encoders, VAE and safety models: "
+        f"{leanest.resident_bytes / GIB:.1f} GiB; the largest request: {leanest.worst_request_bytes / GIB:.1f} GiB; "
+        f"reserve {RESERVED_BYTES / GIB:.0f} GiB and headroom {HEADROOM_BYTES / GIB:.0f} GiB)")
+
+
+def narrower_ranks(slot_ranks: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The slots with the widest halved (the narrower ones it reaches merge into it), or None when
+    it would fall below `MIN_SLOT_RANK`: (32, 128) -> (32, 64) -> (32,)."""
+    half = slot_ranks[-1] // 2 if slot_ranks else 0
+    if half < MIN_SLOT_RANK:
+        return None
+    return (*(rank for rank in slot_ranks if rank < half), half)
+
+
+def _candidates(quantizes: bool, slot_ranks: tuple[int, ...]) -> list[tuple[bool, bool, tuple[int, ...]]]:
+    """(go_fast copies, VAE slicing, slot ranks), fastest first: narrower slots only after slicing."""
+    narrower = []
+    while (ranks := narrower_ranks(narrower[-1] if narrower else slot_ranks)) is not None:
+        narrower.append(ranks)
+    candidates = []
+    for go_fast_copies in ([True, False] if quantizes else [False]):
+        candidates += [(go_fast_copies, False, slot_ranks), (go_fast_copies, True, slot_ranks)]
+        candidates += [(go_fast_copies, True, ranks) for ranks in narrower]
+    return candidates
+
+
+def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_ranks: tuple[int, ...],
+          reason: str) -> MemoryPlan:
+    return MemoryPlan(
+        go_fast_copies=go_fast_copies,
+        vae_slicing=vae_slicing,
+        slot_ranks=slot_ranks,
+        resident_bytes=footprint.resident_bytes(go_fast_copies, slot_ranks),
+        worst_request_bytes=footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing),
+        reason=reason,
+    )
+
+
+def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_ranks: tuple[int, ...]) -> MemoryPlan:
+    parts = [f"{plan.resident_bytes / GIB:.1f} GiB resident + {plan.worst_request_bytes / GIB:.1f} GiB for the "
+             f"largest request of {device_bytes / GIB:.1f} GiB"]
+    if quantizes:
+        parts.append("go_fast copies resident" if plan.go_fast_copies
+                     else "no room for go_fast copies: go_fast runs bf16")
+    if plan.vae_slicing:
+        parts.append("VAE decodes one image at a time")
+    if plan.slot_ranks != asked_ranks:
+        parts.append(f"hot-swap slots narrowed to {ranks_text(plan.slot_ranks)} (LoRAs up to rank "
+                     f"{plan.slot_ranks[-1]})")
+    return replace(plan, reason="memory plan: " + "; ".join(parts))
+
+
+def ranks_text(slot_ranks: tuple[int, ...]) -> str:
+    """(32, 128) -> 'ranks 32, 128'."""
+    if not slot_ranks:
+        return "no slot"
+    return ("rank " if len(slot_ranks) == 1 else "ranks ") + ", ".join(map(str, slot_ranks))
+
+
+def parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Module], vae: nn.Module,
+                 safety: list[nn.Module], lassie_parameters: int | None = None) -> Footprint:
+    """Counts the modules as they are (real or on the meta device), without LoRA adapters: those
+    are counted per transformer (`lassie_parameters`: None is `LASSIE_RANK_BOUND` on every linear)."""
+    from lassie.engine.go_fast import is_token_linear
+
+    first = next(iter(transformers.values()))
+    linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
+    slot_parameters_per_rank = sum(module.in_features + module.out_features for _, module in linears)
+    return Footprint(
+        transformer_parameters={model: parameters(transformer) for model, transformer in transformers.items()},
+        token_linear_parameters=sum(module.weight.numel() for name, module in linears if is_token_linear(module, name)),
+        slot_parameters_per_rank=slot_parameters_per_rank,
+        text_encoder_parameters=sum(parameters(encoder) for encoder in text_encoders),
+        vae_parameters=parameters(vae),
+        safety_parameters=sum(parameters(model) for model in safety),
+        hidden_size=first.config.num_attention_heads * first.config.attention_head_dim,
+        lassie_parameters=(LASSIE_RANK_BOUND * slot_parameters_per_rank if lassie_parameters is None
+                           else lassie_parameters),
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The config files that size every resident module."""
+
+    transformers: dict[str, Path]
+    t5: Path
+    clip: Path
+    vae: Path
+    compvis: Path
+    falcon: Path
+    lassie_lora: Path | None = None  # None: sized by LASSIE_RANK_BOUND
+
+    @classmethod
+    def of_layout(cls, layout: WeightsLayout, lassie_lora: Path) -> ModelConfigs:
+        """The weights about to be loaded, so the plan is known before anything reaches the GPU;
+        `lassie_lora` is the one setup resolved (COG_WEIGHTS, LASSIE_LORA_URL or weights/lassie/)."""
+        return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
+                                 "schnell": layout.schnell_dir / "transformer" / "config.json"},
+                   t5=layout.dev_dir / "text_encoder_2" / "config.json",
+                   clip=layout.dev_dir / "text_encoder" / "config.json", vae=layout.dev_dir / "vae" / "config.json",
+                   compvis=layout.compvis_dir / "config.json", falcon=layout.falcon_dir / "config.json",
+                   lassie_lora=lassie_lora)
+
+
+def footprint_from_configs(configs: ModelConfigs) -> Footprint:
+    """Every resident module built on the meta device from its config: no memory, a few seconds
+    at full size."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import (
+        CLIPConfig,
+        CLIPTextConfig,
+        CLIPTextModel,
+        T5Config,
+        T5EncoderModel,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    with torch.device("meta"):
+        transformers = {model: FluxTransformer2DModel.from_config(_read(path))
+                        for model, path in configs.transformers.items()}
+        text_encoders = [T5EncoderModel(T5Config(**_read(configs.t5))),
+                         CLIPTextModel(CLIPTextConfig(**_read(configs.clip)))]
+        vae = AutoencoderKL.from_config(_read(configs.vae))
+        safety = [StableDiffusionSafetyChecker(CLIPConfig(**_read(configs.compvis))),
+                  ViTForImageClassification(ViTConfig(**_read(configs.falcon)))]
+    lassie = lora_parameters(configs.lassie_lora) if configs.lassie_lora is not None else None
+    return footprint_of(transformers, text_encoders, vae, safety, lassie)
+
+
+def lora_parameters(path: Path) -> int:
+    """Every tensor of a LoRA file, counted from its header (nothing is read into memory)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as lora:
+        return sum(math.prod(lora.get_slice(key).get_shape()) for key in lora.keys())
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())

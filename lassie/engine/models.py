@@ -1,0 +1,95 @@
+"""Loading FLUX dev and schnell once, sharing the VAE, text encoders and tokenizers between them.
+
+Pipelines (dev or schnell x txt2img / img2img / inpainting) are light views over the same
+modules: nothing is loaded or held twice. Each gets its own scheduler instance, because
+schedulers keep per-call state (begin index, step index) that must not leak between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+from lassie.engine.attention import asked_attention, installed_attention_packages, use_attention
+from lassie.engine.hardware import DeviceInfo
+from lassie.engine.prompts import PromptCache
+from lassie.request.plan import Mode
+from lassie.settings import DEFAULT_ATTENTION_BACKEND
+from lassie.weights.layout import WeightsLayout
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES: dict[Mode, type[DiffusionPipeline]] = {
+    Mode.TXT2IMG: FluxPipeline,
+    Mode.IMG2IMG: FluxImg2ImgPipeline,
+    Mode.INPAINT: FluxInpaintPipeline,
+}
+
+
+@dataclass
+class FluxModels:
+    """The loaded modules. `transformers` maps model name -> transformer (dev, schnell); `prompts`
+    caches embeddings of the shared text encoders (`LASSIE_PROMPT_CACHE`; None: every request encodes)."""
+
+    base: FluxPipeline
+    transformers: dict[str, FluxTransformer2DModel]
+    schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
+    prompts: PromptCache | None = None
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.base.text_encoder
+
+    def pipeline(self, model: str, mode: Mode, transformer: FluxTransformer2DModel | None = None) -> DiffusionPipeline:
+        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. its go_fast copy).
+
+        Built per call (about a millisecond) rather than cached: a cache would keep dropped go_fast
+        copies alive, and a fresh scheduler carries no state from the previous call.
+        """
+        components = dict(self.base.components)
+        components["transformer"] = transformer if transformer is not None else self.transformers[model]
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(self.schedulers[model].config)
+        return PIPELINE_CLASSES[mode](**components)
+
+
+def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = False,
+                prompt_cache: bool = False) -> FluxModels:
+    """Weights go straight to `device` in its dtype (`device_map`), never staged whole in host memory first.
+    `vae_slicing` decodes a batch one image at a time (the memory plan's call); `prompt_cache`
+    keeps recent prompts' embeddings (`LASSIE_PROMPT_CACHE`)."""
+    device_map = device.torch_device.type
+    log.info("loading FLUX.1 dev from %s (%s, %s)", layout.dev_dir, device.torch_device, device.dtype)
+    base = FluxPipeline.from_pretrained(layout.dev_dir, dtype=device.dtype, device_map=device_map)
+    log.info("loading FLUX.1 schnell transformer from %s", layout.schnell_dir)
+    schnell = FluxTransformer2DModel.from_pretrained(layout.schnell_dir / "transformer", dtype=device.dtype,
+                                                     device_map=device_map)
+    if vae_slicing:
+        base.vae.enable_slicing()
+    schedulers = {
+        "dev": base.scheduler,
+        "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(layout.schnell_dir / "scheduler"),
+    }
+    return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers,
+                      prompts=PromptCache() if prompt_cache else None)
+
+
+def prepare_for_speed(models: FluxModels, hardware: DeviceInfo, attention: str = DEFAULT_ATTENTION_BACKEND) -> None:
+    """What runs faster around the same weights: the attention backend (`LASSIE_ATTENTION_BACKEND`),
+    and on GPUs the VAE in channels_last, the layout cuDNN's convolutions run fastest in (same
+    numbers within float rounding; CPUs keep the contiguous layout diffusers' own pipelines use,
+    image for image)."""
+    choice = asked_attention(attention, hardware.kind, hardware.capability, installed_attention_packages())
+    use_attention(models.transformers.values(), choice)
+    if hardware.is_gpu:
+        models.base.vae.to(memory_format=torch.channels_last)
+        log.info("VAE in channels_last")

@@ -1,0 +1,90 @@
+"""The safety filter: the CompVis checker over the batch, Falconsai's classifier as a second opinion.
+
+The CompVis checker alone flags many harmless images. As Replicate's FLUX models do, an image is
+dropped only when the Falcon classifier, asked about each image CompVis flagged, calls it nsfw too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    BaseImageProcessor,
+    CLIPImageProcessor,
+    ViTForImageClassification,
+)
+
+from lassie.engine.hardware import DeviceInfo
+from lassie.weights.layout import WeightsLayout
+
+log = logging.getLogger(__name__)
+
+NSFW_LABEL = "nsfw"
+
+
+class AllOutputsFlaggedError(RuntimeError):
+    """Nothing is left to return: the user gets the reason and what to try instead of an empty result."""
+
+    def __init__(self, count: int) -> None:
+        outputs = "The output was" if count == 1 else f"All {count} outputs were"
+        super().__init__(f"{outputs} flagged as NSFW by the safety checker, so nothing can be returned. "
+                         "Try a different prompt (or set disable_safety_checker).")
+
+
+class SafetyFilter:
+    """Both models, loaded once at setup and kept on the generation device."""
+
+    def __init__(self, checker: StableDiffusionSafetyChecker, checker_processor: BaseImageProcessor,
+                 classifier: ViTForImageClassification, classifier_processor: BaseImageProcessor,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.checker = checker
+        self.checker_processor = checker_processor
+        self.classifier = classifier
+        self.classifier_processor = classifier_processor
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, layout: WeightsLayout, device: DeviceInfo) -> SafetyFilter:
+        """On the generation device, in its dtype."""
+        checker = StableDiffusionSafetyChecker.from_pretrained(layout.compvis_dir)
+        classifier = ViTForImageClassification.from_pretrained(layout.falcon_dir)
+        return cls(
+            checker.to(device=device.torch_device, dtype=device.dtype).eval(),
+            CLIPImageProcessor.from_pretrained(layout.compvis_dir),
+            classifier.to(device=device.torch_device, dtype=device.dtype).eval(),
+            AutoImageProcessor.from_pretrained(layout.falcon_dir),
+            device.torch_device,
+            device.dtype,
+        )
+
+    def filter(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The images kept, in order: every image unless both models flag it; raises when that leaves nothing."""
+        flagged = [index for index, flag in enumerate(self.checker_flags(images)) if flag]
+        confirmed = self.classifier_flags([images[index] for index in flagged]) if flagged else []
+        dropped = {index for index, nsfw in zip(flagged, confirmed, strict=True) if nsfw}
+        log.info("safety: %d of %d outputs flagged by CompVis, %d of those confirmed by Falcon and dropped",
+                 len(flagged), len(images), len(dropped))
+        if images and len(dropped) == len(images):
+            raise AllOutputsFlaggedError(len(images))
+        return [image for index, image in enumerate(images) if index not in dropped]
+
+    @torch.inference_mode()
+    def checker_flags(self, images: list[Image.Image]) -> list[bool]:
+        pixels = self.checker_processor(images=images, return_tensors="pt").pixel_values
+        # The checker blacks out flagged images in the list it is given: give it copies it may spoil.
+        _, flags = self.checker(clip_input=pixels.to(self.device, self.dtype),
+                                images=[np.asarray(image) for image in images])
+        return [bool(flag) for flag in flags]
+
+    @torch.inference_mode()
+    def classifier_flags(self, images: list[Image.Image]) -> list[bool]:
+        pixels = self.classifier_processor(images=images, return_tensors="pt").pixel_values
+        logits = self.classifier(pixel_values=pixels.to(self.device, self.dtype)).logits
+        labels = [self.classifier.config.id2label[index] for index in logits.argmax(dim=-1).tolist()]
+        return [label.lower() == NSFW_LABEL for label in labels]

@@ -1,0 +1,348 @@
+"""The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their
+LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
+
+The Lassie LoRA is an ordinary PEFT adapter whose scale is a tensor (a graph input), active on
+every variant at every scale, 0 included; with slots, one slot is active too, at scale 0 when the
+request has no extra LoRA. So every request runs the same adapter set, and warm-up compiles one
+graph set per precision (`plan_warm_up`). `LASSIE_MERGE_LASSIE` merges Lassie once, at setup, into
+each variant's weights at the scale that variant's default request runs it (`MERGED_LASSIE_SCALE`:
+1.0 bf16, go_fast's 1.5 on the go_fast copies); its adapter then runs the difference to other
+scales. `LASSIE_ADAPTERS_WHEN_NEEDED` turns idle adapters off instead (no Lassie adapter at the
+merged scale, no slot without an extra LoRA): less work per step, more graph sets. A merge
+that fails leaves Lassie an adapter there, with one log line.
+
+`predict()` asks for a (model, go_fast) variant with its LoRA scales and gets a ready module;
+`run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
+
+- After warm-up, requests run under torch's `fail_on_recompile` stance. A call that would need
+  a graph warm-up did not make is run again under `eager_on_recompile` (the compiled graphs
+  that fit still run, the rest eagerly), with one warning naming the guards that failed. Torch
+  raises that refusal as a plain RuntimeError, recognised by its message.
+- A compiled call that raises anything else through torch's compiler is run again eagerly; if
+  that works, the variant stays eager from then on, with one warning naming the error. Interrupts
+  (cancellation) are BaseExceptions and pass through untouched.
+  `FailOnRecompileLimitHit` cannot happen: nothing compiles after setup.
+- A compile that fails at setup leaves the server eager (`force_eager`), and go_fast copies that
+  cannot be built leave go_fast on bf16, each with one log line: never SETUP_FAILED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from lassie.engine.adapters import LoraAdapters
+from lassie.engine.compilation import CompileSetting, compile_transformer
+from lassie.engine.generate import Inputs, pipeline_arguments
+from lassie.engine.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
+from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS
+from lassie.engine.memory import MemoryPlan
+from lassie.engine.models import FluxModels
+from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
+from lassie.settings import SpeedSwitches
+
+log = logging.getLogger(__name__)
+
+LASSIE_ADAPTER = "lassie"
+# go_fast -> the Lassie scale merged into that variant's weights: the default request's (lora_scale 1).
+MERGED_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
+# How far from the merged scale warm-up runs the Lassie adapter (any nonzero value: scales are graph inputs).
+WARM_UP_LASSIE_DELTA = 0.5
+WARM_UP_SIZE = (256, 256)
+WARM_UP_OUTPUTS = 1
+# Regional compilation compiles one graph per block class: FLUX's double and single blocks.
+BLOCK_CLASSES = 2
+# Extra LoRAs kept converted after their request, so switching back to one reads and converts
+# nothing. With hot-swap slots a kept LoRA costs host memory only (its tensors are copied into a
+# slot when used); without, each would stay a named adapter on the device, so only the last is kept.
+KEPT_EXTRA_LORAS = 4
+T = TypeVar("T")
+# What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
+RECOMPILE_REFUSED = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
+GUARD_LINE = re.compile(r"^\s*- \d+/\d+: (.+)$", re.MULTILINE)
+# Where a compiled call runs: an error raised through these came from the compiled path.
+COMPILER_MODULES = ("torch._dynamo.", "torch._functorch.", "torch._inductor.")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A runnable transformer: `go_fast` is the model's go_fast copy (fp8 where the hardware has it)."""
+
+    model: str
+    go_fast: bool
+
+    def __str__(self) -> str:
+        return f"{self.model} go_fast" if self.go_fast else self.model
+
+
+@dataclass(frozen=True)
+class WarmUpRun:
+    variant: Variant
+    lassie_adapter: bool  # the Lassie adapter runs (False only when idle adapters are off: at the merged scale)
+    slot_rank: int | None  # the slot active (idle, at scale 0), or None: no slot runs
+
+
+def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...], when_needed: bool = False) -> list[WarmUpRun]:
+    """One short call per set of graphs requests use.
+
+    Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. By default
+    every request runs the same set: Lassie always, and one slot (the one holding the extra LoRA,
+    else the narrowest at scale 0), so one set per slot rank. With `when_needed` (idle adapters
+    off) the Lassie adapter is off or on and no slot or any one runs: 2 x (1 + slots) sets.
+    Sizes, batch sizes (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots'
+    contents are graph inputs.
+    dev and schnell share their block classes and so their graphs: warming dev covers schnell.
+    """
+    variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
+    lassie_states = (False, True) if when_needed else (True,)
+    slot_states = (None, *slot_ranks) if when_needed else (slot_ranks or (None,))
+    return [WarmUpRun(variant, lassie_adapter, slot_rank)
+            for variant in variants for lassie_adapter in lassie_states for slot_rank in slot_states]
+
+
+def planned_graphs(runs: list[WarmUpRun]) -> int:
+    """Each warm-up call compiles one graph per block class; no two calls share an adapter set."""
+    return len(runs) * BLOCK_CLASSES
+
+
+def extra_adapter_name(path: Path) -> str:
+    """PEFT adapter names cannot hold dots or slashes: name extras by a digest of their cache file.
+
+    The file's size and modification time are part of it, so a re-fetched file is a new adapter.
+    """
+    stat = path.stat()
+    identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return "extra_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+class TransformerVariants:
+    def __init__(self, models: FluxModels, go_fast_plan: GoFastPlan, compile_setting: CompileSetting,
+                 memory: MemoryPlan, switches: SpeedSwitches = SpeedSwitches()) -> None:
+        self._models = models
+        self._compile = compile_setting
+        self._memory = memory
+        self._switches = switches
+        self.go_fast_plan = go_fast_plan
+        self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
+                                      in models.transformers.items()}, models.text_encoder,
+                                     slot_ranks=memory.slot_ranks, idle_active=not switches.adapters_when_needed)
+        self._go_fast_copies: dict[str, nn.Module] = {}
+        self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
+        self._stance: str | None = None
+        self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
+
+    def prepare(self, lassie_lora: Path) -> None:
+        """Lassie on every variant (merged into the weights with `LASSIE_MERGE_LASSIE`), the go_fast
+        copies, then compile and warm-up: after this no request loads, quantizes or compiles
+        anything but an extra LoRA's weights."""
+        self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
+        for variant in self.variants():
+            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[False]})
+        if self._switches.merge_lassie:
+            self._merge_lassie()
+        self._build_go_fast_copies()
+        for variant in self.variants():
+            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[variant.go_fast]})
+        if self._compile.enabled:
+            self._compile_and_warm_up()
+
+    def _merge_lassie(self) -> None:
+        """Lassie at 1.0 into the bf16 weights, once; the go_fast copies are built from them."""
+        for variant in self.variants():
+            try:
+                self.adapters.merge(variant, LASSIE_ADAPTER, MERGED_LASSIE_SCALE[variant.go_fast])
+            except Exception as error:
+                log.warning("merging the Lassie LoRA into the %s weights failed (%s); it runs as an adapter "
+                            "at every step there", variant, _one_line(error))
+            else:
+                log.info("Lassie LoRA merged into the %s weights at %g: requests at that scale run no LoRA work, "
+                         "others run the difference as an adapter", variant, MERGED_LASSIE_SCALE[variant.go_fast])
+
+    def variants(self) -> list[Variant]:
+        return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
+                if not go_fast or model in self._go_fast_copies]
+
+    def variant_for(self, model: str, go_fast: bool) -> Variant:
+        return Variant(model, go_fast and model in self._go_fast_copies)
+
+    def transformer(self, variant: Variant) -> nn.Module:
+        return self._go_fast_copies[variant.model] if variant.go_fast else self._models.transformers[variant.model]
+
+    def ready(self, variant: Variant, lassie_scale: float, extra: Path | None, extra_scale: float) -> nn.Module:
+        """The variant with Lassie (and `extra`) active at the given scales. A new extra LoRA
+        joins the kept ones (see `KEPT_EXTRA_LORAS`), dropping the least recently used; one that
+        fails to load leaves the previous state."""
+        scales = {LASSIE_ADAPTER: lassie_scale}
+        new_extra = name = None
+        if extra is not None:
+            name = extra_adapter_name(extra)
+            if name not in self.adapters.names():
+                self.adapters.add(name, extra)
+                new_extra = name
+            scales[name] = extra_scale
+        try:
+            self.adapters.activate(variant, scales)
+        except Exception:
+            if new_extra:
+                self.adapters.remove(new_extra)
+            self._extras = [kept for kept in self._extras if kept in self.adapters.names()]
+            raise
+        if name is not None:
+            self._keep(name)
+        log.info("LoRA scales: %s", ", ".join(f"{name}={scale:g}" for name, scale in scales.items()))
+        return self.transformer(variant)
+
+    def _keep(self, name: str) -> None:
+        """`name` becomes the most recently used extra LoRA; the least recently used beyond the
+        limit are removed (with slots: their slots emptied)."""
+        self._extras = [kept for kept in self._extras if kept != name] + [name]
+        limit = KEPT_EXTRA_LORAS if self.adapters.slot_ranks else 1
+        while len(self._extras) > limit:
+            self.adapters.remove(self._extras.pop(0))
+
+    def run(self, variant: Variant, call: Callable[[], T]) -> T:
+        """`call` (one pipeline call of `variant`) under the stance warm-up left; see the module docstring."""
+        if self._stance is None:
+            return call()
+        stance = "force_eager" if variant in self._eager_variants else self._stance
+        try:
+            with torch.compiler.set_stance(stance):
+                return call()
+        except Exception as error:  # interrupts (cog's CancelationException, KeyboardInterrupt) are BaseExceptions
+            if isinstance(error, RuntimeError) and str(error).startswith(RECOMPILE_REFUSED):
+                log.warning("this request needs a graph warm-up did not compile; running it without compiling "
+                            "the missing graph (guards that failed: %s)", _guard_failures(str(error)))
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    return call()
+            if stance == "force_eager" or not _raised_in_compiled_code(error):
+                raise
+            failure = _one_line(error)  # text only: the traceback's frames would keep the failed call's tensors
+        return self._run_eagerly_after(variant, call, failure)
+
+    def _run_eagerly_after(self, variant: Variant, call: Callable[[], T], failure: str) -> T:
+        """A compiled call failed (`failure`): the same call eagerly, and if that works the variant
+        stays eager (its compiled graphs are what failed). If it fails too, the error is the
+        request's, not the compiler's: the variant stays compiled and the eager error is raised."""
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                result = call()
+        except Exception:
+            log.warning("%s: a compiled call failed (%s) and so did the same call run eagerly", variant, failure)
+            raise
+        self._eager_variants.add(variant)
+        log.warning("%s: a compiled call failed (%s); served eagerly, and %s runs eagerly from now on", variant,
+                    failure, variant)
+        return result
+
+    def _build_go_fast_copies(self) -> None:
+        if not self.go_fast_plan.quantizes:
+            return
+        if not self._memory.go_fast_copies:
+            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, f"{self.go_fast_plan.reason}; {self._memory.reason}")
+            return
+        started = time.perf_counter()
+        try:
+            copies = {model: quantize_transformer(transformer, self.go_fast_plan.mode, self._go_fast_weight(model))
+                      for model, transformer in self._models.transformers.items()}
+        except Exception as error:
+            log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
+                        "transformers", self.go_fast_plan.mode.value, type(error).__name__, error)
+            failed = f"go_fast: {self.go_fast_plan.mode.value} failed at setup"
+            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, failed)
+            return
+        for model, go_fast_copy in copies.items():
+            self._go_fast_copies[model] = go_fast_copy
+            merged = {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[True]} if self._go_fast_weight(model) is not None else {}
+            self.adapters.attach(Variant(model, True), go_fast_copy, merged)
+            if merged:
+                log.info("Lassie LoRA merged into the %s go_fast weights at %g", model, MERGED_LASSIE_SCALE[True])
+        log.info("built the %s go_fast transformers in %.1fs", self.go_fast_plan.mode.value,
+                 time.perf_counter() - started)
+
+    def _go_fast_weight(self, model: str) -> OwnWeight | None:
+        """The go_fast copy's own weights where Lassie adapts a linear: the shared bf16 weights hold
+        it at 1.0, the copy's at 1.5 (a token linear's only until it is quantized). None where the
+        bf16 merge failed: the copy then runs Lassie as an adapter too."""
+        source = Variant(model, False)
+        merged = self.adapters.merged_scale(source, LASSIE_ADAPTER)
+        if not merged:
+            return None
+        missing = MERGED_LASSIE_SCALE[True] - merged
+        return lambda name, weight: self.adapters.merged_weight(source, LASSIE_ADAPTER, name, weight, missing)
+
+    def warm_up_plan(self) -> list[WarmUpRun]:
+        return plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks, self._switches.adapters_when_needed)
+
+    def _compile_and_warm_up(self) -> None:
+        runs = self.warm_up_plan()
+        graphs_before = counters["stats"]["unique_graphs"]
+        started = time.perf_counter()
+        try:
+            for variant in self.variants():
+                compile_transformer(self.transformer(variant), self._compile)
+            # The blocks' batch dimensions traced as unbacked sizes: a backed size 1 is specialised
+            # (torch's 0/1 specialisation, also with `dynamic=True`; `backed_size_oblivious` still
+            # guards batch != 1 at the attention output's `.contiguous()`), so batch 1 would need
+            # graphs of its own. Unbacked, one graph serves every batch. Only tracing reads this.
+            with torch.compiler.config.patch(unbacked_sources=FLUX_BLOCK_BATCH_DIMENSIONS):
+                for run in runs:
+                    self._warm(run)
+        except Exception as error:
+            self._stance = "force_eager"
+            log.warning("compiling failed during warm-up (%s); serving uncompiled", _one_line(error))
+            return
+        self._stance = "fail_on_recompile"
+        log.info("warm-up compiled %d graphs (backend %s, mode %s) with %d calls in %.1fs; %d planned",
+                 counters["stats"]["unique_graphs"] - graphs_before, self._compile.backend, self._compile.mode,
+                 len(runs), time.perf_counter() - started, planned_graphs(runs))
+
+    def _warm(self, run: WarmUpRun) -> None:
+        """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
+        merged = self.adapters.merged_scale(run.variant, LASSIE_ADAPTER)
+        scales = {LASSIE_ADAPTER: merged + WARM_UP_LASSIE_DELTA if run.lassie_adapter else merged}
+        if run.slot_rank is not None:
+            self.adapters.activate_with_idle_slot(run.variant, scales, run.slot_rank)
+        else:
+            self.adapters.activate(run.variant, scales)
+        model = run.variant.model
+        plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0,
+                                 num_outputs=WARM_UP_OUTPUTS))
+        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(run.variant))
+        arguments = pipeline_arguments(replace(plan, size=WARM_UP_SIZE), Inputs()) | {"output_type": "latent"}
+        with torch.inference_mode():
+            pipeline(**arguments)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The error on one line: torch's BackendCompilerFailed puts the backend's own error on the next."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or "no message"
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _raised_in_compiled_code(error: BaseException) -> bool:
+    """Whether `error` came through torch's compiler (dynamo's frame evaluation, AOTAutograd's or
+    inductor's runtime): every call of a compiled block does; a pipeline's own input checks, the
+    VAE and the text encoders do not, and running those again eagerly would change nothing."""
+    return any(frame.f_globals.get("__name__", "").startswith(COMPILER_MODULES)
+               for frame, _ in traceback.walk_tb(error.__traceback__))
+
+
+def _guard_failures(message: str, shown: int = 3) -> str:
+    """The distinct guards torch's message lists (one per cached graph), without their comments."""
+    guards = list(dict.fromkeys(match.group(1).split("  #")[0].strip() for match in GUARD_LINE.finditer(message)))
+    if not guards:
+        return message.splitlines()[0]
+    more = f"; and {len(guards) - shown} more" if len(guards) > shown else ""
+    return "; ".join(guards[:shown]) + more

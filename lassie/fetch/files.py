@@ -1,0 +1,225 @@
+"""Checking and unpacking downloaded LoRA files: only safetensors ever pass.
+
+Pickle-based checkpoints (.bin/.ckpt/.pt) run code when loaded, so nothing but safetensors is
+accepted. The safetensors library itself checks the header, dtypes and offsets and that the tensor
+data covers the file exactly; this module adds what a user needs when it refuses a file (what the
+file is instead: a pickle, an HTML login page, a cut-off download) and the one rule for tar
+archives (Replicate's `_weights`): exactly one .safetensors member, copied out, never a path.
+
+The checks themselves raise caller-neutral errors whose messages do not name the file, so that
+setup (the Lassie LoRA) and requests (`extra_lora`) word their own errors around the same rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from lassie.fetch.http import CHUNK_BYTES, FIELD, human_bytes
+from lassie.request.errors import InputError
+
+HEAD_BYTES = 256
+# What the loaders here handle. The library also reads the sub-byte F4/F6 formats, which no
+# FLUX weights or LoRA use and which would fail later, in a loader, with an obscure error.
+LOADABLE_DTYPES = frozenset({
+    "BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "U16", "I16", "F16", "BF16",
+    "U32", "I32", "F32", "U64", "I64", "F64", "C64",
+})
+# The library's refusals (worded as in safetensors 0.8.0) in the user's terms; its own words follow.
+LIBRARY_REASONS = (
+    ("header too large", "its header length is impossible, so it is not a .safetensors file"),
+    ("invalid header length", "the file is truncated: it ends inside its header"),
+    ("invalid UTF-8", "its header is not JSON"),
+    ("unknown variant", "a tensor has an unknown dtype"),
+    ("expected usize", "a tensor has an invalid shape or invalid data offsets"),
+    ("expected a string", "__metadata__ is not a map of strings"),
+    ("invalid shape, data type, or offset", "a tensor's data does not fit its shape and dtype"),
+    ("invalid offset for tensor", "a tensor has invalid data offsets: tensor data overlaps or leaves gaps"),
+)
+MAX_TAR_MEMBERS = 10_000
+
+
+class UnusableSafetensorsError(ValueError):
+    """A file is not a usable safetensors file; the message says why, without naming the file,
+    so that each caller can wrap it in its own error type."""
+
+
+class UnusableArchiveError(ValueError):
+    """An archive does not give up exactly one .safetensors; the message reads after the
+    archive's name ("holds no .safetensors file ..."), so that each caller can name it."""
+
+
+@dataclass(frozen=True)
+class SafetensorsSummary:
+    tensor_count: int
+    metadata: dict[str, str]
+
+
+# --- safetensors, checked without loading ------------------------------------------------------
+
+
+def validate_safetensors(path: Path, origin: str) -> SafetensorsSummary:
+    """`inspect_safetensors` for a user's LoRA: refusals become an InputError naming `origin`."""
+    try:
+        return inspect_safetensors(path)
+    except UnusableSafetensorsError as problem:
+        raise InputError(FIELD, f"{origin} is not a usable .safetensors file: {problem}") from None
+
+
+def inspect_safetensors(path: Path) -> SafetensorsSummary:
+    """The one safetensors check of the project, so that a truncated file, an HTML error page or a
+    renamed pickle fails here with a clear message instead of in a loader."""
+    size = path.stat().st_size
+    with path.open("rb") as source:
+        start = source.read(HEAD_BYTES)
+    if size < 8:
+        raise UnusableSafetensorsError(f"it is empty or truncated ({size} bytes)")
+    if start[8:9] != b"{":
+        raise UnusableSafetensorsError(_what_it_is_instead(start))
+    try:
+        with safe_open(path, framework="numpy") as tensors:
+            problem = _usability_problem(tensors)
+            summary = SafetensorsSummary(tensor_count=len(tensors.keys()), metadata=tensors.metadata() or {})
+    except SafetensorError as error:
+        raise UnusableSafetensorsError(_library_refusal(path, size, error)) from None
+    if problem is not None:
+        raise UnusableSafetensorsError(problem)
+    return summary
+
+
+def _what_it_is_instead(start: bytes) -> str:
+    """A safetensors file is an 8-byte header length followed by a JSON object; what else it is."""
+    stripped = start.lstrip()
+    if start.startswith(b"PK\x03\x04"):
+        return ("it is a zip archive, i.e. a PyTorch .pt/.bin/.ckpt checkpoint; those are pickle-based and can "
+                "run code when loaded, so only .safetensors files are accepted")
+    if start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "it is a Python pickle (a .bin/.ckpt/.pt checkpoint), which can run code when loaded"
+    if stripped[:1] == b"<":
+        return "it is an HTML/XML page (an error or login page?), not a model file"
+    if stripped[:1] in (b"{", b"["):
+        return "it is a JSON document (an API error?), not a model file"
+    if start[:2] == b"\x1f\x8b":
+        return "it is a gzip archive, not a .safetensors file"
+    return "it does not start with a safetensors header (damaged, or another format)"
+
+
+def _usability_problem(tensors: safe_open) -> str | None:
+    """What the library accepts but nothing here can load: no tensors at all, or a foreign dtype."""
+    names = tensors.keys()
+    if not names:
+        return "it holds no tensors"
+    for name in names:
+        dtype = tensors.get_slice(name).get_dtype()
+        if dtype not in LOADABLE_DTYPES:
+            return f"tensor {name!r} has dtype {dtype}, which the loaders here do not handle"
+    return None
+
+
+def _library_refusal(path: Path, size: int, error: SafetensorError) -> str:
+    """The library's words speak of serde and offsets; lead with what they mean for the file."""
+    detail = str(error).removeprefix("Error while deserializing header: ")
+    if "not fully covered" in detail:
+        return _coverage_problem(path, size)
+    reason = next((reason for fragment, reason in LIBRARY_REASONS if fragment in detail), None)
+    return f"{reason} ({detail})" if reason else detail
+
+
+def _coverage_problem(path: Path, size: int) -> str:
+    """The library only says that the tensor data does not end where the file does; which way
+    tells a cut-off download from trailing junk. Its header has passed the library's checks."""
+    with path.open("rb") as source:
+        header_length = int.from_bytes(source.read(8), "little")
+        header = json.loads(source.read(header_length))
+    header.pop("__metadata__", None)
+    needed = max((info["data_offsets"][1] for info in header.values()), default=0)
+    present = size - 8 - header_length
+    if needed > present:
+        return f"the file is truncated (tensor data needs {needed} bytes, {present} present)"
+    return f"{present - needed} unexpected bytes follow the tensor data"
+
+
+# --- tar archives (Replicate `_weights`) -------------------------------------------------------
+
+
+def unpack_if_tar(fetched: Path, destination: Path, *, max_bytes: int, origin: str) -> Path:
+    """The .safetensors a user's download stands for: a tar gives up its one .safetensors member
+    (copied to `destination`, the tar removed); anything else is taken as the file itself, which
+    the safetensors check judges next."""
+    if not tarfile.is_tarfile(fetched):
+        return fetched
+    extract_single_safetensors(fetched, destination, max_bytes=max_bytes, origin=origin)
+    fetched.unlink()
+    return destination
+
+
+def extract_single_safetensors(archive: Path, destination: Path, *, max_bytes: int, origin: str) -> None:
+    """`safetensors_from_tar` for a user's LoRA: refusals become an InputError naming `origin`."""
+    try:
+        safetensors_from_tar(archive, destination, max_bytes=max_bytes)
+    except UnusableArchiveError as problem:
+        raise InputError(FIELD, f"{origin} {problem}") from None
+
+
+def safetensors_from_tar(archive: Path, destination: Path, *, max_bytes: int) -> None:
+    """The one tar rule: copies the tar's one .safetensors member into `destination`.
+
+    Member names are only compared, never used as paths, so `../` or absolute names cannot write
+    anywhere; links and devices are ignored.
+    """
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            member = _single_safetensors_member(tar)
+            if member.size > max_bytes:
+                raise UnusableArchiveError(f"holds a .safetensors file larger than {human_bytes(max_bytes)}")
+            _copy_member(tar, member, destination)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise UnusableArchiveError(f"is not a readable tar archive ({type(error).__name__})") from None
+
+
+def _single_safetensors_member(tar: tarfile.TarFile) -> tarfile.TarInfo:
+    names, candidates = [], []
+    for count, member in enumerate(tar):
+        if count >= MAX_TAR_MEMBERS:
+            raise UnusableArchiveError(f"holds more than {MAX_TAR_MEMBERS} files")
+        names.append(member.name)
+        basename = member.name.rsplit("/", 1)[-1]
+        if member.isfile() and basename.lower().endswith(".safetensors") and not basename.startswith("._"):
+            candidates.append(member)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise UnusableArchiveError(f"holds no .safetensors file (it holds: {_listing(names)})")
+    raise UnusableArchiveError(
+        f"holds several .safetensors files ({_listing([m.name for m in candidates])}); expected one"
+    )
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:10]) or "nothing"
+    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
+    source = tar.extractfile(member)
+    if source is None:
+        raise tarfile.TarError("member has no data")
+    with source, destination.open("wb") as sink:
+        remaining = member.size
+        while remaining > 0:
+            chunk = source.read(min(CHUNK_BYTES, remaining))
+            if not chunk:
+                raise EOFError("archive ends inside the .safetensors member")
+            sink.write(chunk)
+            remaining -= len(chunk)
+
+
+def sha256_of(path: Path) -> str:
+    """The project's one file hash: the cache's integrity record and the weights manifest use it."""
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()

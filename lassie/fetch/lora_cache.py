@@ -1,0 +1,311 @@
+"""Extra LoRAs on local disk: fetched once, validated, kept under a size budget.
+
+A file only ever appears under its final name complete and validated (it is written in a staging
+folder inside the cache, then renamed), and a checksum beside it catches later damage, so a
+partial or corrupted download can never be mistaken for a good LoRA. Fetches of the same LoRA are
+serialised by a file lock per LoRA (threads and processes alike), so concurrent requests download
+it once; a request that waits on another's download says so in the log.
+
+The disk can fail the cache while it serves: full, or made read-only. A full or read-only cache
+refuses new LoRAs with an error that names the cache's variable and what to do, while LoRAs
+already in it keep serving (no lock file can be created then: fetches fall back to a lock within
+this process, and the LRU clock stands still).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from lassie.fetch.files import sha256_of, validate_safetensors
+from lassie.fetch.http import FIELD, human_bytes
+from lassie.fetch.lora_sources import LoraSource, fetch_source, parse_extra_lora, short_digest
+from lassie.request.errors import InputError
+from lassie.settings import LORA_CACHE_ENV, LoraSettings
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".partial"
+LOCKS_DIR = ".locks"
+STALE_STAGING_SECONDS = 6 * 3600
+FULL_DISK = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class LoraCache:
+    """`fetch(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix.
+
+    Where the cache lives, its budget, and where and how LoRAs are fetched all come from
+    `settings`; the cache sits in `default_directory` (beside the weights) unless they name another.
+    """
+
+    def __init__(self, settings: LoraSettings, default_directory: Path) -> None:
+        self.settings = settings
+        self.directory = Path(settings.cache_dir or default_directory)
+        self.max_bytes = settings.cache_bytes
+        self.min_free_bytes = settings.min_free_bytes
+        self.staging_dir = self.directory / STAGING_DIR
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._locks = _KeyLocks(self.directory / LOCKS_DIR)
+        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._remove_stale_staging()
+
+    def fetch(self, extra_lora: str) -> Path:
+        source = parse_extra_lora(extra_lora)
+        key = short_digest(source.cache_key, 40)
+        with self._locks.fetching(key, source):
+            path = self._cached(key, source) or self._download(key, source)
+        self._evict(keep=key)
+        return path
+
+    def forget(self, extra_lora: str) -> None:
+        """Drops a cached LoRA that was refused after its download (it fits no FLUX layer, say):
+        the cache keeps only LoRAs that can serve."""
+        source = parse_extra_lora(extra_lora)
+        key = short_digest(source.cache_key, 40)
+        with self._locks.fetching(key, source):
+            try:
+                self._remove(key)
+            except OSError as error:
+                logger.warning("extra_lora: could not remove the refused %s from the LoRA cache (%s)",
+                               source.describe(), error.strerror)
+                return
+        logger.info("extra_lora: removed the refused %s from the LoRA cache", source.describe())
+
+    def cached_files(self) -> list[Path]:
+        """The cached LoRA files, least recently used first."""
+        return [path for path, _ in sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)]
+
+    # --- entries --------------------------------------------------------------------------------
+
+    def _data_path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def _record_path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def _cached(self, key: str, source: LoraSource) -> Path | None:
+        data, record = self._data_path(key), self._record_path(key)
+        if not data.exists() and not record.exists():
+            return None
+        problem = self._damage(key, source)
+        if problem is not None:
+            logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again",
+                           source.describe(), problem)
+            self._remove(key)
+            return None
+        _mark_used(data)
+        logger.info("extra_lora: using cached %s", source.describe())
+        return data
+
+    def _damage(self, key: str, source: LoraSource) -> str | None:
+        """What is wrong with a cached entry. The checksum is recomputed once per process and file
+        version (inode, size, mtime), so repeated requests stay cheap while replaced files are caught."""
+        data = self._data_path(key)
+        record = _read_record(self._record_path(key))
+        if record is None or not data.is_file():
+            return "incomplete entry"
+        stat = data.stat()
+        if stat.st_size != record.get("size"):
+            return f"size {stat.st_size} instead of {record.get('size')}"
+        try:
+            validate_safetensors(data, source.describe())
+        except InputError as error:
+            return str(error)
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._verified.get(key) != version:
+            if sha256_of(data) != record.get("sha256"):
+                return "checksum mismatch"
+            self._verified[key] = version
+        return None
+
+    def _download(self, key: str, source: LoraSource) -> Path:
+        logger.info("extra_lora: fetching %s", source.describe())
+        with _disk_faults(source):
+            staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
+            try:
+                fetched = fetch_source(source, staging, self.settings)
+                validate_safetensors(fetched, source.describe())
+                return self._store(key, source, fetched, staging)
+            except BaseException as interrupt:
+                if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
+                    logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _store(self, key: str, source: LoraSource, fetched: Path, staging: Path) -> Path:
+        record = {"key": source.cache_key, "source": source.describe(), "size": fetched.stat().st_size,
+                  "sha256": sha256_of(fetched)}
+        record_tmp = staging / "record.json"
+        record_tmp.write_text(json.dumps(record, indent=1))
+        data = self._data_path(key)
+        os.replace(fetched, data)
+        os.replace(record_tmp, self._record_path(key))
+        _mark_used(data)
+        stat = data.stat()
+        self._verified[key] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        logger.info("extra_lora: cached %s (%s)", source.describe(), human_bytes(record["size"]))
+        return data
+
+    def _remove(self, key: str) -> None:
+        self._verified.pop(key, None)
+        self._data_path(key).unlink(missing_ok=True)
+        self._record_path(key).unlink(missing_ok=True)
+
+    # --- housekeeping ---------------------------------------------------------------------------
+
+    def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        entries = []
+        for path in self.directory.glob("*.safetensors"):
+            try:
+                entries.append((path, path.stat()))
+            except FileNotFoundError:
+                continue
+        return entries
+
+    def _evict(self, keep: str) -> None:
+        """Least recently used first, until under the size budget and enough disk is free; never
+        the entry just returned, never one another request is fetching right now."""
+        try:
+            self._evict_least_used(keep)
+        except OSError as error:
+            logger.warning("extra_lora: could not evict from the LoRA cache (%s); check %s", error.strerror,
+                           LORA_CACHE_ENV)
+
+    def _evict_least_used(self, keep: str) -> None:
+        entries = sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)
+        total = sum(stat.st_size for _, stat in entries)
+        for path, stat in entries:
+            if total <= self.max_bytes and shutil.disk_usage(self.directory).free >= self.min_free_bytes:
+                return
+            key = path.stem
+            if key == keep:
+                continue
+            with self._locks.unless_in_use(key) as free:
+                if free:
+                    self._remove(key)
+                    total -= stat.st_size
+                    logger.info("extra_lora: evicted %s from the LoRA cache", path.name)
+
+    def _remove_stale_staging(self) -> None:
+        """Staging folders left by a crash; recent ones may belong to another process's download."""
+        cutoff = time.time() - STALE_STAGING_SECONDS
+        for leftover in self.staging_dir.iterdir():
+            try:
+                stale = leftover.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def _disk_faults(source: LoraSource) -> Iterator[None]:
+    """A full or read-only cache disk in words that say what to do; other OS errors pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in FULL_DISK:
+            problem = (f"the LoRA cache has no space left to store {source.describe()}. The operator can free "
+                       f"space on its disk, point {LORA_CACHE_ENV} at a larger one, or lower "
+                       "LASSIE_LORA_CACHE_BYTES / raise LASSIE_LORA_CACHE_MIN_FREE_BYTES so that older LoRAs "
+                       "are evicted sooner")
+        elif error.errno in READ_ONLY:
+            problem = (f"the LoRA cache cannot be written ({error.strerror}), so {source.describe()} cannot be "
+                       f"stored; LoRAs already cached still serve. The operator can make it writable or point "
+                       f"{LORA_CACHE_ENV} at a writable directory")
+        else:
+            raise
+        raise InputError(FIELD, problem) from None
+
+
+def _mark_used(path: Path) -> None:
+    """The access time is the LRU clock; the modification time is left alone, as it identifies the
+    file version whose checksum was verified. A read-only cache keeps its clock as it was."""
+    stat = path.stat()
+    try:
+        os.utime(path, ns=(time.time_ns(), stat.st_mtime_ns))
+    except OSError as error:
+        if error.errno not in READ_ONLY:
+            raise
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class _KeyLocks:
+    """One fetch per LoRA at a time: a file lock per key, which other threads and other processes
+    sharing the cache directory wait on alike (each FileLock holds its own descriptor).
+
+    Where no lock file can be made (the cache turned read-only), a lock per key within this process
+    stands in: nothing can be written there by anyone then, so only readers remain to serialise.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._in_process: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _file_lock(self, key: str) -> FileLock:
+        return FileLock(self.directory / f"{key}.lock")
+
+    def _process_lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._in_process.setdefault(key, threading.Lock())
+
+    def _acquire(self, key: str, blocking: bool) -> FileLock | threading.Lock | None:
+        """The held lock, or None when `blocking` is false and another fetch holds it."""
+        lock = self._file_lock(key)
+        try:
+            lock.acquire(blocking=blocking)
+            return lock
+        except Timeout:
+            return None
+        except OSError as error:
+            if error.errno not in READ_ONLY:
+                raise
+        logger.debug("extra_lora: no lock file in the LoRA cache (%s); locking within this process", key)
+        fallback = self._process_lock(key)
+        return fallback if fallback.acquire(blocking=blocking) else None
+
+    @contextmanager
+    def fetching(self, key: str, source: LoraSource) -> Iterator[None]:
+        """Held while `source` is looked up and fetched; a wait for another fetch of it is logged
+        once, since it can last as long as that download."""
+        lock = self._acquire(key, blocking=False)
+        if lock is None:
+            logger.info("extra_lora: waiting for another fetch of %s to finish", source.describe())
+            lock = self._acquire(key, blocking=True)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextmanager
+    def unless_in_use(self, key: str) -> Iterator[bool]:
+        """Yields whether the lock could be had without waiting (held until the block ends)."""
+        lock = self._acquire(key, blocking=False)
+        try:
+            yield lock is not None
+        finally:
+            if lock is not None:
+                lock.release()

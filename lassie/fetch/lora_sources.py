@@ -1,0 +1,449 @@
+"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL),
+and fetching it from there.
+
+Parsing is pure: it touches no network. People paste every variant of these addresses, so each
+service is recognised by the *form* of the string, while the address it is fetched from comes from
+the operator's `LoraSettings` (mirrors, tests), as do the tokens. Every source has a stable cache
+key, so the same LoRA asked for twice is fetched once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.hf_api import RepoFile
+
+from lassie.fetch.files import unpack_if_tar
+from lassie.fetch.http import (
+    FIELD,
+    Credential,
+    DownloadLimits,
+    download_file,
+    fetch_json,
+    human_bytes,
+    redact_url,
+)
+from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
+from lassie.request.errors import InputError
+from lassie.settings import MAX_LORA_BYTES_ENV, LoraSettings
+
+ACCEPTED_FORMS = (
+    "a Replicate model: owner/model, owner/model/<64-hex version id>, "
+    "https://replicate.com/owner/model or https://replicate.com/owner/model/versions/<id>",
+    "a Hugging Face repo: huggingface.co/owner/repo (holding exactly one .safetensors), "
+    "huggingface.co/owner/repo/file.safetensors, or the .../blob/<revision>/... and "
+    ".../resolve/<revision>/... links (hf.co works too, https:// is optional)",
+    "a CivitAI model: civitai.com/models/<id>[/<name>][?modelVersionId=<version id>] or "
+    "civitai.com/api/download/models/<version id>",
+    "any http(s) URL ending in .safetensors (a query string is fine)",
+)
+
+REPLICATE_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
+HUGGINGFACE_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
+CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com"})
+CIVITAI_LORA_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
+SCHEMELESS_HOSTS = REPLICATE_HOSTS | HUGGINGFACE_HOSTS | CIVITAI_HOSTS
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+REPLICATE_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,95}")
+REPLICATE_VERSION = re.compile(r"[0-9a-fA-F]{64}")
+REVISION = re.compile(r"[A-Za-z0-9._/-]{1,200}")
+DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def unsupported(reason: str) -> InputError:
+    """The one error for strings that are no LoRA source: says why, then every accepted form."""
+    return InputError(FIELD, f"{reason}. Accepted forms: " + "; ".join(ACCEPTED_FORMS) + ".")
+
+
+def short_digest(text: str, length: int) -> str:
+    """The first `length` hex digits of the text's sha256: names and keys that carry no secret."""
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class ReplicateSource:
+    owner: str
+    model: str
+    version: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        suffix = f"@{self.version}" if self.version else ""
+        return f"replicate:{self.owner}/{self.model}{suffix}"
+
+    def describe(self) -> str:
+        suffix = f" version {self.version}" if self.version else ""
+        return f"Replicate model {self.owner}/{self.model}{suffix}"
+
+    def weights_url(self, settings: LoraSettings) -> str:
+        model = f"{settings.replicate_url}/{self.owner}/{self.model}"
+        return f"{model}/versions/{self.version}/_weights" if self.version else f"{model}/_weights"
+
+
+@dataclass(frozen=True)
+class HuggingFaceSource:
+    repo_id: str
+    revision: str = "main"
+    filename: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        suffix = f"/{self.filename}" if self.filename else ""
+        return f"hf:{self.repo_id}@{self.revision}{suffix}"
+
+    def describe(self) -> str:
+        named = f" file {self.filename}" if self.filename else ""
+        return f"Hugging Face repo {self.repo_id} (revision {self.revision}){named}"
+
+
+@dataclass(frozen=True)
+class CivitaiModelSource:
+    """A model page: the model id still has to be mapped to a version through the API."""
+
+    model_id: int
+    version_id: int | None = None
+
+    @property
+    def cache_key(self) -> str:
+        suffix = f"@{self.version_id}" if self.version_id is not None else ""
+        return f"civitai:model/{self.model_id}{suffix}"
+
+    def describe(self) -> str:
+        suffix = f" version {self.version_id}" if self.version_id is not None else ""
+        return f"CivitAI model {self.model_id}{suffix}"
+
+
+@dataclass(frozen=True)
+class CivitaiVersionSource:
+    version_id: int
+
+    @property
+    def cache_key(self) -> str:
+        return f"civitai:version/{self.version_id}"
+
+    def describe(self) -> str:
+        return f"CivitAI model version {self.version_id}"
+
+    def download_url(self, settings: LoraSettings) -> str:
+        return f"{settings.civitai_url}/api/download/models/{self.version_id}"
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    url: str
+
+    @property
+    def cache_key(self) -> str:
+        """Hashes the whole URL (signed query included) so the key never carries a secret."""
+        parts = urlsplit(self.url)
+        return f"url:{parts.netloc}{parts.path}#{short_digest(self.url, 24)}"
+
+    def describe(self) -> str:
+        return redact_url(self.url)
+
+
+LoraSource = ReplicateSource | HuggingFaceSource | CivitaiModelSource | CivitaiVersionSource | UrlSource
+
+
+def parse_extra_lora(text: str) -> LoraSource:
+    """Turns what a user typed into one source, or an InputError that lists the accepted forms."""
+    value = text.strip()
+    if not value:
+        raise unsupported("it is empty")
+    if "://" not in value:
+        return _parse_without_scheme(value)
+    return _parse_url(value)
+
+
+def _parse_without_scheme(value: str) -> LoraSource:
+    host = value.split("/", 1)[0].lower()
+    if host in SCHEMELESS_HOSTS:
+        return _parse_url(f"https://{value}")
+    if "." in host:
+        raise unsupported(f"{value!r} looks like a URL without its https://")
+    parts = value.split("/")
+    if len(parts) in (2, 3):
+        return _replicate_from_parts(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+    raise unsupported(f"{value!r} is neither a Replicate model name nor a URL")
+
+
+def _replicate_from_parts(owner: str, model: str, version: str | None) -> ReplicateSource:
+    if not REPLICATE_OWNER.fullmatch(owner):
+        raise unsupported(f"{owner!r} is not a valid Replicate owner")
+    _require_name(model, "Replicate model name")
+    if version is not None and not REPLICATE_VERSION.fullmatch(version):
+        raise unsupported(f"{version!r} is not a Replicate version id (64 hexadecimal characters)")
+    return ReplicateSource(owner, model, version.lower() if version else None)
+
+
+def _require_name(name: str, what: str) -> None:
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise unsupported(f"{name!r} is not a valid {what}")
+
+
+def _parse_url(value: str) -> LoraSource:
+    parts = _split_url(value)
+    if parts.scheme not in ("http", "https"):
+        raise unsupported(f"only http(s) URLs are fetched, not {parts.scheme}://")
+    if not parts.hostname:
+        raise unsupported("the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise unsupported("credentials inside the URL are not accepted (tokens come from the environment)")
+    segments = [unquote(segment) for segment in parts.path.split("/") if segment]
+    host = parts.hostname.lower()
+    if host in REPLICATE_HOSTS:
+        return _parse_replicate_path(segments)
+    if host in HUGGINGFACE_HOSTS:
+        return _parse_huggingface_path(segments)
+    if host in CIVITAI_HOSTS:
+        return _parse_civitai(segments, parts.query)
+    return _parse_plain_url(value, parts.path)
+
+
+def _split_url(value: str) -> SplitResult:
+    """urlsplit only checks the port when asked; an invalid port makes the whole URL invalid."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise unsupported("it is not a valid URL") from None
+    if port == 0:
+        raise unsupported("port 0 is not a valid port")
+    return parts
+
+
+def _parse_replicate_path(segments: list[str]) -> ReplicateSource:
+    if segments and segments[-1] == "_weights":
+        segments = segments[:-1]
+    if len(segments) == 2:
+        return _replicate_from_parts(segments[0], segments[1], None)
+    if len(segments) == 4 and segments[2] == "versions":
+        return _replicate_from_parts(segments[0], segments[1], segments[3])
+    raise unsupported("a replicate.com URL must look like https://replicate.com/owner/model[/versions/<id>]")
+
+
+def _parse_huggingface_path(segments: list[str]) -> HuggingFaceSource:
+    if segments and segments[0] in ("datasets", "spaces"):
+        raise unsupported(f"Hugging Face {segments[0]} are not LoRA repos; use a model repo")
+    if len(segments) < 2:
+        raise unsupported("a Hugging Face URL must name a repo: huggingface.co/owner/repo")
+    _require_name(segments[0], "Hugging Face owner")
+    _require_name(segments[1], "Hugging Face repo name")
+    repo_id, rest = f"{segments[0]}/{segments[1]}", segments[2:]
+    if rest and rest[0] in ("blob", "resolve", "tree"):
+        return _huggingface_at_revision(repo_id, rest)
+    return HuggingFaceSource(repo_id, "main", _huggingface_filename(rest))
+
+
+def _huggingface_at_revision(repo_id: str, rest: list[str]) -> HuggingFaceSource:
+    kind = rest[0]
+    if len(rest) < 2 or not REVISION.fullmatch(rest[1]) or ".." in rest[1]:
+        raise unsupported(f"a Hugging Face .../{kind}/ URL must continue with a revision such as main")
+    if kind == "tree":
+        if len(rest) > 2:
+            raise unsupported("a Hugging Face tree URL must stop at the revision; name a .safetensors file instead")
+        return HuggingFaceSource(repo_id, rest[1], None)
+    filename = _huggingface_filename(rest[2:])
+    if filename is None:
+        raise unsupported(f"a Hugging Face .../{kind}/<revision>/ URL must end with a .safetensors file")
+    return HuggingFaceSource(repo_id, rest[1], filename)
+
+
+def _huggingface_filename(path: list[str]) -> str | None:
+    if not path:
+        return None
+    if any(segment in (".", "..") or "/" in segment or "\\" in segment for segment in path):
+        raise unsupported("the file path inside the Hugging Face repo is not valid")
+    _require_safetensors_name(path[-1])
+    return "/".join(path)
+
+
+def _parse_civitai(segments: list[str], query: str) -> CivitaiModelSource | CivitaiVersionSource:
+    if len(segments) == 4 and segments[:3] == ["api", "download", "models"] and DIGITS.fullmatch(segments[3]):
+        return CivitaiVersionSource(int(segments[3]))
+    if len(segments) in (2, 3) and segments[0] == "models" and DIGITS.fullmatch(segments[1]):
+        return CivitaiModelSource(int(segments[1]), _civitai_version_from_query(query))
+    raise unsupported(
+        "a civitai.com URL must look like civitai.com/models/<id>[/<name>][?modelVersionId=<id>] "
+        "or civitai.com/api/download/models/<version id>"
+    )
+
+
+def _civitai_version_from_query(query: str) -> int | None:
+    values = parse_qs(query).get("modelVersionId")
+    if not values:
+        return None
+    if len(values) != 1 or not DIGITS.fullmatch(values[0]):
+        raise unsupported("modelVersionId in a CivitAI URL must be one number")
+    return int(values[0])
+
+
+def _parse_plain_url(value: str, path: str) -> UrlSource:
+    _require_safetensors_name(unquote(path.rsplit("/", 1)[-1]))
+    return UrlSource(value)
+
+
+def _require_safetensors_name(name: str) -> None:
+    lowered = name.lower()
+    if lowered.endswith(PICKLE_SUFFIXES):
+        raise unsupported(
+            f"{name!r} is a pickle-based checkpoint, which can run code when loaded; only .safetensors files are loaded"
+        )
+    if not lowered.endswith(SAFETENSORS_SUFFIX):
+        raise unsupported(f"{name!r} is not a .safetensors file")
+
+
+# --- fetching each kind of source into a staging folder ----------------------------------------
+
+
+def fetch_source(source: LoraSource, staging: Path, settings: LoraSettings) -> Path:
+    """Downloads `source` into `staging` and returns the .safetensors there (not yet validated)."""
+    limits = DownloadLimits.from_settings(settings)
+    match source:
+        case UrlSource():
+            return _download_to(source.url, staging, None, limits)
+        case ReplicateSource():
+            return _fetch_replicate(source, staging, settings, limits)
+        case CivitaiVersionSource():
+            credential = Credential.from_settings(settings.civitai_url, "CIVITAI_API_TOKEN", settings)
+            return _download_to(source.download_url(settings), staging, credential, limits)
+        case CivitaiModelSource():
+            return _fetch_civitai_model(source, staging, settings, limits)
+        case HuggingFaceSource():
+            return _fetch_huggingface(source, staging, settings, limits)
+    raise TypeError(f"unknown LoRA source {source!r}")
+
+
+def _download_to(url: str, staging: Path, credential: Credential | None, limits: DownloadLimits) -> Path:
+    target = staging / "lora.safetensors"
+    download_file(url, target, credential=credential, limits=limits)
+    return target
+
+
+def _fetch_replicate(source: ReplicateSource, staging: Path, settings: LoraSettings,
+                     limits: DownloadLimits) -> Path:
+    """Replicate serves trained weights as a tar around one .safetensors (plus captions)."""
+    credential = Credential.from_settings(settings.replicate_url, "REPLICATE_API_TOKEN", settings)
+    archive = staging / "weights.tar"
+    download_file(source.weights_url(settings), archive, credential=credential, limits=limits)
+    return unpack_if_tar(archive, staging / "lora.safetensors", max_bytes=limits.max_bytes,
+                         origin=source.describe())
+
+
+def _fetch_civitai_model(source: CivitaiModelSource, staging: Path, settings: LoraSettings,
+                         limits: DownloadLimits) -> Path:
+    """A page's model id is not a download id: the API maps it to a version and that version's
+    SafeTensor file (mapping the model id straight onto the download endpoint 404s)."""
+    credential = Credential.from_settings(settings.civitai_url, "CIVITAI_API_TOKEN", settings)
+    model = fetch_json(f"{settings.civitai_url}/api/v1/models/{source.model_id}", credential=credential,
+                       limits=limits)
+    version = _civitai_version(model, source)
+    chosen = _civitai_safetensors_file(version, source)
+    size_kb = chosen.get("sizeKB")
+    if isinstance(size_kb, int | float):
+        _refuse_oversized(source.describe(), size_kb * 1024, limits)
+    return _download_to(_on_configured_civitai(chosen["downloadUrl"], settings), staging, credential, limits)
+
+
+def _refuse_oversized(described: str, size: float, limits: DownloadLimits) -> None:
+    """Checks sizes the services announce, before any byte of the file is fetched."""
+    if size > limits.max_bytes:
+        raise InputError(FIELD, f"{described} is {human_bytes(size)}, more than the "
+                                f"{human_bytes(limits.max_bytes)} allowed for a LoRA ({MAX_LORA_BYTES_ENV})")
+
+
+def _civitai_version(model: Any, source: CivitaiModelSource) -> dict[str, Any]:
+    if not isinstance(model, dict) or not isinstance(model.get("modelVersions"), list):
+        raise InputError(FIELD, f"CivitAI answered with an unexpected document for {source.describe()}")
+    kind = model.get("type")
+    if kind is not None and kind not in CIVITAI_LORA_TYPES:
+        raise InputError(FIELD, f"{source.describe()} is a {kind}, not a LoRA")
+    versions = [version for version in model["modelVersions"] if isinstance(version, dict)]
+    if source.version_id is None:
+        if not versions:
+            raise InputError(FIELD, f"{source.describe()} has no published versions")
+        return versions[0]
+    for version in versions:
+        if version.get("id") == source.version_id:
+            return version
+    known = ", ".join(str(version.get("id")) for version in versions) or "none"
+    raise InputError(FIELD, f"{source.describe()} not found; that model's versions are: {known}")
+
+
+def _civitai_safetensors_file(version: dict[str, Any], source: CivitaiModelSource) -> dict[str, Any]:
+    files = [item for item in version.get("files") or [] if isinstance(item, dict)]
+    candidates = [item for item in files if _is_civitai_safetensors(item) and isinstance(item.get("downloadUrl"), str)]
+    if not candidates:
+        listed = ", ".join(f"{item.get('name')} ({(item.get('metadata') or {}).get('format')})" for item in files)
+        raise InputError(FIELD, f"{source.describe()} (version {version.get('id')}) has no SafeTensor file "
+                                f"(files: {listed or 'none'}); only .safetensors LoRAs are loaded")
+    return sorted(candidates, key=lambda item: (not item.get("primary"), item.get("type") != "Model"))[0]
+
+
+def _is_civitai_safetensors(item: dict[str, Any]) -> bool:
+    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+    return metadata.get("format") == "SafeTensor" or str(item.get("name", "")).lower().endswith(".safetensors")
+
+
+def _on_configured_civitai(url: str, settings: LoraSettings) -> str:
+    """The API names civitai.com in its download links; a configured mirror serves them instead."""
+    parts = urlsplit(url)
+    if (parts.hostname or "").lower() not in CIVITAI_HOSTS:
+        return url
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{settings.civitai_url}{parts.path}{query}"
+
+
+def _fetch_huggingface(source: HuggingFaceSource, staging: Path, settings: LoraSettings,
+                       limits: DownloadLimits) -> Path:
+    token: str | bool = settings.tokens.get("HF_TOKEN") or False
+    with _huggingface_errors(source, bool(token), limits):
+        api = HfApi(endpoint=settings.hf_endpoint, token=token)
+        tree = api.list_repo_tree(source.repo_id, revision=source.revision, recursive=True)
+        chosen = _choose_hf_file(source, [item for item in tree if isinstance(item, RepoFile)])
+        described = f"{source.describe()}: {chosen.path}"
+        _refuse_oversized(described, chosen.size, limits)
+        local = Path(hf_hub_download(source.repo_id, chosen.path, revision=source.revision,
+                                     endpoint=settings.hf_endpoint, token=token, cache_dir=staging / "hub"))
+    _refuse_oversized(described, local.stat().st_size, limits)
+    return local.resolve()
+
+
+def _choose_hf_file(source: HuggingFaceSource, files: list[RepoFile]) -> RepoFile:
+    candidates = sorted((item for item in files if item.path.lower().endswith(".safetensors")),
+                        key=lambda item: item.path)
+    names = ", ".join(item.path for item in candidates) or "none"
+    if source.filename is not None:
+        for item in files:
+            if item.path == source.filename:
+                return item
+        raise InputError(FIELD, f"{source.describe()}: no such file; its .safetensors files are: {names}")
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise InputError(FIELD, f"{source.describe()} holds no .safetensors file")
+    raise InputError(FIELD, f"{source.describe()} holds several .safetensors files ({names}); name one, e.g. "
+                            f"huggingface.co/{source.repo_id}/{candidates[0].path}")
+
+
+@contextmanager
+def _huggingface_errors(source: HuggingFaceSource, has_token: bool, limits: DownloadLimits) -> Iterator[None]:
+    """huggingface_hub's exceptions -> InputErrors that say what to do (and never show a token)."""
+    try:
+        yield
+    except HUB_ERRORS as error:
+        problem = hub_problem(error, source.describe(), revision=source.revision, has_token=has_token,
+                              tokens=limits.tokens)
+        raise InputError(FIELD, problem) from None

@@ -1,0 +1,139 @@
+"""The weights directory: where each model lives, and what is missing from it.
+
+Real FLUX checkpoints are sharded (`*.safetensors.index.json` plus shards) and tiny ones are
+not; both layouts are accepted, and nothing here ever asks which kind of weights these are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PROVIDE_COMMAND = "python scripts/download_weights.py"
+TINY_WEIGHTS_COMMAND = "python scripts/make_tiny_weights.py"
+TINY_WEIGHTS_DIR = ".tiny-weights"
+RUN_AGAIN = "Files finished so far are kept; run again to resume."
+
+# The top-level folders of the layout, each fetched whole when it comes from a tar.
+LAYOUT_FOLDERS = ("flux-dev", "flux-schnell", "safety", "lassie")
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS = "model"
+
+
+class MissingWeightsError(RuntimeError):
+    """Setup cannot go on: the message names every missing file and the command that provides them."""
+
+
+class ProvisionError(RuntimeError):
+    """Fetching stopped; the message says what to do (a token, a license, running again)."""
+
+
+class CorruptFileError(ProvisionError):
+    """A file is not what its source says it is; it has been removed so a rerun fetches it anew."""
+
+
+def tiny_weights_hint() -> str:
+    """Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck."""
+    return (f"To run the server without the real weights, build tiny random ones (same layout; images are "
+            f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
+            f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
+
+
+def _model_files_missing(directory: Path, stem: str) -> list[Path]:
+    """Files a `from_pretrained` of `directory` needs: config plus single or sharded safetensors."""
+    missing = [] if (directory / "config.json").is_file() else [directory / "config.json"]
+    single = directory / f"{stem}.safetensors"
+    index = directory / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return missing
+    if not index.is_file():
+        return [*missing, single]
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return missing + [directory / shard for shard in shards if not (directory / shard).is_file()]
+
+
+def _any_missing(directory: Path, names: tuple[str, ...]) -> list[Path]:
+    """One of `names` must exist (e.g. a T5 tokenizer as tokenizer.json or spiece.model)."""
+    if any((directory / name).is_file() for name in names):
+        return []
+    return [directory / names[0]]
+
+
+@dataclass(frozen=True)
+class WeightsLayout:
+    root: Path
+
+    @property
+    def dev_dir(self) -> Path:
+        return self.root / "flux-dev"
+
+    @property
+    def schnell_dir(self) -> Path:
+        return self.root / "flux-schnell"
+
+    @property
+    def lassie_dir(self) -> Path:
+        return self.root / "lassie"
+
+    @property
+    def lassie_lora(self) -> Path:
+        return self.lassie_dir / "lora.safetensors"
+
+    @property
+    def trigger_word_file(self) -> Path:
+        return self.lassie_dir / "trigger_word.txt"
+
+    @property
+    def compvis_dir(self) -> Path:
+        return self.root / "safety" / "compvis"
+
+    @property
+    def falcon_dir(self) -> Path:
+        return self.root / "safety" / "falcon"
+
+    @property
+    def lora_cache_dir(self) -> Path:
+        return self.root / "lora-cache"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def trigger_word(self) -> str:
+        return self.trigger_word_file.read_text().strip() if self.trigger_word_file.is_file() else ""
+
+    def missing_paths(self, lassie: bool = True) -> list[Path]:
+        """`lassie` False: the Lassie LoRA comes from elsewhere (COG_WEIGHTS, LASSIE_LORA_URL)."""
+        dev, schnell = self.dev_dir, self.schnell_dir
+        missing: list[Path] = []
+        for required in (dev / "model_index.json", dev / "scheduler" / "scheduler_config.json",
+                         schnell / "scheduler" / "scheduler_config.json", *([self.lassie_lora] if lassie else []),
+                         self.compvis_dir / "preprocessor_config.json",
+                         self.falcon_dir / "preprocessor_config.json"):
+            if not required.is_file():
+                missing.append(required)
+        missing += _model_files_missing(dev / "transformer", DIFFUSERS_WEIGHTS)
+        missing += _model_files_missing(dev / "vae", DIFFUSERS_WEIGHTS)
+        missing += _model_files_missing(dev / "text_encoder", TRANSFORMERS_WEIGHTS)
+        missing += _model_files_missing(dev / "text_encoder_2", TRANSFORMERS_WEIGHTS)
+        missing += _model_files_missing(schnell / "transformer", DIFFUSERS_WEIGHTS)
+        missing += _model_files_missing(self.compvis_dir, TRANSFORMERS_WEIGHTS)
+        missing += _model_files_missing(self.falcon_dir, TRANSFORMERS_WEIGHTS)
+        missing += _any_missing(dev / "tokenizer", ("tokenizer.json", "vocab.json"))
+        missing += _any_missing(dev / "tokenizer_2", ("tokenizer.json", "spiece.model"))
+        return missing
+
+    def missing(self, lassie: bool = True) -> list[str]:
+        """Missing files, relative to the weights directory, for messages people can act on."""
+        return [path.relative_to(self.root).as_posix() for path in self.missing_paths(lassie)]
+
+    def require_complete(self, lassie: bool = True) -> None:
+        missing = self.missing(lassie)
+        if missing:
+            raise MissingWeightsError(
+                f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
+                f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: HF_TOKEN). "
+                f"{tiny_weights_hint()}"
+            )
