@@ -33,12 +33,12 @@ from lassie.predictor import Lassie
 from lassie.request.errors import InputError
 from lassie.settings import Settings
 from lassie.weights.downloads import FetchOptions
+from lassie.weights.lassie_lora import resolve
 from lassie.weights.layout import WeightsLayout
 from lassie.weights.provision import (
     ProvisionError,
     ensure_weights,
     fetch_missing_folders,
-    lassie_lora,
     provision_from_tars,
 )
 from range_server import RangeServer
@@ -450,7 +450,7 @@ def test_a_compressed_cog_weights_tar_is_refused_naming_its_compression(tmp_path
     with RangeServer() as host:
         url = host.serve(f"/trained_model.tar.{kind}", COMPRESSORS[kind](training_output_tar(make_lora(3))))
         with pytest.raises(ProvisionError, match=f"it is {kind}-compressed; only uncompressed tars are accepted"):
-            lassie_lora(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
+            resolve(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
     assert list((tmp_path / "weights" / "fetched-lora").glob("*/lora.safetensors")) == []
 
 
@@ -459,7 +459,7 @@ def test_a_cog_weights_tar_with_a_link_is_refused(tmp_path: Path) -> None:
     with RangeServer() as host:
         url = host.serve("/trained_model.tar", archive)
         with pytest.raises(ProvisionError, match=r'holds a symbolic link, "output/config\.yaml"'):
-            lassie_lora(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
+            resolve(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
 
 
 @pytest.mark.parametrize("kind", list(COMPRESSORS))
