@@ -27,9 +27,16 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 from filelock import FileLock
 
-from lassie.fetch.files import UnusableArchiveError, UnusableSafetensorsError, inspect_safetensors, safetensors_from_tar
+from lassie.fetch.files import (
+    MAX_TAR_MEMBERS,
+    UnusableArchiveError,
+    UnusableSafetensorsError,
+    inspect_safetensors,
+    safetensors_from_tar,
+)
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
+from lassie.fetch.tars import TarLimits, checked_members
 from lassie.settings import LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
 from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout
@@ -129,16 +136,15 @@ def config_trigger_word(config: str) -> str | None:
     return None
 
 
-def trigger_word_in_tar(archive: Path, described: str) -> str | None:
+def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | None:
     """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its
-    config.yaml (Replicate's FLUX trainer). Members are only read, never written anywhere."""
+    config.yaml (Replicate's FLUX trainer). Members are read through the one tar policy, never
+    written anywhere."""
     texts = {}
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            basename = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and basename in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and basename not in texts:
-                source = tar.extractfile(member)
-                texts[basename] = source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace") if source else ""
+    with archive.open("rb") as source:
+        for path, _, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
+            if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and path.name not in texts:
+                texts[path.name] = data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace")
     if texts.get(TRIGGER_WORD_MEMBER, "").strip():
         return checked_trigger_word(texts[TRIGGER_WORD_MEMBER], f"{TRIGGER_WORD_MEMBER} of {described}")
     found = config_trigger_word(texts.get(CONFIG_MEMBER, ""))
@@ -204,7 +210,7 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
             safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
         except UnusableArchiveError as problem:
             raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
-        word = trigger_word_in_tar(fetched, described)
+        word = trigger_word_in_tar(fetched, described, max_bytes)
     problem = lora_problem(staged)
     if problem is not None:
         raise CorruptFileError(f"the Lassie LoRA from {described} is not a valid safetensors file: {problem}")
