@@ -214,7 +214,7 @@ class ParallelRanges(_Body):
         super().__init__(url, total, options, limits)
         self.source, self.version, self.client = source, version, client
         self._pool = ThreadPoolExecutor(options.connections, thread_name_prefix="lassie-download")
-        self._queue: deque[Future[bytes]] = deque()
+        self._queue: deque[Future[bytearray]] = deque()
         first_end = min(options.chunk_bytes, total)
         self._queue.append(self._pool.submit(self._read_exactly, first, 0, first_end))
         self._next_start = first_end
@@ -227,7 +227,7 @@ class ParallelRanges(_Body):
             self._queue.append(self._pool.submit(self._fetch, start, end))
             self._next_start = end
 
-    def _fetch(self, start: int, end: int) -> bytes:
+    def _fetch(self, start: int, end: int) -> bytearray:
         problem = ""
         for _ in range(self.options.retries):
             try:
@@ -253,7 +253,7 @@ class ParallelRanges(_Body):
             raise DownloadError(f"{redact_url(self.url)} answered a range request for {asked} with HTTP "
                                 f"{response.status_code} {answered or '(no Content-Range)'}")
 
-    def _read_exactly(self, response: httpx2.Response, start: int, end: int) -> bytes:
+    def _read_exactly(self, response: httpx2.Response, start: int, end: int) -> bytearray:
         data = bytearray()
         try:
             for piece in _pieces(response, self.url, self.limits, start):
@@ -264,7 +264,7 @@ class ParallelRanges(_Body):
             response.close()
         if len(data) != end - start:
             raise self.cut_short(f"bytes {start}-{end - 1}: {len(data)} of {end - start} received")
-        return bytes(data)
+        return data
 
     def _next(self, buffer: memoryview) -> int:
         if not self._current:
