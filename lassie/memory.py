@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lassie.prompts import PROMPT_CACHE_ENTRIES
 from lassie.weights import WeightsLayout
 
 GIB = 2**30
@@ -53,9 +52,6 @@ MIN_SLOT_RANK = 32
 # Without the Lassie LoRA file (the plan made from configs alone): what a LoRA of this rank on
 # every linear takes, the most Replicate's FLUX LoRA trainer makes (rank 16 is its default).
 LASSIE_RANK_BOUND = 128
-# The prompt cache full (lassie.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
-T5_HIDDEN_SIZE = 4096
-PROMPT_CACHE_BYTES = PROMPT_CACHE_ENTRIES * TEXT_TOKENS * T5_HIDDEN_SIZE * BF16_BYTES
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,6 @@ class Footprint:
     safety_parameters: int
     hidden_size: int
     lassie_parameters: int  # the Lassie LoRA's tensors (see LASSIE_RANK_BOUND)
-    cached_bytes: int = 0  # the prompt-embedding cache, when it is on
 
     def resident_bytes(self, go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> int:
         """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on
@@ -81,7 +76,7 @@ class Footprint:
         if go_fast_copies:
             total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
         total += transformers * (sum(slot_ranks) * self.slot_parameters_per_rank + self.lassie_parameters) * BF16_BYTES
-        return total + self.cached_bytes
+        return total
 
     def working_bytes(self, size: tuple[int, int], outputs: int, vae_slicing: bool) -> int:
         """Peak working memory of one request: denoising and VAE decode run one after the other."""
@@ -107,14 +102,11 @@ class InsufficientMemory(RuntimeError):
 
 
 def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
-                slot_ranks: tuple[int, ...], prompt_cache: bool = False) -> MemoryPlan:
+                slot_ranks: tuple[int, ...]) -> MemoryPlan:
     """The fastest arrangement whose resident set plus the worst request fits `device_bytes`.
 
     `device_bytes` None means host memory (CPU): everything stays, nothing is planned around.
-    `prompt_cache` (`LASSIE_PROMPT_CACHE`) adds its full size to what stays resident.
     """
-    if prompt_cache:
-        footprint = replace(footprint, cached_bytes=PROMPT_CACHE_BYTES)
     if device_bytes is None:
         return _plan(footprint, quantizes, False, slot_ranks, "host memory: every variant stays resident")
     budget = device_bytes - RESERVED_BYTES - HEADROOM_BYTES

@@ -78,16 +78,14 @@ class Lassie:
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
         slot_ranks = slot_ranks_for(self.settings.slot_ranks, compiling.enabled, DEFAULT_SLOT_RANKS)
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
-                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_ranks,
-                             self.settings.speed.prompt_cache)
+                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_ranks)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
                  if memory.slot_ranks else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
                          if compiling.enabled else None)
         with timed("loading models"):
-            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing,
-                                      prompt_cache=self.settings.speed.prompt_cache)
+            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
             prepare_for_speed(self.models, hardware, self.settings.speed.attention_backend)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
@@ -139,7 +137,7 @@ class Lassie:
         self._log_precision(plan)
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
-                self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs, self.models.prompts))
+                self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs))
         if plan.safety_checker:
             with timed("safety checking"):
                 results = self.safety.filter(results)

@@ -58,7 +58,6 @@ FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FL
 OLD_COG_WEIGHTS_VALUE = "weights"
 MERGE_LASSIE_ENV = "LASSIE_MERGE_LASSIE"
 ADAPTERS_WHEN_NEEDED_ENV = "LASSIE_ADAPTERS_WHEN_NEEDED"
-PROMPT_CACHE_ENV = "LASSIE_PROMPT_CACHE"
 ATTENTION_BACKEND_ENV = "LASSIE_ATTENTION_BACKEND"
 
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
@@ -266,7 +265,6 @@ class SpeedSwitches:
 
     merge_lassie: bool = False  # LASSIE_MERGE_LASSIE: Lassie merged into the weights, a delta adapter for other scales
     adapters_when_needed: bool = False  # LASSIE_ADAPTERS_WHEN_NEEDED: idle adapters off (more graph sets)
-    prompt_cache: bool = False  # LASSIE_PROMPT_CACHE: the prompt-embedding LRU cache
     attention_backend: str = DEFAULT_ATTENTION_BACKEND  # LASSIE_ATTENTION_BACKEND: auto, or a backend name
 
     @classmethod
@@ -277,7 +275,7 @@ class SpeedSwitches:
                                backend)
         return cls(merge_lassie=env.flag(MERGE_LASSIE_ENV, False),
                    adapters_when_needed=env.flag(ADAPTERS_WHEN_NEEDED_ENV, False),
-                   prompt_cache=env.flag(PROMPT_CACHE_ENV, False), attention_backend=backend)
+                   attention_backend=backend)
 
 
 @dataclass(frozen=True)

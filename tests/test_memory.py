@@ -159,8 +159,3 @@ def test_host_memory_plans_nothing_away(full_size):
     plan = m.plan_memory(None, full_size, quantizes=True, slot_ranks=(4, 8))
     assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, False, (4, 8))
 
-
-def test_the_prompt_cache_is_counted_when_it_is_on(full_size):
-    off = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
-    on = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS, prompt_cache=True)
-    assert on.resident_bytes - off.resident_bytes == m.PROMPT_CACHE_BYTES == 256 * 2**20

@@ -22,15 +22,13 @@ def test_nothing_set_gives_the_documented_defaults():
         "https://replicate.com", "https://civitai.com", "https://huggingface.co")
     assert settings.provision.offline is False and settings.provision.lora_url is None
     speed = settings.speed  # the fewest warm-up graphs and code paths
-    assert (speed.merge_lassie, speed.adapters_when_needed, speed.prompt_cache, speed.attention_backend) == (
-        False, False, False, "native")
+    assert (speed.merge_lassie, speed.adapters_when_needed, speed.attention_backend) == (False, False, "native")
 
 
 def test_the_speed_switches_are_read_once_here():
     speed = Settings.from_env({"LASSIE_MERGE_LASSIE": "1", "LASSIE_ADAPTERS_WHEN_NEEDED": "yes",
-                               "LASSIE_PROMPT_CACHE": "on", "LASSIE_ATTENTION_BACKEND": " AUTO "}).speed
-    assert (speed.merge_lassie, speed.adapters_when_needed, speed.prompt_cache, speed.attention_backend) == (
-        True, True, True, "auto")
+                               "LASSIE_ATTENTION_BACKEND": " AUTO "}).speed
+    assert (speed.merge_lassie, speed.adapters_when_needed, speed.attention_backend) == (True, True, "auto")
     with pytest.raises(SettingError, match="LASSIE_MERGE_LASSIE must be one of"):
         Settings.from_env({"LASSIE_MERGE_LASSIE": "sometimes"})
     with pytest.raises(SettingError, match="LASSIE_ATTENTION_BACKEND must be auto or a diffusers attention backend"):
