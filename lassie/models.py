@@ -20,10 +20,8 @@ from diffusers import (
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from lassie.attention import asked_attention, installed_attention_packages, use_attention
 from lassie.hardware import DeviceInfo
 from lassie.request import Mode
-from lassie.settings import DEFAULT_ATTENTION_BACKEND
 from lassie.weights import WeightsLayout
 
 log = logging.getLogger(__name__)
@@ -77,13 +75,11 @@ def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = F
     return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers)
 
 
-def prepare_for_speed(models: FluxModels, hardware: DeviceInfo, attention: str = DEFAULT_ATTENTION_BACKEND) -> None:
-    """What runs faster around the same weights: the attention backend (`LASSIE_ATTENTION_BACKEND`),
-    and on GPUs the VAE in channels_last, the layout cuDNN's convolutions run fastest in (same
-    numbers within float rounding; CPUs keep the contiguous layout diffusers' own pipelines use,
-    image for image)."""
-    choice = asked_attention(attention, hardware.kind, hardware.capability, installed_attention_packages())
-    use_attention(models.transformers.values(), choice)
+def prepare_for_speed(models: FluxModels, hardware: DeviceInfo) -> None:
+    """What runs faster around the same weights: on GPUs the VAE in channels_last, the layout
+    cuDNN's convolutions run fastest in (same numbers within float rounding; CPUs keep the
+    contiguous layout diffusers' own pipelines use, image for image). Attention stays diffusers'
+    default (torch's SDPA)."""
     if hardware.is_gpu:
         models.base.vae.to(memory_format=torch.channels_last)
         log.info("VAE in channels_last")

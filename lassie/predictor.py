@@ -86,7 +86,7 @@ class Lassie:
                          if compiling.enabled else None)
         with timed("loading models"):
             self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
-            prepare_for_speed(self.models, hardware, self.settings.speed.attention_backend)
+            prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
         self.variants = TransformerVariants(self.models, go_fast, compiling, memory, self.settings.speed)

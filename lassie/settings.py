@@ -30,10 +30,6 @@ DEFAULT_COMPILE_BACKEND = "inductor"
 # `LASSIE_LORA_SLOT_RANK=32,128` adds a narrow slot (rank-16/32 LoRAs then pay a quarter of the
 # slot's cost per step, for one more graph set at warm-up).
 DEFAULT_SLOT_RANKS = (128,)
-# `LASSIE_ATTENTION_BACKEND`: `auto` lets the hardware choose (lassie.attention), else a diffusers
-# attention backend name, checked against the installed diffusers at setup.
-ATTENTION_AUTO = "auto"
-DEFAULT_ATTENTION_BACKEND = "native"
 
 DEFAULT_REPLICATE_URL = "https://replicate.com"
 DEFAULT_CIVITAI_URL = "https://civitai.com"
@@ -58,7 +54,6 @@ FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FL
 OLD_COG_WEIGHTS_VALUE = "weights"
 MERGE_LASSIE_ENV = "LASSIE_MERGE_LASSIE"
 ADAPTERS_WHEN_NEEDED_ENV = "LASSIE_ADAPTERS_WHEN_NEEDED"
-ATTENTION_BACKEND_ENV = "LASSIE_ATTENTION_BACKEND"
 
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
@@ -265,17 +260,11 @@ class SpeedSwitches:
 
     merge_lassie: bool = False  # LASSIE_MERGE_LASSIE: Lassie merged into the weights, a delta adapter for other scales
     adapters_when_needed: bool = False  # LASSIE_ADAPTERS_WHEN_NEEDED: idle adapters off (more graph sets)
-    attention_backend: str = DEFAULT_ATTENTION_BACKEND  # LASSIE_ATTENTION_BACKEND: auto, or a backend name
 
     @classmethod
     def read(cls, env: Environment) -> SpeedSwitches:
-        backend = env.text(ATTENTION_BACKEND_ENV, DEFAULT_ATTENTION_BACKEND).lower()
-        if not backend.replace("_", "").replace("-", "").isalnum():
-            raise SettingError(ATTENTION_BACKEND_ENV, f"{ATTENTION_AUTO} or a diffusers attention backend name",
-                               backend)
         return cls(merge_lassie=env.flag(MERGE_LASSIE_ENV, False),
-                   adapters_when_needed=env.flag(ADAPTERS_WHEN_NEEDED_ENV, False),
-                   attention_backend=backend)
+                   adapters_when_needed=env.flag(ADAPTERS_WHEN_NEEDED_ENV, False))
 
 
 @dataclass(frozen=True)

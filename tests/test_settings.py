@@ -22,17 +22,15 @@ def test_nothing_set_gives_the_documented_defaults():
         "https://replicate.com", "https://civitai.com", "https://huggingface.co")
     assert settings.provision.offline is False and settings.provision.lora_url is None
     speed = settings.speed  # the fewest warm-up graphs and code paths
-    assert (speed.merge_lassie, speed.adapters_when_needed, speed.attention_backend) == (False, False, "native")
+    assert (speed.merge_lassie, speed.adapters_when_needed) == (False, False)
 
 
 def test_the_speed_switches_are_read_once_here():
     speed = Settings.from_env({"LASSIE_MERGE_LASSIE": "1", "LASSIE_ADAPTERS_WHEN_NEEDED": "yes",
-                               "LASSIE_ATTENTION_BACKEND": " AUTO "}).speed
-    assert (speed.merge_lassie, speed.adapters_when_needed, speed.attention_backend) == (True, True, "auto")
+                               }).speed
+    assert (speed.merge_lassie, speed.adapters_when_needed) == (True, True)
     with pytest.raises(SettingError, match="LASSIE_MERGE_LASSIE must be one of"):
         Settings.from_env({"LASSIE_MERGE_LASSIE": "sometimes"})
-    with pytest.raises(SettingError, match="LASSIE_ATTENTION_BACKEND must be auto or a diffusers attention backend"):
-        Settings.from_env({"LASSIE_ATTENTION_BACKEND": "flash attn"})
 
 
 @pytest.mark.parametrize("word, expected", [("1", True), ("TRUE", True), (" yes ", True), ("on", True),
