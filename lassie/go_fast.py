@@ -20,8 +20,7 @@ computed from the modules' sizes and the GPU's memory.
 PEFT LoRA on the fp8 transformer (see docs/go_fast.md for the experiments): PEFT wraps a linear
 whose weight is a torchao tensor in `TorchaoLoraLinear`; the base matmul stays fp8 and the LoRA
 path runs in the activations' dtype, so scales are exact. Merging (`fuse_lora`) is impossible
-there (no re-quantization recipe): adapters stay unfused. The Lassie LoRA is merged before
-quantizing instead (`own_weight` of `quantize_transformer`, see `lassie.variants`).
+there (no re-quantization recipe): adapters stay unfused.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
 
 import torch
 from torch import nn
@@ -130,19 +128,12 @@ def torchao_config(mode: FastMode):
     raise ValueError(f"{mode.value} does not quantize")
 
 
-OwnWeight = Callable[[str, torch.Tensor], torch.Tensor | None]
-
-
-def quantize_transformer(transformer: nn.Module, mode: FastMode, own_weight: OwnWeight | None = None) -> nn.Module:
+def quantize_transformer(transformer: nn.Module, mode: FastMode) -> nn.Module:
     """The go_fast copy of a diffusers transformer; the original is left exactly as it was.
 
     Not a deep copy: the go_fast copy is built on the meta device and takes the original's tensors
     (LoRA adapters and compiled wrappers left out), so it costs only the fp8 weights, never a
     transient second bf16 copy. Attach adapters and compile after quantizing.
-
-    `own_weight(name, shared)` may give a linear a weight of the copy's own instead of the shared
-    one (the Lassie LoRA merged at go_fast's scale): a token linear's is quantized at once, so
-    at most one such bf16 weight exists at a time; any other linear keeps it.
     """
     if mode is FastMode.UNQUANTIZED:
         return transformer
@@ -151,11 +142,6 @@ def quantize_transformer(transformer: nn.Module, mode: FastMode, own_weight: Own
     go_fast_copy = _bare_copy(transformer)
     config = torchao_config(mode)
     for name, module in list(go_fast_copy.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        weight = own_weight(name, module.weight) if own_weight else None
-        if weight is not None:
-            module.weight = nn.Parameter(weight, requires_grad=False)
         if is_token_linear(module, name):
             quantize_(module, config)
     return go_fast_copy

@@ -89,7 +89,7 @@ class Lassie:
             prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
-        self.variants = TransformerVariants(self.models, go_fast, compiling, memory, self.settings.speed)
+        self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
         if compile_cache:
             compile_cache.load()
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):

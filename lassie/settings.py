@@ -52,8 +52,6 @@ FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FL
                    "safety": "LASSIE_SAFETY_URL"}
 # What cog releases up to 0.16 passed to setup(weights) when a ./weights folder existed: no value.
 OLD_COG_WEIGHTS_VALUE = "weights"
-MERGE_LASSIE_ENV = "LASSIE_MERGE_LASSIE"
-ADAPTERS_WHEN_NEEDED_ENV = "LASSIE_ADAPTERS_WHEN_NEEDED"
 
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
@@ -254,20 +252,6 @@ class ProvisionSettings:
 
 
 @dataclass(frozen=True)
-class SpeedSwitches:
-    """Speed-ups whose gain is an estimate until the GPU benchmark measures it: each off by
-    default, the setting with the fewest warm-up graphs and code paths (see docs/go_fast.md)."""
-
-    merge_lassie: bool = False  # LASSIE_MERGE_LASSIE: Lassie merged into the weights, a delta adapter for other scales
-    adapters_when_needed: bool = False  # LASSIE_ADAPTERS_WHEN_NEEDED: idle adapters off (more graph sets)
-
-    @classmethod
-    def read(cls, env: Environment) -> SpeedSwitches:
-        return cls(merge_lassie=env.flag(MERGE_LASSIE_ENV, False),
-                   adapters_when_needed=env.flag(ADAPTERS_WHEN_NEEDED_ENV, False))
-
-
-@dataclass(frozen=True)
 class Settings:
     weights_dir: Path = Path("weights")
     go_fast_mode: str = "auto"  # one of GO_FAST_MODES; auto lets the hardware decide
@@ -275,7 +259,6 @@ class Settings:
     slot_ranks: tuple[int, ...] | None = None  # LASSIE_LORA_SLOT_RANK: None lets compiling decide, () is no slot
     lora: LoraSettings = LoraSettings()
     provision: ProvisionSettings = ProvisionSettings()
-    speed: SpeedSwitches = SpeedSwitches()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
@@ -290,7 +273,6 @@ class Settings:
             slot_ranks=env.ranks(SLOT_RANK_ENV),
             lora=LoraSettings.read(env),
             provision=provision,
-            speed=SpeedSwitches.read(env),
         )
 
 

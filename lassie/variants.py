@@ -2,14 +2,9 @@
 LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
 
 The Lassie LoRA is an ordinary PEFT adapter whose scale is a tensor (a graph input), active on
-every variant at every scale, 0 included; with slots, one slot is active too, at scale 0 when the
+every variant at every scale, 0 included; with a slot, the slot is active too, at scale 0 when the
 request has no extra LoRA. So every request runs the same adapter set, and warm-up compiles one
-graph set per precision (`plan_warm_up`). `LASSIE_MERGE_LASSIE` merges Lassie once, at setup, into
-each variant's weights at the scale that variant's default request runs it (`MERGED_LASSIE_SCALE`:
-1.0 bf16, go_fast's 1.5 on the go_fast copies); its adapter then runs the difference to other
-scales. `LASSIE_ADAPTERS_WHEN_NEEDED` turns idle adapters off instead (no Lassie adapter at the
-merged scale, no slot without an extra LoRA): less work per step, more graph sets. A merge
-that fails leaves Lassie an adapter there, with one log line.
+graph set per precision (`plan_warm_up`).
 
 `predict()` asks for a (model, go_fast) variant with its LoRA scales and gets a ready module;
 `run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
@@ -47,17 +42,17 @@ from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
 from lassie.compilation import CompileSetting, compile_transformer
-from lassie.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
+from lassie.go_fast import FastMode, GoFastPlan, quantize_transformer
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
-from lassie.settings import SpeedSwitches
 
 log = logging.getLogger(__name__)
 
 LASSIE_ADAPTER = "lassie"
-# go_fast -> the Lassie scale merged into that variant's weights: the default request's (lora_scale 1).
-MERGED_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
-# How far from the merged scale warm-up runs the Lassie adapter (any nonzero value: scales are graph inputs).
-WARM_UP_LASSIE_DELTA = 0.5
+# The Lassie scale of go_fast=false and go_fast=true default requests (lora_scale 1): what the
+# variants hold after setup; any other would do, scales are graph inputs.
+DEFAULT_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
+# The Lassie scale warm-up runs (any value: scales are graph inputs).
+WARM_UP_LASSIE_SCALE = 0.5
 WARM_UP_SIZE = (256, 256)
 WARM_UP_OUTPUTS = 1
 # Regional compilation compiles one graph per block class: FLUX's double and single blocks.
@@ -88,25 +83,20 @@ class Variant:
 @dataclass(frozen=True)
 class WarmUpRun:
     variant: Variant
-    lassie_adapter: bool  # the Lassie adapter runs (False only when idle adapters are off: at the merged scale)
     slot_rank: int | None  # the slot active (idle, at scale 0), or None: no slot runs
 
 
-def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...], when_needed: bool = False) -> list[WarmUpRun]:
+def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> list[WarmUpRun]:
     """One short call per set of graphs requests use.
 
-    Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. By default
-    every request runs the same set: Lassie always, and one slot (the one holding the extra LoRA,
-    else the narrowest at scale 0), so one set per slot rank. With `when_needed` (idle adapters
-    off) the Lassie adapter is off or on and no slot or any one runs: 2 x (1 + slots) sets.
-    Sizes, batch sizes (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots' contents are graph inputs.
+    Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. Every request
+    runs the same set: Lassie always, and one slot (the one holding the extra LoRA, else the
+    narrowest at scale 0), so one set per slot rank. Sizes, batch sizes
+    (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots' contents are graph inputs.
     dev and schnell share their block classes and so their graphs: warming dev covers schnell.
     """
     variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
-    lassie_states = (False, True) if when_needed else (True,)
-    slot_states = (None, *slot_ranks) if when_needed else (slot_ranks or (None,))
-    return [WarmUpRun(variant, lassie_adapter, slot_rank)
-            for variant in variants for lassie_adapter in lassie_states for slot_rank in slot_states]
+    return [WarmUpRun(variant, slot_rank) for variant in variants for slot_rank in (slot_ranks or (None,))]
 
 
 def planned_graphs(runs: list[WarmUpRun]) -> int:
@@ -126,46 +116,28 @@ def extra_adapter_name(path: Path) -> str:
 
 class TransformerVariants:
     def __init__(self, models: FluxModels, go_fast_plan: GoFastPlan, compile_setting: CompileSetting,
-                 memory: MemoryPlan, switches: SpeedSwitches = SpeedSwitches()) -> None:
+                 memory: MemoryPlan) -> None:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
-        self._switches = switches
         self.go_fast_plan = go_fast_plan
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
-                                     slot_ranks=memory.slot_ranks, idle_active=not switches.adapters_when_needed)
+                                     slot_ranks=memory.slot_ranks)
         self._go_fast_copies: dict[str, nn.Module] = {}
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
 
     def prepare(self, lassie_lora: Path) -> None:
-        """Lassie on every variant (merged into the weights with `LASSIE_MERGE_LASSIE`), the go_fast
-        copies, then compile and warm-up: after this no request loads, quantizes or compiles
-        anything but an extra LoRA's weights."""
+        """Lassie on every variant, the go_fast copies, then compile and warm-up: after this no
+        request loads, quantizes or compiles anything but an extra LoRA's weights."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
-        for variant in self.variants():
-            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[False]})
-        if self._switches.merge_lassie:
-            self._merge_lassie()
         self._build_go_fast_copies()
         for variant in self.variants():
-            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[variant.go_fast]})
+            self.adapters.activate(variant, {LASSIE_ADAPTER: DEFAULT_LASSIE_SCALE[variant.go_fast]})
         if self._compile.enabled:
             self._compile_and_warm_up()
-
-    def _merge_lassie(self) -> None:
-        """Lassie at 1.0 into the bf16 weights, once; the go_fast copies are built from them."""
-        for variant in self.variants():
-            try:
-                self.adapters.merge(variant, LASSIE_ADAPTER, MERGED_LASSIE_SCALE[variant.go_fast])
-            except Exception as error:
-                log.warning("merging the Lassie LoRA into the %s weights failed (%s); it runs as an adapter "
-                            "at every step there", variant, _one_line(error))
-            else:
-                log.info("Lassie LoRA merged into the %s weights at %g: requests at that scale run no LoRA work, "
-                         "others run the difference as an adapter", variant, MERGED_LASSIE_SCALE[variant.go_fast])
 
     def variants(self) -> list[Variant]:
         return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
@@ -251,7 +223,7 @@ class TransformerVariants:
             return
         started = time.perf_counter()
         try:
-            copies = {model: quantize_transformer(transformer, self.go_fast_plan.mode, self._go_fast_weight(model))
+            copies = {model: quantize_transformer(transformer, self.go_fast_plan.mode)
                       for model, transformer in self._models.transformers.items()}
         except Exception as error:
             log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
@@ -261,26 +233,12 @@ class TransformerVariants:
             return
         for model, go_fast_copy in copies.items():
             self._go_fast_copies[model] = go_fast_copy
-            merged = {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[True]} if self._go_fast_weight(model) is not None else {}
-            self.adapters.attach(Variant(model, True), go_fast_copy, merged)
-            if merged:
-                log.info("Lassie LoRA merged into the %s go_fast weights at %g", model, MERGED_LASSIE_SCALE[True])
+            self.adapters.attach(Variant(model, True), go_fast_copy)
         log.info("built the %s go_fast transformers in %.1fs", self.go_fast_plan.mode.value,
                  time.perf_counter() - started)
 
-    def _go_fast_weight(self, model: str) -> OwnWeight | None:
-        """The go_fast copy's own weights where Lassie adapts a linear: the shared bf16 weights hold
-        it at 1.0, the copy's at 1.5 (a token linear's only until it is quantized). None where the
-        bf16 merge failed: the copy then runs Lassie as an adapter too."""
-        source = Variant(model, False)
-        merged = self.adapters.merged_scale(source, LASSIE_ADAPTER)
-        if not merged:
-            return None
-        missing = MERGED_LASSIE_SCALE[True] - merged
-        return lambda name, weight: self.adapters.merged_weight(source, LASSIE_ADAPTER, name, weight, missing)
-
     def warm_up_plan(self) -> list[WarmUpRun]:
-        return plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks, self._switches.adapters_when_needed)
+        return plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks)
 
     def _compile_and_warm_up(self) -> None:
         runs = self.warm_up_plan()
@@ -307,8 +265,7 @@ class TransformerVariants:
 
     def _warm(self, run: WarmUpRun) -> None:
         """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
-        merged = self.adapters.merged_scale(run.variant, LASSIE_ADAPTER)
-        scales = {LASSIE_ADAPTER: merged + WARM_UP_LASSIE_DELTA if run.lassie_adapter else merged}
+        scales = {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE}
         if run.slot_rank is not None:
             self.adapters.activate_with_idle_slot(run.variant, scales, run.slot_rank)
         else:

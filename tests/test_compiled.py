@@ -87,7 +87,7 @@ def random_request(rng: random.Random, extras: list[str | None]) -> dict:
         "prompt": rng.choice(["a photo of LSSIE", "LSSIE on a beach at dusk", ""]),
         "model": rng.choice(["dev", "schnell"]),
         "go_fast": rng.random() < 0.6,
-        # the default (merged: no Lassie adapter runs) or any other scale (the Lassie delta adapter runs)
+        # the default or any other scale (a graph input either way)
         "lora_scale": 1.0 if rng.random() < 0.3 else round(rng.uniform(-1, 3), 3),
         "num_outputs": rng.choice([1, 1, 2, 3, 4]),
         "num_inference_steps": rng.choice([1, 2]),
@@ -145,7 +145,6 @@ def test_random_traffic_after_warm_up_compiles_nothing_and_equals_eager(warmed, 
 
 @pytest.mark.parametrize("switches, planned", [
     ({"LASSIE_LORA_SLOT_RANK": "4,8"}, 4),  # narrow slots: a set per slot
-    ({"LASSIE_LORA_SLOT_RANK": "4,8", "LASSIE_ADAPTERS_WHEN_NEEDED": "1", "LASSIE_MERGE_LASSIE": "1"}, 12),
 ])
 def test_each_switch_warms_up_exactly_its_planned_graphs_and_traffic_compiles_nothing(tiny_weights, services,
                                                                                       switches, planned, caplog):

@@ -135,13 +135,10 @@ def test_every_gpu_plan_warms_up_at_most_8_graphs_with_the_default_settings(full
     assert graphs == (4 if plan.go_fast_copies else 2) and graphs <= 8
 
 
-@pytest.mark.parametrize("slot_ranks, when_needed, graphs", [
-    ((128,), False, 4), ((32, 128), False, 8), ((), False, 4), ((128,), True, 16), ((32, 128), True, 24)])
-def test_each_switch_s_graph_count_is_planned(slot_ranks, when_needed, graphs):
-    """Narrow slots add a graph set per slot; activating adapters only when needed doubles the
-    Lassie states and adds a no-slot set (merging Lassie changes no count: its delta adapter
-    takes the adapter's place)."""
-    assert planned_graphs(plan_warm_up(True, slot_ranks, when_needed)) == graphs
+@pytest.mark.parametrize("slot_ranks, graphs", [((128,), 4), ((32, 128), 8), ((), 4)])
+def test_each_slot_setting_s_graph_count_is_planned(slot_ranks, graphs):
+    """Narrow slots add a graph set per slot; no slot is one set per precision too."""
+    assert planned_graphs(plan_warm_up(True, slot_ranks)) == graphs
 
 
 def test_without_quantization_nothing_is_added_for_go_fast_copies(full_size):

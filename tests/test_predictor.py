@@ -1,6 +1,6 @@
-"""The predictor against diffusers' own pipelines on the same weights, pixel for pixel (some tests
-allow float32 rounding, which `LASSIE_MERGE_LASSIE` brings: by default the Lassie LoRA is an
-adapter, as in diffusers, and the images are bitwise equal)."""
+"""The predictor against diffusers' own pipelines on the same weights, pixel for pixel (the Lassie
+LoRA is an adapter, as in diffusers, and the images are bitwise equal; some tests allow float32
+rounding, see `helpers.assert_equal_but_for_rounding`)."""
 
 from __future__ import annotations
 

@@ -5,14 +5,8 @@ Every LoRA stays a separate PEFT adapter, never fused by PEFT: a scale is set wi
 drifts the base weights, and a scale is applied exactly once (never again through
 `joint_attention_kwargs`).
 
-By default every adapter stays unmerged and, with `idle_active`, the active set is the same for
-every request (pinned LoRAs at any scale, 0 included; one slot, at 0 without an extra LoRA): one
-graph set. Merged (`merge`, once at setup, for the Lassie LoRA with `LASSIE_MERGE_LASSIE`): a
-pinned LoRA's `scale * B @ A * alpha/r` is added into a transformer's base weights, computed in
-float32, so the common request runs no LoRA work per step. Its adapter stays loaded as a
-*delta*: a request at scale s runs it at s - merged, and (without `idle_active`) not at all when
-that is 0. Not PEFT's `merge()`: its `merged` flag makes a layer skip every adapter, the hot-swap
-slot included, and unmerging per request would drift the weights.
+Every adapter stays unmerged and the active set is the same for every request (pinned LoRAs at
+any scale, 0 included; one slot, at 0 without an extra LoRA): one graph set.
 
 Scales are graph inputs: on the transformers every PEFT `scaling` entry is a 0-dim tensor,
 rewritten in place (PEFT's own hot-swap preparation does the same). As Python floats they
@@ -37,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable
 
@@ -95,7 +89,6 @@ class _Transformer:
     layers and scales, PEFT's own config and layers say)."""
 
     module: torch.nn.Module
-    merged: dict[str, float] = field(default_factory=dict)  # pinned LoRA -> the scale in its base weights
     slot_holds: dict[int, str | None] | None = None  # slot rank -> the LoRA in it (None: zeros); None: no slots yet
     active: dict[str, float] | None = None  # adapter -> scale as last set; None: set them again
 
@@ -334,63 +327,20 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
         setattr(parent, child_name, getattr(parent, child_name).get_base_layer())
 
 
-def _unit_delta(layer: LoraLayer, name: str) -> torch.Tensor:
-    """B @ A * alpha/r (alpha/sqrt(r) with rsLoRA) in float32: what the adapter adds at scale 1."""
-    if layer.use_dora.get(name) or layer.lora_bias.get(name) or getattr(layer, "fan_in_fan_out", False):
-        raise ValueError(f"{name} is not a plain LoRA on {type(layer.get_base_layer()).__name__} (DoRA, bias or "
-                         "fan-in-fan-out): it cannot be merged into the weights")
-    rank = layer.r[name]
-    scaling = layer.lora_alpha[name] / (math.sqrt(rank) if layer.use_rslora.get(name) else rank)
-    return (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * scaling
-
-
-def _with_delta(weight: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
-    """weight + scale * delta, added in float32 and cast back to the weight's dtype."""
-    return (weight.float() + scale * delta.to(weight.device)).to(weight.dtype)
-
-
-@torch.no_grad()
-def _merge_into_weights(transformer: torch.nn.Module, name: str, scale: float) -> None:
-    """Add `scale` x the LoRA into the base weights of every layer it adapts.
-
-    Every layer is checked before any weight changes; if adding fails part-way, the layers done
-    are put back by subtracting what was added (within one rounding of the weights' dtype).
-    """
-    layers = [layer for layer in _lora_layers(transformer) if name in layer.lora_A]
-    for layer in layers:
-        weight = layer.get_base_layer().weight
-        if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
-            raise ValueError(f"{type(weight.data).__name__} {weight.dtype} weights cannot take a merged LoRA")
-        _unit_delta(layer, name)
-    done = []
-    try:
-        for layer in layers:
-            weight = layer.get_base_layer().weight
-            weight.copy_(_with_delta(weight, _unit_delta(layer, name), scale))
-            done.append(layer)
-    except Exception:
-        for layer in done:
-            weight = layer.get_base_layer().weight
-            weight.copy_(_with_delta(weight, _unit_delta(layer, name), -scale))
-        raise
-
-
 class LoraAdapters:
     """The one owner of LoRA state on the loaded models.
 
     Transformers are known by a key of the caller's choosing (the variants owner uses
     `lassie.variants.Variant`). With `slot_ranks`, LoRAs that are not pinned (the extras) go
     through one of each transformer's hot-swap slots; pinned ones (the Lassie LoRA) keep their own
-    adapter, loaded as usual, and may be merged into a transformer's weights at one scale
-    (`merge`), their adapter then running only the difference to a request's scale.
+    adapter, loaded as usual.
     """
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
-                 slot_ranks: tuple[int, ...] = (), idle_active: bool = True) -> None:
+                 slot_ranks: tuple[int, ...] = ()) -> None:
         self._transformers = {key: _Transformer(module) for key, module in transformers.items()}
         self._text_encoder = text_encoder
         self._slot_ranks = tuple(sorted(slot_ranks))
-        self._idle_active = idle_active
         self._loras: dict[str, _Lora] = {}
         self._text_encoder_active: dict[str, float] | None = None
 
@@ -406,45 +356,9 @@ class LoraAdapters:
         `key`'s first run gives it its slots."""
         return dict(self._transformers[key].slot_holds or {})
 
-    def attach(self, key: Hashable, transformer: torch.nn.Module, merged: dict[str, float] | None = None) -> None:
-        """Track another transformer (e.g. the go_fast variant of a model); LoRAs load into it on first use.
-
-        `merged`: pinned LoRA -> the scale its weights were built with (see `merged_weight`).
-        """
-        self._transformers[key] = _Transformer(transformer, merged=dict(merged or {}))
-
-    def merged_scale(self, key: Hashable, name: str) -> float:
-        """The scale of `name` held in `key`'s base weights (0: not merged)."""
-        return self._transformers[key].merged.get(name, 0.0)
-
-    def merge(self, key: Hashable, name: str, scale: float) -> None:
-        """Add the pinned LoRA `name` at `scale` into `key`'s base weights, once (at setup).
-
-        The LoRA must be loaded into that transformer (activated once). From now on a request at
-        scale s runs its adapter at s - `scale` only. On failure the weights are as before (see
-        `_merge_into_weights`) and the LoRA stays an adapter at the request's scale.
-        """
-        lora = self._loras[name]
-        state = self._transformers[key]
-        if not lora.pinned or not _has_adapter(state.module, name) or self.merged_scale(key, name):
-            raise ValueError(f"{name} is not a pinned LoRA loaded, unmerged, into {key}")
-        _merge_into_weights(state.module, name, scale)
-        state.merged[name] = scale
-        state.active = None
-
-    def merged_weight(self, key: Hashable, name: str, module: str, weight: torch.Tensor,
-                      scale: float) -> torch.Tensor | None:
-        """`weight` plus `scale` x the LoRA `name` as loaded into `key`'s layer `module` (a new tensor),
-        or None where that LoRA does not adapt `module`: how a go_fast copy built from `key`'s
-        weights gets its own merge scale."""
-        try:
-            layer = self._transformers[key].module.get_submodule(module)
-        except AttributeError:
-            return None
-        if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
-            return None
-        with torch.no_grad():
-            return _with_delta(weight, _unit_delta(layer, name), scale)
+    def attach(self, key: Hashable, transformer: torch.nn.Module) -> None:
+        """Track another transformer (e.g. the go_fast variant of a model); LoRAs load into it on first use."""
+        self._transformers[key] = _Transformer(transformer)
 
     def add(self, name: str, path: Path, pinned: bool = False) -> None:
         """Convert and check a LoRA file; it loads into a transformer the first time that one runs it.
@@ -504,10 +418,9 @@ class LoraAdapters:
         return bool(self._slot_ranks) and not lora.pinned
 
     def _transformer_scales(self, key: Hashable, scales: dict[str, float]) -> dict[str, float]:
-        """Adapter name on the transformer -> scale: an extra LoRA runs under its slot's name; a
-        pinned one at what its merged weights lack. With `idle_active` the set is the same for
-        every request (one graph set): a pinned LoRA runs at 0 too, and without an extra LoRA the
-        narrowest slot runs at 0; without, those idle adapters are off."""
+        """Adapter name on the transformer -> scale: an extra LoRA runs under its slot's name. The
+        set is the same for every request (one graph set): a pinned LoRA runs at 0 too, and
+        without an extra LoRA the narrowest slot runs at 0."""
         swapped = [name for name in scales if self._swaps(self._loras[name])]
         if len(swapped) > 1:
             raise ValueError(f"slot mode runs one extra LoRA at a time, not {len(swapped)}: {swapped}")
@@ -515,11 +428,9 @@ class LoraAdapters:
         for name, scale in scales.items():
             if name in swapped:
                 transformer_scales[slot_adapter(self._loras[name].slot_rank)] = scale
-            elif not self._loras[name].pinned:
+            else:
                 transformer_scales[name] = scale
-            elif self._idle_active or scale != self.merged_scale(key, name):
-                transformer_scales[name] = scale - self.merged_scale(key, name)
-        if self._idle_active and self._slot_ranks and not swapped:
+        if self._slot_ranks and not swapped:
             transformer_scales[slot_adapter(self._slot_ranks[0])] = 0.0
         return transformer_scales
 
