@@ -20,15 +20,15 @@ from lassie.generate import generate
 from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.hardware import DeviceInfo, query_device
 from lassie.images import Inputs, load_inputs
-from lassie.lora.adapters import slot_ranks_for
+from lassie.lora.adapters import slot_rank_for
 from lassie.lora.cache import LoraCache
-from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
+from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory
 from lassie.models import FluxModels, load_models, prepare_for_speed
 from lassie.provision import ensure_weights, lassie_lora
 from lassie.quiet import no_progress_bars
 from lassie.request import Plan, Request, checked, describe, make_plan
 from lassie.safety import SafetyFilter
-from lassie.settings import DEFAULT_SLOT_RANKS, LORA_CACHE_ENV, Settings
+from lassie.settings import DEFAULT_SLOT_RANK, LORA_CACHE_ENV, Settings
 from lassie.storage import writable_place
 from lassie.variants import TransformerVariants, Variant
 from lassie.weights import WeightsLayout
@@ -76,12 +76,11 @@ class Lassie:
         go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
-        slot_ranks = slot_ranks_for(self.settings.slot_ranks, compiling.enabled, DEFAULT_SLOT_RANKS)
+        slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
-                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_ranks)
+                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_rank)
         log.info("%s; extra LoRAs: %s", memory.reason,
-                 f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
-                 if memory.slot_ranks else "one adapter each")
+                 f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
                          if compiling.enabled else None)
         with timed("loading models"):

@@ -27,9 +27,7 @@ GO_FAST_MODES = ("auto", "fp8", "fp8-weight-only", "unquantized")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DEFAULT_COMPILE_BACKEND = "inductor"
 # The hot-swap slot's rank: one slot, so extra LoRAs up to rank 128 share one set of graphs.
-# `LASSIE_LORA_SLOT_RANK=32,128` adds a narrow slot (rank-16/32 LoRAs then pay a quarter of the
-# slot's cost per step, for one more graph set at warm-up).
-DEFAULT_SLOT_RANKS = (128,)
+DEFAULT_SLOT_RANK = 128
 
 DEFAULT_REPLICATE_URL = "https://replicate.com"
 DEFAULT_CIVITAI_URL = "https://civitai.com"
@@ -114,16 +112,14 @@ class Environment:
             raise SettingError(name, f"{what} of at least {minimum}", value)
         return int(value)
 
-    def ranks(self, name: str) -> tuple[int, ...] | None:
-        """None when unset; () for 0 (off); else distinct positive ranks, ascending."""
+    def rank(self, name: str) -> int | None:
+        """None when unset; 0 (off) or a positive rank."""
         value = self.text(name)
         if not value:
             return None
-        items = [item.strip() for item in value.split(",")]
-        ranks = [int(item) for item in items if item.isdigit()]
-        if len(ranks) != len(items) or (0 in ranks and len(ranks) > 1):
-            raise SettingError(name, "0 (no slot), a rank, or comma-separated ranks such as 32,128", value)
-        return tuple(sorted(set(ranks) - {0}))
+        if not value.isdigit():
+            raise SettingError(name, "0 (no slot) or a rank such as 128", value)
+        return int(value)
 
     def url(self, name: str) -> str | None:
         """An operator's http(s) address (any host: mirrors may be private), or None when unset."""
@@ -256,7 +252,7 @@ class Settings:
     weights_dir: Path = Path("weights")
     go_fast_mode: str = "auto"  # one of GO_FAST_MODES; auto lets the hardware decide
     compile: CompileSettings = CompileSettings()
-    slot_ranks: tuple[int, ...] | None = None  # LASSIE_LORA_SLOT_RANK: None lets compiling decide, () is no slot
+    slot_rank: int | None = None  # LASSIE_LORA_SLOT_RANK: None lets compiling decide, 0 is no slot
     lora: LoraSettings = LoraSettings()
     provision: ProvisionSettings = ProvisionSettings()
 
@@ -270,7 +266,7 @@ class Settings:
             weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
             go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"),
             compile=CompileSettings.read(env),
-            slot_ranks=env.ranks(SLOT_RANK_ENV),
+            slot_rank=env.rank(SLOT_RANK_ENV),
             lora=LoraSettings.read(env),
             provision=provision,
         )

@@ -58,8 +58,8 @@ WARM_UP_OUTPUTS = 1
 # Regional compilation compiles one graph per block class: FLUX's double and single blocks.
 BLOCK_CLASSES = 2
 # Extra LoRAs kept converted after their request, so switching back to one reads and converts
-# nothing. With hot-swap slots a kept LoRA costs host memory only (its tensors are copied into a
-# slot when used); without, each would stay a named adapter on the device, so only the last is kept.
+# nothing. With the hot-swap slot a kept LoRA costs host memory only (its tensors are copied into
+# the slot when used); without, each would stay a named adapter on the device, so only the last is kept.
 KEPT_EXTRA_LORAS = 4
 T = TypeVar("T")
 # What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
@@ -80,27 +80,20 @@ class Variant:
         return f"{self.model} go_fast" if self.go_fast else self.model
 
 
-@dataclass(frozen=True)
-class WarmUpRun:
-    variant: Variant
-    slot_rank: int | None  # the slot active (idle, at scale 0), or None: no slot runs
-
-
-def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> list[WarmUpRun]:
-    """One short call per set of graphs requests use.
+def plan_warm_up(go_fast_copies: bool) -> list[Variant]:
+    """The variants warm-up calls once each: one short call per set of graphs requests use.
 
     Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. Every request
-    runs the same set: Lassie always, and one slot (the one holding the extra LoRA, else the
-    narrowest at scale 0), so one set per slot rank. Sizes, batch sizes
-    (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots' contents are graph inputs.
-    dev and schnell share their block classes and so their graphs: warming dev covers schnell.
+    runs the same set: Lassie always, and the slot when there is one (holding the extra LoRA, else
+    at scale 0). Sizes, batch sizes (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the
+    slot's contents are graph inputs. dev and schnell share their block classes and so their
+    graphs: warming dev covers schnell.
     """
-    variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
-    return [WarmUpRun(variant, slot_rank) for variant in variants for slot_rank in (slot_ranks or (None,))]
+    return [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
 
 
-def planned_graphs(runs: list[WarmUpRun]) -> int:
-    """Each warm-up call compiles one graph per block class; no two calls share an adapter set."""
+def planned_graphs(runs: list[Variant]) -> int:
+    """Each warm-up call compiles one graph per block class; no two calls share a precision."""
     return len(runs) * BLOCK_CLASSES
 
 
@@ -123,7 +116,7 @@ class TransformerVariants:
         self.go_fast_plan = go_fast_plan
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
-                                     slot_ranks=memory.slot_ranks)
+                                     slot_rank=memory.slot_rank)
         self._go_fast_copies: dict[str, nn.Module] = {}
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
@@ -175,9 +168,9 @@ class TransformerVariants:
 
     def _keep(self, name: str) -> None:
         """`name` becomes the most recently used extra LoRA; the least recently used beyond the
-        limit are removed (with slots: their slots emptied)."""
+        limit are removed (with a slot: emptied from it)."""
         self._extras = [kept for kept in self._extras if kept != name] + [name]
-        limit = KEPT_EXTRA_LORAS if self.adapters.slot_ranks else 1
+        limit = KEPT_EXTRA_LORAS if self.adapters.slot_rank else 1
         while len(self._extras) > limit:
             self.adapters.remove(self._extras.pop(0))
 
@@ -237,8 +230,8 @@ class TransformerVariants:
         log.info("built the %s go_fast transformers in %.1fs", self.go_fast_plan.mode.value,
                  time.perf_counter() - started)
 
-    def warm_up_plan(self) -> list[WarmUpRun]:
-        return plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks)
+    def warm_up_plan(self) -> list[Variant]:
+        return plan_warm_up(bool(self._go_fast_copies))
 
     def _compile_and_warm_up(self) -> None:
         runs = self.warm_up_plan()
@@ -252,8 +245,8 @@ class TransformerVariants:
             # guards batch != 1 at the attention output's `.contiguous()`), so batch 1 would need
             # graphs of its own. Unbacked, one graph serves every batch. Only tracing reads this.
             with torch.compiler.config.patch(unbacked_sources=FLUX_BLOCK_BATCH_DIMENSIONS):
-                for run in runs:
-                    self._warm(run)
+                for variant in runs:
+                    self._warm(variant)
         except Exception as error:
             self._stance = "force_eager"
             log.warning("compiling failed during warm-up (%s); serving uncompiled", _one_line(error))
@@ -263,17 +256,14 @@ class TransformerVariants:
                  counters["stats"]["unique_graphs"] - graphs_before, self._compile.backend, self._compile.mode,
                  len(runs), time.perf_counter() - started, planned_graphs(runs))
 
-    def _warm(self, run: WarmUpRun) -> None:
-        """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
-        scales = {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE}
-        if run.slot_rank is not None:
-            self.adapters.activate_with_idle_slot(run.variant, scales, run.slot_rank)
-        else:
-            self.adapters.activate(run.variant, scales)
-        model = run.variant.model
+    def _warm(self, variant: Variant) -> None:
+        """One denoising step at a small size, stopping at the latents: the VAE is not compiled.
+        Without an extra LoRA the slot runs at 0: the adapter set of every request."""
+        self.adapters.activate(variant, {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE})
+        model = variant.model
         plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0,
                                  num_outputs=WARM_UP_OUTPUTS))
-        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(run.variant))
+        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(variant))
         arguments = pipeline_arguments(replace(plan, size=WARM_UP_SIZE), Inputs()) | {"output_type": "latent"}
         with torch.inference_mode():
             pipeline(**arguments)
