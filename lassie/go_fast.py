@@ -1,7 +1,8 @@
 """go_fast: which precision a go_fast request runs on this hardware, and building the go_fast copies.
 
-The decision is pure (`plan_go_fast` on a `lassie.hardware.DeviceInfo`), so every hardware case
-is unit-tested on CPU.
+The decision is pure and made once, at setup, by `decide_go_fast`: from the precision the device
+allows (`plan_go_fast` on a `lassie.hardware.DeviceInfo`), whether the memory plan holds go_fast
+copies, and whether they could be built. Every case is unit-tested on CPU.
 
 - CUDA compute capability >= 8.9 (L4, L40S, 4090, H100, H200, B200): torchao dynamic float8
   (activations and weights, per-tensor scales, fp8 tensor-core matmuls).
@@ -85,6 +86,24 @@ def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFas
         return _quantized(device, FastMode.FP8_DYNAMIC, "")
     asked = f"{GO_FAST_MODE_ENV}=fp8 cannot be honoured: " if requested is FastMode.FP8_DYNAMIC else ""
     return _unquantized(asked + _fallback_reason(device))
+
+
+def decide_go_fast(wanted: GoFastPlan, copies_fit: bool, memory_reason: str,
+                   build_failure: str | None = None) -> GoFastPlan:
+    """The one go_fast decision, the record setup logs and requests run by.
+
+    `wanted` is what the device allows (`plan_go_fast`); a quantized go_fast needs its copies, so
+    it stands only where the memory plan holds them (`copies_fit`, else `memory_reason` says
+    why not) and they were built (`build_failure`: what went wrong when they could not be).
+    Otherwise go_fast runs the bf16 transformers, the same as go_fast=false.
+    """
+    if not wanted.quantizes:
+        return wanted
+    if not copies_fit:
+        return _unquantized(f"{wanted.reason}; {memory_reason}")
+    if build_failure is not None:
+        return _unquantized(f"go_fast: {wanted.mode.value} failed at setup ({build_failure})")
+    return wanted
 
 
 def _quantized(device: DeviceInfo, mode: FastMode, note: str) -> GoFastPlan:

@@ -17,7 +17,7 @@ from lassie.compilation import compile_setting, configure_compile_cache
 from lassie.encoding import save_images
 from lassie.errors import InputError
 from lassie.generate import generate
-from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
+from lassie.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.hardware import DeviceInfo, query_device
 from lassie.images import Inputs, load_inputs
 from lassie.lora.adapters import slot_rank_for
@@ -63,6 +63,7 @@ class Lassie:
         self.safety: SafetyFilter | None = None
         self._output_dir: Path | None = None
         self._device: DeviceInfo | None = None
+        self._go_fast: GoFastPlan | None = None  # the go_fast decision, made once by setup
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
@@ -73,12 +74,13 @@ class Lassie:
         lassie = lassie_lora(self.layout, self.settings)
         hardware = query_device()
         self._device = hardware
-        go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
+        wanted_go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
-        log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
+        log.info("compile: %s", compiling.reason)
         slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
-                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_rank)
+                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), wanted_go_fast.quantizes,
+                             slot_rank)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
@@ -88,11 +90,12 @@ class Lassie:
             prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
-        self.variants = TransformerVariants(self.models, go_fast, compiling, memory)
+        self.variants = TransformerVariants(self.models, compiling, memory)
         if compile_cache:
             compile_cache.load()
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
-            self.variants.prepare(lassie.path)
+            self._go_fast = self.variants.prepare(lassie.path, wanted_go_fast)
+        log.info("go_fast plan: %s", self._go_fast.reason)
         if compile_cache:
             compile_cache.save()
         self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
@@ -153,8 +156,8 @@ class Lassie:
             raise
 
     def _log_precision(self, plan: Plan) -> None:
-        self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast_plan, self._device.dtype)
-        log.info("precision: %s", precision_of(self.variants.go_fast_plan, plan.go_fast, self._device.dtype))
+        self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
+        log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
 
     def _fresh_output_dir(self) -> Path:
         """Outputs of the previous prediction have been served by now: reuse no names across calls."""

@@ -42,7 +42,7 @@ from lassie.lora.adapters import LoraAdapters
 from lassie.memory import MemoryPlan
 from lassie.models import FluxModels
 from lassie.compilation import CompileSetting, compile_transformer
-from lassie.go_fast import FastMode, GoFastPlan, quantize_transformer
+from lassie.go_fast import FastMode, GoFastPlan, decide_go_fast, quantize_transformer
 from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,10 @@ def extra_adapter_name(path: Path) -> str:
 
 
 class TransformerVariants:
-    def __init__(self, models: FluxModels, go_fast_plan: GoFastPlan, compile_setting: CompileSetting,
-                 memory: MemoryPlan) -> None:
+    def __init__(self, models: FluxModels, compile_setting: CompileSetting, memory: MemoryPlan) -> None:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
-        self.go_fast_plan = go_fast_plan
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
                                      slot_rank=memory.slot_rank)
@@ -122,15 +120,20 @@ class TransformerVariants:
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
 
-    def prepare(self, lassie_lora: Path) -> None:
-        """Lassie on every variant, the go_fast copies, then compile and warm-up: after this no
-        request loads, quantizes or compiles anything but an extra LoRA's weights."""
+    def prepare(self, lassie_lora: Path, wanted: GoFastPlan) -> GoFastPlan:
+        """Lassie on every variant, the go_fast copies `wanted` needs where the memory plan holds
+        them, then compile and warm-up: after this no request loads, quantizes or compiles
+        anything but an extra LoRA's weights. Returns the go_fast decision (`decide_go_fast`)."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
-        self._build_go_fast_copies()
+        build_failure = None
+        if wanted.quantizes and self._memory.go_fast_copies:
+            build_failure = self._build_go_fast_copies(wanted.mode)
+        go_fast = decide_go_fast(wanted, self._memory.go_fast_copies, self._memory.reason, build_failure)
         for variant in self.variants():
             self.adapters.activate(variant, {LASSIE_ADAPTER: DEFAULT_LASSIE_SCALE[variant.go_fast]})
         if self._compile.enabled:
             self._compile_and_warm_up()
+        return go_fast
 
     def variants(self) -> list[Variant]:
         return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
@@ -208,27 +211,23 @@ class TransformerVariants:
                     failure, variant)
         return result
 
-    def _build_go_fast_copies(self) -> None:
-        if not self.go_fast_plan.quantizes:
-            return
-        if not self._memory.go_fast_copies:
-            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, f"{self.go_fast_plan.reason}; {self._memory.reason}")
-            return
+    def _build_go_fast_copies(self, mode: FastMode) -> str | None:
+        """The go_fast copies of both transformers in `mode`; what went wrong (one line) if they
+        could not be built, then none are kept and go_fast runs the bf16 transformers."""
         started = time.perf_counter()
         try:
-            copies = {model: quantize_transformer(transformer, self.go_fast_plan.mode)
+            copies = {model: quantize_transformer(transformer, mode)
                       for model, transformer in self._models.transformers.items()}
         except Exception as error:
-            log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
-                        "transformers", self.go_fast_plan.mode.value, type(error).__name__, error)
-            failed = f"go_fast: {self.go_fast_plan.mode.value} failed at setup"
-            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, failed)
-            return
+            failure = f"{type(error).__name__}: {error}"
+            log.warning("go_fast: building the %s transformers failed (%s); go_fast runs the bf16 transformers",
+                        mode.value, failure)
+            return failure
         for model, go_fast_copy in copies.items():
             self._go_fast_copies[model] = go_fast_copy
             self.adapters.attach(Variant(model, True), go_fast_copy)
-        log.info("built the %s go_fast transformers in %.1fs", self.go_fast_plan.mode.value,
-                 time.perf_counter() - started)
+        log.info("built the %s go_fast transformers in %.1fs", mode.value, time.perf_counter() - started)
+        return None
 
     def warm_up_plan(self) -> list[Variant]:
         return plan_warm_up(bool(self._go_fast_copies))
