@@ -6,42 +6,49 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from lassie.compilation import compile_setting, configure_compile_cache
-from lassie.encoding import save_images
-from lassie.errors import InputError
-from lassie.generate import generate
-from lassie.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, precision_of, requested_mode
-from lassie.hardware import DeviceInfo, query_device
-from lassie.images import Inputs, load_inputs
-from lassie.lora.adapters import slot_rank_for
-from lassie.lora.cache import LoraCache
-from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory
-from lassie.models import FluxModels, load_models, prepare_for_speed
-from lassie.provision import ensure_weights, lassie_lora
+from lassie.engine.adapters import slot_rank_for
+from lassie.engine.compilation import compile_setting, configure_compile_cache
+from lassie.engine.generate import generate
+from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, precision_of, requested_mode
+from lassie.engine.hardware import DeviceInfo, query_device
+from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory
+from lassie.engine.models import FluxModels, load_models, prepare_for_speed
+from lassie.engine.safety import SafetyFilter
+from lassie.engine.variants import TransformerVariants, Variant
+from lassie.fetch.lora_cache import HeldLora, LoraCache
+from lassie.fetch.lora_sources import identify
+from lassie.fetch.storage import writable_place
 from lassie.quiet import no_progress_bars
-from lassie.request import Plan, Request, checked, describe, make_plan
-from lassie.safety import SafetyFilter
+from lassie.request.encoding import save_images
+from lassie.request.errors import EXTRA_LORA_FIELD, InputError
+from lassie.request.images import Inputs, load_inputs
+from lassie.request.plan import Plan, Request, checked, describe, make_plan
 from lassie.settings import DEFAULT_SLOT_RANK, LORA_CACHE_ENV, Settings
-from lassie.storage import writable_place
-from lassie.variants import TransformerVariants, Variant
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
+from lassie.weights.provision import ensure_weights, lassie_lora
 
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA on disk."""
+    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA (its
+    identity, parsed once, and its file, held in the cache until `release`)."""
 
     plan: Plan
     inputs: Inputs
-    extra_lora_file: Path | None
+    extra_lora: HeldLora | None
+
+    def release(self) -> None:
+        """The request has ended (done, failed or cancelled): its extra LoRA may be evicted again."""
+        if self.extra_lora is not None:
+            self.extra_lora.release()
 
 
 @contextmanager
@@ -107,7 +114,8 @@ class Lassie:
         before any download.
 
         None of it touches the GPU and the fetch may wait on the network: predict.py runs it outside
-        the one-at-a-time line, so a slow download holds up no other request."""
+        the one-at-a-time line, so a slow download holds up no other request. The caller releases
+        the result when the request ends."""
         request = checked(request)
         with timed("reading inputs"):
             decoded = load_inputs(request.image, request.mask)
@@ -117,25 +125,28 @@ class Lassie:
         log.info("%s", describe(plan))
         return Prepared(plan, inputs, self._fetch_extra_lora(plan))
 
-    def _fetch_extra_lora(self, plan: Plan) -> Path | None:
+    def _fetch_extra_lora(self, plan: Plan) -> HeldLora | None:
         if not plan.extra_lora:
             return None
+        lora = identify(plan.extra_lora)
         with timed("fetching the extra LoRA"):
-            return self.lora_cache.fetch(plan.extra_lora)
+            return self.lora_cache.hold(lora)
 
     def predict(self, request: Request) -> list[Path]:
         """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
-        return self.predict_prepared(self.prepare(request))
+        prepared = self.prepare(request)
+        try:
+            return self.predict_prepared(prepared)
+        finally:
+            prepared.release()
 
     def predict_prepared(self, prepared: Prepared) -> list[Path]:
-        """The GPU's part of a prediction, from what `prepare` gave."""
+        """The GPU's part of a prediction, from what `prepare` gave (its extra LoRA's file is held:
+        nothing is fetched here)."""
         plan, inputs = prepared.plan, prepared.inputs
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
-            # Fetched while earlier predictions ran, so another request's fetch may have evicted it since.
-            fetched = prepared.extra_lora_file
-            extra = fetched if fetched is None or fetched.is_file() else self._fetch_extra_lora(plan)
-            transformer = self._ready(variant, plan, extra)
+            transformer = self._ready(variant, plan, prepared.extra_lora)
         self._log_precision(plan)
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
@@ -146,13 +157,15 @@ class Lassie:
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
 
-    def _ready(self, variant: Variant, plan: Plan, extra: Path | None) -> torch.nn.Module:
-        """The transformer with the plan's LoRAs; an extra LoRA refused for its content leaves the cache."""
+    def _ready(self, variant: Variant, plan: Plan, extra: HeldLora | None) -> torch.nn.Module:
+        """The transformer with the plan's LoRAs, the extra one under its cache key as adapter name;
+        an extra LoRA refused for its content leaves the cache."""
         try:
-            return self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
+            return self.variants.ready(variant, plan.lora_scale, None if extra is None else (extra.lora.key, extra.path),
+                                       plan.extra_lora_scale)
         except InputError as error:
-            if extra is not None and error.field == "extra_lora":
-                self.lora_cache.forget(plan.extra_lora)
+            if extra is not None and error.field == EXTRA_LORA_FIELD:
+                self.lora_cache.forget(extra)
             raise
 
     def _log_precision(self, plan: Plan) -> None:

@@ -29,9 +29,9 @@ if sys.version_info < (3, 11):
     sys.exit(f"error: Python {sys.version.split()[0]} is too old (3.11 or newer needed); {HOW_TO_RUN}")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:
-    from lassie.provision import ProvisionError, provision, provision_from_tars
-    from lassie.settings import Settings, SettingError
-    from lassie.weights import MissingWeightsError
+    from lassie.settings import SettingError, Settings
+    from lassie.weights.layout import MissingWeightsError
+    from lassie.weights.provision import ProvisionError, provision, provision_from_tars
 except ModuleNotFoundError as missing:
     sys.exit(f"error: {missing}; {HOW_TO_RUN}")
 

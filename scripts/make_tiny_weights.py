@@ -33,9 +33,9 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-from lassie.weights import WeightsLayout  # noqa: E402
+from lassie.weights.layout import WeightsLayout
 
 log = logging.getLogger("make_tiny_weights")
 

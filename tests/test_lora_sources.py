@@ -7,15 +7,16 @@ import sys
 
 import pytest
 
-from lassie.errors import InputError
-from lassie.lora.sources import (
+from lassie.fetch.lora_sources import (
     CivitaiModelSource,
     CivitaiVersionSource,
     HuggingFaceSource,
     ReplicateSource,
     UrlSource,
+    identify,
     parse_extra_lora,
 )
+from lassie.request.errors import InputError
 from lassie.settings import Settings
 
 VERSION = "5a8b6a7c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f809123"
@@ -123,6 +124,15 @@ def test_refusal_never_repeats_credentials_from_the_url() -> None:
 ])
 def test_equivalent_forms_share_one_cache_key(same: tuple[str, ...]) -> None:
     assert len({parse_extra_lora(text).cache_key for text in same}) == 1
+    assert len({identify(text) for text in same}) == 1
+
+
+def test_a_lora_s_one_key_is_hex_digits_a_valid_adapter_and_module_name() -> None:
+    """The key names the cache files and the PEFT adapter: a module name cannot hold a dot."""
+    lora = identify("https://cdn.example.com/lora.safetensors?X-Amz-Signature=topsecret")
+    assert lora.source == parse_extra_lora("https://cdn.example.com/lora.safetensors?X-Amz-Signature=topsecret")
+    assert len(lora.key) == 40 and set(lora.key) <= set("0123456789abcdef")
+    assert identify("https://cdn.example.com/lora.safetensors?X-Amz-Signature=other").key != lora.key
 
 
 def test_different_sources_have_different_cache_keys() -> None:
@@ -172,6 +182,6 @@ def test_a_malformed_service_address_is_an_operator_error() -> None:
 
 
 def test_source_parsing_and_download_modules_do_not_import_torch() -> None:
-    code = "import sys, lassie.lora.sources, lassie.lora.http; print('torch' in sys.modules)"
+    code = "import sys, lassie.fetch.lora_sources, lassie.fetch.http; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -18,12 +18,12 @@ from diffusers import (
     FluxInpaintPipeline,
     FluxPipeline,
 )
-from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lassie.request import Request, denoising_steps, make_plan
+from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
+from lassie.request.plan import Request, denoising_steps, make_plan
 
 
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
@@ -73,7 +73,7 @@ def test_four_outputs_come_from_one_batched_call_and_differ(predictor, reference
     outputs = run(predictor, num_outputs=4)
     expected = reference_images(reference(FluxPipeline, lora_scale=1.0), num_images_per_prompt=4)
     assert len(outputs) == len(expected) == 4
-    for output, reference_output in zip(outputs, expected):
+    for output, reference_output in zip(outputs, expected, strict=True):
         assert_equal_but_for_rounding(output, reference_output)
     assert len({o.tobytes() for o in outputs}) == 4
 
@@ -154,7 +154,7 @@ def test_output_quality_changes_lossy_files(predictor):
 @pytest.fixture(scope="module")
 def flagging_weights(tiny_weights, tmp_path_factory):
     """A copy of the tiny weights whose CompVis checker flags everything."""
-    from lassie.weights import WeightsLayout
+    from lassie.weights.layout import WeightsLayout
 
     root = tmp_path_factory.mktemp("flagging")
     shutil.copytree(tiny_weights, root, dirs_exist_ok=True)
@@ -165,10 +165,9 @@ def flagging_weights(tiny_weights, tmp_path_factory):
 @pytest.mark.parametrize(("falcon_says", "kept"), [("nsfw", 0), ("normal", 3)])
 def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_weights, falcon_says, kept):
     from conftest import settings_for
-
+    from lassie.engine.safety import AllOutputsFlaggedError
     from lassie.predictor import Lassie
-    from lassie.safety import AllOutputsFlaggedError
-    from lassie.weights import WeightsLayout
+    from lassie.weights.layout import WeightsLayout
 
     write_falcon(WeightsLayout(tiny_weights), WeightsLayout(flagging_weights), falcon_says)
     lassie = Lassie(settings_for(flagging_weights))
@@ -256,11 +255,82 @@ def test_a_bad_setting_fails_predict_py_setup_naming_the_variable(tiny_weights):
 def test_a_compile_backend_this_torch_lacks_fails_setup_naming_the_variable(tiny_weights):
     """Only the hardware's torch knows its backends: setup checks the setting against them."""
     from conftest import settings_for
-
     from lassie.predictor import Lassie
     from lassie.settings import SettingError
 
     lassie = Lassie(settings_for(tiny_weights, LASSIE_COMPILE="1", LASSIE_COMPILE_BACKEND="bogus"))
-    with pytest.raises(SettingError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
+    with pytest.raises(SettingError, match=r"LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
         lassie.setup()
     assert lassie.models is None
+
+
+PREDICT_PY_RELEASES = '''
+import asyncio, dataclasses, threading
+import predict
+from lassie.request.plan import Request
+from lassie.serial import SerialRunner
+
+class Interrupted(BaseException):
+    pass
+
+class Prepared:  # stands in for lassie's: only `release` matters here
+    def __init__(self):
+        self.released = 0
+    def release(self):
+        self.released += 1
+
+class FakeLassie:
+    def __init__(self, outcome):
+        self.outcome, self.prepared, self.made = outcome, [], threading.Event()
+    def prepare(self, request):
+        self.prepared.append(Prepared())
+        self.made.set()
+        return self.prepared[-1]
+    def predict_prepared(self, prepared):
+        if self.outcome == "failed":
+            raise RuntimeError("GPU fault")
+        assert self.outcome == "done", "a request cancelled in line never runs"
+        return []
+
+async def request(outcome):
+    predictor = predict.Predictor()
+    predictor.runner, predictor.lassie = SerialRunner(interrupt=Interrupted), FakeLassie(outcome)
+    fields = {field.name: field.default for field in dataclasses.fields(Request) if field.name != "prompt"}
+    gate = threading.Event()
+    line = asyncio.ensure_future(predictor.runner.run(lambda: gate.wait(60)))  # the GPU busy with another
+    if outcome != "cancelled":
+        gate.set()
+    task = asyncio.ensure_future(predictor.predict(prompt="a dog", **fields))
+    for _ in range(500):
+        if predictor.lassie.made.is_set():
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the request now waits in line
+    if outcome == "cancelled":
+        task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, RuntimeError) as error:
+        print(outcome, type(error).__name__)
+    gate.set()
+    await line
+    print(outcome, [prepared.released for prepared in predictor.lassie.prepared])
+
+for outcome in ("done", "failed", "cancelled"):
+    asyncio.run(request(outcome))
+'''
+
+
+def test_predict_py_releases_a_request_s_extra_lora_when_it_ends_done_failed_or_cancelled():
+    """The hold on an extra LoRA's cached file ends with the request, also one cancelled in line."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", PREDICT_PY_RELEASES], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["done [1]", "failed RuntimeError", "failed [1]",
+                                          "cancelled CancelledError", "cancelled [1]"]

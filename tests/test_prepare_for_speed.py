@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from lassie.hardware import DeviceInfo
-from lassie.models import load_models, prepare_for_speed
-from lassie.weights import WeightsLayout
+from lassie.engine.hardware import DeviceInfo
+from lassie.engine.models import load_models, prepare_for_speed
+from lassie.weights.layout import WeightsLayout
 
 
 def backends(transformer: torch.nn.Module) -> set:

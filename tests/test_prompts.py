@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
-from helpers import assert_equal_but_for_rounding, library_log, reference_images, run
 
 from conftest import settings_for
+from helpers import assert_equal_but_for_rounding, library_log, reference_images, run
+from lassie.engine.prompts import encode_prompt
 from lassie.predictor import Lassie
-from lassie.prompts import encode_prompt
 
 LONG_PROMPT = ("a photo of a dog in the snow, " * 4000)[:100_000]
 

@@ -14,11 +14,11 @@ their recorded size is not asked about again, so a provisioned box needs no netw
 shipped without the weights (in the image) pins each repo to the commit it recorded.
 
 Without a token (Replicate gives a model none), LASSIE_WEIGHTS_URL or a folder's own URL names a
-tar for each missing layout folder instead (`lassie.downloads`: fetched at full speed, renamed
+tar for each missing layout folder instead (`lassie.weights.downloads`: fetched at full speed, renamed
 into place only when complete).
 
-The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.lora.http`,
-`lassie.lora.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
+The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.fetch.http`,
+`lassie.fetch.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
 private mirrors. At setup COG_WEIGHTS wins over LASSIE_LORA_URL, which wins over weights/lassie/.
 """
 
@@ -46,20 +46,26 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
 
-from lassie.lora.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
-from lassie.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
-from lassie.errors import InputError
-from lassie.hub_errors import HUB_ERRORS, hub_problem
-from lassie.lora.files import (
+from lassie.fetch.files import (
     UnusableArchiveError,
     UnusableSafetensorsError,
     inspect_safetensors,
     safetensors_from_tar,
     sha256_of,
 )
+from lassie.fetch.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
+from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
+from lassie.fetch.storage import writable_place, write_problem
+from lassie.request.errors import InputError
 from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_URL_ENV, Settings
-from lassie.storage import writable_place, write_problem
-from lassie.weights import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint
+from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
+from lassie.weights.layout import (
+    LAYOUT_FOLDERS,
+    PROVIDE_COMMAND,
+    MissingWeightsError,
+    WeightsLayout,
+    tiny_weights_hint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -552,6 +558,64 @@ def unpacked_lacks(folder: str, unpacked: Path) -> list[str]:
         return [name for name in WeightsLayout(Path(probe)).missing() if name.startswith(f"{folder}/")]
 
 
+def unpacked_problems(folder: str, unpacked: Path) -> list[str]:
+    """Why the unpacked tar at `unpacked` may not become `folder`: files that fail their check,
+    else files the layout needs that it lacks. An empty list lets it go into place."""
+    problems = file_problems(unpacked, folder)
+    if problems:
+        return problems
+    lacks = unpacked_lacks(folder, unpacked)
+    return [f"lacks {', '.join(lacks)}: expected the {folder} folder's files at the tar's root or under one "
+            "top-level folder"] if lacks else []
+
+
+def layout_files(folder: Path) -> list[Path]:
+    """The files of a layout folder, without hidden folders (huggingface_hub's `.cache/` metadata)."""
+    found = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(parent, name) for name in sorted(files)]
+    return found
+
+
+def file_problems(folder: Path, name: str) -> list[str]:
+    """What is wrong with the files of a layout folder, cheap enough for every start (no hashing):
+    each JSON file parses, each safetensors header parses and its tensors fit the file's size."""
+    problems = []
+    for path in layout_files(folder):
+        shown = f"{name}/{path.relative_to(folder).as_posix()}"
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_bytes())
+            elif path.suffix == ".safetensors":
+                inspect_safetensors(path)
+        except UnusableSafetensorsError as problem:
+            problems.append(f"{shown} is not a usable .safetensors file: {problem}")
+        except ValueError as error:
+            problems.append(f"{shown} is not valid JSON ({error})")
+        except OSError as error:
+            problems.append(f"{shown} cannot be read ({error.strerror or error})")
+    return problems
+
+
+def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]:
+    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a
+    JSON file that does not parse), with what is wrong."""
+    wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
+    found = {folder: file_problems(layout.root / folder, folder) for folder in wanted}
+    return {folder: problems for folder, problems in found.items() if problems}
+
+
+def damage_problem(layout: WeightsLayout, damaged: dict[str, list[str]]) -> str | None:
+    """Setup's refusal of damaged folders it cannot fetch again (no tar URL names them, or offline)."""
+    if not damaged:
+        return None
+    described = "\n".join(f"{layout.root / folder} is damaged: {'; '.join(problems)}"
+                           for folder, problems in damaged.items())
+    return (f"{described}\nSet {WEIGHTS_URL_ENV} (or the folder's own URL) to fetch it again from its tar, or remove "
+            f"it and run `{PROVIDE_COMMAND} {layout.root}`.")
+
+
 def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
     unnamed = [folder for folder in folders if settings.provision.tar_url(folder) is None]
     if not unnamed:
@@ -563,7 +627,8 @@ def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
 
 def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: bool = True,
                           options: FetchOptions = FetchOptions()) -> list[str]:
-    """Each missing layout folder from its tar, renamed into place only when complete; returns the folders fetched.
+    """Each missing layout folder from its tar, and each damaged one that has a tar URL, renamed into
+    place only when every file checks; returns the folders fetched.
 
     A lock on the directory lets one process fetch while others sharing the directory wait and
     then find the folders in place; staging folders of a killed fetch are removed under it.
@@ -572,10 +637,15 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
     fetched = []
     with FileLock(layout.root / FETCH_LOCK):
         remove_leftovers(layout.root)
-        for folder in missing_folders(layout, lassie):
+        missing = missing_folders(layout, lassie)
+        damaged = {folder: problems for folder, problems in damaged_folders(layout, lassie).items()
+                   if settings.provision.tar_url(folder)}
+        for folder in [folder for folder in LAYOUT_FOLDERS if folder in missing or folder in damaged]:
+            if folder in damaged:
+                log.warning("%s is damaged (%s); fetching it again", layout.root / folder, "; ".join(damaged[folder]))
             url = settings.provision.tar_url(folder)
             try:
-                fetch_folder(url, layout.root / folder, layout.root, partial(unpacked_lacks, folder), options)
+                fetch_folder(url, layout.root / folder, layout.root, partial(unpacked_problems, folder), options)
             except DownloadError as error:
                 raise ProvisionError(f"fetching {layout.root / folder} failed: {error}\n{RUN_AGAIN}") from None
             fetched.append(folder)
@@ -583,8 +653,9 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
 
 
 def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
-    """scripts/download_weights.py without a token: the missing folders from their tars, and the
-    Lassie LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`)."""
+    """scripts/download_weights.py without a token: the missing (or damaged) folders from their tars,
+    and the Lassie LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`);
+    a damaged folder no URL names fails it, as it would fail setup."""
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
     fail_on([lora_origin_problem(layout, origin) if origin else None])
@@ -594,6 +665,7 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
         provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False, limits)
         write_trigger_word(layout, settings.provision.trigger_word)
     layout.require_complete()
+    fail_on([damage_problem(layout, damaged_folders(layout, lassie=True))])
     return fetched
 
 
@@ -675,19 +747,27 @@ def lassie_lora(layout: WeightsLayout, settings: Settings) -> LassieLora:
 
 
 def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
-    """What setup() calls: nothing to do on a complete directory; otherwise fetch, unless HF_HUB_OFFLINE.
+    """What setup() calls: nothing to do on a complete directory whose files check; otherwise fetch,
+    unless HF_HUB_OFFLINE.
 
     Missing folders come as tars where LASSIE_WEIGHTS_URL or a folder's own URL is set (no token
     needed), else from the Hugging Face hub. weights/lassie/ is needed only when neither
-    COG_WEIGHTS nor LASSIE_LORA_URL names the Lassie LoRA.
+    COG_WEIGHTS nor LASSIE_LORA_URL names the Lassie LoRA. A folder in place whose files fail their
+    check (`file_problems`: headers and sizes, no hashing) is fetched again once where a tar URL
+    names it; otherwise, or if it is still damaged, setup fails naming it and what is wrong.
     """
     lassie = settings.provision.lassie_origin is None
+    damaged = damaged_folders(layout, lassie)
+    fail_on([damage_problem(layout, {folder: problems for folder, problems in damaged.items()
+                                     if settings.provision.tar_url(folder) is None})])
     missing = layout.missing(lassie=lassie)
-    if not missing:
+    if not missing and not damaged:
         return
     if settings.provision.offline:
         layout.require_complete(lassie=lassie)  # raises, naming every missing file
-    log.warning("weights missing (%s); fetching them", ", ".join(missing))
+        fail_on([damage_problem(layout, damaged)])
+    if missing:
+        log.warning("weights missing (%s); fetching them", ", ".join(missing))
     try:
         if settings.provision.fetches_tars:
             fetch_missing_folders(layout, settings, lassie)
@@ -699,3 +779,4 @@ def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
     except Exception as error:
         raise MissingWeightsError(f"weights directory {layout.root} is incomplete (missing: {', '.join(missing)}) "
                                   f"and fetching them failed: {error}\n{tiny_weights_hint()}") from error
+    fail_on([damage_problem(layout, damaged_folders(layout, lassie))])

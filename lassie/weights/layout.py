@@ -40,8 +40,11 @@ def _model_files_missing(directory: Path, stem: str) -> list[Path]:
     if single.is_file():
         return missing
     if not index.is_file():
-        return missing + [single]
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [*missing, single]
+    try:
+        shards = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):  # a damaged index names no shards: as good as none
+        return [*missing, index]
     return missing + [directory / shard for shard in shards if not (directory / shard).is_file()]
 
 

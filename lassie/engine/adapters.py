@@ -29,9 +29,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable
 
 import torch
 from diffusers import FluxPipeline
@@ -40,13 +40,13 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from lassie.errors import InputError
-from lassie.internals import (
+from lassie.engine.internals import (
     config_value,
     delete_text_encoder_adapter,
     set_text_encoder_adapters,
     transformer_lora_config,
 )
+from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.settings import SLOT_RANK_ENV
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ TRANSFORMER_PREFIX = "transformer."
 TEXT_ENCODER_PREFIX = "text_encoder."
 LORA_A = ".lora_A."
 LORA_B = ".lora_B."
-EXTRA_LORA_FIELD = "extra_lora"
 SLOT_ADAPTER = "slot"
 
 
@@ -321,7 +320,7 @@ class LoraAdapters:
     """The one owner of LoRA state on the loaded models.
 
     Transformers are known by a key of the caller's choosing (the variants owner uses
-    `lassie.variants.Variant`). With a `slot_rank`, LoRAs that are not pinned (the extras) go
+    `lassie.engine.variants.Variant`). With a `slot_rank`, LoRAs that are not pinned (the extras) go
     through each transformer's hot-swap slot; pinned ones (the Lassie LoRA) keep their own
     adapter, loaded as usual.
     """

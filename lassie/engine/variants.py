@@ -23,27 +23,27 @@ graph set per precision (`plan_warm_up`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from lassie.generate import Inputs, pipeline_arguments
-from lassie.internals import FLUX_BLOCK_BATCH_DIMENSIONS
-from lassie.lora.adapters import LoraAdapters
-from lassie.memory import MemoryPlan
-from lassie.models import FluxModels
-from lassie.compilation import CompileSetting, compile_transformer
-from lassie.go_fast import FastMode, GoFastPlan, decide_go_fast, quantize_transformer
-from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
+from lassie.engine.adapters import LoraAdapters
+from lassie.engine.compilation import CompileSetting, compile_transformer
+from lassie.engine.generate import Inputs, pipeline_arguments
+from lassie.engine.go_fast import FastMode, GoFastPlan, decide_go_fast, quantize_transformer
+from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS
+from lassie.engine.memory import MemoryPlan
+from lassie.engine.models import FluxModels
+from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,9 @@ def plan_warm_up(go_fast_copies: bool) -> list[Variant]:
 
     Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. Every request
     runs the same set: Lassie always, and the slot when there is one (holding the extra LoRA, else
-    at scale 0). Sizes, batch sizes (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the
-    slot's contents are graph inputs. dev and schnell share their block classes and so their
-    graphs: warming dev covers schnell.
+    at scale 0). Sizes, batch sizes (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales
+    and the slot's contents are graph inputs. dev and schnell share their block classes and so
+    their graphs: warming dev covers schnell.
     """
     return [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
 
@@ -95,16 +95,6 @@ def plan_warm_up(go_fast_copies: bool) -> list[Variant]:
 def planned_graphs(runs: list[Variant]) -> int:
     """Each warm-up call compiles one graph per block class; no two calls share a precision."""
     return len(runs) * BLOCK_CLASSES
-
-
-def extra_adapter_name(path: Path) -> str:
-    """PEFT adapter names cannot hold dots or slashes: name extras by a digest of their cache file.
-
-    The file's size and modification time are part of it, so a re-fetched file is a new adapter.
-    """
-    stat = path.stat()
-    identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    return "extra_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 class TransformerVariants:
@@ -145,16 +135,18 @@ class TransformerVariants:
     def transformer(self, variant: Variant) -> nn.Module:
         return self._go_fast_copies[variant.model] if variant.go_fast else self._models.transformers[variant.model]
 
-    def ready(self, variant: Variant, lassie_scale: float, extra: Path | None, extra_scale: float) -> nn.Module:
-        """The variant with Lassie (and `extra`) active at the given scales. A new extra LoRA
-        joins the kept ones (see `KEPT_EXTRA_LORAS`), dropping the least recently used; one that
-        fails to load leaves the previous state."""
+    def ready(self, variant: Variant, lassie_scale: float, extra: tuple[str, Path] | None,
+              extra_scale: float) -> nn.Module:
+        """The variant with Lassie (and `extra`: its adapter name, which is the LoRA's cache key, and
+        its file) active at the given scales. A new extra LoRA joins the kept ones (see `KEPT_EXTRA_LORAS`),
+        dropping the least recently used; one that fails to load leaves the previous state. A kept
+        one is used as it is: its file is not read again."""
         scales = {LASSIE_ADAPTER: lassie_scale}
         new_extra = name = None
         if extra is not None:
-            name = extra_adapter_name(extra)
+            name, path = extra
             if name not in self.adapters.names():
-                self.adapters.add(name, extra)
+                self.adapters.add(name, path)
                 new_extra = name
             scales[name] = extra_scale
         try:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -175,7 +175,7 @@ def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Modu
                  safety: list[nn.Module], lassie_parameters: int | None = None) -> Footprint:
     """Counts the modules as they are (real or on the meta device), without LoRA adapters: those
     are counted per transformer (`lassie_parameters`: None is `LASSIE_RANK_BOUND` on every linear)."""
-    from lassie.go_fast import is_token_linear
+    from lassie.engine.go_fast import is_token_linear
 
     first = next(iter(transformers.values()))
     linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
@@ -206,7 +206,7 @@ class ModelConfigs:
     lassie_lora: Path | None = None  # None: sized by LASSIE_RANK_BOUND
 
     @classmethod
-    def of_layout(cls, layout: WeightsLayout) -> "ModelConfigs":
+    def of_layout(cls, layout: WeightsLayout) -> ModelConfigs:
         """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
         return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
                                  "schnell": layout.schnell_dir / "transformer" / "config.json"},
@@ -221,8 +221,15 @@ def footprint_from_configs(configs: ModelConfigs) -> Footprint:
     at full size."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import (CLIPConfig, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, ViTConfig,
-                              ViTForImageClassification)
+    from transformers import (
+        CLIPConfig,
+        CLIPTextConfig,
+        CLIPTextModel,
+        T5Config,
+        T5EncoderModel,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     with torch.device("meta"):
         transformers = {model: FluxTransformer2DModel.from_config(_read(path))

@@ -20,9 +20,9 @@ from diffusers import (
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from lassie.hardware import DeviceInfo
-from lassie.request import Mode
-from lassie.weights import WeightsLayout
+from lassie.engine.hardware import DeviceInfo
+from lassie.request.plan import Mode
+from lassie.weights.layout import WeightsLayout
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """go_fast: which precision a go_fast request runs on this hardware, and building the go_fast copies.
 
 The decision is pure and made once, at setup, by `decide_go_fast`: from the precision the device
-allows (`plan_go_fast` on a `lassie.hardware.DeviceInfo`), whether the memory plan holds go_fast
-copies, and whether they could be built. Every case is unit-tested on CPU.
+allows (`plan_go_fast` on a `lassie.engine.hardware.DeviceInfo`), whether the memory plan holds
+go_fast copies, and whether they could be built. Every case is unit-tested on CPU.
 
 - CUDA compute capability >= 8.9 (L4, L40S, 4090, H100, H200, B200): torchao dynamic float8
   (activations and weights, per-tensor scales, fp8 tensor-core matmuls).
@@ -15,7 +15,7 @@ copies, and whether they could be built. Every case is unit-tested on CPU.
   hardware without fp8 matmul falls back as above. `fp8-weight-only` runs anywhere, CPU included,
   so CPU tests can drive the quantized path (PEFT adapters on torchao weights) end to end.
 
-What stays resident (the go_fast copies, the slot's rank, VAE slicing) is `lassie.memory`'s plan,
+What stays resident (the go_fast copies, the slot's rank, VAE slicing) is `lassie.engine.memory`'s plan,
 computed from the modules' sizes and the GPU's memory.
 
 PEFT LoRA on the fp8 transformer (see docs/go_fast.md for the experiments): PEFT wraps a linear
@@ -33,7 +33,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from lassie.hardware import DeviceInfo
+from lassie.engine.hardware import DeviceInfo
 from lassie.settings import GO_FAST_MODE_ENV
 
 log = logging.getLogger(__name__)
