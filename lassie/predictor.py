@@ -31,8 +31,9 @@ from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.request.images import Inputs, load_inputs
 from lassie.request.plan import Plan, Request, checked, describe, make_plan
 from lassie.settings import DEFAULT_SLOT_RANK, LORA_CACHE_ENV, Settings
+from lassie.weights.lassie_lora import resolve
 from lassie.weights.layout import WeightsLayout
-from lassie.weights.provision import ensure_weights, lassie_lora
+from lassie.weights.provision import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,16 @@ class Lassie:
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
-        lassie = lassie_lora(self.layout, self.settings)
+        lassie = resolve(self.layout, self.settings)  # the one file everything below uses
         hardware = query_device()
         self._device = hardware
         wanted_go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
         log.info("compile: %s", compiling.reason)
         slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
-        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
-                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), wanted_go_fast.quantizes,
-                             slot_rank)
+        footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
+        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint,
+                             wanted_go_fast.quantizes, slot_rank)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
@@ -106,7 +107,7 @@ class Lassie:
         if compile_cache:
             compile_cache.save()
         self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
-        log.info("ready; Lassie LoRA %s; trigger word: %r", lassie.path, lassie.trigger_word)
+        log.info("ready; Lassie LoRA %s from %s; trigger word: %r", lassie.path, lassie.origin, lassie.trigger_word)
 
     def prepare(self, request: Request) -> Prepared:
         """Everything before the GPU, in this order: fields checked, images decoded, the plan made

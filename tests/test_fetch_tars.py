@@ -27,17 +27,18 @@ import pytest
 from fake_services import FakeServices, services  # noqa: F401 (fixture)
 from helpers import folder_tar, make_lora, make_tar, training_output_tar
 from lassie.fetch.lora_cache import LoraCache
+from lassie.fetch.lora_sources import identify
 from lassie.fetch.tars import SHOWN_NAME_CHARS, TarLimits, TarRefused, check_tree, unpack
 from lassie.predictor import Lassie
 from lassie.request.errors import InputError
 from lassie.settings import Settings
 from lassie.weights.downloads import FetchOptions
+from lassie.weights.lassie_lora import resolve
 from lassie.weights.layout import WeightsLayout
 from lassie.weights.provision import (
     ProvisionError,
     ensure_weights,
     fetch_missing_folders,
-    lassie_lora,
     provision_from_tars,
 )
 from range_server import RangeServer
@@ -449,7 +450,7 @@ def test_a_compressed_cog_weights_tar_is_refused_naming_its_compression(tmp_path
     with RangeServer() as host:
         url = host.serve(f"/trained_model.tar.{kind}", COMPRESSORS[kind](training_output_tar(make_lora(3))))
         with pytest.raises(ProvisionError, match=f"it is {kind}-compressed; only uncompressed tars are accepted"):
-            lassie_lora(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
+            resolve(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
     assert list((tmp_path / "weights" / "fetched-lora").glob("*/lora.safetensors")) == []
 
 
@@ -458,7 +459,7 @@ def test_a_cog_weights_tar_with_a_link_is_refused(tmp_path: Path) -> None:
     with RangeServer() as host:
         url = host.serve("/trained_model.tar", archive)
         with pytest.raises(ProvisionError, match=r'holds a symbolic link, "output/config\.yaml"'):
-            lassie_lora(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
+            resolve(WeightsLayout(tmp_path / "weights"), Settings.from_env({}, cog_weights=url))
 
 
 @pytest.mark.parametrize("kind", list(COMPRESSORS))
@@ -467,7 +468,7 @@ def test_a_compressed_extra_lora_tar_is_refused_naming_its_compression(
     services.add_replicate_model("alice", "bomb", COMPRESSORS[kind](make_tar({"lora.safetensors": make_lora(1)})))
     cache = LoraCache(services.settings(min_free_bytes=0), tmp_path / "lora-cache")
     with pytest.raises(InputError, match=f"Replicate model alice/bomb is {kind}-compressed"):
-        cache.fetch("alice/bomb")
+        cache.fetch(identify("alice/bomb"))
     assert cache.cached_files() == [] and list(cache.staging_dir.iterdir()) == []
 
 
@@ -476,6 +477,6 @@ def test_an_extra_lora_tar_cut_at_a_member_boundary_is_refused(
     services.add_replicate_model("alice", "cut", without_end(make_tar({"lora.safetensors": make_lora(1)})))
     cache = LoraCache(services.settings(min_free_bytes=0), tmp_path / "lora-cache")
     with pytest.raises(InputError, match="Replicate model alice/cut ends without its end-of-archive blocks"):
-        cache.fetch("alice/cut")
+        cache.fetch(identify("alice/cut"))
     assert cache.cached_files() == []
 
