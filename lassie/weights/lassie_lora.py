@@ -34,11 +34,10 @@ from lassie.fetch.files import (
     inspect_safetensors,
     safetensors_from_tar,
 )
-from lassie.fetch.http import AddressRule, DownloadLimits, download_file, redact_url
+from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, checked_members
-from lassie.request.errors import InputError
-from lassie.settings import LORA_URL_ENV, Settings
+from lassie.settings import LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
 from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout
 from lassie.weights.manifest import Manifest, has_size
@@ -170,9 +169,12 @@ def write_trigger_word(layout: WeightsLayout, word: str | None) -> None:
 # --- the one install path -----------------------------------------------------------------------
 
 
-def without_field(error: InputError) -> str:
-    """The shared downloader speaks of the extra_lora field; here its words are about the variable."""
-    return str(error).removeprefix(f"{error.field}: ")
+def limits_for(settings: Settings) -> DownloadLimits:
+    """The Lassie LoRA's address is the operator's (any host); its fetch holds to the LoRA size cap
+    and, like a weights folder, to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
+    deadline = Deadline(settings.provision.weights_download_timeout, WEIGHTS_DOWNLOAD_TIMEOUT_ENV,
+                        "fetching the Lassie LoRA")
+    return DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES, deadline=deadline)
 
 
 def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str) -> Path:
@@ -180,8 +182,8 @@ def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str
     log.info("fetching the Lassie LoRA from %s", redact_url(url))
     try:
         download_file(url, fetched, limits=limits)
-    except InputError as error:
-        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {without_field(error)}\n"
+    except FetchError as error:
+        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {error}\n"
                              f"{RUN_AGAIN}") from None
     return fetched
 
@@ -276,7 +278,6 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
                           str(layout.lassie_dir))
     variable = COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV
     place = writable_place("fetched Lassie LoRA", layout.root / FETCHED_LORA_DIRNAME)
-    limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
-    keep = kept_lora(origin, place, variable, limits)
+    keep = kept_lora(origin, place, variable, limits_for(settings))
     return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,
                       f"{variable} ({public_origin(origin)})")
