@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from lassie.engine.adapters import slot_ranks_for
+from lassie.engine.adapters import slot_rank_for
 from lassie.engine.compilation import compile_setting, configure_compile_cache
 from lassie.engine.generate import generate
-from lassie.engine.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
+from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.engine.hardware import DeviceInfo, query_device
-from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
+from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory
 from lassie.engine.models import FluxModels, load_models, prepare_for_speed
 from lassie.engine.safety import SafetyFilter
 from lassie.engine.variants import TransformerVariants, Variant
@@ -30,7 +30,7 @@ from lassie.request.encoding import save_images
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.request.images import Inputs, load_inputs
 from lassie.request.plan import Plan, Request, checked, describe, make_plan
-from lassie.settings import DEFAULT_SLOT_RANKS, LORA_CACHE_ENV, Settings
+from lassie.settings import DEFAULT_SLOT_RANK, LORA_CACHE_ENV, Settings
 from lassie.weights.lassie_lora import resolve
 from lassie.weights.layout import WeightsLayout
 from lassie.weights.provision import ensure_weights
@@ -71,6 +71,7 @@ class Lassie:
         self.safety: SafetyFilter | None = None
         self._output_dir: Path | None = None
         self._device: DeviceInfo | None = None
+        self._go_fast: GoFastPlan | None = None  # the go_fast decision, made once by setup
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
@@ -81,29 +82,28 @@ class Lassie:
         lassie = resolve(self.layout, self.settings)  # the one file everything below uses
         hardware = query_device()
         self._device = hardware
-        go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
+        wanted_go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
-        log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
-        slot_ranks = slot_ranks_for(self.settings.slot_ranks, compiling.enabled, DEFAULT_SLOT_RANKS)
+        log.info("compile: %s", compiling.reason)
+        slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
         footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
-        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint, go_fast.quantizes,
-                             slot_ranks, self.settings.speed.prompt_cache)
+        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint,
+                             wanted_go_fast.quantizes, slot_rank)
         log.info("%s; extra LoRAs: %s", memory.reason,
-                 f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
-                 if memory.slot_ranks else "one adapter each")
+                 f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
                          if compiling.enabled else None)
         with timed("loading models"):
-            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing,
-                                      prompt_cache=self.settings.speed.prompt_cache)
-            prepare_for_speed(self.models, hardware, self.settings.speed.attention_backend)
+            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
+            prepare_for_speed(self.models, hardware)
         with timed("loading the safety checker"):
             self.safety = SafetyFilter.load(self.layout, hardware)
-        self.variants = TransformerVariants(self.models, go_fast, compiling, memory, self.settings.speed)
+        self.variants = TransformerVariants(self.models, compiling, memory)
         if compile_cache:
             compile_cache.load()
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):
-            self.variants.prepare(lassie.path)
+            self._go_fast = self.variants.prepare(lassie.path, wanted_go_fast)
+        log.info("go_fast plan: %s", self._go_fast.reason)
         if compile_cache:
             compile_cache.save()
         self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
@@ -151,7 +151,7 @@ class Lassie:
         self._log_precision(plan)
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
-                self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs, self.models.prompts))
+                self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs))
         if plan.safety_checker:
             with timed("safety checking"):
                 results = self.safety.filter(results)
@@ -170,8 +170,8 @@ class Lassie:
             raise
 
     def _log_precision(self, plan: Plan) -> None:
-        self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast_plan, self._device.dtype)
-        log.info("precision: %s", precision_of(self.variants.go_fast_plan, plan.go_fast, self._device.dtype))
+        self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
+        log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
 
     def _fresh_output_dir(self) -> Path:
         """Outputs of the previous prediction have been served by now: reuse no names across calls."""

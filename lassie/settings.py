@@ -27,13 +27,7 @@ GO_FAST_MODES = ("auto", "fp8", "fp8-weight-only", "unquantized")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DEFAULT_COMPILE_BACKEND = "inductor"
 # The hot-swap slot's rank: one slot, so extra LoRAs up to rank 128 share one set of graphs.
-# `LASSIE_LORA_SLOT_RANK=32,128` adds a narrow slot (rank-16/32 LoRAs then pay a quarter of the
-# slot's cost per step, for one more graph set at warm-up).
-DEFAULT_SLOT_RANKS = (128,)
-# `LASSIE_ATTENTION_BACKEND`: `auto` lets the hardware choose (lassie.engine.attention), else a diffusers
-# attention backend name, checked against the installed diffusers at setup.
-ATTENTION_AUTO = "auto"
-DEFAULT_ATTENTION_BACKEND = "native"
+DEFAULT_SLOT_RANK = 128
 
 DEFAULT_REPLICATE_URL = "https://replicate.com"
 DEFAULT_CIVITAI_URL = "https://civitai.com"
@@ -57,10 +51,6 @@ FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FL
                    "safety": "LASSIE_SAFETY_URL"}
 # What cog releases up to 0.16 passed to setup(weights) when a ./weights folder existed: no value.
 OLD_COG_WEIGHTS_VALUE = "weights"
-MERGE_LASSIE_ENV = "LASSIE_MERGE_LASSIE"
-ADAPTERS_WHEN_NEEDED_ENV = "LASSIE_ADAPTERS_WHEN_NEEDED"
-PROMPT_CACHE_ENV = "LASSIE_PROMPT_CACHE"
-ATTENTION_BACKEND_ENV = "LASSIE_ATTENTION_BACKEND"
 
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
@@ -123,16 +113,14 @@ class Environment:
             raise SettingError(name, f"{what} of at least {minimum}", value)
         return int(value)
 
-    def ranks(self, name: str) -> tuple[int, ...] | None:
-        """None when unset; () for 0 (off); else distinct positive ranks, ascending."""
+    def rank(self, name: str) -> int | None:
+        """None when unset; 0 (off) or a positive rank."""
         value = self.text(name)
         if not value:
             return None
-        items = [item.strip() for item in value.split(",")]
-        ranks = [int(item) for item in items if item.isdigit()]
-        if len(ranks) != len(items) or (0 in ranks and len(ranks) > 1):
-            raise SettingError(name, "0 (no slot), a rank, or comma-separated ranks such as 32,128", value)
-        return tuple(sorted(set(ranks) - {0}))
+        if not value.isdigit():
+            raise SettingError(name, "0 (no slot) or a rank such as 128", value)
+        return int(value)
 
     def url(self, name: str) -> str | None:
         """An operator's http(s) address (any host: mirrors may be private), or None when unset."""
@@ -266,35 +254,13 @@ class ProvisionSettings:
 
 
 @dataclass(frozen=True)
-class SpeedSwitches:
-    """Speed-ups whose gain is an estimate until the GPU benchmark measures it: each off by
-    default, the setting with the fewest warm-up graphs and code paths (see docs/go_fast.md)."""
-
-    merge_lassie: bool = False  # LASSIE_MERGE_LASSIE: Lassie merged into the weights, a delta adapter for other scales
-    adapters_when_needed: bool = False  # LASSIE_ADAPTERS_WHEN_NEEDED: idle adapters off (more graph sets)
-    prompt_cache: bool = False  # LASSIE_PROMPT_CACHE: the prompt-embedding LRU cache
-    attention_backend: str = DEFAULT_ATTENTION_BACKEND  # LASSIE_ATTENTION_BACKEND: auto, or a backend name
-
-    @classmethod
-    def read(cls, env: Environment) -> SpeedSwitches:
-        backend = env.text(ATTENTION_BACKEND_ENV, DEFAULT_ATTENTION_BACKEND).lower()
-        if not backend.replace("_", "").replace("-", "").isalnum():
-            raise SettingError(ATTENTION_BACKEND_ENV, f"{ATTENTION_AUTO} or a diffusers attention backend name",
-                               backend)
-        return cls(merge_lassie=env.flag(MERGE_LASSIE_ENV, False),
-                   adapters_when_needed=env.flag(ADAPTERS_WHEN_NEEDED_ENV, False),
-                   prompt_cache=env.flag(PROMPT_CACHE_ENV, False), attention_backend=backend)
-
-
-@dataclass(frozen=True)
 class Settings:
     weights_dir: Path = Path("weights")
     go_fast_mode: str = "auto"  # one of GO_FAST_MODES; auto lets the hardware decide
     compile: CompileSettings = CompileSettings()
-    slot_ranks: tuple[int, ...] | None = None  # LASSIE_LORA_SLOT_RANK: None lets compiling decide, () is no slot
+    slot_rank: int | None = None  # LASSIE_LORA_SLOT_RANK: None lets compiling decide, 0 is no slot
     lora: LoraSettings = LoraSettings()
     provision: ProvisionSettings = ProvisionSettings()
-    speed: SpeedSwitches = SpeedSwitches()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
@@ -306,10 +272,9 @@ class Settings:
             weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
             go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"),
             compile=CompileSettings.read(env),
-            slot_ranks=env.ranks(SLOT_RANK_ENV),
+            slot_rank=env.rank(SLOT_RANK_ENV),
             lora=LoraSettings.read(env),
             provision=provision,
-            speed=SpeedSwitches.read(env),
         )
 
 

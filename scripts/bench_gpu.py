@@ -17,9 +17,6 @@ Sections, each in its own process (a clean GPU, its own peak memory), in this or
   against bf16 (at the 1.5x LoRA scale go_fast applies, so only the precision differs);
 - baselines: plain diffusers on the same weights, no LoRA: bf16 eager, bf16 +
   `compile_repeated_blocks`, torchao fp8 + `compile_repeated_blocks`, same calls and encoding;
-- switches: the product with its defaults, then with each switch whose gain is an estimate on
-  (SWITCHES, set through the environment), one process each: warm-up graphs and seconds, and
-  seconds per step of dev go_fast without and with an extra LoRA, so one run decides the defaults;
 - h100: the plan an 80 GB H100 gets, simulated here (the allocator capped at 79 GiB with
   `torch.cuda.set_per_process_memory_fraction`, the device reported as 79 GiB), setup with the
   compile cache the product section left warm, model switches, and the peak;
@@ -258,10 +255,9 @@ class Case:
     target_ratio: float | None = None  # at most this times the fp8 + compile baseline
     anchor: str = ""
     full_only: bool = False
-    steps: int | None = None  # other than the model's usual (28 dev, 4 schnell); not in dry runs
 
     def step_count(self, options: Options) -> int:
-        return options.steps(self.model) if self.steps is None or options.dry_run else self.steps
+        return options.steps(self.model)
 
     def request(self, options: Options, round_index: int, base_url: str, extra_name: str | None = None):
         from lassie.request.plan import Request
@@ -275,8 +271,8 @@ class Case:
 
 
 SAME_EXTRA = "schnell go_fast + extra LoRA, same as before"
-# A rank-64 extra beside the rank-16 extra-a: with the default single rank-128 slot both run in it, so
-# their ratio shows a slot costs its own rank whatever the LoRA (with LASSIE_LORA_SLOT_RANK=32,128: wide vs narrow).
+# A rank-64 extra beside the rank-16 extra-a: both run in the one rank-128 slot, so their ratio
+# shows a slot costs its own rank whatever the LoRA.
 WIDE_SLOT = ("schnell go_fast + a rank-64 extra LoRA, same as before", SAME_EXTRA)
 CASES = (
     Case("dev bf16", "dev", False, target_s=3.5, anchor="diffusers bf16 eager 6.6-6.9 s; + torch.compile 4.2-4.5 s"),
@@ -302,34 +298,6 @@ QUICK_BASELINE_RECIPES = ("torchao fp8 + compile", "bf16 eager")  # the headline
 
 
 @dataclass(frozen=True)
-class Switch:
-    """An operator switch whose gain is an estimate (docs/go_fast.md): measured on against its
-    default in the same run. Set through the environment only, as an operator would."""
-
-    variable: str
-    on: str
-    what: str
-
-
-# The most promising first: a quick run measures as many as its budget allows, in this order.
-SWITCHES = (
-    Switch("LASSIE_ATTENTION_BACKEND", "auto", "the fastest attention backend this GPU has (default native)"),
-    Switch("LASSIE_MERGE_LASSIE", "1", "Lassie merged into the weights, a delta adapter for other scales"),
-    Switch("LASSIE_ADAPTERS_WHEN_NEEDED", "1", "the slot and Lassie delta active only when a request needs them"),
-    Switch("LASSIE_LORA_SLOT_RANK", "32,128", "a rank-32 slot beside the rank-128 one, for narrow extras"),
-    Switch("LASSIE_PROMPT_CACHE", "1", "the prompt-embedding cache"),
-)
-DEFAULTS_ARM = "defaults"
-SWITCH_STEPS = 8  # per-step time is the denoising phase over the steps: fewer steps, same figure
-SWITCH_CASES = (
-    Case("dev go_fast", "dev", True, steps=SWITCH_STEPS),
-    Case("dev go_fast + rank-16 extra LoRA", "dev", True, extra="extra-a", previous_extra="extra-a",
-         steps=SWITCH_STEPS),
-)
-WARM_UP_LINE = re.compile(r"^warm-up compiled (\d+) graphs")
-
-
-@dataclass(frozen=True)
 class Section:
     name: str
     what: str
@@ -342,8 +310,6 @@ SECTIONS = (
     Section("product", "lassie on this GPU's plan: setup, then every request case", reserve_s=300),
     Section("baselines", "plain diffusers, same weights, calls and encoding, no LoRA: " + ", ".join(BASELINE_RECIPES)
             + " (quick: " + ", then ".join(QUICK_BASELINE_RECIPES) + ")", reserve_s=190),
-    Section("switches", "lassie with its defaults, then with each switch on (" + ", ".join(
-        f"{switch.variable}={switch.on}" for switch in SWITCHES) + "), one process each", reserve_s=90),
     Section("h100", "lassie on the plan of an 80 GB H100 (memory capped at 79 GiB), warm compile cache",
             needs_cuda=True),
     Section("warm-setup", "lassie setup on this GPU's plan again, warm compile cache", needs_cuda=True,
@@ -1072,39 +1038,6 @@ def baselines_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     memory_record(sink, "baselines, peak")
 
 
-def switch_arm(name: str) -> Switch | None:
-    """The switch an arm turns on (by its variable), or None for the defaults arm."""
-    return None if name == DEFAULTS_ARM else next(switch for switch in SWITCHES if switch.variable == name)
-
-
-def switches_arm_section(options: Options, sink: Sink, clocks: Clocks, arm: str) -> None:
-    """One arm: the product's setup with every switch at its default but this one on (set in this
-    process's environment by the parent), then the switch cases: per-step time is the denoising
-    phase over the steps, text encoding shows the prompt cache."""
-    weights = ensure_bench_weights(options)
-    base_url = serve_extras(weights / "bench-extras")
-    switch = switch_arm(arm)
-    label = f"switch {switch.variable}={switch.on}" if switch else "switches: defaults"
-    predictor = set_up_product(weights, sink, label, clocks)
-    for round_index in range(options.repeats + 1):
-        for case in SWITCH_CASES:
-            if options.out_of_time():
-                sink.note(f"{label}: budget reached in round {round_index}")
-                return
-            try:
-                if case.previous_extra:
-                    predictor.predict(case.request(options, round_index, base_url, case.previous_extra))
-                clocks.phases.reset()
-                seconds, _ = timed(lambda: predictor.predict(case.request(options, round_index, base_url)))
-            except Exception as error:
-                sink.write("error", case=f"{label}: {case.name}", error=f"{type(error).__name__}: {error}"[:300])
-                return
-            phases = clocks.phases.phases(seconds)
-            sink.write("switch-run", arm=arm, case=case.name, warm=round_index == 0, seconds=seconds,
-                       per_step=phases["denoising"] / case.step_count(options),
-                       text_encoding=phases["text encoding"])
-
-
 @dataclass
 class Clocks:
     loader: RandomLoader
@@ -1120,7 +1053,7 @@ SECTION_RUNS: dict[str, Callable[[Options, Sink, Clocks], None]] = {
 }
 
 
-def run_section(name: str, options: Options, results: Path, arm: str | None = None) -> None:
+def run_section(name: str, options: Options, results: Path) -> None:
     """One section in this process; its records go to `results` as they are measured."""
     import torch
 
@@ -1136,10 +1069,7 @@ def run_section(name: str, options: Options, results: Path, arm: str | None = No
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
-        if name == "switches":
-            switches_arm_section(options, sink, clocks, arm or DEFAULTS_ARM)
-        else:
-            SECTION_RUNS[name](options, sink, clocks)
+        SECTION_RUNS[name](options, sink, clocks)
     except Exception as error:
         log.exception("section %s failed", name)
         sink.write("error", case=name, error=f"{type(error).__name__}: {error}"[:500])
@@ -1165,23 +1095,16 @@ def section_env(options: Options) -> dict[str, str]:
     }
 
 
-def run_child(section: Section, options: Options, deadline: float | None, results: Path,
-              arm: str | None = None) -> None:
-    """The section in a child process; a switches `arm` runs with that switch on in its environment."""
+def run_child(section: Section, options: Options, deadline: float | None, results: Path) -> None:
+    """The section in a child process."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--section", section.name, "--results", str(results),
             "--work-dir", str(options.work), "--repeats", str(options.repeats)]
-    argv += ["--arm", arm] if arm else []
-    switch = switch_arm(arm) if arm else None
     argv += ["--quick"] * options.quick + ["--dry-run"] * options.dry_run
     if deadline is not None:
         argv += ["--deadline", f"{deadline:.3f}"]
     shutil.rmtree(options.work / "lora-cache", ignore_errors=True)
     started = time.perf_counter()
-    env = section_env(options)
-    if section.name == "switches":  # every switch at its default, whatever this shell set, but the arm's
-        env = {name: value for name, value in env.items() if name not in {item.variable for item in SWITCHES}}
-        env |= {switch.variable: switch.on} if switch else {}
-    child = subprocess.Popen(argv, env=env, cwd=REPO)
+    child = subprocess.Popen(argv, env=section_env(options), cwd=REPO)
     try:
         child.wait(timeout=None if deadline is None else max(deadline - time.time(), 0) + KILL_GRACE_S)
     except subprocess.TimeoutExpired:
@@ -1208,29 +1131,7 @@ def run_sections(sections: list[Section], options: Options, results: Path, after
             Sink(results, section.name).note("skipped: budget spent")
             continue
         log.info("section %s (%s)", section.name, section.what)
-        if section.name == "switches":
-            run_switch_arms(section, options, deadline, results, after_each)
-        else:
-            run_child(section, options, deadline, results)
-        after_each()
-
-
-def switch_arms(options: Options) -> list[str]:
-    """The defaults, then each switch; a dry run checks the path with the first switch only."""
-    return [DEFAULTS_ARM] + [switch.variable for switch in SWITCHES[:1 if options.dry_run else None]]
-
-
-def run_switch_arms(section: Section, options: Options, deadline: float | None, results: Path,
-                    after_each: Callable[[], object]) -> None:
-    """One process per arm (a clean GPU each), all within the section's deadline; the table is
-    published after each, and arms the budget does not reach are named."""
-    if options.dry_run:
-        Sink(results, section.name).note("dry run: the defaults and the first switch only")
-    for arm in switch_arms(options):
-        if deadline is not None and deadline - time.time() < 30:
-            Sink(results, section.name).note(f"{arm}: not measured (budget spent)")
-            continue
-        run_child(section, options, deadline, results, arm)
+        run_child(section, options, deadline, results)
         after_each()
 
 
@@ -1312,7 +1213,7 @@ def main_table(records: list[dict], timings: dict[str, Timings], judge: bool) ->
                      f"<= {SWITCH_TARGET_S} s | {result} | LoRA load in the reference predictor 1.2 s |")
     wide, narrow = (timings.get(name) for name in WIDE_SLOT)
     if wide and narrow and wide.median is not None and narrow.median:
-        lines.append(f"| rank-64 vs rank-16 extra LoRA (schnell go_fast, the same slot by default) | "
+        lines.append(f"| rank-64 vs rank-16 extra LoRA (schnell go_fast, the same slot) | "
                      f"{wide.median / narrow.median:.3f}x | | | | | | reported | | |")
     for record in records:
         if record["kind"] == "psnr":
@@ -1349,42 +1250,6 @@ def setup_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def switch_table(records: list[dict]) -> list[str]:
-    """Each switch on against the defaults, measured in the same run: per-step time (median of the
-    timed rounds) of each switch case, text encoding, and what warm-up compiled."""
-    runs: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for record in records:
-        if record["kind"] == "switch-run" and not record["warm"]:
-            runs[record["arm"]][record["case"]].append(record)
-    setups = {record["label"]: record for record in records if record["kind"] == "setup"}
-    if not runs and not any(label.startswith(("switch ", "switches:")) for label in setups):
-        return []
-
-    def median(arm: str, case: str, key: str) -> float | None:
-        values = [record[key] for record in runs.get(arm, {}).get(case, [])]
-        return statistics.median(values) if values else None
-
-    lines = ["| switch | warm-up graphs | warm-up | " + " | ".join(f"{case.name}: s/step | vs defaults"
-                                                                     for case in SWITCH_CASES)
-             + " | text encoding |", "| --- | --- | --- |" + " --- | --- |" * len(SWITCH_CASES) + " --- |"]
-    for arm in [DEFAULTS_ARM] + [switch.variable for switch in SWITCHES]:
-        switch = switch_arm(arm)
-        label = f"switch {switch.variable}={switch.on}" if switch else "switches: defaults"
-        name = f"`{switch.variable}={switch.on}` ({switch.what})" if switch else "defaults (every switch off)"
-        setup = setups.get(label)
-        if setup is None:
-            lines.append(f"| {name} | not measured |" + " |" * (2 * len(SWITCH_CASES) + 2))
-            continue
-        graphs = next((match.group(1) for what, _ in setup["steps"] if (match := WARM_UP_LINE.match(what))), "n/a")
-        cells = []
-        for case in SWITCH_CASES:
-            step, reference = median(arm, case.name, "per_step"), median(DEFAULTS_ARM, case.name, "per_step")
-            cells += [seconds_text(step, 4), f"{step / reference:.3f}x" if step and reference and switch else ""]
-        lines.append(f"| {name} | {graphs} | {seconds_text(setup['warm_up'], 1)} | " + " | ".join(cells)
-                     + f" | {seconds_text(median(arm, SWITCH_CASES[0].name, 'text_encoding'), 4)} |")
-    return lines
-
-
 def memory_lines(records: list[dict]) -> list[str]:
     lines = []
     for record in records:
@@ -1412,10 +1277,7 @@ def header(records: list[dict], options: Options) -> str:
 
 def render(records: list[dict], options: Options) -> str:
     timings = collect_timings(records)
-    switches = switch_table(records)
     parts = [header(records, options), "", *main_table(records, timings, judge=not options.dry_run), ""]
-    if switches:
-        parts += ["Switches (each on, the rest at their defaults; same run):", "", *switches, ""]
     parts += ["Phases (per request):", "", *phase_table(timings), "", *setup_table(records), ""]
     parts += memory_lines(records)
     for record in records:
@@ -1448,7 +1310,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--arm", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1468,7 +1329,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.section:
-        run_section(args.section, options_from(args, args.deadline), args.results, args.arm)
+        run_section(args.section, options_from(args, args.deadline), args.results)
         return
     budget = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if args.quick else None)
     started = time.time()

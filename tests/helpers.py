@@ -111,9 +111,9 @@ def reference_images(pipe, **arguments) -> list[np.ndarray]:
     return [np.asarray(image) for image in pipe(**arguments).images]
 
 
-# With LASSIE_MERGE_LASSIE the Lassie LoRA is merged into the predictor's weights (W + dW) where
-# diffusers adds it beside them (Wx + dWx): float32 sums in another order, which moves an 8-bit
-# pixel by one level on about 1 value in 30,000 at these sizes. Anything more is a real difference.
+# Where a path sums float32 in another order than diffusers' own call (e.g. a LoRA through a
+# hot-swap slot, alpha/r baked into lora_B), an 8-bit pixel moves by one level on about 1 value
+# in 30,000 at these sizes. Anything more is a real difference.
 ROUNDED_LEVELS = 1
 ROUNDED_SHARE = 1e-3
 

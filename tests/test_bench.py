@@ -142,23 +142,7 @@ def test_dry_run_reports_the_setup_breakdown_and_what_needs_cuda(dry_run):
     assert "diffusers torchao fp8 + compile: needs CUDA (dry run)" in notes
     assert table in result.stdout
     assert "| dev go_fast | " in table and "| switch to a cached extra LoRA" in table
-    assert "| rank-64 vs rank-16 extra LoRA (schnell go_fast, the same slot by default) | " in table
-
-
-def test_dry_run_measures_the_defaults_and_a_switch_in_the_same_run(dry_run):
-    _, records, table = dry_run
-    arms = {(record["arm"], record["case"]) for record in records if record["kind"] == "switch-run"}
-    assert arms == {(arm, case.name) for arm in bench.switch_arms(bench.Options(True, True, 1, REPO, None))
-                    for case in bench.SWITCH_CASES}
-    assert all(record["per_step"] > 0 for record in records if record["kind"] == "switch-run")
-    lines = table.splitlines()
-    first = bench.SWITCHES[0]
-    assert lines.index("Switches (each on, the rest at their defaults; same run):") < lines.index("Phases (per request):")
-    assert any(line.startswith("| defaults (every switch off) | ") for line in lines)
-    row = next(line for line in lines if line.startswith(f"| `{first.variable}={first.on}`"))
-    assert row.count("x |") == len(bench.SWITCH_CASES)  # each case's ratio to the defaults
-    later = bench.SWITCHES[1]
-    assert f"| `{later.variable}={later.on}` ({later.what}) | not measured |" in table
+    assert "| rank-64 vs rank-16 extra LoRA (schnell go_fast, the same slot) | " in table
     assert "dry run on CPU" in table.splitlines()[0]
 
 

@@ -34,7 +34,7 @@ def image_of(predictor: Lassie, **fields) -> np.ndarray:
 
 def lassie_scaling(transformer: torch.nn.Module) -> float:
     """The scale PEFT applies to the Lassie adapter (alpha/r is 1 for the trainer's files): the
-    request's Lassie scale (unmerged by default; merged, see tests/test_lassie_merged.py)."""
+    request's Lassie scale."""
     return float(transformer.transformer_blocks[0].attn.to_q.scaling[LASSIE_ADAPTER])
 
 

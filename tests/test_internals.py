@@ -4,10 +4,15 @@ upgrade of any of them fails here until `lassie/engine/internals.py` is audited 
 from __future__ import annotations
 
 import ast
+import subprocess
 from importlib.metadata import version
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 from lassie.engine.internals import CHECKED_AGAINST
+from lassie.weights.provision import git_blob_sha1
 
 PRIVATE_IMPORTS = ("_create_lora_config", "get_pattern_key", "set_adapters_for_text_encoder", "delete_adapter_layers")
 
@@ -27,6 +32,17 @@ def test_no_other_module_imports_a_library_internal():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("diffusers", "peft"):
                 offenders += [f"{path.name}: {alias.name}" for alias in node.names
                               if alias.name.startswith("_") or alias.name in PRIVATE_IMPORTS]
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("huggingface_hub.utils."):
+                offenders.append(f"{path.name}: {node.module}")  # e.g. utils.sha's git_hash: hashlib does it
             if isinstance(node, ast.Attribute) and node.attr in ("_NATIVE_CUDNN", "_FLASH_3"):
                 offenders.append(f"{path.name}: {node.attr}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("content", [b"", b"{}\n", bytes(range(256)) * 9000])
+def test_the_git_blob_id_is_what_git_computes(tmp_path: Path, content: bytes):
+    """The id the hub lists for a file outside LFS, streamed in chunks smaller than the file."""
+    path = tmp_path / "file"
+    path.write_bytes(content)
+    expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout
+    assert git_blob_sha1(path, chunk_bytes=4096) == expected.strip()

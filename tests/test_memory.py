@@ -9,7 +9,7 @@ from conftest import REPO
 from helpers import tiny_lora
 from lassie.engine import memory as m
 from lassie.engine.variants import plan_warm_up, planned_graphs
-from lassie.settings import DEFAULT_SLOT_RANKS
+from lassie.settings import DEFAULT_SLOT_RANK
 
 CONFIGS = REPO / "scripts" / "flux_configs"
 
@@ -50,14 +50,12 @@ def test_the_resident_set_is_what_the_counted_parameters_take(full_size):
     every linear (1.29 GiB each, as much as a rank-128 slot)."""
     lassie = full_size.lassie_parameters * m.BF16_BYTES
     assert lassie / GIB == pytest.approx(1.29, abs=0.01)
-    bf16_only = full_size.resident_bytes(go_fast_copies=False, slot_ranks=())
-    with_copies = full_size.resident_bytes(go_fast_copies=True, slot_ranks=())
+    bf16_only = full_size.resident_bytes(go_fast_copies=False, slot_rank=0)
+    with_copies = full_size.resident_bytes(go_fast_copies=True, slot_rank=0)
     assert (bf16_only - 2 * lassie) / GIB == pytest.approx(54.3, abs=0.1)
     assert (with_copies - bf16_only - 2 * lassie) / GIB == pytest.approx(2 * 8.0, abs=0.1)
-    slots = full_size.resident_bytes(go_fast_copies=True, slot_ranks=(128,)) - with_copies
+    slots = full_size.resident_bytes(go_fast_copies=True, slot_rank=128) - with_copies
     assert slots / GIB == pytest.approx(4 * 1.29, abs=0.05)  # a rank-128 slot on each of 4 transformers
-    ladder = full_size.resident_bytes(go_fast_copies=True, slot_ranks=(32, 128)) - with_copies
-    assert ladder == slots * 160 // 128  # slots of rank 32 and 128
 
 
 def test_the_lassie_adapter_is_counted_from_its_file(tmp_path):
@@ -87,42 +85,41 @@ def fits_with_headroom(plan: m.MemoryPlan, device_bytes: int) -> bool:
 
 
 def test_an_h200_keeps_everything_resident_and_decodes_batches_at_once(full_size):
-    plan = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, False, (128,))
+    plan = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_rank=DEFAULT_SLOT_RANK)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 128)
     assert fits_with_headroom(plan, H200_141GB)
 
 
 def test_a_94_gb_h100_nvl_keeps_the_go_fast_copies_and_the_slot_by_decoding_one_image_at_a_time(full_size):
     """The rank-128 slot and the go_fast copies fit beside a one-image-at-a-time decode; slicing
     the VAE (same images) costs less than narrowing the slot."""
-    plan = m.plan_memory(H100_NVL_94GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, True, (128,))
+    plan = m.plan_memory(H100_NVL_94GB, full_size, quantizes=True, slot_rank=DEFAULT_SLOT_RANK)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, True, 128)
     assert fits_with_headroom(plan, H100_NVL_94GB)
     assert "VAE decodes one image at a time" in plan.reason and "narrowed" not in plan.reason
 
 
 def test_a_little_less_memory_slices_the_vae_before_narrowing_the_slot(full_size):
-    plan = m.plan_memory(95 * GIB, full_size, quantizes=True, slot_ranks=(128,))
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, True, (128,))
+    plan = m.plan_memory(95 * GIB, full_size, quantizes=True, slot_rank=128)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, True, 128)
     assert "VAE decodes one image at a time" in plan.reason
 
 
-def test_narrower_slots_halve_the_widest_down_to_the_minimum():
-    assert m.narrower_ranks((32, 128)) == (32, 64)
-    assert m.narrower_ranks((32, 64)) == (32,)
-    assert m.narrower_ranks((16, 128)) == (16, 64)
-    assert m.narrower_ranks((32,)) is None and m.narrower_ranks(()) is None
-    assert m.narrower_ranks((8,)) is None  # already below the minimum: never narrowed
+def test_a_narrower_slot_halves_the_rank_down_to_the_minimum():
+    assert m.narrower_rank(128) == 64
+    assert m.narrower_rank(64) == 32
+    assert m.narrower_rank(32) is None and m.narrower_rank(0) is None
+    assert m.narrower_rank(8) is None  # already below the minimum: never narrowed
 
 
 def test_an_80_gb_h100_keeps_rank_128_extra_loras_and_2_gib_by_running_go_fast_on_bf16(full_size):
     """With the Lassie adapters counted and 2 GiB kept for the worst request, the go_fast copies do
     not fit an 80 GB H100 even with the narrowest slot: go_fast runs the bf16 transformers there,
     and extra LoRAs up to rank 128 still work (the README's GPU table says so)."""
-    plan = m.plan_memory(H100_80GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (False, True, (128,))
+    plan = m.plan_memory(H100_80GB, full_size, quantizes=True, slot_rank=DEFAULT_SLOT_RANK)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (False, True, 128)
     assert fits_with_headroom(plan, H100_80GB)
-    narrowest_with_copies = (full_size.resident_bytes(True, (m.MIN_SLOT_RANK,))
+    narrowest_with_copies = (full_size.resident_bytes(True, m.MIN_SLOT_RANK)
                              + full_size.working_bytes(m.WORST_SIZE, m.WORST_OUTPUTS, True))
     assert narrowest_with_copies + m.RESERVED_BYTES + m.HEADROOM_BYTES > H100_80GB
     assert "no room for go_fast copies: go_fast runs bf16" in plan.reason and "narrowed" not in plan.reason
@@ -130,37 +127,23 @@ def test_an_80_gb_h100_keeps_rank_128_extra_loras_and_2_gib_by_running_go_fast_o
 
 @pytest.mark.parametrize("device_bytes", [H100_80GB, H100_NVL_94GB, H200_141GB])
 def test_every_gpu_plan_warms_up_at_most_8_graphs_with_the_default_settings(full_size, device_bytes):
-    plan = m.plan_memory(device_bytes, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
-    graphs = planned_graphs(plan_warm_up(plan.go_fast_copies, plan.slot_ranks))
+    plan = m.plan_memory(device_bytes, full_size, quantizes=True, slot_rank=DEFAULT_SLOT_RANK)
+    graphs = planned_graphs(plan_warm_up(plan.go_fast_copies))
     assert graphs == (4 if plan.go_fast_copies else 2) and graphs <= 8
 
 
-@pytest.mark.parametrize("slot_ranks, when_needed, graphs", [
-    ((128,), False, 4), ((32, 128), False, 8), ((), False, 4), ((128,), True, 16), ((32, 128), True, 24)])
-def test_each_switch_s_graph_count_is_planned(slot_ranks, when_needed, graphs):
-    """Narrow slots add a graph set per slot; activating adapters only when needed doubles the
-    Lassie states and adds a no-slot set (merging Lassie changes no count: its delta adapter
-    takes the adapter's place)."""
-    assert planned_graphs(plan_warm_up(True, slot_ranks, when_needed)) == graphs
-
-
 def test_without_quantization_nothing_is_added_for_go_fast_copies(full_size):
-    plan = m.plan_memory(H100_80GB, full_size, quantizes=False, slot_ranks=())
-    assert (plan.go_fast_copies, plan.slot_ranks) == (False, ())
-    assert plan.resident_bytes == full_size.resident_bytes(False, ())
+    plan = m.plan_memory(H100_80GB, full_size, quantizes=False, slot_rank=0)
+    assert (plan.go_fast_copies, plan.slot_rank) == (False, 0)
+    assert plan.resident_bytes == full_size.resident_bytes(False, 0)
 
 
 def test_a_gpu_that_cannot_hold_the_models_fails_setup_naming_the_memory_it_needs(full_size):
     with pytest.raises(m.InsufficientMemory, match=r"this GPU has 45.0 GiB; lassie needs at least 6\d.\d GiB"):
-        m.plan_memory(L40S_48GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
+        m.plan_memory(L40S_48GB, full_size, quantizes=True, slot_rank=DEFAULT_SLOT_RANK)
 
 
 def test_host_memory_plans_nothing_away(full_size):
-    plan = m.plan_memory(None, full_size, quantizes=True, slot_ranks=(4, 8))
-    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_ranks) == (True, False, (4, 8))
+    plan = m.plan_memory(None, full_size, quantizes=True, slot_rank=8)
+    assert (plan.go_fast_copies, plan.vae_slicing, plan.slot_rank) == (True, False, 8)
 
-
-def test_the_prompt_cache_is_counted_when_it_is_on(full_size):
-    off = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS)
-    on = m.plan_memory(H200_141GB, full_size, quantizes=True, slot_ranks=DEFAULT_SLOT_RANKS, prompt_cache=True)
-    assert on.resident_bytes - off.resident_bytes == m.PROMPT_CACHE_BYTES == 256 * 2**20

@@ -1,6 +1,6 @@
-"""The predictor against diffusers' own pipelines on the same weights, pixel for pixel (some tests
-allow float32 rounding, which `LASSIE_MERGE_LASSIE` brings: by default the Lassie LoRA is an
-adapter, as in diffusers, and the images are bitwise equal)."""
+"""The predictor against diffusers' own pipelines on the same weights, pixel for pixel (the Lassie
+LoRA is an adapter, as in diffusers, and the images are bitwise equal; some tests allow float32
+rounding, see `helpers.assert_equal_but_for_rounding`)."""
 
 from __future__ import annotations
 
@@ -116,8 +116,8 @@ def test_the_plan_is_made_once_from_the_decoded_image_and_is_what_the_pipeline_r
     made, generated = [], []
     make_plan, generate = module.make_plan, module.generate
     monkeypatch.setattr(module, "make_plan", lambda *args: made.append(make_plan(*args)) or made[-1])
-    monkeypatch.setattr(module, "generate", lambda pipeline, plan, inputs, prompts: generated.append(
-        (plan, inputs)) or generate(pipeline, plan, inputs, prompts))
+    monkeypatch.setattr(module, "generate", lambda pipeline, plan, inputs: generated.append(
+        (plan, inputs)) or generate(pipeline, plan, inputs))
     run(predictor, image=photo, prompt_strength=0.7)
     assert [(plan.size, plan.input_size) for plan in made] == [((608, 400), (600, 400))]
     [(plan, inputs)] = generated

@@ -87,6 +87,19 @@ def test_an_operator_can_ask_for_a_mode_and_fp8_falls_back_where_it_cannot_run()
     assert refused.reason.startswith("LASSIE_GO_FAST_MODE=fp8 cannot be honoured: go_fast: this GPU")
 
 
+def test_the_go_fast_decision_weighs_the_device_the_memory_plan_and_what_was_built():
+    """One record: fp8 stands only where its copies fit and were built; otherwise bf16, saying why."""
+    wanted = go_fast.plan_go_fast(H200)
+    assert go_fast.decide_go_fast(wanted, copies_fit=True, memory_reason="fits") == wanted
+    vetoed = go_fast.decide_go_fast(wanted, copies_fit=False, memory_reason="memory plan: no room for go_fast copies")
+    assert vetoed.mode is go_fast.FastMode.UNQUANTIZED
+    assert vetoed.reason == f"{wanted.reason}; memory plan: no room for go_fast copies"
+    failed = go_fast.decide_go_fast(wanted, copies_fit=True, memory_reason="fits", build_failure="RuntimeError: no")
+    assert (failed.mode, failed.reason) == (go_fast.FastMode.UNQUANTIZED, "go_fast: fp8 failed at setup (RuntimeError: no)")
+    unquantized = go_fast.plan_go_fast(A100)
+    assert go_fast.decide_go_fast(unquantized, copies_fit=False, memory_reason="no room") == unquantized
+
+
 def go_fast_mode(value: str | None) -> go_fast.FastMode | None:
     """The mode a server started with LASSIE_GO_FAST_MODE=`value` (None: unset) asks for."""
     environ = {} if value is None else {"LASSIE_GO_FAST_MODE": value}

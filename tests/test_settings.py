@@ -14,27 +14,22 @@ def test_nothing_set_gives_the_documented_defaults():
     settings = Settings.from_env({})
     assert settings.weights_dir == Path("weights") and settings.go_fast_mode == "auto"
     assert (settings.compile.requested, settings.compile.mode, settings.compile.backend) == (None, "default", "inductor")
-    assert settings.compile.cache_dir is None and settings.slot_ranks is None
+    assert settings.compile.cache_dir is None and settings.slot_rank is None
     lora = settings.lora
     assert (lora.cache_bytes, lora.min_free_bytes, lora.max_download_bytes) == (20 * GIB, 5 * GIB, 2 * GIB)
     assert (lora.allow_all_addresses, lora.allowed_networks, dict(lora.tokens)) == (False, (), {})
     assert (lora.replicate_url, lora.civitai_url, lora.hf_endpoint) == (
         "https://replicate.com", "https://civitai.com", "https://huggingface.co")
     assert settings.provision.offline is False and settings.provision.lora_url is None
-    speed = settings.speed  # the fewest warm-up graphs and code paths
-    assert (speed.merge_lassie, speed.adapters_when_needed, speed.prompt_cache, speed.attention_backend) == (
-        False, False, False, "native")
 
 
-def test_the_speed_switches_are_read_once_here():
-    speed = Settings.from_env({"LASSIE_MERGE_LASSIE": "1", "LASSIE_ADAPTERS_WHEN_NEEDED": "yes",
-                               "LASSIE_PROMPT_CACHE": "on", "LASSIE_ATTENTION_BACKEND": " AUTO "}).speed
-    assert (speed.merge_lassie, speed.adapters_when_needed, speed.prompt_cache, speed.attention_backend) == (
-        True, True, True, "auto")
-    with pytest.raises(SettingError, match="LASSIE_MERGE_LASSIE must be one of"):
-        Settings.from_env({"LASSIE_MERGE_LASSIE": "sometimes"})
-    with pytest.raises(SettingError, match="LASSIE_ATTENTION_BACKEND must be auto or a diffusers attention backend"):
-        Settings.from_env({"LASSIE_ATTENTION_BACKEND": "flash attn"})
+def test_the_removed_speed_switches_are_ignored_like_any_unknown_variable():
+    """LASSIE_MERGE_LASSIE, LASSIE_ADAPTERS_WHEN_NEEDED, LASSIE_PROMPT_CACHE and
+    LASSIE_ATTENTION_BACKEND were decided and their paths deleted (docs/benchmarks.md): an old
+    deployment's values, even ones they would have refused, change nothing."""
+    removed = {"LASSIE_MERGE_LASSIE": "sometimes", "LASSIE_ADAPTERS_WHEN_NEEDED": "1", "LASSIE_PROMPT_CACHE": "on",
+               "LASSIE_ATTENTION_BACKEND": "flash attn"}
+    assert Settings.from_env(removed) == Settings.from_env({})
 
 
 @pytest.mark.parametrize("word, expected", [("1", True), ("TRUE", True), (" yes ", True), ("on", True),
@@ -50,8 +45,8 @@ def test_every_switch_speaks_the_same_yes_no_words(word, expected):
     ("LASSIE_GO_FAST_MODE", "bogus", "one of auto, fp8, fp8-weight-only, unquantized"),
     ("LASSIE_COMPILE", "maybe", "one of 1, true, yes, on, 0, false, no, off, default, max-autotune"),
     ("HF_HUB_OFFLINE", "2", "one of 1, true, yes, on, 0, false, no, off"),
-    ("LASSIE_LORA_SLOT_RANK", "-8", "0 (no slot), a rank, or comma-separated ranks such as 32,128"),
-    ("LASSIE_LORA_SLOT_RANK", "0,32", "0 (no slot), a rank, or comma-separated ranks such as 32,128"),
+    ("LASSIE_LORA_SLOT_RANK", "-8", "0 (no slot) or a rank such as 128"),
+    ("LASSIE_LORA_SLOT_RANK", "32,128", "0 (no slot) or a rank such as 128"),
     ("LASSIE_LORA_CACHE_BYTES", "20G", "a number of bytes of at least 0"),
     ("LASSIE_MAX_LORA_BYTES", "0", "a number of bytes of at least 1"),
     ("LASSIE_ALLOW_PRIVATE_URLS", "10.0.0.0/33", "1 or a comma-separated list of addresses/networks"),
@@ -68,12 +63,12 @@ def test_a_bad_value_names_the_variable_what_it_accepts_and_what_it_got(variable
 def test_values_are_parsed_into_what_their_users_need():
     settings = Settings.from_env({
         "LASSIE_WEIGHTS_DIR": "/srv/weights", "LASSIE_COMPILE": "max-autotune", "LASSIE_COMPILE_BACKEND": "aot_eager",
-        "LASSIE_COMPILE_CACHE": "/srv/cache", "LASSIE_LORA_SLOT_RANK": "128,16", "LASSIE_ALLOW_PRIVATE_URLS": "10.0.0.5, fd00::/8",
+        "LASSIE_COMPILE_CACHE": "/srv/cache", "LASSIE_LORA_SLOT_RANK": " 16 ", "LASSIE_ALLOW_PRIVATE_URLS": "10.0.0.5, fd00::/8",
         "LASSIE_CIVITAI_URL": "http://127.0.0.1:9000/", "HF_TOKEN": " hf_secret ", "CIVITAI_API_TOKEN": ""})
     assert settings.weights_dir == Path("/srv/weights")
     assert (settings.compile.requested, settings.compile.mode, settings.compile.backend) == (True, "max-autotune",
                                                                                               "aot_eager")
-    assert settings.compile.cache_dir == Path("/srv/cache") and settings.slot_ranks == (16, 128)
+    assert settings.compile.cache_dir == Path("/srv/cache") and settings.slot_rank == 16
     assert settings.lora.allowed_networks == (ipaddress.ip_network("10.0.0.5"), ipaddress.ip_network("fd00::/8"))
     assert settings.lora.civitai_url == "http://127.0.0.1:9000"  # no trailing slash: paths are appended
     assert dict(settings.lora.tokens) == {"HF_TOKEN": "hf_secret"}  # an empty token is no token

@@ -6,7 +6,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
-from lassie.engine.prompts import PromptCache, PromptEmbeddings, encode_prompt
+from lassie.engine.prompts import PromptEmbeddings, encode_prompt
 from lassie.request.images import Inputs
 from lassie.request.plan import Mode, Plan
 
@@ -51,15 +51,13 @@ def encoded_arguments(plan: Plan, inputs: Inputs, embeddings: PromptEmbeddings) 
     return arguments
 
 
-def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs,
-             prompts: PromptCache | None = None) -> list[Image.Image]:
-    """Encode the prompt (from `prompts`, the cache, when given), then run the pipeline on it.
+def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs) -> list[Image.Image]:
+    """Encode the prompt, then run the pipeline on it.
 
     prompt_strength 0 destroys none of the input image (the schema's 1.0 destroys all of it) and
     runs no step, which diffusers refuses: each output is then the input image at the output size."""
     if plan.mode is not Mode.TXT2IMG and plan.steps_run == 0:
         return [inputs.image.copy() for _ in range(plan.num_outputs)]
     with torch.inference_mode():
-        encode = prompts.encode if prompts is not None else encode_prompt
-        embeddings = encode(pipeline, plan.prompt, plan.max_sequence_length)
+        embeddings = encode_prompt(pipeline, plan.prompt, plan.max_sequence_length)
         return pipeline(**encoded_arguments(plan, inputs, embeddings)).images

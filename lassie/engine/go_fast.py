@@ -1,7 +1,8 @@
 """go_fast: which precision a go_fast request runs on this hardware, and building the go_fast copies.
 
-The decision is pure (`plan_go_fast` on a `lassie.engine.hardware.DeviceInfo`), so every hardware case
-is unit-tested on CPU.
+The decision is pure and made once, at setup, by `decide_go_fast`: from the precision the device
+allows (`plan_go_fast` on a `lassie.engine.hardware.DeviceInfo`), whether the memory plan holds
+go_fast copies, and whether they could be built. Every case is unit-tested on CPU.
 
 - CUDA compute capability >= 8.9 (L4, L40S, 4090, H100, H200, B200): torchao dynamic float8
   (activations and weights, per-tensor scales, fp8 tensor-core matmuls).
@@ -20,14 +21,12 @@ computed from the modules' sizes and the GPU's memory.
 PEFT LoRA on the fp8 transformer (see docs/go_fast.md for the experiments): PEFT wraps a linear
 whose weight is a torchao tensor in `TorchaoLoraLinear`; the base matmul stays fp8 and the LoRA
 path runs in the activations' dtype, so scales are exact. Merging (`fuse_lora`) is impossible
-there (no re-quantization recipe): adapters stay unfused. The Lassie LoRA is merged before
-quantizing instead (`own_weight` of `quantize_transformer`, see `lassie.engine.variants`).
+there (no re-quantization recipe): adapters stay unfused.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -89,6 +88,24 @@ def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFas
     return _unquantized(asked + _fallback_reason(device))
 
 
+def decide_go_fast(wanted: GoFastPlan, copies_fit: bool, memory_reason: str,
+                   build_failure: str | None = None) -> GoFastPlan:
+    """The one go_fast decision, the record setup logs and requests run by.
+
+    `wanted` is what the device allows (`plan_go_fast`); a quantized go_fast needs its copies, so
+    it stands only where the memory plan holds them (`copies_fit`, else `memory_reason` says
+    why not) and they were built (`build_failure`: what went wrong when they could not be).
+    Otherwise go_fast runs the bf16 transformers, the same as go_fast=false.
+    """
+    if not wanted.quantizes:
+        return wanted
+    if not copies_fit:
+        return _unquantized(f"{wanted.reason}; {memory_reason}")
+    if build_failure is not None:
+        return _unquantized(f"go_fast: {wanted.mode.value} failed at setup ({build_failure})")
+    return wanted
+
+
 def _quantized(device: DeviceInfo, mode: FastMode, note: str) -> GoFastPlan:
     return GoFastPlan(mode=mode, reason=f"go_fast: {PRECISION_NAMES[mode]} on {device.describe()} {note}".rstrip())
 
@@ -130,19 +147,12 @@ def torchao_config(mode: FastMode):
     raise ValueError(f"{mode.value} does not quantize")
 
 
-OwnWeight = Callable[[str, torch.Tensor], torch.Tensor | None]
-
-
-def quantize_transformer(transformer: nn.Module, mode: FastMode, own_weight: OwnWeight | None = None) -> nn.Module:
+def quantize_transformer(transformer: nn.Module, mode: FastMode) -> nn.Module:
     """The go_fast copy of a diffusers transformer; the original is left exactly as it was.
 
     Not a deep copy: the go_fast copy is built on the meta device and takes the original's tensors
     (LoRA adapters and compiled wrappers left out), so it costs only the fp8 weights, never a
     transient second bf16 copy. Attach adapters and compile after quantizing.
-
-    `own_weight(name, shared)` may give a linear a weight of the copy's own instead of the shared
-    one (the Lassie LoRA merged at go_fast's scale): a token linear's is quantized at once, so
-    at most one such bf16 weight exists at a time; any other linear keeps it.
     """
     if mode is FastMode.UNQUANTIZED:
         return transformer
@@ -151,11 +161,6 @@ def quantize_transformer(transformer: nn.Module, mode: FastMode, own_weight: Own
     go_fast_copy = _bare_copy(transformer)
     config = torchao_config(mode)
     for name, module in list(go_fast_copy.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        weight = own_weight(name, module.weight) if own_weight else None
-        if weight is not None:
-            module.weight = nn.Parameter(weight, requires_grad=False)
         if is_token_linear(module, name):
             quantize_(module, config)
     return go_fast_copy

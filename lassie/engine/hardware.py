@@ -1,7 +1,7 @@
 """What the accelerator is: the one description every setup decision reads.
 
 `query_device` is the only function that asks torch about the real machine; everything that
-decides from a `DeviceInfo` (go_fast, compile, attention, the memory plan) is pure, so every
+decides from a `DeviceInfo` (go_fast, compile, the memory plan) is pure, so every
 hardware case is unit-tested on CPU with a described device.
 """
 

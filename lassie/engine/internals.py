@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import torch
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
-from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.utils.peft_utils import _create_lora_config, delete_adapter_layers
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 CHECKED_AGAINST = {"diffusers": "0.42.1", "peft": "0.21.2", "torch": "2.13.0"}
-
-# diffusers names these backends with a leading underscore (not yet public); `use_attention`
-# checks whichever is chosen on a tiny input and falls back to native when it is missing or wrong.
-CUDNN_ATTENTION = AttentionBackendName._NATIVE_CUDNN.value
-FLASH_3_ATTENTION = AttentionBackendName._FLASH_3.value
 
 # The batch dimension of the inputs of diffusers' FluxTransformerBlock and
 # FluxSingleTransformerBlock forwards (they share the argument names), as torch.compile names

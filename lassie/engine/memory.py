@@ -9,11 +9,11 @@ worst request the schema allows (4 outputs at 1440x1440, go_fast, an extra LoRA 
 `HEADROOM_BYTES` more, because the activation figure is an estimate. Candidates are tried from
 fastest to leanest:
 
-1. both go_fast copies resident, the hot-swap slots at the asked ranks, VAE decoding the batch
+1. both go_fast copies resident, the hot-swap slot at the asked rank, VAE decoding the batch
    at once;
 2. the same with VAE slicing (one image decoded at a time: the same images, a fraction of the
    memory);
-3. the same with a narrower widest slot (halved, down to `MIN_SLOT_RANK`; see `narrower_ranks`);
+3. the same with a narrower slot (halved, down to `MIN_SLOT_RANK`; see `narrower_rank`);
 4. no go_fast copies: go_fast runs the bf16 transformers, which need no extra memory;
 and when not even that fits, setup fails with the memory it needs: never an OOM in a request.
 """
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lassie.engine.prompts import PROMPT_CACHE_ENTRIES
 from lassie.weights.layout import WeightsLayout
 
 GIB = 2**30
@@ -53,9 +52,6 @@ MIN_SLOT_RANK = 32
 # Without the Lassie LoRA file (the plan made from configs alone): what a LoRA of this rank on
 # every linear takes, the most Replicate's FLUX LoRA trainer makes (rank 16 is its default).
 LASSIE_RANK_BOUND = 128
-# The prompt cache full (lassie.engine.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
-T5_HIDDEN_SIZE = 4096
-PROMPT_CACHE_BYTES = PROMPT_CACHE_ENTRIES * TEXT_TOKENS * T5_HIDDEN_SIZE * BF16_BYTES
 
 
 @dataclass(frozen=True)
@@ -70,18 +66,17 @@ class Footprint:
     safety_parameters: int
     hidden_size: int
     lassie_parameters: int  # the Lassie LoRA's tensors (see LASSIE_RANK_BOUND)
-    cached_bytes: int = 0  # the prompt-embedding cache, when it is on
 
-    def resident_bytes(self, go_fast_copies: bool, slot_ranks: tuple[int, ...]) -> int:
+    def resident_bytes(self, go_fast_copies: bool, slot_rank: int) -> int:
         """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on
-        each transformer the slots and the Lassie adapter (its text-encoder part counted there too)."""
+        each transformer the slot and the Lassie adapter (its text-encoder part counted there too)."""
         transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
         total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
                  + self.safety_parameters) * BF16_BYTES
         if go_fast_copies:
             total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
-        total += transformers * (sum(slot_ranks) * self.slot_parameters_per_rank + self.lassie_parameters) * BF16_BYTES
-        return total + self.cached_bytes
+        total += transformers * (slot_rank * self.slot_parameters_per_rank + self.lassie_parameters) * BF16_BYTES
+        return total
 
     def working_bytes(self, size: tuple[int, int], outputs: int, vae_slicing: bool) -> int:
         """Peak working memory of one request: denoising and VAE decode run one after the other."""
@@ -96,7 +91,7 @@ class Footprint:
 class MemoryPlan:
     go_fast_copies: bool
     vae_slicing: bool
-    slot_ranks: tuple[int, ...]  # () is no slot
+    slot_rank: int  # 0 is no slot
     resident_bytes: int
     worst_request_bytes: int
     reason: str
@@ -107,22 +102,19 @@ class InsufficientMemory(RuntimeError):
 
 
 def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
-                slot_ranks: tuple[int, ...], prompt_cache: bool = False) -> MemoryPlan:
+                slot_rank: int) -> MemoryPlan:
     """The fastest arrangement whose resident set plus the worst request fits `device_bytes`.
 
     `device_bytes` None means host memory (CPU): everything stays, nothing is planned around.
-    `prompt_cache` (`LASSIE_PROMPT_CACHE`) adds its full size to what stays resident.
     """
-    if prompt_cache:
-        footprint = replace(footprint, cached_bytes=PROMPT_CACHE_BYTES)
     if device_bytes is None:
-        return _plan(footprint, quantizes, False, slot_ranks, "host memory: every variant stays resident")
+        return _plan(footprint, quantizes, False, slot_rank, "host memory: every variant stays resident")
     budget = device_bytes - RESERVED_BYTES - HEADROOM_BYTES
-    candidates = _candidates(quantizes, slot_ranks)
-    for go_fast_copies, vae_slicing, ranks in candidates:
-        plan = _plan(footprint, go_fast_copies, vae_slicing, ranks, "")
+    candidates = _candidates(quantizes, slot_rank)
+    for go_fast_copies, vae_slicing, rank in candidates:
+        plan = _plan(footprint, go_fast_copies, vae_slicing, rank, "")
         if plan.resident_bytes + plan.worst_request_bytes <= budget:
-            return _explained(plan, device_bytes, quantizes, slot_ranks)
+            return _explained(plan, device_bytes, quantizes, slot_rank)
     leanest = _plan(footprint, *candidates[-1], "")
     needed = leanest.resident_bytes + leanest.worst_request_bytes + RESERVED_BYTES + HEADROOM_BYTES
     raise InsufficientMemory(
@@ -132,40 +124,37 @@ def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
         f"reserve {RESERVED_BYTES / GIB:.0f} GiB and headroom {HEADROOM_BYTES / GIB:.0f} GiB)")
 
 
-def narrower_ranks(slot_ranks: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The slots with the widest halved (the narrower ones it reaches merge into it), or None when
-    it would fall below `MIN_SLOT_RANK`: (32, 128) -> (32, 64) -> (32,)."""
-    half = slot_ranks[-1] // 2 if slot_ranks else 0
-    if half < MIN_SLOT_RANK:
-        return None
-    return (*(rank for rank in slot_ranks if rank < half), half)
+def narrower_rank(slot_rank: int) -> int | None:
+    """The slot's rank halved, or None when it would fall below `MIN_SLOT_RANK`: 128 -> 64 -> 32."""
+    half = slot_rank // 2
+    return half if half >= MIN_SLOT_RANK else None
 
 
-def _candidates(quantizes: bool, slot_ranks: tuple[int, ...]) -> list[tuple[bool, bool, tuple[int, ...]]]:
-    """(go_fast copies, VAE slicing, slot ranks), fastest first: narrower slots only after slicing."""
+def _candidates(quantizes: bool, slot_rank: int) -> list[tuple[bool, bool, int]]:
+    """(go_fast copies, VAE slicing, slot rank), fastest first: narrower slots only after slicing."""
     narrower = []
-    while (ranks := narrower_ranks(narrower[-1] if narrower else slot_ranks)) is not None:
-        narrower.append(ranks)
+    while (rank := narrower_rank(narrower[-1] if narrower else slot_rank)) is not None:
+        narrower.append(rank)
     candidates = []
     for go_fast_copies in ([True, False] if quantizes else [False]):
-        candidates += [(go_fast_copies, False, slot_ranks), (go_fast_copies, True, slot_ranks)]
-        candidates += [(go_fast_copies, True, ranks) for ranks in narrower]
+        candidates += [(go_fast_copies, False, slot_rank), (go_fast_copies, True, slot_rank)]
+        candidates += [(go_fast_copies, True, rank) for rank in narrower]
     return candidates
 
 
-def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_ranks: tuple[int, ...],
+def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_rank: int,
           reason: str) -> MemoryPlan:
     return MemoryPlan(
         go_fast_copies=go_fast_copies,
         vae_slicing=vae_slicing,
-        slot_ranks=slot_ranks,
-        resident_bytes=footprint.resident_bytes(go_fast_copies, slot_ranks),
+        slot_rank=slot_rank,
+        resident_bytes=footprint.resident_bytes(go_fast_copies, slot_rank),
         worst_request_bytes=footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing),
         reason=reason,
     )
 
 
-def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_ranks: tuple[int, ...]) -> MemoryPlan:
+def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank: int) -> MemoryPlan:
     parts = [f"{plan.resident_bytes / GIB:.1f} GiB resident + {plan.worst_request_bytes / GIB:.1f} GiB for the "
              f"largest request of {device_bytes / GIB:.1f} GiB"]
     if quantizes:
@@ -173,17 +162,9 @@ def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_ranks
                      else "no room for go_fast copies: go_fast runs bf16")
     if plan.vae_slicing:
         parts.append("VAE decodes one image at a time")
-    if plan.slot_ranks != asked_ranks:
-        parts.append(f"hot-swap slots narrowed to {ranks_text(plan.slot_ranks)} (LoRAs up to rank "
-                     f"{plan.slot_ranks[-1]})")
+    if plan.slot_rank != asked_rank:
+        parts.append(f"hot-swap slot narrowed to rank {plan.slot_rank} (LoRAs up to rank {plan.slot_rank})")
     return replace(plan, reason="memory plan: " + "; ".join(parts))
-
-
-def ranks_text(slot_ranks: tuple[int, ...]) -> str:
-    """(32, 128) -> 'ranks 32, 128'."""
-    if not slot_ranks:
-        return "no slot"
-    return ("rank " if len(slot_ranks) == 1 else "ranks ") + ", ".join(map(str, slot_ranks))
 
 
 def parameters(module: nn.Module) -> int:

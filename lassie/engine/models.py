@@ -20,11 +20,8 @@ from diffusers import (
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from lassie.engine.attention import asked_attention, installed_attention_packages, use_attention
 from lassie.engine.hardware import DeviceInfo
-from lassie.engine.prompts import PromptCache
 from lassie.request.plan import Mode
-from lassie.settings import DEFAULT_ATTENTION_BACKEND
 from lassie.weights.layout import WeightsLayout
 
 log = logging.getLogger(__name__)
@@ -38,13 +35,11 @@ PIPELINE_CLASSES: dict[Mode, type[DiffusionPipeline]] = {
 
 @dataclass
 class FluxModels:
-    """The loaded modules. `transformers` maps model name -> transformer (dev, schnell); `prompts`
-    caches embeddings of the shared text encoders (`LASSIE_PROMPT_CACHE`; None: every request encodes)."""
+    """The loaded modules. `transformers` maps model name -> transformer (dev, schnell)."""
 
     base: FluxPipeline
     transformers: dict[str, FluxTransformer2DModel]
     schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
-    prompts: PromptCache | None = None
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -62,11 +57,9 @@ class FluxModels:
         return PIPELINE_CLASSES[mode](**components)
 
 
-def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = False,
-                prompt_cache: bool = False) -> FluxModels:
+def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = False) -> FluxModels:
     """Weights go straight to `device` in its dtype (`device_map`), never staged whole in host memory first.
-    `vae_slicing` decodes a batch one image at a time (the memory plan's call); `prompt_cache`
-    keeps recent prompts' embeddings (`LASSIE_PROMPT_CACHE`)."""
+    `vae_slicing` decodes a batch one image at a time (the memory plan's call)."""
     device_map = device.torch_device.type
     log.info("loading FLUX.1 dev from %s (%s, %s)", layout.dev_dir, device.torch_device, device.dtype)
     base = FluxPipeline.from_pretrained(layout.dev_dir, dtype=device.dtype, device_map=device_map)
@@ -79,17 +72,14 @@ def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = F
         "dev": base.scheduler,
         "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(layout.schnell_dir / "scheduler"),
     }
-    return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers,
-                      prompts=PromptCache() if prompt_cache else None)
+    return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers)
 
 
-def prepare_for_speed(models: FluxModels, hardware: DeviceInfo, attention: str = DEFAULT_ATTENTION_BACKEND) -> None:
-    """What runs faster around the same weights: the attention backend (`LASSIE_ATTENTION_BACKEND`),
-    and on GPUs the VAE in channels_last, the layout cuDNN's convolutions run fastest in (same
-    numbers within float rounding; CPUs keep the contiguous layout diffusers' own pipelines use,
-    image for image)."""
-    choice = asked_attention(attention, hardware.kind, hardware.capability, installed_attention_packages())
-    use_attention(models.transformers.values(), choice)
+def prepare_for_speed(models: FluxModels, hardware: DeviceInfo) -> None:
+    """What runs faster around the same weights: on GPUs the VAE in channels_last, the layout
+    cuDNN's convolutions run fastest in (same numbers within float rounding; CPUs keep the
+    contiguous layout diffusers' own pipelines use, image for image). Attention stays diffusers'
+    default (torch's SDPA)."""
     if hardware.is_gpu:
         models.base.vae.to(memory_format=torch.channels_last)
         log.info("VAE in channels_last")

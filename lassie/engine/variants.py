@@ -2,14 +2,9 @@
 LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
 
 The Lassie LoRA is an ordinary PEFT adapter whose scale is a tensor (a graph input), active on
-every variant at every scale, 0 included; with slots, one slot is active too, at scale 0 when the
+every variant at every scale, 0 included; with a slot, the slot is active too, at scale 0 when the
 request has no extra LoRA. So every request runs the same adapter set, and warm-up compiles one
-graph set per precision (`plan_warm_up`). `LASSIE_MERGE_LASSIE` merges Lassie once, at setup, into
-each variant's weights at the scale that variant's default request runs it (`MERGED_LASSIE_SCALE`:
-1.0 bf16, go_fast's 1.5 on the go_fast copies); its adapter then runs the difference to other
-scales. `LASSIE_ADAPTERS_WHEN_NEEDED` turns idle adapters off instead (no Lassie adapter at the
-merged scale, no slot without an extra LoRA): less work per step, more graph sets. A merge
-that fails leaves Lassie an adapter there, with one log line.
+graph set per precision (`plan_warm_up`).
 
 `predict()` asks for a (model, go_fast) variant with its LoRA scales and gets a ready module;
 `run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
@@ -44,27 +39,27 @@ from torch._dynamo.utils import counters
 from lassie.engine.adapters import LoraAdapters
 from lassie.engine.compilation import CompileSetting, compile_transformer
 from lassie.engine.generate import Inputs, pipeline_arguments
-from lassie.engine.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
+from lassie.engine.go_fast import FastMode, GoFastPlan, decide_go_fast, quantize_transformer
 from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS
 from lassie.engine.memory import MemoryPlan
 from lassie.engine.models import FluxModels
 from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
-from lassie.settings import SpeedSwitches
 
 log = logging.getLogger(__name__)
 
 LASSIE_ADAPTER = "lassie"
-# go_fast -> the Lassie scale merged into that variant's weights: the default request's (lora_scale 1).
-MERGED_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
-# How far from the merged scale warm-up runs the Lassie adapter (any nonzero value: scales are graph inputs).
-WARM_UP_LASSIE_DELTA = 0.5
+# The Lassie scale of go_fast=false and go_fast=true default requests (lora_scale 1): what the
+# variants hold after setup; any other would do, scales are graph inputs.
+DEFAULT_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
+# The Lassie scale warm-up runs (any value: scales are graph inputs).
+WARM_UP_LASSIE_SCALE = 0.5
 WARM_UP_SIZE = (256, 256)
 WARM_UP_OUTPUTS = 1
 # Regional compilation compiles one graph per block class: FLUX's double and single blocks.
 BLOCK_CLASSES = 2
 # Extra LoRAs kept converted after their request, so switching back to one reads and converts
-# nothing. With hot-swap slots a kept LoRA costs host memory only (its tensors are copied into a
-# slot when used); without, each would stay a named adapter on the device, so only the last is kept.
+# nothing. With the hot-swap slot a kept LoRA costs host memory only (its tensors are copied into
+# the slot when used); without, each would stay a named adapter on the device, so only the last is kept.
 KEPT_EXTRA_LORAS = 4
 T = TypeVar("T")
 # What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
@@ -85,78 +80,50 @@ class Variant:
         return f"{self.model} go_fast" if self.go_fast else self.model
 
 
-@dataclass(frozen=True)
-class WarmUpRun:
-    variant: Variant
-    lassie_adapter: bool  # the Lassie adapter runs (False only when idle adapters are off: at the merged scale)
-    slot_rank: int | None  # the slot active (idle, at scale 0), or None: no slot runs
+def plan_warm_up(go_fast_copies: bool) -> list[Variant]:
+    """The variants warm-up calls once each: one short call per set of graphs requests use.
 
-
-def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...], when_needed: bool = False) -> list[WarmUpRun]:
-    """One short call per set of graphs requests use.
-
-    Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. By default
-    every request runs the same set: Lassie always, and one slot (the one holding the extra LoRA,
-    else the narrowest at scale 0), so one set per slot rank. With `when_needed` (idle adapters
-    off) the Lassie adapter is off or on and no slot or any one runs: 2 x (1 + slots) sets.
-    Sizes, batch sizes (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots'
-    contents are graph inputs.
-    dev and schnell share their block classes and so their graphs: warming dev covers schnell.
+    Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. Every request
+    runs the same set: Lassie always, and the slot when there is one (holding the extra LoRA, else
+    at scale 0). Sizes, batch sizes (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales
+    and the slot's contents are graph inputs. dev and schnell share their block classes and so
+    their graphs: warming dev covers schnell.
     """
-    variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
-    lassie_states = (False, True) if when_needed else (True,)
-    slot_states = (None, *slot_ranks) if when_needed else (slot_ranks or (None,))
-    return [WarmUpRun(variant, lassie_adapter, slot_rank)
-            for variant in variants for lassie_adapter in lassie_states for slot_rank in slot_states]
+    return [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
 
 
-def planned_graphs(runs: list[WarmUpRun]) -> int:
-    """Each warm-up call compiles one graph per block class; no two calls share an adapter set."""
+def planned_graphs(runs: list[Variant]) -> int:
+    """Each warm-up call compiles one graph per block class; no two calls share a precision."""
     return len(runs) * BLOCK_CLASSES
 
 
 class TransformerVariants:
-    def __init__(self, models: FluxModels, go_fast_plan: GoFastPlan, compile_setting: CompileSetting,
-                 memory: MemoryPlan, switches: SpeedSwitches = SpeedSwitches()) -> None:
+    def __init__(self, models: FluxModels, compile_setting: CompileSetting, memory: MemoryPlan) -> None:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
-        self._switches = switches
-        self.go_fast_plan = go_fast_plan
         self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
                                       in models.transformers.items()}, models.text_encoder,
-                                     slot_ranks=memory.slot_ranks, idle_active=not switches.adapters_when_needed)
+                                     slot_rank=memory.slot_rank)
         self._go_fast_copies: dict[str, nn.Module] = {}
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
 
-    def prepare(self, lassie_lora: Path) -> None:
-        """Lassie on every variant (merged into the weights with `LASSIE_MERGE_LASSIE`), the go_fast
-        copies, then compile and warm-up: after this no request loads, quantizes or compiles
-        anything but an extra LoRA's weights."""
+    def prepare(self, lassie_lora: Path, wanted: GoFastPlan) -> GoFastPlan:
+        """Lassie on every variant, the go_fast copies `wanted` needs where the memory plan holds
+        them, then compile and warm-up: after this no request loads, quantizes or compiles
+        anything but an extra LoRA's weights. Returns the go_fast decision (`decide_go_fast`)."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
+        build_failure = None
+        if wanted.quantizes and self._memory.go_fast_copies:
+            build_failure = self._build_go_fast_copies(wanted.mode)
+        go_fast = decide_go_fast(wanted, self._memory.go_fast_copies, self._memory.reason, build_failure)
         for variant in self.variants():
-            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[False]})
-        if self._switches.merge_lassie:
-            self._merge_lassie()
-        self._build_go_fast_copies()
-        for variant in self.variants():
-            self.adapters.activate(variant, {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[variant.go_fast]})
+            self.adapters.activate(variant, {LASSIE_ADAPTER: DEFAULT_LASSIE_SCALE[variant.go_fast]})
         if self._compile.enabled:
             self._compile_and_warm_up()
-
-    def _merge_lassie(self) -> None:
-        """Lassie at 1.0 into the bf16 weights, once; the go_fast copies are built from them."""
-        for variant in self.variants():
-            try:
-                self.adapters.merge(variant, LASSIE_ADAPTER, MERGED_LASSIE_SCALE[variant.go_fast])
-            except Exception as error:
-                log.warning("merging the Lassie LoRA into the %s weights failed (%s); it runs as an adapter "
-                            "at every step there", variant, _one_line(error))
-            else:
-                log.info("Lassie LoRA merged into the %s weights at %g: requests at that scale run no LoRA work, "
-                         "others run the difference as an adapter", variant, MERGED_LASSIE_SCALE[variant.go_fast])
+        return go_fast
 
     def variants(self) -> list[Variant]:
         return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
@@ -196,9 +163,9 @@ class TransformerVariants:
 
     def _keep(self, name: str) -> None:
         """`name` becomes the most recently used extra LoRA; the least recently used beyond the
-        limit are removed (with slots: their slots emptied)."""
+        limit are removed (with a slot: emptied from it)."""
         self._extras = [kept for kept in self._extras if kept != name] + [name]
-        limit = KEPT_EXTRA_LORAS if self.adapters.slot_ranks else 1
+        limit = KEPT_EXTRA_LORAS if self.adapters.slot_rank else 1
         while len(self._extras) > limit:
             self.adapters.remove(self._extras.pop(0))
 
@@ -236,44 +203,26 @@ class TransformerVariants:
                     failure, variant)
         return result
 
-    def _build_go_fast_copies(self) -> None:
-        if not self.go_fast_plan.quantizes:
-            return
-        if not self._memory.go_fast_copies:
-            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, f"{self.go_fast_plan.reason}; {self._memory.reason}")
-            return
+    def _build_go_fast_copies(self, mode: FastMode) -> str | None:
+        """The go_fast copies of both transformers in `mode`; what went wrong (one line) if they
+        could not be built, then none are kept and go_fast runs the bf16 transformers."""
         started = time.perf_counter()
         try:
-            copies = {model: quantize_transformer(transformer, self.go_fast_plan.mode, self._go_fast_weight(model))
+            copies = {model: quantize_transformer(transformer, mode)
                       for model, transformer in self._models.transformers.items()}
         except Exception as error:
-            log.warning("go_fast: building the %s transformers failed (%s: %s); go_fast runs the bf16 "
-                        "transformers", self.go_fast_plan.mode.value, type(error).__name__, error)
-            failed = f"go_fast: {self.go_fast_plan.mode.value} failed at setup"
-            self.go_fast_plan = GoFastPlan(FastMode.UNQUANTIZED, failed)
-            return
+            failure = f"{type(error).__name__}: {error}"
+            log.warning("go_fast: building the %s transformers failed (%s); go_fast runs the bf16 transformers",
+                        mode.value, failure)
+            return failure
         for model, go_fast_copy in copies.items():
             self._go_fast_copies[model] = go_fast_copy
-            merged = {LASSIE_ADAPTER: MERGED_LASSIE_SCALE[True]} if self._go_fast_weight(model) is not None else {}
-            self.adapters.attach(Variant(model, True), go_fast_copy, merged)
-            if merged:
-                log.info("Lassie LoRA merged into the %s go_fast weights at %g", model, MERGED_LASSIE_SCALE[True])
-        log.info("built the %s go_fast transformers in %.1fs", self.go_fast_plan.mode.value,
-                 time.perf_counter() - started)
+            self.adapters.attach(Variant(model, True), go_fast_copy)
+        log.info("built the %s go_fast transformers in %.1fs", mode.value, time.perf_counter() - started)
+        return None
 
-    def _go_fast_weight(self, model: str) -> OwnWeight | None:
-        """The go_fast copy's own weights where Lassie adapts a linear: the shared bf16 weights hold
-        it at 1.0, the copy's at 1.5 (a token linear's only until it is quantized). None where the
-        bf16 merge failed: the copy then runs Lassie as an adapter too."""
-        source = Variant(model, False)
-        merged = self.adapters.merged_scale(source, LASSIE_ADAPTER)
-        if not merged:
-            return None
-        missing = MERGED_LASSIE_SCALE[True] - merged
-        return lambda name, weight: self.adapters.merged_weight(source, LASSIE_ADAPTER, name, weight, missing)
-
-    def warm_up_plan(self) -> list[WarmUpRun]:
-        return plan_warm_up(bool(self._go_fast_copies), self.adapters.slot_ranks, self._switches.adapters_when_needed)
+    def warm_up_plan(self) -> list[Variant]:
+        return plan_warm_up(bool(self._go_fast_copies))
 
     def _compile_and_warm_up(self) -> None:
         runs = self.warm_up_plan()
@@ -287,8 +236,8 @@ class TransformerVariants:
             # guards batch != 1 at the attention output's `.contiguous()`), so batch 1 would need
             # graphs of its own. Unbacked, one graph serves every batch. Only tracing reads this.
             with torch.compiler.config.patch(unbacked_sources=FLUX_BLOCK_BATCH_DIMENSIONS):
-                for run in runs:
-                    self._warm(run)
+                for variant in runs:
+                    self._warm(variant)
         except Exception as error:
             self._stance = "force_eager"
             log.warning("compiling failed during warm-up (%s); serving uncompiled", _one_line(error))
@@ -298,18 +247,14 @@ class TransformerVariants:
                  counters["stats"]["unique_graphs"] - graphs_before, self._compile.backend, self._compile.mode,
                  len(runs), time.perf_counter() - started, planned_graphs(runs))
 
-    def _warm(self, run: WarmUpRun) -> None:
-        """One denoising step at a small size, stopping at the latents: the VAE is not compiled."""
-        merged = self.adapters.merged_scale(run.variant, LASSIE_ADAPTER)
-        scales = {LASSIE_ADAPTER: merged + WARM_UP_LASSIE_DELTA if run.lassie_adapter else merged}
-        if run.slot_rank is not None:
-            self.adapters.activate_with_idle_slot(run.variant, scales, run.slot_rank)
-        else:
-            self.adapters.activate(run.variant, scales)
-        model = run.variant.model
+    def _warm(self, variant: Variant) -> None:
+        """One denoising step at a small size, stopping at the latents: the VAE is not compiled.
+        Without an extra LoRA the slot runs at 0: the adapter set of every request."""
+        self.adapters.activate(variant, {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE})
+        model = variant.model
         plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0,
                                  num_outputs=WARM_UP_OUTPUTS))
-        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(run.variant))
+        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(variant))
         arguments = pipeline_arguments(replace(plan, size=WARM_UP_SIZE), Inputs()) | {"output_type": "latent"}
         with torch.inference_mode():
             pipeline(**arguments)

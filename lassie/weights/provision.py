@@ -23,6 +23,7 @@ the path setup uses for COG_WEIGHTS, and recorded here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,6 @@ from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
-from huggingface_hub.utils.sha import git_hash
 
 from lassie.fetch.files import UnusableSafetensorsError, inspect_safetensors, sha256_of
 from lassie.fetch.http import DownloadLimits, ProgressLog, human_bytes
@@ -197,6 +197,16 @@ def token_problem(source: HubSource, access: HubAccess) -> str | None:
     return access.gated_message(source.repo_id) if source.gated and access.token is None else None
 
 
+def git_blob_sha1(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """The id git gives the file's content (what the hub lists for files outside LFS): sha1 of
+    `blob <size>\\0` and the bytes, read in chunks."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def mismatch_with_hub(path: Path, name: str, remote: RepoSibling) -> tuple[str | None, str]:
     """(what is wrong with the file compared with the hub's listing, its sha256)."""
     size = path.stat().st_size
@@ -205,7 +215,7 @@ def mismatch_with_hub(path: Path, name: str, remote: RepoSibling) -> tuple[str |
     sha256 = sha256_of(path)
     if remote.lfs is not None and sha256 != remote.lfs.sha256:
         return f"{name} has sha256 {sha256} but the hub lists {remote.lfs.sha256}", sha256
-    if remote.lfs is None and remote.blob_id and git_hash(path.read_bytes()) != remote.blob_id:
+    if remote.lfs is None and remote.blob_id and git_blob_sha1(path) != remote.blob_id:
         return f"{name} does not match the hub's git blob {remote.blob_id}", sha256
     return None, sha256
 
