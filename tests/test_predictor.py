@@ -18,12 +18,12 @@ from diffusers import (
     FluxInpaintPipeline,
     FluxPipeline,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
-from lassie.request.plan import Request, denoising_steps, make_plan
+from lassie.request.plan import Request, denoising_steps, diffusers_skipped_steps, make_plan
 
 
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
@@ -183,13 +183,14 @@ def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(steps=st.integers(1, 50), strength=st.floats(0, 1))
+@example(steps=5, strength=0.8)  # 5 * (1 - 0.8) < 1 in floats, yet diffusers' int(5 - 5 * 0.8) skips 1
 def test_steps_run_are_what_diffusers_get_timesteps_runs(steps, strength):
     """The strength the pipeline gets makes diffusers run exactly the planned steps; it is the request's
     own strength unless diffusers' rounding would start from pure noise below 1.0."""
     plan = make_plan(Request(prompt="x", image=Path("photo.png"), num_inference_steps=steps,
                              prompt_strength=strength), (600, 400))
     assert plan.steps_run == denoising_steps(steps, strength)
-    noise_first = steps * (1 - strength) < 1 and strength < 1
+    noise_first = diffusers_skipped_steps(steps, strength) == 0 and strength < 1
     assert (plan.pipeline_strength == strength) != noise_first
     for pipeline_class in (FluxImg2ImgPipeline, FluxInpaintPipeline):
         scheduler = FlowMatchEulerDiscreteScheduler()
