@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from lassie.compilation import compile_setting, configure_compile_cache
+from lassie.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
 from lassie.encoding import save_images
 from lassie.errors import InputError
 from lassie.generate import generate
@@ -67,6 +67,7 @@ class Lassie:
 
     def setup(self) -> None:
         no_progress_bars()
+        check_chosen_compile_cache(self.settings.compile)
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
