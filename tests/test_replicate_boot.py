@@ -106,8 +106,10 @@ def test_a_read_only_weights_directory_serves_cog_weights_and_an_extra_lora(
     (cache,) = (tmp_path / "tmp").glob("lassie-*/lora-cache")  # per user: lassie-<user name>
     fallback = cache.parent
     assert (f"extra-LoRA cache: {weights / 'lora-cache'} cannot be written (Read-only file system); "
-            f"using {fallback / 'lora-cache'}") in log
-    assert f"fetched Lassie LoRA: {weights / 'fetched-lora'} cannot be written (Read-only file system)" in log
+            f"using {fallback / 'lora-cache'}; whatever else setup keeps in {weights} falls back to {fallback} too"
+            ) in log
+    assert (fallback / "fetched-lora").is_dir()  # said by the one line above, not by a second
+    assert "cannot be written" not in log.replace(f"extra-LoRA cache: {weights / 'lora-cache'} cannot be written", "")
     assert "trigger word: 'LSSIE'" in log
     assert sorted(path.name for path in weights.iterdir()) == sorted(path.name for path in tiny_weights.iterdir())
     assert len(list((fallback / "lora-cache").glob("*.safetensors"))) == 1
