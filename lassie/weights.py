@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROVIDE_COMMAND = "python scripts/download_weights.py"
-TINY_WEIGHTS_COMMAND = "python scripts/make_tiny_weights.py"
+TINY_WEIGHTS_COMMAND = ".venv/bin/python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
 
 # The top-level folders of the layout, each fetched whole when it comes from a tar.

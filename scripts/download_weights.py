@@ -16,24 +16,18 @@ or inside the Cog image (`cog run` on CLIs before the run/exec rename):
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import argparse
 import logging
 import sys
 from pathlib import Path
 
-HOW_TO_RUN = ("this script runs in the project's environment: run `bash scripts/setup.sh`, then "
-              f"`.venv/bin/python scripts/download_weights.py {' '.join(sys.argv[1:]) or 'weights'}` "
-              "(or, in the Cog image, `cog exec python scripts/download_weights.py weights`)")
-
-if sys.version_info < (3, 11):
-    sys.exit(f"error: Python {sys.version.split()[0]} is too old (3.11 or newer needed); {HOW_TO_RUN}")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-try:
-    from lassie.provision import ProvisionError, provision, provision_from_tars
-    from lassie.settings import Settings, SettingError
-    from lassie.weights import MissingWeightsError
-except ModuleNotFoundError as missing:
-    sys.exit(f"error: {missing}; {HOW_TO_RUN}")
+from lassie.provision import ProvisionError, provision, provision_from_tars
+from lassie.settings import SettingError, Settings
+from lassie.weights import MissingWeightsError
 
 
 def main() -> int:

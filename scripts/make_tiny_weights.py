@@ -9,6 +9,9 @@ Usage: python scripts/make_tiny_weights.py OUT_DIR
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import argparse
 import json
 import logging

@@ -7,6 +7,9 @@ without it every input would reach `predict` unchecked. Run this after changing 
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import json
 import sys
 import warnings

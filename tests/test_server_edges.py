@@ -86,7 +86,7 @@ def test_setup_without_weights_names_the_token_and_the_tiny_weights(tmp_path):
     assert health["status"] == "SETUP_FAILED"
     logs = health["setup"]["logs"]
     assert "HF_TOKEN=<that token>" in logs
-    assert "python scripts/make_tiny_weights.py .tiny-weights" in logs and "LASSIE_WEIGHTS_DIR=.tiny-weights" in logs
+    assert ".venv/bin/python scripts/make_tiny_weights.py .tiny-weights" in logs and "LASSIE_WEIGHTS_DIR=.tiny-weights" in logs
 
 
 def test_one_request_after_another_never_gets_409(cog_server):
