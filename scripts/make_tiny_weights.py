@@ -18,10 +18,16 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from safetensors.torch import save_file
-from transformers import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lassie.quiet import no_progress_bars, silence_known_noise
+
+silence_known_noise()  # as predict.py does: torch, torchao and transformers print their known noise on import
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
     CLIPConfig,
     CLIPImageProcessor,
     CLIPTextConfig,
@@ -34,9 +40,6 @@ from transformers import (
     ViTForImageClassification,
     ViTImageProcessor,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
 
 from lassie.weights import WeightsLayout  # noqa: E402
 
@@ -279,6 +282,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args()
+    no_progress_bars()  # as setup does: transformers' "Writing model shards" bars are carriage returns
     layout = build(args.out_dir)
     missing = layout.missing()
     if missing:

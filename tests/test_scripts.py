@@ -33,3 +33,12 @@ def test_a_python_without_the_project_s_packages_gets_one_line_naming_the_venv(s
     assert done.stderr.count("\n") == 1, done.stderr
     assert "lacks the project's packages (torch" in done.stderr
     assert f"`bash scripts/setup.sh` (once), then `.venv/bin/python scripts/{script} some-argument`" in done.stderr
+
+
+def test_building_the_tiny_weights_is_as_quiet_as_setup(tmp_path):
+    """No library warnings (lassie.quiet's known noise) and no progress bars: only the script's own line."""
+    out = tmp_path / "tiny"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_weights.py"), str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (done.stdout + done.stderr).splitlines() == [f"tiny weights written to {out}"]
