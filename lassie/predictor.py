@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from lassie.lora.adapters import slot_ranks_for
 from lassie.lora.cache import LoraCache
 from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
 from lassie.models import FluxModels, load_models, prepare_for_speed
+from lassie.outputs import OutputFolders
 from lassie.provision import ensure_weights, lassie_lora
 from lassie.quiet import no_progress_bars
 from lassie.request import Plan, Request, checked, describe, make_plan
@@ -61,13 +61,15 @@ class Lassie:
         self.variants: TransformerVariants | None = None
         self.lora_cache: LoraCache | None = None
         self.safety: SafetyFilter | None = None
-        self._output_dir: Path | None = None
+        self._outputs = OutputFolders()
         self._device: DeviceInfo | None = None
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
         no_progress_bars()
         check_chosen_compile_cache(self.settings.compile)
+        OutputFolders.remove_leftovers()
+        atexit.register(self._outputs.remove_current)
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
@@ -145,7 +147,7 @@ class Lassie:
             with timed("safety checking"):
                 results = self.safety.filter(results)
         with timed("encoding"):
-            return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
+            return save_images(results, plan.output_format, plan.output_quality, self._outputs.fresh())
 
     def _ready(self, variant: Variant, plan: Plan, extra: Path | None) -> torch.nn.Module:
         """The transformer with the plan's LoRAs; an extra LoRA refused for its content leaves the cache."""
@@ -159,10 +161,3 @@ class Lassie:
     def _log_precision(self, plan: Plan) -> None:
         self._precision_log.ran(plan.model, plan.go_fast, self.variants.go_fast_plan, self._device.dtype)
         log.info("precision: %s", precision_of(self.variants.go_fast_plan, plan.go_fast, self._device.dtype))
-
-    def _fresh_output_dir(self) -> Path:
-        """Outputs of the previous prediction have been served by now: reuse no names across calls."""
-        if self._output_dir is not None:
-            shutil.rmtree(self._output_dir, ignore_errors=True)
-        self._output_dir = Path(tempfile.mkdtemp(prefix="lassie-out-"))
-        return self._output_dir
