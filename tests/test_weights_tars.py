@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from conftest import REPO
 
 from lassie.downloads import FetchOptions
 from lassie.provision import (
+    FETCH_LOCK,
     ProvisionError,
     ensure_weights,
+    fetch_lock,
     fetch_missing_folders,
     lassie_lora,
     provision_from_tars,
@@ -234,6 +237,53 @@ def test_a_missing_local_cog_weights_file_fails_naming_the_variable(tmp_path: Pa
 def test_with_cog_weights_the_weights_directory_needs_no_lassie_folder(tiny_weights: Path, tmp_path: Path) -> None:
     layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "flux-schnell", "safety")
     ensure_weights(layout, Settings.from_env({"HF_HUB_OFFLINE": "1"}, cog_weights="https://x/y.tar"))
+
+
+HOLD_THE_FETCH_LOCK = """
+import sys
+from pathlib import Path
+from lassie.provision import fetch_lock
+with fetch_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_a_boot_waiting_on_another_process_s_fetch_says_so_naming_the_lock_and_its_holder(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As a boot started while a stopped server's orphaned worker still downloads; a short interval
+    here stands in for the 10 s one."""
+    lock = tmp_path / FETCH_LOCK
+    recorded = lock.with_name(lock.name + ".pid")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_FETCH_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    seen_inside: list[str] = []
+
+    def boot() -> None:
+        with fetch_lock(lock, report_every=0.05):
+            seen_inside.append(recorded.read_text())
+
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with caplog.at_level(logging.INFO, logger="lassie.provision"):
+            waiter = threading.Thread(target=boot)
+            waiter.start()
+            for _ in range(200):  # bounded: a few seconds at most
+                if sum("another process's fetch" in record.getMessage() for record in caplog.records) >= 2:
+                    break
+                waiter.join(timeout=0.05)
+            assert seen_inside == []  # still waiting
+            holder.stdin.close()
+            holder.wait(timeout=60)
+            waiter.join(timeout=60)
+    finally:
+        holder.kill()
+    waits = [record.getMessage() for record in caplog.records if "another process's fetch" in record.getMessage()]
+    assert len(waits) >= 2
+    assert all(message.startswith("waiting for another process's fetch of the weights "
+                                  f"(lock {lock}, held by pid {holder.pid}); ") for message in waits), waits
+    assert seen_inside == [f"{os.getpid()}\n"]  # then it held the lock itself, and recorded so
+    assert not recorded.exists()
 
 
 # --- where setup writes --------------------------------------------------------------------------
