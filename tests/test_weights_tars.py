@@ -195,6 +195,23 @@ def test_download_weights_without_a_token_takes_folders_from_tars_and_the_lora_f
     assert layout.lassie_lora.read_bytes() == lora and layout.trigger_word() == "ZWX"
 
 
+def test_download_weights_in_tar_mode_says_verify_does_not_apply_and_records_no_manifest(
+        tars: dict[str, bytes], tmp_path: Path) -> None:
+    """Its docstring and docs/architecture.md say so: a tar lists no hashes for a manifest to keep."""
+    weights = tmp_path / "weights"
+    with RangeServer() as server:
+        for folder, data in tars.items():
+            server.serve(f"/weights/{folder}.tar", data)
+        env = {name: value for name, value in os.environ.items() if not name.startswith(("HF_", "LASSIE_"))}
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "download_weights.py"), str(weights), "--verify"],
+                              env=env | {"LASSIE_WEIGHTS_URL": server.url("/weights")},
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: --verify rehashes hub downloads against manifest.json; folders fetched from tars" in done.stderr
+    assert "fetched flux-dev, flux-schnell, safety, lassie from tars" in done.stdout
+    assert not WeightsLayout(weights).missing() and not WeightsLayout(weights).manifest.exists()
+
+
 # --- the Lassie LoRA from COG_WEIGHTS ------------------------------------------------------------
 
 
