@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PROVIDE_COMMAND = "python scripts/download_weights.py"
+PROVIDE_COMMAND = ".venv/bin/python scripts/download_weights.py"
 TINY_WEIGHTS_COMMAND = ".venv/bin/python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
 

@@ -4,7 +4,7 @@ Real FLUX weights cannot be fetched where tests and demos run, so this builds st
 the same classes and file layout: the product code loads them through the very same path
 as the real ones. Deterministic (fixed seeds), offline, a few MB, seconds to build.
 
-Usage: python scripts/make_tiny_weights.py OUT_DIR
+Usage: .venv/bin/python scripts/make_tiny_weights.py OUT_DIR
 """
 
 from __future__ import annotations

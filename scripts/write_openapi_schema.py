@@ -2,7 +2,7 @@
 
 The Cog HTTP server validates inputs only against this file (normally written by `cog build`);
 without it every input would reach `predict` unchecked. Run this after changing the inputs:
-`python scripts/write_openapi_schema.py` (a test fails while the committed file is stale).
+`.venv/bin/python scripts/write_openapi_schema.py` (a test fails while the committed file is stale).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ def test_readme_server_and_curl_lines_work_as_written_after_the_demo(tiny_weight
     """A checkout after `bash scripts/demo.sh`: the tiny weights in .tiny-weights/, no ./weights."""
     server_lines, client_lines = readme_blocks_after("### Serve it yourself", 2)
     assert f"COG_MAX_CONCURRENCY={max_concurrency()} " in server_lines
+    assert " OMP_WAIT_POLICY=PASSIVE " in server_lines  # as CogServer and the benchmarks run it
     port = str(free_port())
     checkout = tmp_path / "checkout"
     checkout.mkdir()
