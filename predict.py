@@ -7,28 +7,30 @@ coglet has not freed yet (HTTP 409), while `SerialRunner` still runs one predict
 
 Bounds and choices are written as literals: `cog build` makes the schema by reading this file as
 text (static schema generation), and drops a `ge`/`le` it cannot read as a number. A test checks
-that they are literals and equal `lassie.bounds`, the table request validation and sizes use.
+that they are literals and equal `lassie.request.bounds`, the table request validation and sizes use.
 """
 
 import logging
 from functools import partial
-from typing import List, Optional
 
 from lassie.settings import Settings  # first: it records the operator's environment before torch rewrites it
+
+# isort: split
+# (isort would put quiet before settings; settings must be imported first, for the reason above.)
 from lassie.quiet import silence_known_noise
 
 silence_known_noise()  # first: torch, torchao and transformers print their known noise as they are imported
 
-from cog import BasePredictor, CancelationException, Input, Path  # noqa: E402
+from cog import BasePredictor, CancelationException, Input, Path
 
-from lassie.input_files import request_file  # noqa: E402
-from lassie.predictor import Lassie  # noqa: E402
-from lassie.request import Request  # noqa: E402
-from lassie.serial import SerialRunner  # noqa: E402
+from lassie.predictor import Lassie
+from lassie.request.input_files import request_file
+from lassie.request.plan import Request
+from lassie.serial import SerialRunner
 
 
 class Predictor(BasePredictor):
-    def setup(self, weights: Optional[str] = None) -> None:
+    def setup(self, weights: str | None = None) -> None:
         """`weights` is COG_WEIGHTS as cog passes it (a fine-tuned version's LoRA, usually a tar URL)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.runner = SerialRunner(interrupt=CancelationException)
@@ -40,11 +42,11 @@ class Predictor(BasePredictor):
         prompt: str = Input(
             description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image.",
         ),
-        image: Optional[Path] = Input(
+        image: Path | None = Input(
             description="Input image for image to image or inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",
             default=None,
         ),
-        mask: Optional[Path] = Input(
+        mask: Path | None = Input(
             description="Image mask for image inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",
             default=None,
         ),
@@ -53,13 +55,13 @@ class Predictor(BasePredictor):
             choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
             default="1:1",
         ),
-        height: Optional[int] = Input(
+        height: int | None = Input(
             description="Height of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
             ge=256,
             le=1440,
             default=None,
         ),
-        width: Optional[int] = Input(
+        width: int | None = Input(
             description="Width of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
             ge=256,
             le=1440,
@@ -94,7 +96,7 @@ class Predictor(BasePredictor):
             le=10,
             default=3.0,
         ),
-        seed: Optional[int] = Input(description="Random seed. Set for reproducible generation", default=None),
+        seed: int | None = Input(description="Random seed. Set for reproducible generation", default=None),
         output_format: str = Input(
             description="Format of the output images",
             choices=["webp", "jpg", "png"],
@@ -125,7 +127,7 @@ class Predictor(BasePredictor):
             le=3,
             default=1.0,
         ),
-        extra_lora: Optional[str] = Input(
+        extra_lora: str | None = Input(
             description="Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'",
             default=None,
         ),
@@ -135,7 +137,7 @@ class Predictor(BasePredictor):
             le=3,
             default=1.0,
         ),
-    ) -> List[Path]:
+    ) -> list[Path]:
         request = Request(
             prompt=prompt,
             image=request_file(image, "image"),

@@ -5,33 +5,33 @@ from __future__ import annotations
 import atexit
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from lassie.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
-from lassie.encoding import save_images
-from lassie.errors import InputError
-from lassie.generate import generate
-from lassie.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
-from lassie.hardware import DeviceInfo, query_device
-from lassie.images import Inputs, load_inputs
-from lassie.lora.adapters import slot_ranks_for
-from lassie.lora.cache import LoraCache
-from lassie.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
-from lassie.models import FluxModels, load_models, prepare_for_speed
-from lassie.outputs import OutputFolders
-from lassie.provision import ensure_weights, lassie_lora
+from lassie.engine.adapters import slot_ranks_for
+from lassie.engine.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
+from lassie.engine.generate import generate
+from lassie.engine.go_fast import PrecisionLog, plan_go_fast, precision_of, requested_mode
+from lassie.engine.hardware import DeviceInfo, query_device
+from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory, ranks_text
+from lassie.engine.models import FluxModels, load_models, prepare_for_speed
+from lassie.engine.safety import SafetyFilter
+from lassie.engine.variants import TransformerVariants, Variant
+from lassie.fetch.lora_cache import LoraCache
+from lassie.fetch.storage import writable_place
 from lassie.quiet import no_progress_bars
-from lassie.request import Plan, Request, checked, describe, make_plan
-from lassie.safety import SafetyFilter
+from lassie.request.encoding import save_images
+from lassie.request.errors import InputError
+from lassie.request.images import Inputs, load_inputs
+from lassie.request.outputs import OutputFolders
+from lassie.request.plan import Plan, Request, checked, describe, make_plan
 from lassie.settings import DEFAULT_SLOT_RANKS, LORA_CACHE_ENV, Settings
-from lassie.storage import writable_place
-from lassie.variants import TransformerVariants, Variant
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
+from lassie.weights.provision import ensure_weights, lassie_lora
 
 log = logging.getLogger(__name__)
 

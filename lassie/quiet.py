@@ -79,7 +79,7 @@ KNOWN_WARNINGS = (
     KnownWarning(UserWarning,
                  re.escape("Already found a `peft_config` attribute in the model. This will lead to having "
                            "multiple adapters in the model."),
-                 "every extra LoRA is an adapter beside Lassie's, by design (lassie.lora.adapters)",
+                 "every extra LoRA is an adapter beside Lassie's, by design (lassie.engine.adapters)",
                  module=r"peft\.tuners\.tuners_utils\Z"),
     KnownWarning(UserWarning, r"Adapter \S+ was active which is now deleted\. Setting active adapter to ",
                  "LoraAdapters sets each transformer's active adapters itself before its next run, so "
@@ -132,7 +132,7 @@ def no_progress_bars() -> None:
     components...", "Loading weights"), through their public switches: in Cog's logs (and in
     `/health-check`, which repeats the setup log) a bar is a stream of carriage returns and cursor
     moves, not a line. Setup logs how long each load took instead. huggingface_hub's bars are left
-    on: its downloads report through `ProgressLog` (lassie.lora.http), which writes log lines."""
+    on: its downloads report through `ProgressLog` (lassie.fetch.http), which writes log lines."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

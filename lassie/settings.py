@@ -30,7 +30,7 @@ DEFAULT_COMPILE_BACKEND = "inductor"
 # `LASSIE_LORA_SLOT_RANK=32,128` adds a narrow slot (rank-16/32 LoRAs then pay a quarter of the
 # slot's cost per step, for one more graph set at warm-up).
 DEFAULT_SLOT_RANKS = (128,)
-# `LASSIE_ATTENTION_BACKEND`: `auto` lets the hardware choose (lassie.attention), else a diffusers
+# `LASSIE_ATTENTION_BACKEND`: `auto` lets the hardware choose (lassie.engine.attention), else a diffusers
 # attention backend name, checked against the installed diffusers at setup.
 ATTENTION_AUTO = "auto"
 DEFAULT_ATTENTION_BACKEND = "native"

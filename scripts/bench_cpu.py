@@ -1,7 +1,7 @@
 """CPU benchmark: lassie against a bare diffusers call, in-process and through the Cog HTTP server.
 
 Every arm does the same work on the tiny weights: 512x512, 4 steps, the Lassie LoRA at 1.0, and
-its image written in the same format with the same encoder settings (lassie.encoding). Arms run
+its image written in the same format with the same encoder settings (lassie.request.encoding). Arms run
 interleaved round by round, so machine noise hits all alike (compare ratios from one run only).
 Targets: in-process at most 1.10x the bare call, through the Cog HTTP server at most 1.25x. The
 safety checker runs two more models the bare pipeline lacks: it is its own row, not overhead.
@@ -35,9 +35,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -68,7 +68,7 @@ def bare_call(weights: Path, output_format: str) -> Callable[[], None]:
     import torch
     from diffusers import FluxPipeline
 
-    from lassie.encoding import save_images
+    from lassie.request.encoding import save_images
 
     pipe = FluxPipeline.from_pretrained(weights / "flux-dev")
     pipe.load_lora_weights(str(weights / "lassie" / "lora.safetensors"), adapter_name="lassie")
@@ -95,7 +95,7 @@ class ServerArm:
         self.inputs = inputs
         self.predict_times: list[float] = []
 
-    def __enter__(self) -> "ServerArm":
+    def __enter__(self) -> ServerArm:
         health = self.server.start()
         if health.get("status") != "READY":
             self.server.stop()
@@ -177,7 +177,7 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from lassie.predictor import Lassie
-    from lassie.request import Request
+    from lassie.request.plan import Request
     from lassie.settings import Settings
 
     diffusers_logging.disable_progress_bar()

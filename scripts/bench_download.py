@@ -2,7 +2,7 @@
 
 The host (`range_server.py`) caps each connection's speed, as a real weights host's per-connection
 throughput is capped; one stream then takes size / cap, and parallel ranges take a fraction of it.
-Both arms run the product's own path (`lassie.downloads.fetch_folder`: fetch, extract while it
+Both arms run the product's own path (`lassie.weights.downloads.fetch_folder`: fetch, extract while it
 arrives, rename into place), alternating, and the medians are compared. pget is left out
 (`use_pget=False`), so the figures are the project's own client's.
 
@@ -27,9 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from range_server import RangeServer  # noqa: E402
-
-from lassie.downloads import FetchOptions, fetch_folder  # noqa: E402
+from lassie.weights.downloads import FetchOptions, fetch_folder
+from range_server import RangeServer
 
 MB = 1000**2
 

@@ -59,11 +59,11 @@ import threading
 import time
 import tomllib
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -264,7 +264,7 @@ class Case:
         return options.steps(self.model) if self.steps is None or options.dry_run else self.steps
 
     def request(self, options: Options, round_index: int, base_url: str, extra_name: str | None = None):
-        from lassie.request import Request
+        from lassie.request.plan import Request
 
         extra_name = extra_name or self.extra
         extra = f"{base_url}/{extra_name}.safetensors" if extra_name else None
@@ -743,7 +743,7 @@ def serve_extras(directory: Path) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def set_up_product(weights: Path, sink: Sink, label: str, clocks: "Clocks"):
+def set_up_product(weights: Path, sink: Sink, label: str, clocks: Clocks):
     from lassie.predictor import Lassie
     from lassie.settings import Settings
 
@@ -805,7 +805,7 @@ def measure_psnr(predictor, options: Options, sink: Sink) -> None:
     import numpy as np
     from PIL import Image
 
-    from lassie.request import Request
+    from lassie.request.plan import Request
 
     for model in ("schnell",) if options.quick else ("schnell", "dev"):
         if options.out_of_time():
@@ -836,7 +836,7 @@ def random_traffic(predictor, options: Options, sink: Sink, base_url: str) -> No
 
     from torch._dynamo.utils import counters
 
-    from lassie.request import Request
+    from lassie.request.plan import Request
 
     rng = random.Random(SEED)
     warnings = Warnings()
@@ -862,7 +862,7 @@ def random_traffic(predictor, options: Options, sink: Sink, base_url: str) -> No
                eager=eager, first=seconds[0] if seconds else None, tenth=seconds[9] if len(seconds) > 9 else None)
 
 
-def product_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def product_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     weights = ensure_bench_weights(options)
     base_url = serve_extras(weights / "bench-extras")
     predictor = set_up_product(weights, sink, "product", clocks)
@@ -873,7 +873,7 @@ def product_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
     memory_record(sink, "peak over setup and every request")
 
 
-def warm_setup_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def warm_setup_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     weights = ensure_bench_weights(options)
     predictor = set_up_product(weights, sink, "warm compile cache", clocks)
     first = Case("first dev go_fast request after a warm-cache setup", "dev", True)
@@ -922,7 +922,7 @@ H100_SEQUENCE = (
 )
 
 
-def h100_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def h100_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     import torch
 
     weights = ensure_bench_weights(options)
@@ -944,11 +944,11 @@ def h100_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
 
 
 def worst_request(predictor, options: Options, sink: Sink, base_url: str) -> None:
-    """The largest request the schema allows, the one `lassie/memory.py` plans for: 4 outputs at
+    """The largest request the schema allows, the one `lassie/engine/memory.py` plans for: 4 outputs at
     1440x1440 with an extra LoRA (1 step: memory, not time, is the point)."""
     import torch
 
-    from lassie.request import Request
+    from lassie.request.plan import Request
 
     side = 512 if options.dry_run else 1440
     request = Request(prompt=PROMPT, model="dev", aspect_ratio="custom", width=side, height=side, num_outputs=4,
@@ -1018,10 +1018,10 @@ class Baselines:
                 pipeline.transformer.compile_repeated_blocks(fullgraph=True)
 
     def call(self, model: str, options: Options, out: Path) -> None:
-        """The product's call for a txt2img request (lassie.generate), then its webp encoding."""
+        """The product's call for a txt2img request (lassie.engine.generate), then its webp encoding."""
         import torch
 
-        from lassie.encoding import save_images
+        from lassie.request.encoding import save_images
 
         with torch.inference_mode():
             images = self.pipelines[model](PROMPT, width=options.size, height=options.size,
@@ -1034,7 +1034,7 @@ class Baselines:
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 
 
-def baselines_section(options: Options, sink: Sink, clocks: "Clocks") -> None:
+def baselines_section(options: Options, sink: Sink, clocks: Clocks) -> None:
     """Plain diffusers: the published recipes on the same random weights, with the product's
     call arguments and encoding, and no LoRA."""
     import tempfile
@@ -1077,7 +1077,7 @@ def switch_arm(name: str) -> Switch | None:
     return None if name == DEFAULTS_ARM else next(switch for switch in SWITCHES if switch.variable == name)
 
 
-def switches_arm_section(options: Options, sink: Sink, clocks: "Clocks", arm: str) -> None:
+def switches_arm_section(options: Options, sink: Sink, clocks: Clocks, arm: str) -> None:
     """One arm: the product's setup with every switch at its default but this one on (set in this
     process's environment by the parent), then the switch cases: per-step time is the denoising
     phase over the steps, text encoding shows the prompt cache."""

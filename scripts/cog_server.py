@@ -112,7 +112,7 @@ class CogServer:
             self._process.wait()
         self._process = None
 
-    def __enter__(self) -> "CogServer":
+    def __enter__(self) -> CogServer:
         self.start()
         return self
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lassie.settings import Settings  # noqa: E402
-from lassie.weights import TINY_WEIGHTS_DIR, WeightsLayout  # noqa: E402
+from lassie.weights.layout import TINY_WEIGHTS_DIR, WeightsLayout  # noqa: E402
 
 log = logging.getLogger("demo")
 TINY_DIR = REPO / TINY_WEIGHTS_DIR
@@ -41,7 +41,7 @@ def weights_to_serve() -> Path:
 
 
 def save_data_uri(uri: str, path: Path) -> Path:
-    header, payload = uri.split(",", 1)
+    _, payload = uri.split(",", 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(payload))
     return path

@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lassie.provision import ProvisionError, provision, provision_from_tars
 from lassie.settings import SettingError, Settings
-from lassie.weights import MissingWeightsError
+from lassie.weights.layout import MissingWeightsError
+from lassie.weights.provision import ProvisionError, provision, provision_from_tars
 
 TARS_HAVE_NO_MANIFEST = ("note: --verify rehashes hub downloads against manifest.json; folders fetched from tars "
                          "are not in it (each was checked complete before it was renamed into place)")

@@ -41,7 +41,7 @@ from transformers import (  # noqa: E402
     ViTImageProcessor,
 )
 
-from lassie.weights import WeightsLayout  # noqa: E402
+from lassie.weights.layout import WeightsLayout  # noqa: E402
 
 log = logging.getLogger("make_tiny_weights")
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cog_server import CogServer
 
+from cog_server import CogServer
 from lassie.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 
-import make_tiny_weights
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -25,8 +24,9 @@ from PIL import Image
 from safetensors.torch import save
 from transformers import CLIPImageProcessor, ViTForImageClassification
 
-from lassie.request import Mode, Request
-from lassie.weights import WeightsLayout
+import make_tiny_weights
+from lassie.request.plan import Mode, Request
+from lassie.weights.layout import WeightsLayout
 
 # --- LoRA files and tars ------------------------------------------------------------------------
 

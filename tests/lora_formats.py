@@ -12,8 +12,9 @@ scales by powers of two.
 
 from __future__ import annotations
 
-import make_tiny_weights
 import torch
+
+import make_tiny_weights
 
 RANK = 4
 PEFT_PREFIX = "transformer."

@@ -8,14 +8,14 @@ import subprocess
 import sys
 import tomllib
 
-import bench_gpu as bench
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_lora
 
+import bench_gpu as bench
 from conftest import REPO
 from fake_services import services  # noqa: F401 (fixture)
+from helpers import tiny_lora
 
 BENCH_GPU = REPO / "scripts" / "bench_gpu.py"
 
@@ -105,7 +105,7 @@ def test_random_weights_are_seeded_in_the_asked_dtype_with_real_buffers(tmp_path
     second = bench.materialise(CLIPTextModel, tmp_path, torch.bfloat16, "cpu")
     assert first.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
     assert torch.equal(dict(first.named_buffers())["embeddings.position_ids"], torch.arange(16).unsqueeze(0))
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -119,7 +119,7 @@ def dry_run(tmp_path_factory):
 
 
 def test_dry_run_times_every_request_case_and_the_eager_baseline(dry_run):
-    result, records, _ = dry_run
+    _, records, _ = dry_run
     runs = [record for record in records if record["kind"] == "run"]
     quick_cases = [case.name for case in bench.CASES if not case.full_only]
     baselines = [f"diffusers {model} bf16 eager" for model in ("dev", "schnell")]

@@ -22,8 +22,8 @@ from torch.compiler._cache import CacheInfo
 
 from bench_compile_cache import keep_only_artifacts, start
 from conftest import REPO
-from lassie import compilation
-from lassie.hardware import DeviceInfo
+from lassie.engine import compilation
+from lassie.engine.hardware import DeviceInfo
 from lassie.predictor import Lassie
 from lassie.settings import INDUCTOR_CACHE_ENV, CompileSettings, SettingError, Settings
 
@@ -88,9 +88,8 @@ def test_weights_that_cannot_be_written_compile_into_a_temporary_place_and_still
 
 READ_ONLY_CHECK = """
 import json, os, sys
-from lassie import compilation
-from lassie.hardware import DeviceInfo
-from lassie.predictor import Lassie
+from lassie.engine import compilation
+from lassie.engine.hardware import DeviceInfo
 from lassie.settings import Settings
 weights = sys.argv[1]
 try:

@@ -18,7 +18,7 @@ from torch._dynamo.backends.debugging import aot_eager
 
 from conftest import settings_for
 from lassie.predictor import Lassie
-from lassie.request import Request
+from lassie.request.plan import Request
 
 BACKEND = "lassie_test_breakable"
 # aot_eager's decomposed float32 sums may round differently from eager in the last bit.
@@ -67,7 +67,7 @@ def images(lassie: Lassie, **fields) -> list[np.ndarray]:
 
 def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
     assert len(got) == len(expected) > 0
-    for actual, wanted in zip(got, expected):
+    for actual, wanted in zip(got, expected, strict=True):
         assert actual.shape == wanted.shape and np.abs(actual - wanted).max() <= PIXEL_TOLERANCE
 
 

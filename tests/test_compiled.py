@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from fake_services import services  # noqa: F401 (fixture)
-from helpers import tiny_lora
 from PIL import Image
 from torch._dynamo.utils import counters
 
 from conftest import settings_for
+from fake_services import services  # noqa: F401 (fixture)
+from helpers import tiny_lora
+from lassie.engine.variants import plan_warm_up, planned_graphs
 from lassie.predictor import Lassie
-from lassie.request import Request
-from lassie.sizes import aspect_ratios
-from lassie.variants import plan_warm_up, planned_graphs
+from lassie.request.plan import Request
+from lassie.request.sizes import aspect_ratios
 
 REQUESTS = 50
 SLOT_RANKS = (8,)
@@ -112,7 +112,7 @@ def images(lassie: Lassie, fields: dict) -> list[np.ndarray]:
 
 def assert_same_images(compiled: list[np.ndarray], eager: list[np.ndarray], fields: dict) -> None:
     assert len(compiled) == len(eager) == fields["num_outputs"], fields
-    for got, expected in zip(compiled, eager):
+    for got, expected in zip(compiled, eager, strict=True):
         assert got.shape == expected.shape, fields
         assert np.abs(got - expected).max() <= PIXEL_TOLERANCE, fields
 
@@ -202,7 +202,7 @@ def test_go_fast_copies_that_cannot_be_built_leave_go_fast_on_bf16(tiny_weights,
     def broken(transformer, mode, own_weight=None):
         raise RuntimeError("no fp8 kernels here")
 
-    monkeypatch.setattr("lassie.variants.quantize_transformer", broken)
+    monkeypatch.setattr("lassie.engine.variants.quantize_transformer", broken)
     with caplog.at_level(logging.INFO, logger="lassie"):
         lassie = set_up(tiny_weights, {"LASSIE_GO_FAST_MODE": "fp8-weight-only"})
         fields = {"prompt": "x", "num_inference_steps": 1, "megapixels": "0.25", "seed": 4, "output_format": "png",

@@ -7,17 +7,17 @@ import random
 
 import numpy as np
 import pytest
-from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
-from helpers import make_tar, running_adapters, tiny_lora
 from PIL import Image
 from safetensors.torch import save
 
 import lora_formats as forms
 from conftest import settings_for
-from lassie.errors import InputError
-from lassie.lora.cache import LoraCache
+from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
+from helpers import make_tar, running_adapters, tiny_lora
+from lassie.fetch.lora_cache import LoraCache
 from lassie.predictor import Lassie
-from lassie.request import Request
+from lassie.request.errors import InputError
+from lassie.request.plan import Request
 from lassie.settings import LoraSettings
 
 BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0.25", "seed": 5,
@@ -101,7 +101,7 @@ def test_private_addresses_are_refused_without_the_opt_in(predictor, use_setting
     use_settings(LoraSettings())
     for url in ("http://127.0.0.1:9/x.safetensors", "http://localhost:9/x.safetensors",
                 "http://[::1]:9/x.safetensors", "http://2130706433/x.safetensors", "file:///etc/passwd"):
-        with pytest.raises(InputError, match="^extra_lora: "):
+        with pytest.raises(InputError, match=r"^extra_lora: "):
             image_of(predictor, extra_lora=url)
     image_of(predictor)
 

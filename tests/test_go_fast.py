@@ -16,11 +16,10 @@ from PIL import Image
 from bench_gpu import image_psnr
 from conftest import settings_for
 from helpers import tiny_lora
-from lassie.generate import Inputs, generate
+from lassie.engine.generate import Inputs, generate
+from lassie.engine.variants import LASSIE_ADAPTER, Variant
 from lassie.predictor import Lassie
-from lassie.request import Mode, Request, make_plan
-from lassie.variants import LASSIE_ADAPTER, Variant
-
+from lassie.request.plan import Mode, Request, make_plan
 
 DEV = Variant("dev", False)
 

@@ -12,28 +12,28 @@ lora_B may change float32 rounding, hence ATOL, far below what any LoRA changes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import peft.utils.hotswap
 import pytest
 import torch
-from fake_services import services  # noqa: F401 (fixture)
 from diffusers import FluxPipeline
-from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
 from PIL import Image
 from safetensors.torch import save, save_file
 
 import lora_formats as forms
 import make_tiny_weights
 from conftest import settings_for
-from lassie.lora import adapters as lora_adapters
-from lassie.lora.adapters import slot_adapter, slot_ranks_for
-from lassie.errors import InputError
+from fake_services import services  # noqa: F401 (fixture)
+from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
+from lassie.engine import adapters as lora_adapters
+from lassie.engine.adapters import slot_adapter, slot_ranks_for
+from lassie.engine.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.predictor import Lassie
-from lassie.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
-from lassie.request import Request
+from lassie.request.errors import InputError
+from lassie.request.plan import Request
 from lassie.settings import DEFAULT_SLOT_RANKS, SLOT_RANK_ENV, Settings
 
 DEV = Variant("dev", False)
@@ -188,7 +188,7 @@ def test_switching_gives_each_request_the_image_of_a_fresh_server(slot_predictor
                 {"extra_lora": loras["a"]}, {"extra_lora": loras["b"], "go_fast": True, "model": "schnell"}]
     results = [image_of(slot_predictor, **fields) for fields in requests]
     fresh = {}
-    for fields, result in zip(requests, results):
+    for fields, result in zip(requests, results, strict=True):
         key = tuple(sorted(fields.items()))
         fresh.setdefault(key, image_of(new_slot_predictor(tiny_weights), **fields))
         assert result == fresh[key], fields

@@ -5,8 +5,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from lassie.errors import InputError
-from lassie.images import Inputs, load_inputs, load_mask, load_rgb, resized
+from lassie.request.errors import InputError
+from lassie.request.images import Inputs, load_inputs, load_mask, load_rgb, resized
 
 
 def save(image: Image.Image, path, fmt="PNG", **options):
@@ -38,7 +38,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_not_an_image_is_a_clear_error(tmp_path):
     path = tmp_path / "x.png"
     path.write_text("hello, I am text")
-    with pytest.raises(InputError, match="^image: could not be read as an image"):
+    with pytest.raises(InputError, match=r"^image: could not be read as an image"):
         load_rgb(path)
 
 
@@ -47,7 +47,7 @@ def test_truncated_image_is_a_clear_error(tmp_path):
     Image.effect_noise((256, 256), 50).convert("RGB").save(buffer, format="PNG")
     path = tmp_path / "t.png"
     path.write_bytes(buffer.getvalue()[:2000])
-    with pytest.raises(InputError, match="^image: "):
+    with pytest.raises(InputError, match=r"^image: "):
         load_rgb(path)
 
 
@@ -65,7 +65,7 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def test_decompression_bombs_are_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(30000, 30000))
-    with pytest.raises(InputError, match="^image: .*megapixels are refused"):
+    with pytest.raises(InputError, match=r"^image: .*megapixels are refused"):
         load_rgb(path)
     path.write_bytes(png_header_only(9000, 9000))
     with pytest.raises(InputError, match="megapixels are refused"):
@@ -75,7 +75,7 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path):
 def test_masks_are_greyscale_at_the_output_size(tmp_path):
     mask = resized(load_mask(save(Image.new("RGB", (100, 50), "white"), tmp_path / "m.png")), (64, 32))
     assert (mask.mode, mask.size, mask.getpixel((3, 3))) == ("L", (64, 32), 255)
-    with pytest.raises(InputError, match="^mask: "):
+    with pytest.raises(InputError, match=r"^mask: "):
         (tmp_path / "bad").write_bytes(b"nope")
         load_mask(tmp_path / "bad")
 
@@ -94,7 +94,7 @@ def test_inputs_decode_at_their_own_sizes_then_resize_together(tmp_path):
 def test_a_bad_image_is_named_before_a_bad_mask(tmp_path):
     bad = tmp_path / "bad"
     bad.write_bytes(b"nope")
-    with pytest.raises(InputError, match="^image: "):
+    with pytest.raises(InputError, match=r"^image: "):
         load_inputs(bad, bad)
-    with pytest.raises(InputError, match="^mask: "):
+    with pytest.raises(InputError, match=r"^mask: "):
         load_inputs(save(Image.new("RGB", (8, 8)), tmp_path / "i.png"), bad)

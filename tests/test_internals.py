@@ -1,5 +1,5 @@
 """Library internals live in one module, which names the versions it was checked against: an
-upgrade of any of them fails here until `lassie/internals.py` is audited and its versions bumped."""
+upgrade of any of them fails here until `lassie/engine/internals.py` is audited and its versions bumped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ast
 from importlib.metadata import version
 
 from conftest import REPO
-from lassie.internals import CHECKED_AGAINST
+from lassie.engine.internals import CHECKED_AGAINST
 
 PRIVATE_IMPORTS = ("_create_lora_config", "get_pattern_key", "set_adapters_for_text_encoder", "delete_adapter_layers")
 

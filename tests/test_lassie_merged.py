@@ -12,7 +12,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import make_tiny_weights
 import numpy as np
 import pytest
 import torch
@@ -20,14 +19,15 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-import lassie.lora.adapters as adapters_module
+import lassie.engine.adapters as adapters_module
+import make_tiny_weights
 from conftest import settings_for
 from helpers import running_adapters
-from lassie.go_fast import FastMode, quantize_transformer
+from lassie.engine.go_fast import FastMode, quantize_transformer
+from lassie.engine.variants import LASSIE_ADAPTER, MERGED_LASSIE_SCALE, Variant
 from lassie.predictor import Lassie
-from lassie.request import Mode
-from lassie.variants import LASSIE_ADAPTER, MERGED_LASSIE_SCALE, Variant
-from lassie.weights import WeightsLayout
+from lassie.request.plan import Mode
+from lassie.weights.layout import WeightsLayout
 
 DEV, DEV_FAST = Variant("dev", False), Variant("dev", True)
 MERGED = {"LASSIE_MERGE_LASSIE": "1", "LASSIE_ADAPTERS_WHEN_NEEDED": "1"}

@@ -10,13 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
 from helpers import make_lora, make_tar
-
-from lassie.errors import InputError
-from lassie.lora.cache import LoraCache
+from lassie.fetch.lora_cache import LoraCache
+from lassie.request.errors import InputError
 from lassie.settings import LoraSettings, Settings
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
 
 VERSION = "ab" * 32
 CIVITAI_SECRET = "civitai-5ecret-7f3a"
@@ -77,7 +77,7 @@ def test_replicate_token_is_sent_to_replicate(services: FakeServices, cache: Lor
 def test_replicate_tars_without_exactly_one_lora_are_refused(services: FakeServices, cache: LoraCache,
                                                              members: dict[str, bytes]) -> None:
     services.add_replicate_model("alice", "odd", make_tar(members))
-    with pytest.raises(InputError, match="Replicate model alice/odd holds (no|several) .safetensors"):
+    with pytest.raises(InputError, match=r"Replicate model alice/odd holds (no|several) .safetensors"):
         cache.fetch("alice/odd")
     assert_nothing_left_behind(cache)
 
@@ -112,7 +112,7 @@ def test_hugging_face_problems_are_explained(services: FakeServices, cache: Lora
                                              problem: str) -> None:
     services.add_hf_repo("bob/pack", {"a.safetensors": make_lora()})
     services.add_hf_repo("bob/docs", {"README.md": b"# nothing"})
-    with pytest.raises(InputError, match="^extra_lora: ") as caught:
+    with pytest.raises(InputError, match=r"^extra_lora: ") as caught:
         cache.fetch(text)
     assert problem in str(caught.value)
     assert_nothing_left_behind(cache)
@@ -122,7 +122,7 @@ def test_announced_sizes_over_the_cap_are_refused_before_downloading(services: F
     cache = reconfigured(cache, max_download_bytes=500)
     services.add_hf_repo("bob/big", {"big.safetensors": make_lora()})
     civitai_model(services)
-    with pytest.raises(InputError, match="bob/big .*: big.safetensors is 752 bytes, more than the 500 bytes allowed"):
+    with pytest.raises(InputError, match=r"bob/big .*: big.safetensors is 752 bytes, more than the 500 bytes allowed"):
         cache.fetch("huggingface.co/bob/big")
     with pytest.raises(InputError, match="CivitAI model 101 is 752 bytes, more than the 500 bytes allowed"):
         cache.fetch("civitai.com/models/101")
@@ -179,7 +179,7 @@ def test_civitai_version_ids_are_checked_against_the_model(services: FakeService
 
 def test_civitai_versions_without_safetensors_are_refused(services: FakeServices, cache: LoraCache) -> None:
     services.add_civitai_model(102, {20: [CivitaiFile("model.pt", b"\x80\x04" + bytes(64), "PickleTensor")]})
-    with pytest.raises(InputError, match="has no SafeTensor file \\(files: model.pt \\(PickleTensor\\)\\)"):
+    with pytest.raises(InputError, match=r"has no SafeTensor file \(files: model.pt \(PickleTensor\)\)"):
         cache.fetch("civitai.com/models/102")
 
 
@@ -250,7 +250,7 @@ def test_bad_payloads_are_refused_and_leave_nothing_behind(services: FakeService
                                                            problem: str) -> None:
     cache = reconfigured(cache, max_download_bytes=2048)
     url = services.serve("/files/bad.safetensors", **route)
-    with pytest.raises(InputError, match="^extra_lora: ") as caught:
+    with pytest.raises(InputError, match=r"^extra_lora: ") as caught:
         cache.fetch(url)
     assert problem in str(caught.value)
     assert_nothing_left_behind(cache)

@@ -9,20 +9,20 @@ the extra LoRA by far more than that, so a LoRA that silently loads as nothing c
 from __future__ import annotations
 
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-from helpers import dev_float_image
 from safetensors.torch import save_file
 
 import lora_formats as forms
 from conftest import settings_for
-from lassie.errors import InputError
+from helpers import dev_float_image
+from lassie.engine.variants import Variant
 from lassie.predictor import Lassie
-from lassie.variants import Variant
-from lassie.weights import WeightsLayout
+from lassie.request.errors import InputError
+from lassie.weights.layout import WeightsLayout
 
 DEV = Variant("dev", False)
 

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from lassie.errors import InputError
-from lassie.lora.sources import (
+from lassie.fetch.lora_sources import (
     CivitaiModelSource,
     CivitaiVersionSource,
     HuggingFaceSource,
@@ -16,6 +15,7 @@ from lassie.lora.sources import (
     UrlSource,
     parse_extra_lora,
 )
+from lassie.request.errors import InputError
 from lassie.settings import Settings
 
 VERSION = "5a8b6a7c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f809123"
@@ -172,6 +172,6 @@ def test_a_malformed_service_address_is_an_operator_error() -> None:
 
 
 def test_source_parsing_and_download_modules_do_not_import_torch() -> None:
-    code = "import sys, lassie.lora.sources, lassie.lora.http; print('torch' in sys.modules)"
+    code = "import sys, lassie.fetch.lora_sources, lassie.fetch.http; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from helpers import tiny_lora
-from lassie import memory as m
+from lassie.engine import memory as m
+from lassie.engine.variants import plan_warm_up, planned_graphs
 from lassie.settings import DEFAULT_SLOT_RANKS
-from lassie.variants import plan_warm_up, planned_graphs
 
 CONFIGS = REPO / "scripts" / "flux_configs"
 

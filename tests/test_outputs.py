@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lassie.outputs import PREFIX, OutputFolders, host_prefix
-from lassie.request import Request
+from lassie.request.outputs import PREFIX, OutputFolders, host_prefix
+from lassie.request.plan import Request
 
 
 @pytest.fixture

@@ -82,3 +82,13 @@ def test_every_lassie_package_is_packaged():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {path.parent.relative_to(REPO).as_posix().replace("/", ".") for path in (REPO / "lassie").rglob("__init__.py")}
     assert set(pyproject["tool"]["setuptools"]["packages"]) == packages
+
+
+def test_every_data_file_in_lassie_is_package_data():
+    """sizes.json (and any data file) ships: a wheel that lacks it fails at the first request."""
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data = {path for path in (REPO / "lassie").rglob("*") if path.is_file() and path.suffix not in {".py", ".pyc"}}
+    assert data, "lassie/request/sizes.json is expected"
+    for path in data:
+        package = path.parent.relative_to(REPO).as_posix().replace("/", ".")
+        assert any(path.match(pattern) for pattern in package_data.get(package, [])), path

@@ -18,12 +18,12 @@ from diffusers import (
     FluxInpaintPipeline,
     FluxPipeline,
 )
-from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lassie.request import Request, denoising_steps, make_plan
+from helpers import assert_equal_but_for_rounding, reference_images, run, write_compvis, write_falcon
+from lassie.request.plan import Request, denoising_steps, make_plan
 
 
 def test_txt2img_equals_diffusers_flux_pipeline_with_the_lora(predictor, reference):
@@ -73,7 +73,7 @@ def test_four_outputs_come_from_one_batched_call_and_differ(predictor, reference
     outputs = run(predictor, num_outputs=4)
     expected = reference_images(reference(FluxPipeline, lora_scale=1.0), num_images_per_prompt=4)
     assert len(outputs) == len(expected) == 4
-    for output, reference_output in zip(outputs, expected):
+    for output, reference_output in zip(outputs, expected, strict=True):
         assert_equal_but_for_rounding(output, reference_output)
     assert len({o.tobytes() for o in outputs}) == 4
 
@@ -163,7 +163,7 @@ def test_output_quality_changes_lossy_files(predictor):
 @pytest.fixture(scope="module")
 def flagging_weights(tiny_weights, tmp_path_factory):
     """A copy of the tiny weights whose CompVis checker flags everything."""
-    from lassie.weights import WeightsLayout
+    from lassie.weights.layout import WeightsLayout
 
     root = tmp_path_factory.mktemp("flagging")
     shutil.copytree(tiny_weights, root, dirs_exist_ok=True)
@@ -174,10 +174,9 @@ def flagging_weights(tiny_weights, tmp_path_factory):
 @pytest.mark.parametrize(("falcon_says", "kept"), [("nsfw", 0), ("normal", 3)])
 def test_safety_checker_drops_only_what_both_models_flag(tiny_weights, flagging_weights, falcon_says, kept):
     from conftest import settings_for
-
+    from lassie.engine.safety import AllOutputsFlaggedError
     from lassie.predictor import Lassie
-    from lassie.safety import AllOutputsFlaggedError
-    from lassie.weights import WeightsLayout
+    from lassie.weights.layout import WeightsLayout
 
     write_falcon(WeightsLayout(tiny_weights), WeightsLayout(flagging_weights), falcon_says)
     lassie = Lassie(settings_for(flagging_weights))
@@ -265,11 +264,10 @@ def test_a_bad_setting_fails_predict_py_setup_naming_the_variable(tiny_weights):
 def test_a_compile_backend_this_torch_lacks_fails_setup_naming_the_variable(tiny_weights):
     """Only the hardware's torch knows its backends: setup checks the setting against them."""
     from conftest import settings_for
-
     from lassie.predictor import Lassie
     from lassie.settings import SettingError
 
     lassie = Lassie(settings_for(tiny_weights, LASSIE_COMPILE="1", LASSIE_COMPILE_BACKEND="bogus"))
-    with pytest.raises(SettingError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
+    with pytest.raises(SettingError, match=r"LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
         lassie.setup()
     assert lassie.models is None

@@ -8,13 +8,21 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.attention_dispatch import AttentionBackendName
-from helpers import library_log
 
-from lassie.attention import CUDNN, FLASH_3, NATIVE, AttentionChoice, asked_attention, choose_attention, use_attention
-from lassie.hardware import DeviceInfo
-from lassie.models import load_models, prepare_for_speed
+from helpers import library_log
+from lassie.engine.attention import (
+    CUDNN,
+    FLASH_3,
+    NATIVE,
+    AttentionChoice,
+    asked_attention,
+    choose_attention,
+    use_attention,
+)
+from lassie.engine.hardware import DeviceInfo
+from lassie.engine.models import load_models, prepare_for_speed
 from lassie.settings import SettingError
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
 
 NONE: frozenset[str] = frozenset()
 FA3 = frozenset({"flash_attn_3"})
@@ -118,5 +126,5 @@ def test_the_default_is_native_and_an_unknown_backend_fails_setup_naming_the_var
     assert asked_attention("native", "cuda", (9, 0), frozenset({"flash_attn_3"})).backend == NATIVE
     assert asked_attention("auto", "cuda", (9, 0), frozenset({"flash_attn_3"})).backend == FLASH_3
     assert asked_attention(CUDNN, "cpu", None, frozenset()).backend == CUDNN
-    with pytest.raises(SettingError, match="LASSIE_ATTENTION_BACKEND must be auto or one of .*native.*'flashy'"):
+    with pytest.raises(SettingError, match=r"LASSIE_ATTENTION_BACKEND must be auto or one of .*native.*'flashy'"):
         asked_attention("flashy", "cuda", (9, 0), frozenset())

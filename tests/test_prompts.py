@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
-from helpers import assert_equal_but_for_rounding, library_log, reference_images, run
-from make_tiny_weights import linear_sizes, random_lora
 from safetensors.torch import save_file
 
 from conftest import settings_for
-from lassie.lora.adapters import LoraAdapters
+from helpers import assert_equal_but_for_rounding, library_log, reference_images, run
+from lassie.engine.adapters import LoraAdapters
+from lassie.engine.prompts import PromptCache, encode_prompt
 from lassie.predictor import Lassie
-from lassie.prompts import PromptCache, encode_prompt
+from make_tiny_weights import linear_sizes, random_lora
 
 LONG_PROMPT = ("a photo of a dog in the snow, " * 4000)[:100_000]
 

@@ -25,7 +25,9 @@ import safetensors.numpy
 
 from conftest import REPO
 from fake_hub import FakeHub
-from lassie.provision import (
+from lassie.settings import LoraSettings, ProvisionSettings, Settings
+from lassie.weights.layout import MissingWeightsError, WeightsLayout
+from lassie.weights.provision import (
     CorruptFileError,
     Manifest,
     ProvisionError,
@@ -34,8 +36,6 @@ from lassie.provision import (
     provision,
     provision_lassie_lora,
 )
-from lassie.settings import LoraSettings, ProvisionSettings, Settings
-from lassie.weights import MissingWeightsError, WeightsLayout
 
 DEV = "black-forest-labs/FLUX.1-dev"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -342,7 +342,7 @@ def test_bad_lora_never_replaces_a_good_one(tiny_weights: Path, tmp_path: Path) 
     manifest = Manifest(layout.manifest)
     with pytest.raises(CorruptFileError, match="not a valid safetensors file"):
         provision_lassie_lora(layout, manifest, ProvisionReport(), str(not_safetensors), verify=False)
-    with pytest.raises(ProvisionError, match="expected one lora.safetensors in the LoRA archive"):
+    with pytest.raises(ProvisionError, match=r"expected one lora.safetensors in the LoRA archive"):
         provision_lassie_lora(layout, manifest, ProvisionReport(), str(empty_archive), verify=False)
     assert layout.lassie_lora.read_bytes() == good
     assert sorted(path.name for path in layout.lassie_dir.iterdir()) == ["lora.safetensors"]

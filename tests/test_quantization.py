@@ -14,8 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torchao.utils import TorchAOBaseTensor
 
 import make_tiny_weights as tiny
-from lassie import compilation, go_fast, hardware
-from lassie.request import GO_FAST_LORA_MULTIPLIER, Request, effective_lora_scales, go_fast_applies
+from lassie.engine import compilation, go_fast, hardware
+from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Request, effective_lora_scales, go_fast_applies
 from lassie.settings import GO_FAST_MODES, CompileSettings, Settings
 
 CPU = hardware.DeviceInfo(kind="cpu")
@@ -164,7 +164,7 @@ def test_the_compile_reason_names_lassie_compile_only_where_the_operator_set_it(
 def test_compile_setting_rejects_unknown_values():
     with pytest.raises(ValueError, match="LASSIE_COMPILE must be one of 1, true, yes, on, 0, false, no, off, default"):
         compilation.compile_setting(compile_settings("maybe", None), H200)
-    with pytest.raises(ValueError, match="LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'fast'"):
+    with pytest.raises(ValueError, match=r"LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'fast'"):
         compilation.compile_setting(compile_settings("1", "fast"), H200)
 
 
@@ -245,7 +245,7 @@ def test_lora_on_the_fp8_transformer_is_exactly_the_lora_of_the_original(transfo
 
 
 def test_precision_is_logged_once_per_model_and_precision(caplog):
-    caplog.set_level(logging.INFO, logger="lassie.go_fast")
+    caplog.set_level(logging.INFO, logger="lassie.engine.go_fast")
     log = go_fast.PrecisionLog()
     plan = go_fast.plan_go_fast(A100)
     for _ in range(3):
@@ -256,7 +256,7 @@ def test_precision_is_logged_once_per_model_and_precision(caplog):
 
 
 def test_fp8_runs_are_logged_by_their_precision(caplog):
-    caplog.set_level(logging.INFO, logger="lassie.go_fast")
+    caplog.set_level(logging.INFO, logger="lassie.engine.go_fast")
     go_fast.PrecisionLog().ran("schnell", True, go_fast.plan_go_fast(H200), torch.bfloat16)
     assert "schnell with go_fast=true runs fp8 (torchao dynamic float8 activations and weights)" in caplog.text
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cog_server import CogServer
 from helpers import decode, folder_tar, tiny_lora, training_output_tar
+from lassie.weights.layout import LAYOUT_FOLDERS, WeightsLayout
 from range_server import RangeServer
-
-from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
 
 REQUEST = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "seed": 11, "megapixels": "0.25",
            "output_format": "png"}

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from lassie.bounds import BOUNDS
-from lassie.errors import InputError
-from lassie.request import Mode, Plan, Request, describe, make_plan, random_seed
+from lassie.request.bounds import BOUNDS
+from lassie.request.errors import InputError
+from lassie.request.plan import Mode, Plan, Request, describe, make_plan, random_seed
 
 PHOTO = {"image": Path("x.png"), "image_size": (600, 400)}
 """An image input as the predictor plans it: the path, and the size its decoded image has."""
@@ -53,7 +53,7 @@ def test_image_inputs_are_not_planned_without_their_size():
 
 
 def test_mask_without_image_is_a_clear_error():
-    with pytest.raises(InputError, match="^mask: .*image"):
+    with pytest.raises(InputError, match=r"^mask: .*image"):
         plan(mask=Path("m.png"))
 
 
@@ -100,7 +100,7 @@ def test_every_bound_of_the_table_is_checked(field):
 
 
 def test_custom_without_width_names_width():
-    with pytest.raises(InputError, match="^width: is required when aspect_ratio is custom"):
+    with pytest.raises(InputError, match=r"^width: is required when aspect_ratio is custom"):
         plan(aspect_ratio="custom", height=512)
 
 

@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from helpers import sample_images, write_compvis, write_falcon
-
-from lassie.hardware import DeviceInfo
-from lassie.safety import AllOutputsFlaggedError, SafetyFilter
-from lassie.weights import WeightsLayout
+from lassie.engine.hardware import DeviceInfo
+from lassie.engine.safety import AllOutputsFlaggedError, SafetyFilter
+from lassie.weights.layout import WeightsLayout
 
 CPU = DeviceInfo(kind="cpu")
 
@@ -27,7 +26,7 @@ def safety_filter(tiny_weights: Path, root: Path, compvis_flags: list[int] | str
 
 def same_images(kept: list[Image.Image], expected: list[Image.Image]) -> bool:
     """The very images expected, in their order: which were kept and how many dropped."""
-    return len(kept) == len(expected) and all(image is wanted for image, wanted in zip(kept, expected))
+    return len(kept) == len(expected) and all(image is wanted for image, wanted in zip(kept, expected, strict=True))
 
 
 def test_unmodified_tiny_models_keep_every_image(tiny_weights: Path) -> None:
@@ -39,7 +38,7 @@ def test_images_both_models_flag_are_dropped(
         tiny_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     images = sample_images()
     checker = safety_filter(tiny_weights, tmp_path, compvis_flags=[0, 2], falcon_says="nsfw")
-    with caplog.at_level(logging.INFO, logger="lassie.safety"):
+    with caplog.at_level(logging.INFO, logger="lassie.engine.safety"):
         kept = checker.filter(images)
     assert same_images(kept, [images[1], images[3]])
     assert "2 of 4 outputs flagged by CompVis, 2 of those confirmed by Falcon and dropped" in caplog.text
@@ -62,5 +61,5 @@ def test_every_output_flagged_fails_with_a_clear_message(tiny_weights: Path, tmp
     with pytest.raises(AllOutputsFlaggedError, match="All 4 outputs were flagged as NSFW") as caught:
         checker.filter(sample_images())
     assert "Try a different prompt" in str(caught.value)
-    with pytest.raises(AllOutputsFlaggedError, match="^The output was flagged as NSFW"):
+    with pytest.raises(AllOutputsFlaggedError, match=r"^The output was flagged as NSFW"):
         checker.filter(sample_images()[:1])

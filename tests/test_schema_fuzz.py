@@ -16,14 +16,14 @@ import re
 import time
 
 import pytest
-from helpers import data_uri, decode, tiny_lora
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import LORA_HOST, REPO
-from lassie import sizes
-from lassie.errors import InputError
+from helpers import data_uri, decode, tiny_lora
+from lassie.request import sizes
+from lassie.request.errors import InputError
 
 SCHEMA = json.loads((REPO / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]
 FIELDS = SCHEMA["Input"]["properties"]

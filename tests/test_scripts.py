@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import REPO
 
 # bench_gpu.py runs on GPU machines whose Python may lack the packages on purpose: its own

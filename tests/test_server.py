@@ -6,10 +6,10 @@ import base64
 import re
 
 import pytest
-from helpers import data_uri, decode, tiny_lora
 from PIL import Image
 
 from conftest import LORA_HOST
+from helpers import data_uri, decode, tiny_lora
 
 FAST = {"num_inference_steps": 1, "seed": 11}
 
@@ -60,7 +60,7 @@ def test_four_outputs_are_four_distinct_images(cog_server):
 
 
 def test_logs_tell_the_seed_size_and_timings(cog_server):
-    status, body = cog_server.predict({"prompt": "a dog", "num_inference_steps": 1, "megapixels": "0.25"})
+    _, body = cog_server.predict({"prompt": "a dog", "num_inference_steps": 1, "megapixels": "0.25"})
     assert body["status"] == "succeeded"
     assert "size 512x512" in body["logs"] and "generating took" in body["logs"]
     assert re.search(r"seed \d+", body["logs"])
@@ -120,7 +120,7 @@ def test_go_fast_serves_every_mode_with_and_without_extra_lora(cog_server, lora_
         with_lora = succeed(cog_server, go_fast=True, model=model, megapixels="0.25", output_format="png",
                             extra_lora=extra, **steps, **inputs)
         assert plain[0].tobytes() != with_lora[0].tobytes()
-    status, body = cog_server.predict({"prompt": "x", **FAST, "go_fast": True, "model": model})
+    _, body = cog_server.predict({"prompt": "x", **FAST, "go_fast": True, "model": model})
     assert "precision: float32" in body["logs"]
 
 

@@ -22,11 +22,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import data_uri, decode
 from PIL import Image
 
 from cog_server import CogServer, free_port, max_concurrency
 from conftest import REPO
+from helpers import data_uri, decode
 
 SMALLEST = {"prompt": "x", "aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1,
             "model": "schnell", "seed": 3}

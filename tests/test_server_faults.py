@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from diffusers import FluxImg2ImgPipeline
-from helpers import assert_equal_but_for_rounding, data_uri, decode, reference_images, tiny_lora
-from lora_formats import sd15_kohya_lora
 from PIL import Image
 from safetensors.torch import save
 
 from cog_server import CogServer
 from conftest import LORA_HOST, REPO
 from fake_services import FakeServices
+from helpers import assert_equal_but_for_rounding, data_uri, decode, reference_images, tiny_lora
+from lora_formats import sd15_kohya_lora
 
 TIME_LIMIT = 10  # LASSIE_LORA_DOWNLOAD_TIMEOUT of the server here: far above one small prediction
 QUICK = {"prompt": "x", "model": "schnell", "num_inference_steps": 1, "seed": 3, "output_format": "png",

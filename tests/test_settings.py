@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lassie.settings import GIB, Settings, SettingError
+from lassie.settings import GIB, SettingError, Settings
 
 
 def test_nothing_set_gives_the_documented_defaults():

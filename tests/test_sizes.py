@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from lassie import sizes
-from lassie.errors import InputError
+from lassie.request import sizes
+from lassie.request.errors import InputError
 
 SHARED_SIZES = Path(__file__).resolve().parents[2] / "shared" / "spec" / "sizes.json"
 

@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import folder_tar, tiny_lora, training_output_tar
-from range_server import RangeServer
 
 from conftest import REPO
-
-from lassie.downloads import FetchOptions
-from lassie.provision import (
+from helpers import folder_tar, tiny_lora, training_output_tar
+from lassie.fetch.storage import writable_place
+from lassie.settings import SettingError, Settings, cog_weights_value
+from lassie.weights.downloads import FetchOptions
+from lassie.weights.layout import LAYOUT_FOLDERS, WeightsLayout
+from lassie.weights.provision import (
     FETCH_LOCK,
     ProvisionError,
     ensure_weights,
@@ -31,9 +32,7 @@ from lassie.provision import (
     lassie_lora,
     provision_from_tars,
 )
-from lassie.settings import Settings, SettingError, cog_weights_value
-from lassie.storage import writable_place
-from lassie.weights import LAYOUT_FOLDERS, WeightsLayout
+from range_server import RangeServer
 
 SMALL_CHUNKS = FetchOptions(connections=4, chunk_bytes=64 * 1024, use_pget=False)
 TOP_FOLDERS = {"flux-dev": "FLUX.1-dev"}  # the others sit at the tar's root
@@ -310,8 +309,8 @@ def test_an_unwritable_default_falls_back_with_one_log_line(tmp_path: Path, capl
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     not_a_directory = tmp_path / "weights"
     not_a_directory.write_text("a file, so nothing can be created below it")
-    monkeypatch.setattr("lassie.storage.fallback_root", lambda: tmp_path / "fallback")
-    with caplog.at_level(logging.INFO, logger="lassie.storage"):
+    monkeypatch.setattr("lassie.fetch.storage.fallback_root", lambda: tmp_path / "fallback")
+    with caplog.at_level(logging.INFO, logger="lassie.fetch.storage"):
         place = writable_place("extra-LoRA cache", not_a_directory / "lora-cache")
         assert writable_place("fetched Lassie LoRA", not_a_directory / "fetched-lora").parent == place.parent
     assert place == tmp_path / "fallback" / "lora-cache" and place.is_dir()
@@ -361,6 +360,6 @@ def test_setup_fails_first_on_a_lora_cache_setting_it_cannot_write(tiny_weights:
     (tmp_path / "file").write_text("")
     lassie = Lassie(Settings.from_env({"LASSIE_WEIGHTS_DIR": str(tiny_weights),
                                        "LASSIE_LORA_CACHE": str(tmp_path / "file" / "cache")}))
-    with pytest.raises(SettingError, match="^LASSIE_LORA_CACHE must be a directory this server can write"):
+    with pytest.raises(SettingError, match=r"^LASSIE_LORA_CACHE must be a directory this server can write"):
         lassie.setup()
     assert lassie.models is None

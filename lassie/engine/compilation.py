@@ -2,7 +2,7 @@
 
 What the operator asked for is `lassie.settings.CompileSettings`; what only this machine can
 decide is here: whether torch has the asked backend, and compiling by default on CUDA GPUs only.
-Warm-up (which graphs to compile before the first request) is `lassie.variants`'s, the owner of
+Warm-up (which graphs to compile before the first request) is `lassie.engine.variants`'s, the owner of
 the transformers it runs.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lassie.hardware import DeviceInfo
+from lassie.engine.hardware import DeviceInfo
+from lassie.fetch.storage import writable_place
 from lassie.settings import (
     COMPILE_BACKEND_ENV,
     COMPILE_ENV,
@@ -28,7 +29,6 @@ from lassie.settings import (
     CompileSettings,
     SettingError,
 )
-from lassie.storage import writable_place
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None
     One graph per block class serves all 57 blocks, dev and schnell alike, which keeps compile
     time to a fraction of a whole-model compile. `dynamic=True` serves every output size and
     batch of 2 or more from one graph (batch 1 is specialised: its own graph). LoRA scales are
-    tensors (`lassie.lora.adapters`), so changing them never recompiles; the active-adapter set is
+    tensors (`lassie.engine.adapters`), so changing them never recompiles; the active-adapter set is
     guarded, one graph each. Modes are inductor's: other backends get none.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lassie.errors import InputError
-from lassie.sizes import check_mask_size
+from lassie.request.errors import InputError
+from lassie.request.sizes import check_mask_size
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from lassie.errors import InputError
-from lassie.lora.http import CHUNK_BYTES, FIELD, human_bytes
+from lassie.fetch.http import CHUNK_BYTES, FIELD, human_bytes
+from lassie.request.errors import InputError
 
 HEAD_BYTES = 256
 # What the loaders here handle. The library also reads the sub-byte F4/F6 formats, which no

@@ -33,22 +33,23 @@ import logging
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from lassie.generate import Inputs, pipeline_arguments
-from lassie.internals import FLUX_BLOCK_BATCH_DIMENSIONS
-from lassie.lora.adapters import LoraAdapters
-from lassie.memory import MemoryPlan
-from lassie.models import FluxModels
-from lassie.compilation import CompileSetting, compile_transformer
-from lassie.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
-from lassie.request import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
+from lassie.engine.adapters import LoraAdapters
+from lassie.engine.compilation import CompileSetting, compile_transformer
+from lassie.engine.generate import Inputs, pipeline_arguments
+from lassie.engine.go_fast import FastMode, GoFastPlan, OwnWeight, quantize_transformer
+from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS
+from lassie.engine.memory import MemoryPlan
+from lassie.engine.models import FluxModels
+from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
 from lassie.settings import SpeedSwitches
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def plan_warm_up(go_fast_copies: bool, slot_ranks: tuple[int, ...], when_needed:
     every request runs the same set: Lassie always, and one slot (the one holding the extra LoRA,
     else the narrowest at scale 0), so one set per slot rank. With `when_needed` (idle adapters
     off) the Lassie adapter is off or on and no slot or any one runs: 2 x (1 + slots) sets.
-    Sizes, batch sizes (`lassie.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots' contents are graph inputs.
+    Sizes, batch sizes (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slots'
+    contents are graph inputs.
     dev and schnell share their block classes and so their graphs: warming dev covers schnell.
     """
     variants = [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])

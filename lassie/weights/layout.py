@@ -40,7 +40,7 @@ def _model_files_missing(directory: Path, stem: str) -> list[Path]:
     if single.is_file():
         return missing
     if not index.is_file():
-        return missing + [single]
+        return [*missing, single]
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return missing + [directory / shard for shard in shards if not (directory / shard).is_file()]
 

@@ -19,8 +19,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from lassie.hardware import DeviceInfo
-from lassie.weights import WeightsLayout
+from lassie.engine.hardware import DeviceInfo
+from lassie.weights.layout import WeightsLayout
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class SafetyFilter:
         """The images kept, in order: every image unless both models flag it; raises when that leaves nothing."""
         flagged = [index for index, flag in enumerate(self.checker_flags(images)) if flag]
         confirmed = self.classifier_flags([images[index] for index in flagged]) if flagged else []
-        dropped = {index for index, nsfw in zip(flagged, confirmed) if nsfw}
+        dropped = {index for index, nsfw in zip(flagged, confirmed, strict=True) if nsfw}
         log.info("safety: %d of %d outputs flagged by CompVis, %d of those confirmed by Falcon and dropped",
                  len(flagged), len(images), len(dropped))
         if images and len(dropped) == len(images):

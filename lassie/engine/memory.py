@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lassie.prompts import PROMPT_CACHE_ENTRIES
-from lassie.weights import WeightsLayout
+from lassie.engine.prompts import PROMPT_CACHE_ENTRIES
+from lassie.weights.layout import WeightsLayout
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -53,7 +53,7 @@ MIN_SLOT_RANK = 32
 # Without the Lassie LoRA file (the plan made from configs alone): what a LoRA of this rank on
 # every linear takes, the most Replicate's FLUX LoRA trainer makes (rank 16 is its default).
 LASSIE_RANK_BOUND = 128
-# The prompt cache full (lassie.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
+# The prompt cache full (lassie.engine.prompts): 64 entries of 512 T5 tokens x 4096 in bf16, 4 MiB each.
 T5_HIDDEN_SIZE = 4096
 PROMPT_CACHE_BYTES = PROMPT_CACHE_ENTRIES * TEXT_TOKENS * T5_HIDDEN_SIZE * BF16_BYTES
 
@@ -138,7 +138,7 @@ def narrower_ranks(slot_ranks: tuple[int, ...]) -> tuple[int, ...] | None:
     half = slot_ranks[-1] // 2 if slot_ranks else 0
     if half < MIN_SLOT_RANK:
         return None
-    return tuple(rank for rank in slot_ranks if rank < half) + (half,)
+    return (*(rank for rank in slot_ranks if rank < half), half)
 
 
 def _candidates(quantizes: bool, slot_ranks: tuple[int, ...]) -> list[tuple[bool, bool, tuple[int, ...]]]:
@@ -194,7 +194,7 @@ def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Modu
                  safety: list[nn.Module], lassie_parameters: int | None = None) -> Footprint:
     """Counts the modules as they are (real or on the meta device), without LoRA adapters: those
     are counted per transformer (`lassie_parameters`: None is `LASSIE_RANK_BOUND` on every linear)."""
-    from lassie.go_fast import is_token_linear
+    from lassie.engine.go_fast import is_token_linear
 
     first = next(iter(transformers.values()))
     linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
@@ -225,7 +225,7 @@ class ModelConfigs:
     lassie_lora: Path | None = None  # None: sized by LASSIE_RANK_BOUND
 
     @classmethod
-    def of_layout(cls, layout: WeightsLayout) -> "ModelConfigs":
+    def of_layout(cls, layout: WeightsLayout) -> ModelConfigs:
         """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
         return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
                                  "schnell": layout.schnell_dir / "transformer" / "config.json"},
@@ -240,8 +240,15 @@ def footprint_from_configs(configs: ModelConfigs) -> Footprint:
     at full size."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import (CLIPConfig, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, ViTConfig,
-                              ViTForImageClassification)
+    from transformers import (
+        CLIPConfig,
+        CLIPTextConfig,
+        CLIPTextModel,
+        T5Config,
+        T5EncoderModel,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     with torch.device("meta"):
         transformers = {model: FluxTransformer2DModel.from_config(_read(path))

@@ -37,9 +37,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable
 
 import torch
 from diffusers import FluxPipeline
@@ -48,13 +48,13 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from lassie.errors import InputError
-from lassie.internals import (
+from lassie.engine.internals import (
     config_value,
     delete_text_encoder_adapter,
     set_text_encoder_adapters,
     transformer_lora_config,
 )
+from lassie.request.errors import InputError
 from lassie.settings import SLOT_RANK_ENV
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ class LoraAdapters:
     """The one owner of LoRA state on the loaded models.
 
     Transformers are known by a key of the caller's choosing (the variants owner uses
-    `lassie.variants.Variant`). With `slot_ranks`, LoRAs that are not pinned (the extras) go
+    `lassie.engine.variants.Variant`). With `slot_ranks`, LoRAs that are not pinned (the extras) go
     through one of each transformer's hot-swap slots; pinned ones (the Lassie LoRA) keep their own
     adapter, loaded as usual, and may be merged into a transformer's weights at one scale
     (`merge`), their adapter then running only the difference to a request's scale.

@@ -20,12 +20,12 @@ from diffusers import (
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from lassie.attention import asked_attention, installed_attention_packages, use_attention
-from lassie.hardware import DeviceInfo
-from lassie.prompts import PromptCache
-from lassie.request import Mode
+from lassie.engine.attention import asked_attention, installed_attention_packages, use_attention
+from lassie.engine.hardware import DeviceInfo
+from lassie.engine.prompts import PromptCache
+from lassie.request.plan import Mode
 from lassie.settings import DEFAULT_ATTENTION_BACKEND
-from lassie.weights import WeightsLayout
+from lassie.weights.layout import WeightsLayout
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """huggingface_hub's exceptions in words that say what to do next; never with a token in them.
 
-One mapping for both places that talk to the hub: setup fetching the weights (`lassie.provision`)
-and requests fetching an extra LoRA (`lassie.lora.sources`). Each raises its own error type.
+One mapping for both places that talk to the hub: setup fetching the weights (`lassie.weights.provision`)
+and requests fetching an extra LoRA (`lassie.fetch.lora_sources`). Each raises its own error type.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from lassie.lora.http import redact_secrets
+from lassie.fetch.http import redact_secrets
 
 HUB_ERRORS = (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, httpx2.HTTPError, OSError)
 """What a huggingface_hub call raises when the hub, the network or the disk fails it."""

@@ -1,11 +1,11 @@
 """The schema's bounds and choices, written once: predict.py's `Input(...)`, request validation and sizes read them.
 
 Pure data, no torch. The Cog server checks the bounds from the OpenAPI schema that predict.py's
-`Input(ge=..., le=..., choices=...)` produce; `lassie.request` checks the same numbers again for
-direct library use, and `lassie.sizes` takes its side limits from here. Bounds are written as the
+`Input(ge=..., le=..., choices=...)` produce; `lassie.request.plan` checks the same numbers again for
+direct library use, and `lassie.request.sizes` takes its side limits from here. Bounds are written as the
 error messages print them (0 and 1, not 0.0 and 1.0); Cog's schema shows number bounds as floats
 whatever they are written as. Aspect ratios are the one choice list not here: they are the keys of
-`sizes.json`, read by `lassie.sizes.aspect_ratios`.
+`sizes.json`, read by `lassie.request.sizes.aspect_ratios`.
 """
 
 from __future__ import annotations

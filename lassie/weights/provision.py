@@ -14,11 +14,11 @@ their recorded size is not asked about again, so a provisioned box needs no netw
 shipped without the weights (in the image) pins each repo to the commit it recorded.
 
 Without a token (Replicate gives a model none), LASSIE_WEIGHTS_URL or a folder's own URL names a
-tar for each missing layout folder instead (`lassie.downloads`: fetched at full speed, renamed
+tar for each missing layout folder instead (`lassie.weights.downloads`: fetched at full speed, renamed
 into place only when complete).
 
-The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.lora.http`,
-`lassie.lora.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
+The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.fetch.http`,
+`lassie.fetch.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
 private mirrors. At setup COG_WEIGHTS wins over LASSIE_LORA_URL, which wins over weights/lassie/.
 """
 
@@ -47,20 +47,20 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils.sha import git_hash
 
-from lassie.lora.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
-from lassie.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
-from lassie.errors import InputError
-from lassie.hub_errors import HUB_ERRORS, hub_problem
-from lassie.lora.files import (
+from lassie.fetch.files import (
     UnusableArchiveError,
     UnusableSafetensorsError,
     inspect_safetensors,
     safetensors_from_tar,
     sha256_of,
 )
+from lassie.fetch.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
+from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
+from lassie.fetch.storage import writable_place, write_problem
+from lassie.request.errors import InputError
 from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_URL_ENV, Settings
-from lassie.storage import writable_place, write_problem
-from lassie.weights import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint
+from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
+from lassie.weights.layout import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from lassie.errors import InputError
-from lassie.lora.files import sha256_of, validate_safetensors
-from lassie.lora.http import FIELD, human_bytes
-from lassie.lora.sources import LoraSource, fetch_source, parse_extra_lora, short_digest
+from lassie.fetch.files import sha256_of, validate_safetensors
+from lassie.fetch.http import FIELD, human_bytes
+from lassie.fetch.lora_sources import LoraSource, fetch_source, parse_extra_lora, short_digest
+from lassie.request.errors import InputError
 from lassie.settings import LORA_CACHE_ENV, LoraSettings
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import settings_for
 from lassie.predictor import Lassie
-from lassie.weights import MissingWeightsError, WeightsLayout
+from lassie.weights.layout import MissingWeightsError, WeightsLayout
 
 
 def test_tiny_weights_are_complete(tiny_weights):

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_lora, make_tar
 from safetensors.numpy import save
 
-from lassie.errors import InputError
-from lassie.lora.files import extract_single_safetensors, validate_safetensors
-
+from helpers import make_lora, make_tar
+from lassie.fetch.files import extract_single_safetensors, validate_safetensors
+from lassie.request.errors import InputError
 
 # --- safetensors validation ---------------------------------------------------------------------
 
@@ -143,7 +142,7 @@ def test_tars_without_exactly_one_safetensors_are_refused(tmp_path: Path, member
 
 def test_an_oversized_member_is_refused_without_extracting(tmp_path: Path) -> None:
     archive = write(tmp_path / "w.tar", make_tar({"lora.safetensors": bytes(5000)}))
-    with pytest.raises(InputError, match="larger than 4.0 KiB"):
+    with pytest.raises(InputError, match=r"larger than 4.0 KiB"):
         extract_single_safetensors(archive, tmp_path / "out", max_bytes=4096, origin="x")
     assert not (tmp_path / "out").exists()
 

@@ -1,6 +1,6 @@
 """go_fast: which precision a go_fast request runs on this hardware, and building the go_fast copies.
 
-The decision is pure (`plan_go_fast` on a `lassie.hardware.DeviceInfo`), so every hardware case
+The decision is pure (`plan_go_fast` on a `lassie.engine.hardware.DeviceInfo`), so every hardware case
 is unit-tested on CPU.
 
 - CUDA compute capability >= 8.9 (L4, L40S, 4090, H100, H200, B200): torchao dynamic float8
@@ -14,27 +14,27 @@ is unit-tested on CPU.
   hardware without fp8 matmul falls back as above. `fp8-weight-only` runs anywhere, CPU included,
   so CPU tests can drive the quantized path (PEFT adapters on torchao weights) end to end.
 
-What stays resident (the go_fast copies, the slot's rank, VAE slicing) is `lassie.memory`'s plan,
+What stays resident (the go_fast copies, the slot's rank, VAE slicing) is `lassie.engine.memory`'s plan,
 computed from the modules' sizes and the GPU's memory.
 
 PEFT LoRA on the fp8 transformer (see docs/go_fast.md for the experiments): PEFT wraps a linear
 whose weight is a torchao tensor in `TorchaoLoraLinear`; the base matmul stays fp8 and the LoRA
 path runs in the activations' dtype, so scales are exact. Merging (`fuse_lora`) is impossible
 there (no re-quantization recipe): adapters stay unfused. The Lassie LoRA is merged before
-quantizing instead (`own_weight` of `quantize_transformer`, see `lassie.variants`).
+quantizing instead (`own_weight` of `quantize_transformer`, see `lassie.engine.variants`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
 
 import torch
 from torch import nn
 
-from lassie.hardware import DeviceInfo
+from lassie.engine.hardware import DeviceInfo
 from lassie.settings import GO_FAST_MODE_ENV
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Pure and torch-free: every decision about a prediction (mode, size, steps, seed, effective LoRA
 scales, precision) is made here, so it is testable without models and logged in one place.
 The Cog server validates bounds from the OpenAPI schema too; checking the same table
-(`lassie.bounds`) again here keeps direct library use (tests, benchmarks, `cog predict` on old CLIs)
+(`lassie.request.bounds`) again here keeps direct library use (tests, benchmarks, `cog predict` on old CLIs)
 just as safe.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
-from lassie import sizes
-from lassie.bounds import BOUNDS, CHOICES
-from lassie.errors import InputError
+from lassie.request import sizes
+from lassie.request.bounds import BOUNDS, CHOICES
+from lassie.request.errors import InputError
 
 SCHNELL_MAX_STEPS = 4
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
@@ -159,7 +159,7 @@ def _check_range(field: str, value: float) -> None:
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...] | None = None) -> None:
-    """`allowed` defaults to the field's choices in `lassie.bounds`."""
+    """`allowed` defaults to the field's choices in `lassie.request.bounds`."""
     allowed = CHOICES[field] if allowed is None else allowed
     if value not in allowed:
         raise InputError(field, f"must be one of {', '.join(allowed)}, got {value!r}")

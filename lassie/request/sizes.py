@@ -9,8 +9,8 @@ import json
 from functools import cache
 from pathlib import Path
 
-from lassie.bounds import BOUNDS, CHOICES, SIDE
-from lassie.errors import InputError
+from lassie.request.bounds import BOUNDS, CHOICES, SIDE
+from lassie.request.errors import InputError
 
 SIZE_MULTIPLE = 16
 CUSTOM = "custom"
@@ -26,7 +26,7 @@ def size_table() -> dict[str, dict[str, tuple[int, int]]]:
 
 
 def aspect_ratios() -> tuple[str, ...]:
-    return tuple(size_table()["1"]) + (CUSTOM,)
+    return (*size_table()["1"], CUSTOM)
 
 
 def round_to_multiple(value: float, multiple: int = SIZE_MULTIPLE) -> int:

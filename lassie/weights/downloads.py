@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lassie.lora.http import ProgressLog, human_bytes, redact_url
+from lassie.fetch.http import ProgressLog, human_bytes, redact_url
 
 log = logging.getLogger(__name__)
 

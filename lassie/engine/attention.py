@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
-from lassie.internals import CUDNN_ATTENTION, FLASH_3_ATTENTION
+from lassie.engine.internals import CUDNN_ATTENTION, FLASH_3_ATTENTION
 from lassie.quiet import dropping
 from lassie.settings import ATTENTION_AUTO, ATTENTION_BACKEND_ENV, SettingError
 

@@ -4,7 +4,7 @@
 redirect) must land on a public address, and the connection goes to exactly the address that was
 checked (a second DNS answer cannot swap in 127.0.0.1). Tokens belong to one service origin and
 never follow a redirect elsewhere; URLs are shown without their query strings, because signed URLs
-carry secrets there. What was fetched is checked in `lassie.lora.files`.
+carry secrets there. What was fetched is checked in `lassie.fetch.files`.
 
 Every bound, exception and token comes from the operator's `LoraSettings`; nothing here reads the
 environment.
@@ -32,7 +32,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 
 from huggingface_hub.utils import tqdm
 
-from lassie.errors import InputError
+from lassie.request.errors import InputError
 from lassie.settings import ALLOW_PRIVATE_ENV, LORA_DOWNLOAD_TIMEOUT_ENV, MAX_LORA_BYTES_ENV, LoraSettings
 
 FIELD = "extra_lora"

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path, PurePath
 
-from lassie.errors import InputError
+from lassie.request.errors import InputError
 
 ALLOWED = "an http(s) URL or a data URI; paths on the server's disk are refused"
 

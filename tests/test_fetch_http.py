@@ -15,23 +15,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from fake_services import FakeServices, forbid_non_loopback
 from helpers import make_lora
-
-from lassie.lora.http import (
+from lassie.fetch.http import (
     MIB,
     AddressRule,
     Credential,
     DownloadLimits,
+    ProgressLog,
     address_refusal,
     allowed_addresses,
     download_file,
     fetch_json,
     parse_ip_literal,
-    ProgressLog,
     redact_url,
 )
-from lassie.errors import InputError
+from lassie.request.errors import InputError
 from lassie.settings import Settings
 
 SECRET = "civ-token-5ec7e7-do-not-log"
@@ -152,7 +152,7 @@ def fake_resolver(monkeypatch: pytest.MonkeyPatch, *answers: list[str]) -> list[
 
 def test_a_name_with_any_internal_answer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_resolver(monkeypatch, ["93.184.216.34", "127.0.0.1"])
-    with pytest.raises(InputError, match="refusing to fetch from two-faced.example \\(which is 127.0.0.1\\)"):
+    with pytest.raises(InputError, match=r"refusing to fetch from two-faced.example \(which is 127.0.0.1\)"):
         allowed_addresses("two-faced.example", 443, AddressRule())
 
 
@@ -211,7 +211,7 @@ def test_redirect_loops_end_with_a_clear_error(services: FakeServices, tmp_path:
 def test_a_declared_size_over_the_cap_is_refused_before_the_body(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/big.safetensors", b"x" * 5000)
     limits = DownloadLimits(max_bytes=4096, rule=AddressRule(allow_all=True))
-    with pytest.raises(InputError, match="larger than the 4.0 KiB allowed for a LoRA \\(LASSIE_MAX_LORA_BYTES\\)"):
+    with pytest.raises(InputError, match=r"larger than the 4.0 KiB allowed for a LoRA \(LASSIE_MAX_LORA_BYTES\)"):
         download_file(url, tmp_path / "out", limits=limits)
     assert not (tmp_path / "out").exists()
 
@@ -219,7 +219,7 @@ def test_a_declared_size_over_the_cap_is_refused_before_the_body(services: FakeS
 def test_the_cap_is_enforced_while_streaming_when_no_size_is_declared(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/big.safetensors", b"x" * (3 * 1024 * 1024), send_length=False)
     limits = DownloadLimits(max_bytes=1024 * 1024, rule=AddressRule(allow_all=True))
-    with pytest.raises(InputError, match="larger than the 1.0 MiB allowed"):
+    with pytest.raises(InputError, match=r"larger than the 1.0 MiB allowed"):
         download_file(url, tmp_path / "out", limits=limits)
     assert (tmp_path / "out").stat().st_size <= 1024 * 1024
 
@@ -277,7 +277,7 @@ def test_fetch_json_reads_an_api_answer_and_refuses_html(services: FakeServices)
 
 
 def test_large_downloads_log_their_progress_by_tenths(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     with ProgressLog(total=100 * MIB, desc=redact_url(f"https://example.com/big.safetensors?sig={SECRET}"),
                      unit="B") as progress:
         for _ in range(25):
@@ -292,7 +292,7 @@ def test_progress_is_logged_while_library_progress_bars_are_off(caplog: pytest.L
     progress log still counts and logs."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     disable_progress_bars()
     try:
         with ProgressLog(total=100 * MIB, desc="https://example.com/big.safetensors", unit="B") as progress:
@@ -304,7 +304,7 @@ def test_progress_is_logged_while_library_progress_bars_are_off(caplog: pytest.L
 
 
 def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     with ProgressLog(total=10 * MIB, desc="https://example.com/small.safetensors", unit="B") as progress:
         for _ in range(10):
             progress.update(MIB)
@@ -313,7 +313,7 @@ def test_small_downloads_do_not_log_progress(caplog: pytest.LogCaptureFixture) -
 
 def test_progress_of_anything_but_bytes_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
     """huggingface_hub also counts files with its tqdm_class: those counts are no download size."""
-    caplog.set_level(logging.INFO, logger="lassie.lora.http")
+    caplog.set_level(logging.INFO, logger="lassie.fetch.http")
     with ProgressLog(total=200 * MIB, desc="Fetching 3 files", unit="it") as progress:
         progress.update(200 * MIB)
     assert caplog.records == []

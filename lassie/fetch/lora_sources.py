@@ -21,10 +21,8 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.hf_api import RepoFile
 
-from lassie.errors import InputError
-from lassie.hub_errors import HUB_ERRORS, hub_problem
-from lassie.lora.files import unpack_if_tar
-from lassie.lora.http import (
+from lassie.fetch.files import unpack_if_tar
+from lassie.fetch.http import (
     FIELD,
     Credential,
     DownloadLimits,
@@ -33,6 +31,8 @@ from lassie.lora.http import (
     human_bytes,
     redact_url,
 )
+from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
+from lassie.request.errors import InputError
 from lassie.settings import MAX_LORA_BYTES_ENV, LoraSettings
 
 ACCEPTED_FORMS = (

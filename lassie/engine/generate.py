@@ -6,9 +6,9 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
-from lassie.images import Inputs
-from lassie.prompts import PromptCache, PromptEmbeddings, encode_prompt
-from lassie.request import Mode, Plan
+from lassie.engine.prompts import PromptCache, PromptEmbeddings, encode_prompt
+from lassie.request.images import Inputs
+from lassie.request.plan import Mode, Plan
 
 
 def generator_for(seed: int) -> torch.Generator:
