@@ -258,7 +258,7 @@ def test_with_cog_weights_the_weights_directory_needs_no_lassie_folder(tiny_weig
 HOLD_THE_FETCH_LOCK = """
 import sys
 from pathlib import Path
-from lassie.provision import fetch_lock
+from lassie.weights.provision import fetch_lock
 with fetch_lock(Path(sys.argv[1])):
     print("held", flush=True)
     sys.stdin.read()  # until the test closes it
