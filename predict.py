@@ -161,5 +161,8 @@ class Predictor(BasePredictor):
             extra_lora_scale=extra_lora_scale,
         )
         prepared = await self.runner.run_aside(partial(self.lassie.prepare, request))
-        paths = await self.runner.run(partial(self.lassie.predict_prepared, prepared))
+        try:
+            paths = await self.runner.run(partial(self.lassie.predict_prepared, prepared))
+        finally:  # done, failed, or cancelled while it waited in line or ran
+            prepared.release()
         return [Path(path) for path in paths]

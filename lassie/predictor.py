@@ -21,27 +21,35 @@ from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memo
 from lassie.engine.models import FluxModels, load_models, prepare_for_speed
 from lassie.engine.safety import SafetyFilter
 from lassie.engine.variants import TransformerVariants, Variant
-from lassie.fetch.lora_cache import LoraCache
+from lassie.fetch.lora_cache import HeldLora, LoraCache
+from lassie.fetch.lora_sources import identify
 from lassie.fetch.storage import writable_place
 from lassie.quiet import no_progress_bars
 from lassie.request.encoding import save_images
-from lassie.request.errors import InputError
+from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.request.images import Inputs, load_inputs
 from lassie.request.outputs import OutputFolders
 from lassie.request.plan import Plan, Request, checked, describe, make_plan
 from lassie.settings import DEFAULT_SLOT_RANKS, LORA_CACHE_ENV, Settings
+from lassie.weights.lassie_lora import resolve
 from lassie.weights.layout import WeightsLayout
-from lassie.weights.provision import ensure_weights, lassie_lora
+from lassie.weights.provision import ensure_weights
 
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA on disk."""
+    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA (its
+    identity, parsed once, and its file, held in the cache until `release`)."""
 
     plan: Plan
     inputs: Inputs
-    extra_lora_file: Path | None
+    extra_lora: HeldLora | None
+
+    def release(self) -> None:
+        """The request has ended (done, failed or cancelled): its extra LoRA may be evicted again."""
+        if self.extra_lora is not None:
+            self.extra_lora.release()
 
 
 @contextmanager
@@ -73,16 +81,16 @@ class Lassie:
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
-        lassie = lassie_lora(self.layout, self.settings)
+        lassie = resolve(self.layout, self.settings)  # the one file everything below uses
         hardware = query_device()
         self._device = hardware
         go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
         log.info("go_fast plan: %s; compile: %s", go_fast.reason, compiling.reason)
         slot_ranks = slot_ranks_for(self.settings.slot_ranks, compiling.enabled, DEFAULT_SLOT_RANKS)
-        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None,
-                             footprint_from_configs(ModelConfigs.of_layout(self.layout)), go_fast.quantizes, slot_ranks,
-                             self.settings.speed.prompt_cache)
+        footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
+        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint, go_fast.quantizes,
+                             slot_ranks, self.settings.speed.prompt_cache)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into the narrowest slot that fits ({ranks_text(memory.slot_ranks)})"
                  if memory.slot_ranks else "one adapter each")
@@ -102,7 +110,7 @@ class Lassie:
         if compile_cache:
             compile_cache.save()
         self.lora_cache = LoraCache(self.settings.lora, lora_cache_dir)
-        log.info("ready; Lassie LoRA %s; trigger word: %r", lassie.path, lassie.trigger_word)
+        log.info("ready; Lassie LoRA %s from %s; trigger word: %r", lassie.path, lassie.origin, lassie.trigger_word)
 
     def prepare(self, request: Request) -> Prepared:
         """Everything before the GPU, in this order: fields checked, images decoded, the plan made
@@ -110,7 +118,8 @@ class Lassie:
         before any download.
 
         None of it touches the GPU and the fetch may wait on the network: predict.py runs it outside
-        the one-at-a-time line, so a slow download holds up no other request."""
+        the one-at-a-time line, so a slow download holds up no other request. The caller releases
+        the result when the request ends."""
         request = checked(request)
         with timed("reading inputs"):
             decoded = load_inputs(request.image, request.mask)
@@ -120,25 +129,28 @@ class Lassie:
         log.info("%s", describe(plan))
         return Prepared(plan, inputs, self._fetch_extra_lora(plan))
 
-    def _fetch_extra_lora(self, plan: Plan) -> Path | None:
+    def _fetch_extra_lora(self, plan: Plan) -> HeldLora | None:
         if not plan.extra_lora:
             return None
+        lora = identify(plan.extra_lora)
         with timed("fetching the extra LoRA"):
-            return self.lora_cache.fetch(plan.extra_lora)
+            return self.lora_cache.hold(lora)
 
     def predict(self, request: Request) -> list[Path]:
         """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
-        return self.predict_prepared(self.prepare(request))
+        prepared = self.prepare(request)
+        try:
+            return self.predict_prepared(prepared)
+        finally:
+            prepared.release()
 
     def predict_prepared(self, prepared: Prepared) -> list[Path]:
-        """The GPU's part of a prediction, from what `prepare` gave."""
+        """The GPU's part of a prediction, from what `prepare` gave (its extra LoRA's file is held:
+        nothing is fetched here)."""
         plan, inputs = prepared.plan, prepared.inputs
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
-            # Fetched while earlier predictions ran, so another request's fetch may have evicted it since.
-            fetched = prepared.extra_lora_file
-            extra = fetched if fetched is None or fetched.is_file() else self._fetch_extra_lora(plan)
-            transformer = self._ready(variant, plan, extra)
+            transformer = self._ready(variant, plan, prepared.extra_lora)
         self._log_precision(plan)
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
@@ -149,13 +161,15 @@ class Lassie:
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._outputs.fresh())
 
-    def _ready(self, variant: Variant, plan: Plan, extra: Path | None) -> torch.nn.Module:
-        """The transformer with the plan's LoRAs; an extra LoRA refused for its content leaves the cache."""
+    def _ready(self, variant: Variant, plan: Plan, extra: HeldLora | None) -> torch.nn.Module:
+        """The transformer with the plan's LoRAs, the extra one under its cache key as adapter name;
+        an extra LoRA refused for its content leaves the cache."""
         try:
-            return self.variants.ready(variant, plan.lora_scale, extra, plan.extra_lora_scale)
+            return self.variants.ready(variant, plan.lora_scale, None if extra is None else (extra.lora.key, extra.path),
+                                       plan.extra_lora_scale)
         except InputError as error:
-            if extra is not None and error.field == "extra_lora":
-                self.lora_cache.forget(plan.extra_lora)
+            if extra is not None and error.field == EXTRA_LORA_FIELD:
+                self.lora_cache.forget(extra)
             raise
 
     def _log_precision(self, plan: Plan) -> None:

@@ -14,7 +14,9 @@ import lora_formats as forms
 from conftest import settings_for
 from fake_services import CivitaiFile, FakeServices, services  # noqa: F401 (fixture)
 from helpers import make_tar, running_adapters, tiny_lora
+from lassie.fetch import lora_cache, lora_sources
 from lassie.fetch.lora_cache import LoraCache
+from lassie.fetch.lora_sources import identify
 from lassie.predictor import Lassie
 from lassie.request.errors import InputError
 from lassie.request.plan import Request
@@ -26,6 +28,10 @@ BASE = {"prompt": "a photo of LSSIE", "num_inference_steps": 1, "megapixels": "0
 
 def image_of(predictor: Lassie, **fields) -> np.ndarray:
     (path,) = predictor.predict(Request(**{**BASE, **fields}))
+    return decoded(path)
+
+
+def decoded(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
@@ -153,3 +159,75 @@ def test_no_bleed_across_a_random_sequence_of_requests(predictor, tiny_weights, 
             fresh_results[key] = outcome(fresh, fields)
         assert outcome(predictor, fields) == fresh_results[key], fields
     assert any(isinstance(result, str) for result in fresh_results.values())
+
+
+@pytest.fixture
+def evicting_cache(predictor, services, tmp_path, monkeypatch) -> LoraCache:
+    """A cache of its own for the session predictor that evicts every LoRA it may after each fetch."""
+    cache = LoraCache(services.settings(min_free_bytes=10**18), tmp_path / "evicting-cache")
+    monkeypatch.setattr(predictor, "lora_cache", cache)
+    return cache
+
+
+def cached_keys(cache: LoraCache) -> list[str]:
+    return [path.stem for path in cache.cached_files()]
+
+
+def test_the_extra_lora_string_is_parsed_once_per_request(predictor, services, monkeypatch):
+    """Also when its LoRA is refused on the GPU and leaves the cache: that uses the request's key."""
+    parsed, parse = [], lora_sources.parse_extra_lora
+
+    def counting(text: str):
+        parsed.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(lora_sources, "parse_extra_lora", counting)
+    monkeypatch.setattr(lora_cache, "parse_extra_lora", counting, raising=False)
+    url = services.serve("/once/sd15.safetensors", save(forms.sd15_kohya_lora()))
+    with pytest.raises(InputError, match=r"^extra_lora: "):
+        image_of(predictor, extra_lora=url)
+    assert parsed == [url]
+    assert identify(url).key not in cached_keys(predictor.lora_cache)
+
+
+def test_an_extra_lora_s_adapter_is_named_by_its_cache_key(predictor, services):
+    url = services.serve("/by-key/lora.safetensors", tiny_lora(26))
+    image_of(predictor, extra_lora=url)
+    key = identify(url).key
+    assert key in cached_keys(predictor.lora_cache)
+    assert predictor.variants.adapters.names() == ["lassie", key]
+    assert running_adapters(predictor.models.transformers["dev"]) == {"lassie", key}
+
+
+def test_a_lora_evicted_between_prepare_and_the_gpu_is_used_without_a_second_fetch(predictor, services,
+                                                                                    evicting_cache):
+    lora = tiny_lora(27)
+    expected = image_of(predictor, extra_lora=services.serve("/held/reference.safetensors", lora))
+    url = services.serve("/held/lora.safetensors", lora)
+    other_url = services.serve("/held/other.safetensors", tiny_lora(28))
+    first = predictor.prepare(Request(**BASE, extra_lora=url))
+    other = predictor.prepare(Request(**BASE, extra_lora=other_url))  # its fetch evicts all nobody holds
+    assert sorted(cached_keys(evicting_cache)) == sorted([identify(url).key, identify(other_url).key])
+    (path,) = predictor.predict_prepared(first)
+    assert np.array_equal(decoded(path), expected)
+    assert services.count("/held/lora.safetensors") == 1
+    first.release()
+    other.release()
+
+
+def test_a_request_releases_its_extra_lora_when_it_ends_done_or_failed(predictor, services, evicting_cache,
+                                                                       monkeypatch):
+    prepared, prepare = [], predictor.prepare
+    monkeypatch.setattr(predictor, "prepare", lambda request: prepared.append(prepare(request)) or prepared[-1])
+    done = services.serve("/released/done.safetensors", tiny_lora(29))
+    image_of(predictor, extra_lora=done)
+    failed = services.serve("/released/failed.safetensors", tiny_lora(30))
+    with monkeypatch.context() as patch:
+        patch.setattr(predictor.variants, "run", lambda variant, call: (_ for _ in ()).throw(RuntimeError("GPU fault")))
+        with pytest.raises(RuntimeError, match="GPU fault"):
+            image_of(predictor, extra_lora=failed)
+    assert cached_keys(evicting_cache) == [identify(failed).key]  # the failed request's LoRA, unheld now
+    last = services.serve("/released/last.safetensors", tiny_lora(31))
+    image_of(predictor, extra_lora=last)
+    assert len(prepared) == 3  # each kept alive here: only an explicit release lets eviction take its file
+    assert cached_keys(evicting_cache) == [identify(last).key]

@@ -119,15 +119,16 @@ def test_member_names_never_choose_where_data_is_written(tmp_path: Path) -> None
     archive_dir = tmp_path / "deep" / "er"
     archive_dir.mkdir(parents=True)
     archive = write(archive_dir / "w.tar", make_tar({"../../escape.safetensors": make_lora()}))
-    extract_single_safetensors(archive, archive_dir / "out", max_bytes=10**6, origin="x")
-    assert (archive_dir / "out").exists()
+    with pytest.raises(InputError, match=r'x holds a member whose name leaves its folder, "\.\./\.\./escape\.safetensors"'):
+        extract_single_safetensors(archive, archive_dir / "out", max_bytes=10**6, origin="x")
     assert not (tmp_path / "escape.safetensors").exists()
-    assert sorted(path.name for path in archive_dir.iterdir()) == ["out", "w.tar"]
+    assert sorted(path.name for path in archive_dir.iterdir()) == ["w.tar"]
 
 
 @pytest.mark.parametrize(("members", "links", "problem"), [
     ({"captions.txt": b"a dog"}, None, "holds no .safetensors file (it holds: captions.txt)"),
-    ({}, {"lora.safetensors": "/etc/passwd"}, "holds no .safetensors file"),
+    ({}, {"lora.safetensors": "/etc/passwd"},
+     'holds a symbolic link, "lora.safetensors"; only regular files and folders are unpacked'),
     ({"a.safetensors": make_lora(1), "b/c.safetensors": make_lora(2)}, None,
      "holds several .safetensors files (a.safetensors, b/c.safetensors); expected one"),
 ])
@@ -142,7 +143,7 @@ def test_tars_without_exactly_one_safetensors_are_refused(tmp_path: Path, member
 
 def test_an_oversized_member_is_refused_without_extracting(tmp_path: Path) -> None:
     archive = write(tmp_path / "w.tar", make_tar({"lora.safetensors": bytes(5000)}))
-    with pytest.raises(InputError, match=r"larger than 4.0 KiB"):
+    with pytest.raises(InputError, match=r"x holds more than 4\.0 KiB of files"):
         extract_single_safetensors(archive, tmp_path / "out", max_bytes=4096, origin="x")
     assert not (tmp_path / "out").exists()
 
@@ -150,5 +151,5 @@ def test_an_oversized_member_is_refused_without_extracting(tmp_path: Path) -> No
 @pytest.mark.parametrize("payload", [b"this is not a tar at all" * 40,
                                      make_tar({"lora.safetensors": make_lora()})[:700]])
 def test_broken_archives_are_refused(tmp_path: Path, payload: bytes) -> None:
-    with pytest.raises(InputError, match="not a readable tar archive"):
+    with pytest.raises(InputError, match=r'not a readable tar archive|ends inside "lora\.safetensors": it was cut short'):
         extract_single_safetensors(write(tmp_path / "w.tar", payload), tmp_path / "out", max_bytes=10**6, origin="x")

@@ -13,6 +13,7 @@ from lassie.fetch.lora_sources import (
     HuggingFaceSource,
     ReplicateSource,
     UrlSource,
+    identify,
     parse_extra_lora,
 )
 from lassie.request.errors import InputError
@@ -123,6 +124,15 @@ def test_refusal_never_repeats_credentials_from_the_url() -> None:
 ])
 def test_equivalent_forms_share_one_cache_key(same: tuple[str, ...]) -> None:
     assert len({parse_extra_lora(text).cache_key for text in same}) == 1
+    assert len({identify(text) for text in same}) == 1
+
+
+def test_a_lora_s_one_key_is_hex_digits_a_valid_adapter_and_module_name() -> None:
+    """The key names the cache files and the PEFT adapter: a module name cannot hold a dot."""
+    lora = identify("https://cdn.example.com/lora.safetensors?X-Amz-Signature=topsecret")
+    assert lora.source == parse_extra_lora("https://cdn.example.com/lora.safetensors?X-Amz-Signature=topsecret")
+    assert len(lora.key) == 40 and set(lora.key) <= set("0123456789abcdef")
+    assert identify("https://cdn.example.com/lora.safetensors?X-Amz-Signature=other").key != lora.key
 
 
 def test_different_sources_have_different_cache_keys() -> None:

@@ -271,3 +271,75 @@ def test_a_compile_backend_this_torch_lacks_fails_setup_naming_the_variable(tiny
     with pytest.raises(SettingError, match=r"LASSIE_COMPILE_BACKEND must be one of .*aot_eager.*, got 'bogus'"):
         lassie.setup()
     assert lassie.models is None
+
+
+PREDICT_PY_RELEASES = '''
+import asyncio, dataclasses, threading
+import predict
+from lassie.request.plan import Request
+from lassie.serial import SerialRunner
+
+class Interrupted(BaseException):
+    pass
+
+class Prepared:  # stands in for lassie's: only `release` matters here
+    def __init__(self):
+        self.released = 0
+    def release(self):
+        self.released += 1
+
+class FakeLassie:
+    def __init__(self, outcome):
+        self.outcome, self.prepared, self.made = outcome, [], threading.Event()
+    def prepare(self, request):
+        self.prepared.append(Prepared())
+        self.made.set()
+        return self.prepared[-1]
+    def predict_prepared(self, prepared):
+        if self.outcome == "failed":
+            raise RuntimeError("GPU fault")
+        assert self.outcome == "done", "a request cancelled in line never runs"
+        return []
+
+async def request(outcome):
+    predictor = predict.Predictor()
+    predictor.runner, predictor.lassie = SerialRunner(interrupt=Interrupted), FakeLassie(outcome)
+    fields = {field.name: field.default for field in dataclasses.fields(Request) if field.name != "prompt"}
+    gate = threading.Event()
+    line = asyncio.ensure_future(predictor.runner.run(lambda: gate.wait(60)))  # the GPU busy with another
+    if outcome != "cancelled":
+        gate.set()
+    task = asyncio.ensure_future(predictor.predict(prompt="a dog", **fields))
+    for _ in range(500):
+        if predictor.lassie.made.is_set():
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the request now waits in line
+    if outcome == "cancelled":
+        task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, RuntimeError) as error:
+        print(outcome, type(error).__name__)
+    gate.set()
+    await line
+    print(outcome, [prepared.released for prepared in predictor.lassie.prepared])
+
+for outcome in ("done", "failed", "cancelled"):
+    asyncio.run(request(outcome))
+'''
+
+
+def test_predict_py_releases_a_request_s_extra_lora_when_it_ends_done_failed_or_cancelled():
+    """The hold on an extra LoRA's cached file ends with the request, also one cancelled in line."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", PREDICT_PY_RELEASES], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["done [1]", "failed RuntimeError", "failed [1]",
+                                          "cancelled CancelledError", "cancelled [1]"]

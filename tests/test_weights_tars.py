@@ -6,7 +6,6 @@ while announcing its full length, as a dropped connection does.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import subprocess
@@ -18,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from helpers import folder_tar, tiny_lora, training_output_tar
-from lassie.fetch.storage import writable_place
+from helpers import folder_tar, training_output_tar
 from lassie.settings import SettingError, Settings, cog_weights_value
 from lassie.weights.downloads import FetchOptions
 from lassie.weights.layout import LAYOUT_FOLDERS, WeightsLayout
@@ -29,7 +27,6 @@ from lassie.weights.provision import (
     ensure_weights,
     fetch_lock,
     fetch_missing_folders,
-    lassie_lora,
     provision_from_tars,
 )
 from range_server import RangeServer
@@ -214,40 +211,10 @@ def test_download_weights_in_tar_mode_says_verify_does_not_apply_and_records_no_
 # --- the Lassie LoRA from COG_WEIGHTS ------------------------------------------------------------
 
 
-def test_cog_weights_tar_is_fetched_once_with_its_trigger_word(tiny_weights: Path, tmp_path: Path) -> None:
-    lora = WeightsLayout(tiny_weights).lassie_lora.read_bytes()
-    layout = WeightsLayout(tmp_path / "weights")
-    with RangeServer() as server:
-        url = server.serve("/trained_model.tar", training_output_tar(lora, "ZWX"))
-        settings = Settings.from_env({"LASSIE_LORA_URL": "http://127.0.0.1:9/never.tar"}, cog_weights=url)
-        first = lassie_lora(layout, settings)
-        again = lassie_lora(layout, settings)
-        assert server.count("/trained_model.tar") == 1
-    assert first == again and first.trigger_word == "ZWX"
-    assert first.path.read_bytes() == lora
-    assert first.path.parent.parent == layout.root / "fetched-lora"
-
-
-def test_cog_weights_wins_over_the_lora_in_the_weights_directory(tiny_weights: Path, tmp_path: Path) -> None:
-    layout = WeightsLayout(tmp_path / "weights")
-    layout.lassie_dir.mkdir(parents=True)
-    layout.lassie_lora.write_bytes(tiny_lora(seed=99))
-    chosen = tmp_path / "lora.safetensors"
-    chosen.write_bytes(WeightsLayout(tiny_weights).lassie_lora.read_bytes())
-    resolved = lassie_lora(layout, Settings.from_env({"LASSIE_TRIGGER_WORD": "LSSIE"}, cog_weights=str(chosen)))
-    assert resolved.path.read_bytes() == chosen.read_bytes() and resolved.trigger_word == "LSSIE"
-    assert lassie_lora(layout, Settings.from_env({}, cog_weights="weights")).path == layout.lassie_lora
-
-
 @pytest.mark.parametrize(("value", "expected"), [(None, None), ("", None), ("weights", None), (" https://x/y.tar ",
                                                                                              "https://x/y.tar")])
 def test_cog_weights_values(value: str | None, expected: str | None) -> None:
     assert cog_weights_value(value) == expected
-
-
-def test_a_missing_local_cog_weights_file_fails_naming_the_variable(tmp_path: Path) -> None:
-    with pytest.raises(ProvisionError, match="COG_WEIGHTS is neither an http"):
-        lassie_lora(WeightsLayout(tmp_path), Settings.from_env({}, cog_weights=str(tmp_path / "nothing.tar")))
 
 
 def test_with_cog_weights_the_weights_directory_needs_no_lassie_folder(tiny_weights: Path, tmp_path: Path) -> None:
@@ -300,30 +267,6 @@ def test_a_boot_waiting_on_another_process_s_fetch_says_so_naming_the_lock_and_i
                                   f"(lock {lock}, held by pid {holder.pid}); ") for message in waits), waits
     assert seen_inside == [f"{os.getpid()}\n"]  # then it held the lock itself, and recorded so
     assert not recorded.exists()
-
-
-# --- where setup writes --------------------------------------------------------------------------
-
-
-def test_an_unwritable_default_falls_back_with_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    not_a_directory = tmp_path / "weights"
-    not_a_directory.write_text("a file, so nothing can be created below it")
-    monkeypatch.setattr("lassie.fetch.storage.fallback_root", lambda: tmp_path / "fallback")
-    with caplog.at_level(logging.INFO, logger="lassie.fetch.storage"):
-        place = writable_place("extra-LoRA cache", not_a_directory / "lora-cache")
-        assert writable_place("fetched Lassie LoRA", not_a_directory / "fetched-lora").parent == place.parent
-    assert place == tmp_path / "fallback" / "lora-cache" and place.is_dir()
-    assert [record.getMessage() for record in caplog.records] == [
-        f"extra-LoRA cache: {not_a_directory / 'lora-cache'} cannot be written (Not a directory); using {place}; "
-        f"whatever else setup keeps in {not_a_directory} falls back to {tmp_path / 'fallback'} too"]
-
-
-def test_an_unwritable_explicit_place_fails_naming_the_variable(tmp_path: Path) -> None:
-    not_a_directory = tmp_path / "file"
-    not_a_directory.write_text("")
-    with pytest.raises(SettingError, match="LASSIE_LORA_CACHE must be a directory this server can write"):
-        writable_place("extra-LoRA cache", tmp_path / "default", not_a_directory / "cache", "LASSIE_LORA_CACHE")
 
 
 # --- the settings --------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from lassie.engine.internals import (
     set_text_encoder_adapters,
     transformer_lora_config,
 )
-from lassie.request.errors import InputError
+from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.settings import SLOT_RANK_ENV
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ TRANSFORMER_PREFIX = "transformer."
 TEXT_ENCODER_PREFIX = "text_encoder."
 LORA_A = ".lora_A."
 LORA_B = ".lora_B."
-EXTRA_LORA_FIELD = "extra_lora"
 
 
 @dataclass
@@ -194,7 +193,7 @@ def slot_ranks_for(configured: tuple[int, ...] | None, compiled: bool,
 
 
 def slot_adapter(rank: int) -> str:
-    """The adapter name of the rank-`rank` slot (extra LoRAs outside slot mode are `extra_<digest>`)."""
+    """The adapter name of the rank-`rank` slot (extra LoRAs outside slot mode are named by their cache key)."""
     return f"slot{rank}"
 
 

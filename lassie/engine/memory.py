@@ -225,14 +225,15 @@ class ModelConfigs:
     lassie_lora: Path | None = None  # None: sized by LASSIE_RANK_BOUND
 
     @classmethod
-    def of_layout(cls, layout: WeightsLayout) -> ModelConfigs:
-        """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
+    def of_layout(cls, layout: WeightsLayout, lassie_lora: Path) -> ModelConfigs:
+        """The weights about to be loaded, so the plan is known before anything reaches the GPU;
+        `lassie_lora` is the one setup resolved (COG_WEIGHTS, LASSIE_LORA_URL or weights/lassie/)."""
         return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
                                  "schnell": layout.schnell_dir / "transformer" / "config.json"},
                    t5=layout.dev_dir / "text_encoder_2" / "config.json",
                    clip=layout.dev_dir / "text_encoder" / "config.json", vae=layout.dev_dir / "vae" / "config.json",
                    compvis=layout.compvis_dir / "config.json", falcon=layout.falcon_dir / "config.json",
-                   lassie_lora=layout.lassie_lora)
+                   lassie_lora=lassie_lora)
 
 
 def footprint_from_configs(configs: ModelConfigs) -> Footprint:

@@ -28,7 +28,6 @@ that fails leaves Lassie an adapter there, with one log line.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -116,16 +115,6 @@ def planned_graphs(runs: list[WarmUpRun]) -> int:
     return len(runs) * BLOCK_CLASSES
 
 
-def extra_adapter_name(path: Path) -> str:
-    """PEFT adapter names cannot hold dots or slashes: name extras by a digest of their cache file.
-
-    The file's size and modification time are part of it, so a re-fetched file is a new adapter.
-    """
-    stat = path.stat()
-    identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    return "extra_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
-
-
 class TransformerVariants:
     def __init__(self, models: FluxModels, go_fast_plan: GoFastPlan, compile_setting: CompileSetting,
                  memory: MemoryPlan, switches: SpeedSwitches = SpeedSwitches()) -> None:
@@ -179,16 +168,18 @@ class TransformerVariants:
     def transformer(self, variant: Variant) -> nn.Module:
         return self._go_fast_copies[variant.model] if variant.go_fast else self._models.transformers[variant.model]
 
-    def ready(self, variant: Variant, lassie_scale: float, extra: Path | None, extra_scale: float) -> nn.Module:
-        """The variant with Lassie (and `extra`) active at the given scales. A new extra LoRA
-        joins the kept ones (see `KEPT_EXTRA_LORAS`), dropping the least recently used; one that
-        fails to load leaves the previous state."""
+    def ready(self, variant: Variant, lassie_scale: float, extra: tuple[str, Path] | None,
+              extra_scale: float) -> nn.Module:
+        """The variant with Lassie (and `extra`: its adapter name, which is the LoRA's cache key, and
+        its file) active at the given scales. A new extra LoRA joins the kept ones (see `KEPT_EXTRA_LORAS`),
+        dropping the least recently used; one that fails to load leaves the previous state. A kept
+        one is used as it is: its file is not read again."""
         scales = {LASSIE_ADAPTER: lassie_scale}
         new_extra = name = None
         if extra is not None:
-            name = extra_adapter_name(extra)
+            name, path = extra
             if name not in self.adapters.names():
-                self.adapters.add(name, extra)
+                self.adapters.add(name, path)
                 new_extra = name
             scales[name] = extra_scale
         try:

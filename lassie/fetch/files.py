@@ -17,10 +17,12 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
-from lassie.fetch.http import CHUNK_BYTES, FIELD, human_bytes
+from lassie.fetch.http import FIELD, human_bytes
+from lassie.fetch.tars import TarLimits, TarRefused, checked_members, copy_data, file_is_compressed, sanitised
 from lassie.request.errors import InputError
 
 HEAD_BYTES = 256
@@ -149,9 +151,9 @@ def _coverage_problem(path: Path, size: int) -> str:
 
 def unpack_if_tar(fetched: Path, destination: Path, *, max_bytes: int, origin: str) -> Path:
     """The .safetensors a user's download stands for: a tar gives up its one .safetensors member
-    (copied to `destination`, the tar removed); anything else is taken as the file itself, which
-    the safetensors check judges next."""
-    if not tarfile.is_tarfile(fetched):
+    (copied to `destination`, the tar removed); a compressed file is refused (see `lassie.fetch.tars`);
+    anything else is taken as the file itself, which the safetensors check judges next."""
+    if not (file_is_compressed(fetched) or tarfile.is_tarfile(fetched)):
         return fetched
     extract_single_safetensors(fetched, destination, max_bytes=max_bytes, origin=origin)
     fetched.unlink()
@@ -167,56 +169,50 @@ def extract_single_safetensors(archive: Path, destination: Path, *, max_bytes: i
 
 
 def safetensors_from_tar(archive: Path, destination: Path, *, max_bytes: int) -> None:
-    """The one tar rule: copies the tar's one .safetensors member into `destination`.
-
-    Member names are only compared, never used as paths, so `../` or absolute names cannot write
-    anywhere; links and devices are ignored.
-    """
+    """The one rule for LoRA tars: the whole tar passes the tar policy (`lassie.fetch.tars`: no links,
+    no `..`, uncompressed, complete), and its one .safetensors member is copied into
+    `destination`. Member names are only compared, never used as paths."""
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            member = _single_safetensors_member(tar)
-            if member.size > max_bytes:
-                raise UnusableArchiveError(f"holds a .safetensors file larger than {human_bytes(max_bytes)}")
-            _copy_member(tar, member, destination)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise UnusableArchiveError(f"is not a readable tar archive ({type(error).__name__})") from None
+        with archive.open("rb") as source:
+            found = _copy_single_safetensors(source, destination, max_bytes)
+    except TarRefused as refusal:
+        destination.unlink(missing_ok=True)
+        raise UnusableArchiveError(str(refusal)) from None
+    except UnusableArchiveError:
+        destination.unlink(missing_ok=True)
+        raise
+    if not found.candidates:
+        raise UnusableArchiveError(f"holds no .safetensors file (it holds: {_listing(found.names)})")
 
 
-def _single_safetensors_member(tar: tarfile.TarFile) -> tarfile.TarInfo:
-    names, candidates = [], []
-    for count, member in enumerate(tar):
-        if count >= MAX_TAR_MEMBERS:
-            raise UnusableArchiveError(f"holds more than {MAX_TAR_MEMBERS} files")
-        names.append(member.name)
+@dataclass
+class _Found:
+    names: list[str]
+    candidates: list[str]
+
+
+def _copy_single_safetensors(source: BinaryIO, destination: Path, max_bytes: int) -> _Found:
+    """Reads the whole tar under the policy, copying the first .safetensors member and refusing a second."""
+    found = _Found([], [])
+    for _, member, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
+        found.names.append(sanitised(member.name))
         basename = member.name.rsplit("/", 1)[-1]
-        if member.isfile() and basename.lower().endswith(".safetensors") and not basename.startswith("._"):
-            candidates.append(member)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise UnusableArchiveError(f"holds no .safetensors file (it holds: {_listing(names)})")
-    raise UnusableArchiveError(
-        f"holds several .safetensors files ({_listing([m.name for m in candidates])}); expected one"
-    )
+        if data is None or not basename.lower().endswith(".safetensors") or basename.startswith("._"):
+            continue
+        found.candidates.append(sanitised(member.name))
+        if len(found.candidates) > 1:
+            raise UnusableArchiveError(f"holds several .safetensors files ({_listing(found.candidates)}); "
+                                       "expected one")
+        if member.size > max_bytes:
+            raise UnusableArchiveError(f"holds a .safetensors file larger than {human_bytes(max_bytes)}")
+        with destination.open("wb") as sink:
+            copy_data(data, member, sink)
+    return found
 
 
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:10]) or "nothing"
     return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
-
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
-    source = tar.extractfile(member)
-    if source is None:
-        raise tarfile.TarError("member has no data")
-    with source, destination.open("wb") as sink:
-        remaining = member.size
-        while remaining > 0:
-            chunk = source.read(min(CHUNK_BYTES, remaining))
-            if not chunk:
-                raise EOFError("archive ends inside the .safetensors member")
-            sink.write(chunk)
-            remaining -= len(chunk)
 
 
 def sha256_of(path: Path) -> str:

@@ -32,10 +32,10 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 
 from huggingface_hub.utils import tqdm
 
+from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import ALLOW_PRIVATE_ENV, LORA_DOWNLOAD_TIMEOUT_ENV, MAX_LORA_BYTES_ENV, LoraSettings
 
-FIELD = "extra_lora"
 logger = logging.getLogger(__name__)
 
 

@@ -6,6 +6,10 @@ partial or corrupted download can never be mistaken for a good LoRA. Fetches of 
 serialised by a file lock per LoRA (threads and processes alike), so concurrent requests download
 it once; a request that waits on another's download says so in the log.
 
+A request holds its LoRA from `prepare` to its end (`hold`, a shared lock per LoRA that eviction
+passes over), so a file another request's fetch would evict meanwhile is still there when the GPU
+takes it: nothing is fetched on the GPU's thread.
+
 The disk can fail the cache while it serves: full, or made read-only. A full or read-only cache
 refuses new LoRAs with an error that names the cache's variable and what to do, while LoRAs
 already in it keep serving (no lock file can be created then: fetches fall back to a lock within
@@ -15,6 +19,7 @@ this process, and the LRU clock stands still).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -24,14 +29,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from filelock import FileLock, Timeout
 
 from lassie.fetch.files import sha256_of, validate_safetensors
 from lassie.fetch.http import FIELD, human_bytes
-from lassie.fetch.lora_sources import LoraSource, fetch_source, parse_extra_lora, short_digest
+from lassie.fetch.lora_sources import ExtraLora, LoraSource, fetch_source
 from lassie.request.errors import InputError
 from lassie.settings import LORA_CACHE_ENV, LoraSettings
 
@@ -44,8 +50,24 @@ FULL_DISK = frozenset({errno.ENOSPC, errno.EDQUOT})
 READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+@dataclass
+class HeldLora:
+    """An extra LoRA's identity and its validated file, which stays in the cache until `release`."""
+
+    lora: ExtraLora
+    path: Path
+    _hold: IO[bytes] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Lets eviction take the file again; once is enough, later calls do nothing. A hold that is
+        never released ends with its file handle (when the object is garbage-collected)."""
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+
+
 class LoraCache:
-    """`fetch(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix.
+    """`hold(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix.
 
     Where the cache lives, its budget, and where and how LoRAs are fetched all come from
     `settings`; the cache sits in `default_directory` (beside the weights) unless they name another.
@@ -62,20 +84,34 @@ class LoraCache:
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._remove_stale_staging()
 
-    def fetch(self, extra_lora: str) -> Path:
-        source = parse_extra_lora(extra_lora)
-        key = short_digest(source.cache_key, 40)
+    def hold(self, lora: ExtraLora) -> HeldLora:
+        """`fetch`, with the file kept in the cache until the returned hold is released. The hold is
+        taken before the lookup, so no eviction can come between the two."""
+        hold = self._locks.hold(lora.key)
+        try:
+            return HeldLora(lora, self.fetch(lora), hold)
+        except BaseException:
+            if hold is not None:
+                hold.close()
+            raise
+
+    def fetch(self, lora: ExtraLora) -> Path:
+        """The LoRA's file, from the cache or downloaded; may evict other LoRAs nobody holds."""
+        key, source = lora.key, lora.source
         with self._locks.fetching(key, source):
             path = self._cached(key, source) or self._download(key, source)
         self._evict(keep=key)
         return path
 
-    def forget(self, extra_lora: str) -> None:
-        """Drops a cached LoRA that was refused after its download (it fits no FLUX layer, say):
-        the cache keeps only LoRAs that can serve."""
-        source = parse_extra_lora(extra_lora)
-        key = short_digest(source.cache_key, 40)
-        with self._locks.fetching(key, source):
+    def forget(self, held: HeldLora) -> None:
+        """Releases `held` and drops its LoRA, refused after its download (it fits no FLUX layer,
+        say): the cache keeps only LoRAs that can serve. One another request still holds stays for
+        it (that request is refused the same way, and drops it then)."""
+        held.release()
+        key, source = held.lora.key, held.lora.source
+        with self._locks.fetching(key, source), self._locks.unheld(key) as free:
+            if not free:
+                return
             try:
                 self._remove(key)
             except OSError as error:
@@ -178,7 +214,7 @@ class LoraCache:
 
     def _evict(self, keep: str) -> None:
         """Least recently used first, until under the size budget and enough disk is free; never
-        the entry just returned, never one another request is fetching right now."""
+        the entry just returned, never one another request is fetching or holds right now."""
         try:
             self._evict_least_used(keep)
         except OSError as error:
@@ -255,8 +291,13 @@ class _KeyLocks:
     """One fetch per LoRA at a time: a file lock per key, which other threads and other processes
     sharing the cache directory wait on alike (each FileLock holds its own descriptor).
 
+    Holds: a shared `flock` per key on a file of its own, one descriptor per request, which eviction
+    must take exclusively (without waiting) to remove the entry. A request waits for a hold only
+    while an eviction of that entry is under way.
+
     Where no lock file can be made (the cache turned read-only), a lock per key within this process
-    stands in: nothing can be written there by anyone then, so only readers remain to serialise.
+    stands in: nothing can be written there by anyone then, so only readers remain to serialise,
+    and nothing can be evicted, so no hold is needed.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -267,6 +308,38 @@ class _KeyLocks:
 
     def _file_lock(self, key: str) -> FileLock:
         return FileLock(self.directory / f"{key}.lock")
+
+    def _hold_file(self, key: str) -> IO[bytes] | None:
+        """Its own descriptor on `key`'s hold file (flock locks belong to a descriptor), or None
+        where the cache is read-only."""
+        try:
+            return os.fdopen(os.open(self.directory / f"{key}.hold", os.O_RDONLY | os.O_CREAT, 0o644), "rb")
+        except OSError as error:
+            if error.errno not in READ_ONLY:
+                raise
+        return None
+
+    def hold(self, key: str) -> IO[bytes] | None:
+        """A shared hold on `key` (closing the returned file releases it)."""
+        handle = self._hold_file(key)
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        return handle
+
+    @contextmanager
+    def unheld(self, key: str) -> Iterator[bool]:
+        """Yields whether no one holds `key`; if so, no hold can start until the block ends."""
+        handle = self._hold_file(key)
+        if handle is None:
+            yield True
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
 
     def _process_lock(self, key: str) -> threading.Lock:
         with self._guard:
@@ -302,10 +375,14 @@ class _KeyLocks:
 
     @contextmanager
     def unless_in_use(self, key: str) -> Iterator[bool]:
-        """Yields whether the lock could be had without waiting (held until the block ends)."""
+        """Yields whether the fetch lock could be had without waiting and no one holds `key`
+        (both kept until the block ends)."""
         lock = self._acquire(key, blocking=False)
+        if lock is None:
+            yield False
+            return
         try:
-            yield lock is not None
+            with self.unheld(key) as free:
+                yield free
         finally:
-            if lock is not None:
-                lock.release()
+            lock.release()

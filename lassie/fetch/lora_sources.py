@@ -4,7 +4,9 @@ and fetching it from there.
 Parsing is pure: it touches no network. People paste every variant of these addresses, so each
 service is recognised by the *form* of the string, while the address it is fetched from comes from
 the operator's `LoraSettings` (mirrors, tests), as do the tokens. Every source has a stable cache
-key, so the same LoRA asked for twice is fetched once.
+key, so the same LoRA asked for twice is fetched once. A request's string is parsed once
+(`identify`): its `ExtraLora` carries the source and the one key that names the LoRA's cache
+files and its adapter on the models.
 """
 
 from __future__ import annotations
@@ -155,6 +157,24 @@ class UrlSource:
 
 
 LoraSource = ReplicateSource | HuggingFaceSource | CivitaiModelSource | CivitaiVersionSource | UrlSource
+
+KEY_DIGITS = 40
+
+
+@dataclass(frozen=True)
+class ExtraLora:
+    """An extra LoRA's one identity: where it is fetched from, and its `key`, which names its files
+    in the cache and its PEFT adapter on the models. The same LoRA, however it was typed, has the
+    same key; hex digits only, so it carries no secret and is a valid module name (no dots)."""
+
+    source: LoraSource
+    key: str
+
+
+def identify(text: str) -> ExtraLora:
+    """What a user typed -> its `ExtraLora`, or an InputError that lists the accepted forms."""
+    source = parse_extra_lora(text)
+    return ExtraLora(source, short_digest(source.cache_key, KEY_DIGITS))
 
 
 def parse_extra_lora(text: str) -> LoraSource:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+EXTRA_LORA_FIELD = "extra_lora"  # the one spelling of the field every extra-LoRA error names
+
 
 class InputError(ValueError):
     """A request input is invalid; the message starts with the field's name."""

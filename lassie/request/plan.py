@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lassie.request import sizes
 from lassie.request.bounds import BOUNDS, CHOICES
-from lassie.request.errors import InputError
+from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 
 SCHNELL_MAX_STEPS = 4
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
@@ -182,7 +182,7 @@ def validate(request: Request) -> None:
     if request.mask is not None and request.image is None:
         raise InputError("mask", "inpainting needs an `image` too; give both, or neither for text-to-image")
     if request.extra_lora is not None and not request.extra_lora.strip():
-        raise InputError("extra_lora", "is empty; leave it out to run without an extra LoRA")
+        raise InputError(EXTRA_LORA_FIELD, "is empty; leave it out to run without an extra LoRA")
 
 
 def whole_numbers(request: Request) -> Request:

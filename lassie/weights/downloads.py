@@ -20,7 +20,6 @@ import logging
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lassie.fetch.http import ProgressLog, human_bytes, redact_url
+from lassie.fetch.tars import TarLimits, TarRefused, check_tree, unpack
 
 log = logging.getLogger(__name__)
 
@@ -235,16 +235,12 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions()) -> Iterator[_Bo
 
 
 def extract(stream: io.RawIOBase, destination: Path, options: FetchOptions) -> int:
-    """Unpacks a tar stream as it arrives; tarfile's `data` filter refuses absolute and `..` names,
-    links leaving the destination and device files. Returns the member count."""
-    destination.mkdir(parents=True)
-    count = 0
-    with tarfile.open(fileobj=io.BufferedReader(stream, 4 * MIB), mode="r|*") as tar:
-        for count, member in enumerate(tar, start=1):
-            if count > options.max_members:
-                raise DownloadError(f"the tar holds more than {options.max_members} files")
-            tar.extract(member, destination, filter="data")
-    return count
+    """Unpacks a tar stream as it arrives, under the one tar policy (`lassie.fetch.tars`). Returns the member count."""
+    return unpack(io.BufferedReader(stream, 4 * MIB), destination, tar_limits(options))
+
+
+def tar_limits(options: FetchOptions) -> TarLimits:
+    return TarLimits(max_members=options.max_members, max_bytes=options.max_bytes)
 
 
 def pget_path() -> str | None:
@@ -273,6 +269,10 @@ def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOption
     if process.returncode != 0:
         raise DownloadError(f"pget could not download {redact_url(url)} (exit {process.returncode}): "
                             + " / ".join(said))
+    try:
+        check_tree(destination, tar_limits(options))  # pget's own extraction checks no link targets
+    except TarRefused as refusal:
+        raise DownloadError(f"{redact_url(url)}, as pget unpacked it, {refusal}") from None
 
 
 def single_root(unpacked: Path) -> Path:
@@ -293,13 +293,13 @@ def replace_folder(new: Path, target: Path, staging: Path) -> None:
     new.rename(target)
 
 
-def fetch_folder(url: str, target: Path, staging_root: Path, incomplete: Callable[[Path], list[str]],
+def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[[Path], list[str]],
                  options: FetchOptions = FetchOptions()) -> None:
     """Puts the contents of the tar at `url` at `target`, or leaves `target` as it was.
 
     The tar is unpacked in a staging folder under `staging_root` (on the target's filesystem);
-    `incomplete(folder)` lists what the unpacked folder still lacks, and only an empty list lets
-    it be renamed into place.
+    `problems(folder)` lists what is wrong with the unpacked folder (files it lacks, files that fail
+    their check), and only an empty list lets it be renamed into place.
     """
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=staging_root))
@@ -312,13 +312,12 @@ def fetch_folder(url: str, target: Path, staging_root: Path, incomplete: Callabl
             with tar_stream(url, options) as stream:
                 extract(stream, unpacked, options)
         folder = single_root(unpacked)
-        missing = incomplete(folder)
-        if missing:
-            raise DownloadError(f"{redact_url(url)} lacks {', '.join(missing)}: expected the {target.name} "
-                                "folder's files at the tar's root or under one top-level folder")
+        found = problems(folder)
+        if found:
+            raise DownloadError(f"{redact_url(url)} {'; '.join(found)}")
         replace_folder(folder, target, staging)
-    except (tarfile.TarError, EOFError) as error:
-        raise DownloadError(f"{redact_url(url)} is not a readable tar ({type(error).__name__}: {error})") from None
+    except TarRefused as refusal:
+        raise DownloadError(f"{redact_url(url)} {refusal}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("%s: in place after %.1f s", target, time.perf_counter() - started)

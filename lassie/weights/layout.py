@@ -13,6 +13,7 @@ from pathlib import Path
 PROVIDE_COMMAND = ".venv/bin/python scripts/download_weights.py"
 TINY_WEIGHTS_COMMAND = ".venv/bin/python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
+RUN_AGAIN = "Files finished so far are kept; run again to resume."
 
 # The top-level folders of the layout, each fetched whole when it comes from a tar.
 LAYOUT_FOLDERS = ("flux-dev", "flux-schnell", "safety", "lassie")
@@ -23,6 +24,14 @@ TRANSFORMERS_WEIGHTS = "model"
 
 class MissingWeightsError(RuntimeError):
     """Setup cannot go on: the message names every missing file and the command that provides them."""
+
+
+class ProvisionError(RuntimeError):
+    """Fetching stopped; the message says what to do (a token, a license, running again)."""
+
+
+class CorruptFileError(ProvisionError):
+    """A file is not what its source says it is; it has been removed so a rerun fetches it anew."""
 
 
 def tiny_weights_hint() -> str:
@@ -41,7 +50,10 @@ def _model_files_missing(directory: Path, stem: str) -> list[Path]:
         return missing
     if not index.is_file():
         return [*missing, single]
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    try:
+        shards = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):  # a damaged index names no shards: as good as none
+        return [*missing, index]
     return missing + [directory / shard for shard in shards if not (directory / shard).is_file()]
 
 

@@ -17,29 +17,23 @@ Without a token (Replicate gives a model none), LASSIE_WEIGHTS_URL or a folder's
 tar for each missing layout folder instead (`lassie.weights.downloads`: fetched at full speed, renamed
 into place only when complete).
 
-The Lassie LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.fetch.http`,
-`lassie.fetch.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
-private mirrors. At setup COG_WEIGHTS wins over LASSIE_LORA_URL, which wins over weights/lassie/.
+The Lassie LoRA from LASSIE_LORA_URL is installed into weights/lassie/ by `lassie.weights.lassie_lora`,
+the path setup uses for COG_WEIGHTS, and recorded here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import httpx2
 from filelock import FileLock, Timeout
 from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -47,49 +41,39 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils.sha import git_hash
 
-from lassie.fetch.files import (
-    UnusableArchiveError,
-    UnusableSafetensorsError,
-    inspect_safetensors,
-    safetensors_from_tar,
-    sha256_of,
-)
-from lassie.fetch.http import AddressRule, DownloadLimits, ProgressLog, download_file, human_bytes, redact_url
+from lassie.fetch.files import UnusableSafetensorsError, inspect_safetensors, sha256_of
+from lassie.fetch.http import DownloadLimits, ProgressLog, human_bytes
 from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
-from lassie.fetch.storage import writable_place, write_problem
-from lassie.request.errors import InputError
+from lassie.fetch.storage import write_problem
 from lassie.settings import FOLDER_URL_ENVS, LORA_URL_ENV, WEIGHTS_URL_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
-from lassie.weights.layout import LAYOUT_FOLDERS, MissingWeightsError, WeightsLayout, tiny_weights_hint
+from lassie.weights.lassie_lora import (
+    OPERATOR_ADDRESSES,
+    install,
+    lora_origin_problem,
+    public_origin,
+    write_trigger_word,
+)
+from lassie.weights.layout import (
+    LAYOUT_FOLDERS,
+    PROVIDE_COMMAND,
+    RUN_AGAIN,
+    CorruptFileError,
+    MissingWeightsError,
+    ProvisionError,
+    WeightsLayout,
+    tiny_weights_hint,
+)
+from lassie.weights.manifest import FileRecord, Manifest, has_size, is_intact
 
 log = logging.getLogger(__name__)
 
-LORA_MEMBER = "lora.safetensors"
-TRIGGER_WORD_MEMBER = "trigger_word.txt"
-COG_WEIGHTS_ENV = "COG_WEIGHTS"
-FETCHED_LORA_DIRNAME = "fetched-lora"
 FETCH_LOCK = ".fetching.lock"
 LOCK_HOLDER_SUFFIX = ".pid"  # beside a lock: the process id of its holder, written once it holds it
 LOCK_WAIT_REPORT_SECONDS = 10.0
-MAX_TEXT_MEMBER_BYTES = 1024**2
-# Replicate's FLUX trainer (ai-toolkit) writes `trigger_word: TOK` into the config.yaml of its output tar.
-CONFIG_TRIGGER_WORD = re.compile(r"""^[\s-]*trigger_word:\s*["']?([^"'#\n]+?)["']?\s*(?:#.*)?$""", re.M)
-MANIFEST_FORMAT = 1
-RUN_AGAIN = "Files finished so far are kept; run again to resume."
 
 # Pickled or foreign-framework weights: the layout loads safetensors only.
 IGNORED_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data")
-
-# The operator's own LASSIE_LORA_URL may point at a private mirror, unlike a user's extra_lora.
-OPERATOR_ADDRESSES = AddressRule(allow_all=True)
-
-
-class ProvisionError(RuntimeError):
-    """Fetching stopped; the message says what to do (a token, a license, running again)."""
-
-
-class CorruptFileError(ProvisionError):
-    """A file is not what its source says it is; it has been removed so a rerun fetches it anew."""
 
 
 @dataclass
@@ -129,73 +113,6 @@ def hub_sources(layout: WeightsLayout) -> tuple[HubSource, ...]:
         HubSource("CompVis/stable-diffusion-safety-checker", layout.compvis_dir, safety_files),
         HubSource("Falconsai/nsfw_image_detection", layout.falcon_dir, safety_files),
     )
-
-
-# --- the manifest: a provenance record ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    source: str
-    revision: str | None
-    size: int
-    sha256: str
-
-
-@dataclass
-class Manifest:
-    """What each file is and where it came from; saved after each source, so finished sources survive a kill."""
-
-    path: Path
-    files: dict[str, FileRecord] = field(default_factory=dict)
-    complete_sources: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest:
-        if not path.is_file():
-            return cls(path)
-        try:
-            data = json.loads(path.read_text())
-            files = {name: FileRecord(**record) for name, record in data["files"].items()}
-            return cls(path, files, dict(data["sources"]))
-        except (ValueError, KeyError, TypeError) as error:
-            log.warning("ignoring unreadable manifest %s (%s): every file will be checked again", path, error)
-            return cls(path)
-
-    def save(self) -> None:
-        data = {
-            "format": MANIFEST_FORMAT,
-            "sources": dict(sorted(self.complete_sources.items())),
-            "files": {name: asdict(record) for name, record in sorted(self.files.items())},
-        }
-        partial = self.path.with_name(self.path.name + ".tmp")
-        partial.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(partial, self.path)
-
-    def name_of(self, path: Path) -> str:
-        return path.relative_to(self.path.parent).as_posix()
-
-    def record(self, path: Path, record: FileRecord) -> None:
-        self.files[self.name_of(path)] = record
-        self.save()
-
-    def files_from(self, source: str) -> dict[str, FileRecord]:
-        return {name: record for name, record in self.files.items() if record.source == source}
-
-    def record_source(self, source: str, revision: str, files: dict[str, FileRecord], complete: bool) -> None:
-        """Replaces what is recorded of `source` by `files`; `complete` marks it done at `revision`."""
-        for stale in self.files_from(source):
-            del self.files[stale]
-        self.files |= files
-        if complete:
-            self.complete_sources[source] = revision
-        else:
-            self.complete_sources.pop(source, None)
-        self.save()
-
-
-def has_size(path: Path, size: int | None) -> bool:
-    return path.is_file() and path.stat().st_size == size
 
 
 def check_safetensors(path: Path, name: str) -> None:
@@ -364,109 +281,23 @@ def fetch_hub_source(plan: HubPlan, access: HubAccess, manifest: Manifest, repor
                                "run again to fetch it anew")
 
 
-# --- the Lassie LoRA ----------------------------------------------------------------------------
-
-
-def public_origin(origin: str) -> str:
-    """The origin without credentials: signed URLs carry them in the query, some in user:password@."""
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https"):
-        return str(Path(origin).expanduser().resolve())
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-def is_url(origin: str) -> bool:
-    return urlsplit(origin).scheme in ("http", "https")
-
-
-def without_field(error: InputError) -> str:
-    """The shared downloader speaks of the extra_lora field; here its words are about LASSIE_LORA_URL."""
-    return str(error).removeprefix(f"{error.field}: ")
-
-
-def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str = LORA_URL_ENV) -> Path:
-    fetched = staging / "fetched"
-    log.info("fetching the Lassie LoRA from %s", redact_url(url))
-    try:
-        download_file(url, fetched, limits=limits)
-    except InputError as error:
-        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {without_field(error)}\n"
-                             f"{RUN_AGAIN}") from None
-    return fetched
-
-
-def install_lora(fetched: Path, target: Path, staging: Path, max_bytes: int) -> None:
-    """From a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors; atomically,
-    so a bad file never replaces a good one."""
-    staged = staging / LORA_MEMBER
-    if tarfile.is_tarfile(fetched):
-        try:
-            safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
-        except UnusableArchiveError as problem:
-            raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
-    else:
-        shutil.copyfile(fetched, staged)
-    check_safetensors(staged, "the Lassie LoRA")
-    os.replace(staged, target)
-
-
-def lora_origin_problem(layout: WeightsLayout, origin: str | None) -> str | None:
-    """Why the Lassie LoRA could not be had from `origin`, found before 60 GB of FLUX are fetched for nothing."""
-    if not origin:
-        if layout.lassie_lora.is_file():
-            return None
-        return (f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training "
-                "output (a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
-    return origin_problem(origin, LORA_URL_ENV)
-
-
-def origin_problem(origin: str, variable: str) -> str | None:
-    """What is wrong with a LoRA address before anything is fetched: a URL without host, a missing file."""
-    if Path(origin).expanduser().is_file():
-        return None
-    try:
-        url = httpx2.URL(origin)
-    except httpx2.InvalidURL:
-        return f"{variable} is not a well-formed URL"
-    if url.scheme in ("http", "https"):
-        return None if url.host else f"{variable} has no host: {public_origin(origin)}"
-    if url.scheme:
-        return f"{variable} must be an http(s) URL or a local path, not a {url.scheme}: URL"
-    return f"{variable} is neither an http(s) URL nor an existing file: {public_origin(origin)}"
-
-
-def is_intact(path: Path, record: FileRecord, verify: bool) -> bool:
-    """The size always; the recorded sha256 only when asked (a LoRA URL has no listing to ask)."""
-    return has_size(path, record.size) and (not verify or sha256_of(path) == record.sha256)
+# --- the Lassie LoRA into weights/lassie/ (lassie.weights.lassie_lora installs it) -------------
 
 
 def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: ProvisionReport, origin: str | None,
-                          verify: bool, limits: DownloadLimits = DownloadLimits(rule=OPERATOR_ADDRESSES)) -> None:
-    """Installs the LoRA from `origin` (see lora_origin_problem), with the trigger word its tar
-    names; no origin keeps the one in place."""
+                          verify: bool, limits: DownloadLimits | None = None) -> None:
+    """Installs the LoRA from `origin` (see lora_origin_problem) and records it; no origin, or the
+    one recorded from it still whole, keeps the one in place."""
     name = manifest.name_of(layout.lassie_lora)
-    if not origin:
-        report.kept.append(name)
-        return
-    source = public_origin(origin)
     record = manifest.files.get(name)
-    if record is not None and record.source == source and is_intact(layout.lassie_lora, record, verify):
+    if not origin or (record is not None and record.source == public_origin(origin)
+                      and is_intact(layout.lassie_lora, record, verify)):
         report.kept.append(name)
         return
-    layout.lassie_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=layout.lassie_dir) as staging:
-        fetched = download_lora(origin, Path(staging), limits) if is_url(origin) else Path(origin).expanduser()
-        install_lora(fetched, layout.lassie_lora, Path(staging), limits.max_bytes)
-        write_trigger_word(layout, trigger_word_in_tar(fetched) if tarfile.is_tarfile(fetched) else None)
+    install(origin, layout.lassie_dir, LORA_URL_ENV, limits or DownloadLimits(rule=OPERATOR_ADDRESSES))
     size = layout.lassie_lora.stat().st_size
     report.add_fetched(name, size)
-    manifest.record(layout.lassie_lora, FileRecord(source, None, size, sha256_of(layout.lassie_lora)))
-
-
-def write_trigger_word(layout: WeightsLayout, word: str | None) -> None:
-    if word and word.strip() != layout.trigger_word():
-        layout.lassie_dir.mkdir(parents=True, exist_ok=True)
-        layout.trigger_word_file.write_text(word.strip() + "\n")
+    manifest.record(layout.lassie_lora, FileRecord(public_origin(origin), None, size, sha256_of(layout.lassie_lora)))
 
 
 # --- entry points -------------------------------------------------------------------------------
@@ -545,6 +376,64 @@ def unpacked_lacks(folder: str, unpacked: Path) -> list[str]:
         return [name for name in WeightsLayout(Path(probe)).missing() if name.startswith(f"{folder}/")]
 
 
+def unpacked_problems(folder: str, unpacked: Path) -> list[str]:
+    """Why the unpacked tar at `unpacked` may not become `folder`: files that fail their check,
+    else files the layout needs that it lacks. An empty list lets it go into place."""
+    problems = file_problems(unpacked, folder)
+    if problems:
+        return problems
+    lacks = unpacked_lacks(folder, unpacked)
+    return [f"lacks {', '.join(lacks)}: expected the {folder} folder's files at the tar's root or under one "
+            "top-level folder"] if lacks else []
+
+
+def layout_files(folder: Path) -> list[Path]:
+    """The files of a layout folder, without hidden folders (huggingface_hub's `.cache/` metadata)."""
+    found = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(parent, name) for name in sorted(files)]
+    return found
+
+
+def file_problems(folder: Path, name: str) -> list[str]:
+    """What is wrong with the files of a layout folder, cheap enough for every start (no hashing):
+    each JSON file parses, each safetensors header parses and its tensors fit the file's size."""
+    problems = []
+    for path in layout_files(folder):
+        shown = f"{name}/{path.relative_to(folder).as_posix()}"
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_bytes())
+            elif path.suffix == ".safetensors":
+                inspect_safetensors(path)
+        except UnusableSafetensorsError as problem:
+            problems.append(f"{shown} is not a usable .safetensors file: {problem}")
+        except ValueError as error:
+            problems.append(f"{shown} is not valid JSON ({error})")
+        except OSError as error:
+            problems.append(f"{shown} cannot be read ({error.strerror or error})")
+    return problems
+
+
+def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]:
+    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a
+    JSON file that does not parse), with what is wrong."""
+    wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
+    found = {folder: file_problems(layout.root / folder, folder) for folder in wanted}
+    return {folder: problems for folder, problems in found.items() if problems}
+
+
+def damage_problem(layout: WeightsLayout, damaged: dict[str, list[str]]) -> str | None:
+    """Setup's refusal of damaged folders it cannot fetch again (no tar URL names them, or offline)."""
+    if not damaged:
+        return None
+    described = "\n".join(f"{layout.root / folder} is damaged: {'; '.join(problems)}"
+                           for folder, problems in damaged.items())
+    return (f"{described}\nSet {WEIGHTS_URL_ENV} (or the folder's own URL) to fetch it again from its tar, or remove "
+            f"it and run `{PROVIDE_COMMAND} {layout.root}`.")
+
+
 def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
     unnamed = [folder for folder in folders if settings.provision.tar_url(folder) is None]
     if not unnamed:
@@ -589,7 +478,8 @@ def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) 
 
 def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: bool = True,
                           options: FetchOptions = FetchOptions()) -> list[str]:
-    """Each missing layout folder from its tar, renamed into place only when complete; returns the folders fetched.
+    """Each missing layout folder from its tar, and each damaged one that has a tar URL, renamed into
+    place only when every file checks; returns the folders fetched.
 
     A lock on the directory lets one process fetch while others sharing the directory wait and
     then find the folders in place; staging folders of a killed fetch are removed under it.
@@ -598,10 +488,15 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
     fetched = []
     with fetch_lock(layout.root / FETCH_LOCK):
         remove_leftovers(layout.root)
-        for folder in missing_folders(layout, lassie):
+        missing = missing_folders(layout, lassie)
+        damaged = {folder: problems for folder, problems in damaged_folders(layout, lassie).items()
+                   if settings.provision.tar_url(folder)}
+        for folder in [folder for folder in LAYOUT_FOLDERS if folder in missing or folder in damaged]:
+            if folder in damaged:
+                log.warning("%s is damaged (%s); fetching it again", layout.root / folder, "; ".join(damaged[folder]))
             url = settings.provision.tar_url(folder)
             try:
-                fetch_folder(url, layout.root / folder, layout.root, partial(unpacked_lacks, folder), options)
+                fetch_folder(url, layout.root / folder, layout.root, partial(unpacked_problems, folder), options)
             except DownloadError as error:
                 raise ProvisionError(f"fetching {layout.root / folder} failed: {error}\n{RUN_AGAIN}") from None
             fetched.append(folder)
@@ -609,8 +504,9 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
 
 
 def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
-    """scripts/download_weights.py without a token: the missing folders from their tars, and the
-    Lassie LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`)."""
+    """scripts/download_weights.py without a token: the missing (or damaged) folders from their tars,
+    and the Lassie LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`);
+    a damaged folder no URL names fails it, as it would fail setup."""
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
     fail_on([lora_origin_problem(layout, origin) if origin else None])
@@ -620,100 +516,35 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
         provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False, limits)
         write_trigger_word(layout, settings.provision.trigger_word)
     layout.require_complete()
+    fail_on([damage_problem(layout, damaged_folders(layout, lassie=True))])
     return fetched
 
 
-# --- the Lassie LoRA at setup: COG_WEIGHTS, then LASSIE_LORA_URL, then weights/lassie/ ----------
-
-
-@dataclass(frozen=True)
-class LassieLora:
-    path: Path
-    trigger_word: str
-
-
-def trigger_word_in_tar(archive: Path) -> str | None:
-    """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its
-    config.yaml (Replicate's FLUX trainer). Members are only read, never written anywhere."""
-    texts = {}
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            basename = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and basename in (TRIGGER_WORD_MEMBER, "config.yaml") \
-                    and member.size <= MAX_TEXT_MEMBER_BYTES and basename not in texts:
-                source = tar.extractfile(member)
-                texts[basename] = source.read().decode("utf-8", "replace") if source else ""
-    if texts.get(TRIGGER_WORD_MEMBER, "").strip():
-        return texts[TRIGGER_WORD_MEMBER].strip()
-    found = CONFIG_TRIGGER_WORD.search(texts.get("config.yaml", ""))
-    return found.group(1).strip() if found else None
-
-
-def origin_variable(settings: Settings) -> str:
-    return COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV
-
-
-def installed_from(layout: WeightsLayout, origin: str) -> bool:
-    """weights/lassie/ holds the LoRA from `origin` (scripts/download_weights.py put it there)."""
-    record = Manifest.load(layout.manifest).files.get("lassie/lora.safetensors")
-    return record is not None and record.source == public_origin(origin) and has_size(layout.lassie_lora, record.size)
-
-
-def fetch_lassie_lora(origin: str, keep: Path, variable: str, limits: DownloadLimits) -> None:
-    """The LoRA (and the trigger word its tar names) into `keep`, renamed there only once checked."""
-    fail_on([origin_problem(origin, variable)])
-    keep.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=keep.parent) as staging_name:
-        staging = Path(staging_name)
-        fetched = download_lora(origin, staging, limits, variable) if is_url(origin) else Path(origin).expanduser()
-        folder = staging / "lora"
-        folder.mkdir()
-        install_lora(fetched, folder / LORA_MEMBER, folder, limits.max_bytes)
-        word = trigger_word_in_tar(fetched) if tarfile.is_tarfile(fetched) else None
-        if word:
-            (folder / TRIGGER_WORD_MEMBER).write_text(word + "\n")
-        shutil.rmtree(keep, ignore_errors=True)
-        folder.rename(keep)
-    log.info("the Lassie LoRA from %s (%s) is kept in %s", variable, public_origin(origin), keep)
-
-
-def lassie_lora(layout: WeightsLayout, settings: Settings) -> LassieLora:
-    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/.
-
-    A LoRA given by address is fetched once and kept under a name derived from the address (a
-    restart fetches nothing), beside the weights or, where they are read-only, in a writable place.
-    The trigger word is the one its tar names, else LASSIE_TRIGGER_WORD.
-    """
-    origin = settings.provision.lassie_origin
-    configured = settings.provision.trigger_word or ""
-    if origin is None or (origin == settings.provision.lora_url and installed_from(layout, origin)):
-        return LassieLora(layout.lassie_lora, layout.trigger_word() or configured)
-    place = writable_place("fetched Lassie LoRA", layout.root / FETCHED_LORA_DIRNAME)
-    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
-    with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
-        if (keep / LORA_MEMBER).is_file():
-            log.info("the Lassie LoRA from %s: already fetched, in %s", origin_variable(settings), keep)
-        else:
-            limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
-            fetch_lassie_lora(origin, keep, origin_variable(settings), limits)
-    word_file = keep / TRIGGER_WORD_MEMBER
-    return LassieLora(keep / LORA_MEMBER, word_file.read_text().strip() if word_file.is_file() else configured)
+# --- setup ----------------------------------------------------------------------------------------
 
 
 def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
-    """What setup() calls: nothing to do on a complete directory; otherwise fetch, unless HF_HUB_OFFLINE.
+    """What setup() calls: nothing to do on a complete directory whose files check; otherwise fetch,
+    unless HF_HUB_OFFLINE.
 
     Missing folders come as tars where LASSIE_WEIGHTS_URL or a folder's own URL is set (no token
     needed), else from the Hugging Face hub. weights/lassie/ is needed only when neither
-    COG_WEIGHTS nor LASSIE_LORA_URL names the Lassie LoRA.
+    COG_WEIGHTS nor LASSIE_LORA_URL names the Lassie LoRA. A folder in place whose files fail their
+    check (`file_problems`: headers and sizes, no hashing) is fetched again once where a tar URL
+    names it; otherwise, or if it is still damaged, setup fails naming it and what is wrong.
     """
     lassie = settings.provision.lassie_origin is None
+    damaged = damaged_folders(layout, lassie)
+    fail_on([damage_problem(layout, {folder: problems for folder, problems in damaged.items()
+                                     if settings.provision.tar_url(folder) is None})])
     missing = layout.missing(lassie=lassie)
-    if not missing:
+    if not missing and not damaged:
         return
     if settings.provision.offline:
         layout.require_complete(lassie=lassie)  # raises, naming every missing file
-    log.warning("weights missing (%s); fetching them", ", ".join(missing))
+        fail_on([damage_problem(layout, damaged)])
+    if missing:
+        log.warning("weights missing (%s); fetching them", ", ".join(missing))
     try:
         if settings.provision.fetches_tars:
             fetch_missing_folders(layout, settings, lassie)
@@ -725,3 +556,4 @@ def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
     except Exception as error:
         raise MissingWeightsError(f"weights directory {layout.root} is incomplete (missing: {', '.join(missing)}) "
                                   f"and fetching them failed: {error}\n{tiny_weights_hint()}") from error
+    fail_on([damage_problem(layout, damaged_folders(layout, lassie))])

@@ -1,0 +1,276 @@
+"""The Lassie LoRA: resolved once at setup, installed by one path, with the trigger word it brings.
+
+Setup takes it from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/ (`resolve`), and
+everything after (the memory plan, the adapter, the trigger word, the logs) uses the file resolved
+here. A LoRA given by address is fetched once and kept in a folder named after the address, beside
+the weights or, where they are read-only, in a writable place; a kept LoRA that fails its check at a
+start (a torn or damaged file) is fetched again once, then setup fails naming it.
+scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`.
+
+The LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.fetch.http`,
+`lassie.fetch.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
+private mirrors. A trigger word is at most 200 printable characters wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx2
+from filelock import FileLock
+
+from lassie.fetch.files import UnusableArchiveError, UnusableSafetensorsError, inspect_safetensors, safetensors_from_tar
+from lassie.fetch.http import AddressRule, DownloadLimits, download_file, redact_url
+from lassie.fetch.storage import writable_place
+from lassie.request.errors import InputError
+from lassie.settings import LORA_URL_ENV, Settings
+from lassie.weights.downloads import STAGING_PREFIX
+from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout
+from lassie.weights.manifest import Manifest, has_size
+
+log = logging.getLogger(__name__)
+
+LORA_MEMBER = "lora.safetensors"
+TRIGGER_WORD_MEMBER = "trigger_word.txt"
+CONFIG_MEMBER = "config.yaml"
+COG_WEIGHTS_ENV = "COG_WEIGHTS"
+TRIGGER_WORD_ENV = "LASSIE_TRIGGER_WORD"
+FETCHED_LORA_DIRNAME = "fetched-lora"
+MAX_TEXT_MEMBER_BYTES = 1024**2
+MAX_TRIGGER_WORD_CHARS = 200
+# Replicate's FLUX trainer (ai-toolkit) writes `trigger_word: TOK` into the config.yaml of its output tar.
+CONFIG_TRIGGER_KEY = "trigger_word"
+
+# The operator's own LASSIE_LORA_URL may point at a private mirror, unlike a user's extra_lora.
+OPERATOR_ADDRESSES = AddressRule(allow_all=True)
+
+
+@dataclass(frozen=True)
+class LassieLora:
+    """The file setup loads, its trigger word, and where it came from (said in logs)."""
+
+    path: Path
+    trigger_word: str
+    origin: str
+
+
+# --- where it comes from ------------------------------------------------------------------------
+
+
+def public_origin(origin: str) -> str:
+    """The origin without credentials: signed URLs carry them in the query, some in user:password@."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https"):
+        return str(Path(origin).expanduser().resolve())
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def is_url(origin: str) -> bool:
+    return urlsplit(origin).scheme in ("http", "https")
+
+
+def origin_problem(origin: str, variable: str) -> str | None:
+    """What is wrong with a LoRA address before anything is fetched: a URL without host, a missing file."""
+    if Path(origin).expanduser().is_file():
+        return None
+    try:
+        url = httpx2.URL(origin)
+    except httpx2.InvalidURL:
+        return f"{variable} is not a well-formed URL"
+    if url.scheme in ("http", "https"):
+        return None if url.host else f"{variable} has no host: {public_origin(origin)}"
+    if url.scheme:
+        return f"{variable} must be an http(s) URL or a local path, not a {url.scheme}: URL"
+    return f"{variable} is neither an http(s) URL nor an existing file: {public_origin(origin)}"
+
+
+def lora_origin_problem(layout: WeightsLayout, origin: str | None) -> str | None:
+    """Why the Lassie LoRA could not be had from `origin`, found before 60 GB of FLUX are fetched for nothing."""
+    if not origin:
+        if layout.lassie_lora.is_file():
+            return None
+        return (f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training "
+                "output (a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
+    return origin_problem(origin, LORA_URL_ENV)
+
+
+# --- the trigger word ---------------------------------------------------------------------------
+
+
+def checked_trigger_word(text: str, where: str) -> str:
+    """`text` stripped, or refused naming `where` it came from: it goes into every log line and prompt hint."""
+    word = text.strip()
+    if len(word) > MAX_TRIGGER_WORD_CHARS:
+        raise ProvisionError(f"the trigger word in {where} has {len(word)} characters; "
+                             f"at most {MAX_TRIGGER_WORD_CHARS} printable characters are allowed")
+    unprintable = next((char for char in word if not char.isprintable()), None)
+    if unprintable is not None:
+        raise ProvisionError(f"the trigger word in {where} holds the unprintable character {unprintable!r}; "
+                             f"at most {MAX_TRIGGER_WORD_CHARS} printable characters are allowed")
+    return word
+
+
+def config_trigger_word(config: str) -> str | None:
+    """`trigger_word: TOK` (quoted or not, maybe a list item, maybe a comment after it) from a
+    training config.yaml, line by line: linear in the file's size, whatever it holds."""
+    for line in config.splitlines():
+        key, colon, value = line.lstrip(" \t-").partition(":")
+        if colon and key.rstrip() == CONFIG_TRIGGER_KEY:
+            word = value.split("#", 1)[0].strip().strip("\"'").strip()
+            if word:
+                return word
+    return None
+
+
+def trigger_word_in_tar(archive: Path, described: str) -> str | None:
+    """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its
+    config.yaml (Replicate's FLUX trainer). Members are only read, never written anywhere."""
+    texts = {}
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            basename = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and basename in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and basename not in texts:
+                source = tar.extractfile(member)
+                texts[basename] = source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace") if source else ""
+    if texts.get(TRIGGER_WORD_MEMBER, "").strip():
+        return checked_trigger_word(texts[TRIGGER_WORD_MEMBER], f"{TRIGGER_WORD_MEMBER} of {described}")
+    found = config_trigger_word(texts.get(CONFIG_MEMBER, ""))
+    return checked_trigger_word(found, f"{CONFIG_MEMBER} of {described}") if found else None
+
+
+def trigger_word_in(path: Path) -> str:
+    """The trigger word a file holds, checked; "" when there is no file."""
+    if not path.is_file():
+        return ""
+    with path.open("rb") as source:
+        return checked_trigger_word(source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace"), str(path))
+
+
+def write_trigger_word(layout: WeightsLayout, word: str | None) -> None:
+    """LASSIE_TRIGGER_WORD into weights/lassie/, where scripts/download_weights.py installs the LoRA."""
+    if word and checked_trigger_word(word, TRIGGER_WORD_ENV) != layout.trigger_word():
+        layout.lassie_dir.mkdir(parents=True, exist_ok=True)
+        layout.trigger_word_file.write_text(word.strip() + "\n")
+
+
+# --- the one install path -----------------------------------------------------------------------
+
+
+def without_field(error: InputError) -> str:
+    """The shared downloader speaks of the extra_lora field; here its words are about the variable."""
+    return str(error).removeprefix(f"{error.field}: ")
+
+
+def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str) -> Path:
+    fetched = staging / "fetched"
+    log.info("fetching the Lassie LoRA from %s", redact_url(url))
+    try:
+        download_file(url, fetched, limits=limits)
+    except InputError as error:
+        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {without_field(error)}\n"
+                             f"{RUN_AGAIN}") from None
+    return fetched
+
+
+def lora_problem(path: Path) -> str | None:
+    """What is wrong with a LoRA file (the project's one safetensors check), or None."""
+    try:
+        inspect_safetensors(path)
+    except UnusableSafetensorsError as problem:
+        return str(problem)
+    except FileNotFoundError:
+        return "it is missing"
+    return None
+
+
+def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str | None:
+    """The LoRA of a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors into
+    `staged`, checked; returns the trigger word the tar names."""
+    if not tarfile.is_tarfile(fetched):
+        shutil.copyfile(fetched, staged)
+        word = None
+    else:
+        try:
+            safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
+        except UnusableArchiveError as problem:
+            raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
+        word = trigger_word_in_tar(fetched, described)
+    problem = lora_problem(staged)
+    if problem is not None:
+        raise CorruptFileError(f"the Lassie LoRA from {described} is not a valid safetensors file: {problem}")
+    return word
+
+
+def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) -> None:
+    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and
+    the trigger word its tar names, into `folder`.
+
+    Everything is checked whole in a staging folder beside `folder` first, so a bad file never
+    replaces a good one; the LoRA goes in last, so its presence means the install finished.
+    """
+    problem = origin_problem(origin, variable)
+    if problem is not None:
+        raise ProvisionError(problem)
+    described = f"{variable} ({public_origin(origin)})"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=folder.parent) as staging_name:
+        staging = Path(staging_name)
+        fetched = download_lora(origin, staging, limits, variable) if is_url(origin) else Path(origin).expanduser()
+        word = unpack(fetched, staging / LORA_MEMBER, described, limits.max_bytes)
+        if word:
+            (staging / TRIGGER_WORD_MEMBER).write_text(word + "\n")
+            os.replace(staging / TRIGGER_WORD_MEMBER, folder / TRIGGER_WORD_MEMBER)
+        os.replace(staging / LORA_MEMBER, folder / LORA_MEMBER)
+    log.info("the Lassie LoRA from %s is installed in %s", described, folder)
+
+
+# --- setup: resolved once -----------------------------------------------------------------------
+
+
+def kept_lora(origin: str, place: Path, variable: str, limits: DownloadLimits) -> Path:
+    """The folder in `place` holding the LoRA from `origin`, named after the address, so that a
+    restart fetches nothing; one whose LoRA fails its check is fetched again once."""
+    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
+    with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
+        problem = lora_problem(keep / LORA_MEMBER)
+        if problem is None:
+            log.info("the Lassie LoRA from %s: already fetched, in %s", variable, keep)
+            return keep
+        if (keep / LORA_MEMBER).exists():
+            log.warning("the Lassie LoRA from %s kept in %s is damaged (%s); fetching it again", variable, keep,
+                        problem)
+        install(origin, keep, variable, limits)
+    return keep
+
+
+def installed_from(layout: WeightsLayout, origin: str) -> bool:
+    """weights/lassie/ holds the LoRA from `origin`, whole (scripts/download_weights.py put it there)."""
+    record = Manifest.load(layout.manifest).files.get("lassie/lora.safetensors")
+    return (record is not None and record.source == public_origin(origin)
+            and has_size(layout.lassie_lora, record.size) and lora_problem(layout.lassie_lora) is None)
+
+
+def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
+    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/.
+
+    The trigger word is the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD.
+    """
+    origin = settings.provision.lassie_origin
+    configured = checked_trigger_word(settings.provision.trigger_word or "", TRIGGER_WORD_ENV)
+    if origin is None or (origin == settings.provision.lora_url and installed_from(layout, origin)):
+        return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
+                          str(layout.lassie_dir))
+    variable = COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV
+    place = writable_place("fetched Lassie LoRA", layout.root / FETCHED_LORA_DIRNAME)
+    limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+    keep = kept_lora(origin, place, variable, limits)
+    return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,
+                      f"{variable} ({public_origin(origin)})")

@@ -1,0 +1,89 @@
+"""manifest.json: what each fetched file of the weights directory is and where it came from.
+
+Setup and scripts/download_weights.py both read it: a source whose recorded files are all still on
+disk at their recorded size is not asked about again, and the Lassie LoRA that
+scripts/download_weights.py installed from LASSIE_LORA_URL is known by the address it recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lassie.fetch.files import sha256_of
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+
+@dataclass(frozen=True)
+class FileRecord:
+    source: str
+    revision: str | None
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """What each file is and where it came from; saved after each source, so finished sources survive a kill."""
+
+    path: Path
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    complete_sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        if not path.is_file():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+            files = {name: FileRecord(**record) for name, record in data["files"].items()}
+            return cls(path, files, dict(data["sources"]))
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("ignoring unreadable manifest %s (%s): every file will be checked again", path, error)
+            return cls(path)
+
+    def save(self) -> None:
+        data = {
+            "format": MANIFEST_FORMAT,
+            "sources": dict(sorted(self.complete_sources.items())),
+            "files": {name: asdict(record) for name, record in sorted(self.files.items())},
+        }
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(partial, self.path)
+
+    def name_of(self, path: Path) -> str:
+        return path.relative_to(self.path.parent).as_posix()
+
+    def record(self, path: Path, record: FileRecord) -> None:
+        self.files[self.name_of(path)] = record
+        self.save()
+
+    def files_from(self, source: str) -> dict[str, FileRecord]:
+        return {name: record for name, record in self.files.items() if record.source == source}
+
+    def record_source(self, source: str, revision: str, files: dict[str, FileRecord], complete: bool) -> None:
+        """Replaces what is recorded of `source` by `files`; `complete` marks it done at `revision`."""
+        for stale in self.files_from(source):
+            del self.files[stale]
+        self.files |= files
+        if complete:
+            self.complete_sources[source] = revision
+        else:
+            self.complete_sources.pop(source, None)
+        self.save()
+
+
+def has_size(path: Path, size: int | None) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+
+def is_intact(path: Path, record: FileRecord, verify: bool) -> bool:
+    """The size always; the recorded sha256 only when asked (a LoRA URL has no listing to ask)."""
+    return has_size(path, record.size) and (not verify or sha256_of(path) == record.sha256)
