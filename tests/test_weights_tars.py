@@ -6,6 +6,7 @@ while announcing its full length, as a dropped connection does.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -248,7 +249,7 @@ def test_a_boot_waiting_on_another_process_s_fetch_says_so_naming_the_lock_and_i
 
     try:
         assert holder.stdout.readline() == "held\n"
-        with caplog.at_level(logging.INFO, logger="lassie.provision"):
+        with caplog.at_level(logging.INFO, logger="lassie.weights.provision"):
             waiter = threading.Thread(target=boot)
             waiter.start()
             for _ in range(200):  # bounded: a few seconds at most
