@@ -51,6 +51,7 @@ LORA_DOWNLOAD_TIMEOUT_ENV = "LASSIE_LORA_DOWNLOAD_TIMEOUT"
 LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
 LORA_URL_ENV = "LASSIE_LORA_URL"
 WEIGHTS_URL_ENV = "LASSIE_WEIGHTS_URL"
+WEIGHTS_DOWNLOAD_TIMEOUT_ENV = "LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT"
 # The layout folders fetched as tars, each from its own variable or `<LASSIE_WEIGHTS_URL>/<folder>.tar`.
 FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FLUX_SCHNELL_URL",
                    "safety": "LASSIE_SAFETY_URL"}
@@ -234,6 +235,9 @@ class ProvisionSettings:
     weights_url: str | None = None  # LASSIE_WEIGHTS_URL: <base>/<folder>.tar for each missing folder
     folder_urls: Mapping[str, str] = field(default_factory=dict)  # folder -> its own tar URL (FOLDER_URL_ENVS)
     cog_weights: str | None = None  # COG_WEIGHTS, as cog hands it to setup(weights): the Lassie LoRA
+    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest
+    # folder (about 24 GB) arrive at 2.2 MB/s (24e9 B / 10 800 s), a modest link
+    weights_download_timeout: int = 3 * 3600
 
     @classmethod
     def read(cls, env: Environment) -> ProvisionSettings:
@@ -242,7 +246,9 @@ class ProvisionSettings:
                    hf_endpoint=env.base_url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
                    offline=env.flag("HF_HUB_OFFLINE", default=False),
                    weights_url=(env.url(WEIGHTS_URL_ENV) or "").rstrip("/") or None,
-                   folder_urls={folder: url for folder, url in folder_urls.items() if url})
+                   folder_urls={folder: url for folder, url in folder_urls.items() if url},
+                   weights_download_timeout=env.count(WEIGHTS_DOWNLOAD_TIMEOUT_ENV, cls.weights_download_timeout,
+                                                      minimum=1, what="a number of seconds"))
 
     @property
     def lassie_origin(self) -> str | None:

@@ -3,11 +3,15 @@
 Plays a weights host (Replicate's, a mirror) for the tests and `bench_download.py`: it answers
 `Range: bytes=a-b` with 206 Partial Content (or ignores ranges, like a host without them), can cap
 each connection's speed (as a real host's per-connection throughput is capped), and can cut a
-response short after some bytes while still announcing the full length. Every GET is counted.
+response short after some bytes while still announcing the full length. Like a real host it names
+each file's version (ETag and Last-Modified) and honours `If-Range`. Faults for the tests: a 206 of
+another range than asked for, a file replaced after some requests, a body trickled byte by byte.
+Every GET is counted, with the If-Range it carried.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -24,6 +28,21 @@ SEND_BYTES = 256 * 1024
 class Served:
     body: bytes
     cut_after: int | None = None  # no byte at or after this offset is ever sent (lengths announced in full)
+    wrong_range: bool = False  # later range requests are answered with the range after the one asked for
+    replaced_by: bytes | None = None  # the file's next version, served from request number `replaced_after`
+    replaced_after: int = 1
+    keeps_changing: bool = False  # every request sees another version than the one before
+    ignores_if_range: bool = False  # answers ranges of whatever version it has (with that version's ETag)
+    trickle: float = 0.0  # seconds between one byte and the next (0: as fast as the cap allows)
+    validators: bool = True  # False: no ETag or Last-Modified
+
+    def version(self, request_number: int) -> tuple[bytes, str, str]:
+        """The body, ETag and Last-Modified that the `request_number`th request (from 1) sees."""
+        later = request_number % 2 == 0 if self.keeps_changing else request_number > self.replaced_after
+        replaced = self.replaced_by is not None and later
+        body = self.replaced_by if replaced and self.replaced_by is not None else self.body
+        day = 2 if replaced else 1
+        return body, f'"{hashlib.sha256(body).hexdigest()[:16]}"', f"Mon, 0{day} Jan 2024 00:00:00 GMT"
 
 
 class RangeServer:
@@ -34,6 +53,7 @@ class RangeServer:
         self.bytes_per_second = bytes_per_second
         self.ranges = ranges
         self.requests: Counter[str] = Counter()
+        self.if_ranges: list[str | None] = []  # the If-Range header of every range request, in order
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, 0), self._handler())
         self._server.daemon_threads = True
@@ -48,8 +68,8 @@ class RangeServer:
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
 
-    def serve(self, path: str, body: bytes, cut_after: int | None = None) -> str:
-        self.files[path] = Served(body, cut_after)
+    def serve(self, path: str, body: bytes, cut_after: int | None = None, **faults: object) -> str:
+        self.files[path] = Served(body, cut_after, **faults)  # type: ignore[arg-type]
         return self.url(path)
 
     def count(self, path: str) -> int:
@@ -69,6 +89,7 @@ class RangeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            trickle = 0.0
 
             def log_message(self, format: str, *args: object) -> None:
                 """Quiet."""
@@ -77,14 +98,22 @@ class RangeServer:
                 path = urlsplit(self.path).path
                 with server._lock:
                     server.requests[path] += 1
+                    number = server.requests[path]
+                    if self.headers.get("Range"):
+                        server.if_ranges.append(self.headers.get("If-Range"))
                 served = server.files.get(path)
                 if served is None:
                     self._answer(404, b"not found", {})
                     return
-                size = len(served.body)
+                body, etag, modified = served.version(number)
+                named = {"ETag": etag, "Last-Modified": modified} if served.validators else {}
+                self.trickle = served.trickle
+                size = len(body)
                 wanted = RANGE.fullmatch(self.headers.get("Range") or "") if server.ranges else None
-                if wanted is None:
-                    self._answer(200, served.body, {"Accept-Ranges": "bytes" if server.ranges else "none"},
+                if_range = self.headers.get("If-Range")
+                stale = if_range is not None and if_range not in (etag, modified) and not served.ignores_if_range
+                if wanted is None or stale:
+                    self._answer(200, body, {"Accept-Ranges": "bytes" if server.ranges else "none", **named},
                                  served.cut_after)
                     return
                 start = int(wanted.group(1))
@@ -92,8 +121,11 @@ class RangeServer:
                 if start >= size:
                     self._answer(416, b"", {"Content-Range": f"bytes */{size}"})
                     return
+                if served.wrong_range and start > 0:
+                    start, end = min(end, size - 1), min(2 * end - start, size)
                 cut = None if served.cut_after is None else max(served.cut_after - start, 0)
-                self._answer(206, served.body[start:end], {"Content-Range": f"bytes {start}-{end - 1}/{size}"}, cut)
+                self._answer(206, body[start:end], {"Content-Range": f"bytes {start}-{end - 1}/{size}", **named},
+                             cut)
 
             def _answer(self, status: int, body: bytes, headers: dict[str, str], cut_after: int | None = None) -> None:
                 """`cut_after`: bytes of this body sent before the connection drops (None: all)."""
@@ -112,6 +144,12 @@ class RangeServer:
 
             def _send_capped(self, body: memoryview) -> None:
                 """At most `bytes_per_second` on this connection, paced per block."""
+                if self.trickle:
+                    for offset in range(len(body)):
+                        self.wfile.write(body[offset:offset + 1])
+                        self.wfile.flush()
+                        time.sleep(self.trickle)
+                    return
                 started = time.monotonic()
                 for offset in range(0, len(body), SEND_BYTES):
                     block = body[offset:offset + SEND_BYTES]

@@ -23,6 +23,7 @@ from lassie.fetch.http import (
     AddressRule,
     Credential,
     DownloadLimits,
+    FetchError,
     ProgressLog,
     address_refusal,
     allowed_addresses,
@@ -31,7 +32,6 @@ from lassie.fetch.http import (
     parse_ip_literal,
     redact_url,
 )
-from lassie.request.errors import InputError
 from lassie.settings import Settings
 
 SECRET = "civ-token-5ec7e7-do-not-log"
@@ -128,20 +128,24 @@ def test_operator_exceptions() -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "2130706433", "0x7f000001", "127.1"])
 def test_loopback_targets_are_refused_before_any_request(services: FakeServices, tmp_path: Path, host: str) -> None:
     services.serve("/lora.safetensors", make_lora())
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(FetchError) as caught:
         download_file(f"http://{host}:{services.port}/lora.safetensors", tmp_path / "out")
     message = str(caught.value)
-    assert message.startswith("extra_lora: refusing to fetch from")
+    assert message.startswith("refusing to fetch from")
     assert "loopback" in message and "LASSIE_ALLOW_PRIVATE_URLS" in message
     assert services.seen == []
     assert not (tmp_path / "out").exists()
 
 
 def fake_resolver(monkeypatch: pytest.MonkeyPatch, *answers: list[str]) -> list[str]:
-    """Each lookup returns the next list of addresses (the last one repeats); returns the names looked up."""
+    """Each lookup returns the next list of addresses (the last one repeats); returns the names looked up.
+    An address literal is no lookup (as with a real resolver): it stands for itself and is not recorded."""
     looked_up: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
 
     def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        if parse_ip_literal(host) is not None:
+            return real_getaddrinfo(host, port, *args, **kwargs)
         looked_up.append(host)
         addresses = answers[min(len(looked_up), len(answers)) - 1]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in addresses]
@@ -152,7 +156,7 @@ def fake_resolver(monkeypatch: pytest.MonkeyPatch, *answers: list[str]) -> list[
 
 def test_a_name_with_any_internal_answer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_resolver(monkeypatch, ["93.184.216.34", "127.0.0.1"])
-    with pytest.raises(InputError, match=r"refusing to fetch from two-faced.example \(which is 127.0.0.1\)"):
+    with pytest.raises(FetchError, match=r"refusing to fetch from two-faced.example \(which is 127.0.0.1\)"):
         allowed_addresses("two-faced.example", 443, AddressRule())
 
 
@@ -171,7 +175,7 @@ def test_the_connection_goes_to_the_address_that_was_checked(services: FakeServi
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x.safetensors", "gopher://x/1"])
 def test_non_http_schemes_are_refused(tmp_path: Path, url: str) -> None:
-    with pytest.raises(InputError, match="only http\\(s\\) URLs are fetched"):
+    with pytest.raises(FetchError, match="only http\\(s\\) URLs are fetched"):
         download_file(url, tmp_path / "out")
 
 
@@ -182,7 +186,7 @@ def test_a_redirect_that_lands_on_an_internal_address_is_refused(
     """The first hop is allowed by the operator (127.0.0.1 only); where it redirects to is not."""
     limits = DownloadLimits(rule=rule_for("127.0.0.1"))
     url = services.redirect("/hop", target.format(port=services.port))
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(FetchError) as caught:
         download_file(url, tmp_path / "out", limits=limits)
     assert services.count("/hop") == 1
     assert len(services.seen) == 1
@@ -201,7 +205,7 @@ def test_redirects_are_followed_and_checked_at_every_hop(services: FakeServices,
 
 def test_redirect_loops_end_with_a_clear_error(services: FakeServices, tmp_path: Path) -> None:
     url = services.redirect("/loop", "/loop")
-    with pytest.raises(InputError, match="redirects more than 8 times"):
+    with pytest.raises(FetchError, match="redirects more than 8 times"):
         download_file(url, tmp_path / "out", limits=ALLOW_ALL)
     assert services.count("/loop") == 9
 
@@ -211,7 +215,7 @@ def test_redirect_loops_end_with_a_clear_error(services: FakeServices, tmp_path:
 def test_a_declared_size_over_the_cap_is_refused_before_the_body(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/big.safetensors", b"x" * 5000)
     limits = DownloadLimits(max_bytes=4096, rule=AddressRule(allow_all=True))
-    with pytest.raises(InputError, match=r"larger than the 4.0 KiB allowed for a LoRA \(LASSIE_MAX_LORA_BYTES\)"):
+    with pytest.raises(FetchError, match=r"larger than the 4.0 KiB allowed for a LoRA \(LASSIE_MAX_LORA_BYTES\)"):
         download_file(url, tmp_path / "out", limits=limits)
     assert not (tmp_path / "out").exists()
 
@@ -219,7 +223,7 @@ def test_a_declared_size_over_the_cap_is_refused_before_the_body(services: FakeS
 def test_the_cap_is_enforced_while_streaming_when_no_size_is_declared(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/big.safetensors", b"x" * (3 * 1024 * 1024), send_length=False)
     limits = DownloadLimits(max_bytes=1024 * 1024, rule=AddressRule(allow_all=True))
-    with pytest.raises(InputError, match=r"larger than the 1.0 MiB allowed"):
+    with pytest.raises(FetchError, match=r"larger than the 1.0 MiB allowed"):
         download_file(url, tmp_path / "out", limits=limits)
     assert (tmp_path / "out").stat().st_size <= 1024 * 1024
 
@@ -227,7 +231,7 @@ def test_the_cap_is_enforced_while_streaming_when_no_size_is_declared(services: 
 def test_the_cap_comes_from_the_settings(services: FakeServices, tmp_path: Path) -> None:
     settings = Settings.from_env({"LASSIE_ALLOW_PRIVATE_URLS": "1", "LASSIE_MAX_LORA_BYTES": "100"}).lora
     url = services.serve("/lora.safetensors", make_lora())
-    with pytest.raises(InputError, match="larger than the 100 bytes allowed"):
+    with pytest.raises(FetchError, match="larger than the 100 bytes allowed"):
         download_file(url, tmp_path / "out", limits=DownloadLimits.from_settings(settings))
     with pytest.raises(ValueError, match="LASSIE_MAX_LORA_BYTES"):
         Settings.from_env({"LASSIE_MAX_LORA_BYTES": "lots"})
@@ -235,14 +239,14 @@ def test_the_cap_comes_from_the_settings(services: FakeServices, tmp_path: Path)
 
 def test_a_connection_that_closes_early_is_a_cut_short_download(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/short.safetensors", make_lora(), declared_length=100_000)
-    with pytest.raises(InputError, match="cut short"):
+    with pytest.raises(FetchError, match="cut short"):
         download_file(url, tmp_path / "out", limits=ALLOW_ALL)
 
 
 def test_a_server_that_stops_sending_times_out(services: FakeServices, tmp_path: Path) -> None:
     url = services.serve("/slow.safetensors", make_lora(), stall=2.0)
     limits = DownloadLimits(read_timeout=0.3, rule=AddressRule(allow_all=True))
-    with pytest.raises(InputError, match="did not answer in time"):
+    with pytest.raises(FetchError, match="did not answer in time"):
         download_file(url, tmp_path / "out", limits=limits)
 
 
@@ -251,9 +255,9 @@ def test_a_trickling_download_is_stopped_by_the_overall_time_limit(services: Fak
     url = services.serve("/trickle.safetensors?sig=secret", make_lora(), trickle=0.1)
     settings = Settings.from_env({"LASSIE_ALLOW_PRIVATE_URLS": "1", "LASSIE_LORA_DOWNLOAD_TIMEOUT": "1"}).lora
     limits = replace(DownloadLimits.from_settings(settings), read_timeout=0.3)
-    with pytest.raises(InputError) as error:
+    with pytest.raises(FetchError) as error:
         download_file(url, tmp_path / "out", limits=limits)
-    assert str(error.value).startswith(f"extra_lora: the download of {url.split('?')[0]}?… took longer than the 1 s "
+    assert str(error.value).startswith(f"the download of {url.split('?')[0]}?… took longer than the 1 s "
                                        "allowed for fetching a LoRA (LASSIE_LORA_DOWNLOAD_TIMEOUT)")
     with pytest.raises(ValueError, match="LASSIE_LORA_DOWNLOAD_TIMEOUT must be a number of seconds"):
         Settings.from_env({"LASSIE_LORA_DOWNLOAD_TIMEOUT": "0"})
@@ -264,7 +268,7 @@ def test_a_trickling_download_is_stopped_by_the_overall_time_limit(services: Fak
 def test_http_errors_are_reported_with_their_status(services: FakeServices, tmp_path: Path, status: int,
                                                     expected: str) -> None:
     url = services.serve("/x.safetensors", b"nope", status=status)
-    with pytest.raises(InputError, match=expected):
+    with pytest.raises(FetchError, match=expected):
         download_file(url, tmp_path / "out", limits=ALLOW_ALL)
 
 
@@ -272,7 +276,7 @@ def test_fetch_json_reads_an_api_answer_and_refuses_html(services: FakeServices)
     good = services.serve("/api/ok", json.dumps({"modelVersions": []}).encode())
     bad = services.serve("/api/html", b"<html>login</html>")
     assert fetch_json(good, limits=ALLOW_ALL) == {"modelVersions": []}
-    with pytest.raises(InputError, match="did not answer with JSON"):
+    with pytest.raises(FetchError, match="did not answer with JSON"):
         fetch_json(bad, limits=ALLOW_ALL)
 
 
@@ -357,10 +361,10 @@ def test_auth_failures_name_the_variable_but_never_the_token(services: FakeServi
                                                              caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     url = services.serve("/private.safetensors", make_lora(), token="the-right-one")
-    with pytest.raises(InputError, match="needs a token \\(HTTP 401\\): set CIVITAI_API_TOKEN"):
+    with pytest.raises(FetchError, match="needs a token \\(HTTP 401\\): set CIVITAI_API_TOKEN"):
         download_file(url, tmp_path / "out", credential=Credential(services.base, "CIVITAI_API_TOKEN"),
                       limits=ALLOW_ALL)
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(FetchError) as caught:
         download_file(url, tmp_path / "out", credential=Credential(services.base, "CIVITAI_API_TOKEN", SECRET),
                       limits=ALLOW_ALL)
     assert "refused the token in CIVITAI_API_TOKEN (HTTP 403)" in str(caught.value)
@@ -373,7 +377,7 @@ def test_query_strings_never_reach_logs_or_errors(services: FakeServices, tmp_pa
     services.serve("/signed.safetensors", make_lora())
     services.redirect("/moved", f"/signed.safetensors?X-Amz-Signature={SECRET}")
     download_file(f"{services.base}/moved?token={SECRET}", tmp_path / "out", limits=ALLOW_ALL)
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(FetchError) as caught:
         download_file(f"{services.base}/missing.safetensors?token={SECRET}", tmp_path / "out", limits=ALLOW_ALL)
     assert "signed.safetensors?…" in caplog.text
     assert SECRET not in caplog.text and SECRET not in str(caught.value)

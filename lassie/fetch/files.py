@@ -21,8 +21,9 @@ from typing import BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
-from lassie.fetch.http import FIELD, human_bytes
+from lassie.fetch.http import human_bytes
 from lassie.fetch.tars import TarLimits, TarRefused, checked_members, copy_data, file_is_compressed, sanitised
+from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 
 HEAD_BYTES = 256

@@ -1,18 +1,21 @@
-"""Fetching untrusted files safely: public addresses only, secrets kept, sizes bounded.
+"""The project's one HTTP client: every fetch (weights tars, COG_WEIGHTS, LASSIE_LORA_URL, extra
+LoRAs from a URL, Replicate or CivitAI) goes through `request`/`open_url` here, on httpx2.
 
-`extra_lora` makes the server fetch any URL a user types, so every hop (the first one and each
-redirect) must land on a public address, and the connection goes to exactly the address that was
-checked (a second DNS answer cannot swap in 127.0.0.1). Tokens belong to one service origin and
-never follow a redirect elsewhere; URLs are shown without their query strings, because signed URLs
-carry secrets there. What was fetched is checked in `lassie.fetch.files`.
+What holds for every fetch: redirects are followed by hand and only to http(s); a token belongs to
+one origin and never follows a redirect elsewhere; URLs are shown without user info or query string
+(signed URLs carry secrets there); every read waits at most the read timeout, and a `Deadline` is
+checked between the small reads a body arrives in, so a host trickling a byte at a time cannot
+outlast it. Where a user gave the URL (`extra_lora` and the service APIs it leads to) every hop must
+also land on a public address, and the connection goes to exactly the address that was checked (a
+second DNS answer cannot swap in 127.0.0.1); operator URLs pass `AddressRule(allow_all=True)`.
 
-Every bound, exception and token comes from the operator's `LoraSettings`; nothing here reads the
-environment.
+Failures are `FetchError`s with a message that names the (redacted) URL and why; each caller says
+what was being fetched (the `extra_lora` field, a variable). What was fetched is checked elsewhere.
+Every bound and token comes from the caller; nothing here reads the environment.
 """
 
 from __future__ import annotations
 
-import http.client
 import io
 import ipaddress
 import json
@@ -20,7 +23,6 @@ import logging
 import math
 import re
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -30,13 +32,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+import httpx2
 from huggingface_hub.utils import tqdm
 
-from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
-from lassie.request.errors import InputError
 from lassie.settings import ALLOW_PRIVATE_ENV, LORA_DOWNLOAD_TIMEOUT_ENV, MAX_LORA_BYTES_ENV, LoraSettings
 
 logger = logging.getLogger(__name__)
+for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs, signed queries included
+    logging.getLogger(_library).setLevel(logging.WARNING)
 
 
 MIB = 1024**2
@@ -44,6 +47,8 @@ MAX_JSON_BYTES = 16 * MIB
 CHUNK_BYTES = MIB
 PROGRESS_FROM_BYTES = 64 * MIB
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+HEADERS = {"Accept-Encoding": "identity", "User-Agent": "lassie-fetcher"}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -58,6 +63,11 @@ ADDRESS_CLASSES = (
     ("reserved", "is_reserved"),
     ("private", "is_private"),
 )
+
+
+class FetchError(RuntimeError):
+    """A fetch failed; the message names the URL (redacted) and why, and the caller adds what it
+    was fetching (a request field, a variable)."""
 
 
 # --- the address rule (pure) -------------------------------------------------------------------
@@ -177,19 +187,49 @@ def _origin(parts: SplitResult) -> tuple[str, str, int]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
 
 
-# --- limits -------------------------------------------------------------------------------------
+# --- time and size limits -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The whole time one fetch may take (every request, redirect and byte of it, and what the
+    caller does with the bytes before it calls the fetch done), counted from its creation.
+
+    A host that trickles a byte at a time never trips a per-read timeout; this does, because every
+    body is read in the small pieces the network delivers and the deadline is checked between them.
+    `variable` names the setting that chose `seconds`, so an error says what to change.
+    """
+
+    seconds: float
+    variable: str
+    purpose: str
+    started: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> float:
+        """Seconds left; 0 once the deadline has passed."""
+        return max(self.started + self.seconds - time.monotonic(), 0.0)
+
+    def passed(self) -> bool:
+        return self.remaining() == 0
+
+    def check(self, url: str, received: int | None = None) -> None:
+        if self.passed():
+            raise self.overdue(url, received)
+
+    def overdue(self, url: str, received: int | None = None) -> FetchError:
+        got = "" if received is None else f" ({human_bytes(received)} had arrived)"
+        return FetchError(f"the download of {redact_url(url)} took longer than the {self.seconds:g} s "
+                          f"allowed for {self.purpose} ({self.variable}){got}")
+
+
+def lora_deadline(seconds: float = math.inf) -> Deadline:
+    return Deadline(seconds, LORA_DOWNLOAD_TIMEOUT_ENV, "fetching a LoRA")
 
 
 @dataclass(frozen=True)
 class DownloadLimits:
-    """Everything that bounds one fetch, and the tokens no error of it may show; tests and
-    callers pass tighter ones.
-
-    `time_limit` bounds the whole fetch (every request, redirect and byte of it), counted from when
-    the limits are made (one `DownloadLimits` per fetch): a server that trickles a byte at a time
-    never trips the per-read timeout, so without it one download could hold a request (and its Cog
-    slot) for as long as it likes.
-    """
+    """Everything that bounds one LoRA fetch, and the tokens no error of it may show; tests and
+    callers pass tighter ones. One `DownloadLimits` per fetch: its deadline starts when it is made."""
 
     max_bytes: int = LoraSettings.max_download_bytes
     connect_timeout: float = 15.0
@@ -197,26 +237,17 @@ class DownloadLimits:
     max_redirects: int = 8
     rule: AddressRule = AddressRule()
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
-    time_limit: float = math.inf  # extra LoRAs: LASSIE_LORA_DOWNLOAD_TIMEOUT (`from_settings`)
-    started: float = field(default_factory=time.monotonic)
+    deadline: Deadline = field(default_factory=lora_deadline)  # extra LoRAs: LASSIE_LORA_DOWNLOAD_TIMEOUT
 
     @classmethod
     def from_settings(cls, settings: LoraSettings) -> DownloadLimits:
         return cls(max_bytes=settings.max_download_bytes, rule=AddressRule.from_settings(settings),
-                   tokens=settings.tokens, time_limit=float(settings.download_timeout))
+                   tokens=settings.tokens, deadline=lora_deadline(float(settings.download_timeout)))
 
-    def remaining(self) -> float:
-        """Seconds left of `time_limit`; 0 once it has passed."""
-        return max(self.started + self.time_limit - time.monotonic(), 0.0)
-
-    def timeout(self, per_step: float) -> float:
-        """A socket timeout for the next step: `per_step`, but never past the overall limit."""
-        return max(min(per_step, self.remaining()), 0.001)
-
-    def overdue(self, url: str, received: int | None = None) -> InputError:
-        got = "" if received is None else f" ({human_bytes(received)} had arrived)"
-        return InputError(FIELD, f"the download of {redact_url(url)} took longer than the {self.time_limit:g} s "
-                                 f"allowed for fetching a LoRA ({LORA_DOWNLOAD_TIMEOUT_ENV}){got}")
+    def timeout(self) -> httpx2.Timeout:
+        """Socket timeouts for the next request: the usual ones, but never past the deadline."""
+        left = max(self.deadline.remaining(), 0.001)
+        return httpx2.Timeout(min(self.read_timeout, left), connect=min(self.connect_timeout, left))
 
 
 def human_bytes(count: float) -> str:
@@ -226,7 +257,7 @@ def human_bytes(count: float) -> str:
     return f"{count / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
-# --- connections pinned to the checked address -------------------------------------------------
+# --- addresses checked before any connection ---------------------------------------------------
 
 
 def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress]:
@@ -239,7 +270,7 @@ def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress
     try:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as error:
-        raise InputError(FIELD, f"could not resolve host {host!r} ({error})") from None
+        raise FetchError(f"could not resolve host {host!r} ({error})") from None
     addresses = list(dict.fromkeys(ipaddress.ip_address(answer[4][0].split("%")[0]) for answer in answers))
     for address in addresses:
         _refuse_if_forbidden(host, address, rule)
@@ -251,159 +282,161 @@ def _refuse_if_forbidden(host: str, address: IPAddress, rule: AddressRule) -> No
     if reason is None:
         return
     spelled = "" if host.strip("[]") == str(address) else f" (which is {address})"
-    raise InputError(
-        FIELD,
+    raise FetchError(
         f"refusing to fetch from {host}{spelled}: it is a {reason} address, and only public internet "
-        f"addresses are fetched (operators of private mirrors can set {ALLOW_PRIVATE_ENV})",
+        f"addresses are fetched (operators of private mirrors can set {ALLOW_PRIVATE_ENV})"
     )
-
-
-def _connect(addresses: list[IPAddress], port: int, limits: DownloadLimits) -> socket.socket:
-    """Connects to the checked addresses themselves: no second name lookup happens here."""
-    last_error: OSError = OSError("no address to connect to")
-    for address in addresses:
-        sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(limits.timeout(limits.connect_timeout))
-        try:
-            sock.connect((str(address), port))
-        except OSError as error:
-            sock.close()
-            last_error = error
-            continue
-        sock.settimeout(limits.timeout(limits.read_timeout))
-        return sock
-    raise last_error
-
-
-class _TimedResponse(http.client.HTTPResponse):
-    """A response that keeps its socket, so each read's timeout can shrink as the overall time
-    limit nears (`response_class` of the connections below)."""
-
-    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        self.socket = sock
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Talks HTTP to `host` (Host header) over a socket to an address that was already checked."""
-
-    response_class = _TimedResponse
-
-    def __init__(self, host: str, port: int, addresses: list[IPAddress], limits: DownloadLimits) -> None:
-        super().__init__(host, port, timeout=limits.connect_timeout)
-        self.checked_addresses = addresses
-        self.limits = limits
-
-    def connect(self) -> None:
-        self.sock = _connect(self.checked_addresses, self.port, self.limits)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """TLS is verified against the host name while the TCP connection goes to the checked address."""
-
-    response_class = _TimedResponse
-
-    def __init__(self, host: str, port: int, addresses: list[IPAddress], limits: DownloadLimits) -> None:
-        self.tls = ssl.create_default_context()
-        super().__init__(host, port, timeout=limits.connect_timeout, context=self.tls)
-        self.checked_addresses = addresses
-        self.limits = limits
-
-    def connect(self) -> None:
-        sock = _connect(self.checked_addresses, self.port, self.limits)
-        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
 
 
 # --- requests with hand-checked redirects ------------------------------------------------------
 
 
-def _checked_url(url: str) -> tuple[SplitResult, int]:
-    """The URL's parts and port; only http(s) with a host goes on (never file://, ftp://, ...)."""
+def new_client(connections: int = 1) -> httpx2.Client:
+    """A client that follows nothing by itself and reads nothing from the environment (no proxy,
+    no .netrc credentials): every redirect and every header it sends is decided here."""
+    return httpx2.Client(follow_redirects=False, trust_env=False, headers=HEADERS,
+                         limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
+def checked_url(url: str) -> httpx2.URL:
+    """Only http(s) with a host goes on (never file://, ftp://, ...), at the first hop or any redirect."""
     try:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise InputError(FIELD, f"{redact_url(url)} is not a valid URL") from None
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+        parsed = httpx2.URL(url)
+    except (ValueError, httpx2.InvalidURL):
+        raise FetchError(f"{redact_url(url)} is not a valid URL") from None
     if parts.scheme not in ("http", "https"):
-        raise InputError(FIELD, f"only http(s) URLs are fetched; refusing a {parts.scheme or 'schemeless'} URL")
-    if not parts.hostname:
-        raise InputError(FIELD, f"{redact_url(url)} has no host")
-    return parts, port
+        raise FetchError(f"only http(s) URLs are fetched; refusing a {parts.scheme or 'schemeless'} URL")
+    if not parsed.host:
+        raise FetchError(f"{redact_url(url)} has no host")
+    return parsed
 
 
-def _send(url: str, credential: Credential | None, limits: DownloadLimits) -> http.client.HTTPResponse:
-    parts, port = _checked_url(url)
-    addresses = allowed_addresses(parts.hostname or "", port, limits.rule)
-    connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-    connection = connection_class(parts.hostname or "", port, addresses, limits)
-    headers = {"Accept-Encoding": "identity", "Connection": "close", "User-Agent": "lassie-lora-fetcher"}
-    if credential is not None and credential.applies_to(url):
-        headers["Authorization"] = f"Bearer {credential.token}"
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
-        connection.request("GET", target, headers=headers)
-        return connection.getresponse()
-    except (OSError, http.client.HTTPException) as error:
-        connection.close()
-        if limits.remaining() == 0:
-            raise limits.overdue(url) from None
-        raise InputError(FIELD, f"could not download {redact_url(url)}: {_network_reason(error, limits)}") from None
+def _send(client: httpx2.Client, url: str, headers: dict[str, str], limits: DownloadLimits) -> httpx2.Response:
+    """One request, its body not yet read. Under an address rule with exceptions to check, the
+    connection goes to a checked address itself (Host header and TLS name stay the URL's host)."""
+    target = checked_url(url)
+    client.cookies.clear()  # nothing one host set travels to the next
+    if limits.rule.allow_all:
+        return client.send(client.build_request("GET", target, headers=headers, timeout=limits.timeout()),
+                           stream=True)
+    addresses = allowed_addresses(target.host, target.port or (443 if target.scheme == "https" else 80), limits.rule)
+    host_header = target.netloc.decode("ascii")
+    last_error: httpx2.HTTPError = httpx2.ConnectError("no address to connect to")
+    for address in addresses:
+        pinned = target.copy_with(host=str(address))
+        request = client.build_request("GET", pinned, headers={**headers, "Host": host_header},
+                                       timeout=limits.timeout(), extensions={"sni_hostname": target.host})
+        try:
+            return client.send(request, stream=True)
+        except httpx2.ConnectError as error:
+            last_error = error
+    raise last_error
 
 
-def _network_reason(error: BaseException, limits: DownloadLimits) -> str:
-    if isinstance(error, TimeoutError):
+def network_problem(error: BaseException, tokens: Mapping[str, str]) -> str:
+    if isinstance(error, httpx2.TimeoutException | TimeoutError):
         return "the server did not answer in time"
-    return redact_secrets(f"{type(error).__name__}: {error}".rstrip(": "), limits.tokens)
+    if isinstance(error, httpx2.RemoteProtocolError):
+        return "the connection closed early"
+    return redact_secrets(f"{type(error).__name__}: {error}".rstrip(": "), tokens)
 
 
-@contextmanager
-def open_url(
-    url: str, *, credential: Credential | None = None, limits: DownloadLimits | None = None
-) -> Iterator[tuple[http.client.HTTPResponse, str]]:
-    """A successful response and the URL it finally came from, after checking every redirect hop.
-
-    Once a redirect leaves the credential's origin the credential is dropped for good.
-    """
+def request(client: httpx2.Client, url: str, *, credential: Credential | None = None,
+            limits: DownloadLimits | None = None, headers: Mapping[str, str] | None = None,
+            ) -> tuple[httpx2.Response, str]:
+    """A successful (2xx) response, its body unread (the caller closes it), and the URL it finally
+    came from, after checking every redirect hop. Once a redirect leaves the credential's origin
+    the credential is dropped for good."""
     limits = limits or DownloadLimits()
     current = url
     for _ in range(limits.max_redirects + 1):
-        if limits.remaining() == 0:
-            raise limits.overdue(current)
-        response = _send(current, credential, limits)
-        location = response.getheader("Location") if response.status in REDIRECT_STATUSES else None
+        limits.deadline.check(current)
+        sent = dict(headers or {})
+        if credential is not None and credential.applies_to(current):
+            sent["Authorization"] = f"Bearer {credential.token}"
+        try:
+            response = _send(client, current, sent, limits)
+        except httpx2.HTTPError as error:
+            limits.deadline.check(current)
+            raise FetchError(f"could not download {redact_url(current)}: "
+                             f"{network_problem(error, limits.tokens)}") from None
+        location = response.headers.get("Location") if response.status_code in REDIRECT_STATUSES else None
         if location is None:
             break
         response.close()
         following = urljoin(current, location)
-        logger.debug("extra_lora: %s redirects to %s", redact_url(current), redact_url(following))
+        logger.debug("%s redirects to %s", redact_url(current), redact_url(following))
         if credential is not None and not credential.applies_to(following):
             credential = None
         current = following
     else:
-        raise InputError(FIELD, f"{redact_url(url)} redirects more than {limits.max_redirects} times")
+        raise FetchError(f"{redact_url(url)} redirects more than {limits.max_redirects} times")
     try:
         _raise_for_status(response, current, credential)
-        yield response, current
-    finally:
+    except FetchError:
         response.close()
+        raise
+    return response, current
 
 
-def _raise_for_status(response: http.client.HTTPResponse, url: str, credential: Credential | None) -> None:
-    if 200 <= response.status < 300:
+@contextmanager
+def open_url(url: str, *, credential: Credential | None = None, limits: DownloadLimits | None = None,
+             ) -> Iterator[tuple[httpx2.Response, str]]:
+    """`request` on a client of its own, closed (with the response) on leaving."""
+    with new_client() as client:
+        response, final_url = request(client, url, credential=credential, limits=limits)
+        try:
+            yield response, final_url
+        finally:
+            response.close()
+
+
+def _raise_for_status(response: httpx2.Response, url: str, credential: Credential | None) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
         return
     shown = redact_url(url)
-    if response.status in (401, 403) and credential is not None:
+    if status in (401, 403) and credential is not None:
         if credential.token:
-            problem = f"it refused the token in {credential.env_name} (HTTP {response.status})"
+            problem = f"it refused the token in {credential.env_name} (HTTP {status})"
         else:
-            problem = f"it needs a token (HTTP {response.status}): set {credential.env_name}"
-        raise InputError(FIELD, f"could not download {shown}: {problem}")
-    if response.status == 404:
-        raise InputError(FIELD, f"could not download {shown}: not found (HTTP 404)")
-    raise InputError(FIELD, f"could not download {shown}: the server answered HTTP {response.status}")
+            problem = f"it needs a token (HTTP {status}): set {credential.env_name}"
+        raise FetchError(f"could not download {shown}: {problem}")
+    if status == 404:
+        raise FetchError(f"could not download {shown}: not found (HTTP 404)")
+    raise FetchError(f"could not download {shown}: the server answered HTTP {status}")
 
 
 # --- bounded bodies ----------------------------------------------------------------------------
+
+
+def body_pieces(response: httpx2.Response, url: str, deadline: Deadline, tokens: Mapping[str, str] | None = None,
+                received: int = 0) -> Iterator[bytes]:
+    """The body as the network delivers it (undecoded, each piece one receive: a trickle arrives
+    byte by byte rather than blocking a large read), with the deadline checked before each piece.
+    `received`: bytes of the file that came before this body, for the messages."""
+    pieces = response.iter_raw()
+    while True:
+        deadline.check(url, received)
+        try:
+            piece = next(pieces, None)
+        except httpx2.HTTPError as error:
+            deadline.check(url, received)
+            problem = network_problem(error, tokens or {})
+            if isinstance(error, httpx2.RemoteProtocolError):
+                raise FetchError(f"the download of {redact_url(url)} was cut short ({problem})") from None
+            raise FetchError(f"the download of {redact_url(url)} failed: {problem}") from None
+        if piece is None:
+            return
+        received += len(piece)
+        yield piece
+
+
+def declared_length(response: httpx2.Response) -> int | None:
+    value = (response.headers.get("Content-Length") or "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def download_file(
@@ -415,14 +448,14 @@ def download_file(
     can lie or send no length at all.
     """
     limits = limits or DownloadLimits()
-    with open_url(url, credential=credential, limits=limits) as (response, final_url):
-        declared = _declared_length(response)
+    with open_url(url, credential=credential, limits=limits) as (response, _):
+        declared = declared_length(response)
         _check_size(declared or 0, limits.max_bytes, url)
         logger.info("downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
         with destination.open("wb") as sink:
-            received = _stream(response, sink, declared, limits.max_bytes, final_url, limits)
+            received = _stream(response, sink, declared, limits.max_bytes, url, limits)
     if declared is not None and received != declared:
-        raise InputError(FIELD, f"the download of {redact_url(url)} was cut short ({received} of {declared} bytes)")
+        raise FetchError(f"the download of {redact_url(url)} was cut short ({received} of {declared} bytes)")
     logger.info("downloaded %s (%s)", redact_url(url), human_bytes(received))
     return received
 
@@ -432,58 +465,31 @@ def fetch_json(url: str, *, credential: Credential | None = None, limits: Downlo
     limits = limits or DownloadLimits()
     body = io.BytesIO()
     with open_url(url, credential=credential, limits=limits) as (response, _):
-        _stream(response, body, _declared_length(response), MAX_JSON_BYTES, url, limits)
+        _stream(response, body, declared_length(response), MAX_JSON_BYTES, url, limits)
     try:
         return json.loads(body.getvalue())
     except ValueError:
-        raise InputError(FIELD, f"{redact_url(url)} did not answer with JSON") from None
-
-
-def _declared_length(response: http.client.HTTPResponse) -> int | None:
-    value = (response.getheader("Content-Length") or "").strip()
-    return int(value) if value.isdigit() else None
+        raise FetchError(f"{redact_url(url)} did not answer with JSON") from None
 
 
 def _check_size(size: int, max_bytes: int, url: str) -> None:
     if size > max_bytes:
-        raise InputError(
-            FIELD,
+        raise FetchError(
             f"{redact_url(url)} is larger than the {human_bytes(max_bytes)} allowed for a LoRA "
-            f"({MAX_LORA_BYTES_ENV}); a LoRA is usually well under 1 GiB",
+            f"({MAX_LORA_BYTES_ENV}); a LoRA is usually well under 1 GiB"
         )
 
 
-def _stream(response: http.client.HTTPResponse, sink: BinaryIO, declared: int | None, max_bytes: int,
+def _stream(response: httpx2.Response, sink: BinaryIO, declared: int | None, max_bytes: int,
             url: str, limits: DownloadLimits) -> int:
     received = 0
     with ProgressLog(total=declared, desc=redact_url(url), unit="B") as progress:
-        while chunk := _read_chunk(response, url, limits, received):
-            received += len(chunk)
+        for piece in body_pieces(response, url, limits.deadline, limits.tokens):
+            received += len(piece)
             _check_size(received, max_bytes, url)
-            sink.write(chunk)
-            progress.update(len(chunk))
+            sink.write(piece)
+            progress.update(len(piece))
     return received
-
-
-def _read_chunk(response: _TimedResponse, url: str, limits: DownloadLimits, received: int) -> bytes:
-    """What one receive brings (`read1`: a full-size `read` would wait for a whole chunk, however
-    slowly it trickles in), within the time left of the overall limit."""
-    if response.isclosed():
-        return b""
-    if limits.remaining() == 0:
-        raise limits.overdue(url, received)
-    try:
-        response.socket.settimeout(limits.timeout(limits.read_timeout))
-        return response.read1(CHUNK_BYTES)
-    except TimeoutError:
-        if limits.remaining() == 0:
-            raise limits.overdue(url, received) from None
-        problem = f"failed: {_network_reason(TimeoutError(), limits)}"
-    except http.client.IncompleteRead:
-        problem = "was cut short (the connection closed early)"
-    except (OSError, http.client.HTTPException) as error:
-        problem = f"failed: {_network_reason(error, limits)}"
-    raise InputError(FIELD, f"the download of {redact_url(url)} {problem}")
 
 
 class ProgressLog(tqdm):

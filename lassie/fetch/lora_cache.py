@@ -36,8 +36,9 @@ from typing import IO, Any
 from filelock import FileLock, Timeout
 
 from lassie.fetch.files import sha256_of, validate_safetensors
-from lassie.fetch.http import FIELD, human_bytes
+from lassie.fetch.http import human_bytes
 from lassie.fetch.lora_sources import ExtraLora, LoraSource, fetch_source
+from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import LORA_CACHE_ENV, LoraSettings
 

@@ -25,15 +25,16 @@ from huggingface_hub.hf_api import RepoFile
 
 from lassie.fetch.files import unpack_if_tar
 from lassie.fetch.http import (
-    FIELD,
     Credential,
     DownloadLimits,
+    FetchError,
     download_file,
     fetch_json,
     human_bytes,
     redact_url,
 )
 from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
+from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import MAX_LORA_BYTES_ENV, LoraSettings
 
@@ -329,8 +330,16 @@ def _require_safetensors_name(name: str) -> None:
 
 
 def fetch_source(source: LoraSource, staging: Path, settings: LoraSettings) -> Path:
-    """Downloads `source` into `staging` and returns the .safetensors there (not yet validated)."""
+    """Downloads `source` into `staging` and returns the .safetensors there (not yet validated).
+    The client's failures become the field's: the user gave the address."""
     limits = DownloadLimits.from_settings(settings)
+    try:
+        return _fetch(source, staging, settings, limits)
+    except FetchError as error:
+        raise InputError(FIELD, str(error)) from None
+
+
+def _fetch(source: LoraSource, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
     match source:
         case UrlSource():
             return _download_to(source.url, staging, None, limits)
@@ -357,9 +366,12 @@ def _fetch_replicate(source: ReplicateSource, staging: Path, settings: LoraSetti
     """Replicate serves trained weights as a tar around one .safetensors (plus captions)."""
     credential = Credential.from_settings(settings.replicate_url, "REPLICATE_API_TOKEN", settings)
     archive = staging / "weights.tar"
-    download_file(source.weights_url(settings), archive, credential=credential, limits=limits)
-    return unpack_if_tar(archive, staging / "lora.safetensors", max_bytes=limits.max_bytes,
-                         origin=source.describe())
+    url = source.weights_url(settings)
+    download_file(url, archive, credential=credential, limits=limits)
+    unpacked = unpack_if_tar(archive, staging / "lora.safetensors", max_bytes=limits.max_bytes,
+                             origin=source.describe())
+    limits.deadline.check(url)  # the LoRA's deadline covers unpacking its tar too
+    return unpacked
 
 
 def _fetch_civitai_model(source: CivitaiModelSource, staging: Path, settings: LoraSettings,

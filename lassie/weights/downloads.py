@@ -3,18 +3,19 @@
 Replicate serves its FLUX weights as tars from a public host that answers HTTP range requests.
 Where `pget` (Replicate's parallel downloader) is on PATH it fetches and extracts; otherwise the
 tar comes through parallel range requests when the server allows them (one request tells: 206
-Partial Content), reassembled in order and extracted while it arrives, else as one stream. Either
+Partial Content, with an ETag or Last-Modified to hold every later range to), reassembled in order
+and extracted while it arrives, else as one stream. Either
 way it is unpacked into a staging folder beside its target and renamed into place only once
 complete and checked; the staging folder is removed whatever happens.
 
 The addresses are the operator's (cog.yaml's `environment:` or the container's), trusted like
-LASSIE_LORA_URL: any host, loopback and private mirrors included. Sizes, members and time are
-bounded, and progress is logged (one line per tenth, no terminal control codes).
+LASSIE_LORA_URL: any host, loopback and private mirrors included. They come through the project's
+one HTTP client (`lassie.fetch.http`). Sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per
+folder) are bounded, and progress is logged (one line per tenth, no terminal control codes).
 """
 
 from __future__ import annotations
 
-import http.client
 import io
 import logging
 import re
@@ -23,8 +24,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,8 +31,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lassie.fetch.http import ProgressLog, human_bytes, redact_url
+import httpx2
+
+from lassie.fetch.http import (
+    AddressRule,
+    Deadline,
+    DownloadLimits,
+    FetchError,
+    ProgressLog,
+    body_pieces,
+    declared_length,
+    human_bytes,
+    new_client,
+    redact_url,
+    request,
+)
 from lassie.fetch.tars import TarLimits, TarRefused, check_tree, unpack
+from lassie.settings import WEIGHTS_DOWNLOAD_TIMEOUT_ENV, ProvisionSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +69,7 @@ class FetchOptions:
     connections: int = 16
     chunk_bytes: int = 16 * MIB
     read_timeout: float = 60.0
-    deadline_seconds: float = 3 * 3600.0
+    deadline_seconds: float = ProvisionSettings.weights_download_timeout  # LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT
     max_bytes: int = 256 * GIB
     max_members: int = 100_000
     retries: int = 3
@@ -70,27 +84,63 @@ class FetchOptions:
 # --- one tar as a byte stream -------------------------------------------------------------------
 
 
-def _open(url: str, options: FetchOptions, byte_range: tuple[int, int] | None = None) -> http.client.HTTPResponse:
-    headers = {"Accept-Encoding": "identity", "User-Agent": "lassie-weights-fetcher"}
+class FileChanged(DownloadError):
+    """The file at the URL changed between two of its range requests: what arrived is no one version."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """What names one version of the file: its strong ETag, else its Last-Modified date. Each range
+    request sends it as `If-Range`, so a changed file comes back whole (200) rather than as a part
+    of another version, and each 206 must carry the same."""
+
+    etag: str | None
+    last_modified: str | None
+
+    @classmethod
+    def of(cls, response: httpx2.Response) -> Version:
+        etag = response.headers.get("ETag")
+        return cls(etag if etag and not etag.startswith("W/") else None, response.headers.get("Last-Modified"))
+
+    @property
+    def if_range(self) -> str | None:
+        return self.etag or self.last_modified
+
+    def contradicted_by(self, other: Version) -> bool:
+        """A part names another version (a part that names none was held to ours by If-Range)."""
+        if self.etag and other.etag:
+            return other.etag != self.etag
+        return bool(self.last_modified and other.last_modified and other.last_modified != self.last_modified)
+
+
+def _open(client: httpx2.Client, url: str, limits: DownloadLimits, byte_range: tuple[int, int] | None = None,
+          if_range: str | None = None) -> tuple[httpx2.Response, str]:
+    """A 2xx response to a GET (a byte range of it when `byte_range` is given) and its final URL."""
+    headers = {}
     if byte_range is not None:
         headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+        if if_range is not None:
+            headers["If-Range"] = if_range
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=options.read_timeout)
-    except urllib.error.HTTPError as error:
-        raise DownloadError(f"could not download {redact_url(url)}: the server answered HTTP {error.code}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-        reason = getattr(error, "reason", error)
-        raise DownloadError(f"could not download {redact_url(url)}: {reason}") from None
+        return request(client, url, limits=limits, headers=headers)
+    except FetchError as error:
+        raise DownloadError(str(error)) from None
+
+
+def _pieces(response: httpx2.Response, url: str, limits: DownloadLimits, received: int = 0) -> Iterator[bytes]:
+    try:
+        yield from body_pieces(response, url, limits.deadline, received=received)
+    except FetchError as error:
+        raise DownloadError(str(error)) from None
 
 
 class _Body(io.RawIOBase):
     """The bytes of a tar in order, with the checks every source shares: size cap, deadline, progress."""
 
-    def __init__(self, url: str, total: int | None, options: FetchOptions) -> None:
+    def __init__(self, url: str, total: int | None, options: FetchOptions, limits: DownloadLimits) -> None:
         super().__init__()
-        self.url, self.total, self.options = url, total, options
+        self.url, self.total, self.options, self.limits = url, total, options, limits
         self.received = 0
-        self._deadline = time.monotonic() + options.deadline_seconds
         self._progress = ProgressLog(total=total, desc=redact_url(url), unit="B")
         if total is not None and total > options.max_bytes:
             raise DownloadError(f"{redact_url(url)} is {human_bytes(total)}, more than the "
@@ -100,9 +150,10 @@ class _Body(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:
-        if time.monotonic() > self._deadline:
-            raise DownloadError(f"the download of {redact_url(self.url)} took longer than "
-                                f"{self.options.deadline_seconds:.0f} s and was stopped")
+        try:
+            self.limits.deadline.check(self.url, self.received)
+        except FetchError as error:
+            raise DownloadError(str(error)) from None
         count = self._next(buffer)
         self.received += count
         if self.received > self.options.max_bytes:
@@ -122,20 +173,26 @@ class _Body(io.RawIOBase):
 
 
 class OneStream(_Body):
-    """The whole tar in one response: a server without range requests."""
+    """The whole tar in one response: a server without range requests (or without a version to
+    check ranges against)."""
 
-    def __init__(self, url: str, response: http.client.HTTPResponse, options: FetchOptions) -> None:
-        length = response.getheader("Content-Length") or ""
-        super().__init__(url, int(length) if length.isdigit() else None, options)
+    def __init__(self, url: str, response: httpx2.Response, options: FetchOptions, limits: DownloadLimits) -> None:
+        super().__init__(url, declared_length(response), options, limits)
         self.response = response
+        self._pieces = _pieces(response, url, limits)
+        self._current = memoryview(b"")
 
     def _next(self, buffer: memoryview) -> int:
-        try:
-            count = self.response.readinto(buffer)
-        except (OSError, http.client.HTTPException) as error:
-            raise self.cut_short(f"{self.received} bytes received: {type(error).__name__}") from None
-        if count == 0 and self.total is not None and self.received < self.total:
-            raise self.cut_short(f"{self.received} of {self.total} bytes")
+        if not self._current:
+            piece = next(self._pieces, None)
+            if piece is None:
+                if self.total is not None and self.received < self.total:
+                    raise self.cut_short(f"{self.received} of {self.total} bytes")
+                return 0
+            self._current = memoryview(piece)
+        count = min(len(buffer), len(self._current))
+        buffer[:count] = self._current[:count]
+        self._current = self._current[count:]
         return count
 
     def close(self) -> None:
@@ -147,14 +204,17 @@ class ParallelRanges(_Body):
     """The tar in chunks fetched over several connections at once, handed on strictly in order.
 
     At most `options.window` chunks are in flight or waiting, so memory stays bounded however
-    far the network runs ahead of the extraction. A chunk that fails is asked for again
-    (`options.retries` times) before the fetch gives up.
+    far the network runs ahead of the extraction. Every chunk is asked for with `If-Range` and
+    must come back as exactly the range asked for, of the same version (else `FileChanged`); a
+    chunk that fails otherwise is asked for again (`options.retries` times) before the fetch gives up.
     """
 
-    def __init__(self, url: str, first: http.client.HTTPResponse, total: int, options: FetchOptions) -> None:
-        super().__init__(url, total, options)
+    def __init__(self, url: str, source: str, first: httpx2.Response, total: int, version: Version,
+                 options: FetchOptions, limits: DownloadLimits, client: httpx2.Client) -> None:
+        super().__init__(url, total, options, limits)
+        self.source, self.version, self.client = source, version, client
         self._pool = ThreadPoolExecutor(options.connections, thread_name_prefix="lassie-download")
-        self._queue: deque[Future[bytes]] = deque()
+        self._queue: deque[Future[bytearray]] = deque()
         first_end = min(options.chunk_bytes, total)
         self._queue.append(self._pool.submit(self._read_exactly, first, 0, first_end))
         self._next_start = first_end
@@ -167,25 +227,41 @@ class ParallelRanges(_Body):
             self._queue.append(self._pool.submit(self._fetch, start, end))
             self._next_start = end
 
-    def _fetch(self, start: int, end: int) -> bytes:
+    def _fetch(self, start: int, end: int) -> bytearray:
         problem = ""
         for _ in range(self.options.retries):
             try:
-                response = _open(self.url, self.options, (start, end))
-                if response.status != 206:
-                    response.close()
-                    raise DownloadError(f"the server stopped answering range requests (HTTP {response.status})")
+                response, _ = _open(self.client, self.source, self.limits, (start, end), self.version.if_range)
+                self._check_part(response, start, end)
                 return self._read_exactly(response, start, end)
+            except FileChanged:
+                raise
             except DownloadError as error:
                 problem = str(error)
         raise DownloadError(f"{problem} (bytes {start}-{end - 1}, tried {self.options.retries} times)")
 
-    def _read_exactly(self, response: http.client.HTTPResponse, start: int, end: int) -> bytes:
-        with response:
-            try:
-                data = response.read(end - start)
-            except (OSError, http.client.HTTPException) as error:
-                raise self.cut_short(f"bytes {start}-{end - 1}: {type(error).__name__}") from None
+    def _check_part(self, response: httpx2.Response, start: int, end: int) -> None:
+        """The range asked for, of the version the first part came from; a changed file is
+        answered whole (200) by an If-Range request, or names another version."""
+        if response.status_code == 200 or self.version.contradicted_by(Version.of(response)):
+            response.close()
+            raise FileChanged(f"{redact_url(self.url)} changed while it was being downloaded")
+        asked = f"bytes {start}-{end - 1}/{self.total}"
+        answered = response.headers.get("Content-Range") or ""
+        if response.status_code != 206 or answered.strip() != asked:
+            response.close()
+            raise DownloadError(f"{redact_url(self.url)} answered a range request for {asked} with HTTP "
+                                f"{response.status_code} {answered or '(no Content-Range)'}")
+
+    def _read_exactly(self, response: httpx2.Response, start: int, end: int) -> bytearray:
+        data = bytearray()
+        try:
+            for piece in _pieces(response, self.url, self.limits, start):
+                data += piece
+                if len(data) > end - start:
+                    raise DownloadError(f"{redact_url(self.url)} sent more than bytes {start}-{end - 1}")
+        finally:
+            response.close()
         if len(data) != end - start:
             raise self.cut_short(f"bytes {start}-{end - 1}: {len(data)} of {end - start} received")
         return data
@@ -206,29 +282,56 @@ class ParallelRanges(_Body):
         super().close()
 
 
+def weights_limits(options: FetchOptions, deadline: Deadline | None = None) -> DownloadLimits:
+    """An operator's address (any host, no token), the folder's deadline, the options' timeouts."""
+    return DownloadLimits(read_timeout=options.read_timeout, rule=AddressRule(allow_all=True),
+                          deadline=deadline or folder_deadline(options))
+
+
+def folder_deadline(options: FetchOptions) -> Deadline:
+    return Deadline(options.deadline_seconds, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, "fetching a weights folder")
+
+
+def _first_part(response: httpx2.Response, options: FetchOptions) -> int | None:
+    """The file's total size when `response` is exactly the first range asked for, else None."""
+    match = CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
+    if response.status_code != 206 or match is None:
+        return None
+    total = int(match.group(3))
+    if int(match.group(1)) != 0 or int(match.group(2)) != min(options.chunk_bytes, total) - 1:
+        return None
+    return total
+
+
 @contextmanager
-def tar_stream(url: str, options: FetchOptions = FetchOptions()) -> Iterator[_Body]:
-    """The tar's bytes, through parallel ranges when one first ranged request is answered with 206."""
-    first = _open(url, options, (0, options.chunk_bytes) if options.connections > 1 else None)
-    match = CONTENT_RANGE.fullmatch(first.getheader("Content-Range") or "")
-    if first.status == 206 and not (match and int(match.group(1)) == 0):
-        first.close()  # a part of unknown total: ask for the whole instead
-        first = _open(url, options)
-    try:
-        if first.status == 206 and match and int(match.group(1)) == 0:
-            body: _Body = ParallelRanges(url, first, int(match.group(3)), options)
-            how = f"{options.connections} parallel ranges"
-        else:
-            body = OneStream(url, first, options)
-            how = "one stream (the server does not answer range requests)"
-    except DownloadError:
-        first.close()
-        raise
-    log.info("fetching %s%s through %s", redact_url(url), f" ({human_bytes(body.total)})" if body.total else "", how)
-    try:
-        yield body
-    finally:
-        body.close()
+def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadline | None = None) -> Iterator[_Body]:
+    """The tar's bytes, through parallel ranges when one first ranged request is answered with
+    exactly that range and a version (ETag or Last-Modified) to hold the other ranges to."""
+    limits = weights_limits(options, deadline)
+    with new_client(options.connections) as client:
+        ranged = options.connections > 1
+        first, source = _open(client, url, limits, (0, options.chunk_bytes) if ranged else None)
+        total, version = _first_part(first, options), Version.of(first)
+        if first.status_code == 206 and (total is None or version.if_range is None):
+            first.close()  # a part that cannot be checked, or of unknown total: ask for the whole instead
+            first, source = _open(client, url, limits)
+            total = None
+        try:
+            if total is not None:
+                body: _Body = ParallelRanges(url, source, first, total, version, options, limits, client)
+                how = f"{options.connections} parallel ranges"
+            else:
+                body = OneStream(url, first, options, limits)
+                how = "one stream" + (" (the server does not answer range requests)" if ranged else "")
+        except DownloadError:
+            first.close()
+            raise
+        log.info("fetching %s%s through %s", redact_url(url), f" ({human_bytes(body.total)})" if body.total else "",
+                 how)
+        try:
+            yield body
+        finally:
+            body.close()
 
 
 # --- a folder from a tar ------------------------------------------------------------------------
@@ -265,7 +368,8 @@ def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOption
         finally:
             watchdog.cancel()
     if process.returncode < 0:
-        raise DownloadError(f"pget did not finish {redact_url(url)} in {options.deadline_seconds:.0f} s")
+        raise DownloadError(f"pget did not finish {redact_url(url)} in the {options.deadline_seconds:.0f} s "
+                            f"allowed for fetching a weights folder ({WEIGHTS_DOWNLOAD_TIMEOUT_ENV})")
     if process.returncode != 0:
         raise DownloadError(f"pget could not download {redact_url(url)} (exit {process.returncode}): "
                             + " / ".join(said))
@@ -273,6 +377,23 @@ def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOption
         check_tree(destination, tar_limits(options))  # pget's own extraction checks no link targets
     except TarRefused as refusal:
         raise DownloadError(f"{redact_url(url)}, as pget unpacked it, {refusal}") from None
+
+
+def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
+    """The tar at `url` unpacked into `unpacked` as it arrives, within one deadline for the folder.
+    A file that changed between range requests starts over once; twice is a failure."""
+    deadline = folder_deadline(options)
+    for attempt in (1, 2):
+        try:
+            with tar_stream(url, options, deadline) as stream:
+                extract(stream, unpacked, options)
+            return
+        except FileChanged as change:
+            shutil.rmtree(unpacked, ignore_errors=True)
+            if attempt == 2:
+                raise DownloadError(f"{change}, and again after starting over; it must stay the same "
+                                    "while setup fetches it") from None
+            log.warning("%s; starting over", change)
 
 
 def single_root(unpacked: Path) -> Path:
@@ -309,8 +430,7 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
         if pget is not None:
             fetch_with_pget(pget, url, unpacked, options)
         else:
-            with tar_stream(url, options) as stream:
-                extract(stream, unpacked, options)
+            unpack_streamed(url, unpacked, options)
         folder = single_root(unpacked)
         found = problems(folder)
         if found:

@@ -27,11 +27,17 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 from filelock import FileLock
 
-from lassie.fetch.files import UnusableArchiveError, UnusableSafetensorsError, inspect_safetensors, safetensors_from_tar
-from lassie.fetch.http import AddressRule, DownloadLimits, download_file, redact_url
+from lassie.fetch.files import (
+    MAX_TAR_MEMBERS,
+    UnusableArchiveError,
+    UnusableSafetensorsError,
+    inspect_safetensors,
+    safetensors_from_tar,
+)
+from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
-from lassie.request.errors import InputError
-from lassie.settings import LORA_URL_ENV, Settings
+from lassie.fetch.tars import TarLimits, checked_members
+from lassie.settings import LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
 from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout
 from lassie.weights.manifest import Manifest, has_size
@@ -130,16 +136,15 @@ def config_trigger_word(config: str) -> str | None:
     return None
 
 
-def trigger_word_in_tar(archive: Path, described: str) -> str | None:
+def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | None:
     """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its
-    config.yaml (Replicate's FLUX trainer). Members are only read, never written anywhere."""
+    config.yaml (Replicate's FLUX trainer). Members are read through the one tar policy, never
+    written anywhere."""
     texts = {}
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            basename = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and basename in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and basename not in texts:
-                source = tar.extractfile(member)
-                texts[basename] = source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace") if source else ""
+    with archive.open("rb") as source:
+        for path, _, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
+            if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and path.name not in texts:
+                texts[path.name] = data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace")
     if texts.get(TRIGGER_WORD_MEMBER, "").strip():
         return checked_trigger_word(texts[TRIGGER_WORD_MEMBER], f"{TRIGGER_WORD_MEMBER} of {described}")
     found = config_trigger_word(texts.get(CONFIG_MEMBER, ""))
@@ -164,9 +169,12 @@ def write_trigger_word(layout: WeightsLayout, word: str | None) -> None:
 # --- the one install path -----------------------------------------------------------------------
 
 
-def without_field(error: InputError) -> str:
-    """The shared downloader speaks of the extra_lora field; here its words are about the variable."""
-    return str(error).removeprefix(f"{error.field}: ")
+def limits_for(settings: Settings) -> DownloadLimits:
+    """The Lassie LoRA's address is the operator's (any host); its fetch holds to the LoRA size cap
+    and, like a weights folder, to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
+    deadline = Deadline(settings.provision.weights_download_timeout, WEIGHTS_DOWNLOAD_TIMEOUT_ENV,
+                        "fetching the Lassie LoRA")
+    return DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES, deadline=deadline)
 
 
 def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str) -> Path:
@@ -174,8 +182,8 @@ def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str
     log.info("fetching the Lassie LoRA from %s", redact_url(url))
     try:
         download_file(url, fetched, limits=limits)
-    except InputError as error:
-        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {without_field(error)}\n"
+    except FetchError as error:
+        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {error}\n"
                              f"{RUN_AGAIN}") from None
     return fetched
 
@@ -202,7 +210,7 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
             safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
         except UnusableArchiveError as problem:
             raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
-        word = trigger_word_in_tar(fetched, described)
+        word = trigger_word_in_tar(fetched, described, max_bytes)
     problem = lora_problem(staged)
     if problem is not None:
         raise CorruptFileError(f"the Lassie LoRA from {described} is not a valid safetensors file: {problem}")
@@ -270,7 +278,6 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
                           str(layout.lassie_dir))
     variable = COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV
     place = writable_place("fetched Lassie LoRA", layout.root / FETCHED_LORA_DIRNAME)
-    limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
-    keep = kept_lora(origin, place, variable, limits)
+    keep = kept_lora(origin, place, variable, limits_for(settings))
     return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,
                       f"{variable} ({public_origin(origin)})")

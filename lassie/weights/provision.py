@@ -50,6 +50,7 @@ from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions
 from lassie.weights.lassie_lora import (
     OPERATOR_ADDRESSES,
     install,
+    limits_for,
     lora_origin_problem,
     public_origin,
     write_trigger_word,
@@ -352,7 +353,7 @@ def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: boo
     for plan in plans:
         fetch_hub_source(plan, access, manifest, report)
     if lassie:
-        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+        limits = limits_for(settings)
         provision_lassie_lora(layout, manifest, report, origin, verify, limits)
         write_trigger_word(layout, settings.provision.trigger_word)
     layout.require_complete(lassie=lassie)
@@ -477,7 +478,7 @@ def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) 
 
 
 def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: bool = True,
-                          options: FetchOptions = FetchOptions()) -> list[str]:
+                          options: FetchOptions | None = None) -> list[str]:
     """Each missing layout folder from its tar, and each damaged one that has a tar URL, renamed into
     place only when every file checks; returns the folders fetched.
 
@@ -485,6 +486,7 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
     then find the folders in place; staging folders of a killed fetch are removed under it.
     """
     fail_on([tar_urls_problem(settings, missing_folders(layout, lassie)), writing_problem(layout.root)])
+    options = options or FetchOptions(deadline_seconds=settings.provision.weights_download_timeout)
     fetched = []
     with fetch_lock(layout.root / FETCH_LOCK):
         remove_leftovers(layout.root)
@@ -512,7 +514,7 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
     fail_on([lora_origin_problem(layout, origin) if origin else None])
     fetched = fetch_missing_folders(layout, settings, lassie=origin is None)
     if origin:
-        limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES)
+        limits = limits_for(settings)
         provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False, limits)
         write_trigger_word(layout, settings.provision.trigger_word)
     layout.require_complete()
