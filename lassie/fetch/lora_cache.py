@@ -37,7 +37,8 @@ from filelock import FileLock, Timeout
 
 from lassie.fetch.files import sha256_of, validate_safetensors
 from lassie.fetch.http import human_bytes
-from lassie.fetch.lora_sources import ExtraLora, LoraSource, fetch_source
+from lassie.fetch.lora_fetch import fetch_source
+from lassie.fetch.lora_sources import ExtraLora, LoraSource
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import LORA_CACHE_ENV, LoraSettings
