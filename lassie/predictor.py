@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lassie.engine.adapters import slot_rank_for
-from lassie.engine.compilation import compile_setting, configure_compile_cache
+from lassie.engine.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
 from lassie.engine.generate import generate
 from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, precision_of, requested_mode
 from lassie.engine.hardware import DeviceInfo, query_device
@@ -29,6 +28,7 @@ from lassie.quiet import no_progress_bars
 from lassie.request.encoding import save_images
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.request.images import Inputs, load_inputs
+from lassie.request.outputs import OutputFolders
 from lassie.request.plan import Plan, Request, checked, describe, make_plan
 from lassie.settings import DEFAULT_SLOT_RANK, LORA_CACHE_ENV, Settings
 from lassie.weights.lassie_lora import resolve
@@ -69,13 +69,16 @@ class Lassie:
         self.variants: TransformerVariants | None = None
         self.lora_cache: LoraCache | None = None
         self.safety: SafetyFilter | None = None
-        self._output_dir: Path | None = None
+        self._outputs = OutputFolders()
         self._device: DeviceInfo | None = None
         self._go_fast: GoFastPlan | None = None  # the go_fast decision, made once by setup
         self._precision_log = PrecisionLog()
 
     def setup(self) -> None:
         no_progress_bars()
+        check_chosen_compile_cache(self.settings.compile)
+        OutputFolders.remove_leftovers()
+        atexit.register(self._outputs.remove_current)
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
@@ -156,7 +159,7 @@ class Lassie:
             with timed("safety checking"):
                 results = self.safety.filter(results)
         with timed("encoding"):
-            return save_images(results, plan.output_format, plan.output_quality, self._fresh_output_dir())
+            return save_images(results, plan.output_format, plan.output_quality, self._outputs.fresh())
 
     def _ready(self, variant: Variant, plan: Plan, extra: HeldLora | None) -> torch.nn.Module:
         """The transformer with the plan's LoRAs, the extra one under its cache key as adapter name;
@@ -173,9 +176,3 @@ class Lassie:
         self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
         log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
 
-    def _fresh_output_dir(self) -> Path:
-        """Outputs of the previous prediction have been served by now: reuse no names across calls."""
-        if self._output_dir is not None:
-            shutil.rmtree(self._output_dir, ignore_errors=True)
-        self._output_dir = Path(tempfile.mkdtemp(prefix="lassie-out-"))
-        return self._output_dir

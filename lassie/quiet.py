@@ -59,11 +59,11 @@ KNOWN_LOG_LINES = (
                            "serialized with `torchao`"),
                  "only torchao-pickled checkpoints need those classes; lassie loads safetensors only"),
     KnownLogLine("transformers.utils.import_utils",
-                 r"`(CLIP|Siglip)ImageProcessor` requires torchvision \(not installed\); falling back to "
+                 r"`(CLIP|Siglip|ViT)ImageProcessor` requires torchvision \(not installed\); falling back to "
                  r"`\1ImageProcessorPil` for backward compatibility\. Install torchvision to use the default "
                  r"backend, or import `\1ImageProcessorPil` directly to silence this warning\.",
-                 "diffusers' FLUX pipelines name these processors; the PIL ones are what transformers 4 used, "
-                 "and torchvision is not a dependency"),
+                 "diffusers' FLUX pipelines name these processors (and Falconsai's NSFW classifier, a ViT, the "
+                 "last); the PIL ones are what transformers 4 used, and torchvision is not a dependency"),
 )
 
 KNOWN_WARNINGS = (

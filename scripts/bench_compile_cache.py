@@ -14,6 +14,9 @@ Usage: python scripts/bench_compile_cache.py [--weights DIR] [--slot-rank 0] [--
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import argparse
 import datetime
 import json

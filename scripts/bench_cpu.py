@@ -23,6 +23,9 @@ Usage: python scripts/bench_cpu.py [--weights DIR] [--repeats N] [--format png|w
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import argparse
 import datetime
 import logging

@@ -11,6 +11,9 @@ arrives, rename into place), alternating, and the medians are compared. pget is 
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import argparse
 import io
 import os

@@ -6,6 +6,9 @@ tiny random weights into .tiny-weights/ so the whole path runs anywhere, offline
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import base64
 import io
 import logging

@@ -1,7 +1,10 @@
-"""Fetch every weight the predictor loads into WEIGHTS_DIR, verified and recorded in manifest.json.
+"""Fetch every weight the predictor loads into WEIGHTS_DIR: from the hub verified and recorded in manifest.json.
 
 FLUX.1-dev is gated: accept its license on huggingface.co and set HF_TOKEN; or, with no token, set
-LASSIE_WEIGHTS_URL (and/or a folder's own URL) to fetch each missing folder as a tar. The Lassie LoRA comes
+LASSIE_WEIGHTS_URL (and/or a folder's own URL) to fetch each missing folder as a tar. A folder from a
+tar is checked complete against the layout before it is renamed into place, and is not recorded in
+manifest.json (a tar lists no hashes to record), so `--verify`, which rehashes what the manifest
+vouches for, does not apply to it. The Lassie LoRA comes
 from LASSIE_LORA_URL (the Replicate training output tar, a .safetensors URL, or a local path to
 either); LASSIE_TRIGGER_WORD, if set, is written beside it. HF_ENDPOINT selects another hub.
 Everything is checked (the LoRA's origin, the token, a writable directory, free space) before
@@ -16,24 +19,21 @@ or inside the Cog image (`cog run` on CLIs before the run/exec rename):
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import argparse
 import logging
 import sys
 from pathlib import Path
 
-HOW_TO_RUN = ("this script runs in the project's environment: run `bash scripts/setup.sh`, then "
-              f"`.venv/bin/python scripts/download_weights.py {' '.join(sys.argv[1:]) or 'weights'}` "
-              "(or, in the Cog image, `cog exec python scripts/download_weights.py weights`)")
-
-if sys.version_info < (3, 11):
-    sys.exit(f"error: Python {sys.version.split()[0]} is too old (3.11 or newer needed); {HOW_TO_RUN}")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-try:
-    from lassie.settings import SettingError, Settings
-    from lassie.weights.layout import MissingWeightsError
-    from lassie.weights.provision import ProvisionError, provision, provision_from_tars
-except ModuleNotFoundError as missing:
-    sys.exit(f"error: {missing}; {HOW_TO_RUN}")
+from lassie.settings import SettingError, Settings
+from lassie.weights.layout import MissingWeightsError
+from lassie.weights.provision import ProvisionError, provision, provision_from_tars
+
+TARS_HAVE_NO_MANIFEST = ("note: --verify rehashes hub downloads against manifest.json; folders fetched from tars "
+                         "are not in it (each was checked complete before it was renamed into place)")
 
 
 def main() -> int:
@@ -52,6 +52,8 @@ def main() -> int:
     args = parser.parse_args()
     try:
         if settings.provision.fetches_tars:
+            if args.verify:
+                print(TARS_HAVE_NO_MANIFEST, file=sys.stderr)
             folders = provision_from_tars(args.weights_dir, settings)
             print(f"{args.weights_dir}: fetched {', '.join(folders) or 'nothing'} from tars")
             return 0

@@ -4,21 +4,30 @@ Real FLUX weights cannot be fetched where tests and demos run, so this builds st
 the same classes and file layout: the product code loads them through the very same path
 as the real ones. Deterministic (fixed seeds), offline, a few MB, seconds to build.
 
-Usage: python scripts/make_tiny_weights.py OUT_DIR
+Usage: .venv/bin/python scripts/make_tiny_weights.py OUT_DIR
 """
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from safetensors.torch import save_file
-from transformers import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lassie.quiet import no_progress_bars, silence_known_noise
+
+silence_known_noise()  # as predict.py does: torch, torchao and transformers print their known noise on import
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
     CLIPConfig,
     CLIPImageProcessor,
     CLIPTextConfig,
@@ -32,10 +41,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-from lassie.weights.layout import WeightsLayout
+from lassie.weights.layout import WeightsLayout  # noqa: E402
 
 log = logging.getLogger("make_tiny_weights")
 
@@ -276,6 +282,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args()
+    no_progress_bars()  # as setup does: transformers' "Writing model shards" bars are carriage returns
     layout = build(args.out_dir)
     missing = layout.missing()
     if missing:

@@ -2,11 +2,14 @@
 
 The Cog HTTP server validates inputs only against this file (normally written by `cog build`);
 without it every input would reach `predict` unchecked. Run this after changing the inputs:
-`python scripts/write_openapi_schema.py` (a test fails while the committed file is stale).
+`.venv/bin/python scripts/write_openapi_schema.py` (a test fails while the committed file is stale).
 """
 
 from __future__ import annotations
 
+import project_python  # noqa: F401  (first: under a Python without the project's packages, one line naming .venv/bin/python)
+
+# isort: split
 import json
 import sys
 import warnings

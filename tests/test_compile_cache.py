@@ -24,6 +24,7 @@ from bench_compile_cache import keep_only_artifacts, start
 from conftest import REPO
 from lassie.engine import compilation
 from lassie.engine.hardware import DeviceInfo
+from lassie.predictor import Lassie
 from lassie.settings import INDUCTOR_CACHE_ENV, CompileSettings, SettingError, Settings
 
 CPU = DeviceInfo(kind="cpu")
@@ -56,6 +57,17 @@ def test_an_unusable_chosen_compile_cache_fails_setup_naming_its_variable(tmp_pa
     unusable = Settings.from_env({variable: str(blocker / "cache")}).compile
     with pytest.raises(SettingError, match=f"^{variable} must be a directory this server can write"):
         compilation.configure_compile_cache(unusable, tmp_path, CPU, INDUCTOR)
+
+
+def test_a_chosen_compile_cache_that_cannot_be_written_fails_setup_even_with_compiling_off(tmp_path,
+                                                                                         no_cache_settings):
+    """Checked before anything else setup does (here: no weights at all), whatever LASSIE_COMPILE says."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    settings = Settings.from_env({"LASSIE_COMPILE": "0", "LASSIE_COMPILE_CACHE": str(blocker / "cache"),
+                                  "LASSIE_WEIGHTS_DIR": str(tmp_path / "weights")})
+    with pytest.raises(SettingError, match=r"^LASSIE_COMPILE_CACHE must be a directory this server can write"):
+        Lassie(settings).setup()
 
 
 def test_weights_that_cannot_be_written_compile_into_a_temporary_place_and_still_offer_their_artifacts(

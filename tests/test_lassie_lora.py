@@ -185,10 +185,12 @@ def test_an_unwritable_default_falls_back_with_one_log_line(tmp_path: Path, capl
     monkeypatch.setattr("lassie.fetch.storage.fallback_root", lambda: tmp_path / "fallback")
     with caplog.at_level(logging.INFO, logger="lassie.fetch.storage"):
         place = writable_place("extra-LoRA cache", not_a_directory / "lora-cache")
+        assert writable_place("fetched Lassie LoRA", not_a_directory / "fetched-lora").parent == place.parent
     assert place == tmp_path / "fallback" / "lora-cache" and place.is_dir()
     assert stat.S_IMODE((tmp_path / "fallback").stat().st_mode) == 0o700
     assert [record.getMessage() for record in caplog.records] == [
-        f"extra-LoRA cache: {not_a_directory / 'lora-cache'} cannot be written (Not a directory); using {place}"]
+        f"extra-LoRA cache: {not_a_directory / 'lora-cache'} cannot be written (Not a directory); using {place}; "
+        f"whatever else setup keeps in {not_a_directory} falls back to {tmp_path / 'fallback'} too"]
 
 
 def test_an_unwritable_explicit_place_fails_naming_the_variable(tmp_path: Path) -> None:

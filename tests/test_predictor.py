@@ -144,6 +144,15 @@ def test_output_formats_and_names(predictor, output_format):
     assert all(Image.open(p).format == expected_format and Image.open(p).size == (608, 416) for p in paths)
 
 
+def test_a_prediction_draws_no_progress_bar(predictor, capfd):
+    """Warm-up (LASSIE_COMPILE=1) and requests run the same pipelines: a denoising bar would put
+    carriage returns into the setup log and each request's log."""
+    capfd.readouterr()
+    run(predictor)
+    captured = capfd.readouterr()
+    assert "\r" not in captured.err + captured.out, captured.err[-500:]
+
+
 def test_output_quality_changes_lossy_files(predictor):
     low, high = (predictor.predict(Request(prompt="x", num_inference_steps=1, seed=1, megapixels="0.25",
                                            output_format="jpg", output_quality=q))[0].stat().st_size

@@ -168,6 +168,12 @@ def test_compile_setting(value, backend, device, enabled, mode, chosen):
     assert (setting.enabled, setting.mode, setting.backend) == (enabled, mode, chosen)
 
 
+def test_the_compile_reason_names_lassie_compile_only_where_the_operator_set_it():
+    """The setup log's `compile: ...` must not read like a setting nobody made."""
+    assert "LASSIE_COMPILE" not in compilation.compile_setting(compile_settings(None, None), CPU).reason
+    assert compilation.compile_setting(compile_settings("0", None), CPU).reason == "LASSIE_COMPILE is off"
+
+
 def test_compile_setting_rejects_unknown_values():
     with pytest.raises(ValueError, match="LASSIE_COMPILE must be one of 1, true, yes, on, 0, false, no, off, default"):
         compilation.compile_setting(compile_settings("maybe", None), H200)

@@ -195,8 +195,9 @@ def test_every_boot_gives_the_reference_pixels(host: RangeServer, boots: dict[st
         assert not np.array_equal(image(result.answers[1]), expected)
         (cache,) = result.fallback_parent.glob("lassie-*/lora-cache")  # per user: lassie-<user name>
         assert (f"extra-LoRA cache: {result.directory / 'lora-cache'} cannot be written (Read-only file system); "
-                f"using {cache}") in result.log
+                f"using {cache}; whatever else setup keeps in {result.directory} falls back to {cache.parent} too"
+                ) in result.log
+        assert result.log.count("cannot be written") == 1  # one line, however many places fall back
         assert len(list(cache.glob("*.safetensors"))) == 1
         if source != "weights-lassie":
-            assert (f"fetched Lassie LoRA: {result.directory / 'fetched-lora'} cannot be written "
-                    "(Read-only file system)") in result.log
+            assert (cache.parent / "fetched-lora").is_dir()

@@ -48,6 +48,7 @@ def test_readme_server_and_curl_lines_work_as_written_after_the_demo(tiny_weight
     """A checkout after `bash scripts/demo.sh`: the tiny weights in .tiny-weights/, no ./weights."""
     server_lines, client_lines = readme_blocks_after("### Serve it yourself", 2)
     assert f"COG_MAX_CONCURRENCY={max_concurrency()} " in server_lines
+    assert " OMP_WAIT_POLICY=PASSIVE " in server_lines  # as CogServer and the benchmarks run it
     port = str(free_port())
     checkout = tmp_path / "checkout"
     checkout.mkdir()
@@ -86,7 +87,7 @@ def test_setup_without_weights_names_the_token_and_the_tiny_weights(tmp_path):
     assert health["status"] == "SETUP_FAILED"
     logs = health["setup"]["logs"]
     assert "HF_TOKEN=<that token>" in logs
-    assert "python scripts/make_tiny_weights.py .tiny-weights" in logs and "LASSIE_WEIGHTS_DIR=.tiny-weights" in logs
+    assert ".venv/bin/python scripts/make_tiny_weights.py .tiny-weights" in logs and "LASSIE_WEIGHTS_DIR=.tiny-weights" in logs
 
 
 def test_one_request_after_another_never_gets_409(cog_server):

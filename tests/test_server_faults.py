@@ -10,11 +10,13 @@ One server serves every test here but the last, which needs its own namespace.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -191,11 +193,17 @@ def test_the_setup_log_carries_no_terminal_control_codes(server):
     assert not CONTROL_CODES.search(setup_log), [line for line in setup_log.splitlines() if CONTROL_CODES.search(line)]
 
 
-def test_the_readme_retry_recipe_serves_more_clients_than_slots(server):
-    """Six clients at once against two slots: each gets its images through the README's own code."""
+def readme_retry_recipe() -> dict:
+    """The README's client code ("Clients." in Operations), run as a reader copies it."""
     section = (REPO / "README.md").read_text().split("**Clients.**", 1)[1]
     recipe: dict = {}
     exec(re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1), recipe)
+    return recipe
+
+
+def test_the_readme_retry_recipe_serves_more_clients_than_slots(server):
+    """Six clients at once against two slots: each gets its images through the README's own code."""
+    recipe = readme_retry_recipe()
     bodies: list[dict] = []
 
     def client(seed: int) -> None:
@@ -207,6 +215,45 @@ def test_the_readme_retry_recipe_serves_more_clients_than_slots(server):
     for client in clients:
         client.join(timeout=600)
     assert [body["status"] for body in bodies] == ["succeeded"] * 6
+
+
+# What coglet answered after `kill -KILL` of its worker (measured, coglet 0.23): one of these per
+# slot, then 409s; the health check says UNHEALTHY.
+DEAD_WORKER = {"status": "failed", "error": "Failed to send request: Failed to send on slot socket: Broken pipe "
+                                            "(os error 32)"}
+
+
+def test_the_readme_retry_recipe_retries_what_a_dead_worker_never_ran_but_not_a_failed_prediction():
+    """Against a stand-in server: a dead worker's answer, a 409, then the replacement's answer."""
+    answers = [(200, DEAD_WORKER), (409, {"error": "At capacity - all prediction slots busy", "status": "failed"}),
+               (200, {"status": "succeeded", "output": ["data:,"]}),
+               (200, {"status": "failed", "error": "Prediction failed: Async prediction failed: InputError: seed: x"})]
+
+    class Replies(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, body = answers.pop(0)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    stand_in = ThreadingHTTPServer(("127.0.0.1", 0), Replies)
+    threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+    try:
+        predict_with_retries = readme_retry_recipe()["predict"]
+        url = f"http://127.0.0.1:{stand_in.server_port}"
+        assert predict_with_retries(url, QUICK, base=0.01)["status"] == "succeeded"
+        assert predict_with_retries(url, QUICK, base=0.01)["error"].endswith("InputError: seed: x")  # ran: no retry
+    finally:
+        stand_in.shutdown()
+        stand_in.server_close()
+    assert answers == []
 
 
 # --- a LoRA cache on a disk that fills up, then turns read-only ---------------------------------

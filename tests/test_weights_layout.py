@@ -25,7 +25,7 @@ def test_setup_names_every_missing_file_and_the_command(tiny_weights, tmp_path, 
                     "lassie/lora.safetensors", "flux-dev/vae/diffusion_pytorch_model.safetensors"):
         assert missing in message
     assert "flux-dev/transformer" not in message
-    assert "python scripts/download_weights.py" in message
+    assert ".venv/bin/python scripts/download_weights.py" in message
 
 
 def test_sharded_checkpoints_count_as_present_only_with_every_shard(tmp_path):

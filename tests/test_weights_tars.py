@@ -6,10 +6,12 @@ while announcing its full length, as a dropped connection does.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +23,10 @@ from lassie.settings import SettingError, Settings, cog_weights_value
 from lassie.weights.downloads import FetchOptions
 from lassie.weights.layout import LAYOUT_FOLDERS, WeightsLayout
 from lassie.weights.provision import (
+    FETCH_LOCK,
     ProvisionError,
     ensure_weights,
+    fetch_lock,
     fetch_missing_folders,
     provision_from_tars,
 )
@@ -188,6 +192,23 @@ def test_download_weights_without_a_token_takes_folders_from_tars_and_the_lora_f
     assert layout.lassie_lora.read_bytes() == lora and layout.trigger_word() == "ZWX"
 
 
+def test_download_weights_in_tar_mode_says_verify_does_not_apply_and_records_no_manifest(
+        tars: dict[str, bytes], tmp_path: Path) -> None:
+    """Its docstring and docs/architecture.md say so: a tar lists no hashes for a manifest to keep."""
+    weights = tmp_path / "weights"
+    with RangeServer() as server:
+        for folder, data in tars.items():
+            server.serve(f"/weights/{folder}.tar", data)
+        env = {name: value for name, value in os.environ.items() if not name.startswith(("HF_", "LASSIE_"))}
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "download_weights.py"), str(weights), "--verify"],
+                              env=env | {"LASSIE_WEIGHTS_URL": server.url("/weights")},
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: --verify rehashes hub downloads against manifest.json; folders fetched from tars" in done.stderr
+    assert "fetched flux-dev, flux-schnell, safety, lassie from tars" in done.stdout
+    assert not WeightsLayout(weights).missing() and not WeightsLayout(weights).manifest.exists()
+
+
 # --- the Lassie LoRA from COG_WEIGHTS ------------------------------------------------------------
 
 
@@ -200,6 +221,53 @@ def test_cog_weights_values(value: str | None, expected: str | None) -> None:
 def test_with_cog_weights_the_weights_directory_needs_no_lassie_folder(tiny_weights: Path, tmp_path: Path) -> None:
     layout = layout_with(tmp_path / "weights", tiny_weights, "flux-dev", "flux-schnell", "safety")
     ensure_weights(layout, Settings.from_env({"HF_HUB_OFFLINE": "1"}, cog_weights="https://x/y.tar"))
+
+
+HOLD_THE_FETCH_LOCK = """
+import sys
+from pathlib import Path
+from lassie.weights.provision import fetch_lock
+with fetch_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_a_boot_waiting_on_another_process_s_fetch_says_so_naming_the_lock_and_its_holder(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As a boot started while a stopped server's orphaned worker still downloads; a short interval
+    here stands in for the 10 s one."""
+    lock = tmp_path / FETCH_LOCK
+    recorded = lock.with_name(lock.name + ".pid")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_FETCH_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    seen_inside: list[str] = []
+
+    def boot() -> None:
+        with fetch_lock(lock, report_every=0.05):
+            seen_inside.append(recorded.read_text())
+
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with caplog.at_level(logging.INFO, logger="lassie.weights.provision"):
+            waiter = threading.Thread(target=boot)
+            waiter.start()
+            for _ in range(200):  # bounded: a few seconds at most
+                if sum("another process's fetch" in record.getMessage() for record in caplog.records) >= 2:
+                    break
+                waiter.join(timeout=0.05)
+            assert seen_inside == []  # still waiting
+            holder.stdin.close()
+            holder.wait(timeout=60)
+            waiter.join(timeout=60)
+    finally:
+        holder.kill()
+    waits = [record.getMessage() for record in caplog.records if "another process's fetch" in record.getMessage()]
+    assert len(waits) >= 2
+    assert all(message.startswith("waiting for another process's fetch of the weights "
+                                  f"(lock {lock}, held by pid {holder.pid}); ") for message in waits), waits
+    assert seen_inside == [f"{os.getpid()}\n"]  # then it held the lock itself, and recorded so
+    assert not recorded.exists()
 
 
 # --- the settings --------------------------------------------------------------------------------

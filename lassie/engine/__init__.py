@@ -1,5 +1,5 @@
-"""The engine, on torch: what the accelerator is (`hardware`), loading the pipelines (`models`,
-`attention`), prompt encoding (`prompts`) and generation (`generate`), go_fast (`go_fast`), compile
+"""The engine, on torch: what the accelerator is (`hardware`), loading the pipelines (`models`),
+prompt encoding (`prompts`) and generation (`generate`), go_fast (`go_fast`), compile
 (`compilation`), the memory plan (`memory`), the runnable transformers (`variants`), PEFT adapters
 for the Lassie LoRA and extra LoRAs (`adapters`), the safety filter (`safety`) and the library
 internals still needed (`internals`, the only module that may touch them).

@@ -57,7 +57,7 @@ def compile_setting(settings: CompileSettings, device: DeviceInfo) -> CompileSet
     if settings.backend not in backends:
         raise SettingError(COMPILE_BACKEND_ENV, f"one of {', '.join(sorted(backends))}", settings.backend)
     if settings.requested is None and device.kind != "cuda":
-        return CompileSetting(False, reason=f"no CUDA GPU ({device.describe()}); {COMPILE_ENV}=1 compiles anyway")
+        return CompileSetting(False, reason=f"off by default without a CUDA GPU ({device.describe()})")
     return CompileSetting(True, mode=settings.mode, backend=settings.backend,
                           reason=f"backend {settings.backend}, mode {settings.mode}")
 
@@ -156,6 +156,14 @@ def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device
     torch._functorch.config.enable_autograd_cache = True
     carried = beside_weights / name if directory != beside_weights else None
     return CompileCache(directory, directory / name, carried)
+
+
+def check_chosen_compile_cache(settings: CompileSettings) -> None:
+    """A compile cache the operator named (`LASSIE_COMPILE_CACHE`, `TORCHINDUCTOR_CACHE_DIR`) fails
+    setup naming its variable when it cannot be written, compiling or not: a typo must show on the
+    day it is made, not on the day compiling is turned on."""
+    if settings.cache_dir is not None:
+        writable_place("compile cache", settings.cache_dir, settings.cache_dir, settings.cache_variable)
 
 
 def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None:

@@ -49,12 +49,16 @@ class FluxModels:
         """A pipeline over the shared modules; `transformer` overrides the model's (e.g. its go_fast copy).
 
         Built per call (about a millisecond) rather than cached: a cache would keep dropped go_fast
-        copies alive, and a fresh scheduler carries no state from the previous call.
+        copies alive, and a fresh scheduler carries no state from the previous call. Its denoising
+        bar is off: in the setup log (warm-up) and a request's log it would be carriage returns,
+        and the plan's log line already says how many steps run.
         """
         components = dict(self.base.components)
         components["transformer"] = transformer if transformer is not None else self.transformers[model]
         components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(self.schedulers[model].config)
-        return PIPELINE_CLASSES[mode](**components)
+        pipeline = PIPELINE_CLASSES[mode](**components)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
 
 def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = False) -> FluxModels:

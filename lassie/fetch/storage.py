@@ -86,5 +86,18 @@ def writable_place(what: str, default: Path, explicit: Path | None = None, varia
     fallback_problem = write_problem(fallback)
     if fallback_problem is not None:
         raise OSError(f"cannot write the {what} at {default} ({problem}) nor at {fallback} ({fallback_problem})")
-    log.info("%s: %s cannot be written (%s); using %s", what, default, problem, fallback)
+    _say_fallback_once(default.parent, f"{what}: {default} cannot be written ({problem}); using {fallback}")
     return fallback
+
+
+_FALLBACKS_SAID: set[Path] = set()  # the directories whose fallback the log has already explained
+
+
+def _say_fallback_once(directory: Path, message: str) -> None:
+    """One line per directory (a read-only weights mount): the other places setup keeps there
+    (compile cache, a fetched LoRA) fall back the same way, which that line says."""
+    if directory in _FALLBACKS_SAID:
+        log.debug("%s", message)
+        return
+    _FALLBACKS_SAID.add(directory)
+    log.info("%s; whatever else setup keeps in %s falls back to %s too", message, directory, fallback_root())

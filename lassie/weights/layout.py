@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PROVIDE_COMMAND = "python scripts/download_weights.py"
-TINY_WEIGHTS_COMMAND = "python scripts/make_tiny_weights.py"
+PROVIDE_COMMAND = ".venv/bin/python scripts/download_weights.py"
+TINY_WEIGHTS_COMMAND = ".venv/bin/python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
 RUN_AGAIN = "Files finished so far are kept; run again to resume."
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
@@ -70,6 +70,8 @@ from lassie.weights.manifest import FileRecord, Manifest, has_size, is_intact
 log = logging.getLogger(__name__)
 
 FETCH_LOCK = ".fetching.lock"
+LOCK_HOLDER_SUFFIX = ".pid"  # beside a lock: the process id of its holder, written once it holds it
+LOCK_WAIT_REPORT_SECONDS = 10.0
 
 # Pickled or foreign-framework weights: the layout loads safetensors only.
 IGNORED_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data")
@@ -452,6 +454,39 @@ def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
             f"(each folder is fetched from <{WEIGHTS_URL_ENV}>/<folder>.tar){f' or {own}' if own else ''}")
 
 
+def lock_holder(lock_path: Path) -> str:
+    """The pid the lock's holder recorded, as text for a log line ("" when it recorded none)."""
+    try:
+        pid = lock_path.with_name(lock_path.name + LOCK_HOLDER_SUFFIX).read_text().strip()
+    except OSError:
+        return ""
+    return f", held by pid {pid}" if pid.isdigit() else ""
+
+
+@contextmanager
+def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) -> Iterator[None]:
+    """The directory's fetch lock. A boot that must wait for another process's fetch (one still
+    downloading after its server was stopped, or a second container) says so every `report_every`
+    seconds instead of sitting silent; the holder records its pid beside the lock for that line."""
+    lock = FileLock(lock_path)
+    waited = 0.0
+    while True:
+        try:
+            lock.acquire(timeout=report_every)
+            break
+        except Timeout:
+            waited += report_every
+            log.info("waiting for another process's fetch of the weights (lock %s%s); %.0f s so far",
+                     lock_path, lock_holder(lock_path), waited)
+    holder = lock_path.with_name(lock_path.name + LOCK_HOLDER_SUFFIX)
+    try:
+        holder.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
 def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: bool = True,
                           options: FetchOptions | None = None) -> list[str]:
     """Each missing layout folder from its tar, and each damaged one that has a tar URL, renamed into
@@ -463,7 +498,7 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
     fail_on([tar_urls_problem(settings, missing_folders(layout, lassie)), writing_problem(layout.root)])
     options = options or FetchOptions(deadline_seconds=settings.provision.weights_download_timeout)
     fetched = []
-    with FileLock(layout.root / FETCH_LOCK):
+    with fetch_lock(layout.root / FETCH_LOCK):
         remove_leftovers(layout.root)
         missing = missing_folders(layout, lassie)
         damaged = {folder: problems for folder, problems in damaged_folders(layout, lassie).items()

@@ -1,0 +1,67 @@
+"""Where a prediction's image files go: one fresh folder per prediction, none left behind.
+
+Cog serves the files after `predict()` returns, so a prediction's folder is removed when the next
+one starts, and the last one when the process exits. A process that is killed cannot do that,
+so its folder's name carries the host and process id, and each start removes those of this host's
+processes that no longer run (a shared `$TMPDIR` across hosts or pid namespaces keeps the others').
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PREFIX = "lassie-out-"
+
+
+def host_prefix() -> str:
+    return f"{PREFIX}{socket.gethostname()}-"
+
+
+def process_runs(pid: int) -> bool:
+    """Whether a process with this id exists here (one of another user's counts: it is not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputFolders:
+    """This process's current output folder, under the temporary directory as it is when used."""
+
+    def __init__(self) -> None:
+        self._current: Path | None = None
+
+    def fresh(self) -> Path:
+        """A new, empty folder; the previous prediction's outputs have been served by now."""
+        self.remove_current()
+        self._current = Path(tempfile.mkdtemp(prefix=f"{host_prefix()}{os.getpid()}-"))
+        return self._current
+
+    def remove_current(self) -> None:
+        if self._current is not None:
+            shutil.rmtree(self._current, ignore_errors=True)
+            self._current = None
+
+    @staticmethod
+    def remove_leftovers() -> list[Path]:
+        """The output folders of this host's processes that no longer run (killed or stopped servers), removed."""
+        prefix = host_prefix()
+        removed = []
+        for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            pid = folder.name[len(prefix):].split("-", 1)[0]
+            if folder.is_dir() and pid.isdigit() and not process_runs(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        if removed:
+            log.info("removed %d output folder(s) left by stopped servers in %s", len(removed), tempfile.gettempdir())
+        return removed
