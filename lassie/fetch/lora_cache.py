@@ -118,7 +118,7 @@ class LoraCache:
 
     def cached_files(self) -> list[Path]:
         """The cached LoRA files, least recently used first."""
-        return [path for path, _ in sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)]
+        return [path for path, _ in self._entries()]
 
     # --- entries --------------------------------------------------------------------------------
 
@@ -200,13 +200,14 @@ class LoraCache:
     # --- housekeeping ---------------------------------------------------------------------------
 
     def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        """The cached files with their stat, least recently used first (the access time is the clock)."""
         entries = []
         for path in self.directory.glob("*.safetensors"):
             try:
                 entries.append((path, path.stat()))
             except FileNotFoundError:
                 continue
-        return entries
+        return sorted(entries, key=lambda entry: entry[1].st_atime_ns)
 
     def _evict(self, keep: str) -> None:
         """Least recently used first, until under the size budget and enough disk is free; never
@@ -218,7 +219,7 @@ class LoraCache:
                            LORA_CACHE_ENV)
 
     def _evict_least_used(self, keep: str) -> None:
-        entries = sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)
+        entries = self._entries()
         total = sum(stat.st_size for _, stat in entries)
         for path, stat in entries:
             if total <= self.max_bytes and shutil.disk_usage(self.directory).free >= self.min_free_bytes:
