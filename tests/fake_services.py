@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from fake_hub import FakeHub
-from lassie.fetch.http import parse_ip_literal
+from lassie.fetch.addresses import parse_ip_literal
 from lassie.settings import LoraSettings, Settings
 
 HF_PREFIX = "/hf"

@@ -18,6 +18,7 @@ import pytest
 
 from fake_services import FakeServices, forbid_non_loopback
 from helpers import make_lora
+from lassie.fetch.addresses import address_refusal, allowed_addresses, parse_ip_literal
 from lassie.fetch.http import (
     MIB,
     AddressRule,
@@ -25,11 +26,8 @@ from lassie.fetch.http import (
     DownloadLimits,
     FetchError,
     ProgressLog,
-    address_refusal,
-    allowed_addresses,
     download_file,
     fetch_json,
-    parse_ip_literal,
     redact_url,
 )
 from lassie.settings import Settings

@@ -26,16 +26,11 @@ import safetensors.numpy
 from conftest import REPO
 from fake_hub import FakeHub
 from lassie.settings import LoraSettings, ProvisionSettings, Settings
-from lassie.weights.layout import MissingWeightsError, WeightsLayout
-from lassie.weights.provision import (
-    CorruptFileError,
-    Manifest,
-    ProvisionError,
-    ProvisionReport,
-    ensure_weights,
-    provision,
-    provision_lassie_lora,
-)
+from lassie.weights.hub import provision
+from lassie.weights.lassie_lora import provision_lassie_lora
+from lassie.weights.layout import CorruptFileError, MissingWeightsError, ProvisionError, WeightsLayout
+from lassie.weights.manifest import Manifest, ProvisionReport
+from lassie.weights.provision import ensure_weights
 
 DEV = "black-forest-labs/FLUX.1-dev"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"

@@ -1,13 +1,11 @@
-"""Checking and unpacking downloaded LoRA files: only safetensors ever pass.
+"""Checking and unpacking downloaded LoRA files: only safetensors ever pass, since pickle-based
+checkpoints (.bin/.ckpt/.pt) run code when loaded.
 
-Pickle-based checkpoints (.bin/.ckpt/.pt) run code when loaded, so nothing but safetensors is
-accepted. The safetensors library itself checks the header, dtypes and offsets and that the tensor
-data covers the file exactly; this module adds what a user needs when it refuses a file (what the
-file is instead: a pickle, an HTML login page, a cut-off download) and the one rule for tar
-archives (Replicate's `_weights`): exactly one .safetensors member, copied out, never a path.
-
-The checks themselves raise caller-neutral errors whose messages do not name the file, so that
-setup (the Lassie LoRA) and requests (`extra_lora`) word their own errors around the same rule.
+The safetensors library checks the header, dtypes and offsets and that the tensor data covers the
+file exactly; this module adds what a user needs when it refuses a file (what the file is instead: a
+pickle, an HTML login page, a cut-off download) and the one rule for LoRA tars (Replicate's
+`_weights`): exactly one .safetensors member, copied out, never a path. The checks raise errors that
+do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own.
 """
 
 from __future__ import annotations
@@ -48,13 +46,11 @@ MAX_TAR_MEMBERS = 10_000
 
 
 class UnusableSafetensorsError(ValueError):
-    """A file is not a usable safetensors file; the message says why, without naming the file,
-    so that each caller can wrap it in its own error type."""
+    """A file is not a usable safetensors file; the message says why, without naming the file."""
 
 
 class UnusableArchiveError(ValueError):
-    """An archive does not give up exactly one .safetensors; the message reads after the
-    archive's name ("holds no .safetensors file ..."), so that each caller can name it."""
+    """An archive does not give up exactly one .safetensors; the message reads after its name."""
 
 
 @dataclass(frozen=True)
@@ -175,40 +171,32 @@ def safetensors_from_tar(archive: Path, destination: Path, *, max_bytes: int) ->
     `destination`. Member names are only compared, never used as paths."""
     try:
         with archive.open("rb") as source:
-            found = _copy_single_safetensors(source, destination, max_bytes)
-    except TarRefused as refusal:
+            names, candidates = _copy_single_safetensors(source, destination, max_bytes)
+    except (TarRefused, UnusableArchiveError) as problem:
         destination.unlink(missing_ok=True)
-        raise UnusableArchiveError(str(refusal)) from None
-    except UnusableArchiveError:
-        destination.unlink(missing_ok=True)
-        raise
-    if not found.candidates:
-        raise UnusableArchiveError(f"holds no .safetensors file (it holds: {_listing(found.names)})")
+        raise UnusableArchiveError(str(problem)) from None
+    if not candidates:
+        raise UnusableArchiveError(f"holds no .safetensors file (it holds: {_listing(names)})")
 
 
-@dataclass
-class _Found:
-    names: list[str]
-    candidates: list[str]
-
-
-def _copy_single_safetensors(source: BinaryIO, destination: Path, max_bytes: int) -> _Found:
-    """Reads the whole tar under the policy, copying the first .safetensors member and refusing a second."""
-    found = _Found([], [])
+def _copy_single_safetensors(source: BinaryIO, destination: Path, max_bytes: int) -> tuple[list[str], list[str]]:
+    """Reads the whole tar under the policy, copying the first .safetensors member and refusing a
+    second; returns the names of all members and of the .safetensors ones."""
+    names: list[str] = []
+    candidates: list[str] = []
     for _, member, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
-        found.names.append(sanitised(member.name))
+        names.append(sanitised(member.name))
         basename = member.name.rsplit("/", 1)[-1]
         if data is None or not basename.lower().endswith(".safetensors") or basename.startswith("._"):
             continue
-        found.candidates.append(sanitised(member.name))
-        if len(found.candidates) > 1:
-            raise UnusableArchiveError(f"holds several .safetensors files ({_listing(found.candidates)}); "
-                                       "expected one")
+        candidates.append(sanitised(member.name))
+        if len(candidates) > 1:
+            raise UnusableArchiveError(f"holds several .safetensors files ({_listing(candidates)}); expected one")
         if member.size > max_bytes:
             raise UnusableArchiveError(f"holds a .safetensors file larger than {human_bytes(max_bytes)}")
         with destination.open("wb") as sink:
             copy_data(data, member, sink)
-    return found
+    return names, candidates
 
 
 def _listing(names: list[str]) -> str:

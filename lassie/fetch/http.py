@@ -10,19 +10,16 @@ also land on a public address, and the connection goes to exactly the address th
 second DNS answer cannot swap in 127.0.0.1); operator URLs pass `AddressRule(allow_all=True)`.
 
 Failures are `FetchError`s with a message that names the (redacted) URL and why; each caller says
-what was being fetched (the `extra_lora` field, a variable). What was fetched is checked elsewhere.
-Every bound and token comes from the caller; nothing here reads the environment.
+what was being fetched. What was fetched is checked elsewhere. Every bound and token comes from the
+caller; nothing here reads the environment. The address rule itself is `lassie.fetch.addresses`.
 """
 
 from __future__ import annotations
 
 import io
-import ipaddress
 import json
 import logging
 import math
-import re
-import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -35,7 +32,8 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 import httpx2
 from huggingface_hub.utils import tqdm
 
-from lassie.settings import ALLOW_PRIVATE_ENV, LORA_DOWNLOAD_TIMEOUT_ENV, MAX_LORA_BYTES_ENV, LoraSettings
+from lassie.fetch.addresses import AddressRule, FetchError, allowed_addresses
+from lassie.settings import LORA_DOWNLOAD_TIMEOUT_ENV, MAX_LORA_BYTES_ENV, LoraSettings
 
 logger = logging.getLogger(__name__)
 for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs, signed queries included
@@ -44,98 +42,10 @@ for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs,
 
 MIB = 1024**2
 MAX_JSON_BYTES = 16 * MIB
-CHUNK_BYTES = MIB
 PROGRESS_FROM_BYTES = 64 * MIB
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 HEADERS = {"Accept-Encoding": "identity", "User-Agent": "lassie-fetcher"}
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
-NUMERIC_IPV4 = re.compile(r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}", re.IGNORECASE)
-ADDRESS_CLASSES = (
-    ("unspecified", "is_unspecified"),
-    ("loopback", "is_loopback"),
-    ("link-local", "is_link_local"),
-    ("multicast", "is_multicast"),
-    ("reserved", "is_reserved"),
-    ("private", "is_private"),
-)
-
-
-class FetchError(RuntimeError):
-    """A fetch failed; the message names the URL (redacted) and why, and the caller adds what it
-    was fetching (a request field, a variable)."""
-
-
-# --- the address rule (pure) -------------------------------------------------------------------
-
-
-def parse_ip_literal(host: str) -> IPAddress | None:
-    """The address a host string spells by itself, including the old `2130706433` and `0x7f000001`
-    forms that resolvers still honour; None for real host names."""
-    bare = host.strip("[]")
-    try:
-        return ipaddress.ip_address(bare)
-    except ValueError:
-        pass
-    if NUMERIC_IPV4.fullmatch(bare):
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(bare))
-        except OSError:
-            return None
-    return None
-
-
-def address_refusal(address: IPAddress) -> str | None:
-    """Why a fetch must not reach `address` (e.g. "loopback"), or None for a public address.
-
-    IPv6 forms that carry an IPv4 address (mapped, 6to4, Teredo, NAT64) are judged by that address.
-    """
-    embedded = _embedded_ipv4(address)
-    if embedded is not None:
-        reason = address_refusal(embedded)
-        if reason is not None:
-            return f"{reason} (as {address})"
-    for name, attribute in ADDRESS_CLASSES:
-        if getattr(address, attribute):
-            return name
-    return None if address.is_global else "not publicly routable"
-
-
-def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
-    if not isinstance(address, ipaddress.IPv6Address):
-        return None
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]
-    if address in NAT64_PREFIX:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
-
-
-@dataclass(frozen=True)
-class AddressRule:
-    """The address rule plus the operator's exceptions from `LASSIE_ALLOW_PRIVATE_URLS`:
-    every address (tests, private mirrors), or just the listed addresses and networks."""
-
-    allow_all: bool = False
-    allowed_networks: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def from_settings(cls, settings: LoraSettings) -> AddressRule:
-        return cls(allow_all=settings.allow_all_addresses, allowed_networks=settings.allowed_networks)
-
-    def refusal(self, address: IPAddress) -> str | None:
-        if self.allow_all or any(address in network for network in self.allowed_networks):
-            return None
-        return address_refusal(address)
-
 
 # --- secrets never shown -----------------------------------------------------------------------
 
@@ -165,10 +75,8 @@ def redact_secrets(text: str, tokens: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Credential:
-    """A service's bearer token, bound to that service's origin (scheme, host, port).
-
-    The token may be empty: the env name still lets a 401/403 say which variable to set.
-    """
+    """A service's bearer token, bound to its origin (scheme, host, port). The token may be empty:
+    the env name still lets a 401/403 say which variable to set."""
 
     origin: str
     env_name: str
@@ -192,13 +100,9 @@ def _origin(parts: SplitResult) -> tuple[str, str, int]:
 
 @dataclass(frozen=True)
 class Deadline:
-    """The whole time one fetch may take (every request, redirect and byte of it, and what the
-    caller does with the bytes before it calls the fetch done), counted from its creation.
-
-    A host that trickles a byte at a time never trips a per-read timeout; this does, because every
-    body is read in the small pieces the network delivers and the deadline is checked between them.
-    `variable` names the setting that chose `seconds`, so an error says what to change.
-    """
+    """The whole time one fetch may take (every request, redirect and byte, and what the caller does
+    with the bytes), from its creation: a host trickling a byte at a time never trips a per-read
+    timeout, but is checked against this between pieces. `variable` names the setting to change."""
 
     seconds: float
     variable: str
@@ -209,11 +113,8 @@ class Deadline:
         """Seconds left; 0 once the deadline has passed."""
         return max(self.started + self.seconds - time.monotonic(), 0.0)
 
-    def passed(self) -> bool:
-        return self.remaining() == 0
-
     def check(self, url: str, received: int | None = None) -> None:
-        if self.passed():
+        if self.remaining() == 0:
             raise self.overdue(url, received)
 
     def overdue(self, url: str, received: int | None = None) -> FetchError:
@@ -228,14 +129,14 @@ def lora_deadline(seconds: float = math.inf) -> Deadline:
 
 @dataclass(frozen=True)
 class DownloadLimits:
-    """Everything that bounds one LoRA fetch, and the tokens no error of it may show; tests and
-    callers pass tighter ones. One `DownloadLimits` per fetch: its deadline starts when it is made."""
+    """Everything that bounds one fetch, and the tokens no error of it may show. One per fetch:
+    its deadline starts when it is made."""
 
     max_bytes: int = LoraSettings.max_download_bytes
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
     max_redirects: int = 8
-    rule: AddressRule = AddressRule()
+    rule: AddressRule = field(default_factory=AddressRule)
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
     deadline: Deadline = field(default_factory=lora_deadline)  # extra LoRAs: LASSIE_LORA_DOWNLOAD_TIMEOUT
 
@@ -255,37 +156,6 @@ def human_bytes(count: float) -> str:
         return f"{count:.0f} bytes"
     exponent = min(int(math.log(count, 1024)), 3)
     return f"{count / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
-
-
-# --- addresses checked before any connection ---------------------------------------------------
-
-
-def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress]:
-    """Resolves once and checks every answer: one refused answer refuses the host, so a name that
-    resolves to both a public and an internal address cannot be used to reach the internal one."""
-    literal = parse_ip_literal(host)
-    if literal is not None:
-        _refuse_if_forbidden(host, literal, rule)
-        return [literal]
-    try:
-        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as error:
-        raise FetchError(f"could not resolve host {host!r} ({error})") from None
-    addresses = list(dict.fromkeys(ipaddress.ip_address(answer[4][0].split("%")[0]) for answer in answers))
-    for address in addresses:
-        _refuse_if_forbidden(host, address, rule)
-    return addresses
-
-
-def _refuse_if_forbidden(host: str, address: IPAddress, rule: AddressRule) -> None:
-    reason = rule.refusal(address)
-    if reason is None:
-        return
-    spelled = "" if host.strip("[]") == str(address) else f" (which is {address})"
-    raise FetchError(
-        f"refusing to fetch from {host}{spelled}: it is a {reason} address, and only public internet "
-        f"addresses are fetched (operators of private mirrors can set {ALLOW_PRIVATE_ENV})"
-    )
 
 
 # --- requests with hand-checked redirects ------------------------------------------------------
@@ -397,16 +267,12 @@ def _raise_for_status(response: httpx2.Response, url: str, credential: Credentia
     status = response.status_code
     if 200 <= status < 300:
         return
-    shown = redact_url(url)
     if status in (401, 403) and credential is not None:
-        if credential.token:
-            problem = f"it refused the token in {credential.env_name} (HTTP {status})"
-        else:
-            problem = f"it needs a token (HTTP {status}): set {credential.env_name}"
-        raise FetchError(f"could not download {shown}: {problem}")
-    if status == 404:
-        raise FetchError(f"could not download {shown}: not found (HTTP 404)")
-    raise FetchError(f"could not download {shown}: the server answered HTTP {status}")
+        problem = (f"it refused the token in {credential.env_name} (HTTP {status})" if credential.token
+                   else f"it needs a token (HTTP {status}): set {credential.env_name}")
+    else:
+        problem = "not found (HTTP 404)" if status == 404 else f"the server answered HTTP {status}"
+    raise FetchError(f"could not download {redact_url(url)}: {problem}")
 
 
 # --- bounded bodies ----------------------------------------------------------------------------
@@ -443,10 +309,7 @@ def download_file(
     url: str, destination: Path, *, credential: Credential | None = None, limits: DownloadLimits | None = None
 ) -> int:
     """Streams `url` into `destination` (a temporary name the caller owns); returns the byte count.
-
-    The size cap is checked against Content-Length first and again while streaming, since servers
-    can lie or send no length at all.
-    """
+    The size cap is checked against Content-Length and again while streaming: servers can lie."""
     limits = limits or DownloadLimits()
     with open_url(url, credential=credential, limits=limits) as (response, _):
         declared = declared_length(response)
@@ -494,11 +357,8 @@ def _stream(response: httpx2.Response, sink: BinaryIO, declared: int | None, max
 
 class ProgressLog(tqdm):
     """Progress of a large download as log lines, since Cog's logs show no bars: one line per tenth
-    (per 256 MiB when the size is unknown), none for files under 64 MiB. A bar on a terminal.
-
-    The one progress report of the project: lassie's own downloads drive it, and huggingface_hub
-    takes it as its `tqdm_class` when setup fetches the weights.
-    """
+    (per 256 MiB when the size is unknown), none under 64 MiB; a bar on a terminal. The project's
+    one progress report: huggingface_hub takes it as `tqdm_class` when setup fetches the weights."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Counts on its own, from the keyword arguments: huggingface_hub turns a bar off (and tqdm

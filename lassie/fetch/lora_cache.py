@@ -1,19 +1,16 @@
 """Extra LoRAs on local disk: fetched once, validated, kept under a size budget.
 
-A file only ever appears under its final name complete and validated (it is written in a staging
-folder inside the cache, then renamed), and a checksum beside it catches later damage, so a
-partial or corrupted download can never be mistaken for a good LoRA. Fetches of the same LoRA are
-serialised by a file lock per LoRA (threads and processes alike), so concurrent requests download
-it once; a request that waits on another's download says so in the log.
+A file only appears under its final name complete and validated (written in a staging folder inside
+the cache, then renamed), and a checksum beside it catches later damage, so a partial or corrupted
+download is never taken for a good LoRA. A file lock per LoRA (threads and processes alike) makes
+concurrent requests download it once; one that waits on another's download says so in the log.
 
-A request holds its LoRA from `prepare` to its end (`hold`, a shared lock per LoRA that eviction
-passes over), so a file another request's fetch would evict meanwhile is still there when the GPU
-takes it: nothing is fetched on the GPU's thread.
+A request holds its LoRA from `prepare` to its end (`hold`, a shared lock that eviction passes over),
+so nothing is fetched again on the GPU's thread.
 
-The disk can fail the cache while it serves: full, or made read-only. A full or read-only cache
-refuses new LoRAs with an error that names the cache's variable and what to do, while LoRAs
-already in it keep serving (no lock file can be created then: fetches fall back to a lock within
-this process, and the LRU clock stands still).
+A full or read-only cache refuses new LoRAs with an error that names the cache's variable and what
+to do, while LoRAs already in it keep serving (without lock files, fetches lock within this process
+and the LRU clock stands still).
 """
 
 from __future__ import annotations
@@ -37,7 +34,8 @@ from filelock import FileLock, Timeout
 
 from lassie.fetch.files import sha256_of, validate_safetensors
 from lassie.fetch.http import human_bytes
-from lassie.fetch.lora_sources import ExtraLora, LoraSource, fetch_source
+from lassie.fetch.lora_fetch import fetch_source
+from lassie.fetch.lora_sources import ExtraLora, LoraSource
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import LORA_CACHE_ENV, LoraSettings
@@ -60,8 +58,8 @@ class HeldLora:
     _hold: IO[bytes] | None = field(default=None, repr=False)
 
     def release(self) -> None:
-        """Lets eviction take the file again; once is enough, later calls do nothing. A hold that is
-        never released ends with its file handle (when the object is garbage-collected)."""
+        """Lets eviction take the file again; later calls do nothing. A hold never released ends
+        with its file handle, when the object is garbage-collected."""
         if self._hold is not None:
             self._hold.close()
             self._hold = None
@@ -69,10 +67,7 @@ class HeldLora:
 
 class LoraCache:
     """`hold(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix.
-
-    Where the cache lives, its budget, and where and how LoRAs are fetched all come from
-    `settings`; the cache sits in `default_directory` (beside the weights) unless they name another.
-    """
+    Place, budget and fetching come from `settings`; the place defaults to `default_directory`."""
 
     def __init__(self, settings: LoraSettings, default_directory: Path) -> None:
         self.settings = settings
@@ -123,7 +118,7 @@ class LoraCache:
 
     def cached_files(self) -> list[Path]:
         """The cached LoRA files, least recently used first."""
-        return [path for path, _ in sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)]
+        return [path for path, _ in self._entries()]
 
     # --- entries --------------------------------------------------------------------------------
 
@@ -205,13 +200,14 @@ class LoraCache:
     # --- housekeeping ---------------------------------------------------------------------------
 
     def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        """The cached files with their stat, least recently used first (the access time is the clock)."""
         entries = []
         for path in self.directory.glob("*.safetensors"):
             try:
                 entries.append((path, path.stat()))
             except FileNotFoundError:
                 continue
-        return entries
+        return sorted(entries, key=lambda entry: entry[1].st_atime_ns)
 
     def _evict(self, keep: str) -> None:
         """Least recently used first, until under the size budget and enough disk is free; never
@@ -223,7 +219,7 @@ class LoraCache:
                            LORA_CACHE_ENV)
 
     def _evict_least_used(self, keep: str) -> None:
-        entries = sorted(self._entries(), key=lambda entry: entry[1].st_atime_ns)
+        entries = self._entries()
         total = sum(stat.st_size for _, stat in entries)
         for path, stat in entries:
             if total <= self.max_bytes and shutil.disk_usage(self.directory).free >= self.min_free_bytes:
@@ -289,16 +285,12 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 class _KeyLocks:
-    """One fetch per LoRA at a time: a file lock per key, which other threads and other processes
-    sharing the cache directory wait on alike (each FileLock holds its own descriptor).
-
-    Holds: a shared `flock` per key on a file of its own, one descriptor per request, which eviction
-    must take exclusively (without waiting) to remove the entry. A request waits for a hold only
-    while an eviction of that entry is under way.
+    """One fetch per LoRA at a time: a file lock per key, which threads and processes sharing the
+    cache wait on alike. Holds: a shared `flock` per key on a file of its own, one descriptor per
+    request, which eviction must take exclusively (without waiting) to remove the entry.
 
     Where no lock file can be made (the cache turned read-only), a lock per key within this process
-    stands in: nothing can be written there by anyone then, so only readers remain to serialise,
-    and nothing can be evicted, so no hold is needed.
+    stands in: nobody can write there then, and nothing can be evicted, so no hold is needed.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -306,9 +298,6 @@ class _KeyLocks:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._in_process: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-
-    def _file_lock(self, key: str) -> FileLock:
-        return FileLock(self.directory / f"{key}.lock")
 
     def _hold_file(self, key: str) -> IO[bytes] | None:
         """Its own descriptor on `key`'s hold file (flock locks belong to a descriptor), or None
@@ -342,13 +331,9 @@ class _KeyLocks:
                 return
             yield True
 
-    def _process_lock(self, key: str) -> threading.Lock:
-        with self._guard:
-            return self._in_process.setdefault(key, threading.Lock())
-
     def _acquire(self, key: str, blocking: bool) -> FileLock | threading.Lock | None:
         """The held lock, or None when `blocking` is false and another fetch holds it."""
-        lock = self._file_lock(key)
+        lock = FileLock(self.directory / f"{key}.lock")
         try:
             lock.acquire(blocking=blocking)
             return lock
@@ -358,7 +343,8 @@ class _KeyLocks:
             if error.errno not in READ_ONLY:
                 raise
         logger.debug("extra_lora: no lock file in the LoRA cache (%s); locking within this process", key)
-        fallback = self._process_lock(key)
+        with self._guard:
+            fallback = self._in_process.setdefault(key, threading.Lock())
         return fallback if fallback.acquire(blocking=blocking) else None
 
     @contextmanager

@@ -116,9 +116,9 @@ class _Tally:
     def __init__(self, limits: TarLimits) -> None:
         self.limits, self.members, self.bytes = limits, 0, 0
 
-    def add(self, member: tarfile.TarInfo) -> None:
+    def add(self, size: int) -> None:
         self.members += 1
-        self.bytes += member.size
+        self.bytes += size
         if self.members > self.limits.max_members:
             raise TarRefused(f"holds more than {self.limits.max_members} members")
         if self.bytes > self.limits.max_bytes:
@@ -189,7 +189,7 @@ def checked_members(source: BinaryIO, limits: TarLimits
     try:
         with tarfile.open(fileobj=watched, mode="r|", bufsize=READ_BYTES) as tar:
             for member in tar:
-                tally.add(member)
+                tally.add(member.size)
                 path = member_path(member)
                 yield path, member, tar.extractfile(member) if member.isreg() else None
             end = tar.offset
@@ -264,7 +264,7 @@ def copy_data(data: BinaryIO, member: tarfile.TarInfo, sink: BinaryIO) -> None:
 def check_tree(root: Path, limits: TarLimits) -> None:
     """The policy applied after the fact to a folder another program unpacked: only regular files
     (not hard-linked) and folders, counted and sized against the limits."""
-    count = size = 0
+    tally = _Tally(limits)
     for folder, names, files in os.walk(root):
         for name in [*names, *files]:
             path = Path(folder, name)
@@ -276,9 +276,4 @@ def check_tree(root: Path, limits: TarLimits) -> None:
                 raise TarRefused(f"holds a hard link, {shown}; {ONLY_FILES}")
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
                 raise TarRefused(f"holds a device, FIFO or socket, {shown}; {ONLY_FILES}")
-            count += 1
-            size += info.st_size if stat.S_ISREG(info.st_mode) else 0
-            if count > limits.max_members:
-                raise TarRefused(f"holds more than {limits.max_members} members")
-            if size > limits.max_bytes:
-                raise TarRefused(f"holds more than {human_bytes(limits.max_bytes)} of files")
+            tally.add(info.st_size if stat.S_ISREG(info.st_mode) else 0)

@@ -4,9 +4,8 @@ Replicate serves its FLUX weights as tars from a public host that answers HTTP r
 Where `pget` (Replicate's parallel downloader) is on PATH it fetches and extracts; otherwise the
 tar comes through parallel range requests when the server allows them (one request tells: 206
 Partial Content, with an ETag or Last-Modified to hold every later range to), reassembled in order
-and extracted while it arrives, else as one stream. Either
-way it is unpacked into a staging folder beside its target and renamed into place only once
-complete and checked; the staging folder is removed whatever happens.
+and extracted while it arrives, else as one stream. Either way it is unpacked into a staging
+folder beside its target and renamed into place only once complete and checked.
 
 The addresses are the operator's (cog.yaml's `environment:` or the container's), trusted like
 LASSIE_LORA_URL: any host, loopback and private mirrors included. They come through the project's
@@ -27,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,34 +112,26 @@ class Version:
         return bool(self.last_modified and other.last_modified and other.last_modified != self.last_modified)
 
 
-def _open(client: httpx2.Client, url: str, limits: DownloadLimits, byte_range: tuple[int, int] | None = None,
-          if_range: str | None = None) -> tuple[httpx2.Response, str]:
+def ranged_get(client: httpx2.Client, url: str, limits: DownloadLimits, byte_range: tuple[int, int] | None = None,
+               if_range: str | None = None) -> tuple[httpx2.Response, str]:
     """A 2xx response to a GET (a byte range of it when `byte_range` is given) and its final URL."""
     headers = {}
     if byte_range is not None:
         headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
         if if_range is not None:
             headers["If-Range"] = if_range
-    try:
-        return request(client, url, limits=limits, headers=headers)
-    except FetchError as error:
-        raise DownloadError(str(error)) from None
-
-
-def _pieces(response: httpx2.Response, url: str, limits: DownloadLimits, received: int = 0) -> Iterator[bytes]:
-    try:
-        yield from body_pieces(response, url, limits.deadline, received=received)
-    except FetchError as error:
-        raise DownloadError(str(error)) from None
+    return request(client, url, limits=limits, headers=headers)
 
 
 class _Body(io.RawIOBase):
-    """The bytes of a tar in order, with the checks every source shares: size cap, deadline, progress."""
+    """The bytes of a tar in order, with the checks every source shares: size cap, deadline, progress.
+    A source hands on its pieces in order (`_next_piece`); `readinto` copies them out."""
 
     def __init__(self, url: str, total: int | None, options: FetchOptions, limits: DownloadLimits) -> None:
         super().__init__()
         self.url, self.total, self.options, self.limits = url, total, options, limits
         self.received = 0
+        self._current = memoryview(b"")
         self._progress = ProgressLog(total=total, desc=redact_url(url), unit="B")
         if total is not None and total > options.max_bytes:
             raise DownloadError(f"{redact_url(url)} is {human_bytes(total)}, more than the "
@@ -150,18 +141,20 @@ class _Body(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:
-        try:
-            self.limits.deadline.check(self.url, self.received)
-        except FetchError as error:
-            raise DownloadError(str(error)) from None
-        count = self._next(buffer)
+        self.limits.deadline.check(self.url, self.received)
+        if not self._current:
+            self._current = memoryview(self._next_piece() or b"")
+        count = min(len(buffer), len(self._current))
+        buffer[:count] = self._current[:count]
+        self._current = self._current[count:]
         self.received += count
         if self.received > self.options.max_bytes:
             raise DownloadError(f"{redact_url(self.url)} sent more than {human_bytes(self.options.max_bytes)}")
         self._progress.update(count)
         return count
 
-    def _next(self, buffer: memoryview) -> int:
+    def _next_piece(self) -> bytes | bytearray | None:
+        """The next bytes of the tar, None at its end."""
         raise NotImplementedError
 
     def cut_short(self, detail: str) -> DownloadError:
@@ -179,21 +172,13 @@ class OneStream(_Body):
     def __init__(self, url: str, response: httpx2.Response, options: FetchOptions, limits: DownloadLimits) -> None:
         super().__init__(url, declared_length(response), options, limits)
         self.response = response
-        self._pieces = _pieces(response, url, limits)
-        self._current = memoryview(b"")
+        self._pieces = body_pieces(response, url, limits.deadline)
 
-    def _next(self, buffer: memoryview) -> int:
-        if not self._current:
-            piece = next(self._pieces, None)
-            if piece is None:
-                if self.total is not None and self.received < self.total:
-                    raise self.cut_short(f"{self.received} of {self.total} bytes")
-                return 0
-            self._current = memoryview(piece)
-        count = min(len(buffer), len(self._current))
-        buffer[:count] = self._current[:count]
-        self._current = self._current[count:]
-        return count
+    def _next_piece(self) -> bytes | None:
+        piece = next(self._pieces, None)
+        if piece is None and self.total is not None and self.received < self.total:
+            raise self.cut_short(f"{self.received} of {self.total} bytes")
+        return piece
 
     def close(self) -> None:
         self.response.close()
@@ -218,7 +203,6 @@ class ParallelRanges(_Body):
         first_end = min(options.chunk_bytes, total)
         self._queue.append(self._pool.submit(self._read_exactly, first, 0, first_end))
         self._next_start = first_end
-        self._current = memoryview(b"")
         self._top_up()
 
     def _top_up(self) -> None:
@@ -231,12 +215,12 @@ class ParallelRanges(_Body):
         problem = ""
         for _ in range(self.options.retries):
             try:
-                response, _ = _open(self.client, self.source, self.limits, (start, end), self.version.if_range)
+                response, _ = ranged_get(self.client, self.source, self.limits, (start, end), self.version.if_range)
                 self._check_part(response, start, end)
                 return self._read_exactly(response, start, end)
             except FileChanged:
                 raise
-            except DownloadError as error:
+            except (DownloadError, FetchError) as error:
                 problem = str(error)
         raise DownloadError(f"{problem} (bytes {start}-{end - 1}, tried {self.options.retries} times)")
 
@@ -256,7 +240,7 @@ class ParallelRanges(_Body):
     def _read_exactly(self, response: httpx2.Response, start: int, end: int) -> bytearray:
         data = bytearray()
         try:
-            for piece in _pieces(response, self.url, self.limits, start):
+            for piece in body_pieces(response, self.url, self.limits.deadline, received=start):
                 data += piece
                 if len(data) > end - start:
                     raise DownloadError(f"{redact_url(self.url)} sent more than bytes {start}-{end - 1}")
@@ -266,26 +250,16 @@ class ParallelRanges(_Body):
             raise self.cut_short(f"bytes {start}-{end - 1}: {len(data)} of {end - start} received")
         return data
 
-    def _next(self, buffer: memoryview) -> int:
-        if not self._current:
-            if not self._queue:
-                return 0
-            self._current = memoryview(self._queue.popleft().result())
-            self._top_up()
-        count = min(len(buffer), len(self._current))
-        buffer[:count] = self._current[:count]
-        self._current = self._current[count:]
-        return count
+    def _next_piece(self) -> bytearray | None:
+        if not self._queue:
+            return None
+        piece = self._queue.popleft().result()
+        self._top_up()
+        return piece
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         super().close()
-
-
-def weights_limits(options: FetchOptions, deadline: Deadline | None = None) -> DownloadLimits:
-    """An operator's address (any host, no token), the folder's deadline, the options' timeouts."""
-    return DownloadLimits(read_timeout=options.read_timeout, rule=AddressRule(allow_all=True),
-                          deadline=deadline or folder_deadline(options))
 
 
 def folder_deadline(options: FetchOptions) -> Deadline:
@@ -303,51 +277,47 @@ def _first_part(response: httpx2.Response, options: FetchOptions) -> int | None:
     return total
 
 
+def open_body(client: httpx2.Client, url: str, options: FetchOptions, limits: DownloadLimits) -> _Body:
+    """Parallel ranges when one first ranged request is answered with exactly that range and a
+    version (ETag or Last-Modified) to hold the other ranges to; else one stream."""
+    ranged = options.connections > 1
+    first, source = ranged_get(client, url, limits, (0, options.chunk_bytes) if ranged else None)
+    total, version = _first_part(first, options), Version.of(first)
+    if first.status_code == 206 and (total is None or version.if_range is None):
+        first.close()  # a part that cannot be checked, or of unknown total: ask for the whole instead
+        first, source = ranged_get(client, url, limits)
+        total = None
+    try:
+        if total is not None:
+            body: _Body = ParallelRanges(url, source, first, total, version, options, limits, client)
+            how = f"{options.connections} parallel ranges"
+        else:
+            body = OneStream(url, first, options, limits)
+            how = "one stream" + (" (the server does not answer range requests)" if ranged else "")
+    except DownloadError:
+        first.close()
+        raise
+    log.info("fetching %s%s through %s", redact_url(url), f" ({human_bytes(body.total)})" if body.total else "", how)
+    return body
+
+
 @contextmanager
 def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadline | None = None) -> Iterator[_Body]:
-    """The tar's bytes, through parallel ranges when one first ranged request is answered with
-    exactly that range and a version (ETag or Last-Modified) to hold the other ranges to."""
-    limits = weights_limits(options, deadline)
-    with new_client(options.connections) as client:
-        ranged = options.connections > 1
-        first, source = _open(client, url, limits, (0, options.chunk_bytes) if ranged else None)
-        total, version = _first_part(first, options), Version.of(first)
-        if first.status_code == 206 and (total is None or version.if_range is None):
-            first.close()  # a part that cannot be checked, or of unknown total: ask for the whole instead
-            first, source = _open(client, url, limits)
-            total = None
-        try:
-            if total is not None:
-                body: _Body = ParallelRanges(url, source, first, total, version, options, limits, client)
-                how = f"{options.connections} parallel ranges"
-            else:
-                body = OneStream(url, first, options, limits)
-                how = "one stream" + (" (the server does not answer range requests)" if ranged else "")
-        except DownloadError:
-            first.close()
-            raise
-        log.info("fetching %s%s through %s", redact_url(url), f" ({human_bytes(body.total)})" if body.total else "",
-                 how)
-        try:
+    """The tar's bytes (`open_body`); the HTTP client's errors, while opening or reading, become DownloadErrors."""
+    limits = DownloadLimits(read_timeout=options.read_timeout, rule=AddressRule(allow_all=True),  # the operator's
+                            deadline=deadline or folder_deadline(options))
+    try:
+        with new_client(options.connections) as client, closing(open_body(client, url, options, limits)) as body:
             yield body
-        finally:
-            body.close()
+    except FetchError as error:
+        raise DownloadError(str(error)) from None
 
 
 # --- a folder from a tar ------------------------------------------------------------------------
 
 
-def extract(stream: io.RawIOBase, destination: Path, options: FetchOptions) -> int:
-    """Unpacks a tar stream as it arrives, under the one tar policy (`lassie.fetch.tars`). Returns the member count."""
-    return unpack(io.BufferedReader(stream, 4 * MIB), destination, tar_limits(options))
-
-
 def tar_limits(options: FetchOptions) -> TarLimits:
     return TarLimits(max_members=options.max_members, max_bytes=options.max_bytes)
-
-
-def pget_path() -> str | None:
-    return shutil.which("pget")
 
 
 def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOptions) -> None:
@@ -386,7 +356,7 @@ def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
     for attempt in (1, 2):
         try:
             with tar_stream(url, options, deadline) as stream:
-                extract(stream, unpacked, options)
+                unpack(io.BufferedReader(stream, 4 * MIB), unpacked, tar_limits(options))
             return
         except FileChanged as change:
             shutil.rmtree(unpacked, ignore_errors=True)
@@ -426,7 +396,7 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=staging_root))
     try:
         unpacked = staging / "unpacked"
-        pget = pget_path() if options.use_pget else None
+        pget = shutil.which("pget") if options.use_pget else None
         if pget is not None:
             fetch_with_pget(pget, url, unpacked, options)
         else:

@@ -5,7 +5,8 @@ everything after (the memory plan, the adapter, the trigger word, the logs) uses
 here. A LoRA given by address is fetched once and kept in a folder named after the address, beside
 the weights or, where they are read-only, in a writable place; a kept LoRA that fails its check at a
 start (a torn or damaged file) is fetched again once, then setup fails naming it.
-scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`.
+scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`
+(`provision_lassie_lora`, which records it in manifest.json).
 
 The LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.fetch.http`,
 `lassie.fetch.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
@@ -33,14 +34,15 @@ from lassie.fetch.files import (
     UnusableSafetensorsError,
     inspect_safetensors,
     safetensors_from_tar,
+    sha256_of,
 )
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, checked_members
 from lassie.settings import LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
-from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout
-from lassie.weights.manifest import Manifest, has_size
+from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout, fail_on
+from lassie.weights.manifest import FileRecord, Manifest, ProvisionReport, is_intact
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +226,7 @@ def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) ->
     Everything is checked whole in a staging folder beside `folder` first, so a bad file never
     replaces a good one; the LoRA goes in last, so its presence means the install finished.
     """
-    problem = origin_problem(origin, variable)
-    if problem is not None:
-        raise ProvisionError(problem)
+    fail_on([origin_problem(origin, variable)])
     described = f"{variable} ({public_origin(origin)})"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=folder.parent) as staging_name:
@@ -238,6 +238,30 @@ def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) ->
             os.replace(staging / TRIGGER_WORD_MEMBER, folder / TRIGGER_WORD_MEMBER)
         os.replace(staging / LORA_MEMBER, folder / LORA_MEMBER)
     log.info("the Lassie LoRA from %s is installed in %s", described, folder)
+
+
+def recorded_from(layout: WeightsLayout, manifest: Manifest, origin: str, verify: bool) -> bool:
+    """weights/lassie/ holds the LoRA the manifest records from `origin`, at its size (and hash, with `verify`)."""
+    record = manifest.files.get(manifest.name_of(layout.lassie_lora))
+    return (record is not None and record.source == public_origin(origin)
+            and is_intact(layout.lassie_lora, record, verify))
+
+
+def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: ProvisionReport, origin: str | None,
+                          verify: bool, limits: DownloadLimits | None = None, trigger_word: str | None = None) -> None:
+    """Installs the LoRA from `origin` (see lora_origin_problem) into weights/lassie/ and records it;
+    no origin, or the one recorded from it still whole, keeps the one in place. LASSIE_TRIGGER_WORD
+    (`trigger_word`) goes beside it either way."""
+    name = manifest.name_of(layout.lassie_lora)
+    if origin and not recorded_from(layout, manifest, origin, verify):
+        install(origin, layout.lassie_dir, LORA_URL_ENV, limits or DownloadLimits(rule=OPERATOR_ADDRESSES))
+        size = layout.lassie_lora.stat().st_size
+        report.add_fetched(name, size)
+        manifest.record(layout.lassie_lora, FileRecord(public_origin(origin), None, size,
+                                                       sha256_of(layout.lassie_lora)))
+    else:
+        report.kept.append(name)
+    write_trigger_word(layout, trigger_word)
 
 
 # --- setup: resolved once -----------------------------------------------------------------------
@@ -259,13 +283,6 @@ def kept_lora(origin: str, place: Path, variable: str, limits: DownloadLimits) -
     return keep
 
 
-def installed_from(layout: WeightsLayout, origin: str) -> bool:
-    """weights/lassie/ holds the LoRA from `origin`, whole (scripts/download_weights.py put it there)."""
-    record = Manifest.load(layout.manifest).files.get("lassie/lora.safetensors")
-    return (record is not None and record.source == public_origin(origin)
-            and has_size(layout.lassie_lora, record.size) and lora_problem(layout.lassie_lora) is None)
-
-
 def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
     """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/.
 
@@ -273,7 +290,10 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
     """
     origin = settings.provision.lassie_origin
     configured = checked_trigger_word(settings.provision.trigger_word or "", TRIGGER_WORD_ENV)
-    if origin is None or (origin == settings.provision.lora_url and installed_from(layout, origin)):
+    # scripts/download_weights.py may have installed LASSIE_LORA_URL into weights/lassie/ already.
+    if origin is None or (origin == settings.provision.lora_url
+                          and recorded_from(layout, Manifest.load(layout.manifest), origin, verify=False)
+                          and lora_problem(layout.lassie_lora) is None):
         return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
                           str(layout.lassie_dir))
     variable = COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV

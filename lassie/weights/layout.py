@@ -1,4 +1,4 @@
-"""The weights directory: where each model lives, and what is missing from it.
+"""The weights directory: where each model lives, what is missing from it and what is damaged.
 
 Real FLUX checkpoints are sharded (`*.safetensors.index.json` plus shards) and tiny ones are
 not; both layouts are accepted, and nothing here ever asks which kind of weights these are.
@@ -7,8 +7,13 @@ not; both layouts are accepted, and nothing here ever asks which kind of weights
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from lassie.fetch.files import UnusableSafetensorsError, inspect_safetensors
+from lassie.fetch.storage import write_problem
+from lassie.settings import WEIGHTS_URL_ENV
 
 PROVIDE_COMMAND = ".venv/bin/python scripts/download_weights.py"
 TINY_WEIGHTS_COMMAND = ".venv/bin/python scripts/make_tiny_weights.py"
@@ -32,6 +37,18 @@ class ProvisionError(RuntimeError):
 
 class CorruptFileError(ProvisionError):
     """A file is not what its source says it is; it has been removed so a rerun fetches it anew."""
+
+
+def fail_on(problems: list[str | None]) -> None:
+    """All problems found at once, so one rerun can fix them all."""
+    found = [problem for problem in problems if problem]
+    if found:
+        raise ProvisionError("\n".join(found))
+
+
+def writing_problem(root: Path) -> str | None:
+    problem = write_problem(root)
+    return None if problem is None else f"cannot write to the weights directory {root}: {problem}"
 
 
 def tiny_weights_hint() -> str:
@@ -110,20 +127,16 @@ class WeightsLayout:
     def missing_paths(self, lassie: bool = True) -> list[Path]:
         """`lassie` False: the Lassie LoRA comes from elsewhere (COG_WEIGHTS, LASSIE_LORA_URL)."""
         dev, schnell = self.dev_dir, self.schnell_dir
-        missing: list[Path] = []
-        for required in (dev / "model_index.json", dev / "scheduler" / "scheduler_config.json",
-                         schnell / "scheduler" / "scheduler_config.json", *([self.lassie_lora] if lassie else []),
-                         self.compvis_dir / "preprocessor_config.json",
-                         self.falcon_dir / "preprocessor_config.json"):
-            if not required.is_file():
-                missing.append(required)
-        missing += _model_files_missing(dev / "transformer", DIFFUSERS_WEIGHTS)
-        missing += _model_files_missing(dev / "vae", DIFFUSERS_WEIGHTS)
-        missing += _model_files_missing(dev / "text_encoder", TRANSFORMERS_WEIGHTS)
-        missing += _model_files_missing(dev / "text_encoder_2", TRANSFORMERS_WEIGHTS)
-        missing += _model_files_missing(schnell / "transformer", DIFFUSERS_WEIGHTS)
-        missing += _model_files_missing(self.compvis_dir, TRANSFORMERS_WEIGHTS)
-        missing += _model_files_missing(self.falcon_dir, TRANSFORMERS_WEIGHTS)
+        required = (dev / "model_index.json", dev / "scheduler" / "scheduler_config.json",
+                    schnell / "scheduler" / "scheduler_config.json", *([self.lassie_lora] if lassie else []),
+                    self.compvis_dir / "preprocessor_config.json", self.falcon_dir / "preprocessor_config.json")
+        missing = [path for path in required if not path.is_file()]
+        for directory, stem in ((dev / "transformer", DIFFUSERS_WEIGHTS), (dev / "vae", DIFFUSERS_WEIGHTS),
+                                (dev / "text_encoder", TRANSFORMERS_WEIGHTS),
+                                (dev / "text_encoder_2", TRANSFORMERS_WEIGHTS),
+                                (schnell / "transformer", DIFFUSERS_WEIGHTS), (self.compvis_dir, TRANSFORMERS_WEIGHTS),
+                                (self.falcon_dir, TRANSFORMERS_WEIGHTS)):
+            missing += _model_files_missing(directory, stem)
         missing += _any_missing(dev / "tokenizer", ("tokenizer.json", "vocab.json"))
         missing += _any_missing(dev / "tokenizer_2", ("tokenizer.json", "spiece.model"))
         return missing
@@ -140,3 +153,53 @@ class WeightsLayout:
                 f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: HF_TOKEN). "
                 f"{tiny_weights_hint()}"
             )
+
+
+# --- the folder check ---------------------------------------------------------------------------
+
+
+def layout_files(folder: Path) -> list[Path]:
+    """The files of a layout folder, without hidden folders (huggingface_hub's `.cache/` metadata)."""
+    found = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(parent, name) for name in sorted(files)]
+    return found
+
+
+def file_problems(folder: Path, name: str) -> list[str]:
+    """What is wrong with the files of a layout folder, cheap enough for every start (no hashing):
+    each JSON file parses, each safetensors header parses and its tensors fit the file's size."""
+    problems = []
+    for path in layout_files(folder):
+        shown = f"{name}/{path.relative_to(folder).as_posix()}"
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_bytes())
+            elif path.suffix == ".safetensors":
+                inspect_safetensors(path)
+        except UnusableSafetensorsError as problem:
+            problems.append(f"{shown} is not a usable .safetensors file: {problem}")
+        except ValueError as error:
+            problems.append(f"{shown} is not valid JSON ({error})")
+        except OSError as error:
+            problems.append(f"{shown} cannot be read ({error.strerror or error})")
+    return problems
+
+
+def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]:
+    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a
+    JSON file that does not parse), with what is wrong."""
+    wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
+    found = {folder: file_problems(layout.root / folder, folder) for folder in wanted}
+    return {folder: problems for folder, problems in found.items() if problems}
+
+
+def damage_problem(layout: WeightsLayout, damaged: dict[str, list[str]]) -> str | None:
+    """Setup's refusal of damaged folders it cannot fetch again (no tar URL names them, or offline)."""
+    if not damaged:
+        return None
+    described = "\n".join(f"{layout.root / folder} is damaged: {'; '.join(problems)}"
+                           for folder, problems in damaged.items())
+    return (f"{described}\nSet {WEIGHTS_URL_ENV} (or the folder's own URL) to fetch it again from its tar, or remove "
+            f"it and run `{PROVIDE_COMMAND} {layout.root}`.")

@@ -3,6 +3,7 @@
 Setup and scripts/download_weights.py both read it: a source whose recorded files are all still on
 disk at their recorded size is not asked about again, and the Lassie LoRA that
 scripts/download_weights.py installed from LASSIE_LORA_URL is known by the address it recorded.
+A `ProvisionReport` says what one run fetched and what it kept.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lassie.fetch.files import sha256_of
+from lassie.fetch.http import human_bytes
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
+
 
 @dataclass(frozen=True)
 class FileRecord:
@@ -83,7 +86,21 @@ def has_size(path: Path, size: int | None) -> bool:
     return path.is_file() and path.stat().st_size == size
 
 
-
 def is_intact(path: Path, record: FileRecord, verify: bool) -> bool:
     """The size always; the recorded sha256 only when asked (a LoRA URL has no listing to ask)."""
     return has_size(path, record.size) and (not verify or sha256_of(path) == record.sha256)
+
+
+@dataclass
+class ProvisionReport:
+    fetched: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    bytes_fetched: int = 0
+
+    def add_fetched(self, name: str, size: int) -> None:
+        self.fetched.append(name)
+        self.bytes_fetched += size
+
+    def summary(self) -> str:
+        return (f"fetched {len(self.fetched)} files ({human_bytes(self.bytes_fetched)}), "
+                f"{len(self.kept)} already in place")

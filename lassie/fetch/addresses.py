@@ -1,0 +1,118 @@
+"""Which addresses a fetch from a user-given URL may reach: public internet addresses only, so a
+LoRA URL cannot make the server probe its own network. Pure, apart from resolving host names.
+
+Every answer of a name is checked (one refused answer refuses the host), IPv6 forms that carry an
+IPv4 address are judged by it, and the operator's exceptions come from `LASSIE_ALLOW_PRIVATE_URLS`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+from lassie.settings import ALLOW_PRIVATE_ENV, LoraSettings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+NUMERIC_IPV4 = re.compile(r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}", re.IGNORECASE)
+ADDRESS_CLASSES = (
+    ("unspecified", "is_unspecified"),
+    ("loopback", "is_loopback"),
+    ("link-local", "is_link_local"),
+    ("multicast", "is_multicast"),
+    ("reserved", "is_reserved"),
+    ("private", "is_private"),
+)
+
+
+class FetchError(RuntimeError):
+    """A fetch failed (here: its host is refused or does not resolve); the message names the URL
+    (redacted) or host and why, and the caller adds what it was fetching (a request field, a variable)."""
+
+
+def parse_ip_literal(host: str) -> IPAddress | None:
+    """The address a host string spells by itself, including the old `2130706433` and `0x7f000001`
+    forms that resolvers still honour; None for real host names."""
+    bare = host.strip("[]")
+    try:
+        return ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    if NUMERIC_IPV4.fullmatch(bare):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(bare))
+        except OSError:
+            return None
+    return None
+
+
+def address_refusal(address: IPAddress) -> str | None:
+    """Why a fetch must not reach `address` (e.g. "loopback"), or None for a public address."""
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        reason = address_refusal(embedded)
+        if reason is not None:
+            return f"{reason} (as {address})"
+    for name, attribute in ADDRESS_CLASSES:
+        if getattr(address, attribute):
+            return name
+    return None if address.is_global else "not publicly routable"
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside a mapped, 6to4, Teredo or NAT64 IPv6 address."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+
+
+@dataclass(frozen=True)
+class AddressRule:
+    """The address rule plus the operator's exceptions: every address (tests, private mirrors),
+    or just the listed addresses and networks."""
+
+    allow_all: bool = False
+    allowed_networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: LoraSettings) -> AddressRule:
+        return cls(allow_all=settings.allow_all_addresses, allowed_networks=settings.allowed_networks)
+
+    def refusal(self, address: IPAddress) -> str | None:
+        if self.allow_all or any(address in network for network in self.allowed_networks):
+            return None
+        return address_refusal(address)
+
+
+def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress]:
+    """Resolves once and checks every answer, so a name that resolves to both a public and an
+    internal address cannot be used to reach the internal one."""
+    literal = parse_ip_literal(host)
+    if literal is not None:
+        _refuse_if_forbidden(host, literal, rule)
+        return [literal]
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise FetchError(f"could not resolve host {host!r} ({error})") from None
+    addresses = list(dict.fromkeys(ipaddress.ip_address(answer[4][0].split("%")[0]) for answer in answers))
+    for address in addresses:
+        _refuse_if_forbidden(host, address, rule)
+    return addresses
+
+
+def _refuse_if_forbidden(host: str, address: IPAddress, rule: AddressRule) -> None:
+    reason = rule.refusal(address)
+    if reason is None:
+        return
+    spelled = "" if host.strip("[]") == str(address) else f" (which is {address})"
+    raise FetchError(
+        f"refusing to fetch from {host}{spelled}: it is a {reason} address, and only public internet "
+        f"addresses are fetched (operators of private mirrors can set {ALLOW_PRIVATE_ENV})"
+    )
