@@ -37,6 +37,7 @@ from lassie.weights.provision import ensure_weights
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Prepared:
     """A request ready for the GPU: its plan, its images at the output size, its extra LoRA (its
@@ -83,8 +84,7 @@ class Lassie:
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
         lassie = resolve(self.layout, self.settings)  # the one file everything below uses
-        hardware = query_device()
-        self._device = hardware
+        self._device = hardware = query_device()
         wanted_go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
         log.info("compile: %s", compiling.reason)
@@ -115,11 +115,9 @@ class Lassie:
     def prepare(self, request: Request) -> Prepared:
         """Everything before the GPU, in this order: fields checked, images decoded, the plan made
         (once, from the decoded image), the extra LoRA fetched: a bad field or image is refused
-        before any download.
-
-        None of it touches the GPU and the fetch may wait on the network: predict.py runs it outside
-        the one-at-a-time line, so a slow download holds up no other request. The caller releases
-        the result when the request ends."""
+        before any download. None of it touches the GPU, so predict.py runs it outside the
+        one-at-a-time line: a slow download holds up no other request. The caller releases the
+        result when the request ends."""
         request = checked(request)
         with timed("reading inputs"):
             decoded = load_inputs(request.image, request.mask)
@@ -127,17 +125,14 @@ class Lassie:
         inputs = decoded.at(plan.size)
         log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
         log.info("%s", describe(plan))
-        return Prepared(plan, inputs, self._fetch_extra_lora(plan))
-
-    def _fetch_extra_lora(self, plan: Plan) -> HeldLora | None:
-        if not plan.extra_lora:
-            return None
-        lora = identify(plan.extra_lora)
-        with timed("fetching the extra LoRA"):
-            return self.lora_cache.hold(lora)
+        held = None
+        if plan.extra_lora:
+            with timed("fetching the extra LoRA"):
+                held = self.lora_cache.hold(identify(plan.extra_lora))
+        return Prepared(plan, inputs, held)
 
     def predict(self, request: Request) -> list[Path]:
-        """Fields are checked before any image is decoded; the plan is made once, from the decoded image."""
+        """`prepare` and `predict_prepared` in one call, the held LoRA released at the end."""
         prepared = self.prepare(request)
         try:
             return self.predict_prepared(prepared)
@@ -151,7 +146,8 @@ class Lassie:
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
             transformer = self._ready(variant, plan, prepared.extra_lora)
-        self._log_precision(plan)
+        self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
+        log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
                 self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs))
@@ -171,8 +167,3 @@ class Lassie:
             if extra is not None and error.field == EXTRA_LORA_FIELD:
                 self.lora_cache.forget(extra)
             raise
-
-    def _log_precision(self, plan: Plan) -> None:
-        self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
-        log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
-

@@ -74,7 +74,7 @@ KNOWN_WARNINGS = (
     KnownWarning(UserWarning,
                  re.escape("TorchaoLoraLinear was instantiated without `get_apply_tensor_subclass`. Forward and "
                            "training will work, but `merge()` / `unmerge()` will raise an error."),
-                 "LoRAs on the fp8 transformers are never merged by PEFT (the Lassie LoRA is merged before quantizing)",
+                 "LoRAs on the fp8 transformers are never merged: every LoRA stays an unmerged adapter",
                  module=r"peft\.tuners\.lora\.torchao\Z"),
     KnownWarning(UserWarning,
                  re.escape("Already found a `peft_config` attribute in the model. This will lead to having "
@@ -128,11 +128,10 @@ def silence_known_noise() -> None:
 
 
 def no_progress_bars() -> None:
-    """Turns off the progress bars diffusers and transformers draw while loading ("Loading pipeline
-    components...", "Loading weights"), through their public switches: in Cog's logs (and in
-    `/health-check`, which repeats the setup log) a bar is a stream of carriage returns and cursor
-    moves, not a line. Setup logs how long each load took instead. huggingface_hub's bars are left
-    on: its downloads report through `ProgressLog` (lassie.fetch.http), which writes log lines."""
+    """Turns off the loading bars of diffusers and transformers through their public switches: in
+    Cog's logs (and `/health-check`, which repeats the setup log) a bar is a stream of carriage
+    returns, not a line; setup logs how long each load took instead. huggingface_hub's downloads
+    report through `ProgressLog` (lassie.fetch.http), which writes log lines."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -1,16 +1,14 @@
 """Setup and predictions one at a time on one thread, behind an async Cog predictor with two slots.
 
-Why: coglet answers the HTTP request when the worker's "done" message arrives on the slot's
-socket, but puts the slot back into its pool only when the worker's separate "idle" message on the
-control channel has been handled. With a single slot (a sync `predict`), a client that sends its
-next request as soon as the previous one returned often meets an empty pool and gets HTTP 409
-"At capacity". With two slots (`concurrency.max` in cog.yaml, which needs an async `predict`) the
-next request always finds the other slot free; this runner keeps the GPU doing one prediction at a
-time, in arrival order, so a waiting request costs no memory on the GPU.
+Why: coglet answers the HTTP request when the worker's "done" message arrives, but puts the slot
+back into its pool only when the worker's separate "idle" message has been handled. With a single
+slot (a sync `predict`), a client that sends its next request as soon as the previous one returned
+often gets HTTP 409 "At capacity". With two slots (`concurrency.max` in cog.yaml, which needs an
+async `predict`) the next request always finds the other slot free; this runner keeps the GPU
+doing one prediction at a time, in arrival order, so a waiting request costs no GPU memory.
 
 Work that needs no GPU and may take long (decoding images, fetching an extra LoRA) runs beside
-that line, on threads of its own (`run_aside`): a slow download then holds only its own request,
-while the other slot's request generates.
+that line, on threads of its own (`run_aside`): a slow download holds only its own request.
 
 A cancelled request that is still waiting never runs. A running one is interrupted the way coglet
 interrupts a sync predictor: its exception type is raised in the thread that runs it.

@@ -1,12 +1,9 @@
-"""Every operator setting, read from the environment once, at setup.
+"""Every operator setting, read from the environment once, at setup, in one yes/no vocabulary.
 
 Why one place: a typo in a variable's value fails setup naming the variable and what it accepts,
-instead of surfacing in some request later; and nothing on the request path reads the
-environment, so a request behaves the same whatever the process environment does meanwhile.
-One yes/no vocabulary for every switch: 1/true/yes/on and 0/false/no/off.
-
+instead of surfacing in some request later, and nothing on the request path reads the environment.
 Import this module before anything imports torch (predict.py does): it records the variables
-libraries rewrite in the process environment as the process started (see `operator_environment`).
+libraries rewrite in the process environment as the process started (`operator_environment`).
 """
 
 from __future__ import annotations
@@ -56,11 +53,9 @@ TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Importing torch's dynamo code (diffusers, torchao and lassie do) calls inductor's `cache_dir()`,
-# which writes its /tmp default into TORCHINDUCTOR_CACHE_DIR: only the value the process started
-# with is the operator's. Recorded once, when this module is first imported.
-REWRITTEN_BY_LIBRARIES = (INDUCTOR_CACHE_ENV,)
-_AT_START = {name: os.environ.get(name) for name in REWRITTEN_BY_LIBRARIES}
+# Importing torch's dynamo code calls inductor's `cache_dir()`, which writes its /tmp default into
+# TORCHINDUCTOR_CACHE_DIR: only the value the process started with is the operator's.
+_AT_START = {name: os.environ.get(name) for name in (INDUCTOR_CACHE_ENV,)}
 
 
 def operator_environment() -> dict[str, str]:
@@ -105,7 +100,7 @@ class Environment:
             raise SettingError(name, f"one of {', '.join(choices)}", value)
         return value
 
-    def count(self, name: str, default: int, minimum: int = 0, what: str = "a whole number") -> int:
+    def count(self, name: str, default: int, minimum: int = 0, what: str = "a number of bytes") -> int:
         value = self.text(name)
         if not value:
             return default
@@ -197,10 +192,9 @@ class LoraSettings:
         allow_all, networks = env.networks(ALLOW_PRIVATE_ENV)
         return cls(
             cache_dir=env.path(LORA_CACHE_ENV),
-            cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes, what="a number of bytes"),
-            min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes, what="a number of bytes"),
-            max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1,
-                                         what="a number of bytes"),
+            cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes),
+            min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes),
+            max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1),
             download_timeout=env.count(LORA_DOWNLOAD_TIMEOUT_ENV, cls.download_timeout, minimum=1,
                                        what="a number of seconds"),
             allow_all_addresses=allow_all,

@@ -14,7 +14,7 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
 from conftest import settings_for
 from helpers import assert_equal_but_for_rounding, library_log, reference_images, run
-from lassie.engine.prompts import encode_prompt
+from lassie.engine.generate import encode_prompt
 from lassie.predictor import Lassie
 
 LONG_PROMPT = ("a photo of a dog in the snow, " * 4000)[:100_000]

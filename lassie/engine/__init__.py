@@ -1,8 +1,8 @@
 """The engine, on torch: what the accelerator is (`hardware`), loading the pipelines (`models`),
-prompt encoding (`prompts`) and generation (`generate`), go_fast (`go_fast`), compile
-(`compilation`), the memory plan (`memory`), the runnable transformers (`variants`), PEFT adapters
-for the Lassie LoRA and extra LoRAs (`adapters`), the safety filter (`safety`) and the library
-internals still needed (`internals`, the only module that may touch them).
+generation with prompt encoding (`generate`), go_fast (`go_fast`), compile (`compilation`), the
+memory plan (`memory`), the runnable transformers (`variants`), PEFT adapters for the Lassie LoRA
+and extra LoRAs (`adapters`) and the files they come from (`lora_format`), the safety filter
+(`safety`) and the library internals still needed (`internals`, the only module that may touch them).
 
 May import: `lassie.request`, `lassie.fetch`, `lassie.settings`, `lassie.quiet`, and
 `lassie.weights.layout` (the weights directory the models load from). Nothing is re-exported here:

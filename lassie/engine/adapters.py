@@ -1,33 +1,28 @@
 """LoRA adapters on the shared text encoder and the transformers, and which are active at what scale.
 
-Every LoRA stays a separate PEFT adapter, never fused by PEFT: a scale is set with PEFT's
-`set_scale`, which recomputes `scale * alpha / r` from scratch, so changing scales is exact, never
-drifts the base weights, and a scale is applied exactly once (never again through
-`joint_attention_kwargs`).
-
-Every adapter stays unmerged and the active set is the same for every request (pinned LoRAs at
-any scale, 0 included; one slot, at 0 without an extra LoRA): one graph set.
+Every LoRA stays a separate, unmerged PEFT adapter. A scale is set with PEFT's `set_scale`, which
+recomputes `scale * alpha / r` from scratch: changing scales is exact, never drifts the base
+weights, and a scale is applied exactly once (never again through `joint_attention_kwargs`). The
+active set is the same for every request (pinned LoRAs at any scale, 0 included; one slot, at 0
+without an extra LoRA): one graph set.
 
 Scales are graph inputs: on the transformers every PEFT `scaling` entry is a 0-dim tensor,
-rewritten in place (PEFT's own hot-swap preparation does the same). As Python floats they
-would be constants to torch.compile: AOTAutograd bakes them into the graph and guards on their
-values, so every new `lora_scale` would compile again. The text encoder is never compiled and
-keeps PEFT's floats. Adapters load lazily into the transformer a request actually uses,
-and a load that fails removes every trace of itself, so the model is left as it was.
+rewritten in place (PEFT's own hot-swap preparation does the same). As Python floats AOTAutograd
+would bake them into the graph and guard on their values, so every new `lora_scale` would compile
+again. The text encoder is never compiled and keeps PEFT's floats. Adapters load lazily into the
+transformer a request uses, and a load that fails removes every trace of itself.
 
-Slot mode (`slot_rank`, for compiled transformers): a new adapter *name* makes torch.compile
-trace the blocks again, so extra LoRAs do not get names on the transformers. Each transformer
-carries one zero LoRA of rank `slot_rank` over every linear, the slot (named `SLOT_ADAPTER`), and
-an extra LoRA up to that rank is copied in place (diffusers' hot-swap) into it: the slot's
-matmuls cost its own rank, whatever the LoRA in it needs. The adapter names never change, and
-the active set is always {pinned, the slot}: graphs compiled once serve every extra LoRA. Only the transformer is compiled, so an extra LoRA's text-encoder part
-loads under its own name as outside slot mode. See docs/go_fast.md for the rules this follows.
+Slot mode (`slot_rank`, for compiled transformers): a new adapter *name* makes torch.compile trace
+the blocks again, so extra LoRAs get no names on the transformers. Each transformer carries one
+zero LoRA of rank `slot_rank` over every linear, the slot (`SLOT_ADAPTER`), and an extra LoRA up to
+that rank is copied into it in place (diffusers' hot-swap): graphs compiled once serve every extra
+LoRA. Only the transformer is compiled, so an extra LoRA's text-encoder part loads under its own
+name as outside slot mode. See docs/go_fast.md for the rules this follows.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -40,43 +35,14 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from lassie.engine.internals import (
-    config_value,
-    delete_text_encoder_adapter,
-    set_text_encoder_adapters,
-    transformer_lora_config,
-)
-from lassie.request.errors import EXTRA_LORA_FIELD, InputError
-from lassie.settings import SLOT_RANK_ENV
+from lassie.engine.internals import delete_text_encoder_adapter, set_text_encoder_adapters
+from lassie.engine.lora_format import Lora, read_lora
+from lassie.request.errors import InputError
 
 log = logging.getLogger(__name__)
 
 TEXT_ENCODER = "text_encoder"
-TRANSFORMER_PREFIX = "transformer."
-TEXT_ENCODER_PREFIX = "text_encoder."
-LORA_A = ".lora_A."
-LORA_B = ".lora_B."
 SLOT_ADAPTER = "slot"
-
-
-@dataclass
-class _Lora:
-    """A LoRA converted to diffusers keys once, kept on the CPU for lazy loading into transformers.
-
-    `pinned` LoRAs keep their own adapter in slot mode too; `slot_state_dict` is the transformer
-    part of any other LoRA, made ready to hot-swap into the slot (slot mode only). `field_name` is what its errors start with (see `error_label`).
-    """
-
-    state_dict: dict[str, torch.Tensor]
-    alphas: dict[str, torch.Tensor] | None
-    metadata: dict | None
-    field_name: str
-    pinned: bool = False
-    slot_state_dict: dict[str, torch.Tensor] | None = None
-
-    @property
-    def has_text_encoder(self) -> bool:
-        return any(key.startswith(TEXT_ENCODER_PREFIX) for key in self.state_dict)
 
 
 @dataclass
@@ -85,7 +51,6 @@ class _Transformer:
     layers and scales, PEFT's own config and layers say)."""
 
     module: torch.nn.Module
-    has_slot: bool = False  # the slot is created (before the transformer's first run)
     slot_holds: str | None = None  # the LoRA in the slot; None: zeros
     active: dict[str, float] | None = None  # adapter -> scale as last set; None: set them again
 
@@ -94,151 +59,13 @@ def _has_adapter(module: torch.nn.Module, name: str) -> bool:
     return name in (getattr(module, "peft_config", None) or {})
 
 
-def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | None]:
-    """Any format diffusers' Flux loader knows (PEFT, kohya, XLabs, ComfyUI, fal) -> diffusers keys."""
-    try:
-        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
-            str(path), return_alphas=True, return_lora_metadata=True
-        )
-    except Exception as error:  # diffusers raises many types for foreign files
-        raise InputError(field_name, f"is not a FLUX LoRA diffusers can load: {error}") from None
-    return dict(state_dict), alphas, metadata
-
-
-def _drop_unloadable_keys(state_dict: dict, alphas: dict | None, metadata: dict | None) -> tuple:
-    """Keys for neither the transformer nor the CLIP encoder (kohya's img_in, time_in, final_layer
-    converted without a prefix) are skipped, as diffusers' own loader skips them, and logged."""
-    skipped = [key for key in state_dict if not key.startswith((TRANSFORMER_PREFIX, TEXT_ENCODER_PREFIX))]
-    if skipped and len(skipped) < len(state_dict):
-        log.warning("skipping %d LoRA keys FLUX's loader does not apply (e.g. %s)", len(skipped), skipped[0])
-        state_dict = {key: value for key, value in state_dict.items() if key not in skipped}
-    return state_dict, alphas, metadata
-
-
-def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, text_encoder: torch.nn.Module,
-                field_name: str) -> None:
-    """Refuse LoRAs of other architectures before anything touches the model.
-
-    diffusers would otherwise *expand* the transformer's layers for LoRAs with larger inputs
-    (Flux Control LoRAs), a change that outlives the request.
-    """
-    roots = {TRANSFORMER_PREFIX: dict(transformer.named_modules()),
-             TEXT_ENCODER_PREFIX: dict(text_encoder.named_modules())}
-    lora_keys = [key for key in state_dict if ".lora_A." in key or ".lora_B." in key]
-    if not lora_keys or len(lora_keys) != len(state_dict):
-        foreign = sorted(set(state_dict) - set(lora_keys))[:3]
-        raise InputError(field_name, f"is not a FLUX LoRA (unexpected keys such as {foreign or 'none at all'})")
-    for key in lora_keys:
-        prefix = next((p for p in roots if key.startswith(p)), None)
-        if prefix is None:
-            raise InputError(field_name, f"targets a component FLUX LoRAs cannot change: {key}")
-        module_name = key[len(prefix):].split(".lora_")[0]
-        module = roots[prefix].get(module_name)
-        if isinstance(module, BaseTunerLayer):
-            module = module.get_base_layer()
-        if not isinstance(module, torch.nn.Linear):
-            raise InputError(field_name, f"does not fit FLUX: no linear layer {prefix}{module_name}")
-        tensor = state_dict[key]
-        expected = module.in_features if ".lora_A." in key else module.out_features
-        actual = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
-        if tensor.ndim != 2 or actual != expected:
-            raise InputError(field_name, f"does not fit FLUX: {key} has shape {tuple(tensor.shape)}")
-    _check_pairs(state_dict, field_name)
-
-
-def _check_pairs(state_dict: dict[str, torch.Tensor], field_name: str) -> None:
-    """Each module's lora_A and lora_B must chain (one rank), or no loader can apply them."""
-    for module, (down, up) in _pairs(state_dict).items():
-        if down is None or up is None or down.shape[0] != up.shape[1]:
-            raise InputError(field_name, f"does not fit FLUX: the lora_A and lora_B of {module} do not chain")
-
-
-def _pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """module -> (lora_A, lora_B), in the state dict's order."""
-    downs = {key.split(LORA_A)[0]: tensor for key, tensor in state_dict.items() if LORA_A in key}
-    ups = {key.split(LORA_B)[0]: tensor for key, tensor in state_dict.items() if LORA_B in key}
-    return {module: (downs.get(module), ups.get(module)) for module in {**downs, **ups}}
-
-
-def _strip_prefix(mapping: dict, prefix: str) -> dict:
-    return {key.removeprefix(prefix): value for key, value in mapping.items() if key.startswith(prefix)}
-
-
-def error_label(path: Path, pinned: bool) -> str:
-    """What a LoRA's errors start with: a pinned LoRA is the Lassie LoRA, loaded at setup from
-    the weights, so its errors name that file; any other came with a request, in `extra_lora`."""
-    return f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
-
-
 def slot_rank_for(configured: int | None, compiled: bool, default: int) -> int:
-    """The hot-swap slot's rank, 0 for none, from the operator's `LASSIE_LORA_SLOT_RANK`.
-
-    Unset (None): the `default` slot exactly when the transformers are compiled, the only case
-    where a new adapter name costs anything (a recompile). 0: never. A rank: always (CPU tests
-    drive the slot this way without compiling).
-    """
+    """The hot-swap slot's rank, 0 for none, from `LASSIE_LORA_SLOT_RANK`: unset, the `default`
+    slot exactly when compiling, the only case where a new adapter name costs a recompile; else as
+    set (CPU tests drive the slot this way without compiling)."""
     if configured is None:
         return default if compiled else 0
     return configured
-
-
-def _transformer_lora_config(lora: _Lora) -> LoraConfig:
-    """The LoraConfig diffusers' loader builds for this LoRA's transformer part.
-
-    Same inputs, same diffusers function: the ranks, network alphas or saved metadata (rsLoRA
-    included) give each module the alpha/r a named adapter would get.
-    """
-    state_dict = _strip_prefix(lora.state_dict, TRANSFORMER_PREFIX)
-    ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if LORA_B in key}
-    alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
-    metadata = _strip_prefix(lora.metadata, TRANSFORMER_PREFIX) if lora.metadata is not None else None
-    return transformer_lora_config(state_dict, alphas, metadata, ranks)
-
-
-def _module_scaling(config: LoraConfig, module: str) -> float:
-    """alpha/r (alpha/sqrt(r) with rsLoRA) of `module`, looked up in the config as PEFT does."""
-    rank = config_value(config.rank_pattern, module, config.r)
-    alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
-    return float(alpha) / (math.sqrt(rank) if config.use_rslora else rank)
-
-
-def _scaled(up: torch.Tensor, scaling: float) -> torch.Tensor:
-    """lora_B times alpha/r, in float32 so a bf16 file loses nothing more than a named adapter would."""
-    return up if scaling == 1.0 else up.float() * scaling
-
-
-def _pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """Zero rows (lora_A, dim 0) or columns (lora_B, dim 1) up to `rank`: the same LoRA, one rank."""
-    missing = rank - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if dim == 0 else (0, missing))
-
-
-def _slot_state_dict(lora: _Lora, slot_rank: int, field_name: str) -> dict[str, torch.Tensor]:
-    """`lora`'s transformer part, ready to hot-swap into the rank-`slot_rank` slot.
-
-    alpha/r is baked into lora_B because after a swap PEFT scales by the *slot's* alpha/r (1):
-    baked, the LoRA runs at exactly `extra_lora_scale`. Every pair is zero-padded to the LoRA's
-    largest rank: with one rank and no alphas diffusers writes no rank or alpha pattern, which
-    the hot-swap would refuse as incompatible with the slot. PEFT zero-pads up to R in place.
-    """
-    try:
-        config = _transformer_lora_config(lora)
-    except (TypeError, ValueError) as error:
-        raise InputError(field_name, f"has an adapter config diffusers cannot use: {error}") from None
-    pairs = _pairs(_strip_prefix(lora.state_dict, TRANSFORMER_PREFIX))
-    rank = max((down.shape[0] for down, _ in pairs.values()), default=0)
-    if rank > slot_rank:
-        raise InputError(field_name, f"rank {rank} is above the hot-swap slot's rank of {slot_rank}; "
-                         f"LoRAs up to rank {slot_rank} can be used here (the server's {SLOT_RANK_ENV} "
-                         "sets the slot's rank)")
-    swappable = {}
-    for module, (down, up) in pairs.items():
-        swappable[f"{TRANSFORMER_PREFIX}{module}{LORA_A}weight"] = _pad_rank(down, rank, dim=0)
-        swappable[f"{TRANSFORMER_PREFIX}{module}{LORA_B}weight"] = _pad_rank(
-            _scaled(up, _module_scaling(config, module)), rank, dim=1)
-    return swappable
 
 
 def _linear_names(transformer: torch.nn.Module) -> list[str]:
@@ -252,15 +79,12 @@ def _linear_names(transformer: torch.nn.Module) -> list[str]:
     return names
 
 
-def _slot_layers(transformer: torch.nn.Module, name: str) -> list[BaseTunerLayer]:
-    return [module for module in transformer.modules() if isinstance(module, BaseTunerLayer) and name in module.lora_A]
-
-
 @torch.no_grad()
 def _zero_slot(transformer: torch.nn.Module) -> None:
-    for layer in _slot_layers(transformer, SLOT_ADAPTER):
-        layer.lora_A[SLOT_ADAPTER].weight.zero_()
-        layer.lora_B[SLOT_ADAPTER].weight.zero_()
+    for layer in transformer.modules():
+        if isinstance(layer, BaseTunerLayer) and SLOT_ADAPTER in layer.lora_A:
+            layer.lora_A[SLOT_ADAPTER].weight.zero_()
+            layer.lora_B[SLOT_ADAPTER].weight.zero_()
 
 
 def _create_slot(transformer: torch.nn.Module, rank: int) -> None:
@@ -276,15 +100,10 @@ def _create_slot(transformer: torch.nn.Module, rank: int) -> None:
     _scales_as_tensors(transformer)
 
 
-def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
-    return [module for module in model.modules() if isinstance(module, LoraLayer)]
-
-
 def _scales_as_tensors(transformer: torch.nn.Module) -> None:
-    """Turn every new PEFT `scaling` float into a 0-dim tensor beside the layer's weight, so
-    compiled graphs read scales as inputs (see the module docstring): PEFT's own preparation for
-    compiled hot-swapping, which converts the scales and nothing else without a target rank. Also
-    after compiling (an extra LoRA as a named adapter without slots): the blocks recompile anyway."""
+    """Every new PEFT `scaling` float becomes a 0-dim tensor (see the module docstring): PEFT's own
+    preparation for compiled hot-swapping converts the scales and nothing else without a target
+    rank. Also after compiling (a named extra LoRA without slots): the blocks recompile anyway."""
     prepare_model_for_compiled_hotswap(transformer, check_compiled="ignore")
 
 
@@ -292,7 +111,7 @@ def _scales_as_tensors(transformer: torch.nn.Module) -> None:
 def _write_scales(transformer: torch.nn.Module, scales: dict[str, float]) -> None:
     """Set each adapter's scale with PEFT's own formula (alpha/r, rsLoRA), written into the
     tensor the graphs read instead of replacing it with a float."""
-    for layer in _lora_layers(transformer):
+    for layer in (module for module in transformer.modules() if isinstance(module, LoraLayer)):
         for name, scale in scales.items():
             held = layer.scaling.get(name)
             if isinstance(held, torch.Tensor):
@@ -301,12 +120,21 @@ def _write_scales(transformer: torch.nn.Module, scales: dict[str, float]) -> Non
                 layer.scaling[name] = held
 
 
-def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
-    """Put back the plain layer where PEFT's wrapper holds no adapter any more.
+def _write_slot(transformer: torch.nn.Module, lora: Lora | None) -> None:
+    """Copy the LoRA into the slot's tensors in place (layers it does not train get zeros; None:
+    all zeros). PEFT's hot-swap rewrites the slot's scaling tensors in place too."""
+    if lora is None or not lora.slot_state_dict:
+        _zero_slot(transformer)
+        return
+    FluxPipeline.load_lora_into_transformer(
+        dict(lora.slot_state_dict), network_alphas=None, transformer=transformer,
+        adapter_name=SLOT_ADAPTER, hotswap=True,
+    )
 
-    Deleting an adapter leaves its wrapper behind; restoring the base layer keeps the model's
-    structure (and state-dict keys) exactly as before the adapter came.
-    """
+
+def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
+    """Put back the plain layer where PEFT's wrapper holds no adapter any more: deleting an adapter
+    leaves its wrapper behind, and the model's structure (and state-dict keys) must be as before."""
     empty = [name for name, module in model.named_modules()
              if isinstance(module, BaseTunerLayer)
              and not any(getattr(module, attr) for attr in module.adapter_layer_names)]
@@ -317,20 +145,16 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
 
 
 class LoraAdapters:
-    """The one owner of LoRA state on the loaded models.
-
-    Transformers are known by a key of the caller's choosing (the variants owner uses
-    `lassie.engine.variants.Variant`). With a `slot_rank`, LoRAs that are not pinned (the extras) go
-    through each transformer's hot-swap slot; pinned ones (the Lassie LoRA) keep their own
-    adapter, loaded as usual.
-    """
+    """The one owner of LoRA state on the loaded models. Transformers are known by a key of the
+    caller's choosing (`lassie.engine.variants.Variant`). With a `slot_rank`, the extra LoRAs go
+    through each transformer's hot-swap slot; pinned ones (the Lassie LoRA) keep their own adapter."""
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
                  slot_rank: int = 0) -> None:
         self._transformers = {key: _Transformer(module) for key, module in transformers.items()}
         self._text_encoder = text_encoder
         self._slot_rank = slot_rank
-        self._loras: dict[str, _Lora] = {}
+        self._loras: dict[str, Lora] = {}
         self._text_encoder_active: dict[str, float] | None = None
 
     @property
@@ -350,20 +174,9 @@ class LoraAdapters:
         self._transformers[key] = _Transformer(transformer)
 
     def add(self, name: str, path: Path, pinned: bool = False) -> None:
-        """Convert and check a LoRA file; it loads into a transformer the first time that one runs it.
-
-        In slot mode an extra LoRA is also made ready to swap here, so one above the slot's rank is
-        refused before anything touches the model.
-        """
-        field_name = error_label(path, pinned)
-        state_dict, alphas, metadata = _drop_unloadable_keys(*_convert(path, field_name))
-        _check_fits(state_dict, next(iter(self._transformers.values())).module, self._text_encoder, field_name)
-        lora = _Lora(state_dict, alphas, metadata, field_name=field_name, pinned=pinned)
-        if self._swaps(lora):
-            lora.slot_state_dict = _slot_state_dict(lora, self._slot_rank, field_name)
-            # Only the slot copy of the transformer part is ever used again: kept LoRAs hold it once.
-            lora.state_dict = {key: value for key, value in state_dict.items() if key.startswith(TEXT_ENCODER_PREFIX)}
-        self._loras[name] = lora
+        """Convert and check a LoRA file (`read_lora`); it loads into a transformer the first time that one runs it."""
+        first = next(iter(self._transformers.values())).module
+        self._loras[name] = read_lora(path, pinned, first, self._text_encoder, self._slot_rank)
 
     def remove(self, name: str) -> None:
         """Delete the adapter from every module that has it (also a half-loaded one), and empty
@@ -388,24 +201,16 @@ class LoraAdapters:
         one slot.
         """
         self._ensure_loaded(list(scales), key)
-        self._apply(key, self._transformer_scales(key, scales), scales)
+        self._apply(key, self._transformer_scales(scales), scales)
 
-    def _swaps(self, lora: _Lora) -> bool:
-        return bool(self._slot_rank) and not lora.pinned
-
-    def _transformer_scales(self, key: Hashable, scales: dict[str, float]) -> dict[str, float]:
+    def _transformer_scales(self, scales: dict[str, float]) -> dict[str, float]:
         """Adapter name on the transformer -> scale: an extra LoRA runs under its slot's name. The
         set is the same for every request (one graph set): a pinned LoRA runs at 0 too, and
         without an extra LoRA the slot runs at 0."""
-        swapped = [name for name in scales if self._swaps(self._loras[name])]
+        swapped = [name for name in scales if self._loras[name].swaps]
         if len(swapped) > 1:
             raise ValueError(f"slot mode runs one extra LoRA at a time, not {len(swapped)}: {swapped}")
-        transformer_scales = {}
-        for name, scale in scales.items():
-            if name in swapped:
-                transformer_scales[SLOT_ADAPTER] = scale
-            else:
-                transformer_scales[name] = scale
+        transformer_scales = {SLOT_ADAPTER if name in swapped else name: scale for name, scale in scales.items()}
         if self._slot_rank and not swapped:
             transformer_scales[SLOT_ADAPTER] = 0.0
         return transformer_scales
@@ -423,21 +228,21 @@ class LoraAdapters:
         state.active = dict(transformer_scales)
         encoder_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
         if encoder_scales != self._text_encoder_active:
-            self._activate_text_encoder(list(encoder_scales), list(encoder_scales.values()))
+            self._activate_text_encoder(encoder_scales)
             self._text_encoder_active = encoder_scales
 
-    def _activate_text_encoder(self, names: list[str], weights: list[float]) -> None:
+    def _activate_text_encoder(self, scales: dict[str, float]) -> None:
         tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
         if not tuner_layers:
             return
-        set_text_encoder_adapters(self._text_encoder, names, weights)
+        set_text_encoder_adapters(self._text_encoder, list(scales), list(scales.values()))
         for layer in tuner_layers:
-            layer.enable_adapters(bool(names))
+            layer.enable_adapters(bool(scales))
 
     def _ensure_loaded(self, names: list[str], key: Hashable) -> None:
         """Pinned adapters first, then the slot, then the extra into it: the slot comes last in
         every layer, as it does again when a failed swap makes us re-create it."""
-        swapped = [name for name in names if self._swaps(self._loras[name])]
+        swapped = [name for name in names if self._loras[name].swaps]
         for name in names:
             if name not in swapped:
                 self._ensure_named(name, key)
@@ -475,13 +280,12 @@ class LoraAdapters:
             self._text_encoder_active = None
 
     def _ensure_slot(self, key: Hashable) -> None:
-        """Give the transformer its slot before its first run: adding it later would change the
-        module structure under the compiled blocks (a recompile)."""
+        """Give the transformer its slot before its first run (adding it later would change the
+        module structure under the compiled blocks: a recompile), or again when a failed swap lost it."""
         state = self._transformers[key]
-        if not state.has_slot:
+        if not _has_adapter(state.module, SLOT_ADAPTER):
             _create_slot(state.module, self._slot_rank)
             state.active = None
-            state.has_slot = True
 
     def _ensure_in_slot(self, name: str, key: Hashable) -> None:
         """Swap the LoRA into the transformer's slot; on failure the slot holds what it held before."""
@@ -491,7 +295,7 @@ class LoraAdapters:
         started = time.perf_counter()
         try:
             self._ensure_in_text_encoder(name)
-            self._write_slot(key, lora)
+            _write_slot(state.module, lora)
         except Exception as error:
             self._restore_slot(key)
             self.remove(name)
@@ -501,32 +305,12 @@ class LoraAdapters:
         log.info("LoRA %s swapped into the %s rank-%d slot in %.2fs", name, key, self._slot_rank,
                  time.perf_counter() - started)
 
-    def _write_slot(self, key: Hashable, lora: _Lora) -> None:
-        """Copy the LoRA into the slot's tensors in place (layers it does not train get zeros).
-        PEFT's hot-swap rewrites the slot's scaling tensors in place too."""
-        transformer = self._transformers[key].module
-        if not lora.slot_state_dict:
-            _zero_slot(transformer)
-            return
-        FluxPipeline.load_lora_into_transformer(
-            dict(lora.slot_state_dict), network_alphas=None, transformer=transformer,
-            adapter_name=SLOT_ADAPTER, hotswap=True,
-        )
-
     def _restore_slot(self, key: Hashable) -> None:
-        """Put back what the slot held before a failed swap.
-
-        diffusers deletes the slot adapter when a hot-swap fails: then the slot is re-created with
-        the same modules and rank, so the layers' adapters are in the order the compiled graphs
-        were traced with, and refilled with what it held.
-        """
+        """Put back what the slot held before a failed swap. diffusers deletes the slot adapter when
+        a hot-swap fails: it is re-created with the same modules and rank, so the layers' adapters
+        are in the order the compiled graphs were traced with, and refilled."""
         state = self._transformers[key]
-        transformer = state.module
-        if SLOT_ADAPTER not in getattr(transformer, "peft_config", {}):
-            _create_slot(transformer, self._slot_rank)
-        if state.slot_holds is None:
-            _zero_slot(transformer)
-        else:
-            self._write_slot(key, self._loras[state.slot_holds])
+        self._ensure_slot(key)
+        _write_slot(state.module, self._loras[state.slot_holds] if state.slot_holds else None)
         state.active = None
         log.warning("restored the %s slot (%s) after a failed swap", key, state.slot_holds or "zeros")

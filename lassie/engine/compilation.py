@@ -1,9 +1,7 @@
 """Compiling the transformers: whether this server compiles, its kernel cache, and the regional compile.
 
 What the operator asked for is `lassie.settings.CompileSettings`; what only this machine can
-decide is here: whether torch has the asked backend, and compiling by default on CUDA GPUs only.
-Warm-up (which graphs to compile before the first request) is `lassie.engine.variants`'s, the owner of
-the transformers it runs.
+decide is here. Warm-up is `lassie.engine.variants`'s, the owner of the transformers it runs.
 """
 
 from __future__ import annotations
@@ -46,11 +44,9 @@ class CompileSetting:
 
 
 def compile_setting(settings: CompileSettings, device: DeviceInfo) -> CompileSetting:
-    """`LASSIE_COMPILE`: unset compiles on CUDA GPUs only (inductor's CPU code takes minutes to
-    build for seconds of gain); on or a torch.compile mode name compiles on any device, so the
-    compiled path runs in tests and on any machine; off never. `LASSIE_COMPILE_BACKEND` (default
-    inductor) picks the backend, e.g. `aot_eager`, which specialises exactly as inductor does;
-    one this torch does not have fails setup."""
+    """Unset `LASSIE_COMPILE` compiles on CUDA GPUs only (inductor's CPU code takes minutes to build
+    for seconds of gain); on or a mode name on any device, so the compiled path runs in tests; off
+    never. A backend this torch does not have (`aot_eager` specialises as inductor does) fails setup."""
     if settings.requested is False:
         return CompileSetting(False, reason=f"{COMPILE_ENV} is off")
     backends = torch._dynamo.list_backends(exclude_tags=())
@@ -133,13 +129,11 @@ def artifacts_name(device: DeviceInfo, setting: CompileSetting) -> str:
 def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device: DeviceInfo,
                             setting: CompileSetting) -> CompileCache | None:
     """Put inductor's caches (FX graphs, AOTAutograd, autotuning, Triton) where the operator chose
-    (`TORCHINDUCTOR_CACHE_DIR` as the process started, then `LASSIE_COMPILE_CACHE`; one that cannot
-    be written fails setup naming it), else beside the weights, so a restarted server reuses its
-    compiled kernels. Read-only weights get a temporary place instead, with one log line, and
-    their carried artifacts are still read. Inductor reads the place from `TORCHINDUCTOR_CACHE_DIR`
-    at each use, so that is where it goes, whatever torch wrote there when it was imported: the
-    paths torch memoises are first computed at a compile, and setup calls this before any (checked
-    on torch 2.13; only CPU's precompiled headers stay under the temporary directory)."""
+    (`TORCHINDUCTOR_CACHE_DIR` as the process started, then `LASSIE_COMPILE_CACHE`), else beside
+    the weights, so a restarted server reuses its compiled kernels; read-only weights get a
+    temporary place, and their carried artifacts are still read. Inductor reads the place from
+    `TORCHINDUCTOR_CACHE_DIR` at each use and memoises paths first at a compile, so setting it here,
+    before any compile, is enough (checked on torch 2.13; only CPU's precompiled headers stay put)."""
     beside_weights = weights_dir / COMPILE_CACHE_DIRNAME
     name = artifacts_name(device, setting)
     try:
@@ -169,11 +163,9 @@ def check_chosen_compile_cache(settings: CompileSettings) -> None:
 def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None:
     """Regional compile of the repeated blocks, in place (module names and PEFT keys unchanged).
 
-    One graph per block class serves all 57 blocks, dev and schnell alike, which keeps compile
-    time to a fraction of a whole-model compile. `dynamic=True` serves every output size and
-    batch of 2 or more from one graph (batch 1 is specialised: its own graph). LoRA scales are
-    tensors (`lassie.engine.adapters`), so changing them never recompiles; the active-adapter set is
-    guarded, one graph each. Modes are inductor's: other backends get none.
+    One graph per block class serves all 57 blocks, dev and schnell alike: a fraction of a
+    whole-model compile's time. `dynamic=True` serves every output size; LoRA scales are tensors
+    (`lassie.engine.adapters`), so changing them never recompiles. Modes are inductor's only.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     inductor_mode = setting.backend == DEFAULT_COMPILE_BACKEND and setting.mode != DEFAULT_COMPILE_MODE

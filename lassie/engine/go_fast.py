@@ -1,27 +1,20 @@
 """go_fast: which precision a go_fast request runs on this hardware, and building the go_fast copies.
 
 The decision is pure and made once, at setup, by `decide_go_fast`: from the precision the device
-allows (`plan_go_fast` on a `lassie.engine.hardware.DeviceInfo`), whether the memory plan holds
-go_fast copies, and whether they could be built. Every case is unit-tested on CPU.
+allows (`plan_go_fast`), whether the memory plan (`lassie.engine.memory`) holds go_fast copies, and
+whether they could be built. Every case is unit-tested on CPU.
 
 - CUDA compute capability >= 8.9 (L4, L40S, 4090, H100, H200, B200): torchao dynamic float8
   (activations and weights, per-tensor scales, fp8 tensor-core matmuls).
-- Other CUDA GPUs (A100 = 8.0, A10G = 8.6, ...) and ROCm: the bf16 transformer that
-  go_fast=false runs. torchao's float8 *weight-only* storage works there, but it dequantizes to
-  bf16 before every matmul: slower than bf16, and it saves no memory while the bf16 weights
-  stay resident for go_fast=false, so it would only make go_fast slower.
-- CPU: the unquantized transformer (the same weights as go_fast=false).
-- `LASSIE_GO_FAST_MODE` overrides the choice (`fp8`, `fp8-weight-only`, `unquantized`); `fp8` on
-  hardware without fp8 matmul falls back as above. `fp8-weight-only` runs anywhere, CPU included,
-  so CPU tests can drive the quantized path (PEFT adapters on torchao weights) end to end.
+- Other CUDA GPUs (A100, A10G, ...), ROCm and CPU: the weights go_fast=false runs. torchao's
+  float8 *weight-only* storage dequantizes to bf16 before every matmul, and saves no memory while
+  the bf16 weights stay resident for go_fast=false: it would only make go_fast slower.
+- `LASSIE_GO_FAST_MODE` overrides the choice; `fp8` without fp8 matmul falls back as above.
+  `fp8-weight-only` runs anywhere, so CPU tests drive the quantized path end to end.
 
-What stays resident (the go_fast copies, the slot's rank, VAE slicing) is `lassie.engine.memory`'s plan,
-computed from the modules' sizes and the GPU's memory.
-
-PEFT LoRA on the fp8 transformer (see docs/go_fast.md for the experiments): PEFT wraps a linear
-whose weight is a torchao tensor in `TorchaoLoraLinear`; the base matmul stays fp8 and the LoRA
-path runs in the activations' dtype, so scales are exact. Merging (`fuse_lora`) is impossible
-there (no re-quantization recipe): adapters stay unfused.
+PEFT wraps a linear whose weight is a torchao tensor in `TorchaoLoraLinear`: the base matmul stays
+fp8 and the LoRA path runs in the activations' dtype, so scales are exact. Merging is impossible
+there (no re-quantization recipe): adapters stay unfused. See docs/go_fast.md.
 """
 
 from __future__ import annotations
@@ -71,10 +64,6 @@ def requested_mode(setting: str) -> FastMode | None:
     return None if setting == "auto" else FastMode(setting)
 
 
-def has_fp8_matmul(device: DeviceInfo) -> bool:
-    return device.kind == "cuda" and device.capability is not None and device.capability >= FP8_MIN_CAPABILITY
-
-
 def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFastPlan:
     """The precision go_fast runs on `device`, and whether it needs go_fast copies of the transformers."""
     if requested is FastMode.UNQUANTIZED:
@@ -82,7 +71,7 @@ def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFas
                             "running the same weights as go_fast=false")
     if requested is FastMode.FP8_WEIGHT_ONLY:
         return _quantized(device, FastMode.FP8_WEIGHT_ONLY, f"({GO_FAST_MODE_ENV}=fp8-weight-only)")
-    if has_fp8_matmul(device):
+    if device.kind == "cuda" and device.capability is not None and device.capability >= FP8_MIN_CAPABILITY:
         return _quantized(device, FastMode.FP8_DYNAMIC, "")
     asked = f"{GO_FAST_MODE_ENV}=fp8 cannot be honoured: " if requested is FastMode.FP8_DYNAMIC else ""
     return _unquantized(asked + _fallback_reason(device))
@@ -134,62 +123,43 @@ def is_token_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear) and name.startswith(QUANTIZED_BLOCKS) and ".norm" not in name
 
 
-def torchao_config(mode: FastMode):
-    """torchao 0.18 configs. Per-tensor scales for the dynamic path: cuBLAS's fastest fp8 kernel,
-    and what the published torchao fp8 numbers used. `set_inductor_config=False` keeps torchao
-    from changing global inductor settings (coordinate-descent tuning slows every compile)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerTensor
-
-    if mode is FastMode.FP8_DYNAMIC:
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), set_inductor_config=False)
-    if mode is FastMode.FP8_WEIGHT_ONLY:
-        return Float8WeightOnlyConfig(set_inductor_config=False)
-    raise ValueError(f"{mode.value} does not quantize")
-
-
 def quantize_transformer(transformer: nn.Module, mode: FastMode) -> nn.Module:
     """The go_fast copy of a diffusers transformer; the original is left exactly as it was.
 
     Not a deep copy: the go_fast copy is built on the meta device and takes the original's tensors
     (LoRA adapters and compiled wrappers left out), so it costs only the fp8 weights, never a
-    transient second bf16 copy. Attach adapters and compile after quantizing.
+    transient second bf16 copy. Attach adapters and compile after quantizing. Per-tensor scales
+    for the dynamic path: cuBLAS's fastest fp8 kernel, and what the published torchao fp8 numbers
+    used. `set_inductor_config=False` keeps torchao from changing global inductor settings
+    (coordinate-descent tuning slows every compile).
     """
     if mode is FastMode.UNQUANTIZED:
         return transformer
-    from torchao.quantization import quantize_
+    from torchao import quantization as ao
 
     go_fast_copy = _bare_copy(transformer)
-    config = torchao_config(mode)
+    config = (ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerTensor(), set_inductor_config=False)
+              if mode is FastMode.FP8_DYNAMIC else ao.Float8WeightOnlyConfig(set_inductor_config=False))
     for name, module in list(go_fast_copy.named_modules()):
         if is_token_linear(module, name):
-            quantize_(module, config)
+            ao.quantize_(module, config)
     return go_fast_copy
 
 
 def _bare_copy(transformer: nn.Module) -> nn.Module:
-    _refuse_fused_adapters(transformer)
-    with torch.device("meta"):
-        copy = type(transformer).from_config(transformer.config)
-    copy.load_state_dict(_base_weights(transformer), strict=True, assign=True)
-    copy.train(transformer.training)
-    copy.requires_grad_(False)
-    return copy
-
-
-def _base_weights(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without PEFT: adapter tensors dropped, wrapped layers under their own names."""
-    return {
-        key.replace(".base_layer.", "."): tensor
-        for key, tensor in transformer.state_dict().items()
-        if ".lora_" not in key
-    }
-
-
-def _refuse_fused_adapters(transformer: nn.Module) -> None:
+    """The transformer without PEFT: adapter tensors dropped, wrapped layers under their own names."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if any(isinstance(m, BaseTunerLayer) and m.merged for m in transformer.modules()):
         raise ValueError("cannot quantize a transformer with fused LoRA weights: the LoRA would be baked in")
+    with torch.device("meta"):
+        copy = type(transformer).from_config(transformer.config)
+    weights = {key.replace(".base_layer.", "."): tensor for key, tensor in transformer.state_dict().items()
+               if ".lora_" not in key}
+    copy.load_state_dict(weights, strict=True, assign=True)
+    copy.train(transformer.training)
+    copy.requires_grad_(False)
+    return copy
 
 
 def precision_of(plan: GoFastPlan, go_fast: bool, dtype: torch.dtype) -> str:

@@ -1,21 +1,15 @@
 """What stays resident on the GPU, and whether the worst request still fits beside it.
 
 The plan is computed, not asserted: `footprint_from_configs` counts the parameters of every resident
-module built on the meta device from its config (at setup, the configs of the weights about to
-be loaded; in tests, the full-size ones of `scripts/flux_configs`), the Lassie LoRA's adapter on
-each transformer (its tensors as the file holds them, or `LASSIE_RANK_BOUND` where no file is
-given), and `plan_memory` weighs them against the device's memory, the working memory of the
-worst request the schema allows (4 outputs at 1440x1440, go_fast, an extra LoRA in a slot) and
-`HEADROOM_BYTES` more, because the activation figure is an estimate. Candidates are tried from
-fastest to leanest:
-
-1. both go_fast copies resident, the hot-swap slot at the asked rank, VAE decoding the batch
-   at once;
-2. the same with VAE slicing (one image decoded at a time: the same images, a fraction of the
-   memory);
-3. the same with a narrower slot (halved, down to `MIN_SLOT_RANK`; see `narrower_rank`);
-4. no go_fast copies: go_fast runs the bf16 transformers, which need no extra memory;
-and when not even that fits, setup fails with the memory it needs: never an OOM in a request.
+module built on the meta device from its config (at setup, those of the weights about to be loaded;
+in tests, the full-size `scripts/flux_configs`) and the Lassie LoRA's adapter on each transformer,
+and `plan_memory` weighs them against the device's memory, the working memory of the worst
+request the schema allows (4 outputs at 1440x1440, go_fast, an extra LoRA in a slot) and
+`HEADROOM_BYTES` more, because the activation figure is an estimate. Candidates, fastest first:
+both go_fast copies resident with the slot at the asked rank; the same with VAE slicing (the
+same images, a fraction of the memory); the same with a narrower slot (`narrower_rank`); then the
+same without go_fast copies (go_fast runs bf16). When not even the leanest fits, setup
+fails with the memory it needs: never an OOM in a request.
 """
 
 from __future__ import annotations
@@ -28,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lassie.engine.go_fast import is_token_linear
 from lassie.weights.layout import WeightsLayout
 
 GIB = 2**30
@@ -132,26 +127,19 @@ def narrower_rank(slot_rank: int) -> int | None:
 
 def _candidates(quantizes: bool, slot_rank: int) -> list[tuple[bool, bool, int]]:
     """(go_fast copies, VAE slicing, slot rank), fastest first: narrower slots only after slicing."""
-    narrower = []
-    while (rank := narrower_rank(narrower[-1] if narrower else slot_rank)) is not None:
-        narrower.append(rank)
+    ranks = [slot_rank]
+    while (rank := narrower_rank(ranks[-1])) is not None:
+        ranks.append(rank)
     candidates = []
     for go_fast_copies in ([True, False] if quantizes else [False]):
-        candidates += [(go_fast_copies, False, slot_rank), (go_fast_copies, True, slot_rank)]
-        candidates += [(go_fast_copies, True, rank) for rank in narrower]
+        candidates += [(go_fast_copies, False, slot_rank)] + [(go_fast_copies, True, rank) for rank in ranks]
     return candidates
 
 
 def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_rank: int,
           reason: str) -> MemoryPlan:
-    return MemoryPlan(
-        go_fast_copies=go_fast_copies,
-        vae_slicing=vae_slicing,
-        slot_rank=slot_rank,
-        resident_bytes=footprint.resident_bytes(go_fast_copies, slot_rank),
-        worst_request_bytes=footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing),
-        reason=reason,
-    )
+    return MemoryPlan(go_fast_copies, vae_slicing, slot_rank, footprint.resident_bytes(go_fast_copies, slot_rank),
+                      footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing), reason)
 
 
 def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank: int) -> MemoryPlan:
@@ -169,28 +157,6 @@ def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank:
 
 def parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
-
-
-def footprint_of(transformers: dict[str, nn.Module], text_encoders: list[nn.Module], vae: nn.Module,
-                 safety: list[nn.Module], lassie_parameters: int | None = None) -> Footprint:
-    """Counts the modules as they are (real or on the meta device), without LoRA adapters: those
-    are counted per transformer (`lassie_parameters`: None is `LASSIE_RANK_BOUND` on every linear)."""
-    from lassie.engine.go_fast import is_token_linear
-
-    first = next(iter(transformers.values()))
-    linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
-    slot_parameters_per_rank = sum(module.in_features + module.out_features for _, module in linears)
-    return Footprint(
-        transformer_parameters={model: parameters(transformer) for model, transformer in transformers.items()},
-        token_linear_parameters=sum(module.weight.numel() for name, module in linears if is_token_linear(module, name)),
-        slot_parameters_per_rank=slot_parameters_per_rank,
-        text_encoder_parameters=sum(parameters(encoder) for encoder in text_encoders),
-        vae_parameters=parameters(vae),
-        safety_parameters=sum(parameters(model) for model in safety),
-        hidden_size=first.config.num_attention_heads * first.config.attention_head_dim,
-        lassie_parameters=(LASSIE_RANK_BOUND * slot_parameters_per_rank if lassie_parameters is None
-                           else lassie_parameters),
-    )
 
 
 @dataclass(frozen=True)
@@ -218,30 +184,34 @@ class ModelConfigs:
 
 
 def footprint_from_configs(configs: ModelConfigs) -> Footprint:
-    """Every resident module built on the meta device from its config: no memory, a few seconds
-    at full size."""
+    """Every resident module built on the meta device from its config (no memory, a few seconds at
+    full size), counted without LoRA adapters: those are counted per transformer."""
+    import transformers as hf
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import (
-        CLIPConfig,
-        CLIPTextConfig,
-        CLIPTextModel,
-        T5Config,
-        T5EncoderModel,
-        ViTConfig,
-        ViTForImageClassification,
-    )
 
     with torch.device("meta"):
         transformers = {model: FluxTransformer2DModel.from_config(_read(path))
                         for model, path in configs.transformers.items()}
-        text_encoders = [T5EncoderModel(T5Config(**_read(configs.t5))),
-                         CLIPTextModel(CLIPTextConfig(**_read(configs.clip)))]
+        text_encoders = [hf.T5EncoderModel(hf.T5Config(**_read(configs.t5))),
+                         hf.CLIPTextModel(hf.CLIPTextConfig(**_read(configs.clip)))]
         vae = AutoencoderKL.from_config(_read(configs.vae))
-        safety = [StableDiffusionSafetyChecker(CLIPConfig(**_read(configs.compvis))),
-                  ViTForImageClassification(ViTConfig(**_read(configs.falcon)))]
-    lassie = lora_parameters(configs.lassie_lora) if configs.lassie_lora is not None else None
-    return footprint_of(transformers, text_encoders, vae, safety, lassie)
+        safety = [StableDiffusionSafetyChecker(hf.CLIPConfig(**_read(configs.compvis))),
+                  hf.ViTForImageClassification(hf.ViTConfig(**_read(configs.falcon)))]
+    first = next(iter(transformers.values()))
+    linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
+    slot_parameters_per_rank = sum(module.in_features + module.out_features for _, module in linears)
+    return Footprint(
+        transformer_parameters={model: parameters(transformer) for model, transformer in transformers.items()},
+        token_linear_parameters=sum(module.weight.numel() for name, module in linears if is_token_linear(module, name)),
+        slot_parameters_per_rank=slot_parameters_per_rank,
+        text_encoder_parameters=sum(parameters(encoder) for encoder in text_encoders),
+        vae_parameters=parameters(vae),
+        safety_parameters=sum(parameters(model) for model in safety),
+        hidden_size=first.config.num_attention_heads * first.config.attention_head_dim,
+        lassie_parameters=(LASSIE_RANK_BOUND * slot_parameters_per_rank if configs.lassie_lora is None
+                           else lora_parameters(configs.lassie_lora)),
+    )
 
 
 def lora_parameters(path: Path) -> int:

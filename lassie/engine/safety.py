@@ -7,17 +7,13 @@ dropped only when the Falcon classifier, asked about each image CompVis flagged,
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
-from transformers import (
-    AutoImageProcessor,
-    BaseImageProcessor,
-    CLIPImageProcessor,
-    ViTForImageClassification,
-)
+from transformers import AutoImageProcessor, BaseImageProcessor, CLIPImageProcessor, ViTForImageClassification
 
 from lassie.engine.hardware import DeviceInfo
 from lassie.weights.layout import WeightsLayout
@@ -36,18 +32,16 @@ class AllOutputsFlaggedError(RuntimeError):
                          "Try a different prompt (or set disable_safety_checker).")
 
 
+@dataclass
 class SafetyFilter:
     """Both models, loaded once at setup and kept on the generation device."""
 
-    def __init__(self, checker: StableDiffusionSafetyChecker, checker_processor: BaseImageProcessor,
-                 classifier: ViTForImageClassification, classifier_processor: BaseImageProcessor,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.checker = checker
-        self.checker_processor = checker_processor
-        self.classifier = classifier
-        self.classifier_processor = classifier_processor
-        self.device = device
-        self.dtype = dtype
+    checker: StableDiffusionSafetyChecker
+    checker_processor: BaseImageProcessor
+    classifier: ViTForImageClassification
+    classifier_processor: BaseImageProcessor
+    device: torch.device
+    dtype: torch.dtype
 
     @classmethod
     def load(cls, layout: WeightsLayout, device: DeviceInfo) -> SafetyFilter:

@@ -1,22 +1,18 @@
 """The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their
 LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
 
-The Lassie LoRA is an ordinary PEFT adapter whose scale is a tensor (a graph input), active on
-every variant at every scale, 0 included; with a slot, the slot is active too, at scale 0 when the
-request has no extra LoRA. So every request runs the same adapter set, and warm-up compiles one
-graph set per precision (`plan_warm_up`).
+The Lassie LoRA's scale is a tensor (a graph input), active on every variant at every scale, 0
+included, as is the slot (at 0 without an extra LoRA): every request runs the same adapter set,
+and warm-up compiles one graph set per precision (`plan_warm_up`).
 
-`predict()` asks for a (model, go_fast) variant with its LoRA scales and gets a ready module;
 `run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
 
-- After warm-up, requests run under torch's `fail_on_recompile` stance. A call that would need
-  a graph warm-up did not make is run again under `eager_on_recompile` (the compiled graphs
-  that fit still run, the rest eagerly), with one warning naming the guards that failed. Torch
-  raises that refusal as a plain RuntimeError, recognised by its message.
-- A compiled call that raises anything else through torch's compiler is run again eagerly; if
-  that works, the variant stays eager from then on, with one warning naming the error. Interrupts
-  (cancellation) are BaseExceptions and pass through untouched.
-  `FailOnRecompileLimitHit` cannot happen: nothing compiles after setup.
+- After warm-up, requests run under torch's `fail_on_recompile` stance. A call that would need a
+  graph warm-up did not make (torch raises a plain RuntimeError, recognised by its message) runs
+  again under `eager_on_recompile`, with one warning naming the guards that failed.
+- A compiled call that raises anything else through torch's compiler runs again eagerly; if that
+  works, the variant stays eager, with one warning. Interrupts (cancellation) are BaseExceptions
+  and pass through untouched.
 - A compile that fails at setup leaves the server eager (`force_eager`), and go_fast copies that
   cannot be built leave go_fast on bf16, each with one log line: never SETUP_FAILED.
 """
@@ -83,11 +79,9 @@ class Variant:
 def plan_warm_up(go_fast_copies: bool) -> list[Variant]:
     """The variants warm-up calls once each: one short call per set of graphs requests use.
 
-    Graphs differ by precision (bf16 and go_fast blocks) and by active-adapter set. Every request
-    runs the same set: Lassie always, and the slot when there is one (holding the extra LoRA, else
-    at scale 0). Sizes, batch sizes (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales
-    and the slot's contents are graph inputs. dev and schnell share their block classes and so
-    their graphs: warming dev covers schnell.
+    Graphs differ by precision only: every request runs the same adapter set, and sizes, batch sizes
+    (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slot's contents are graph
+    inputs. dev and schnell share their block classes and so their graphs: warming dev covers schnell.
     """
     return [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
 
@@ -137,10 +131,9 @@ class TransformerVariants:
 
     def ready(self, variant: Variant, lassie_scale: float, extra: tuple[str, Path] | None,
               extra_scale: float) -> nn.Module:
-        """The variant with Lassie (and `extra`: its adapter name, which is the LoRA's cache key, and
-        its file) active at the given scales. A new extra LoRA joins the kept ones (see `KEPT_EXTRA_LORAS`),
-        dropping the least recently used; one that fails to load leaves the previous state. A kept
-        one is used as it is: its file is not read again."""
+        """The variant with Lassie (and `extra`: its adapter name, the LoRA's cache key, and its
+        file) active at the given scales. A new extra LoRA joins the kept ones (`KEPT_EXTRA_LORAS`);
+        one that fails to load leaves the previous state; a kept one's file is not read again."""
         scales = {LASSIE_ADAPTER: lassie_scale}
         new_extra = name = None
         if extra is not None:
