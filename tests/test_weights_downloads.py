@@ -8,17 +8,16 @@ Hosts are loopback servers that misbehave on purpose (`scripts/range_server.py`,
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import random
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fake_services import FakeServices
+from helpers import make_tar
 from lassie.settings import SettingError, Settings
 from lassie.weights.downloads import DownloadError, FetchOptions, fetch_folder, tar_stream
 from lassie.weights.layout import WeightsLayout
@@ -28,16 +27,6 @@ from range_server import RangeServer
 CHUNK = 64 * 1024
 RANGES = FetchOptions(connections=4, chunk_bytes=CHUNK, use_pget=False)
 SECRET = "s3cret-sig-do-not-log"
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def version(seed: int) -> dict[str, bytes]:
@@ -66,15 +55,15 @@ def fetch(url: str, tmp_path: Path, options: FetchOptions = RANGES) -> Path:
 
 def test_a_stable_file_arrives_in_parallel_ranges_bit_exact_each_asked_with_if_range(
         host: RangeServer, tmp_path: Path) -> None:
-    url = host.serve("/x.tar", tar_of(version(1)))
+    url = host.serve("/x.tar", make_tar(version(1)))
     assert files_in(fetch(url, tmp_path)) == version(1)
     assert host.count("/x.tar") > 4, "fetched in parallel ranges"
-    etag = f'"{hashlib.sha256(tar_of(version(1))).hexdigest()[:16]}"'
+    etag = f'"{hashlib.sha256(make_tar(version(1))).hexdigest()[:16]}"'
     assert host.if_ranges[0] is None and host.if_ranges[1:] == [etag] * (len(host.if_ranges) - 1)
 
 
 def test_a_206_of_another_range_than_asked_for_is_refused(host: RangeServer, tmp_path: Path) -> None:
-    url = host.serve("/x.tar", tar_of(version(1)), wrong_range=True)
+    url = host.serve("/x.tar", make_tar(version(1)), wrong_range=True)
     with pytest.raises(DownloadError, match=r"answered a range request for bytes 65536-131071/\d+ with HTTP 206 "
                                             r"bytes 131072-"):
         fetch(url, tmp_path)
@@ -86,7 +75,7 @@ def test_a_file_that_changes_between_ranges_starts_over_once_and_arrives_whole(
         host: RangeServer, tmp_path: Path, server_side: str) -> None:
     """Version 1 answers the first range, version 2 everything after: the result is version 2
     exactly, never a mixture of both (which would have a valid tar structure)."""
-    url = host.serve("/x.tar", tar_of(version(1)), replaced_by=tar_of(version(2)),
+    url = host.serve("/x.tar", make_tar(version(1)), replaced_by=make_tar(version(2)),
                      ignores_if_range=server_side == "ignores If-Range")
     assert files_in(fetch(url, tmp_path)) == version(2)
 
@@ -94,7 +83,7 @@ def test_a_file_that_changes_between_ranges_starts_over_once_and_arrives_whole(
 def test_a_file_that_keeps_changing_fails_naming_the_url(host: RangeServer, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    url = host.serve("/x.tar", tar_of(version(1)), replaced_by=tar_of(version(2)), keeps_changing=True)
+    url = host.serve("/x.tar", make_tar(version(1)), replaced_by=make_tar(version(2)), keeps_changing=True)
     with pytest.raises(DownloadError) as caught:
         fetch(f"{url}?sig={SECRET}", tmp_path)
     assert str(caught.value) == (f"{url}?… changed while it was being downloaded, and again after starting over; "
@@ -104,7 +93,7 @@ def test_a_file_that_keeps_changing_fails_naming_the_url(host: RangeServer, tmp_
 
 
 def test_a_part_without_a_version_to_check_is_fetched_as_one_stream(host: RangeServer, tmp_path: Path) -> None:
-    url = host.serve("/x.tar", tar_of(version(1)), validators=False)
+    url = host.serve("/x.tar", make_tar(version(1)), validators=False)
     assert files_in(fetch(url, tmp_path)) == version(1)
     assert host.count("/x.tar") == 2, "the first range, then the whole file once"
 
@@ -164,7 +153,7 @@ def test_a_weights_redirect_to_ftp_is_refused(tmp_path: Path, options: FetchOpti
 def test_weights_urls_show_neither_password_nor_query(host: RangeServer, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    good = host.serve("/x.tar", tar_of(version(1))).replace("http://", f"http://user:{SECRET}@")
+    good = host.serve("/x.tar", make_tar(version(1))).replace("http://", f"http://user:{SECRET}@")
     assert files_in(fetch(f"{good}?sig={SECRET}", tmp_path)) == version(1)
     with pytest.raises(DownloadError) as caught:
         with tar_stream(f"{host.base.replace('http://', f'http://user:{SECRET}@')}/missing.tar?sig={SECRET}",

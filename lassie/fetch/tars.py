@@ -160,22 +160,22 @@ class _Watched(io.RawIOBase):
         if offset < start:
             raise TarRefused("could not be checked for its end-of-archive blocks")
         found = known[offset - start:offset - start + count]
-        while len(found) < count:
-            more = self.read(count - len(found))
-            if not more:
-                break
-            found += more
-        return found
+        return found + read_up_to(self, count - len(found))
+
+
+def read_up_to(source: BinaryIO, count: int) -> bytes:
+    """`count` bytes, fewer only where the stream ends (a read may return less than asked)."""
+    found = b""
+    while len(found) < count:
+        more = source.read(count - len(found))
+        if not more:
+            break
+        found += more
+    return found
 
 
 def read_head(source: BinaryIO) -> bytes:
-    head = b""
-    while len(head) < MAGIC_BYTES:
-        more = source.read(MAGIC_BYTES - len(head))
-        if not more:
-            break
-        head += more
-    return head
+    return read_up_to(source, MAGIC_BYTES)
 
 
 def checked_members(source: BinaryIO, limits: TarLimits
