@@ -247,6 +247,9 @@ def write_safety_models(layout: WeightsLayout) -> None:
 
 
 def build(out_dir: Path) -> WeightsLayout:
+    """The tiny weights in `out_dir`, quietly for every caller (this script, the demo, the tests):
+    transformers' "Writing model shards" bars are carriage returns, off as setup has them."""
+    no_progress_bars()
     layout = WeightsLayout(out_dir)
     clip_tokenizer = write_clip_tokenizer(out_dir / "tmp-tokenizer")
     t5_tokenizer = write_t5_tokenizer(out_dir / "tmp-tokenizer-2")
@@ -282,7 +285,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args()
-    no_progress_bars()  # as setup does: transformers' "Writing model shards" bars are carriage returns
     layout = build(args.out_dir)
     missing = layout.missing()
     if missing:

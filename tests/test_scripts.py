@@ -43,3 +43,13 @@ def test_building_the_tiny_weights_is_as_quiet_as_setup(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (done.stdout + done.stderr).splitlines() == [f"tiny weights written to {out}"]
+
+
+def test_the_demo_s_build_of_the_tiny_weights_draws_no_progress_bar(tmp_path):
+    """The demo calls `build` itself, without the script's `main`: the bars stay off there too."""
+    out = tmp_path / "tiny"
+    code = f"from pathlib import Path; from make_tiny_weights import build; build(Path({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO / "scripts", capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stdout + done.stderr and "Writing model shards" not in done.stderr
