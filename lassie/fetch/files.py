@@ -146,11 +146,17 @@ def _coverage_problem(path: Path, size: int) -> str:
 # --- tar archives (Replicate `_weights`) -------------------------------------------------------
 
 
+def is_archive(path: Path) -> bool:
+    """Whether a download is a tar (to be unpacked by the tar policy) rather than the file itself;
+    a compressed one counts, so that the policy refuses it by name instead of a loader failing."""
+    return file_is_compressed(path) or tarfile.is_tarfile(path)
+
+
 def unpack_if_tar(fetched: Path, destination: Path, *, max_bytes: int, origin: str) -> Path:
     """The .safetensors a user's download stands for: a tar gives up its one .safetensors member
     (copied to `destination`, the tar removed); a compressed file is refused (see `lassie.fetch.tars`);
     anything else is taken as the file itself, which the safetensors check judges next."""
-    if not (file_is_compressed(fetched) or tarfile.is_tarfile(fetched)):
+    if not is_archive(fetched):
         return fetched
     extract_single_safetensors(fetched, destination, max_bytes=max_bytes, origin=origin)
     fetched.unlink()

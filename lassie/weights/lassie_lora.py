@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from lassie.fetch.files import (
     UnusableArchiveError,
     UnusableSafetensorsError,
     inspect_safetensors,
+    is_archive,
     safetensors_from_tar,
     sha256_of,
 )
@@ -204,7 +204,7 @@ def lora_problem(path: Path) -> str | None:
 def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str | None:
     """The LoRA of a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors into
     `staged`, checked; returns the trigger word the tar names."""
-    if not tarfile.is_tarfile(fetched):
+    if not is_archive(fetched):
         shutil.copyfile(fetched, staged)
         word = None
     else:
