@@ -1,16 +1,14 @@
 """The schema's bounds and choices, written once: predict.py's `Input(...)`, request validation and sizes read them.
 
-Pure data, no torch. The Cog server checks the bounds from the OpenAPI schema that predict.py's
-`Input(ge=..., le=..., choices=...)` produce; `lassie.request.plan` checks the same numbers again for
-direct library use, and `lassie.request.sizes` takes its side limits from here. Bounds are written as the
-error messages print them (0 and 1, not 0.0 and 1.0); Cog's schema shows number bounds as floats
-whatever they are written as. Aspect ratios are the one choice list not here: they are the keys of
-`sizes.json`, read by `lassie.request.sizes.aspect_ratios`.
+The Cog server checks them from the OpenAPI schema; `lassie.request.plan` checks them again for direct library use.
+They are written as error messages print them (0 and 1, not 0.0 and 1.0). Aspect ratios are the keys of `sizes.json`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lassie.request.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,8 @@ BOUNDS: dict[str, Bound] = {
     "lora_scale": Bound(-1, 3),
     "extra_lora_scale": Bound(-1, 3),
 }
-"""Every numeric input's range. The schema leaves `seed` unbounded (so predict.py does too); the
-library refuses seeds that do not fit the 64 bits torch's generator takes."""
+"""Every numeric input's range. The schema leaves `seed` unbounded (so predict.py does too); the library refuses
+seeds that do not fit the 64 bits torch's generator takes."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("dev", "schnell"),
@@ -48,3 +46,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "megapixels": ("1", "0.25"),
 }
 """The enum inputs' options, in the schema's order."""
+
+
+def check_range(field: str, value: float) -> None:
+    """Numbers print as given, so integer bounds are exact (2**64 - 1, not 1.84467e+19)."""
+    bound = BOUNDS[field]
+    if value not in bound:
+        raise InputError(field, f"must be between {bound.low} and {bound.high}, got {value}")
+
+
+def check_choice(field: str, value: str, allowed: tuple[str, ...] | None = None) -> None:
+    """`allowed` defaults to the field's `CHOICES`."""
+    allowed = CHOICES[field] if allowed is None else allowed
+    if value not in allowed:
+        raise InputError(field, f"must be one of {', '.join(allowed)}, got {value!r}")

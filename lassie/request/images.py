@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
+TOO_LARGE = f"images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused"
 
 
 def _said(error: BaseException, path: Path, field: str) -> str:
@@ -25,25 +26,18 @@ def _said(error: BaseException, path: Path, field: str) -> str:
     return text
 
 
-def _open(path: Path, field: str) -> Image.Image:
-    """Open lazily (header only) so the pixel count is checked before any decoding happens."""
+def _decoded(path: Path, field: str) -> Image.Image:
+    """Opened lazily (header only) so the pixel count is checked before any decoding happens."""
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise InputError(field, f"{_said(error, path, field)}; images above {MAX_INPUT_PIXELS // 2**20} "
-                                "megapixels are refused") from None
+        raise InputError(field, f"{_said(error, path, field)}; {TOO_LARGE}") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise InputError(field, f"could not be read as an image ({SUPPORTED}): {_said(error, path, field)}") from None
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
         image.close()
-        raise InputError(
-            field, f"is {width}x{height} pixels; images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused"
-        )
-    return image
-
-
-def _decode(image: Image.Image, path: Path, field: str) -> Image.Image:
+        raise InputError(field, f"is {width}x{height} pixels; {TOO_LARGE}")
     try:
         image.load()
         return ImageOps.exif_transpose(image)
@@ -62,11 +56,10 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def load_rgb(path: Path, field: str = "image") -> Image.Image:
     """An RGB image; transparency is composited over white rather than turned black."""
-    image = _to_8bit(_decode(_open(path, field), path, field))
+    image = _to_8bit(_decoded(path, field))
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
@@ -81,8 +74,8 @@ def load_mask(path: Path) -> Image.Image:
 
 @dataclass(frozen=True)
 class Inputs:
-    """A request's decoded `image` and `mask` (neither for text-to-image): at their own sizes as
-    loaded, since the output size is planned from the image's; at the output size from `at`."""
+    """A request's decoded `image` and `mask` (neither for text-to-image): at their own sizes as loaded, since the
+    output size is planned from the image's; at the output size from `at`."""
 
     image: Image.Image | None = None
     mask: Image.Image | None = None
