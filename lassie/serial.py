@@ -4,10 +4,8 @@ coglet answers a request on the worker's "done" message but frees its slot only 
 one slot (a sync `predict`), a client sending its next request at once often gets HTTP 409 "At capacity". With two
 (`concurrency.max` in cog.yaml, async `predict`) the next request finds the other slot free, while this runner keeps
 the GPU on one prediction at a time, in arrival order, so a waiting request costs no GPU memory. Work without the GPU
-that may take long (decoding images, fetching an extra LoRA) runs beside that line (`run_aside`).
-
-A cancelled request still waiting never runs; a running one gets its exception raised in its thread, as coglet does.
-"""
+that may take long (decoding images, fetching an extra LoRA) runs beside that line (`run_aside`). A cancelled request
+still waiting never runs; a running one gets its exception raised in its thread, as coglet does."""
 
 from __future__ import annotations
 

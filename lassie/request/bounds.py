@@ -1,8 +1,6 @@
-"""The schema's bounds and choices, written once: predict.py's `Input(...)`, request validation and sizes read them.
-
-The Cog server checks them from the OpenAPI schema; `lassie.request.plan` checks them again for direct library use.
-They are written as error messages print them (0 and 1, not 0.0 and 1.0). Aspect ratios are the keys of `sizes.json`.
-"""
+"""The schema's bounds and choices, written once as error messages print them (0 and 1, not 0.0 and 1.0): predict.py's
+`Input(...)` reads them for the Cog server, `check_range`/`check_choice` again for direct library use. Aspect ratios
+are the keys of `sizes.json`."""
 
 from __future__ import annotations
 
@@ -26,24 +24,15 @@ SIDE = Bound(256, 1440)
 """Custom width and height; 1440 is also the longest side of an output taken from an input image."""
 
 BOUNDS: dict[str, Bound] = {
-    "width": SIDE,
-    "height": SIDE,
-    "prompt_strength": Bound(0, 1),
-    "num_outputs": Bound(1, 4),
-    "num_inference_steps": Bound(1, 50),
-    "guidance_scale": Bound(0, 10),
-    "seed": Bound(0, 2**64 - 1),
-    "output_quality": Bound(0, 100),
-    "lora_scale": Bound(-1, 3),
-    "extra_lora_scale": Bound(-1, 3),
+    "width": SIDE, "height": SIDE, "prompt_strength": Bound(0, 1), "num_outputs": Bound(1, 4),
+    "num_inference_steps": Bound(1, 50), "guidance_scale": Bound(0, 10), "seed": Bound(0, 2**64 - 1),
+    "output_quality": Bound(0, 100), "lora_scale": Bound(-1, 3), "extra_lora_scale": Bound(-1, 3),
 }
 """Every numeric input's range. The schema leaves `seed` unbounded (so predict.py does too); the library refuses
 seeds that do not fit the 64 bits torch's generator takes."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model": ("dev", "schnell"),
-    "output_format": ("webp", "jpg", "png"),
-    "megapixels": ("1", "0.25"),
+    "model": ("dev", "schnell"), "output_format": ("webp", "jpg", "png"), "megapixels": ("1", "0.25"),
 }
 """The enum inputs' options, in the schema's order."""
 

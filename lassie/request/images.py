@@ -1,10 +1,13 @@
-"""Decoding user images safely: any mode Pillow reads, EXIF rotation, no decompression bombs."""
+"""User images: only the files Cog wrote for this request, decoded safely (any mode Pillow reads, EXIF rotation, no
+decompression bombs)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -16,6 +19,19 @@ log = logging.getLogger(__name__)
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
 TOO_LARGE = f"images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused"
+ALLOWED = "an http(s) URL or a data URI; paths on the server's disk are refused"
+
+
+def request_file(value: str | os.PathLike[str] | None, field: str) -> Path | None:
+    """The file Cog fetched or decoded for this request, or an InputError naming `field`. coglet (0.23) turns an
+    http(s) URL or data URI for a `Path` input into a fresh file in the worker's temp directory and hands predict() a
+    `Path`; any other string ("/etc/ssl/private/key.png") arrives as sent, and opening it would read any image on the
+    server's disk. So only a `Path` directly in that directory is used."""
+    if value is None:
+        return None
+    if not isinstance(value, PurePath) or Path(value).resolve().parent != Path(tempfile.gettempdir()).resolve():
+        raise InputError(field, f"must be {ALLOWED}")
+    return Path(value).resolve()
 
 
 def _said(error: BaseException, path: Path, field: str) -> str:

@@ -1,9 +1,7 @@
-"""Where a prediction's image files go: one fresh folder per prediction, none left behind.
-
-Cog serves the files after `predict()` returns, so a folder is removed when the next prediction starts, the last at
-exit. A killed process cannot do that, so folder names carry the host and process id, and each start removes those of
-this host's processes that no longer run (a `$TMPDIR` shared across hosts or pid namespaces keeps the others').
-"""
+"""Where a prediction's image files go: one fresh folder per prediction, none left behind. Cog serves the files after
+`predict()` returns, so a folder is removed when the next prediction starts, the last at exit. A killed process cannot
+do that, so folder names carry the host and process id, and each start removes those of this host's processes that no
+longer run (a `$TMPDIR` shared across hosts or pid namespaces keeps the others')."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""A request (the schema's fields) becomes a validated, fully decided `Plan`: every decision about a prediction
-(mode, size, steps, seed, effective LoRA scales, precision) is made here, testable without models, logged in one place.
-"""
+"""A request (the schema's fields) becomes a validated `Plan`: every decision about a prediction (mode, size, steps,
+seed, effective LoRA scales, precision) is made here, testable without models, logged in one place."""
 
 from __future__ import annotations
 
@@ -196,21 +195,10 @@ def make_plan(request: Request, image_size: tuple[int, int] | None = None) -> Pl
     steps = min(request.num_inference_steps, SCHNELL_MAX_STEPS) if schnell else request.num_inference_steps
     return Plan(
         mode=Mode.TXT2IMG if request.image is None else Mode.INPAINT if request.mask is not None else Mode.IMG2IMG,
-        model=request.model,
-        prompt=request.prompt,
-        num_outputs=request.num_outputs,
-        num_inference_steps=steps,
-        guidance_scale=0.0 if schnell else request.guidance_scale,
-        max_sequence_length=T5_MAX_LENGTH[request.model],
-        seed=random_seed() if request.seed is None else request.seed,
-        strength=request.prompt_strength,
-        go_fast=fast,
-        lora_scale=lora_scale,
-        extra_lora=request.extra_lora.strip() if request.extra_lora else None,
-        extra_lora_scale=extra_scale,
-        output_format=request.output_format,
-        output_quality=request.output_quality,
-        safety_checker=not request.disable_safety_checker,
-        size=output_size(request, image_size),
-        input_size=image_size,
+        model=request.model, prompt=request.prompt, num_outputs=request.num_outputs, num_inference_steps=steps,
+        guidance_scale=0.0 if schnell else request.guidance_scale, max_sequence_length=T5_MAX_LENGTH[request.model],
+        seed=random_seed() if request.seed is None else request.seed, strength=request.prompt_strength,
+        go_fast=fast, lora_scale=lora_scale, extra_lora=request.extra_lora.strip() if request.extra_lora else None,
+        extra_lora_scale=extra_scale, output_format=request.output_format, output_quality=request.output_quality,
+        safety_checker=not request.disable_safety_checker, size=output_size(request, image_size), input_size=image_size,
     )

@@ -60,10 +60,9 @@ def size_from_image(width: int, height: int) -> tuple[int, int]:
 
 
 def check_mask_size(mask: tuple[int, int], image: tuple[int, int]) -> None:
-    """A mask is resized to the output size, so it must have the image's aspect ratio: up to one pixel of the mask's
-    own rounding, or the rounding to multiples of 16 (a mask drawn at the output size). Compared as
-    |mask_w * image_h - mask_h * image_w|, which one mask pixel moves by a side of the image, and 8 pixels by 8 mask
-    sides."""
+    """A mask is resized to the output size, so it must have the image's aspect ratio up to one pixel of its own
+    rounding or the rounding to multiples of 16 (a mask drawn at the output size). |mask_w * image_h - mask_h *
+    image_w| moves by an image side per mask pixel, and by 8 mask sides per 8 pixels."""
     (mask_w, mask_h), (image_w, image_h) = mask, image
     mismatch = abs(mask_w * image_h - mask_h * image_w)
     tolerance = max(image_w + image_h, SIZE_MULTIPLE // 2 * (mask_w + mask_h))
