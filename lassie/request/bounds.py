@@ -24,12 +24,12 @@ SIDE = Bound(256, 1440)
 """Custom width and height; 1440 is also the longest side of an output taken from an input image."""
 
 BOUNDS: dict[str, Bound] = {
-    "width": SIDE, "height": SIDE, "prompt_strength": Bound(0, 1), "num_outputs": Bound(1, 4),
-    "num_inference_steps": Bound(1, 50), "guidance_scale": Bound(0, 10), "seed": Bound(0, 2**64 - 1),
-    "output_quality": Bound(0, 100), "lora_scale": Bound(-1, 3), "extra_lora_scale": Bound(-1, 3),
+    "num_outputs": Bound(1, 4), "num_inference_steps": Bound(1, 50), "guidance_scale": Bound(0, 10),
+    "prompt_strength": Bound(0, 1), "output_quality": Bound(0, 100), "lora_scale": Bound(-1, 3),
+    "extra_lora_scale": Bound(-1, 3), "width": SIDE, "height": SIDE, "seed": Bound(0, 2**64 - 1),
 }
-"""Every numeric input's range. The schema leaves `seed` unbounded (so predict.py does too); the library refuses
-seeds that do not fit the 64 bits torch's generator takes."""
+"""Every numeric input's range, in the order validation checks them. The schema leaves `seed` unbounded (so
+predict.py does too); the library refuses seeds that do not fit the 64 bits torch's generator takes."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("dev", "schnell"), "output_format": ("webp", "jpg", "png"), "megapixels": ("1", "0.25"),

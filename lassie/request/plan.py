@@ -9,13 +9,14 @@ from enum import Enum
 from pathlib import Path
 
 from lassie.request import sizes
-from lassie.request.bounds import BOUNDS, CHOICES, check_choice, check_range
+from lassie.request.bounds import BOUNDS, check_choice, check_range
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 
 SCHNELL_MAX_STEPS = 4
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 GO_FAST_LORA_MULTIPLIER = 1.5
 SEED_BITS = 32
+OPTIONAL_NUMBERS = ("width", "height", "seed")
 INTEGER_FIELDS = ("height", "width", "num_outputs", "num_inference_steps", "seed", "output_quality")
 
 
@@ -140,10 +141,12 @@ def checked(request: Request) -> Request:
     and so does the Cog server, which hands the float on (and integers beyond 64 bits); torch and Pillow want ints."""
     if not isinstance(request.prompt, str):
         raise InputError("prompt", "is required and must be a string")
-    for field, allowed in {**CHOICES, "aspect_ratio": sizes.aspect_ratios()}.items():
-        check_choice(field, getattr(request, field), allowed)
+    check_choice("model", request.model)
+    check_choice("output_format", request.output_format)
+    check_choice("aspect_ratio", request.aspect_ratio, sizes.aspect_ratios())
+    check_choice("megapixels", request.megapixels)
     for field in BOUNDS:
-        if getattr(request, field) is not None:
+        if getattr(request, field) is not None or field not in OPTIONAL_NUMBERS:
             check_range(field, getattr(request, field))
     if request.mask is not None and request.image is None:
         raise InputError("mask", "inpainting needs an `image` too; give both, or neither for text-to-image")
