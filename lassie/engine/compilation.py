@@ -1,4 +1,4 @@
-"""Compiling the transformers: whether this server compiles (what the operator asked is `lassie.settings`'), inductor's
+"""Compiling the transformers: whether this server compiles (the operator's wish is in `lassie.settings`), inductor's
 kernel cache, the regional compile. Warm-up belongs to `lassie.engine.variants`, which owns the transformers it runs."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class CompileCache:
             return
         try:  # torch logs why and returns None for a corrupt or foreign file
             info = torch.compiler.load_cache_artifacts(source.read_bytes())
-            problem = "" if info is not None else "torch refused it"
+            problem = "" if info is not None else "torch logged why"
         except Exception as error:
             problem = f"{type(error).__name__}: {error}"
         if problem:
