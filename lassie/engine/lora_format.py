@@ -1,9 +1,6 @@
-"""A LoRA file as the adapters take it: converted to diffusers keys, checked against FLUX before
-anything touches the model, and (in slot mode) put in the form the hot-swap slot takes.
-
-Converted once and kept on the CPU: `lassie.engine.adapters` loads it lazily into each transformer
-that runs it, and a LoRA that does not fit is refused here, naming its field.
-"""
+"""A LoRA file as the adapters take it: converted to diffusers keys, checked against FLUX before anything touches the
+model (one that does not fit is refused, naming its field) and, in slot mode, in the form the hot-swap slot takes.
+Converted once and kept on the CPU: `lassie.engine.adapters` loads it lazily into each transformer that runs it."""
 
 from __future__ import annotations
 
@@ -14,7 +11,6 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
-from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lassie.engine.internals import config_value, transformer_lora_config
@@ -31,13 +27,12 @@ LORA_B = ".lora_B."
 
 @dataclass
 class Lora:
-    """A LoRA in diffusers keys. `slot_state_dict` is the transformer part of a LoRA that goes
-    through the slot (slot mode, not pinned); `field_name` is what its errors start with."""
+    """A LoRA in diffusers keys; `slot_state_dict` is the transformer part of one that goes through the slot."""
 
     state_dict: dict[str, torch.Tensor]
     alphas: dict[str, torch.Tensor] | None
     metadata: dict | None
-    field_name: str
+    field_name: str  # what its errors start with
     slot_state_dict: dict[str, torch.Tensor] | None = None
 
     @property
@@ -52,10 +47,9 @@ class Lora:
 
 def read_lora(path: Path, pinned: bool, transformer: torch.nn.Module, text_encoder: torch.nn.Module,
               slot_rank: int) -> Lora:
-    """Convert and check a LoRA file. A pinned LoRA is the Lassie LoRA, loaded at setup from the
-    weights, so its errors name that file, and it keeps its own adapter in slot mode too; any other
-    came in `extra_lora`, and with a slot it is made ready to swap here, so one above the slot's
-    rank is refused before anything touches the model."""
+    """Convert and check a LoRA file. Pinned is the Lassie LoRA (its errors name its file; its own adapter in slot mode
+    too); any other came in `extra_lora`, and with a slot is made ready to swap here: one above the slot's rank is
+    refused before anything touches the model."""
     field_name = f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
     state_dict, alphas, metadata = _convert(path, field_name)
     _check_fits(state_dict, transformer, text_encoder, field_name)
@@ -68,14 +62,11 @@ def read_lora(path: Path, pinned: bool, transformer: torch.nn.Module, text_encod
 
 
 def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | None]:
-    """Any format diffusers' Flux loader knows (PEFT, kohya, XLabs, ComfyUI, fal) -> diffusers keys.
-
-    Keys for neither the transformer nor the CLIP encoder (kohya's img_in, time_in, final_layer
-    converted without a prefix) are skipped, as diffusers' own loader skips them, and logged."""
+    """Any format diffusers' Flux loader knows (PEFT, kohya, XLabs, ComfyUI, fal) -> diffusers keys. Keys for neither
+    the transformer nor CLIP (kohya's img_in, time_in, final_layer) are skipped and logged, as diffusers' loader does."""
     try:
-        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
-            str(path), return_alphas=True, return_lora_metadata=True
-        )
+        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(str(path), return_alphas=True,
+                                                                    return_lora_metadata=True)
     except Exception as error:  # diffusers raises many types for foreign files
         raise InputError(field_name, f"is not a FLUX LoRA diffusers can load: {error}") from None
     skipped = [key for key in state_dict if not key.startswith((TRANSFORMER_PREFIX, TEXT_ENCODER_PREFIX))]
@@ -87,8 +78,8 @@ def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | Non
 
 def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, text_encoder: torch.nn.Module,
                 field_name: str) -> None:
-    """Refuse LoRAs of other architectures: diffusers would otherwise *expand* the transformer's
-    layers for LoRAs with larger inputs (Flux Control LoRAs), a change that outlives the request."""
+    """Refuse LoRAs of other architectures: diffusers would otherwise *expand* the transformer's layers for LoRAs with
+    larger inputs (Flux Control LoRAs), a change that outlives the request."""
     roots = {TRANSFORMER_PREFIX: dict(transformer.named_modules()),
              TEXT_ENCODER_PREFIX: dict(text_encoder.named_modules())}
     lora_keys = [key for key in state_dict if LORA_A in key or LORA_B in key]
@@ -127,13 +118,6 @@ def _strip_prefix(mapping: dict, prefix: str) -> dict:
     return {key.removeprefix(prefix): value for key, value in mapping.items() if key.startswith(prefix)}
 
 
-def _module_scaling(config: LoraConfig, module: str) -> float:
-    """alpha/r (alpha/sqrt(r) with rsLoRA) of `module`, looked up in the config as PEFT does."""
-    rank = config_value(config.rank_pattern, module, config.r)
-    alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
-    return float(alpha) / (math.sqrt(rank) if config.use_rslora else rank)
-
-
 def _pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     """Zero rows (lora_A, dim 0) or columns (lora_B, dim 1) up to `rank`: the same LoRA, one rank."""
     missing = rank - tensor.shape[dim]
@@ -145,12 +129,11 @@ def _pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
 def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
     """`lora`'s transformer part, ready to hot-swap into the rank-`slot_rank` slot.
 
-    alpha/r is baked into lora_B because after a swap PEFT scales by the *slot's* alpha/r (1):
-    baked, the LoRA runs at exactly `extra_lora_scale`. alpha/r comes from the LoraConfig diffusers'
-    loader builds from the same inputs (ranks, network alphas or saved metadata, rsLoRA), so it is
-    what a named adapter would get. Every pair is zero-padded to the LoRA's largest rank: with one
-    rank and no alphas diffusers writes no rank or alpha pattern, which the hot-swap would refuse
-    as incompatible with the slot. PEFT zero-pads up to the slot's rank in place.
+    alpha/r (alpha/sqrt(r) with rsLoRA) is baked into lora_B, because after a swap PEFT scales by the *slot's* alpha/r
+    (1): so the LoRA runs at exactly `extra_lora_scale`. It comes from the LoraConfig diffusers' loader builds from the
+    same inputs (ranks, network alphas or metadata, rsLoRA), looked up as PEFT does: what a named adapter would get.
+    Every pair is zero-padded to the LoRA's largest rank (with one rank and no alphas diffusers writes no rank or alpha
+    pattern, which the hot-swap would refuse); PEFT pads up to the slot's rank in place.
     """
     state_dict = _strip_prefix(lora.state_dict, TRANSFORMER_PREFIX)
     ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if LORA_B in key}
@@ -168,7 +151,9 @@ def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
                          "sets the slot's rank)")
     swappable = {}
     for module, (down, up) in pairs.items():
-        scaling = _module_scaling(config, module)
+        module_rank = config_value(config.rank_pattern, module, config.r)
+        alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
+        scaling = float(alpha) / (math.sqrt(module_rank) if config.use_rslora else module_rank)
         # In float32, so a bf16 file loses nothing more than a named adapter would.
         scaled = up if scaling == 1.0 else up.float() * scaling
         swappable[f"{TRANSFORMER_PREFIX}{module}{LORA_A}weight"] = _pad_rank(down, rank, dim=0)
