@@ -1,4 +1,5 @@
-"""LoRA adapters on the shared text encoder and the transformers, and which are active at what scale.
+"""LoRAs on the shared text encoder and the transformers: each file converted to diffusers keys and checked against FLUX
+before anything touches the model (`read_lora`), then loaded as PEFT adapters and made active at a scale.
 
 Every LoRA stays a separate, unmerged PEFT adapter whose scale PEFT's `set_scale` recomputes from scratch: exact, never
 drifting the base weights, applied once (never through `joint_attention_kwargs`). Every request runs the same active
@@ -7,12 +8,14 @@ is a 0-dim tensor written in place (as a float AOTAutograd would bake it in): on
 Slot mode (`slot_rank`, for compiled transformers): a new adapter name makes torch.compile trace the blocks again, so
 each transformer carries one zero LoRA of rank `slot_rank` over every linear (`SLOT_ADAPTER`) and an extra LoRA up to
 that rank is copied into it in place (diffusers' hot-swap); its text-encoder part (never compiled) loads under its own
-name. Adapters load lazily into the transformer a request uses; a failed load removes every trace of itself.
+name. A LoRA is converted once and kept on the CPU; it loads lazily into the transformer a request uses, and a failed
+load removes every trace of itself.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -25,14 +28,159 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from lassie.engine.internals import delete_text_encoder_adapter, set_text_encoder_adapters
-from lassie.engine.lora_format import Lora, read_lora
-from lassie.request.errors import InputError
+from lassie.engine.internals import (
+    config_value,
+    delete_text_encoder_adapter,
+    set_text_encoder_adapters,
+    transformer_lora_config,
+)
+from lassie.request.errors import EXTRA_LORA_FIELD, InputError
+from lassie.settings import SLOT_RANK_ENV
 
 log = logging.getLogger(__name__)
 
 TEXT_ENCODER = "text_encoder"
 SLOT_ADAPTER = "slot"
+TRANSFORMER_PREFIX = "transformer."
+TEXT_ENCODER_PREFIX = f"{TEXT_ENCODER}."
+LORA_A = ".lora_A."
+LORA_B = ".lora_B."
+
+
+@dataclass
+class Lora:
+    """A LoRA in diffusers keys; `slot_state_dict` is the transformer part of one that goes through the slot."""
+
+    state_dict: dict[str, torch.Tensor]
+    alphas: dict[str, torch.Tensor] | None
+    metadata: dict | None
+    field_name: str  # what its errors start with
+    slot_state_dict: dict[str, torch.Tensor] | None = None
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return any(key.startswith(TEXT_ENCODER_PREFIX) for key in self.state_dict)
+
+    @property
+    def swaps(self) -> bool:
+        """Whether it runs in the transformers' slot rather than as an adapter of its own."""
+        return self.slot_state_dict is not None
+
+
+def read_lora(path: Path, pinned: bool, transformer: torch.nn.Module, text_encoder: torch.nn.Module,
+              slot_rank: int) -> Lora:
+    """Convert and check a LoRA file. Pinned is the Lassie LoRA (its errors name its file; its own adapter in slot mode
+    too); any other came in `extra_lora`, and with a slot is made ready to swap here: one above the slot's rank is
+    refused before anything touches the model."""
+    field_name = f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
+    state_dict, alphas, metadata = _convert(path, field_name)
+    _check_fits(state_dict, transformer, text_encoder, field_name)
+    lora = Lora(state_dict, alphas, metadata, field_name)
+    if slot_rank and not pinned:
+        lora.slot_state_dict = _slot_state_dict(lora, slot_rank)
+        # Only the slot copy of the transformer part is ever used again: kept LoRAs hold it once.
+        lora.state_dict = {key: value for key, value in state_dict.items() if key.startswith(TEXT_ENCODER_PREFIX)}
+    return lora
+
+
+def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | None]:
+    """Any format diffusers' Flux loader knows (PEFT, kohya, XLabs, ComfyUI, fal) -> diffusers keys. Keys for neither
+    the transformer nor CLIP (kohya's img_in, time_in, final_layer) are skipped, as diffusers' loader skips them."""
+    try:
+        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(str(path), return_alphas=True,
+                                                                    return_lora_metadata=True)
+    except Exception as error:  # diffusers raises many types for foreign files
+        raise InputError(field_name, f"is not a FLUX LoRA diffusers can load: {error}") from None
+    skipped = [key for key in state_dict if not key.startswith((TRANSFORMER_PREFIX, TEXT_ENCODER_PREFIX))]
+    if skipped and len(skipped) < len(state_dict):
+        log.warning("skipping %d LoRA keys FLUX's loader does not apply (e.g. %s)", len(skipped), skipped[0])
+        state_dict = {key: value for key, value in state_dict.items() if key not in skipped}
+    return dict(state_dict), alphas, metadata
+
+
+def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, text_encoder: torch.nn.Module,
+                field_name: str) -> None:
+    """Refuse LoRAs of other architectures: diffusers would otherwise *expand* the transformer's layers for LoRAs with
+    larger inputs (Flux Control LoRAs), a change that outlives the request."""
+    roots = {TRANSFORMER_PREFIX: dict(transformer.named_modules()),
+             TEXT_ENCODER_PREFIX: dict(text_encoder.named_modules())}
+    lora_keys = [key for key in state_dict if LORA_A in key or LORA_B in key]
+    if not lora_keys or len(lora_keys) != len(state_dict):
+        foreign = sorted(set(state_dict) - set(lora_keys))[:3]
+        raise InputError(field_name, f"is not a FLUX LoRA (unexpected keys such as {foreign or 'none at all'})")
+    for key in lora_keys:
+        prefix = next((p for p in roots if key.startswith(p)), None)
+        if prefix is None:
+            raise InputError(field_name, f"targets a component FLUX LoRAs cannot change: {key}")
+        module_name = key[len(prefix):].split(".lora_")[0]
+        module = roots[prefix].get(module_name)
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        if not isinstance(module, torch.nn.Linear):
+            raise InputError(field_name, f"does not fit FLUX: no linear layer {prefix}{module_name}")
+        tensor = state_dict[key]
+        expected = module.in_features if LORA_A in key else module.out_features
+        actual = tensor.shape[1] if LORA_A in key else tensor.shape[0]
+        if tensor.ndim != 2 or actual != expected:
+            raise InputError(field_name, f"does not fit FLUX: {key} has shape {tuple(tensor.shape)}")
+    # Each module's lora_A and lora_B must chain (one rank), or no loader can apply them.
+    for module, (down, up) in _pairs(state_dict).items():
+        if down is None or up is None or down.shape[0] != up.shape[1]:
+            raise InputError(field_name, f"does not fit FLUX: the lora_A and lora_B of {module} do not chain")
+
+
+def _pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """module -> (lora_A, lora_B), in the state dict's order."""
+    downs = {key.split(LORA_A)[0]: tensor for key, tensor in state_dict.items() if LORA_A in key}
+    ups = {key.split(LORA_B)[0]: tensor for key, tensor in state_dict.items() if LORA_B in key}
+    return {module: (downs.get(module), ups.get(module)) for module in {**downs, **ups}}
+
+
+def _strip_prefix(mapping: dict, prefix: str) -> dict:
+    return {key.removeprefix(prefix): value for key, value in mapping.items() if key.startswith(prefix)}
+
+
+def _pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Zero rows (lora_A, dim 0) or columns (lora_B, dim 1) up to `rank`: the same LoRA, one rank."""
+    missing = rank - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if dim == 0 else (0, missing))
+
+
+def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
+    """`lora`'s transformer part, ready to hot-swap into the rank-`slot_rank` slot.
+
+    alpha/r (alpha/sqrt(r) with rsLoRA) is baked into lora_B, because after a swap PEFT scales by the *slot's* alpha/r
+    (1): so the LoRA runs at exactly `extra_lora_scale`. It comes from the LoraConfig diffusers' loader builds from the
+    same inputs (ranks, network alphas or metadata, rsLoRA), looked up as PEFT does: what a named adapter would get.
+    Every pair is zero-padded to the LoRA's largest rank (with one rank and no alphas diffusers writes no rank or alpha
+    pattern, which the hot-swap would refuse); PEFT pads up to the slot's rank in place.
+    """
+    state_dict = _strip_prefix(lora.state_dict, TRANSFORMER_PREFIX)
+    ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if LORA_B in key}
+    alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
+    metadata = _strip_prefix(lora.metadata, TRANSFORMER_PREFIX) if lora.metadata is not None else None
+    try:
+        config = transformer_lora_config(state_dict, alphas, metadata, ranks)
+    except (TypeError, ValueError) as error:
+        raise InputError(lora.field_name, f"has an adapter config diffusers cannot use: {error}") from None
+    pairs = _pairs(state_dict)
+    rank = max((down.shape[0] for down, _ in pairs.values()), default=0)
+    if rank > slot_rank:
+        raise InputError(lora.field_name, f"rank {rank} is above the hot-swap slot's rank of {slot_rank}; "
+                         f"LoRAs up to rank {slot_rank} can be used here (the server's {SLOT_RANK_ENV} "
+                         "sets the slot's rank)")
+    swappable = {}
+    for module, (down, up) in pairs.items():
+        module_rank = config_value(config.rank_pattern, module, config.r)
+        alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
+        scaling = float(alpha) / (math.sqrt(module_rank) if config.use_rslora else module_rank)
+        # In float32, so a bf16 file loses nothing more than a named adapter would.
+        scaled = up if scaling == 1.0 else up.float() * scaling
+        swappable[f"{TRANSFORMER_PREFIX}{module}{LORA_A}weight"] = _pad_rank(down, rank, dim=0)
+        swappable[f"{TRANSFORMER_PREFIX}{module}{LORA_B}weight"] = _pad_rank(scaled, rank, dim=1)
+    return swappable
 
 
 @dataclass
@@ -151,7 +299,15 @@ class LoraAdapters:
         swapped = [name for name in scales if self._loras[name].swaps]
         if len(swapped) > 1:
             raise ValueError(f"slot mode runs one extra LoRA at a time, not {len(swapped)}: {swapped}")
-        self._ensure_loaded(list(scales), swapped, key)
+        # Pinned adapters first, then the slot, then the extra into it: the slot comes last in every layer, as it does
+        # again when a failed swap re-creates it.
+        for name in scales:
+            if name not in swapped:
+                self._ensure_named(name, key)
+        if self.slot_rank:
+            self._ensure_slot(key)
+        for name in swapped:
+            self._ensure_in_slot(name, key)
         transformer_scales = {SLOT_ADAPTER if name in swapped else name: scale for name, scale in scales.items()}
         if self.slot_rank and not swapped:
             transformer_scales[SLOT_ADAPTER] = 0.0
@@ -176,17 +332,6 @@ class LoraAdapters:
         for layer in tuner_layers:
             layer.enable_adapters(bool(scales))
 
-    def _ensure_loaded(self, names: list[str], swapped: list[str], key: Hashable) -> None:
-        """Pinned adapters first, then the slot, then the extra into it: the slot comes last in every layer, as it does
-        again when a failed swap re-creates it."""
-        for name in names:
-            if name not in swapped:
-                self._ensure_named(name, key)
-        if self.slot_rank:
-            self._ensure_slot(key)
-        for name in swapped:
-            self._ensure_in_slot(name, key)
-
     def _ensure_named(self, name: str, key: Hashable) -> None:
         lora, state = self._loras[name], self._transformers[key]
         if _has_adapter(state.module, name):
@@ -207,10 +352,9 @@ class LoraAdapters:
     def _ensure_in_text_encoder(self, name: str) -> None:
         lora = self._loras[name]
         if lora.has_text_encoder and not _has_adapter(self._text_encoder, name):
-            FluxPipeline.load_lora_into_text_encoder(
-                dict(lora.state_dict), network_alphas=lora.alphas, text_encoder=self._text_encoder,
-                prefix=TEXT_ENCODER, adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True,
-            )
+            FluxPipeline.load_lora_into_text_encoder(dict(lora.state_dict), network_alphas=lora.alphas,
+                                                     text_encoder=self._text_encoder, prefix=TEXT_ENCODER,
+                                                     adapter_name=name, metadata=lora.metadata, low_cpu_mem_usage=True)
             self._text_encoder_active = None
 
     def _ensure_slot(self, key: Hashable) -> None:
@@ -221,9 +365,9 @@ class LoraAdapters:
         module = self._transformers[key].module
         if _has_adapter(module, SLOT_ADAPTER):
             return
-        linears = [name for name, layer in module.named_modules()
-                   if (isinstance(layer, BaseTunerLayer) and isinstance(layer.get_base_layer(), torch.nn.Linear))
-                   or (isinstance(layer, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer"))]
+        linears = [name for name, m in module.named_modules()
+                   if (isinstance(m, BaseTunerLayer) and isinstance(m.get_base_layer(), torch.nn.Linear))
+                   or (isinstance(m, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer"))]
         module.add_adapter(LoraConfig(r=self.slot_rank, lora_alpha=self.slot_rank, target_modules=linears),
                            adapter_name=SLOT_ADAPTER)
         _zero_slot(module)
@@ -243,7 +387,6 @@ class LoraAdapters:
         except Exception as error:
             self._ensure_slot(key)
             _write_slot(state.module, self._loras[state.slot_holds] if state.slot_holds else None)
-            state.active = None
             log.warning("restored the %s slot (%s) after a failed swap", key, state.slot_holds or "zeros")
             self.remove(name)
             raise InputError(lora.field_name, f"could not be swapped into the FLUX transformer: {error}") from None

@@ -72,7 +72,8 @@ def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFas
         return _unquantized(f"{asked}go_fast: no GPU here, so no fp8 matmul; running the unquantized weights "
                             "(same as go_fast=false)")
     if device.kind == "rocm":
-        return _unquantized(f"{asked}go_fast: fp8 is not set up for ROCm GPUs ({device.describe()}); running bf16 weights")
+        return _unquantized(f"{asked}go_fast: fp8 is not set up for ROCm GPUs ({device.describe()}); "
+                            "running bf16 weights")
     return _unquantized(f"{asked}go_fast: this GPU ({device.describe()}) has no fp8 matmul (needs "
                         f"{'.'.join(map(str, FP8_MIN_CAPABILITY))}+); running bf16 weights, the same as go_fast=false "
                         "(fp8 weight-only storage would only be slower)")

@@ -217,9 +217,9 @@ class TransformerVariants:
         """One denoising step at a small size, stopping at the latents (the VAE is not compiled), with the adapter set
         of every request."""
         self.adapters.activate(variant, {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE})
-        model = variant.model
-        plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0, num_outputs=WARM_UP_OUTPUTS))
-        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(variant))
+        plan = make_plan(Request(prompt="warm-up", model=variant.model, num_inference_steps=1, seed=0,
+                                 num_outputs=WARM_UP_OUTPUTS))
+        pipeline = self._models.pipeline(variant.model, Mode.TXT2IMG, self.transformer(variant))
         arguments = pipeline_arguments(replace(plan, size=WARM_UP_SIZE), Inputs()) | {"output_type": "latent"}
         with torch.inference_mode():
             pipeline(**arguments)
