@@ -61,11 +61,6 @@ class Lora:
     def has_text_encoder(self) -> bool:
         return any(key.startswith(TEXT_ENCODER_PREFIX) for key in self.state_dict)
 
-    @property
-    def swaps(self) -> bool:
-        """Whether it runs in the transformers' slot rather than as an adapter of its own."""
-        return self.slot_state_dict is not None
-
 
 def read_lora(path: Path, pinned: bool, transformer: torch.nn.Module, text_encoder: torch.nn.Module,
               slot_rank: int) -> Lora:
@@ -118,10 +113,9 @@ def _check_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Modul
             module = module.get_base_layer()
         if not isinstance(module, torch.nn.Linear):
             raise InputError(field_name, f"does not fit FLUX: no linear layer {prefix}{module_name}")
-        tensor = state_dict[key]
-        expected = module.in_features if LORA_A in key else module.out_features
-        actual = tensor.shape[1] if LORA_A in key else tensor.shape[0]
-        if tensor.ndim != 2 or actual != expected:
+        tensor, down = state_dict[key], LORA_A in key
+        expected = module.in_features if down else module.out_features
+        if tensor.ndim != 2 or tensor.shape[1 if down else 0] != expected:
             raise InputError(field_name, f"does not fit FLUX: {key} has shape {tuple(tensor.shape)}")
     # Each module's lora_A and lora_B must chain (one rank), or no loader can apply them.
     for module, (down, up) in _pairs(state_dict).items():
@@ -149,14 +143,10 @@ def _pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
 
 
 def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
-    """`lora`'s transformer part, ready to hot-swap into the rank-`slot_rank` slot.
-
-    alpha/r (alpha/sqrt(r) with rsLoRA) is baked into lora_B, because after a swap PEFT scales by the *slot's* alpha/r
-    (1): so the LoRA runs at exactly `extra_lora_scale`. It comes from the LoraConfig diffusers' loader builds from the
-    same inputs (ranks, network alphas or metadata, rsLoRA), looked up as PEFT does: what a named adapter would get.
-    Every pair is zero-padded to the LoRA's largest rank (with one rank and no alphas diffusers writes no rank or alpha
-    pattern, which the hot-swap would refuse); PEFT pads up to the slot's rank in place.
-    """
+    """`lora`'s transformer part, ready to hot-swap into the rank-`slot_rank` slot. After a swap PEFT scales by the
+    *slot's* alpha/r (1), so the LoRA's own alpha/r (alpha/sqrt(r) with rsLoRA), from the LoraConfig diffusers' loader
+    builds, as a named adapter gets it, is baked into lora_B. Pairs are zero-padded to the LoRA's largest rank: with one
+    rank and no alphas diffusers writes no rank or alpha pattern, which the hot-swap would refuse."""
     state_dict = _strip_prefix(lora.state_dict, TRANSFORMER_PREFIX)
     ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if LORA_B in key}
     alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
@@ -250,9 +240,8 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
 
 
 class LoraAdapters:
-    """The one owner of LoRA state on the loaded models; transformers are known by the caller's key
-    (`lassie.engine.variants.Variant`). With a `slot_rank`, extra LoRAs go through each transformer's slot; pinned
-    ones (the Lassie LoRA) keep their own adapter."""
+    """The one owner of LoRA state on the loaded models, transformers known by the caller's key (`variants.Variant`).
+    With a `slot_rank`, extra LoRAs go through each transformer's slot; pinned ones (Lassie) keep their own adapter."""
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
                  slot_rank: int = 0) -> None:
@@ -296,7 +285,7 @@ class LoraAdapters:
         """Make exactly `scales`' adapters active on `key`'s transformer and the text encoder, an extra LoRA under the
         slot's name (one slot: one extra LoRA at a time). The active set is set only when it changed (that walks every
         module); scales are written in place."""
-        swapped = [name for name in scales if self._loras[name].swaps]
+        swapped = [name for name in scales if self._loras[name].slot_state_dict is not None]
         if len(swapped) > 1:
             raise ValueError(f"slot mode runs one extra LoRA at a time, not {len(swapped)}: {swapped}")
         # Pinned adapters first, then the slot, then the extra into it: the slot comes last in every layer, as it does

@@ -1,14 +1,10 @@
 """go_fast: the precision a go_fast request runs on this hardware, decided once at setup, and the go_fast copies.
 
-- CUDA compute capability >= 8.9 (L4, L40S, 4090, H100, H200, B200): torchao dynamic float8 (activations and weights,
-  per-tensor scales, fp8 tensor-core matmuls).
-- Other CUDA GPUs (A100, A10G, ...), ROCm and CPU: the weights go_fast=false runs. Float8 *weight-only* storage
-  dequantizes to bf16 before every matmul and saves no memory while the bf16 weights stay resident: only slower.
-- `LASSIE_GO_FAST_MODE` overrides; `fp8` without fp8 matmul falls back as above, and `fp8-weight-only` runs anywhere,
-  so CPU tests drive the quantized path end to end.
-
-PEFT wraps a torchao linear in `TorchaoLoraLinear`: the base matmul stays fp8, the LoRA path runs in the activations'
-dtype (exact scales), and adapters stay unfused (no re-quantization recipe). See docs/go_fast.md.
+torchao dynamic float8 (activations and weights, per-tensor scales) where CUDA has fp8 matmuls (compute capability 8.9+:
+L4, L40S, 4090, H100, H200, B200). Elsewhere (A100, A10G, ROCm, CPU) the weights go_fast=false runs: float8 weight-only
+storage dequantizes before every matmul and saves no memory beside the resident bf16 weights, so it is only slower.
+`LASSIE_GO_FAST_MODE` overrides (`fp8-weight-only` runs anywhere: CPU tests drive the quantized path). On fp8 layers
+PEFT's `TorchaoLoraLinear` runs LoRAs in the activations' dtype, unfused (no re-quantization recipe): exact scales.
 """
 
 from __future__ import annotations

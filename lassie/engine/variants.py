@@ -1,12 +1,10 @@
-"""The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their LoRA adapters
-(Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up. Every request runs the same adapter set, so
-warm-up compiles one graph set per precision (`plan_warm_up`).
+"""The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their LoRA adapters,
+compilation and warm-up. Every request runs the same adapter set, so warm-up compiles one graph set per precision.
 
 `run()` keeps compiling out of requests: after warm-up they run under `fail_on_recompile`, and one needing a graph
 warm-up did not make runs under `eager_on_recompile`, with a warning naming the failed guards. A compiled call raising
-anything else through torch's compiler runs again eagerly, and if that works the variant stays eager (one warning).
-Interrupts are BaseExceptions and pass through. A compile failing at setup leaves the server eager, and go_fast copies
-that cannot be built leave go_fast on bf16, each with one log line.
+anything else through torch's compiler runs again eagerly; if that works the variant stays eager (one warning). A
+compile failing at setup leaves the server eager, and go_fast copies that cannot be built leave go_fast on bf16.
 """
 
 from __future__ import annotations
@@ -93,9 +91,8 @@ class TransformerVariants:
         """Lassie on every variant, the go_fast copies `wanted` needs where the memory plan holds them, compile and
         warm-up: then no request loads or compiles anything but an extra LoRA. Returns `decide_go_fast`'s decision."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
-        build_failure = None
-        if wanted.quantizes and self._memory.go_fast_copies:
-            build_failure = self._build_go_fast_copies(wanted.mode)
+        build = wanted.quantizes and self._memory.go_fast_copies
+        build_failure = self._build_go_fast_copies(wanted.mode) if build else None
         go_fast = decide_go_fast(wanted, self._memory.go_fast_copies, self._memory.reason, build_failure)
         for variant in self.variants():
             self.adapters.activate(variant, {LASSIE_ADAPTER: DEFAULT_LASSIE_SCALE[variant.go_fast]})
@@ -178,7 +175,7 @@ class TransformerVariants:
         try:
             copies = {model: quantize_transformer(module, mode) for model, module in self._models.transformers.items()}
         except Exception as error:
-            failure = f"{type(error).__name__}: {error}"
+            failure = _one_line(error)
             log.warning("go_fast: building the %s transformers failed (%s); go_fast runs the bf16 transformers",
                         mode.value, failure)
             return failure
