@@ -137,9 +137,7 @@ def _strip_prefix(mapping: dict, prefix: str) -> dict:
 def _pad_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     """Zero rows (lora_A, dim 0) or columns (lora_B, dim 1) up to `rank`: the same LoRA, one rank."""
     missing = rank - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if dim == 0 else (0, missing))
+    return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if dim == 0 else (0, missing)) if missing else tensor
 
 
 def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
