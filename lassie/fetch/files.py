@@ -1,7 +1,6 @@
-"""Downloaded LoRA files checked: only safetensors pass (pickle-based .bin/.ckpt/.pt checkpoints run code when
-loaded). The safetensors library checks the file; this module says what it is instead (a pickle, an HTML login page,
-a cut-off download) and holds the one rule for LoRA tars (Replicate's `_weights`): exactly one .safetensors member.
-Its errors do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own.
+"""Downloaded LoRA files: only safetensors pass (pickle .bin/.ckpt/.pt checkpoints run code when loaded), said plainly
+when the library refuses one (a pickle, an HTML login page, a cut download); a LoRA tar gives up exactly one. Errors
+do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own.
 """
 
 from __future__ import annotations
@@ -20,20 +19,18 @@ from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 
 HEAD_BYTES = 256
-# What the loaders here handle. The library also reads the sub-byte F4/F6 formats, which no
-# FLUX weights or LoRA use and which would fail later, in a loader, with an obscure error.
+# What the loaders here handle; the library also reads sub-byte F4/F6, which no FLUX LoRA uses and loaders fail on.
 LOADABLE_DTYPES = frozenset("BOOL U8 I8 F8_E4M3 F8_E5M2 F8_E8M0 U16 I16 F16 BF16 U32 I32 F32 U64 I64 F64 C64".split())
 # The library's refusals (worded as in safetensors 0.8.0) in the user's terms; its own words follow.
-LIBRARY_REASONS = (
-    ("header too large", "its header length is impossible, so it is not a .safetensors file"),
-    ("invalid header length", "the file is truncated: it ends inside its header"),
-    ("invalid UTF-8", "its header is not JSON"),
-    ("unknown variant", "a tensor has an unknown dtype"),
-    ("expected usize", "a tensor has an invalid shape or invalid data offsets"),
-    ("expected a string", "__metadata__ is not a map of strings"),
-    ("invalid shape, data type, or offset", "a tensor's data does not fit its shape and dtype"),
-    ("invalid offset for tensor", "a tensor has invalid data offsets: tensor data overlaps or leaves gaps"),
-)
+LIBRARY_REASONS = (("header too large", "its header length is impossible, so it is not a .safetensors file"),
+                   ("invalid header length", "the file is truncated: it ends inside its header"),
+                   ("invalid UTF-8", "its header is not JSON"),
+                   ("unknown variant", "a tensor has an unknown dtype"),
+                   ("expected usize", "a tensor has an invalid shape or invalid data offsets"),
+                   ("expected a string", "__metadata__ is not a map of strings"),
+                   ("invalid shape, data type, or offset", "a tensor's data does not fit its shape and dtype"),
+                   ("invalid offset for tensor",
+                    "a tensor has invalid data offsets: tensor data overlaps or leaves gaps"))
 MAX_TAR_MEMBERS = 10_000
 
 
@@ -56,8 +53,7 @@ def validate_safetensors(path: Path, origin: str) -> SafetensorsSummary:
 
 
 def inspect_safetensors(path: Path) -> SafetensorsSummary:
-    """The one safetensors check of the project, so that a truncated file, an HTML error page or a
-    renamed pickle fails here with a clear message instead of in a loader."""
+    """The project's one safetensors check: a cut file, an HTML page or a renamed pickle fails here, not in a loader."""
     size = path.stat().st_size
     with path.open("rb") as source:
         start = source.read(HEAD_BYTES)

@@ -24,9 +24,10 @@ READ_BYTES = 1024**2
 SHOWN_NAME_CHARS = 120
 MAGIC_BYTES = 6
 COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
-REFUSED_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
-                 tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+REFUSED_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+                 tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
 ONLY_FILES = "only regular files and folders are unpacked"
+CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 UNUSABLE_NAME_ERRORS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
 
 
@@ -40,7 +41,6 @@ class TarLimits:
     max_bytes: int
 
     def check(self, members: int, total_bytes: int) -> None:
-        """The member count and total size so far, as members arrive."""
         if members > self.max_members:
             raise TarRefused(f"holds more than {self.max_members} members")
         if total_bytes > self.max_bytes:
@@ -58,7 +58,6 @@ def shown_name(name: str) -> str:
 
 
 def compression_of(head: bytes) -> str | None:
-    """The compression whose magic bytes `head` starts with, if any."""
     return next((kind for magic, kind in COMPRESSIONS if head.startswith(magic)), None)
 
 
@@ -112,8 +111,7 @@ def checked_members(source: io.BufferedReader, limits: TarLimits
     """Each member that passes the policy: its path, header and (for a file) its data, to be read
     before the next one is asked for. After the last, the end-of-archive blocks are checked."""
     head = source.read(MAGIC_BYTES)
-    compression = compression_of(head)
-    if compression is not None:
+    if compression := compression_of(head):
         raise TarRefused(f"is {compression}-compressed; only uncompressed tars are accepted "
                          "(decompressed bytes would escape the size and time bounds)")
     watched = _Watched(source, head)
@@ -132,32 +130,24 @@ def checked_members(source: io.BufferedReader, limits: TarLimits
 
 
 def unpack(source: io.BufferedReader, destination: Path, limits: TarLimits) -> None:
-    """Unpacks the tar read from `source` into the new folder `destination`; every file is created here,
-    exclusively and without following links (nothing in the folder is a link: the policy lets none in)."""
+    """Unpacks the tar read from `source` into the new folder `destination`; every file is created here, exclusively
+    and without following links (nothing in the folder is a link: the policy lets none in)."""
     destination.mkdir(parents=True)
     for path, member, data in checked_members(source, limits):
         target = destination / path
         try:
             (target if data is None else target.parent).mkdir(parents=True, exist_ok=True)
             if data is not None:
-                write_file(target, data, member)
+                with os.fdopen(os.open(target, CREATE_NEW, 0o644), "wb") as sink:
+                    copy_data(data, member, sink)
         except (FileExistsError, NotADirectoryError):
-            raise TarRefused(f"holds {shown_name(member.name)} below a file of the same name") from None
+            where = "twice" if data is not None and target.parent.is_dir() else "below a file of the same name"
+            raise TarRefused(f"holds {shown_name(member.name)} {where}") from None
         except OSError as error:
             if error.errno not in UNUSABLE_NAME_ERRORS:
                 raise  # the disk's problem (full, read-only), not the tar's
             raise TarRefused(f"holds a member whose name cannot be a file name here, {shown_name(member.name)} "
                              f"({error.strerror})") from None
-
-
-def write_file(target: Path, data: BinaryIO, member: tarfile.TarInfo) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    try:
-        descriptor = os.open(target, flags, 0o644)
-    except FileExistsError:
-        raise TarRefused(f"holds {shown_name(member.name)} twice") from None
-    with os.fdopen(descriptor, "wb") as sink:
-        copy_data(data, member, sink)
 
 
 def copy_data(data: BinaryIO, member: tarfile.TarInfo, sink: BinaryIO) -> None:
@@ -169,8 +159,7 @@ def copy_data(data: BinaryIO, member: tarfile.TarInfo, sink: BinaryIO) -> None:
 
 
 def check_tree(root: Path, limits: TarLimits) -> None:
-    """The policy applied after the fact to a folder another program unpacked: only regular files
-    (not hard-linked) and folders, counted and sized against the limits."""
+    """The policy for a folder another program (pget) unpacked: regular files (not hard-linked) and folders, bounded."""
     total_bytes = 0
     for count, path in enumerate(root.rglob("*"), 1):
         info = path.lstat()

@@ -16,8 +16,6 @@ from lassie.fetch.http import human_bytes
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
-
 
 @dataclass(frozen=True)
 class FileRecord:
@@ -48,7 +46,7 @@ class Manifest:
             return cls(path)
 
     def save(self) -> None:
-        data = {"format": MANIFEST_FORMAT, "sources": dict(sorted(self.complete_sources.items())),
+        data = {"format": 1, "sources": dict(sorted(self.complete_sources.items())),
                 "files": {name: asdict(record) for name, record in sorted(self.files.items())}}
         partial = self.path.with_name(self.path.name + ".tmp")
         partial.write_text(json.dumps(data, indent=2) + "\n")
