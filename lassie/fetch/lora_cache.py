@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from lassie.fetch.files import sha256_of, validate_safetensors
-from lassie.fetch.http import human_bytes
-from lassie.fetch.lora_fetch import fetch_source
+from lassie.fetch.http import DownloadLimits, FetchError, human_bytes
 from lassie.fetch.lora_sources import ExtraLora, LoraSource
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
@@ -154,9 +153,11 @@ class LoraCache:
         with _disk_faults(source):
             staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
             try:
-                fetched = fetch_source(source, staging, self.settings)
+                fetched = source.fetch(staging, self.settings, DownloadLimits.from_settings(self.settings))
                 validate_safetensors(fetched, source.describe())
                 return self._store(key, source, fetched, staging / "record.json")
+            except FetchError as error:  # the user gave the address: the client's failures are the field's
+                raise InputError(FIELD, str(error)) from None
             except BaseException as interrupt:
                 if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
                     logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
