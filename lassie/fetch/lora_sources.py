@@ -1,11 +1,9 @@
-"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL), and each source's
-`fetch` from there into a staging folder.
+"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL), parsed once and
+without network (`identify`); each source's `fetch` downloads it into a staging folder, where the cache checks it.
 
-Parsing is pure. People paste every variant of these addresses, so each service is recognised by the *form* of the
-string, while the address it is fetched from comes from the operator's `LoraSettings` (mirrors, tests), as do the
-tokens. A request's string is parsed once (`identify`): its `ExtraLora` carries the source and the one key that names
-the LoRA's cache files and its adapter on the models. The user gave the address, so every fetch goes through the
-address rule and the operator's bounds, and its failures are the `extra_lora` field's; the cache checks what arrives.
+People paste every variant of these addresses, so a service is recognised by the *form* of the string, while the
+address it is fetched from and the tokens come from the operator's `LoraSettings` (mirrors, tests). The user gave the
+address, so every fetch obeys the address rule and the operator's bounds, and fails on the `extra_lora` field.
 """
 
 from __future__ import annotations
@@ -15,10 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.hf_api import RepoFile
+from huggingface_hub import HfApi, RepoFile, hf_hub_download
 
 from lassie.fetch.files import unpack_if_tar
 from lassie.fetch.http import Credential, DownloadLimits, download_file, fetch_json, human_bytes, redact_url
@@ -45,7 +42,6 @@ SCHEMELESS_HOSTS = REPLICATE_HOSTS | HUGGINGFACE_HOSTS | CIVITAI_HOSTS
 CIVITAI_LORA_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-SAFETENSORS_SUFFIX = ".safetensors"
 KEY_DIGITS = 40
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -174,13 +170,11 @@ class CivitaiModelSource:
         if model.get("type") is not None and model["type"] not in CIVITAI_LORA_TYPES:
             raise InputError(FIELD, f"{self.describe()} is a {model['type']}, not a LoRA")
         versions = [version for version in model["modelVersions"] if isinstance(version, dict)]
+        wanted = [version for version in versions if self.version_id in (None, version.get("id"))]
+        if wanted:
+            return wanted[0]
         if self.version_id is None:
-            if not versions:
-                raise InputError(FIELD, f"{self.describe()} has no published versions")
-            return versions[0]
-        for version in versions:
-            if version.get("id") == self.version_id:
-                return version
+            raise InputError(FIELD, f"{self.describe()} has no published versions")
         known = ", ".join(str(version.get("id")) for version in versions) or "none"
         raise InputError(FIELD, f"{self.describe()} not found; that model's versions are: {known}")
 
@@ -282,7 +276,13 @@ def _require_name(name: str, what: str) -> None:
 
 
 def _parse_url(value: str) -> LoraSource:
-    parts = _split_url(value)
+    try:  # urlsplit only checks the port when asked; an invalid port makes the whole URL invalid
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise unsupported("it is not a valid URL") from None
+    if port == 0:
+        raise unsupported("port 0 is not a valid port")
     if parts.scheme not in ("http", "https"):
         raise unsupported(f"only http(s) URLs are fetched, not {parts.scheme}://")
     if not parts.hostname:
@@ -299,18 +299,6 @@ def _parse_url(value: str) -> LoraSource:
         return _parse_civitai(segments, parts.query)
     _require_safetensors_name(unquote(parts.path.rsplit("/", 1)[-1]))
     return UrlSource(value)
-
-
-def _split_url(value: str) -> SplitResult:
-    """urlsplit only checks the port when asked; an invalid port makes the whole URL invalid."""
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise unsupported("it is not a valid URL") from None
-    if port == 0:
-        raise unsupported("port 0 is not a valid port")
-    return parts
 
 
 def _parse_replicate_path(segments: list[str]) -> ReplicateSource:
@@ -330,24 +318,16 @@ def _parse_huggingface_path(segments: list[str]) -> HuggingFaceSource:
         raise unsupported("a Hugging Face URL must name a repo: huggingface.co/owner/repo")
     _require_name(segments[0], "Hugging Face owner")
     _require_name(segments[1], "Hugging Face repo name")
-    repo_id, rest = f"{segments[0]}/{segments[1]}", segments[2:]
-    if rest and rest[0] in ("blob", "resolve", "tree"):
-        return _huggingface_at_revision(repo_id, rest)
-    return HuggingFaceSource(repo_id, "main", _huggingface_filename(rest))
-
-
-def _huggingface_at_revision(repo_id: str, rest: list[str]) -> HuggingFaceSource:
-    kind = rest[0]
-    if len(rest) < 2 or not REVISION.fullmatch(rest[1]) or ".." in rest[1]:
-        raise unsupported(f"a Hugging Face .../{kind}/ URL must continue with a revision such as main")
-    if kind == "tree":
-        if len(rest) > 2:
+    repo_id, revision, path = f"{segments[0]}/{segments[1]}", "main", segments[2:]
+    if path and path[0] in ("blob", "resolve", "tree"):
+        kind, revision, path = path[0], "/".join(path[1:2]), path[2:]
+        if not REVISION.fullmatch(revision) or ".." in revision:
+            raise unsupported(f"a Hugging Face .../{kind}/ URL must continue with a revision such as main")
+        if kind == "tree" and path:
             raise unsupported("a Hugging Face tree URL must stop at the revision; name a .safetensors file instead")
-        return HuggingFaceSource(repo_id, rest[1], None)
-    filename = _huggingface_filename(rest[2:])
-    if filename is None:
-        raise unsupported(f"a Hugging Face .../{kind}/<revision>/ URL must end with a .safetensors file")
-    return HuggingFaceSource(repo_id, rest[1], filename)
+        if kind != "tree" and not path:
+            raise unsupported(f"a Hugging Face .../{kind}/<revision>/ URL must end with a .safetensors file")
+    return HuggingFaceSource(repo_id, revision, _huggingface_filename(path))
 
 
 def _huggingface_filename(path: list[str]) -> str | None:
@@ -382,7 +362,7 @@ def _require_safetensors_name(name: str) -> None:
     if lowered.endswith(PICKLE_SUFFIXES):
         raise unsupported(f"{name!r} is a pickle-based checkpoint, which can run code when loaded; only .safetensors "
                           "files are loaded")
-    if not lowered.endswith(SAFETENSORS_SUFFIX):
+    if not lowered.endswith(".safetensors"):
         raise unsupported(f"{name!r} is not a .safetensors file")
 
 
