@@ -1,11 +1,8 @@
-"""Extra LoRAs on local disk: fetched once, validated, kept under a size budget.
-
-An entry appears under its final name only complete and validated (staged inside the cache, then renamed), and a
-checksum beside it catches later damage. Per-LoRA `flock`s, which threads and processes sharing the cache wait on
-alike, make concurrent requests download a LoRA once and let a request hold its LoRA from `prepare` to its end
-(eviction passes over held ones), so nothing is fetched again on the GPU's thread. A full or read-only cache refuses
-new LoRAs with an error that names its variable and what to do, while the LoRAs already in it keep serving.
-"""
+"""Extra LoRAs on local disk: fetched once, validated, kept under a size budget. An entry appears only complete and
+validated (staged in the cache, then renamed); a checksum beside it catches later damage. Per-LoRA `flock`s, shared by
+threads and processes, make concurrent requests download a LoRA once and let a request hold it from `prepare` to its
+end (eviction passes over it), so nothing is fetched again on the GPU's thread. A full or read-only cache refuses new
+LoRAs naming its variable and what to do, while the LoRAs already in it keep serving."""
 
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -45,13 +42,12 @@ class HeldLora:
 
     lora: ExtraLora
     path: Path
-    _hold: IO[bytes] | None = field(default=None, repr=False)
+    _hold: IO[bytes] | ExitStack = field(repr=False)
 
     def release(self) -> None:
         """Lets eviction take the file again; later calls do nothing. A hold never released ends with its file
         handle, when the object is garbage-collected."""
-        if self._hold is not None:
-            self._hold.close()
+        self._hold.close()
 
 
 class LoraCache:
@@ -67,7 +63,11 @@ class LoraCache:
         for folder in (self.staging_dir, self.locks_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._verified: dict[str, tuple[int, int, int]] = {}
-        self._remove_stale_staging()
+        cutoff = time.time() - STALE_STAGING_SECONDS  # left by a crash; newer ones may be another process's download
+        for leftover in self.staging_dir.iterdir():
+            with suppress(FileNotFoundError):
+                if leftover.stat().st_mtime < cutoff:
+                    shutil.rmtree(leftover, ignore_errors=True)
 
     def hold(self, lora: ExtraLora) -> HeldLora:
         """`fetch`, with the file kept in the cache until the returned hold is released. The hold is taken before
@@ -76,8 +76,7 @@ class LoraCache:
         try:
             return HeldLora(lora, self.fetch(lora), hold)
         except BaseException:
-            if hold is not None:
-                hold.close()
+            hold.close()
             raise
 
     def fetch(self, lora: ExtraLora) -> Path:
@@ -94,13 +93,11 @@ class LoraCache:
         held.release()
         described = held.lora.source.describe()
         try:
-            removed = self._remove_unless_in_use(held.lora.key)
+            if self._remove_unless_in_use(held.lora.key):
+                logger.info("extra_lora: removed the refused %s from the LoRA cache", described)
         except OSError as error:
             logger.warning("extra_lora: could not remove the refused %s from the LoRA cache (%s)", described,
                            error.strerror)
-            return
-        if removed:
-            logger.info("extra_lora: removed the refused %s from the LoRA cache", described)
 
     def cached_files(self) -> list[Path]:
         """The cached LoRA files, least recently used first."""
@@ -208,26 +205,18 @@ class LoraCache:
             logger.warning("extra_lora: could not evict from the LoRA cache (%s); check %s", error.strerror,
                            LORA_CACHE_ENV)
 
-    def _remove_stale_staging(self) -> None:
-        """Staging folders left by a crash; recent ones may belong to another process's download."""
-        cutoff = time.time() - STALE_STAGING_SECONDS
-        for leftover in self.staging_dir.iterdir():
-            with suppress(FileNotFoundError):
-                if leftover.stat().st_mtime < cutoff:
-                    shutil.rmtree(leftover, ignore_errors=True)
-
     # --- locks: <key>.lock while a LoRA is looked up and fetched, <key>.hold shared by the requests using it ----
 
-    def _lock(self, name: str, operation: int) -> IO[bytes] | None:
+    def _lock(self, name: str, operation: int) -> IO[bytes] | ExitStack:
         """The lock file `name`, `flock`ed on a descriptor of its own, so threads wait on each other as processes do
-        (closing it unlocks); BlockingIOError under LOCK_NB while another has it. None where the file cannot be
-        made: in a read-only cache nothing can be written or evicted, so there is nothing to lock against."""
+        (closing it unlocks); BlockingIOError under LOCK_NB while another has it. Where the file cannot be made,
+        an empty ExitStack locks nothing: in a read-only cache nothing can be written or evicted."""
         try:
             handle = os.fdopen(os.open(self.locks_dir / name, os.O_RDONLY | os.O_CREAT, 0o644), "rb")
         except OSError as error:
             if error.errno not in READ_ONLY:
                 raise
-            return None
+            return ExitStack()
         try:
             fcntl.flock(handle, operation)
         except BaseException:
@@ -243,14 +232,14 @@ class LoraCache:
         except BlockingIOError:
             logger.info("extra_lora: waiting for another fetch of %s to finish", source.describe())
             lock = self._lock(f"{key}.lock", fcntl.LOCK_EX)
-        with lock or nullcontext():
+        with lock:
             yield
 
     def _remove_unless_in_use(self, key: str) -> bool:
         """Removes `key`'s entry unless a fetch of it runs or a request holds it, waiting for neither."""
         try:
-            with (self._lock(f"{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB) or nullcontext(),
-                  self._lock(f"{key}.hold", fcntl.LOCK_EX | fcntl.LOCK_NB) or nullcontext()):
+            with (self._lock(f"{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB),
+                  self._lock(f"{key}.hold", fcntl.LOCK_EX | fcntl.LOCK_NB)):
                 self._remove(key)
         except BlockingIOError:
             return False
