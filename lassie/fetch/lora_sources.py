@@ -327,34 +327,23 @@ def _parse_huggingface_path(segments: list[str]) -> HuggingFaceSource:
             raise unsupported("a Hugging Face tree URL must stop at the revision; name a .safetensors file instead")
         if kind != "tree" and not path:
             raise unsupported(f"a Hugging Face .../{kind}/<revision>/ URL must end with a .safetensors file")
-    return HuggingFaceSource(repo_id, revision, _huggingface_filename(path))
-
-
-def _huggingface_filename(path: list[str]) -> str | None:
-    if not path:
-        return None
     if any(segment in (".", "..") or "/" in segment or "\\" in segment for segment in path):
         raise unsupported("the file path inside the Hugging Face repo is not valid")
-    _require_safetensors_name(path[-1])
-    return "/".join(path)
+    if path:
+        _require_safetensors_name(path[-1])
+    return HuggingFaceSource(repo_id, revision, "/".join(path) or None)
 
 
 def _parse_civitai(segments: list[str], query: str) -> CivitaiModelSource | CivitaiVersionSource:
     if len(segments) == 4 and segments[:3] == ["api", "download", "models"] and DIGITS.fullmatch(segments[3]):
         return CivitaiVersionSource(int(segments[3]))
-    if len(segments) in (2, 3) and segments[0] == "models" and DIGITS.fullmatch(segments[1]):
-        return CivitaiModelSource(int(segments[1]), _civitai_version_from_query(query))
-    raise unsupported("a civitai.com URL must look like civitai.com/models/<id>[/<name>][?modelVersionId=<id>] "
-                      "or civitai.com/api/download/models/<version id>")
-
-
-def _civitai_version_from_query(query: str) -> int | None:
-    values = parse_qs(query).get("modelVersionId")
-    if not values:
-        return None
-    if len(values) != 1 or not DIGITS.fullmatch(values[0]):
+    if not (len(segments) in (2, 3) and segments[0] == "models" and DIGITS.fullmatch(segments[1])):
+        raise unsupported("a civitai.com URL must look like civitai.com/models/<id>[/<name>][?modelVersionId=<id>] "
+                          "or civitai.com/api/download/models/<version id>")
+    versions = parse_qs(query).get("modelVersionId")
+    if versions and (len(versions) != 1 or not DIGITS.fullmatch(versions[0])):
         raise unsupported("modelVersionId in a CivitAI URL must be one number")
-    return int(values[0])
+    return CivitaiModelSource(int(segments[1]), int(versions[0]) if versions else None)
 
 
 def _require_safetensors_name(name: str) -> None:
