@@ -29,8 +29,6 @@ from lassie.settings import LORA_CACHE_ENV, LoraSettings
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = ".partial"
-LOCKS_DIR = ".locks"
 STALE_STAGING_SECONDS = 6 * 3600
 FULL_DISK = frozenset({errno.ENOSPC, errno.EDQUOT})
 READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -45,8 +43,7 @@ class HeldLora:
     _hold: IO[bytes] | ExitStack = field(repr=False)
 
     def release(self) -> None:
-        """Lets eviction take the file again; later calls do nothing. A hold never released ends with its file
-        handle, when the object is garbage-collected."""
+        """Lets eviction take the file again; later calls do nothing. Unreleased, it ends when garbage-collected."""
         self._hold.close()
 
 
@@ -58,8 +55,7 @@ class LoraCache:
         self.settings = settings
         self.directory = Path(settings.cache_dir or default_directory)
         self.max_bytes = settings.cache_bytes
-        self.staging_dir = self.directory / STAGING_DIR
-        self.locks_dir = self.directory / LOCKS_DIR
+        self.staging_dir, self.locks_dir = self.directory / ".partial", self.directory / ".locks"
         for folder in (self.staging_dir, self.locks_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -70,8 +66,7 @@ class LoraCache:
                     shutil.rmtree(leftover, ignore_errors=True)
 
     def hold(self, lora: ExtraLora) -> HeldLora:
-        """`fetch`, with the file kept in the cache until the returned hold is released. The hold is taken before
-        the lookup, so no eviction can come between the two."""
+        """`fetch`, the file kept in the cache until released; held before the lookup, so no eviction comes between."""
         hold = self._lock(f"{lora.key}.hold", fcntl.LOCK_SH)
         try:
             return HeldLora(lora, self.fetch(lora), hold)
@@ -81,15 +76,19 @@ class LoraCache:
 
     def fetch(self, lora: ExtraLora) -> Path:
         """The LoRA's file, from the cache or downloaded; may evict other LoRAs nobody holds."""
-        with self._fetching(lora.key, lora.source):
+        try:
+            lock = self._lock(f"{lora.key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # said once: the wait can last as long as the other fetch's download
+            logger.info("extra_lora: waiting for another fetch of %s to finish", lora.source.describe())
+            lock = self._lock(f"{lora.key}.lock", fcntl.LOCK_EX)
+        with lock:
             path = self._cached(lora.key, lora.source) or self._download(lora.key, lora.source)
         self._evict(keep=lora.key)
         return path
 
     def forget(self, held: HeldLora) -> None:
-        """Releases `held` and drops its LoRA, refused after its download (it fits no FLUX layer, say): the cache
-        keeps only LoRAs that can serve. One another request still holds stays for it (that request is refused the
-        same way, and drops it then)."""
+        """Releases `held` and drops its LoRA, refused after its download (it fits no FLUX layer, say), unless another
+        request still holds it (refused the same way, that one drops it then): the cache keeps LoRAs that can serve."""
         held.release()
         described = held.lora.source.describe()
         try:
@@ -103,9 +102,8 @@ class LoraCache:
         """The cached LoRA files, least recently used first."""
         return [path for path, _ in self._entries()]
 
-    # --- entries: <key>.safetensors and its record <key>.json (size and checksum) -------------------------------
-
     def _files(self, key: str) -> tuple[Path, Path]:
+        """An entry: the LoRA and its record (size and checksum)."""
         data = self.directory / f"{key}.safetensors"
         return data, data.with_suffix(".json")
 
@@ -133,13 +131,11 @@ class LoraCache:
             record = None
         if not isinstance(record, dict) or not data.is_file():
             return "incomplete entry"
-        version = _version(data)
-        if version[1] != record.get("size"):
-            return f"size {version[1]} instead of {record.get('size')}"
         try:
             validate_safetensors(data, source.describe())
         except InputError as error:
             return str(error)
+        version = _version(data)
         if self._verified.get(key) != version and sha256_of(data) != record.get("sha256"):
             return "checksum mismatch"
         self._verified[key] = version
@@ -147,20 +143,18 @@ class LoraCache:
 
     def _download(self, key: str, source: LoraSource) -> Path:
         logger.info("extra_lora: fetching %s", source.describe())
-        with _disk_faults(source):
-            staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
+        with (_disk_faults(source),
+              tempfile.TemporaryDirectory(prefix=f"{key}-", dir=self.staging_dir, ignore_cleanup_errors=True) as name):
             try:
-                fetched = source.fetch(staging, self.settings, DownloadLimits.from_settings(self.settings))
+                fetched = source.fetch(Path(name), self.settings, DownloadLimits.from_settings(self.settings))
                 validate_safetensors(fetched, source.describe())
-                return self._store(key, source, fetched, staging / "record.json")
+                return self._store(key, source, fetched, Path(name, "record.json"))
             except FetchError as error:  # the user gave the address: the client's failures are the field's
                 raise InputError(FIELD, str(error)) from None
             except BaseException as interrupt:
                 if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
                     logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
                 raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
 
     def _store(self, key: str, source: LoraSource, fetched: Path, staged_record: Path) -> Path:
         size = fetched.stat().st_size
@@ -179,8 +173,6 @@ class LoraCache:
         for path in self._files(key):
             path.unlink(missing_ok=True)
 
-    # --- housekeeping -------------------------------------------------------------------------------------------
-
     def _entries(self) -> list[tuple[Path, os.stat_result]]:
         """The cached files with their stat, least recently used first (the access time is the clock)."""
         entries = []
@@ -190,8 +182,8 @@ class LoraCache:
         return sorted(entries, key=lambda entry: entry[1].st_atime_ns)
 
     def _evict(self, keep: str) -> None:
-        """Least recently used first, until under the size budget and enough disk is free; never the entry just
-        returned, never one another request is fetching or holds right now."""
+        """Least recently used first, until under the size budget with enough disk free; never the entry just returned,
+        nor one another request is fetching or holds."""
         try:
             entries = self._entries()
             total = sum(stat.st_size for _, stat in entries)
@@ -205,12 +197,10 @@ class LoraCache:
             logger.warning("extra_lora: could not evict from the LoRA cache (%s); check %s", error.strerror,
                            LORA_CACHE_ENV)
 
-    # --- locks: <key>.lock while a LoRA is looked up and fetched, <key>.hold shared by the requests using it ----
-
     def _lock(self, name: str, operation: int) -> IO[bytes] | ExitStack:
-        """The lock file `name`, `flock`ed on a descriptor of its own, so threads wait on each other as processes do
-        (closing it unlocks); BlockingIOError under LOCK_NB while another has it. Where the file cannot be made,
-        an empty ExitStack locks nothing: in a read-only cache nothing can be written or evicted."""
+        """<key>.lock is held while a LoRA is looked up and fetched, <key>.hold shared by the requests using it, each
+        `flock`ed on a descriptor of its own so threads wait as processes do (closing it unlocks; BlockingIOError under
+        LOCK_NB). An empty ExitStack stands in where the file cannot be made: a read-only cache has nothing to lock."""
         try:
             handle = os.fdopen(os.open(self.locks_dir / name, os.O_RDONLY | os.O_CREAT, 0o644), "rb")
         except OSError as error:
@@ -223,17 +213,6 @@ class LoraCache:
             handle.close()
             raise
         return handle
-
-    @contextmanager
-    def _fetching(self, key: str, source: LoraSource) -> Iterator[None]:
-        """A wait for another fetch of `source` is logged once, since it can last as long as that download."""
-        try:
-            lock = self._lock(f"{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("extra_lora: waiting for another fetch of %s to finish", source.describe())
-            lock = self._lock(f"{key}.lock", fcntl.LOCK_EX)
-        with lock:
-            yield
 
     def _remove_unless_in_use(self, key: str) -> bool:
         """Removes `key`'s entry unless a fetch of it runs or a request holds it, waiting for neither."""

@@ -229,9 +229,8 @@ LoraSource = ReplicateSource | HuggingFaceSource | CivitaiModelSource | CivitaiV
 
 @dataclass(frozen=True)
 class ExtraLora:
-    """An extra LoRA's one identity: where it is fetched from, and its `key`, which names its files in the cache and
-    its PEFT adapter on the models. The same LoRA, however it was typed, has the same key; hex digits only, so it
-    carries no secret and is a valid module name (no dots)."""
+    """An extra LoRA's one identity: its source, and its `key`, which names its cache files and its PEFT adapter: the
+    same for the same LoRA however typed, and hex digits only, so it carries no secret and is a valid module name."""
 
     source: LoraSource
     key: str
@@ -302,8 +301,7 @@ def _parse_url(value: str) -> LoraSource:
 
 
 def _parse_replicate_path(segments: list[str]) -> ReplicateSource:
-    if segments and segments[-1] == "_weights":
-        segments = segments[:-1]
+    segments = segments[:-1] if segments[-1:] == ["_weights"] else segments
     if len(segments) == 2:
         return _replicate_from_parts(segments[0], segments[1], None)
     if len(segments) == 4 and segments[2] == "versions":
