@@ -1,7 +1,7 @@
 """huggingface_hub's exceptions in words that say what to do next; never with a token in them.
 
 One mapping for both places that talk to the hub: setup fetching the weights (`lassie.weights.provision`)
-and requests fetching an extra LoRA (`lassie.fetch.lora_fetch`). Each raises its own error type.
+and requests fetching an extra LoRA (`lassie.fetch.lora_sources`). Each raises its own error type.
 """
 
 from __future__ import annotations
