@@ -1,12 +1,10 @@
-"""The project's one HTTP client, on httpx2: every fetch (weights tars, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs from
-a URL, Replicate or CivitAI) goes through `request` here.
+"""The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs).
 
-For every fetch: redirects are followed by hand and only to http(s); a token belongs to one origin and never follows a
-redirect elsewhere; URLs are shown without user info or query string (signed URLs carry secrets there); a `Deadline` is
-checked between the small reads a body arrives in, so a host trickling a byte at a time cannot outlast it. Where a user
-gave the URL, every hop must land on a public address (`lassie.fetch.addresses`) and the connection goes to exactly the
-address checked (a second DNS answer cannot swap in 127.0.0.1). Failures are `FetchError`s naming the redacted URL and
-why; the caller says what was fetched and checks it. Bounds and tokens come from the caller, never the environment.
+Redirects are followed by hand and only to http(s); a token never leaves its origin; URLs are shown without user info or
+query (signed URLs carry secrets there); a `Deadline` is checked between the small reads a body arrives in, so a trickle
+cannot outlast it. For user-given URLs every hop must land on a public address (`lassie.fetch.addresses`), connecting to
+exactly the address checked. Failures are `FetchError`s naming the redacted URL and why; the caller says what was
+fetched and checks it. Bounds and tokens come from the caller, never the environment.
 """
 
 from __future__ import annotations
@@ -41,8 +39,7 @@ HEADERS = {"Accept-Encoding": "identity", "User-Agent": "lassie-fetcher"}
 
 
 def redact_url(url: str) -> str:
-    """The URL as logs and errors show it: no user info and no query string (signed URLs and `?token=` links keep
-    their secrets there)."""
+    """The URL as logs and errors show it: no user info, no query (where signed URLs and `?token=` keep secrets)."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -68,8 +65,7 @@ def default_port(scheme: str) -> int:
 
 @dataclass(frozen=True)
 class Credential:
-    """A service's bearer token, bound to its origin (scheme, host, port). The token may be empty: the env name
-    still lets a 401/403 say which variable to set."""
+    """A service's bearer token, bound to its origin; when empty, the env name still lets a 401/403 say what to set."""
 
     origin: str
     env_name: str
@@ -90,9 +86,8 @@ def _origin(url: str) -> tuple[str, str, int]:
 
 @dataclass(frozen=True)
 class Deadline:
-    """The whole time one fetch may take (every request, redirect and byte, and what the caller does with the bytes),
-    from its creation: a trickle never trips a per-read timeout. `variable` names the setting to change. The default
-    is an extra LoRA's, unbounded until the settings bound it."""
+    """The whole time one fetch may take (requests, redirects, bytes and what the caller does with them), from its
+    creation: a trickle never trips a per-read timeout. The default is an extra LoRA's, unbounded until settings say."""
 
     seconds: float = math.inf
     variable: str = LORA_DOWNLOAD_TIMEOUT_ENV
@@ -111,8 +106,7 @@ class Deadline:
 
 @dataclass(frozen=True)
 class DownloadLimits:
-    """Everything that bounds one fetch, and the tokens no error of it may show. One per fetch: its deadline starts
-    when it is made."""
+    """Everything that bounds one fetch, and the tokens no error of it may show; one per fetch (its deadline starts)."""
 
     max_bytes: int = LoraSettings.max_download_bytes
     connect_timeout: float = 15.0
@@ -141,8 +135,7 @@ def human_bytes(count: float) -> str:
 
 
 def new_client(connections: int = 1) -> httpx2.Client:
-    """A client that follows nothing by itself and reads nothing from the environment (no proxy, no .netrc
-    credentials): every redirect and every header it sends is decided here."""
+    """Follows nothing by itself, reads nothing from the environment (proxy, .netrc): every hop and header is ours."""
     return httpx2.Client(follow_redirects=False, trust_env=False, headers=HEADERS,
                          limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections))
 
@@ -254,11 +247,10 @@ def declared_length(response: httpx2.Response) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def download_file(
-    url: str, destination: Path, *, credential: Credential | None = None, limits: DownloadLimits | None = None
-) -> int:
-    """Streams `url` into `destination` (a temporary name the caller owns); returns the byte count. The size cap is
-    checked against Content-Length and again while streaming: servers can lie."""
+def download_file(url: str, destination: Path, *, credential: Credential | None = None,
+                  limits: DownloadLimits | None = None) -> int:
+    """Streams `url` into `destination` (a temporary name the caller owns). The size cap is checked against
+    Content-Length and again while streaming: servers can lie."""
     limits = limits or DownloadLimits()
     with new_client() as client:
         response, _ = request(client, url, credential=credential, limits=limits)
