@@ -35,6 +35,7 @@ for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs,
 MIB = 1024**2
 MAX_JSON_BYTES = 16 * MIB
 PROGRESS_FROM_BYTES = 64 * MIB
+DEFAULT_PORTS = {"http": 80, "https": 443}
 HEADERS = {"Accept-Encoding": "identity", "User-Agent": "lassie-fetcher"}
 
 
@@ -59,10 +60,6 @@ def redact_secrets(text: str, tokens: Mapping[str, str]) -> str:
     return text
 
 
-def default_port(scheme: str) -> int:
-    return 443 if scheme == "https" else 80
-
-
 @dataclass(frozen=True)
 class Credential:
     """A service's bearer token, bound to its origin; when empty, the env name still lets a 401/403 say what to set."""
@@ -79,9 +76,9 @@ class Credential:
         return bool(self.token) and _origin(url) == _origin(self.origin)
 
 
-def _origin(url: str) -> tuple[str, str, int]:
+def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme)
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ def _send(client: httpx2.Client, url: str, headers: dict[str, str], limits: Down
         return client.send(client.build_request("GET", target, headers=headers, timeout=limits.timeout()), stream=True)
     host_header = target.netloc.decode("ascii")
     last_error: httpx2.HTTPError = httpx2.ConnectError("no address to connect to")
-    for address in allowed_addresses(target.host, target.port or default_port(target.scheme), limits.rule):
+    for address in allowed_addresses(target.host, target.port or DEFAULT_PORTS[target.scheme], limits.rule):
         pinned = target.copy_with(host=str(address))
         request = client.build_request("GET", pinned, headers={**headers, "Host": host_header},
                                        timeout=limits.timeout(), extensions={"sni_hostname": target.host})
@@ -183,12 +180,10 @@ def network_problem(error: BaseException, tokens: Mapping[str, str]) -> str:
     return redact_secrets(f"{type(error).__name__}: {error}".rstrip(": "), tokens)
 
 
-def request(client: httpx2.Client, url: str, *, credential: Credential | None = None,
-            limits: DownloadLimits | None = None, headers: Mapping[str, str] | None = None,
-            ) -> tuple[httpx2.Response, str]:
+def request(client: httpx2.Client, url: str, *, limits: DownloadLimits, credential: Credential | None = None,
+            headers: Mapping[str, str] | None = None) -> tuple[httpx2.Response, str]:
     """A 2xx response, its body unread (the caller closes it), and the URL it finally came from, every redirect hop
     checked. Once a redirect leaves the credential's origin the credential is dropped for good."""
-    limits = limits or DownloadLimits()
     current = url
     for _ in range(limits.max_redirects + 1):
         limits.deadline.check(current)
@@ -266,9 +261,8 @@ def download_file(url: str, destination: Path, *, credential: Credential | None 
     return received
 
 
-def fetch_json(url: str, *, credential: Credential | None = None, limits: DownloadLimits | None = None) -> Any:
+def fetch_json(url: str, *, credential: Credential | None = None, limits: DownloadLimits) -> Any:
     """A small JSON API answer (CivitAI), size-capped like any download."""
-    limits = limits or DownloadLimits()
     body = io.BytesIO()
     with new_client() as client:
         response, _ = request(client, url, credential=credential, limits=limits)
