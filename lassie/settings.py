@@ -24,9 +24,6 @@ DEFAULT_COMPILE_BACKEND = "inductor"
 # The hot-swap slot's rank: one slot, so extra LoRAs up to rank 128 share one set of graphs.
 DEFAULT_SLOT_RANK = 128
 
-DEFAULT_REPLICATE_URL = "https://replicate.com"
-DEFAULT_CIVITAI_URL = "https://civitai.com"
-DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 # The variables other modules name in their messages.
 GO_FAST_MODE_ENV = "LASSIE_GO_FAST_MODE"
 COMPILE_ENV = "LASSIE_COMPILE"
@@ -52,12 +49,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Importing torch's dynamo code calls inductor's `cache_dir()`, which writes its /tmp default into
 # TORCHINDUCTOR_CACHE_DIR: only the value the process started with is the operator's.
 _AT_START = {name: os.environ.get(name) for name in (INDUCTOR_CACHE_ENV,)}
-
-
-def operator_environment() -> dict[str, str]:
-    """The process environment, with each variable libraries rewrite as it was when the process started."""
-    started = {name: value for name, value in _AT_START.items() if value is not None}
-    return {**{name: value for name, value in os.environ.items() if name not in _AT_START}, **started}
 
 
 class SettingError(ValueError):
@@ -116,10 +107,8 @@ class Environment:
     def networks(self, name: str) -> tuple[bool, tuple[IPNetwork, ...]]:
         """(every address allowed, the networks allowed): a switch, or a comma-separated list."""
         value = self.text(name)
-        if not value or value.lower() in OFF:
-            return False, ()
-        if value.lower() in ON:
-            return True, ()
+        if not value or value.lower() in ON + OFF:
+            return value.lower() in ON, ()
         try:
             return False, tuple(ipaddress.ip_network(item.strip(), strict=False) for item in value.split(","))
         except ValueError:
@@ -156,28 +145,24 @@ class LoraSettings:
     download_timeout: int = 300  # seconds for one whole fetch, however slowly its bytes trickle in
     allow_all_addresses: bool = False
     allowed_networks: tuple[IPNetwork, ...] = ()
-    replicate_url: str = DEFAULT_REPLICATE_URL
-    civitai_url: str = DEFAULT_CIVITAI_URL
-    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    replicate_url: str = "https://replicate.com"
+    civitai_url: str = "https://civitai.com"
+    hf_endpoint: str = "https://huggingface.co"
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
 
     @classmethod
     def read(cls, env: Environment) -> LoraSettings:
         allow_all, networks = env.networks(ALLOW_PRIVATE_ENV)
-        return cls(
-            cache_dir=env.path(LORA_CACHE_ENV),
-            cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes),
-            min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes),
-            max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1),
-            download_timeout=env.count(LORA_DOWNLOAD_TIMEOUT_ENV, cls.download_timeout, minimum=1,
-                                       what="a number of seconds"),
-            allow_all_addresses=allow_all,
-            allowed_networks=networks,
-            replicate_url=env.url("LASSIE_REPLICATE_URL", DEFAULT_REPLICATE_URL).rstrip("/"),
-            civitai_url=env.url("LASSIE_CIVITAI_URL", DEFAULT_CIVITAI_URL).rstrip("/"),
-            hf_endpoint=env.url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/"),
-            tokens={name: env.text(name) for name in TOKEN_VARIABLES if env.text(name)},
-        )
+        return cls(cache_dir=env.path(LORA_CACHE_ENV), cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes),
+                   min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes),
+                   max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1),
+                   download_timeout=env.count(LORA_DOWNLOAD_TIMEOUT_ENV, cls.download_timeout, minimum=1,
+                                              what="a number of seconds"),
+                   allow_all_addresses=allow_all, allowed_networks=networks,
+                   replicate_url=env.url("LASSIE_REPLICATE_URL", cls.replicate_url).rstrip("/"),
+                   civitai_url=env.url("LASSIE_CIVITAI_URL", cls.civitai_url).rstrip("/"),
+                   hf_endpoint=env.url("HF_ENDPOINT", cls.hf_endpoint).rstrip("/"),
+                   tokens={name: env.text(name) for name in TOKEN_VARIABLES if env.text(name)})
 
 
 @dataclass(frozen=True)
@@ -186,23 +171,22 @@ class ProvisionSettings:
 
     lora_url: str | None = None  # LASSIE_LORA_URL: the trained Lassie LoRA (an operator-trusted address)
     trigger_word: str | None = None  # LASSIE_TRIGGER_WORD
-    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    hf_endpoint: str = LoraSettings.hf_endpoint
     offline: bool = False  # HF_HUB_OFFLINE: never fetch, only check
     weights_url: str | None = None  # LASSIE_WEIGHTS_URL: <base>/<folder>.tar for each missing folder
     folder_urls: Mapping[str, str] = field(default_factory=dict)  # folder -> its own tar URL (FOLDER_URL_ENVS)
     cog_weights: str | None = None  # COG_WEIGHTS, as cog hands it to setup(weights): the Lassie LoRA
-    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest
-    # folder (about 24 GB) arrive at 2.2 MB/s (24e9 B / 10 800 s), a modest link
+    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest folder (about 24 GB)
+    # arrive at 2.2 MB/s (24e9 B / 10 800 s), a modest link
     weights_download_timeout: int = 3 * 3600
 
     @classmethod
     def read(cls, env: Environment, cog_weights: object) -> ProvisionSettings:
-        folder_urls = {folder: env.url(name) for folder, name in FOLDER_URL_ENVS.items()}
         return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
-                   hf_endpoint=env.url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/"),
+                   hf_endpoint=env.url("HF_ENDPOINT", cls.hf_endpoint).rstrip("/"),
                    offline=env.flag("HF_HUB_OFFLINE", default=False),
                    weights_url=env.url(WEIGHTS_URL_ENV).rstrip("/") or None,
-                   folder_urls={folder: url for folder, url in folder_urls.items() if url},
+                   folder_urls={folder: url for folder, name in FOLDER_URL_ENVS.items() if (url := env.url(name))},
                    cog_weights=cog_weights_value(cog_weights),
                    weights_download_timeout=env.count(WEIGHTS_DOWNLOAD_TIMEOUT_ENV, cls.weights_download_timeout,
                                                       minimum=1, what="a number of seconds"))
@@ -214,8 +198,7 @@ class ProvisionSettings:
 
     def tar_url(self, folder: str) -> str | None:
         """The tar a missing layout folder is fetched from: its own variable, else the base's `<folder>.tar`."""
-        own = self.folder_urls.get(folder)
-        return own or (f"{self.weights_url}/{folder}.tar" if self.weights_url else None)
+        return self.folder_urls.get(folder) or (f"{self.weights_url}/{folder}.tar" if self.weights_url else None)
 
     @property
     def fetches_tars(self) -> bool:
@@ -233,9 +216,12 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
-        """`environ` defaults to the process's, as the operator set it (`operator_environment`);
-        `cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
-        env = Environment(operator_environment() if environ is None else environ)
+        """`environ` defaults to the process's, with each variable libraries rewrite (`_AT_START`) as it was when the
+        process started; `cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
+        if environ is None:
+            started = {name: value for name, value in _AT_START.items() if value is not None}
+            environ = {**{name: value for name, value in os.environ.items() if name not in _AT_START}, **started}
+        env = Environment(environ)
         return cls(weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
                    go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"), compile=CompileSettings.read(env),
                    slot_rank=env.rank(SLOT_RANK_ENV), lora=LoraSettings.read(env),

@@ -1,12 +1,10 @@
 """The Lassie LoRA: resolved once at setup, installed by one path, with the trigger word it brings.
 
-Setup takes it from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/ (`resolve`), and everything after (the
-memory plan, the adapter, the trigger word, the logs) uses the file resolved here. One given by address is fetched once
-into a folder named after the address, beside the weights or, where they are read-only, in a writable place; a kept
-LoRA that fails its check at a start is fetched again once, then setup fails naming it. scripts/download_weights.py
-installs LASSIE_LORA_URL into weights/lassie/ through the same `install` (`provision_lassie_lora`, which records it in
-manifest.json). It comes through the extra LoRAs' downloader and tar rule, with the operator's address trusted (it may
-be a private mirror). A trigger word is at most 200 printable characters wherever it comes from.
+Setup takes it from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/ (`resolve`); everything after (memory plan,
+adapter, logs) uses the file resolved here. One given by address is fetched once into a folder named after the address
+(beside the weights, or a writable place where they are read-only), and again once if it fails its check at a start.
+scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`. Downloads and
+tars follow the extra LoRAs' rules, the operator's address trusted (it may be a private mirror).
 """
 
 from __future__ import annotations
@@ -23,15 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 from filelock import FileLock
 
-from lassie.fetch.files import (
-    MAX_TAR_MEMBERS,
-    UnusableArchiveError,
-    UnusableSafetensorsError,
-    inspect_safetensors,
-    is_archive,
-    safetensors_from_tar,
-    sha256_of,
-)
+from lassie.fetch import files
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, checked_members
@@ -45,7 +35,6 @@ log = logging.getLogger(__name__)
 LORA_MEMBER = "lora.safetensors"
 TRIGGER_WORD_MEMBER = "trigger_word.txt"
 CONFIG_MEMBER = "config.yaml"
-COG_WEIGHTS_ENV = "COG_WEIGHTS"
 TRIGGER_WORD_ENV = "LASSIE_TRIGGER_WORD"
 MAX_TEXT_MEMBER_BYTES = 1024**2
 MAX_TRIGGER_WORD_CHARS = 200
@@ -121,7 +110,7 @@ def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | 
     Members are read through the one tar policy, never written anywhere."""
     texts = {}
     with archive.open("rb") as source:
-        for path, _, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
+        for path, _, data in checked_members(source, TarLimits(max_members=files.MAX_TAR_MEMBERS, max_bytes=max_bytes)):
             if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and path.name not in texts:
                 texts[path.name] = data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace")
     if texts.get(TRIGGER_WORD_MEMBER, "").strip():
@@ -150,8 +139,8 @@ def limits_for(settings: Settings) -> DownloadLimits:
 def lora_problem(path: Path) -> str | None:
     """What is wrong with a LoRA file (the project's one safetensors check), or None."""
     try:
-        inspect_safetensors(path)
-    except UnusableSafetensorsError as problem:
+        files.inspect_safetensors(path)
+    except files.UnusableSafetensorsError as problem:
         return str(problem)
     except FileNotFoundError:
         return "it is missing"
@@ -162,12 +151,12 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
     """The LoRA of a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors into `staged`, checked;
     returns the trigger word the tar names."""
     word = None
-    if not is_archive(fetched):
+    if not files.is_archive(fetched):
         shutil.copyfile(fetched, staged)
     else:
         try:
-            safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
-        except UnusableArchiveError as problem:
+            files.safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
+        except files.UnusableArchiveError as problem:
             raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
         word = trigger_word_in_tar(fetched, described, max_bytes)
     problem = lora_problem(staged)
@@ -218,7 +207,7 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
         size = layout.lassie_lora.stat().st_size
         report.add_fetched(name, size)
         manifest.record(layout.lassie_lora, FileRecord(public_origin(origin), None, size,
-                                                       sha256_of(layout.lassie_lora)))
+                                                       files.sha256_of(layout.lassie_lora)))
     else:
         report.kept.append(name)
     word = settings.provision.trigger_word
@@ -254,7 +243,7 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
                           and lora_problem(layout.lassie_lora) is None):
         return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
                           str(layout.lassie_dir))
-    variable = COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV
+    variable = "COG_WEIGHTS" if settings.provision.cog_weights else LORA_URL_ENV
     keep = kept_lora(origin, writable_place("fetched Lassie LoRA", layout.root / "fetched-lora"), variable,
                      limits_for(settings))
     return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,

@@ -21,9 +21,6 @@ RUN_AGAIN = "Files finished so far are kept; run again to resume."
 # The top-level folders of the layout, each fetched whole when it comes from a tar.
 LAYOUT_FOLDERS = ("flux-dev", "flux-schnell", "safety", "lassie")
 
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
-TRANSFORMERS_WEIGHTS = "model"
-
 
 class MissingWeightsError(RuntimeError):
     """Setup cannot go on: the message names every missing file and the command that provides them."""
@@ -98,12 +95,10 @@ class WeightsLayout:
                     schnell / "scheduler" / "scheduler_config.json", *([self.lassie_lora] if lassie else []),
                     self.compvis_dir / "preprocessor_config.json", self.falcon_dir / "preprocessor_config.json")
         missing = [path for path in required if not path.is_file()]
-        for directory, stem in ((dev / "transformer", DIFFUSERS_WEIGHTS), (dev / "vae", DIFFUSERS_WEIGHTS),
-                                (dev / "text_encoder", TRANSFORMERS_WEIGHTS),
-                                (dev / "text_encoder_2", TRANSFORMERS_WEIGHTS),
-                                (schnell / "transformer", DIFFUSERS_WEIGHTS), (self.compvis_dir, TRANSFORMERS_WEIGHTS),
-                                (self.falcon_dir, TRANSFORMERS_WEIGHTS)):
-            missing += _model_files_missing(directory, stem)
+        for directory in (dev / "transformer", dev / "vae", dev / "text_encoder", dev / "text_encoder_2",
+                          schnell / "transformer", self.compvis_dir, self.falcon_dir):
+            diffusers = directory.name in ("transformer", "vae")  # the others are transformers' models
+            missing += _model_files_missing(directory, "diffusion_pytorch_model" if diffusers else "model")
         for tokenizer, names in ((dev / "tokenizer", ("tokenizer.json", "vocab.json")),
                                  (dev / "tokenizer_2", ("tokenizer.json", "spiece.model"))):
             missing += [] if any((tokenizer / name).is_file() for name in names) else [tokenizer / names[0]]
