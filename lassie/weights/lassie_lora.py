@@ -24,7 +24,7 @@ from filelock import FileLock
 from lassie.fetch import files
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
-from lassie.fetch.tars import TarLimits, checked_members
+from lassie.fetch.tars import TarLimits, TarRefused, checked_members
 from lassie.settings import LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
 from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout, fail_on
@@ -156,7 +156,7 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
     else:
         try:
             files.safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
-        except files.UnusableArchiveError as problem:
+        except TarRefused as problem:
             raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
         word = trigger_word_in_tar(fetched, described, max_bytes)
     problem = lora_problem(staged)
