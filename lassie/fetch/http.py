@@ -73,7 +73,11 @@ class Credential:
         return cls(origin=origin_url, env_name=env_name, token=settings.tokens.get(env_name, ""))
 
     def applies_to(self, url: str) -> bool:
-        return bool(self.token) and _origin(url) == _origin(self.origin)
+        """False for a URL that cannot be read (a port out of range): the next hop's check refuses it by name."""
+        try:
+            return bool(self.token) and _origin(url) == _origin(self.origin)
+        except ValueError:
+            return False
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
