@@ -1,9 +1,8 @@
 """A weights folder from one tar at full speed, renamed into place only once complete and checked.
 
-`pget` (Replicate's parallel downloader) fetches and extracts where it is on PATH. Otherwise the tar comes through
-parallel range requests when the server allows them (a first 206 with an ETag or Last-Modified to hold every later
-range to), reassembled in order and unpacked as it arrives, else as one stream. The URLs are the operator's, trusted
-like LASSIE_LORA_URL (any host); sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per folder) are bounded.
+`pget` fetches and extracts where it is on PATH; else parallel range requests where the server answers them with a
+version to hold every range to, unpacked in order as they arrive; else one stream. The URLs are the operator's,
+trusted like LASSIE_LORA_URL; sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per folder) are bounded.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ class FetchOptions:
 
     connections: int = 16
     chunk_bytes: int = 16 * MIB
-    read_timeout: float = 60.0
     deadline_seconds: float = ProvisionSettings.weights_download_timeout  # LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT
     max_bytes: int = 256 * 1024 * MIB
     max_members: int = 100_000
@@ -83,13 +81,9 @@ class FetchOptions:
         return Deadline(self.deadline_seconds, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, "fetching a weights folder")
 
 
-# --- one tar as a byte stream -------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Version:
-    """What names one version of the file: its strong ETag, else its Last-Modified date. Each range request sends it
-    as `If-Range`, so a changed file comes back whole (200) rather than as a part of another version."""
+    """What names one version of the file: its strong ETag, else its Last-Modified date, sent as `If-Range`."""
 
     etag: str | None
     last_modified: str | None
@@ -98,10 +92,6 @@ class Version:
     def of(cls, response: httpx2.Response) -> Version:
         etag = response.headers.get("ETag")
         return cls(etag if etag and not etag.startswith("W/") else None, response.headers.get("Last-Modified"))
-
-    @property
-    def if_range(self) -> str | None:
-        return self.etag or self.last_modified
 
     def contradicted_by(self, other: Version) -> bool:
         """A part names another version (a part that names none was held to ours by If-Range)."""
@@ -147,10 +137,6 @@ class _Body(io.RawIOBase):
         super().close()
 
 
-def cut_short(url: str, detail: str) -> DownloadError:
-    return DownloadError(f"the download of {redact_url(url)} was cut short ({detail})")
-
-
 def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> Generator[bytes, None, None]:
     """The whole tar in one response: a server without range requests (or without a version to hold them to)."""
     total, received = declared_length(response), 0
@@ -159,13 +145,13 @@ def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> G
             received += len(piece)
             yield piece
     if total is not None and received < total:
-        raise cut_short(url, f"{received} of {total} bytes")
+        raise DownloadError(f"the download of {redact_url(url)} was cut short ({received} of {total} bytes)")
 
 
 @dataclass(frozen=True)
 class ParallelRanges:
-    """The tar in chunks over several connections, each asked for with `If-Range` at `source` (where the first
-    request ended up); it must come back as exactly the range asked for, of `version`, else `FileChanged`."""
+    """The tar in chunks over several connections, asked for at `source` (where the first request ended up) with
+    `If-Range`, so a changed file comes back whole (200) rather than as a part of another version."""
 
     client: httpx2.Client
     url: str
@@ -176,12 +162,12 @@ class ParallelRanges:
     limits: DownloadLimits
 
     def pieces(self, first: httpx2.Response) -> Generator[bytearray, None, None]:
-        """The chunks strictly in order, `first` (the first range's response) first. At most `options.window` are in
-        flight or waiting, so memory stays bounded however far the network runs ahead of the extraction."""
+        """The chunks in order, `first` (the first range's response) first. At most `options.window` are in flight or
+        waiting, so memory stays bounded however far the network runs ahead of the extraction."""
         chunk = self.options.chunk_bytes
         starts = iter(range(chunk, self.total, chunk))
         pool = ThreadPoolExecutor(self.options.connections, thread_name_prefix="lassie-download")
-        queue = deque([pool.submit(self.read_exactly, first, 0, min(chunk, self.total))])
+        queue = deque([pool.submit(self.read_part, first, 0, min(chunk, self.total))])
         try:
             while queue:
                 queue.extend(pool.submit(self.fetch, start, min(start + chunk, self.total))
@@ -192,40 +178,36 @@ class ParallelRanges:
 
     def fetch(self, start: int, end: int) -> bytearray:
         """One chunk; a failure other than a changed file asks again, `options.retries` times in all."""
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Range": self.version.etag or self.version.last_modified}
         problem = ""
         for _ in range(self.options.retries):
             try:
-                headers = {"Range": f"bytes={start}-{end - 1}", "If-Range": self.version.if_range}
-                response, _ = request(self.client, self.source, limits=self.limits, headers=headers)
-                self.check_part(response, start, end)
-                return self.read_exactly(response, start, end)
+                return self.read_part(request(self.client, self.source, limits=self.limits, headers=headers)[0],
+                                      start, end)
             except FileChanged:
                 raise
             except (DownloadError, FetchError) as error:
                 problem = str(error)
         raise DownloadError(f"{problem} (bytes {start}-{end - 1}, tried {self.options.retries} times)")
 
-    def check_part(self, response: httpx2.Response, start: int, end: int) -> None:
-        """A changed file is answered whole (200) by an If-Range request, or its part names another version."""
-        if response.status_code == 200 or self.version.contradicted_by(Version.of(response)):
-            response.close()
-            raise FileChanged(f"{redact_url(self.url)} changed while it was being downloaded")
-        asked = f"bytes {start}-{end - 1}/{self.total}"
-        answered = response.headers.get("Content-Range") or ""
-        if response.status_code != 206 or answered.strip() != asked:
-            response.close()
-            raise DownloadError(f"{redact_url(self.url)} answered a range request for {asked} with HTTP "
-                                f"{response.status_code} {answered or '(no Content-Range)'}")
-
-    def read_exactly(self, response: httpx2.Response, start: int, end: int) -> bytearray:
+    def read_part(self, response: httpx2.Response, start: int, end: int) -> bytearray:
+        """Exactly the range asked for, of our version: else the file changed (a part of another version, or the
+        whole file, which is how an If-Range request is answered), or the server is at fault."""
+        asked, answered = f"bytes {start}-{end - 1}/{self.total}", response.headers.get("Content-Range") or ""
         data = bytearray()
         with closing(response):
+            if response.status_code == 200 or self.version.contradicted_by(Version.of(response)):
+                raise FileChanged(f"{redact_url(self.url)} changed while it was being downloaded")
+            if response.status_code != 206 or answered.strip() != asked:
+                raise DownloadError(f"{redact_url(self.url)} answered a range request for {asked} with HTTP "
+                                    f"{response.status_code} {answered or '(no Content-Range)'}")
             for piece in body_pieces(response, self.url, self.limits.deadline, received=start):
                 data += piece
                 if len(data) > end - start:
                     raise DownloadError(f"{redact_url(self.url)} sent more than bytes {start}-{end - 1}")
         if len(data) != end - start:
-            raise cut_short(self.url, f"bytes {start}-{end - 1}: {len(data)} of {end - start} received")
+            raise DownloadError(f"the download of {redact_url(self.url)} was cut short (bytes {start}-{end - 1}: "
+                                f"{len(data)} of {end - start} received)")
         return data
 
 
@@ -234,25 +216,22 @@ def first_part_total(response: httpx2.Response, options: FetchOptions) -> int | 
     match = CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
     if response.status_code != 206 or match is None:
         return None
-    total = int(match.group(3))
-    if int(match.group(1)) != 0 or int(match.group(2)) != min(options.chunk_bytes, total) - 1:
-        return None
-    return total
+    start, end, total = map(int, match.groups())
+    return total if start == 0 and end == min(options.chunk_bytes, total) - 1 else None
 
 
 @contextmanager
 def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadline | None = None) -> Iterator[_Body]:
     """The tar's bytes: parallel ranges when a first ranged request is answered with exactly that range and a version
     to hold the others to, else one stream. The HTTP client's errors, opening or reading, become DownloadErrors."""
-    limits = DownloadLimits(read_timeout=options.read_timeout, rule=AddressRule(allow_all=True),  # the operator's
-                            deadline=deadline or options.deadline())
+    limits = DownloadLimits(rule=AddressRule(allow_all=True), deadline=deadline or options.deadline())  # operator's
     ranged = options.connections > 1
     try:
         with new_client(options.connections) as client:
             first, source = request(client, url, limits=limits,
                                     headers={"Range": f"bytes=0-{options.chunk_bytes - 1}"} if ranged else None)
             total, version = first_part_total(first, options), Version.of(first)
-            if first.status_code == 206 and (total is None or version.if_range is None):
+            if first.status_code == 206 and (total is None or not (version.etag or version.last_modified)):
                 first.close()  # a part that cannot be checked, or of unknown total: ask for the whole instead
                 first, source = request(client, url, limits=limits)
                 total = None
@@ -269,12 +248,9 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadl
         raise DownloadError(str(error)) from None
 
 
-# --- a folder from a tar ------------------------------------------------------------------------
-
-
 def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOptions) -> None:
-    """`pget -x URL DEST`: Replicate's downloader fetches in parallel chunks and extracts as it goes.
-    Its output is passed on as log lines (without terminal control codes or the URL's query)."""
+    """`pget -x URL DEST` (Replicate's parallel downloader); its output becomes log lines, without terminal control
+    codes or the URL's query."""
     log.info("fetching %s with pget", redact_url(url))
     said: deque[str] = deque(maxlen=20)
     with subprocess.Popen([pget, "-x", url, str(destination)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -302,8 +278,7 @@ def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOption
 
 
 def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
-    """The tar at `url` unpacked into `unpacked` as it arrives, within one deadline for the folder.
-    A file that changed between range requests starts over once; twice is a failure."""
+    """The tar unpacked as it arrives, within one deadline; a file that changed between ranges starts over once."""
     deadline = options.deadline()
     for attempt in (1, 2):
         try:
@@ -320,13 +295,9 @@ def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
 
 def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[[Path], list[str]],
                  options: FetchOptions = FetchOptions()) -> None:
-    """Puts the contents of the tar at `url` at `target`, or leaves `target` as it was.
-
-    The tar is unpacked in a staging folder under `staging_root` (on the target's filesystem), and its files (at its
-    root, or under its one top-level folder as in Replicate's `FLUX.1-dev/...` tars) moved to `<staging>/<target's
-    name>`. Only when `problems` finds nothing wrong there (files it lacks, files that fail their check) is that
-    renamed to `target`, a previous, incomplete `target` moved aside first: never a mixture of both at `target`.
-    """
+    """Puts the tar's files (at its root, or under one top-level folder as in Replicate's tars) at `target`, or
+    leaves `target` as it was. They wait at `<staging>/<target's name>` on the target's filesystem until `problems`
+    finds nothing wrong there; a previous, incomplete `target` is moved aside first, never mixed with them."""
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=staging_root))
     unpacked, folder = staging / "unpacked", staging / target.name
