@@ -1,10 +1,8 @@
 """The weights from the Hugging Face hub: FLUX.1 dev and schnell and the safety models, then the Lassie LoRA.
 
-Everything that can fail cheaply is checked before the first byte of FLUX: the LoRA's origin, the token's access to
-the gated repo, a writable directory, room on its disk (the hub lists every size). Each source is one
-`snapshot_download` pinned to the commit listed first (it resumes and skips what it has); what it fetched is checked
-against the listing (LFS sha256 or git blob id) and recorded in manifest.json, so a source whose recorded files are
-all still on disk is not asked about again, and a manifest shipped without the weights pins each repo's commit.
+What can fail cheaply is checked before the first byte. Each source is one `snapshot_download` (it resumes) pinned to
+the commit listed first; what it fetched is checked against the listing and recorded in manifest.json, so a source
+whose recorded files are all on disk needs no network, and a manifest shipped without the weights pins each commit.
 """
 
 from __future__ import annotations
@@ -14,10 +12,10 @@ import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_token, snapshot_download
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
@@ -60,30 +58,21 @@ def hub_sources(layout: WeightsLayout) -> tuple[HubSource, ...]:
     )
 
 
-@dataclass(frozen=True)
-class HubAccess:
-    """Where the hub is and who we are, passed to every huggingface_hub call."""
+def hub_api(settings: Settings) -> HfApi:
+    """HF_TOKEN from the settings, else the token `hf auth login` stored."""
+    return HfApi(endpoint=settings.provision.hf_endpoint.rstrip("/"),
+                 token=settings.lora.tokens.get("HF_TOKEN") or get_token())
 
-    endpoint: str
-    token: str | None = field(default=None, repr=False)
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HubAccess:
-        """HF_TOKEN from the settings, else the token `hf auth login` stored."""
-        return cls(settings.provision.hf_endpoint.rstrip("/"), settings.lora.tokens.get("HF_TOKEN") or get_token())
-
-    def api(self) -> HfApi:
-        return HfApi(endpoint=self.endpoint, token=self.token)
-
-    def gated_message(self, repo_id: str) -> str:
-        problem = "no Hugging Face token is set" if self.token is None else "the token in HF_TOKEN has no access to it"
-        return (f"{repo_id} is gated and {problem}. Accept its license at {self.endpoint}/{repo_id} (logged in to "
-                f"Hugging Face), create a read token at {self.endpoint}/settings/tokens and run again with "
-                "HF_TOKEN=<that token> in the environment.")
+def gated_message(api: HfApi, repo_id: str) -> str:
+    problem = "no Hugging Face token is set" if api.token is None else "the token in HF_TOKEN has no access to it"
+    return (f"{repo_id} is gated and {problem}. Accept its license at {api.endpoint}/{repo_id} (logged in to "
+            f"Hugging Face), create a read token at {api.endpoint}/settings/tokens and run again with "
+            "HF_TOKEN=<that token> in the environment.")
 
 
 @contextmanager
-def explained_hub_errors(source: HubSource, access: HubAccess) -> Iterator[None]:
+def explained_hub_errors(source: HubSource, api: HfApi) -> Iterator[None]:
     """A gated repo gets setup's own guidance (its license page, the token to create); any other failure the
     project's one wording of hub errors, and where it may pass, the note that a rerun resumes."""
     try:
@@ -91,9 +80,9 @@ def explained_hub_errors(source: HubSource, access: HubAccess) -> Iterator[None]
     except HUB_ERRORS as error:
         not_found = isinstance(error, RepositoryNotFoundError)
         if not_found and source.gated:
-            raise ProvisionError(access.gated_message(source.repo_id)) from None
-        problem = hub_problem(error, f"{source.repo_id} on {access.endpoint}", revision=None,
-                              has_token=bool(access.token), tokens={"HF_TOKEN": access.token} if access.token else {})
+            raise ProvisionError(gated_message(api, source.repo_id)) from None
+        problem = hub_problem(error, f"{source.repo_id} on {api.endpoint}", revision=None,
+                              has_token=bool(api.token), tokens={"HF_TOKEN": api.token} if api.token else {})
         raise ProvisionError(problem if not_found else f"{problem}\n{RUN_AGAIN}") from None
 
 
@@ -131,15 +120,15 @@ class HubPlan:
     bytes_to_fetch: int
 
 
-def plan_hub_source(source: HubSource, access: HubAccess, manifest: Manifest, verify: bool) -> HubPlan:
+def plan_hub_source(source: HubSource, api: HfApi, manifest: Manifest, verify: bool) -> HubPlan:
     """The commit to fetch from (the manifest's, where it recorded one) and its files; a token without access to a
     gated repo fails here. A file on disk that is not what the hub lists (a wrong size; with `verify`, a wrong hash)
     is removed, so that the download fetches it anew."""
-    with explained_hub_errors(source, access):
+    with explained_hub_errors(source, api):
         if source.gated:
-            access.api().auth_check(source.repo_id)  # one small request: is the license accepted?
-        info = access.api().model_info(source.repo_id, revision=manifest.complete_sources.get(source.repo_id),
-                                       files_metadata=True)
+            api.auth_check(source.repo_id)  # one small request: is the license accepted?
+        pinned = manifest.complete_sources.get(source.repo_id)  # a manifest shipped in the image pins the commit
+        info = api.model_info(source.repo_id, revision=pinned, files_metadata=True)
     files = sorted(filter_repo_objects(info.siblings or [], allow_patterns=list(source.patterns),
                                        ignore_patterns=list(IGNORED_PATTERNS), key=lambda remote: remote.rfilename),
                    key=lambda remote: remote.rfilename)
@@ -159,15 +148,14 @@ def plan_hub_source(source: HubSource, access: HubAccess, manifest: Manifest, ve
     return HubPlan(source, info.sha, files, vouched, missing)
 
 
-def fetch_hub_source(plan: HubPlan, access: HubAccess, manifest: Manifest, report: ProvisionReport) -> None:
+def fetch_hub_source(plan: HubPlan, api: HfApi, manifest: Manifest, report: ProvisionReport) -> None:
     """One snapshot_download, then a check of what it fetched; the manifest is written afterwards."""
     source = plan.source
     log.info("%s: %d files, %s to fetch", source.repo_id, len(plan.files), human_bytes(plan.bytes_to_fetch))
     present = {remote.rfilename for remote in plan.files if (source.directory / remote.rfilename).is_file()}
-    with explained_hub_errors(source, access):
-        snapshot_download(source.repo_id, revision=plan.commit, local_dir=source.directory,
-                          allow_patterns=list(source.patterns), ignore_patterns=list(IGNORED_PATTERNS),
-                          endpoint=access.endpoint, token=access.token, tqdm_class=ProgressLog)
+    with explained_hub_errors(source, api):
+        api.snapshot_download(source.repo_id, revision=plan.commit, local_dir=source.directory, tqdm_class=ProgressLog,
+                              allow_patterns=list(source.patterns), ignore_patterns=list(IGNORED_PATTERNS))
     records, problems = {}, []
     for remote in plan.files:
         path = source.directory / remote.rfilename
@@ -190,15 +178,12 @@ def fetch_hub_source(plan: HubPlan, access: HubAccess, manifest: Manifest, repor
 
 def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: bool = False,
               lassie: bool = True) -> ProvisionReport:
-    """Brings `weights_dir` to the complete layout; `verify` rehashes every file against the hub's listing.
-
-    Nothing is downloaded until every check passed: first those needing no network (LoRA origin, writable directory,
-    a token for the gated repo), then the hub's listings (token access, sizes against free space). The LoRA, small,
-    comes last; `lassie` False leaves weights/lassie/ alone (the LoRA comes from COG_WEIGHTS or LASSIE_LORA_URL).
-    """
+    """Brings `weights_dir` to the complete layout; `verify` rehashes every file against the hub's listing. Nothing is
+    downloaded before every check passed, those needing no network first. `lassie` False leaves weights/lassie/ alone
+    (the LoRA comes from COG_WEIGHTS or LASSIE_LORA_URL)."""
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
-    access = HubAccess.from_settings(settings)
+    api = hub_api(settings)
     manifest = Manifest.load(layout.manifest)
     report = ProvisionReport()
     pending = []
@@ -211,13 +196,13 @@ def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: boo
         else:
             pending.append(source)
     fail_on([lora_origin_problem(layout, origin) if lassie else None, writing_problem(layout.root),
-             *(access.gated_message(source.repo_id) for source in pending if source.gated and access.token is None)])
-    plans = [plan_hub_source(source, access, manifest, verify) for source in pending]
+             *(gated_message(api, source.repo_id) for source in pending if source.gated and api.token is None)])
+    plans = [plan_hub_source(source, api, manifest, verify) for source in pending]
     needed, free = sum(plan.bytes_to_fetch for plan in plans), shutil.disk_usage(layout.root).free
     fail_on([f"{layout.root} has {human_bytes(free)} free but the files still to fetch need {human_bytes(needed)}: "
              "free some space or give another weights directory" if needed > free else None])
     for plan in plans:
-        fetch_hub_source(plan, access, manifest, report)
+        fetch_hub_source(plan, api, manifest, report)
     if lassie:
         provision_lassie_lora(layout, manifest, report, origin, verify, limits_for(settings),
                               settings.provision.trigger_word)
