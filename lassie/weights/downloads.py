@@ -69,11 +69,6 @@ class FetchOptions:
     retries: int = 3
     use_pget: bool = True
 
-    @property
-    def window(self) -> int:
-        """Chunks fetched ahead of the extraction: memory held is window x chunk_bytes at most."""
-        return self.connections + max(self.connections // 2, 2)
-
     def tar_limits(self) -> TarLimits:
         return TarLimits(max_members=self.max_members, max_bytes=self.max_bytes)
 
@@ -101,8 +96,7 @@ class Version:
 
 
 class _Body(io.RawIOBase):
-    """The tar's bytes in order, from the pieces a source yields, with the checks every source shares: size cap,
-    deadline, progress. Closing it closes the source."""
+    """The tar's bytes from the pieces a source yields, with the checks all share (size, deadline, progress)."""
 
     def __init__(self, url: str, total: int | None, pieces: Generator[bytes, None, None], options: FetchOptions,
                  limits: DownloadLimits) -> None:
@@ -162,16 +156,16 @@ class ParallelRanges:
     limits: DownloadLimits
 
     def pieces(self, first: httpx2.Response) -> Generator[bytearray, None, None]:
-        """The chunks in order, `first` (the first range's response) first. At most `options.window` are in flight or
-        waiting, so memory stays bounded however far the network runs ahead of the extraction."""
-        chunk = self.options.chunk_bytes
+        """The chunks in order, `first` (the first range's response) first. At most `window` are in flight or waiting,
+        so memory (window x chunk_bytes) stays bounded however far the network runs ahead of the extraction."""
+        chunk, window = self.options.chunk_bytes, self.options.connections + max(self.options.connections // 2, 2)
         starts = iter(range(chunk, self.total, chunk))
         pool = ThreadPoolExecutor(self.options.connections, thread_name_prefix="lassie-download")
         queue = deque([pool.submit(self.read_part, first, 0, min(chunk, self.total))])
         try:
             while queue:
                 queue.extend(pool.submit(self.fetch, start, min(start + chunk, self.total))
-                             for start in islice(starts, self.options.window - len(queue)))
+                             for start in islice(starts, window - len(queue)))
                 yield queue.popleft().result()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)

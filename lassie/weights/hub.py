@@ -87,8 +87,7 @@ def explained_hub_errors(source: HubSource, api: HfApi) -> Iterator[None]:
 
 
 def git_blob_sha1(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """The id git gives the file's content (what the hub lists for files outside LFS): sha1 of
-    `blob <size>\\0` and the bytes, read in chunks."""
+    """The id git gives the content (the hub lists it for files outside LFS): sha1 of `blob <size>\\0` and the bytes."""
     digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with path.open("rb") as file:
         while chunk := file.read(chunk_bytes):
@@ -121,9 +120,8 @@ class HubPlan:
 
 
 def plan_hub_source(source: HubSource, api: HfApi, manifest: Manifest, verify: bool) -> HubPlan:
-    """The commit to fetch from (the manifest's, where it recorded one) and its files; a token without access to a
-    gated repo fails here. A file on disk that is not what the hub lists (a wrong size; with `verify`, a wrong hash)
-    is removed, so that the download fetches it anew."""
+    """The commit and its files; a token without access to a gated repo fails here. A file on disk that is not what
+    the hub lists (a wrong size; with `verify`, a wrong hash) is removed, so that the download fetches it anew."""
     with explained_hub_errors(source, api):
         if source.gated:
             api.auth_check(source.repo_id)  # one small request: is the license accepted?

@@ -1,7 +1,5 @@
-"""Setup's weights (`ensure_weights`), and the weights folders from tars for a box with no Hugging Face token.
-
-Replicate gives a model no token, so LASSIE_WEIGHTS_URL or a folder's own URL names a tar for each missing (or
-damaged) layout folder (`lassie.weights.downloads`); without one the hub fills the directory (`lassie.weights.hub`).
+"""Setup's weights (`ensure_weights`). Replicate gives a model no Hugging Face token, so LASSIE_WEIGHTS_URL or a
+folder's own URL names a tar for each missing or damaged layout folder (`downloads`); without one, the hub (`hub`).
 """
 
 from __future__ import annotations
@@ -9,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from itertools import count
 from pathlib import Path
 
@@ -68,28 +66,21 @@ def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
             f"(each folder is fetched from <{WEIGHTS_URL_ENV}>/<folder>.tar){f' or {own}' if own else ''}")
 
 
-def lock_holder(holder: Path) -> str:
-    """The pid the lock's holder recorded, as text for a log line ("" when it recorded none)."""
-    try:
-        pid = holder.read_text().strip()
-    except OSError:
-        return ""
-    return f", held by pid {pid}" if pid.isdigit() else ""
-
-
 @contextmanager
 def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) -> Iterator[None]:
-    """The directory's fetch lock. A boot that must wait for another process's fetch (one still downloading after its
-    server was stopped, or a second container) says so every `report_every` seconds instead of sitting silent,
-    naming the holder's pid, which the holder records beside the lock (filelock records no owner)."""
+    """A boot waiting for another process's fetch (a stopped server's worker, a second container) says so every
+    `report_every` seconds, naming the pid the holder records beside the lock (filelock records no owner)."""
     lock, holder = FileLock(lock_path), lock_path.with_name(lock_path.name + LOCK_HOLDER_SUFFIX)
     for waited in count(report_every, report_every):
         try:
             lock.acquire(timeout=report_every)
             break
         except Timeout:
+            pid = ""
+            with suppress(OSError):  # it may have none yet, or be letting go
+                pid = holder.read_text().strip()
             log.info("waiting for another process's fetch of the weights (lock %s%s); %.0f s so far",
-                     lock_path, lock_holder(holder), waited)
+                     lock_path, f", held by pid {pid}" if pid.isdigit() else "", waited)
     try:
         holder.write_text(f"{os.getpid()}\n")
         yield
@@ -100,9 +91,8 @@ def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) 
 
 def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: bool = True,
                           options: FetchOptions | None = None) -> list[str]:
-    """Each missing layout folder from its tar, and each damaged one that has a tar URL, renamed into place only
-    when every file checks; returns the folders fetched. Under the directory's lock one process fetches while others
-    sharing the directory wait, then find the folders in place; a killed fetch's staging folders are removed."""
+    """Each missing folder, and each damaged one a tar URL names, from its tar; returns them. Others sharing the
+    directory wait on its lock, then find them in place; a killed fetch's staging folders are removed under it."""
     fail_on([tar_urls_problem(settings, missing_folders(layout, lassie)), writing_problem(layout.root)])
     options = options or FetchOptions(deadline_seconds=settings.provision.weights_download_timeout)
     with fetch_lock(layout.root / FETCH_LOCK):
@@ -123,9 +113,8 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
 
 
 def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
-    """scripts/download_weights.py without a token: the missing (or damaged) folders from their tars, and the Lassie
-    LoRA from LASSIE_LORA_URL when set (else weights/lassie/ from `<base>/lassie.tar`); a damaged folder no URL
-    names fails it, as it would fail setup."""
+    """scripts/download_weights.py without a token: folders from their tars, the Lassie LoRA from LASSIE_LORA_URL
+    where set (else from `<base>/lassie.tar`); a damaged folder no URL names fails it, as it would fail setup."""
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
     fail_on([lora_origin_problem(layout, origin) if origin else None])
@@ -139,11 +128,9 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
 
 
 def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
-    """What setup() calls: nothing to do on a complete directory whose files check; otherwise fetch, unless
-    HF_HUB_OFFLINE. Missing folders come as tars where a tar URL is set (no token needed), else from the hub;
-    weights/lassie/ only when neither COG_WEIGHTS nor LASSIE_LORA_URL names the LoRA. A damaged folder (`file_problems`:
-    headers and sizes, no hashing) is fetched again once where a tar URL names it; else, or if still damaged, setup
-    fails naming it and what is wrong."""
+    """Nothing to do on a complete directory whose files check (`file_problems`, no hashing); else fetch, unless
+    HF_HUB_OFFLINE. weights/lassie/ is needed only when neither COG_WEIGHTS nor LASSIE_LORA_URL names the LoRA. A
+    damaged folder is fetched again once where a tar URL names it; else, or still damaged, setup fails naming it."""
     lassie = settings.provision.lassie_origin is None
     damaged = damaged_folders(layout, lassie)
     fail_on([damage_problem(layout, {folder: problems for folder, problems in damaged.items()
