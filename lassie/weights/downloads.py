@@ -76,23 +76,10 @@ class FetchOptions:
         return Deadline(self.deadline_seconds, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, "fetching a weights folder")
 
 
-@dataclass(frozen=True)
-class Version:
-    """What names one version of the file: its strong ETag, else its Last-Modified date, sent as `If-Range`."""
-
-    etag: str | None
-    last_modified: str | None
-
-    @classmethod
-    def of(cls, response: httpx2.Response) -> Version:
-        etag = response.headers.get("ETag")
-        return cls(etag if etag and not etag.startswith("W/") else None, response.headers.get("Last-Modified"))
-
-    def contradicted_by(self, other: Version) -> bool:
-        """A part names another version (a part that names none was held to ours by If-Range)."""
-        if self.etag and other.etag:
-            return other.etag != self.etag
-        return bool(self.last_modified and other.last_modified and other.last_modified != self.last_modified)
+def version_of(response: httpx2.Response) -> tuple[str | None, str | None]:
+    """What names one version of the file: its strong ETag and its Last-Modified date (either may be missing)."""
+    etag = response.headers.get("ETag")
+    return (etag if etag and not etag.startswith("W/") else None), response.headers.get("Last-Modified")
 
 
 class _Body(io.RawIOBase):
@@ -145,13 +132,13 @@ def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> G
 @dataclass(frozen=True)
 class ParallelRanges:
     """The tar in chunks over several connections, asked for at `source` (where the first request ended up) with
-    `If-Range`, so a changed file comes back whole (200) rather than as a part of another version."""
+    `If-Range` (the ETag, else Last-Modified), so a changed file comes back whole (200), not as a part of another."""
 
     client: httpx2.Client
     url: str
     source: str
     total: int
-    version: Version
+    version: tuple[str | None, str | None]  # version_of the first part
     options: FetchOptions
     limits: DownloadLimits
 
@@ -172,7 +159,7 @@ class ParallelRanges:
 
     def fetch(self, start: int, end: int) -> bytearray:
         """One chunk; a failure other than a changed file asks again, `options.retries` times in all."""
-        headers = {"Range": f"bytes={start}-{end - 1}", "If-Range": self.version.etag or self.version.last_modified}
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Range": self.version[0] or self.version[1]}
         problem = ""
         for _ in range(self.options.retries):
             try:
@@ -185,12 +172,15 @@ class ParallelRanges:
         raise DownloadError(f"{problem} (bytes {start}-{end - 1}, tried {self.options.retries} times)")
 
     def read_part(self, response: httpx2.Response, start: int, end: int) -> bytearray:
-        """Exactly the range asked for, of our version: else the file changed (a part of another version, or the
-        whole file, which is how an If-Range request is answered), or the server is at fault."""
+        """Exactly the range asked for, of our version: else the file changed (the whole file, as an If-Range request
+        is answered, or a part naming another version; one naming none was held to ours by If-Range), or the server is
+        at fault."""
         asked, answered = f"bytes {start}-{end - 1}/{self.total}", response.headers.get("Content-Range") or ""
+        (etag, modified), (our_etag, our_modified) = version_of(response), self.version
+        other = etag != our_etag if etag and our_etag else bool(modified and our_modified and modified != our_modified)
         data = bytearray()
         with closing(response):
-            if response.status_code == 200 or self.version.contradicted_by(Version.of(response)):
+            if response.status_code == 200 or other:
                 raise FileChanged(f"{redact_url(self.url)} changed while it was being downloaded")
             if response.status_code != 206 or answered.strip() != asked:
                 raise DownloadError(f"{redact_url(self.url)} answered a range request for {asked} with HTTP "
@@ -224,8 +214,8 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadl
         with new_client(options.connections) as client:
             first, source = request(client, url, limits=limits,
                                     headers={"Range": f"bytes=0-{options.chunk_bytes - 1}"} if ranged else None)
-            total, version = first_part_total(first, options), Version.of(first)
-            if first.status_code == 206 and (total is None or not (version.etag or version.last_modified)):
+            total, version = first_part_total(first, options), version_of(first)
+            if first.status_code == 206 and (total is None or not any(version)):
                 first.close()  # a part that cannot be checked, or of unknown total: ask for the whole instead
                 first, source = request(client, url, limits=limits)
                 total = None
@@ -316,9 +306,3 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("%s: in place after %.1f s", target, time.perf_counter() - started)
-
-
-def remove_leftovers(staging_root: Path) -> None:
-    """Staging folders of a fetch that was killed (call with the fetch lock held)."""
-    for leftover in staging_root.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)

@@ -58,12 +58,6 @@ def hub_sources(layout: WeightsLayout) -> tuple[HubSource, ...]:
     )
 
 
-def hub_api(settings: Settings) -> HfApi:
-    """HF_TOKEN from the settings, else the token `hf auth login` stored."""
-    return HfApi(endpoint=settings.provision.hf_endpoint.rstrip("/"),
-                 token=settings.lora.tokens.get("HF_TOKEN") or get_token())
-
-
 def gated_message(api: HfApi, repo_id: str) -> str:
     problem = "no Hugging Face token is set" if api.token is None else "the token in HF_TOKEN has no access to it"
     return (f"{repo_id} is gated and {problem}. Accept its license at {api.endpoint}/{repo_id} (logged in to "
@@ -181,7 +175,8 @@ def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: boo
     (the LoRA comes from COG_WEIGHTS or LASSIE_LORA_URL)."""
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
-    api = hub_api(settings)
+    api = HfApi(endpoint=settings.provision.hf_endpoint.rstrip("/"),  # HF_TOKEN, else what `hf auth login` stored
+                token=settings.lora.tokens.get("HF_TOKEN") or get_token())
     manifest = Manifest.load(layout.manifest)
     report = ProvisionReport()
     pending = []

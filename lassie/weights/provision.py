@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from itertools import count
@@ -14,7 +15,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from lassie.settings import FOLDER_URL_ENVS, WEIGHTS_URL_ENV, Settings
-from lassie.weights.downloads import DownloadError, FetchOptions, fetch_folder, remove_leftovers
+from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder
 from lassie.weights.hub import provision
 from lassie.weights.lassie_lora import limits_for, lora_origin_problem, provision_lassie_lora
 from lassie.weights.layout import (
@@ -57,15 +58,6 @@ def unpacked_problems(unpacked: Path) -> list[str]:
             "top-level folder"]
 
 
-def tar_urls_problem(settings: Settings, folders: list[str]) -> str | None:
-    unnamed = [folder for folder in folders if settings.provision.tar_url(folder) is None]
-    if not unnamed:
-        return None
-    own = ", ".join(FOLDER_URL_ENVS[folder] for folder in unnamed if folder in FOLDER_URL_ENVS)
-    return (f"{', '.join(unnamed)} missing and no URL names a tar for it: set {WEIGHTS_URL_ENV} "
-            f"(each folder is fetched from <{WEIGHTS_URL_ENV}>/<folder>.tar){f' or {own}' if own else ''}")
-
-
 @contextmanager
 def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) -> Iterator[None]:
     """A boot waiting for another process's fetch (a stopped server's worker, a second container) says so every
@@ -93,10 +85,15 @@ def fetch_missing_folders(layout: WeightsLayout, settings: Settings, lassie: boo
                           options: FetchOptions | None = None) -> list[str]:
     """Each missing folder, and each damaged one a tar URL names, from its tar; returns them. Others sharing the
     directory wait on its lock, then find them in place; a killed fetch's staging folders are removed under it."""
-    fail_on([tar_urls_problem(settings, missing_folders(layout, lassie)), writing_problem(layout.root)])
+    unnamed = [folder for folder in missing_folders(layout, lassie) if settings.provision.tar_url(folder) is None]
+    own = ", ".join(FOLDER_URL_ENVS[folder] for folder in unnamed if folder in FOLDER_URL_ENVS)
+    fail_on([f"{', '.join(unnamed)} missing and no URL names a tar for it: set {WEIGHTS_URL_ENV} (each folder is "
+             f"fetched from <{WEIGHTS_URL_ENV}>/<folder>.tar){f' or {own}' if own else ''}" if unnamed else None,
+             writing_problem(layout.root)])
     options = options or FetchOptions(deadline_seconds=settings.provision.weights_download_timeout)
     with fetch_lock(layout.root / FETCH_LOCK):
-        remove_leftovers(layout.root)
+        for leftover in layout.root.glob(f"{STAGING_PREFIX}*"):  # a killed fetch's (or Lassie LoRA install's)
+            shutil.rmtree(leftover, ignore_errors=True)
         missing = missing_folders(layout, lassie)
         damaged = {folder: problems for folder, problems in damaged_folders(layout, lassie).items()
                    if settings.provision.tar_url(folder)}
