@@ -1,9 +1,6 @@
-"""A weights folder from one tar at full speed, renamed into place only once complete and checked.
-
-`pget` fetches and extracts where it is on PATH; else parallel range requests where the server answers them with a
-version to hold every range to, unpacked in order as they arrive; else one stream. The URLs are the operator's,
-trusted like LASSIE_LORA_URL; sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per folder) are bounded.
-"""
+"""A weights folder from one tar at full speed, renamed into place only once complete and checked: by `pget` where
+it is on PATH, else parallel range requests held to one version of the file, else one stream. The URLs are the
+operator's (any host); sizes, members and time (LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT per folder) are bounded."""
 
 from __future__ import annotations
 
@@ -172,9 +169,8 @@ class ParallelRanges:
         raise DownloadError(f"{problem} (bytes {start}-{end - 1}, tried {self.options.retries} times)")
 
     def read_part(self, response: httpx2.Response, start: int, end: int) -> bytearray:
-        """Exactly the range asked for, of our version: else the file changed (the whole file, as an If-Range request
-        is answered, or a part naming another version; one naming none was held to ours by If-Range), or the server is
-        at fault."""
+        """Exactly the range asked for, of our version. The whole file (an If-Range request's answer) or a part naming
+        another version means the file changed; a part naming none was held to ours by If-Range."""
         asked, answered = f"bytes {start}-{end - 1}/{self.total}", response.headers.get("Content-Range") or ""
         (etag, modified), (our_etag, our_modified) = version_of(response), self.version
         other = etag != our_etag if etag and our_etag else bool(modified and our_modified and modified != our_modified)
@@ -232,12 +228,12 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadl
         raise DownloadError(str(error)) from None
 
 
-def fetch_with_pget(pget: str, url: str, destination: Path, options: FetchOptions) -> None:
+def fetch_with_pget(url: str, destination: Path, options: FetchOptions) -> None:
     """`pget -x URL DEST` (Replicate's parallel downloader); its output becomes log lines, without terminal control
     codes or the URL's query."""
     log.info("fetching %s with pget", redact_url(url))
     said: deque[str] = deque(maxlen=20)
-    with subprocess.Popen([pget, "-x", url, str(destination)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(["pget", "-x", url, str(destination)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace") as process:
         watchdog = threading.Timer(options.deadline_seconds, process.kill)
         watchdog.start()
@@ -286,9 +282,8 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=staging_root))
     unpacked, folder = staging / "unpacked", staging / target.name
     try:
-        pget = shutil.which("pget") if options.use_pget else None
-        if pget is not None:
-            fetch_with_pget(pget, url, unpacked, options)
+        if options.use_pget and shutil.which("pget"):
+            fetch_with_pget(url, unpacked, options)
         else:
             unpack_streamed(url, unpacked, options)
         entries = list(unpacked.iterdir())

@@ -1,9 +1,6 @@
-"""The weights from the Hugging Face hub: FLUX.1 dev and schnell and the safety models, then the Lassie LoRA.
-
-What can fail cheaply is checked before the first byte. Each source is one `snapshot_download` (it resumes) pinned to
-the commit listed first; what it fetched is checked against the listing and recorded in manifest.json, so a source
-whose recorded files are all on disk needs no network, and a manifest shipped without the weights pins each commit.
-"""
+"""The weights from the Hugging Face hub. What can fail cheaply is checked before the first byte; each source is one
+`snapshot_download` pinned to the commit listed first, then checked against the listing and recorded in manifest.json,
+so a source whose recorded files are all on disk needs no network (and a shipped manifest pins each commit)."""
 
 from __future__ import annotations
 
@@ -49,13 +46,11 @@ def hub_sources(layout: WeightsLayout) -> tuple[HubSource, ...]:
     dev_parts = ("model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
                  "tokenizer_2/*", "transformer/*", "vae/*")
     safety_files = ("config.json", "model.safetensors", "preprocessor_config.json")
-    return (
-        HubSource("black-forest-labs/FLUX.1-dev", layout.dev_dir, dev_parts, gated=True),
-        HubSource("black-forest-labs/FLUX.1-schnell", layout.schnell_dir,
-                  ("model_index.json", "scheduler/*", "transformer/*")),
-        HubSource("CompVis/stable-diffusion-safety-checker", layout.compvis_dir, safety_files),
-        HubSource("Falconsai/nsfw_image_detection", layout.falcon_dir, safety_files),
-    )
+    return (HubSource("black-forest-labs/FLUX.1-dev", layout.dev_dir, dev_parts, gated=True),
+            HubSource("black-forest-labs/FLUX.1-schnell", layout.schnell_dir,
+                      ("model_index.json", "scheduler/*", "transformer/*")),
+            HubSource("CompVis/stable-diffusion-safety-checker", layout.compvis_dir, safety_files),
+            HubSource("Falconsai/nsfw_image_detection", layout.falcon_dir, safety_files))
 
 
 def gated_message(api: HfApi, repo_id: str) -> str:
@@ -128,10 +123,9 @@ def plan_hub_source(source: HubSource, api: HfApi, manifest: Manifest, verify: b
     for remote in files:
         path = source.directory / remote.rfilename
         name = manifest.name_of(path)
-        record = manifest.files.get(name)
         problem, sha256 = mismatch_with_hub(path, name, remote) if verify and path.is_file() else (None, "")
         if problem is None and has_size(path, remote.size):
-            if record is not None and record.revision == info.sha:
+            if (record := manifest.files.get(name)) is not None and record.revision == info.sha:
                 vouched[name] = FileRecord(source.repo_id, info.sha, record.size, sha256 or record.sha256)
         elif path.is_file():
             log.info("replacing %s: %s", name, problem or "its size differs from the hub's")

@@ -36,7 +36,6 @@ from lassie.weights.manifest import Manifest, ProvisionReport
 log = logging.getLogger(__name__)
 
 FETCH_LOCK = ".fetching.lock"
-LOCK_HOLDER_SUFFIX = ".pid"  # beside a lock: the process id of its holder, written once it holds it
 LOCK_WAIT_REPORT_SECONDS = 10.0
 
 
@@ -50,19 +49,16 @@ def unpacked_problems(unpacked: Path) -> list[str]:
     """Why the unpacked tar at `<staging>/<folder>` may not become that folder: files that fail their check, else
     files the layout needs that it lacks. An empty list lets it go into place."""
     folder = unpacked.name
-    lacks = [name for name in WeightsLayout(unpacked.parent).missing() if name.startswith(f"{folder}/")]
-    problems = file_problems(unpacked, folder)
-    if problems or not lacks:
-        return problems
-    return [f"lacks {', '.join(lacks)}: expected the {folder} folder's files at the tar's root or under one "
-            "top-level folder"]
+    lacks = ", ".join(name for name in WeightsLayout(unpacked.parent).missing() if name.startswith(f"{folder}/"))
+    expected = f"lacks {lacks}: expected the {folder} folder's files at the tar's root or under one top-level folder"
+    return file_problems(unpacked, folder) or ([expected] if lacks else [])
 
 
 @contextmanager
 def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) -> Iterator[None]:
     """A boot waiting for another process's fetch (a stopped server's worker, a second container) says so every
     `report_every` seconds, naming the pid the holder records beside the lock (filelock records no owner)."""
-    lock, holder = FileLock(lock_path), lock_path.with_name(lock_path.name + LOCK_HOLDER_SUFFIX)
+    lock, holder = FileLock(lock_path), lock_path.with_name(lock_path.name + ".pid")
     for waited in count(report_every, report_every):
         try:
             lock.acquire(timeout=report_every)
