@@ -280,7 +280,7 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
     finds nothing wrong there; a previous, incomplete `target` is moved aside first, never mixed with them."""
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=staging_root))
-    unpacked, folder = staging / "unpacked", staging / target.name
+    unpacked, folder = staging / ".unpacked", staging / target.name
     try:
         if options.use_pget and shutil.which("pget"):
             fetch_with_pget(url, unpacked, options)
@@ -293,7 +293,7 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
         if found:
             raise DownloadError(f"{redact_url(url)} {'; '.join(found)}")
         if target.exists():
-            target.rename(staging / "replaced")
+            target.rename(staging / ".replaced")
         target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
     except TarRefused as refusal:
