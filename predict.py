@@ -24,7 +24,7 @@ silence_known_noise()  # first: torch, torchao and transformers print their know
 from cog import BasePredictor, CancelationException, Input, Path
 
 from lassie.predictor import Lassie
-from lassie.request.input_files import request_file
+from lassie.request.images import request_file
 from lassie.request.plan import Request
 from lassie.serial import SerialRunner
 

@@ -1,10 +1,5 @@
-"""Checking and unpacking downloaded LoRA files: only safetensors ever pass, since pickle-based
-checkpoints (.bin/.ckpt/.pt) run code when loaded.
-
-The safetensors library checks the header, dtypes and offsets and that the tensor data covers the
-file exactly; this module adds what a user needs when it refuses a file (what the file is instead: a
-pickle, an HTML login page, a cut-off download) and the one rule for LoRA tars (Replicate's
-`_weights`): exactly one .safetensors member, copied out, never a path. The checks raise errors that
+"""Downloaded LoRA files: only safetensors pass (pickle .bin/.ckpt/.pt checkpoints run code when loaded), said plainly
+when the library refuses one (a pickle, an HTML login page, a cut download); a LoRA tar gives up exactly one. Errors
 do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own.
 """
 
@@ -19,29 +14,23 @@ from typing import BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
-from lassie.fetch.http import human_bytes
-from lassie.fetch.tars import TarLimits, TarRefused, checked_members, copy_data, file_is_compressed, sanitised
+from lassie.fetch.tars import MAGIC_BYTES, TarLimits, TarRefused, checked_members, compression_of, copy_data, sanitised
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 
 HEAD_BYTES = 256
-# What the loaders here handle. The library also reads the sub-byte F4/F6 formats, which no
-# FLUX weights or LoRA use and which would fail later, in a loader, with an obscure error.
-LOADABLE_DTYPES = frozenset({
-    "BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "U16", "I16", "F16", "BF16",
-    "U32", "I32", "F32", "U64", "I64", "F64", "C64",
-})
+# What the loaders here handle; the library also reads sub-byte F4/F6, which no FLUX LoRA uses and loaders fail on.
+LOADABLE_DTYPES = frozenset("BOOL U8 I8 F8_E4M3 F8_E5M2 F8_E8M0 U16 I16 F16 BF16 U32 I32 F32 U64 I64 F64 C64".split())
 # The library's refusals (worded as in safetensors 0.8.0) in the user's terms; its own words follow.
-LIBRARY_REASONS = (
-    ("header too large", "its header length is impossible, so it is not a .safetensors file"),
-    ("invalid header length", "the file is truncated: it ends inside its header"),
-    ("invalid UTF-8", "its header is not JSON"),
-    ("unknown variant", "a tensor has an unknown dtype"),
-    ("expected usize", "a tensor has an invalid shape or invalid data offsets"),
-    ("expected a string", "__metadata__ is not a map of strings"),
-    ("invalid shape, data type, or offset", "a tensor's data does not fit its shape and dtype"),
-    ("invalid offset for tensor", "a tensor has invalid data offsets: tensor data overlaps or leaves gaps"),
-)
+LIBRARY_REASONS = (("header too large", "its header length is impossible, so it is not a .safetensors file"),
+                   ("invalid header length", "the file is truncated: it ends inside its header"),
+                   ("invalid UTF-8", "its header is not JSON"),
+                   ("unknown variant", "a tensor has an unknown dtype"),
+                   ("expected usize", "a tensor has an invalid shape or invalid data offsets"),
+                   ("expected a string", "__metadata__ is not a map of strings"),
+                   ("invalid shape, data type, or offset", "a tensor's data does not fit its shape and dtype"),
+                   ("invalid offset for tensor",
+                    "a tensor has invalid data offsets: tensor data overlaps or leaves gaps"))
 MAX_TAR_MEMBERS = 10_000
 
 
@@ -49,17 +38,10 @@ class UnusableSafetensorsError(ValueError):
     """A file is not a usable safetensors file; the message says why, without naming the file."""
 
 
-class UnusableArchiveError(ValueError):
-    """An archive does not give up exactly one .safetensors; the message reads after its name."""
-
-
 @dataclass(frozen=True)
 class SafetensorsSummary:
     tensor_count: int
     metadata: dict[str, str]
-
-
-# --- safetensors, checked without loading ------------------------------------------------------
 
 
 def validate_safetensors(path: Path, origin: str) -> SafetensorsSummary:
@@ -71,8 +53,7 @@ def validate_safetensors(path: Path, origin: str) -> SafetensorsSummary:
 
 
 def inspect_safetensors(path: Path) -> SafetensorsSummary:
-    """The one safetensors check of the project, so that a truncated file, an HTML error page or a
-    renamed pickle fails here with a clear message instead of in a loader."""
+    """The project's one safetensors check: a cut file, an HTML page or a renamed pickle fails here, not in a loader."""
     size = path.stat().st_size
     with path.open("rb") as source:
         start = source.read(HEAD_BYTES)
@@ -82,13 +63,16 @@ def inspect_safetensors(path: Path) -> SafetensorsSummary:
         raise UnusableSafetensorsError(_what_it_is_instead(start))
     try:
         with safe_open(path, framework="numpy") as tensors:
-            problem = _usability_problem(tensors)
-            summary = SafetensorsSummary(tensor_count=len(tensors.keys()), metadata=tensors.metadata() or {})
+            dtypes = {name: tensors.get_slice(name).get_dtype() for name in tensors.keys()}
+            metadata = tensors.metadata() or {}
     except SafetensorError as error:
         raise UnusableSafetensorsError(_library_refusal(path, size, error)) from None
-    if problem is not None:
-        raise UnusableSafetensorsError(problem)
-    return summary
+    if not dtypes:  # what the library accepts but nothing here can load
+        raise UnusableSafetensorsError("it holds no tensors")
+    for name, dtype in dtypes.items():
+        if dtype not in LOADABLE_DTYPES:
+            raise UnusableSafetensorsError(f"tensor {name!r} has dtype {dtype}, which the loaders here do not handle")
+    return SafetensorsSummary(tensor_count=len(dtypes), metadata=metadata)
 
 
 def _what_it_is_instead(start: bytes) -> str:
@@ -108,31 +92,14 @@ def _what_it_is_instead(start: bytes) -> str:
     return "it does not start with a safetensors header (damaged, or another format)"
 
 
-def _usability_problem(tensors: safe_open) -> str | None:
-    """What the library accepts but nothing here can load: no tensors at all, or a foreign dtype."""
-    names = tensors.keys()
-    if not names:
-        return "it holds no tensors"
-    for name in names:
-        dtype = tensors.get_slice(name).get_dtype()
-        if dtype not in LOADABLE_DTYPES:
-            return f"tensor {name!r} has dtype {dtype}, which the loaders here do not handle"
-    return None
-
-
 def _library_refusal(path: Path, size: int, error: SafetensorError) -> str:
-    """The library's words speak of serde and offsets; lead with what they mean for the file."""
+    """The library's words speak of serde and offsets; lead with what they mean for the file. Where the tensor data
+    does not end where the file does, which way tells a cut-off download from trailing junk."""
     detail = str(error).removeprefix("Error while deserializing header: ")
-    if "not fully covered" in detail:
-        return _coverage_problem(path, size)
-    reason = next((reason for fragment, reason in LIBRARY_REASONS if fragment in detail), None)
-    return f"{reason} ({detail})" if reason else detail
-
-
-def _coverage_problem(path: Path, size: int) -> str:
-    """The library only says that the tensor data does not end where the file does; which way
-    tells a cut-off download from trailing junk. Its header has passed the library's checks."""
-    with path.open("rb") as source:
+    if "not fully covered" not in detail:
+        reason = next((reason for fragment, reason in LIBRARY_REASONS if fragment in detail), None)
+        return f"{reason} ({detail})" if reason else detail
+    with path.open("rb") as source:  # the header has passed the library's checks
         header_length = int.from_bytes(source.read(8), "little")
         header = json.loads(source.read(header_length))
     header.pop("__metadata__", None)
@@ -143,19 +110,16 @@ def _coverage_problem(path: Path, size: int) -> str:
     return f"{present - needed} unexpected bytes follow the tensor data"
 
 
-# --- tar archives (Replicate `_weights`) -------------------------------------------------------
-
-
 def is_archive(path: Path) -> bool:
     """Whether a download is a tar (to be unpacked by the tar policy) rather than the file itself;
     a compressed one counts, so that the policy refuses it by name instead of a loader failing."""
-    return file_is_compressed(path) or tarfile.is_tarfile(path)
+    with path.open("rb") as source:
+        return compression_of(source.read(MAGIC_BYTES)) is not None or tarfile.is_tarfile(path)
 
 
 def unpack_if_tar(fetched: Path, destination: Path, *, max_bytes: int, origin: str) -> Path:
-    """The .safetensors a user's download stands for: a tar gives up its one .safetensors member
-    (copied to `destination`, the tar removed); a compressed file is refused (see `lassie.fetch.tars`);
-    anything else is taken as the file itself, which the safetensors check judges next."""
+    """The .safetensors a user's download stands for: a tar gives up its one .safetensors member (copied to
+    `destination`, the tar removed); anything else is the file itself, which the safetensors check judges next."""
     if not is_archive(fetched):
         return fetched
     extract_single_safetensors(fetched, destination, max_bytes=max_bytes, origin=origin)
@@ -167,27 +131,23 @@ def extract_single_safetensors(archive: Path, destination: Path, *, max_bytes: i
     """`safetensors_from_tar` for a user's LoRA: refusals become an InputError naming `origin`."""
     try:
         safetensors_from_tar(archive, destination, max_bytes=max_bytes)
-    except UnusableArchiveError as problem:
+    except TarRefused as problem:
         raise InputError(FIELD, f"{origin} {problem}") from None
 
 
 def safetensors_from_tar(archive: Path, destination: Path, *, max_bytes: int) -> None:
-    """The one rule for LoRA tars: the whole tar passes the tar policy (`lassie.fetch.tars`: no links,
-    no `..`, uncompressed, complete), and its one .safetensors member is copied into
-    `destination`. Member names are only compared, never used as paths."""
+    """The one rule for LoRA tars: the whole tar passes the tar policy, and its one .safetensors member is copied
+    into `destination` (removed again on a refusal). Member names are only compared, never used as paths."""
     try:
         with archive.open("rb") as source:
-            names, candidates = _copy_single_safetensors(source, destination, max_bytes)
-    except (TarRefused, UnusableArchiveError) as problem:
+            _copy_single_safetensors(source, destination, max_bytes)
+    except TarRefused:
         destination.unlink(missing_ok=True)
-        raise UnusableArchiveError(str(problem)) from None
-    if not candidates:
-        raise UnusableArchiveError(f"holds no .safetensors file (it holds: {_listing(names)})")
+        raise
 
 
-def _copy_single_safetensors(source: BinaryIO, destination: Path, max_bytes: int) -> tuple[list[str], list[str]]:
-    """Reads the whole tar under the policy, copying the first .safetensors member and refusing a
-    second; returns the names of all members and of the .safetensors ones."""
+def _copy_single_safetensors(source: BinaryIO, destination: Path, max_bytes: int) -> None:
+    """Reads the whole tar, copying its first .safetensors member; refuses a tar with none or several."""
     names: list[str] = []
     candidates: list[str] = []
     for _, member, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
@@ -195,14 +155,13 @@ def _copy_single_safetensors(source: BinaryIO, destination: Path, max_bytes: int
         basename = member.name.rsplit("/", 1)[-1]
         if data is None or not basename.lower().endswith(".safetensors") or basename.startswith("._"):
             continue
-        candidates.append(sanitised(member.name))
+        candidates.append(names[-1])
         if len(candidates) > 1:
-            raise UnusableArchiveError(f"holds several .safetensors files ({_listing(candidates)}); expected one")
-        if member.size > max_bytes:
-            raise UnusableArchiveError(f"holds a .safetensors file larger than {human_bytes(max_bytes)}")
+            raise TarRefused(f"holds several .safetensors files ({_listing(candidates)}); expected one")
         with destination.open("wb") as sink:
             copy_data(data, member, sink)
-    return names, candidates
+    if not candidates:
+        raise TarRefused(f"holds no .safetensors file (it holds: {_listing(names)})")
 
 
 def _listing(names: list[str]) -> str:

@@ -1,10 +1,13 @@
-"""Decoding user images safely: any mode Pillow reads, EXIF rotation, no decompression bombs."""
+"""User images: only the files Cog wrote for this request, decoded safely (any mode Pillow reads, EXIF rotation, no
+decompression bombs)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -15,6 +18,20 @@ log = logging.getLogger(__name__)
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
+TOO_LARGE = f"images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused"
+ALLOWED = "an http(s) URL or a data URI; paths on the server's disk are refused"
+
+
+def request_file(value: str | os.PathLike[str] | None, field: str) -> Path | None:
+    """The file Cog fetched or decoded for this request, or an InputError naming `field`. coglet (0.23) turns an
+    http(s) URL or data URI for a `Path` input into a fresh file in the worker's temp directory and hands predict() a
+    `Path`; any other string ("/etc/ssl/private/key.png") arrives as sent, and opening it would read any image on the
+    server's disk. So only a `Path` directly in that directory is used."""
+    if value is None:
+        return None
+    if not isinstance(value, PurePath) or Path(value).resolve().parent != Path(tempfile.gettempdir()).resolve():
+        raise InputError(field, f"must be {ALLOWED}")
+    return Path(value).resolve()
 
 
 def _said(error: BaseException, path: Path, field: str) -> str:
@@ -25,25 +42,18 @@ def _said(error: BaseException, path: Path, field: str) -> str:
     return text
 
 
-def _open(path: Path, field: str) -> Image.Image:
-    """Open lazily (header only) so the pixel count is checked before any decoding happens."""
+def _decoded(path: Path, field: str) -> Image.Image:
+    """Opened lazily (header only) so the pixel count is checked before any decoding happens."""
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise InputError(field, f"{_said(error, path, field)}; images above {MAX_INPUT_PIXELS // 2**20} "
-                                "megapixels are refused") from None
+        raise InputError(field, f"{_said(error, path, field)}; {TOO_LARGE}") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise InputError(field, f"could not be read as an image ({SUPPORTED}): {_said(error, path, field)}") from None
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
         image.close()
-        raise InputError(
-            field, f"is {width}x{height} pixels; images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused"
-        )
-    return image
-
-
-def _decode(image: Image.Image, path: Path, field: str) -> Image.Image:
+        raise InputError(field, f"is {width}x{height} pixels; {TOO_LARGE}")
     try:
         image.load()
         return ImageOps.exif_transpose(image)
@@ -62,11 +72,10 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def load_rgb(path: Path, field: str = "image") -> Image.Image:
     """An RGB image; transparency is composited over white rather than turned black."""
-    image = _to_8bit(_decode(_open(path, field), path, field))
+    image = _to_8bit(_decoded(path, field))
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
@@ -81,8 +90,8 @@ def load_mask(path: Path) -> Image.Image:
 
 @dataclass(frozen=True)
 class Inputs:
-    """A request's decoded `image` and `mask` (neither for text-to-image): at their own sizes as
-    loaded, since the output size is planned from the image's; at the output size from `at`."""
+    """A request's decoded `image` and `mask` (neither for text-to-image): at their own sizes as loaded, since the
+    output size is planned from the image's; at the output size from `at`."""
 
     image: Image.Image | None = None
     mask: Image.Image | None = None

@@ -1,10 +1,7 @@
-"""Where a prediction's image files go: one fresh folder per prediction, none left behind.
-
-Cog serves the files after `predict()` returns, so a prediction's folder is removed when the next
-one starts, and the last one when the process exits. A process that is killed cannot do that,
-so its folder's name carries the host and process id, and each start removes those of this host's
-processes that no longer run (a shared `$TMPDIR` across hosts or pid namespaces keeps the others').
-"""
+"""Where a prediction's image files go: one fresh folder per prediction, none left behind. Cog serves the files after
+`predict()` returns, so a folder is removed when the next prediction starts, the last at exit. A killed process cannot
+do that, so folder names carry the host and process id, and each start removes those of this host's processes that no
+longer run (a `$TMPDIR` shared across hosts or pid namespaces keeps the others')."""
 
 from __future__ import annotations
 

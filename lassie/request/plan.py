@@ -1,11 +1,5 @@
-"""A request (the schema's fields) becomes a validated, fully decided `Plan`.
-
-Pure and torch-free: every decision about a prediction (mode, size, steps, seed, effective LoRA
-scales, precision) is made here, so it is testable without models and logged in one place.
-The Cog server validates bounds from the OpenAPI schema too; checking the same table
-(`lassie.request.bounds`) again here keeps direct library use (tests, benchmarks, `cog predict` on old CLIs)
-just as safe.
-"""
+"""A request (the schema's fields) becomes a validated `Plan`: every decision about a prediction (mode, size, steps,
+seed, effective LoRA scales, precision) is made here, testable without models, logged in one place."""
 
 from __future__ import annotations
 
@@ -15,15 +9,13 @@ from enum import Enum
 from pathlib import Path
 
 from lassie.request import sizes
-from lassie.request.bounds import BOUNDS, CHOICES
+from lassie.request.bounds import BOUNDS, check_choice, check_range
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 
 SCHNELL_MAX_STEPS = 4
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 GO_FAST_LORA_MULTIPLIER = 1.5
 SEED_BITS = 32
-REQUIRED_NUMBERS = ("num_outputs", "num_inference_steps", "guidance_scale", "prompt_strength", "output_quality",
-                    "lora_scale", "extra_lora_scale")
 OPTIONAL_NUMBERS = ("width", "height", "seed")
 INTEGER_FIELDS = ("height", "width", "num_outputs", "num_inference_steps", "seed", "output_quality")
 
@@ -86,9 +78,7 @@ class Plan:
     @property
     def steps_skipped(self) -> int:
         """Steps of the schedule img2img and inpainting leave out before denoising starts."""
-        if self.mode is Mode.TXT2IMG:
-            return 0
-        return skipped_steps(self.num_inference_steps, self.strength)
+        return 0 if self.mode is Mode.TXT2IMG else skipped_steps(self.num_inference_steps, self.strength)
 
     @property
     def steps_run(self) -> int:
@@ -97,9 +87,8 @@ class Plan:
 
     @property
     def pipeline_strength(self) -> float:
-        """The `strength` the diffusers pipeline gets so that it skips `steps_skipped` steps: the
-        request's own wherever diffusers' rounding already does that (every default-step request),
-        else one that its `get_timesteps` turns into exactly that many."""
+        """The `strength` that makes the diffusers pipeline skip `steps_skipped` steps: the request's own where its
+        rounding already does (every default-step request), else one its `get_timesteps` turns into that many."""
         steps, skipped = self.num_inference_steps, self.steps_skipped
         if diffusers_skipped_steps(steps, self.strength) == skipped:
             return self.strength
@@ -107,19 +96,16 @@ class Plan:
 
 
 def diffusers_skipped_steps(num_inference_steps: int, strength: float) -> int:
-    """Steps diffusers' FLUX img2img and inpainting pipelines skip for `strength` (their `get_timesteps`):
-    int(n - n * strength) of n, so 0.8 of 28 steps skips 5 and runs 23, but 0.8 of 4 skips none."""
+    """Steps diffusers' FLUX img2img and inpainting pipelines skip for `strength` (their `get_timesteps`): int(n - n *
+    strength) of n, so 0.8 of 28 steps skips 5 and runs 23, but 0.8 of 4 skips none."""
     init_timestep = min(num_inference_steps * strength, num_inference_steps)
     return int(max(num_inference_steps - init_timestep, 0))
 
 
 def skipped_steps(num_inference_steps: int, strength: float) -> int:
-    """diffusers' rounding, except that a strength below 1 never starts from pure noise.
-
-    Where n * (1 - strength) < 1 diffusers skips no step, so the first step starts from pure noise
-    and the input image is lost (schnell's 4 steps at the default 0.8); there denoising starts one
-    step into the schedule instead. Only 1.0 starts from pure noise; 0 runs no step at all.
-    """
+    """diffusers' rounding, except that a strength below 1 never starts from pure noise: where n * (1 - strength) < 1
+    diffusers skips no step and the input image is lost (schnell's 4 steps at the default 0.8), so denoising starts
+    one step into the schedule instead. Only 1.0 starts from pure noise; 0 runs no step at all."""
     skipped = diffusers_skipped_steps(num_inference_steps, strength)
     return skipped if strength >= 1 else max(skipped, 1)
 
@@ -130,8 +116,7 @@ def denoising_steps(num_inference_steps: int, strength: float) -> int:
 
 
 def describe(plan: Plan) -> str:
-    """The log line saying what runs: size, the steps that really run, and for image inputs the
-    input image's size and `prompt_strength`."""
+    """The log line saying what runs: size, the steps that really run, for image inputs their size and strength."""
     width, height = plan.size
     outputs = f"{plan.num_outputs} output(s)"
     if plan.mode is Mode.TXT2IMG:
@@ -151,63 +136,35 @@ def describe(plan: Plan) -> str:
             f"{plan.strength} runs {plan.steps_run} of {steps} steps{start}, {outputs}")
 
 
-def _check_range(field: str, value: float) -> None:
-    """Numbers print as given, so integer bounds are exact (2**64 - 1, not 1.84467e+19)."""
-    bound = BOUNDS[field]
-    if value not in bound:
-        raise InputError(field, f"must be between {bound.low} and {bound.high}, got {value}")
-
-
-def _check_choice(field: str, value: str, allowed: tuple[str, ...] | None = None) -> None:
-    """`allowed` defaults to the field's choices in `lassie.request.bounds`."""
-    allowed = CHOICES[field] if allowed is None else allowed
-    if value not in allowed:
-        raise InputError(field, f"must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def validate(request: Request) -> None:
-    """Bounds and enums of the schema, each error naming its field."""
+def checked(request: Request) -> Request:
+    """Every field error, before any image is decoded; integer fields as ints. JSON Schema counts 2.0 as an integer
+    and so does the Cog server, which hands the float on (and integers beyond 64 bits); torch and Pillow want ints."""
     if not isinstance(request.prompt, str):
         raise InputError("prompt", "is required and must be a string")
-    _check_choice("model", request.model)
-    _check_choice("output_format", request.output_format)
-    _check_choice("aspect_ratio", request.aspect_ratio, sizes.aspect_ratios())
-    _check_choice("megapixels", request.megapixels)
-    for field in REQUIRED_NUMBERS:
-        _check_range(field, getattr(request, field))
-    for field in OPTIONAL_NUMBERS:
-        value = getattr(request, field)
-        if value is not None:
-            _check_range(field, value)
+    check_choice("model", request.model)
+    check_choice("output_format", request.output_format)
+    check_choice("aspect_ratio", request.aspect_ratio, sizes.aspect_ratios())
+    check_choice("megapixels", request.megapixels)
+    for field in BOUNDS:
+        if getattr(request, field) is not None or field not in OPTIONAL_NUMBERS:
+            check_range(field, getattr(request, field))
     if request.mask is not None and request.image is None:
         raise InputError("mask", "inpainting needs an `image` too; give both, or neither for text-to-image")
     if request.extra_lora is not None and not request.extra_lora.strip():
         raise InputError(EXTRA_LORA_FIELD, "is empty; leave it out to run without an extra LoRA")
-
-
-def whole_numbers(request: Request) -> Request:
-    """Integer fields as ints. JSON Schema counts 2.0 as an integer and so does the Cog server,
-    which hands the float on (and integers beyond 64 bits too); torch, diffusers and Pillow want ints."""
-    changes = {}
+    whole = {}
     for field in INTEGER_FIELDS:
         value = getattr(request, field)
         if isinstance(value, float):
             if not value.is_integer():
                 raise InputError(field, f"must be a whole number, got {value}")
-            changes[field] = int(value)
-    return replace(request, **changes)
-
-
-def mode_of(request: Request) -> Mode:
-    if request.image is None:
-        return Mode.TXT2IMG
-    return Mode.INPAINT if request.mask is not None else Mode.IMG2IMG
+            whole[field] = int(value)
+    return replace(request, **whole)
 
 
 def go_fast_applies(request: Request) -> bool:
     """The schema runs custom sizes in bf16: go_fast only applies to table sizes and image inputs."""
-    custom_txt2img = request.image is None and request.aspect_ratio == sizes.CUSTOM
-    return request.go_fast and not custom_txt2img
+    return request.go_fast and not (request.image is None and request.aspect_ratio == sizes.CUSTOM)
 
 
 def effective_lora_scales(lora_scale: float, extra_lora_scale: float, go_fast: bool) -> tuple[float, float]:
@@ -216,57 +173,35 @@ def effective_lora_scales(lora_scale: float, extra_lora_scale: float, go_fast: b
     return lora_scale * factor, extra_lora_scale * factor
 
 
-def txt2img_size(request: Request) -> tuple[int, int]:
+def random_seed() -> int:
+    return secrets.randbits(SEED_BITS)
+
+
+def output_size(request: Request, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """Image inputs keep the decoded image's shape; text-to-image sizes come from the fields."""
+    if request.image is not None:
+        return sizes.size_from_image(*image_size)
     if request.aspect_ratio == sizes.CUSTOM:
         return sizes.custom_size(request.width, request.height)
     return sizes.table_size(request.aspect_ratio, request.megapixels)
 
 
-def random_seed() -> int:
-    return secrets.randbits(SEED_BITS)
-
-
-def checked(request: Request) -> Request:
-    """Validated, integer fields as ints: every field error, and before any image is decoded."""
-    validate(request)
-    return whole_numbers(request)
-
-
-def output_size(request: Request, image_size: tuple[int, int] | None) -> tuple[int, int]:
-    """Text-to-image sizes come from the fields; image inputs keep the decoded image's shape."""
-    if request.image is None:
-        return txt2img_size(request)
-    return sizes.size_from_image(*image_size)
-
-
 def make_plan(request: Request, image_size: tuple[int, int] | None = None) -> Plan:
-    """Validate and decide everything, once. `image_size` is the decoded input image's (width, height):
-    a path does not tell it, so image inputs are planned after decoding and text-to-image without it."""
+    """Validate and decide everything, once. `image_size` is the decoded input image's (width, height): a path does
+    not tell it, so image inputs are planned after decoding and text-to-image without it."""
     request = checked(request)
     if (image_size is None) != (request.image is None):
         raise TypeError("make_plan takes image_size exactly when the request has an image")
-    mode = mode_of(request)
     fast = go_fast_applies(request)
     lora_scale, extra_scale = effective_lora_scales(request.lora_scale, request.extra_lora_scale, fast)
     schnell = request.model == "schnell"
     steps = min(request.num_inference_steps, SCHNELL_MAX_STEPS) if schnell else request.num_inference_steps
     return Plan(
-        mode=mode,
-        model=request.model,
-        prompt=request.prompt,
-        num_outputs=request.num_outputs,
-        num_inference_steps=steps,
-        guidance_scale=0.0 if schnell else request.guidance_scale,
-        max_sequence_length=T5_MAX_LENGTH[request.model],
-        seed=random_seed() if request.seed is None else request.seed,
-        strength=request.prompt_strength,
-        go_fast=fast,
-        lora_scale=lora_scale,
-        extra_lora=request.extra_lora.strip() if request.extra_lora else None,
-        extra_lora_scale=extra_scale,
-        output_format=request.output_format,
-        output_quality=request.output_quality,
-        safety_checker=not request.disable_safety_checker,
-        size=output_size(request, image_size),
-        input_size=image_size,
+        mode=Mode.TXT2IMG if request.image is None else Mode.INPAINT if request.mask is not None else Mode.IMG2IMG,
+        model=request.model, prompt=request.prompt, num_outputs=request.num_outputs, num_inference_steps=steps,
+        guidance_scale=0.0 if schnell else request.guidance_scale, max_sequence_length=T5_MAX_LENGTH[request.model],
+        seed=random_seed() if request.seed is None else request.seed, strength=request.prompt_strength,
+        go_fast=fast, lora_scale=lora_scale, extra_lora=request.extra_lora.strip() if request.extra_lora else None,
+        extra_lora_scale=extra_scale, output_format=request.output_format, output_quality=request.output_quality,
+        safety_checker=not request.disable_safety_checker, size=output_size(request, image_size), input_size=image_size,
     )

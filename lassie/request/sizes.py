@@ -1,7 +1,4 @@
-"""Output sizes: the Replicate model's table, custom sizes, and sizes taken from an input image.
-
-Pure arithmetic, no torch: everything here is unit-tested on plain numbers.
-"""
+"""Output sizes: the Replicate model's table, custom sizes, and sizes taken from an input image; plain arithmetic."""
 
 from __future__ import annotations
 
@@ -9,7 +6,7 @@ import json
 from functools import cache
 from pathlib import Path
 
-from lassie.request.bounds import BOUNDS, CHOICES, SIDE
+from lassie.request.bounds import CHOICES, SIDE, check_choice, check_range
 from lassie.request.errors import InputError
 
 SIZE_MULTIPLE = 16
@@ -35,50 +32,37 @@ def round_to_multiple(value: float, multiple: int = SIZE_MULTIPLE) -> int:
 
 
 def table_size(aspect_ratio: str, megapixels: str) -> tuple[int, int]:
-    if megapixels not in MEGAPIXELS:
-        raise InputError("megapixels", f"must be one of {', '.join(MEGAPIXELS)}, got {megapixels!r}")
-    try:
-        return size_table()[megapixels][aspect_ratio]
-    except KeyError:
-        allowed = ", ".join(aspect_ratios())
-        raise InputError("aspect_ratio", f"must be one of {allowed}, got {aspect_ratio!r}") from None
+    check_choice("megapixels", megapixels)
+    check_choice("aspect_ratio", aspect_ratio, tuple(size_table()[megapixels]))
+    return size_table()[megapixels][aspect_ratio]
 
 
 def custom_size(width: int | None, height: int | None) -> tuple[int, int]:
     """`aspect_ratio=custom`: both sides given, in bounds, rounded to the nearest multiple of 16."""
-    sides = {"width": width, "height": height}
-    for field, side in sides.items():
-        bound = BOUNDS[field]
+    for field, side in (("width", width), ("height", height)):
         if side is None:
-            raise InputError(field, f"is required when aspect_ratio is custom ({bound.low}..{bound.high})")
-        if side not in bound:
-            raise InputError(field, f"must be between {bound.low} and {bound.high}, got {side}")
+            raise InputError(field, f"is required when aspect_ratio is custom ({SIDE.low}..{SIDE.high})")
+        check_range(field, side)
     return round_to_multiple(width), round_to_multiple(height)
 
 
-# The most elongated shape whose sides both fit 256..1440: 1440x256, 5.625:1. Both ends are
-# multiples of 16, so rounding a side that lies within them to 16 keeps it within them.
-WIDEST_RATIO = SIDE.high / SIDE.low
-
-
 def size_from_image(width: int, height: int) -> tuple[int, int]:
-    """Keep the input image's aspect ratio with each side within 256..1440 (scaled down to fit 1440,
-    small images scaled up to 256), then make each side a multiple of 16. An image more elongated
-    than 1440x256 has no such size: it is refused, naming `image`."""
+    """The input image's aspect ratio with each side within 256..1440 (large images scaled down, small ones up), each
+    side then a multiple of 16: both ends are, so the rounding stays within them. An image more elongated than
+    1440x256 (5.625:1) has no such size: it is refused, naming `image`."""
     long, short = max(width, height), min(width, height)
     if long * SIDE.low > SIDE.high * short:
         raise InputError("image", f"is {width}x{height}, an aspect ratio of {long / short:.3g}:1; outputs are "
                                   f"{SIDE.low}..{SIDE.high} pixels per side, so an input image may be at most "
-                                  f"{WIDEST_RATIO:g}:1 ({SIDE.high}x{SIDE.low}); crop it closer to that")
+                                  f"{SIDE.high / SIDE.low:g}:1 ({SIDE.high}x{SIDE.low}); crop it closer to that")
     scale = min(SIDE.high / long, max(1.0, SIDE.low / short))
     return round_to_multiple(width * scale), round_to_multiple(height * scale)
 
 
 def check_mask_size(mask: tuple[int, int], image: tuple[int, int]) -> None:
-    """A mask is resized to the output size, so it must have the image's aspect ratio: up to one
-    pixel of the mask's own rounding, or the rounding to multiples of 16 (a mask drawn at the output
-    size). Compared as |mask_w * image_h - mask_h * image_w|, which one mask pixel moves by a side of
-    the image, and 8 pixels by 8 mask sides."""
+    """A mask is resized to the output size, so it must have the image's aspect ratio up to one pixel of its own
+    rounding or the rounding to multiples of 16 (a mask drawn at the output size). |mask_w * image_h - mask_h *
+    image_w| moves by an image side per mask pixel, and by 8 mask sides per 8 pixels."""
     (mask_w, mask_h), (image_w, image_h) = mask, image
     mismatch = abs(mask_w * image_h - mask_h * image_w)
     tolerance = max(image_w + image_h, SIZE_MULTIPLE // 2 * (mask_w + mask_h))

@@ -1,9 +1,6 @@
-"""manifest.json: what each fetched file of the weights directory is and where it came from.
-
-Setup and scripts/download_weights.py both read it: a source whose recorded files are all still on
-disk at their recorded size is not asked about again, and the Lassie LoRA that
-scripts/download_weights.py installed from LASSIE_LORA_URL is known by the address it recorded.
-A `ProvisionReport` says what one run fetched and what it kept.
+"""manifest.json: what each fetched file of the weights directory is and where it came from, so that setup and
+scripts/download_weights.py ask no source again whose recorded files are all on disk at their size, and know the
+Lassie LoRA installed from LASSIE_LORA_URL by its address. A `ProvisionReport` says what one run fetched and kept.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ from lassie.fetch.files import sha256_of
 from lassie.fetch.http import human_bytes
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -51,11 +46,8 @@ class Manifest:
             return cls(path)
 
     def save(self) -> None:
-        data = {
-            "format": MANIFEST_FORMAT,
-            "sources": dict(sorted(self.complete_sources.items())),
-            "files": {name: asdict(record) for name, record in sorted(self.files.items())},
-        }
+        data = {"format": 1, "sources": dict(sorted(self.complete_sources.items())),
+                "files": {name: asdict(record) for name, record in sorted(self.files.items())}}
         partial = self.path.with_name(self.path.name + ".tmp")
         partial.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(partial, self.path)
@@ -72,13 +64,10 @@ class Manifest:
 
     def record_source(self, source: str, revision: str, files: dict[str, FileRecord], complete: bool) -> None:
         """Replaces what is recorded of `source` by `files`; `complete` marks it done at `revision`."""
-        for stale in self.files_from(source):
-            del self.files[stale]
-        self.files |= files
+        self.files = {name: record for name, record in self.files.items() if record.source != source} | files
+        self.complete_sources.pop(source, None)
         if complete:
             self.complete_sources[source] = revision
-        else:
-            self.complete_sources.pop(source, None)
         self.save()
 
 
