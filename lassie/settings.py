@@ -1,9 +1,7 @@
 """Every operator setting, read from the environment once, at setup, in one yes/no vocabulary.
 
-Why one place: a typo in a variable's value fails setup naming the variable and what it accepts,
-instead of surfacing in some request later, and nothing on the request path reads the environment.
-Import this module before anything imports torch (predict.py does): it records the variables
-libraries rewrite in the process environment as the process started (`operator_environment`).
+A bad value fails setup naming the variable and what it accepts, instead of surfacing in a request later, and nothing
+on the request path reads the environment. Import this module before torch (predict.py does): see `_AT_START`.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,9 +24,6 @@ DEFAULT_COMPILE_BACKEND = "inductor"
 # The hot-swap slot's rank: one slot, so extra LoRAs up to rank 128 share one set of graphs.
 DEFAULT_SLOT_RANK = 128
 
-DEFAULT_REPLICATE_URL = "https://replicate.com"
-DEFAULT_CIVITAI_URL = "https://civitai.com"
-DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 # The variables other modules name in their messages.
 GO_FAST_MODE_ENV = "LASSIE_GO_FAST_MODE"
 COMPILE_ENV = "LASSIE_COMPILE"
@@ -46,8 +41,6 @@ WEIGHTS_DOWNLOAD_TIMEOUT_ENV = "LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT"
 # The layout folders fetched as tars, each from its own variable or `<LASSIE_WEIGHTS_URL>/<folder>.tar`.
 FOLDER_URL_ENVS = {"flux-dev": "LASSIE_FLUX_DEV_URL", "flux-schnell": "LASSIE_FLUX_SCHNELL_URL",
                    "safety": "LASSIE_SAFETY_URL"}
-# What cog releases up to 0.16 passed to setup(weights) when a ./weights folder existed: no value.
-OLD_COG_WEIGHTS_VALUE = "weights"
 
 TOKEN_VARIABLES = ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN")
 
@@ -56,17 +49,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Importing torch's dynamo code calls inductor's `cache_dir()`, which writes its /tmp default into
 # TORCHINDUCTOR_CACHE_DIR: only the value the process started with is the operator's.
 _AT_START = {name: os.environ.get(name) for name in (INDUCTOR_CACHE_ENV,)}
-
-
-def operator_environment() -> dict[str, str]:
-    """The process environment, with each variable libraries rewrite as it was when the process started."""
-    environ = dict(os.environ)
-    for name, value in _AT_START.items():
-        if value is None:
-            environ.pop(name, None)
-        else:
-            environ[name] = value
-    return environ
 
 
 class SettingError(ValueError):
@@ -86,24 +68,19 @@ class Environment:
     def text(self, name: str, default: str = "") -> str:
         return (self._environ.get(name) or "").strip() or default
 
-    def flag(self, name: str, default: bool) -> bool:
-        value = self.text(name).lower()
-        if not value:
-            return default
-        if value in ON or value in OFF:
-            return value in ON
-        raise SettingError(name, f"one of {', '.join(ON + OFF)}", value)
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+    def choice(self, name: str, choices: tuple[str, ...], default: str = "") -> str:
+        """Lower-cased; "" when unset without a default."""
         value = self.text(name, default).lower()
-        if value not in choices:
+        if value and value not in choices:
             raise SettingError(name, f"one of {', '.join(choices)}", value)
         return value
 
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.choice(name, ON + OFF)
+        return value in ON if value else default
+
     def count(self, name: str, default: int, minimum: int = 0, what: str = "a number of bytes") -> int:
-        value = self.text(name)
-        if not value:
-            return default
+        value = self.text(name, str(default))
         if not value.isdigit() or int(value) < minimum:
             raise SettingError(name, f"{what} of at least {minimum}", value)
         return int(value)
@@ -111,38 +88,27 @@ class Environment:
     def rank(self, name: str) -> int | None:
         """None when unset; 0 (off) or a positive rank."""
         value = self.text(name)
-        if not value:
-            return None
-        if not value.isdigit():
+        if value and not value.isdigit():
             raise SettingError(name, "0 (no slot) or a rank such as 128", value)
-        return int(value)
+        return int(value) if value else None
 
-    def url(self, name: str) -> str | None:
-        """An operator's http(s) address (any host: mirrors may be private), or None when unset."""
-        value = self.text(name)
+    def url(self, name: str, default: str = "") -> str:
+        """An operator's http(s) address (any host: mirrors may be private), "" when unset without a default."""
+        value = self.text(name, default)
         parts = urlsplit(value)
         if value and (parts.scheme not in ("http", "https") or not parts.hostname):
-            raise SettingError(name, "an http(s) URL", value)
-        return value or None
+            raise SettingError(name, f"an http(s) address such as {default}" if default else "an http(s) URL", value)
+        return value
 
     def path(self, name: str) -> Path | None:
         value = self.text(name)
         return Path(value) if value else None
 
-    def base_url(self, name: str, default: str) -> str:
-        value = self.text(name, default).rstrip("/")
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SettingError(name, f"an http(s) address such as {default}", value)
-        return value
-
     def networks(self, name: str) -> tuple[bool, tuple[IPNetwork, ...]]:
         """(every address allowed, the networks allowed): a switch, or a comma-separated list."""
         value = self.text(name)
-        if not value or value.lower() in OFF:
-            return False, ()
-        if value.lower() in ON:
-            return True, ()
+        if not value or value.lower() in ON + OFF:
+            return value.lower() in ON, ()
         try:
             return False, tuple(ipaddress.ip_network(item.strip(), strict=False) for item in value.split(","))
         except ValueError:
@@ -161,13 +127,10 @@ class CompileSettings:
 
     @classmethod
     def read(cls, env: Environment) -> CompileSettings:
-        value = env.text(COMPILE_ENV).lower()
-        if value and value not in ON + OFF + COMPILE_MODES:
-            raise SettingError(COMPILE_ENV, f"one of {', '.join(ON + OFF + COMPILE_MODES)}", value)
-        requested = None if not value else value not in OFF
-        mode = value if value in COMPILE_MODES else "default"
+        value = env.choice(COMPILE_ENV, ON + OFF + COMPILE_MODES)
         cache_variable = next((name for name in (INDUCTOR_CACHE_ENV, COMPILE_CACHE_ENV) if env.path(name)), "")
-        return cls(requested=requested, mode=mode, backend=env.text(COMPILE_BACKEND_ENV, DEFAULT_COMPILE_BACKEND),
+        return cls(requested=value not in OFF if value else None, mode=value if value in COMPILE_MODES else "default",
+                   backend=env.text(COMPILE_BACKEND_ENV, DEFAULT_COMPILE_BACKEND),
                    cache_dir=env.path(cache_variable) if cache_variable else None, cache_variable=cache_variable)
 
 
@@ -182,28 +145,24 @@ class LoraSettings:
     download_timeout: int = 300  # seconds for one whole fetch, however slowly its bytes trickle in
     allow_all_addresses: bool = False
     allowed_networks: tuple[IPNetwork, ...] = ()
-    replicate_url: str = DEFAULT_REPLICATE_URL
-    civitai_url: str = DEFAULT_CIVITAI_URL
-    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    replicate_url: str = "https://replicate.com"
+    civitai_url: str = "https://civitai.com"
+    hf_endpoint: str = "https://huggingface.co"
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
 
     @classmethod
     def read(cls, env: Environment) -> LoraSettings:
         allow_all, networks = env.networks(ALLOW_PRIVATE_ENV)
-        return cls(
-            cache_dir=env.path(LORA_CACHE_ENV),
-            cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes),
-            min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes),
-            max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1),
-            download_timeout=env.count(LORA_DOWNLOAD_TIMEOUT_ENV, cls.download_timeout, minimum=1,
-                                       what="a number of seconds"),
-            allow_all_addresses=allow_all,
-            allowed_networks=networks,
-            replicate_url=env.base_url("LASSIE_REPLICATE_URL", DEFAULT_REPLICATE_URL),
-            civitai_url=env.base_url("LASSIE_CIVITAI_URL", DEFAULT_CIVITAI_URL),
-            hf_endpoint=env.base_url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
-            tokens={name: env.text(name) for name in TOKEN_VARIABLES if env.text(name)},
-        )
+        return cls(cache_dir=env.path(LORA_CACHE_ENV), cache_bytes=env.count("LASSIE_LORA_CACHE_BYTES", cls.cache_bytes),
+                   min_free_bytes=env.count("LASSIE_LORA_CACHE_MIN_FREE_BYTES", cls.min_free_bytes),
+                   max_download_bytes=env.count(MAX_LORA_BYTES_ENV, cls.max_download_bytes, minimum=1),
+                   download_timeout=env.count(LORA_DOWNLOAD_TIMEOUT_ENV, cls.download_timeout, minimum=1,
+                                              what="a number of seconds"),
+                   allow_all_addresses=allow_all, allowed_networks=networks,
+                   replicate_url=env.url("LASSIE_REPLICATE_URL", cls.replicate_url).rstrip("/"),
+                   civitai_url=env.url("LASSIE_CIVITAI_URL", cls.civitai_url).rstrip("/"),
+                   hf_endpoint=env.url("HF_ENDPOINT", cls.hf_endpoint).rstrip("/"),
+                   tokens={name: env.text(name) for name in TOKEN_VARIABLES if env.text(name)})
 
 
 @dataclass(frozen=True)
@@ -212,23 +171,23 @@ class ProvisionSettings:
 
     lora_url: str | None = None  # LASSIE_LORA_URL: the trained Lassie LoRA (an operator-trusted address)
     trigger_word: str | None = None  # LASSIE_TRIGGER_WORD
-    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    hf_endpoint: str = LoraSettings.hf_endpoint
     offline: bool = False  # HF_HUB_OFFLINE: never fetch, only check
     weights_url: str | None = None  # LASSIE_WEIGHTS_URL: <base>/<folder>.tar for each missing folder
     folder_urls: Mapping[str, str] = field(default_factory=dict)  # folder -> its own tar URL (FOLDER_URL_ENVS)
     cog_weights: str | None = None  # COG_WEIGHTS, as cog hands it to setup(weights): the Lassie LoRA
-    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest
-    # folder (about 24 GB) arrive at 2.2 MB/s (24e9 B / 10 800 s), a modest link
+    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest folder (about 24 GB)
+    # arrive at 2.2 MB/s (24e9 B / 10 800 s), a modest link
     weights_download_timeout: int = 3 * 3600
 
     @classmethod
-    def read(cls, env: Environment) -> ProvisionSettings:
-        folder_urls = {folder: env.url(name) for folder, name in FOLDER_URL_ENVS.items()}
+    def read(cls, env: Environment, cog_weights: object) -> ProvisionSettings:
         return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
-                   hf_endpoint=env.base_url("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
+                   hf_endpoint=env.url("HF_ENDPOINT", cls.hf_endpoint).rstrip("/"),
                    offline=env.flag("HF_HUB_OFFLINE", default=False),
-                   weights_url=(env.url(WEIGHTS_URL_ENV) or "").rstrip("/") or None,
-                   folder_urls={folder: url for folder, url in folder_urls.items() if url},
+                   weights_url=env.url(WEIGHTS_URL_ENV).rstrip("/") or None,
+                   folder_urls={folder: url for folder, name in FOLDER_URL_ENVS.items() if (url := env.url(name))},
+                   cog_weights=cog_weights_value(cog_weights),
                    weights_download_timeout=env.count(WEIGHTS_DOWNLOAD_TIMEOUT_ENV, cls.weights_download_timeout,
                                                       minimum=1, what="a number of seconds"))
 
@@ -239,8 +198,7 @@ class ProvisionSettings:
 
     def tar_url(self, folder: str) -> str | None:
         """The tar a missing layout folder is fetched from: its own variable, else the base's `<folder>.tar`."""
-        own = self.folder_urls.get(folder)
-        return own or (f"{self.weights_url}/{folder}.tar" if self.weights_url else None)
+        return self.folder_urls.get(folder) or (f"{self.weights_url}/{folder}.tar" if self.weights_url else None)
 
     @property
     def fetches_tars(self) -> bool:
@@ -258,21 +216,20 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
-        """`environ` defaults to the process's, as the operator set it (`operator_environment`);
-        `cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
-        env = Environment(operator_environment() if environ is None else environ)
-        provision = replace(ProvisionSettings.read(env), cog_weights=cog_weights_value(cog_weights))
-        return cls(
-            weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
-            go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"),
-            compile=CompileSettings.read(env),
-            slot_rank=env.rank(SLOT_RANK_ENV),
-            lora=LoraSettings.read(env),
-            provision=provision,
-        )
+        """`environ` defaults to the process's, with each variable libraries rewrite (`_AT_START`) as it was when the
+        process started; `cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
+        if environ is None:
+            started = {name: value for name, value in _AT_START.items() if value is not None}
+            environ = {**{name: value for name, value in os.environ.items() if name not in _AT_START}, **started}
+        env = Environment(environ)
+        return cls(weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
+                   go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"), compile=CompileSettings.read(env),
+                   slot_rank=env.rank(SLOT_RANK_ENV), lora=LoraSettings.read(env),
+                   provision=ProvisionSettings.read(env, cog_weights))
 
 
 def cog_weights_value(weights: object) -> str | None:
-    """The Lassie LoRA's address in COG_WEIGHTS; None, empty and old cog's `weights` folder are no value."""
+    """The Lassie LoRA's address in COG_WEIGHTS; None, empty and `weights` (what cog up to 0.16 passed when a
+    ./weights folder existed) are no value."""
     value = str(weights or "").strip()
-    return None if value in ("", OLD_COG_WEIGHTS_VALUE) else value
+    return None if value in ("", "weights") else value

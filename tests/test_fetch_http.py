@@ -346,6 +346,17 @@ def test_a_token_is_not_sent_after_a_redirect_to_another_host(services: FakeServ
     assert (tmp_path / "out").read_bytes() == payload
 
 
+def test_a_redirect_to_an_unreadable_port_is_a_clear_error_with_a_token(services: FakeServices,
+                                                                          tmp_path: Path) -> None:
+    """Deciding whether the token goes on must not trip over the next hop: the hop's own check names it."""
+    url = services.redirect("/api/download/models/2", f"http://{services.host}:99999/lora.safetensors")
+    credential = Credential(services.base, "CIVITAI_API_TOKEN", SECRET)
+    assert not credential.applies_to(f"http://{services.host}:99999/x")
+    with pytest.raises(FetchError, match="is not a valid URL"):
+        download_file(url, tmp_path / "out", credential=credential, limits=ALLOW_ALL)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_redirect_away_and_back_does_not_regain_the_token(services: FakeServices, tmp_path: Path) -> None:
     services.serve("/back.safetensors", make_lora())
     services.redirect("/away", f"{services.base}/back.safetensors")

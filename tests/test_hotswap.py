@@ -28,7 +28,7 @@ import make_tiny_weights
 from conftest import settings_for
 from fake_services import services  # noqa: F401 (fixture)
 from helpers import assert_equal_but_for_rounding, dev_float_image, reference_images, run
-from lassie.engine import lora_format
+from lassie.engine import adapters
 from lassie.engine.adapters import SLOT_ADAPTER, slot_rank_for
 from lassie.engine.variants import KEPT_EXTRA_LORAS, LASSIE_ADAPTER, Variant
 from lassie.predictor import Lassie
@@ -262,8 +262,8 @@ def test_every_extra_lora_runs_in_the_one_slot_at_its_rank(slot_predictor, tmp_p
 
 def counting_conversions(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The LoRA files diffusers is asked to convert from now on."""
-    converted, convert = [], lora_format._convert
-    monkeypatch.setattr(lora_format, "_convert", lambda path, field: converted.append(path) or convert(path, field))
+    converted, convert = [], adapters._convert
+    monkeypatch.setattr(adapters, "_convert", lambda path, field: converted.append(path) or convert(path, field))
     return converted
 
 

@@ -1,7 +1,7 @@
 """The engine, on torch: what the accelerator is (`hardware`), loading the pipelines (`models`),
 generation with prompt encoding (`generate`), go_fast (`go_fast`), compile (`compilation`), the
-memory plan (`memory`), the runnable transformers (`variants`), PEFT adapters for the Lassie LoRA
-and extra LoRAs (`adapters`) and the files they come from (`lora_format`), the safety filter
+memory plan (`memory`), the runnable transformers (`variants`), the Lassie LoRA and extra LoRAs
+from their files to PEFT adapters (`adapters`), the safety filter
 (`safety`) and the library internals still needed (`internals`, the only module that may touch them).
 
 May import: `lassie.request`, `lassie.fetch`, `lassie.settings`, `lassie.quiet`, and

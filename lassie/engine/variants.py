@@ -1,20 +1,10 @@
-"""The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their
-LoRA adapters (Lassie, the extra LoRA and its hot-swap slot), compilation and warm-up.
+"""The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their LoRA adapters,
+compilation and warm-up. Every request runs the same adapter set, so warm-up compiles one graph set per precision.
 
-The Lassie LoRA's scale is a tensor (a graph input), active on every variant at every scale, 0
-included, as is the slot (at 0 without an extra LoRA): every request runs the same adapter set,
-and warm-up compiles one graph set per precision (`plan_warm_up`).
-
-`run()` wraps the pipeline call so that a compiled transformer never compiles inside a request:
-
-- After warm-up, requests run under torch's `fail_on_recompile` stance. A call that would need a
-  graph warm-up did not make (torch raises a plain RuntimeError, recognised by its message) runs
-  again under `eager_on_recompile`, with one warning naming the guards that failed.
-- A compiled call that raises anything else through torch's compiler runs again eagerly; if that
-  works, the variant stays eager, with one warning. Interrupts (cancellation) are BaseExceptions
-  and pass through untouched.
-- A compile that fails at setup leaves the server eager (`force_eager`), and go_fast copies that
-  cannot be built leave go_fast on bf16, each with one log line: never SETUP_FAILED.
+`run()` keeps compiling out of requests: after warm-up they run under `fail_on_recompile`, and one needing a graph
+warm-up did not make runs under `eager_on_recompile`, with a warning naming the failed guards. A compiled call raising
+anything else through torch's compiler runs again eagerly; if that works the variant stays eager (one warning). A
+compile failing at setup leaves the server eager, and go_fast copies that cannot be built leave go_fast on bf16.
 """
 
 from __future__ import annotations
@@ -44,8 +34,7 @@ from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_pla
 log = logging.getLogger(__name__)
 
 LASSIE_ADAPTER = "lassie"
-# The Lassie scale of go_fast=false and go_fast=true default requests (lora_scale 1): what the
-# variants hold after setup; any other would do, scales are graph inputs.
+# The Lassie scale of go_fast=false and go_fast=true default requests (lora_scale 1), held after setup.
 DEFAULT_LASSIE_SCALE = {False: 1.0, True: GO_FAST_LORA_MULTIPLIER}
 # The Lassie scale warm-up runs (any value: scales are graph inputs).
 WARM_UP_LASSIE_SCALE = 0.5
@@ -53,9 +42,8 @@ WARM_UP_SIZE = (256, 256)
 WARM_UP_OUTPUTS = 1
 # Regional compilation compiles one graph per block class: FLUX's double and single blocks.
 BLOCK_CLASSES = 2
-# Extra LoRAs kept converted after their request, so switching back to one reads and converts
-# nothing. With the hot-swap slot a kept LoRA costs host memory only (its tensors are copied into
-# the slot when used); without, each would stay a named adapter on the device, so only the last is kept.
+# Extra LoRAs kept converted after their request, so switching back reads and converts nothing. With the slot a kept
+# LoRA costs host memory only; without, each stays a named adapter on the device, so only the last is kept.
 KEPT_EXTRA_LORAS = 4
 T = TypeVar("T")
 # What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
@@ -77,12 +65,8 @@ class Variant:
 
 
 def plan_warm_up(go_fast_copies: bool) -> list[Variant]:
-    """The variants warm-up calls once each: one short call per set of graphs requests use.
-
-    Graphs differ by precision only: every request runs the same adapter set, and sizes, batch sizes
-    (`lassie.engine.internals.FLUX_BLOCK_BATCH_DIMENSIONS`), scales and the slot's contents are graph
-    inputs. dev and schnell share their block classes and so their graphs: warming dev covers schnell.
-    """
+    """The variants warm-up calls once each, one per precision: sizes, batch sizes, scales and the slot's contents are
+    graph inputs, and dev and schnell share their block classes, so warming dev covers schnell."""
     return [Variant("dev", False)] + ([Variant("dev", True)] if go_fast_copies else [])
 
 
@@ -96,22 +80,19 @@ class TransformerVariants:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
-        self.adapters = LoraAdapters({Variant(model, False): transformer for model, transformer
-                                      in models.transformers.items()}, models.text_encoder,
-                                     slot_rank=memory.slot_rank)
+        bf16 = {Variant(model, False): transformer for model, transformer in models.transformers.items()}
+        self.adapters = LoraAdapters(bf16, models.text_encoder, slot_rank=memory.slot_rank)
         self._go_fast_copies: dict[str, nn.Module] = {}
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
 
     def prepare(self, lassie_lora: Path, wanted: GoFastPlan) -> GoFastPlan:
-        """Lassie on every variant, the go_fast copies `wanted` needs where the memory plan holds
-        them, then compile and warm-up: after this no request loads, quantizes or compiles
-        anything but an extra LoRA's weights. Returns the go_fast decision (`decide_go_fast`)."""
+        """Lassie on every variant, the go_fast copies `wanted` needs where the memory plan holds them, compile and
+        warm-up: then no request loads or compiles anything but an extra LoRA. Returns `decide_go_fast`'s decision."""
         self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
-        build_failure = None
-        if wanted.quantizes and self._memory.go_fast_copies:
-            build_failure = self._build_go_fast_copies(wanted.mode)
+        build = wanted.quantizes and self._memory.go_fast_copies
+        build_failure = self._build_go_fast_copies(wanted.mode) if build else None
         go_fast = decide_go_fast(wanted, self._memory.go_fast_copies, self._memory.reason, build_failure)
         for variant in self.variants():
             self.adapters.activate(variant, {LASSIE_ADAPTER: DEFAULT_LASSIE_SCALE[variant.go_fast]})
@@ -131,9 +112,8 @@ class TransformerVariants:
 
     def ready(self, variant: Variant, lassie_scale: float, extra: tuple[str, Path] | None,
               extra_scale: float) -> nn.Module:
-        """The variant with Lassie (and `extra`: its adapter name, the LoRA's cache key, and its
-        file) active at the given scales. A new extra LoRA joins the kept ones (`KEPT_EXTRA_LORAS`);
-        one that fails to load leaves the previous state; a kept one's file is not read again."""
+        """The variant with Lassie and `extra` (adapter name, the LoRA's cache key, and file) active at these scales. A
+        new extra LoRA joins the kept ones (`KEPT_EXTRA_LORAS`); one that fails to load leaves the previous state."""
         scales = {LASSIE_ADAPTER: lassie_scale}
         new_extra = name = None
         if extra is not None:
@@ -149,18 +129,12 @@ class TransformerVariants:
                 self.adapters.remove(new_extra)
             self._extras = [kept for kept in self._extras if kept in self.adapters.names()]
             raise
-        if name is not None:
-            self._keep(name)
+        if name is not None:  # the most recently used; the least recently used beyond the limit are removed
+            self._extras = [kept for kept in self._extras if kept != name] + [name]
+            while len(self._extras) > (KEPT_EXTRA_LORAS if self.adapters.slot_rank else 1):
+                self.adapters.remove(self._extras.pop(0))
         log.info("LoRA scales: %s", ", ".join(f"{name}={scale:g}" for name, scale in scales.items()))
         return self.transformer(variant)
-
-    def _keep(self, name: str) -> None:
-        """`name` becomes the most recently used extra LoRA; the least recently used beyond the
-        limit are removed (with a slot: emptied from it)."""
-        self._extras = [kept for kept in self._extras if kept != name] + [name]
-        limit = KEPT_EXTRA_LORAS if self.adapters.slot_rank else 1
-        while len(self._extras) > limit:
-            self.adapters.remove(self._extras.pop(0))
 
     def run(self, variant: Variant, call: Callable[[], T]) -> T:
         """`call` (one pipeline call of `variant`) under the stance warm-up left; see the module docstring."""
@@ -182,9 +156,8 @@ class TransformerVariants:
         return self._run_eagerly_after(variant, call, failure)
 
     def _run_eagerly_after(self, variant: Variant, call: Callable[[], T], failure: str) -> T:
-        """A compiled call failed (`failure`): the same call eagerly, and if that works the variant
-        stays eager (its compiled graphs are what failed). If it fails too, the error is the
-        request's, not the compiler's: the variant stays compiled and the eager error is raised."""
+        """A compiled call failed: the same call eagerly, and if that works the variant stays eager. If it fails too,
+        the error is the request's, not the compiler's: the variant stays compiled and the eager error is raised."""
         try:
             with torch.compiler.set_stance("force_eager"):
                 result = call()
@@ -197,14 +170,12 @@ class TransformerVariants:
         return result
 
     def _build_go_fast_copies(self, mode: FastMode) -> str | None:
-        """The go_fast copies of both transformers in `mode`; what went wrong (one line) if they
-        could not be built, then none are kept and go_fast runs the bf16 transformers."""
+        """The go_fast copies of both transformers, or what went wrong (one line): then go_fast runs the bf16 ones."""
         started = time.perf_counter()
         try:
-            copies = {model: quantize_transformer(transformer, mode)
-                      for model, transformer in self._models.transformers.items()}
+            copies = {model: quantize_transformer(module, mode) for model, module in self._models.transformers.items()}
         except Exception as error:
-            failure = f"{type(error).__name__}: {error}"
+            failure = _one_line(error)
             log.warning("go_fast: building the %s transformers failed (%s); go_fast runs the bf16 transformers",
                         mode.value, failure)
             return failure
@@ -224,10 +195,9 @@ class TransformerVariants:
         try:
             for variant in self.variants():
                 compile_transformer(self.transformer(variant), self._compile)
-            # The blocks' batch dimensions traced as unbacked sizes: a backed size 1 is specialised
-            # (torch's 0/1 specialisation, also with `dynamic=True`; `backed_size_oblivious` still
-            # guards batch != 1 at the attention output's `.contiguous()`), so batch 1 would need
-            # graphs of its own. Unbacked, one graph serves every batch. Only tracing reads this.
+            # The blocks' batch dimensions traced as unbacked sizes: a backed size 1 is specialised (torch's 0/1
+            # specialisation, also with `dynamic=True`; `backed_size_oblivious` still guards batch != 1 at the
+            # attention output's `.contiguous()`). Unbacked, one graph serves every batch. Only tracing reads this.
             with torch.compiler.config.patch(unbacked_sources=FLUX_BLOCK_BATCH_DIMENSIONS):
                 for variant in runs:
                     self._warm(variant)
@@ -241,13 +211,12 @@ class TransformerVariants:
                  len(runs), time.perf_counter() - started, planned_graphs(runs))
 
     def _warm(self, variant: Variant) -> None:
-        """One denoising step at a small size, stopping at the latents: the VAE is not compiled.
-        Without an extra LoRA the slot runs at 0: the adapter set of every request."""
+        """One denoising step at a small size, stopping at the latents (the VAE is not compiled), with the adapter set
+        of every request."""
         self.adapters.activate(variant, {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE})
-        model = variant.model
-        plan = make_plan(Request(prompt="warm-up", model=model, num_inference_steps=1, seed=0,
+        plan = make_plan(Request(prompt="warm-up", model=variant.model, num_inference_steps=1, seed=0,
                                  num_outputs=WARM_UP_OUTPUTS))
-        pipeline = self._models.pipeline(model, Mode.TXT2IMG, self.transformer(variant))
+        pipeline = self._models.pipeline(variant.model, Mode.TXT2IMG, self.transformer(variant))
         arguments = pipeline_arguments(replace(plan, size=WARM_UP_SIZE), Inputs()) | {"output_type": "latent"}
         with torch.inference_mode():
             pipeline(**arguments)
@@ -261,9 +230,8 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def _raised_in_compiled_code(error: BaseException) -> bool:
-    """Whether `error` came through torch's compiler (dynamo's frame evaluation, AOTAutograd's or
-    inductor's runtime): every call of a compiled block does; a pipeline's own input checks, the
-    VAE and the text encoders do not, and running those again eagerly would change nothing."""
+    """Whether `error` came through torch's compiler (dynamo, AOTAutograd's or inductor's runtime), as every compiled
+    block's does: a pipeline's input checks, the VAE and the text encoders' would not change run again eagerly."""
     return any(frame.f_globals.get("__name__", "").startswith(COMPILER_MODULES)
                for frame, _ in traceback.walk_tb(error.__traceback__))
 

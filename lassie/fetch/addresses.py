@@ -1,8 +1,6 @@
-"""Which addresses a fetch from a user-given URL may reach: public internet addresses only, so a
-LoRA URL cannot make the server probe its own network. Pure, apart from resolving host names.
-
-Every answer of a name is checked (one refused answer refuses the host), IPv6 forms that carry an
-IPv4 address are judged by it, and the operator's exceptions come from `LASSIE_ALLOW_PRIVATE_URLS`.
+"""Which addresses a fetch from a user-given URL may reach: public internet addresses only, so a LoRA URL cannot make
+the server probe its own network. Every answer for a name is checked (one refused answer refuses the host), IPv6 forms
+that carry an IPv4 address are judged by it, and the operator's exceptions come from `LASSIE_ALLOW_PRIVATE_URLS`.
 """
 
 from __future__ import annotations
@@ -12,53 +10,40 @@ import re
 import socket
 from dataclasses import dataclass
 
-from lassie.settings import ALLOW_PRIVATE_ENV, LoraSettings
+from lassie.settings import ALLOW_PRIVATE_ENV, IPNetwork, LoraSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 NUMERIC_IPV4 = re.compile(r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}", re.IGNORECASE)
-ADDRESS_CLASSES = (
-    ("unspecified", "is_unspecified"),
-    ("loopback", "is_loopback"),
-    ("link-local", "is_link_local"),
-    ("multicast", "is_multicast"),
-    ("reserved", "is_reserved"),
-    ("private", "is_private"),
-)
+REFUSED_CLASSES = ("unspecified", "loopback", "link-local", "multicast", "reserved", "private")  # in this order
 
 
 class FetchError(RuntimeError):
-    """A fetch failed (here: its host is refused or does not resolve); the message names the URL
-    (redacted) or host and why, and the caller adds what it was fetching (a request field, a variable)."""
+    """A fetch failed (here: its host is refused or does not resolve); the message names the URL (redacted) or host
+    and why, and the caller adds what it was fetching (a request field, a variable)."""
 
 
 def parse_ip_literal(host: str) -> IPAddress | None:
-    """The address a host string spells by itself, including the old `2130706433` and `0x7f000001`
-    forms that resolvers still honour; None for real host names."""
+    """The address a host string spells by itself, including the old `2130706433` and `0x7f000001` forms that
+    resolvers still honour; None for real host names."""
     bare = host.strip("[]")
     try:
-        return ipaddress.ip_address(bare)
-    except ValueError:
-        pass
-    if NUMERIC_IPV4.fullmatch(bare):
-        try:
+        if NUMERIC_IPV4.fullmatch(bare):
             return ipaddress.IPv4Address(socket.inet_aton(bare))
-        except OSError:
-            return None
-    return None
+        return ipaddress.ip_address(bare)
+    except (OSError, ValueError):
+        return None
 
 
 def address_refusal(address: IPAddress) -> str | None:
     """Why a fetch must not reach `address` (e.g. "loopback"), or None for a public address."""
     embedded = _embedded_ipv4(address)
-    if embedded is not None:
-        reason = address_refusal(embedded)
-        if reason is not None:
-            return f"{reason} (as {address})"
-    for name, attribute in ADDRESS_CLASSES:
-        if getattr(address, attribute):
+    reason = None if embedded is None else address_refusal(embedded)
+    if reason is not None:
+        return f"{reason} (as {address})"
+    for name in REFUSED_CLASSES:
+        if getattr(address, f"is_{name.replace('-', '_')}"):
             return name
     return None if address.is_global else "not publicly routable"
 
@@ -74,8 +59,8 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 
 @dataclass(frozen=True)
 class AddressRule:
-    """The address rule plus the operator's exceptions: every address (tests, private mirrors),
-    or just the listed addresses and networks."""
+    """The address rule plus the operator's exceptions: every address (tests, private mirrors), or just the listed
+    addresses and networks."""
 
     allow_all: bool = False
     allowed_networks: tuple[IPNetwork, ...] = ()
@@ -91,28 +76,22 @@ class AddressRule:
 
 
 def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress]:
-    """Resolves once and checks every answer, so a name that resolves to both a public and an
-    internal address cannot be used to reach the internal one."""
+    """Resolves once and checks every answer, so a name that resolves to both a public and an internal address cannot
+    be used to reach the internal one."""
     literal = parse_ip_literal(host)
     if literal is not None:
-        _refuse_if_forbidden(host, literal, rule)
-        return [literal]
-    try:
-        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as error:
-        raise FetchError(f"could not resolve host {host!r} ({error})") from None
-    addresses = list(dict.fromkeys(ipaddress.ip_address(answer[4][0].split("%")[0]) for answer in answers))
+        addresses = [literal]
+    else:
+        try:
+            answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as error:
+            raise FetchError(f"could not resolve host {host!r} ({error})") from None
+        addresses = list(dict.fromkeys(ipaddress.ip_address(answer[4][0].split("%")[0]) for answer in answers))
     for address in addresses:
-        _refuse_if_forbidden(host, address, rule)
+        reason = rule.refusal(address)
+        if reason is not None:
+            spelled = "" if host.strip("[]") == str(address) else f" (which is {address})"
+            raise FetchError(f"refusing to fetch from {host}{spelled}: it is a {reason} address, and only public "
+                             f"internet addresses are fetched (operators of private mirrors can set "
+                             f"{ALLOW_PRIVATE_ENV})")
     return addresses
-
-
-def _refuse_if_forbidden(host: str, address: IPAddress, rule: AddressRule) -> None:
-    reason = rule.refusal(address)
-    if reason is None:
-        return
-    spelled = "" if host.strip("[]") == str(address) else f" (which is {address})"
-    raise FetchError(
-        f"refusing to fetch from {host}{spelled}: it is a {reason} address, and only public internet "
-        f"addresses are fetched (operators of private mirrors can set {ALLOW_PRIVATE_ENV})"
-    )

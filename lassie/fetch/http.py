@@ -1,17 +1,10 @@
-"""The project's one HTTP client: every fetch (weights tars, COG_WEIGHTS, LASSIE_LORA_URL, extra
-LoRAs from a URL, Replicate or CivitAI) goes through `request`/`open_url` here, on httpx2.
+"""The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs).
 
-What holds for every fetch: redirects are followed by hand and only to http(s); a token belongs to
-one origin and never follows a redirect elsewhere; URLs are shown without user info or query string
-(signed URLs carry secrets there); every read waits at most the read timeout, and a `Deadline` is
-checked between the small reads a body arrives in, so a host trickling a byte at a time cannot
-outlast it. Where a user gave the URL (`extra_lora` and the service APIs it leads to) every hop must
-also land on a public address, and the connection goes to exactly the address that was checked (a
-second DNS answer cannot swap in 127.0.0.1); operator URLs pass `AddressRule(allow_all=True)`.
-
-Failures are `FetchError`s with a message that names the (redacted) URL and why; each caller says
-what was being fetched. What was fetched is checked elsewhere. Every bound and token comes from the
-caller; nothing here reads the environment. The address rule itself is `lassie.fetch.addresses`.
+Redirects are followed by hand and only to http(s); a token never leaves its origin; URLs are shown without user info or
+query (signed URLs carry secrets there); a `Deadline` is checked between the small reads a body arrives in, so a trickle
+cannot outlast it. For user-given URLs every hop must land on a public address (`lassie.fetch.addresses`), connecting to
+exactly the address checked. Failures are `FetchError`s naming the redacted URL and why; the caller says what was
+fetched and checks it. Bounds and tokens come from the caller, never the environment.
 """
 
 from __future__ import annotations
@@ -23,11 +16,11 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx2
 from huggingface_hub.utils import tqdm
@@ -39,20 +32,15 @@ logger = logging.getLogger(__name__)
 for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs, signed queries included
     logging.getLogger(_library).setLevel(logging.WARNING)
 
-
 MIB = 1024**2
 MAX_JSON_BYTES = 16 * MIB
 PROGRESS_FROM_BYTES = 64 * MIB
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-
+DEFAULT_PORTS = {"http": 80, "https": 443}
 HEADERS = {"Accept-Encoding": "identity", "User-Agent": "lassie-fetcher"}
-
-# --- secrets never shown -----------------------------------------------------------------------
 
 
 def redact_url(url: str) -> str:
-    """The URL as logs and errors show it: no user info and no query string (signed URLs and
-    `?token=` links keep their secrets there)."""
+    """The URL as logs and errors show it: no user info, no query (where signed URLs and `?token=` keep secrets)."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -65,8 +53,7 @@ def redact_url(url: str) -> str:
 
 
 def redact_secrets(text: str, tokens: Mapping[str, str]) -> str:
-    """Last line of defence for texts from other libraries: blanks out every configured token
-    (`tokens`: variable name -> token)."""
+    """Last line of defence for texts from other libraries: every configured token (variable name -> token) blanked."""
     for name, token in tokens.items():
         if len(token) >= 4:
             text = text.replace(token, f"<{name}>")
@@ -75,8 +62,7 @@ def redact_secrets(text: str, tokens: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Credential:
-    """A service's bearer token, bound to its origin (scheme, host, port). The token may be empty:
-    the env name still lets a 401/403 say which variable to set."""
+    """A service's bearer token, bound to its origin; when empty, the env name still lets a 401/403 say what to set."""
 
     origin: str
     env_name: str
@@ -87,50 +73,41 @@ class Credential:
         return cls(origin=origin_url, env_name=env_name, token=settings.tokens.get(env_name, ""))
 
     def applies_to(self, url: str) -> bool:
-        return bool(self.token) and _origin(urlsplit(url)) == _origin(urlsplit(self.origin))
+        """False for a URL that cannot be read (a port out of range): the next hop's check refuses it by name."""
+        try:
+            return bool(self.token) and _origin(url) == _origin(self.origin)
+        except ValueError:
+            return False
 
 
-def _origin(parts: SplitResult) -> tuple[str, str, int]:
-    default_port = 443 if parts.scheme == "https" else 80
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
-
-
-# --- time and size limits -----------------------------------------------------------------------
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme)
 
 
 @dataclass(frozen=True)
 class Deadline:
-    """The whole time one fetch may take (every request, redirect and byte, and what the caller does
-    with the bytes), from its creation: a host trickling a byte at a time never trips a per-read
-    timeout, but is checked against this between pieces. `variable` names the setting to change."""
+    """The whole time one fetch may take (requests, redirects, bytes and what the caller does with them), from its
+    creation: a trickle never trips a per-read timeout. The default is an extra LoRA's, unbounded until settings say."""
 
-    seconds: float
-    variable: str
-    purpose: str
+    seconds: float = math.inf
+    variable: str = LORA_DOWNLOAD_TIMEOUT_ENV
+    purpose: str = "fetching a LoRA"
     started: float = field(default_factory=time.monotonic)
 
     def remaining(self) -> float:
-        """Seconds left; 0 once the deadline has passed."""
         return max(self.started + self.seconds - time.monotonic(), 0.0)
 
     def check(self, url: str, received: int | None = None) -> None:
         if self.remaining() == 0:
-            raise self.overdue(url, received)
-
-    def overdue(self, url: str, received: int | None = None) -> FetchError:
-        got = "" if received is None else f" ({human_bytes(received)} had arrived)"
-        return FetchError(f"the download of {redact_url(url)} took longer than the {self.seconds:g} s "
-                          f"allowed for {self.purpose} ({self.variable}){got}")
-
-
-def lora_deadline(seconds: float = math.inf) -> Deadline:
-    return Deadline(seconds, LORA_DOWNLOAD_TIMEOUT_ENV, "fetching a LoRA")
+            got = "" if received is None else f" ({human_bytes(received)} had arrived)"
+            raise FetchError(f"the download of {redact_url(url)} took longer than the {self.seconds:g} s "
+                             f"allowed for {self.purpose} ({self.variable}){got}")
 
 
 @dataclass(frozen=True)
 class DownloadLimits:
-    """Everything that bounds one fetch, and the tokens no error of it may show. One per fetch:
-    its deadline starts when it is made."""
+    """Everything that bounds one fetch, and the tokens no error of it may show; one per fetch (its deadline starts)."""
 
     max_bytes: int = LoraSettings.max_download_bytes
     connect_timeout: float = 15.0
@@ -138,12 +115,12 @@ class DownloadLimits:
     max_redirects: int = 8
     rule: AddressRule = field(default_factory=AddressRule)
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
-    deadline: Deadline = field(default_factory=lora_deadline)  # extra LoRAs: LASSIE_LORA_DOWNLOAD_TIMEOUT
+    deadline: Deadline = field(default_factory=Deadline)
 
     @classmethod
     def from_settings(cls, settings: LoraSettings) -> DownloadLimits:
         return cls(max_bytes=settings.max_download_bytes, rule=AddressRule.from_settings(settings),
-                   tokens=settings.tokens, deadline=lora_deadline(float(settings.download_timeout)))
+                   tokens=settings.tokens, deadline=Deadline(float(settings.download_timeout)))
 
     def timeout(self) -> httpx2.Timeout:
         """Socket timeouts for the next request: the usual ones, but never past the deadline."""
@@ -158,12 +135,8 @@ def human_bytes(count: float) -> str:
     return f"{count / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
-# --- requests with hand-checked redirects ------------------------------------------------------
-
-
 def new_client(connections: int = 1) -> httpx2.Client:
-    """A client that follows nothing by itself and reads nothing from the environment (no proxy,
-    no .netrc credentials): every redirect and every header it sends is decided here."""
+    """Follows nothing by itself, reads nothing from the environment (proxy, .netrc): every hop and header is ours."""
     return httpx2.Client(follow_redirects=False, trust_env=False, headers=HEADERS,
                          limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections))
 
@@ -184,17 +157,15 @@ def checked_url(url: str) -> httpx2.URL:
 
 
 def _send(client: httpx2.Client, url: str, headers: dict[str, str], limits: DownloadLimits) -> httpx2.Response:
-    """One request, its body not yet read. Under an address rule with exceptions to check, the
-    connection goes to a checked address itself (Host header and TLS name stay the URL's host)."""
+    """One request, its body unread. Under an address rule with exceptions to check, the connection goes to a checked
+    address itself (the Host header and TLS name stay the URL's host)."""
     target = checked_url(url)
     client.cookies.clear()  # nothing one host set travels to the next
     if limits.rule.allow_all:
-        return client.send(client.build_request("GET", target, headers=headers, timeout=limits.timeout()),
-                           stream=True)
-    addresses = allowed_addresses(target.host, target.port or (443 if target.scheme == "https" else 80), limits.rule)
+        return client.send(client.build_request("GET", target, headers=headers, timeout=limits.timeout()), stream=True)
     host_header = target.netloc.decode("ascii")
     last_error: httpx2.HTTPError = httpx2.ConnectError("no address to connect to")
-    for address in addresses:
+    for address in allowed_addresses(target.host, target.port or DEFAULT_PORTS[target.scheme], limits.rule):
         pinned = target.copy_with(host=str(address))
         request = client.build_request("GET", pinned, headers={**headers, "Host": host_header},
                                        timeout=limits.timeout(), extensions={"sni_hostname": target.host})
@@ -213,13 +184,10 @@ def network_problem(error: BaseException, tokens: Mapping[str, str]) -> str:
     return redact_secrets(f"{type(error).__name__}: {error}".rstrip(": "), tokens)
 
 
-def request(client: httpx2.Client, url: str, *, credential: Credential | None = None,
-            limits: DownloadLimits | None = None, headers: Mapping[str, str] | None = None,
-            ) -> tuple[httpx2.Response, str]:
-    """A successful (2xx) response, its body unread (the caller closes it), and the URL it finally
-    came from, after checking every redirect hop. Once a redirect leaves the credential's origin
-    the credential is dropped for good."""
-    limits = limits or DownloadLimits()
+def request(client: httpx2.Client, url: str, *, limits: DownloadLimits, credential: Credential | None = None,
+            headers: Mapping[str, str] | None = None) -> tuple[httpx2.Response, str]:
+    """A 2xx response, its body unread (the caller closes it), and the URL it finally came from, every redirect hop
+    checked. Once a redirect leaves the credential's origin the credential is dropped for good."""
     current = url
     for _ in range(limits.max_redirects + 1):
         limits.deadline.check(current)
@@ -232,72 +200,45 @@ def request(client: httpx2.Client, url: str, *, credential: Credential | None = 
             limits.deadline.check(current)
             raise FetchError(f"could not download {redact_url(current)}: "
                              f"{network_problem(error, limits.tokens)}") from None
-        location = response.headers.get("Location") if response.status_code in REDIRECT_STATUSES else None
-        if location is None:
+        if not response.has_redirect_location:
             break
         response.close()
-        following = urljoin(current, location)
+        following = urljoin(current, response.headers["Location"])
         logger.debug("%s redirects to %s", redact_url(current), redact_url(following))
-        if credential is not None and not credential.applies_to(following):
-            credential = None
+        credential = credential if credential is not None and credential.applies_to(following) else None
         current = following
     else:
         raise FetchError(f"{redact_url(url)} redirects more than {limits.max_redirects} times")
-    try:
-        _raise_for_status(response, current, credential)
-    except FetchError:
+    if not response.is_success:
         response.close()
-        raise
+        problem = _status_problem(response.status_code, credential)
+        raise FetchError(f"could not download {redact_url(current)}: {problem}")
     return response, current
 
 
-@contextmanager
-def open_url(url: str, *, credential: Credential | None = None, limits: DownloadLimits | None = None,
-             ) -> Iterator[tuple[httpx2.Response, str]]:
-    """`request` on a client of its own, closed (with the response) on leaving."""
-    with new_client() as client:
-        response, final_url = request(client, url, credential=credential, limits=limits)
-        try:
-            yield response, final_url
-        finally:
-            response.close()
-
-
-def _raise_for_status(response: httpx2.Response, url: str, credential: Credential | None) -> None:
-    status = response.status_code
-    if 200 <= status < 300:
-        return
+def _status_problem(status: int, credential: Credential | None) -> str:
     if status in (401, 403) and credential is not None:
-        problem = (f"it refused the token in {credential.env_name} (HTTP {status})" if credential.token
-                   else f"it needs a token (HTTP {status}): set {credential.env_name}")
-    else:
-        problem = "not found (HTTP 404)" if status == 404 else f"the server answered HTTP {status}"
-    raise FetchError(f"could not download {redact_url(url)}: {problem}")
-
-
-# --- bounded bodies ----------------------------------------------------------------------------
+        return (f"it refused the token in {credential.env_name} (HTTP {status})" if credential.token
+                else f"it needs a token (HTTP {status}): set {credential.env_name}")
+    return "not found (HTTP 404)" if status == 404 else f"the server answered HTTP {status}"
 
 
 def body_pieces(response: httpx2.Response, url: str, deadline: Deadline, tokens: Mapping[str, str] | None = None,
                 received: int = 0) -> Iterator[bytes]:
-    """The body as the network delivers it (undecoded, each piece one receive: a trickle arrives
-    byte by byte rather than blocking a large read), with the deadline checked before each piece.
-    `received`: bytes of the file that came before this body, for the messages."""
-    pieces = response.iter_raw()
-    while True:
+    """The body as the network delivers it, undecoded, one receive a piece (a trickle arrives byte by byte rather than
+    blocking a large read), the deadline checked before each. `received`: bytes of the file before this body."""
+    try:
         deadline.check(url, received)
-        try:
-            piece = next(pieces, None)
-        except httpx2.HTTPError as error:
+        for piece in response.iter_raw():
+            received += len(piece)
+            yield piece
             deadline.check(url, received)
-            problem = network_problem(error, tokens or {})
-            if isinstance(error, httpx2.RemoteProtocolError):
-                raise FetchError(f"the download of {redact_url(url)} was cut short ({problem})") from None
-            raise FetchError(f"the download of {redact_url(url)} failed: {problem}") from None
-        if piece is None:
-            return
-        received += len(piece)
-        yield piece
+    except httpx2.HTTPError as error:
+        deadline.check(url, received)
+        problem = network_problem(error, tokens or {})
+        if isinstance(error, httpx2.RemoteProtocolError):
+            raise FetchError(f"the download of {redact_url(url)} was cut short ({problem})") from None
+        raise FetchError(f"the download of {redact_url(url)} failed: {problem}") from None
 
 
 def declared_length(response: httpx2.Response) -> int | None:
@@ -305,30 +246,32 @@ def declared_length(response: httpx2.Response) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def download_file(
-    url: str, destination: Path, *, credential: Credential | None = None, limits: DownloadLimits | None = None
-) -> int:
-    """Streams `url` into `destination` (a temporary name the caller owns); returns the byte count.
-    The size cap is checked against Content-Length and again while streaming: servers can lie."""
+def download_file(url: str, destination: Path, *, credential: Credential | None = None,
+                  limits: DownloadLimits | None = None) -> int:
+    """Streams `url` into `destination` (a temporary name the caller owns). The size cap is checked against
+    Content-Length and again while streaming: servers can lie."""
     limits = limits or DownloadLimits()
-    with open_url(url, credential=credential, limits=limits) as (response, _):
-        declared = declared_length(response)
-        _check_size(declared or 0, limits.max_bytes, url)
-        logger.info("downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
-        with destination.open("wb") as sink:
-            received = _stream(response, sink, declared, limits.max_bytes, url, limits)
+    with new_client() as client:
+        response, _ = request(client, url, credential=credential, limits=limits)
+        with closing(response):
+            declared = declared_length(response)
+            _check_size(declared or 0, limits.max_bytes, url)
+            logger.info("downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
+            with destination.open("wb") as sink:
+                received = _stream(response, sink, declared, limits.max_bytes, url, limits)
     if declared is not None and received != declared:
         raise FetchError(f"the download of {redact_url(url)} was cut short ({received} of {declared} bytes)")
     logger.info("downloaded %s (%s)", redact_url(url), human_bytes(received))
     return received
 
 
-def fetch_json(url: str, *, credential: Credential | None = None, limits: DownloadLimits | None = None) -> Any:
+def fetch_json(url: str, *, credential: Credential | None = None, limits: DownloadLimits) -> Any:
     """A small JSON API answer (CivitAI), size-capped like any download."""
-    limits = limits or DownloadLimits()
     body = io.BytesIO()
-    with open_url(url, credential=credential, limits=limits) as (response, _):
-        _stream(response, body, declared_length(response), MAX_JSON_BYTES, url, limits)
+    with new_client() as client:
+        response, _ = request(client, url, credential=credential, limits=limits)
+        with closing(response):
+            _stream(response, body, declared_length(response), MAX_JSON_BYTES, url, limits)
     try:
         return json.loads(body.getvalue())
     except ValueError:
@@ -337,10 +280,8 @@ def fetch_json(url: str, *, credential: Credential | None = None, limits: Downlo
 
 def _check_size(size: int, max_bytes: int, url: str) -> None:
     if size > max_bytes:
-        raise FetchError(
-            f"{redact_url(url)} is larger than the {human_bytes(max_bytes)} allowed for a LoRA "
-            f"({MAX_LORA_BYTES_ENV}); a LoRA is usually well under 1 GiB"
-        )
+        raise FetchError(f"{redact_url(url)} is larger than the {human_bytes(max_bytes)} allowed for a LoRA "
+                         f"({MAX_LORA_BYTES_ENV}); a LoRA is usually well under 1 GiB")
 
 
 def _stream(response: httpx2.Response, sink: BinaryIO, declared: int | None, max_bytes: int,
@@ -356,13 +297,12 @@ def _stream(response: httpx2.Response, sink: BinaryIO, declared: int | None, max
 
 
 class ProgressLog(tqdm):
-    """Progress of a large download as log lines, since Cog's logs show no bars: one line per tenth
-    (per 256 MiB when the size is unknown), none under 64 MiB; a bar on a terminal. The project's
-    one progress report: huggingface_hub takes it as `tqdm_class` when setup fetches the weights."""
+    """Progress of a large download as log lines, since Cog's logs show no bars: one line per tenth (per 256 MiB when
+    the size is unknown), none under 64 MiB; a bar on a terminal. The project's one progress report: huggingface_hub
+    takes it as `tqdm_class` when setup fetches the weights. It counts on its own, from the keyword arguments, since
+    huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Counts on its own, from the keyword arguments: huggingface_hub turns a bar off (and tqdm
-        then skips setting it up) when its bars are disabled, which setup does for library bars."""
         self.to_log = not sys.stderr.isatty()
         if self.to_log:
             kwargs |= {"disable": False, "file": io.StringIO()}

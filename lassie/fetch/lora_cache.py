@@ -1,17 +1,8 @@
-"""Extra LoRAs on local disk: fetched once, validated, kept under a size budget.
-
-A file only appears under its final name complete and validated (written in a staging folder inside
-the cache, then renamed), and a checksum beside it catches later damage, so a partial or corrupted
-download is never taken for a good LoRA. A file lock per LoRA (threads and processes alike) makes
-concurrent requests download it once; one that waits on another's download says so in the log.
-
-A request holds its LoRA from `prepare` to its end (`hold`, a shared lock that eviction passes over),
-so nothing is fetched again on the GPU's thread.
-
-A full or read-only cache refuses new LoRAs with an error that names the cache's variable and what
-to do, while LoRAs already in it keep serving (without lock files, fetches lock within this process
-and the LRU clock stands still).
-"""
+"""Extra LoRAs on local disk: fetched once, validated, kept under a size budget. An entry appears only complete and
+validated (staged in the cache, then renamed); a checksum beside it catches later damage. Per-LoRA `flock`s, shared by
+threads and processes, make concurrent requests download a LoRA once and let a request hold it from `prepare` to its
+end (eviction passes over it), so nothing is fetched again on the GPU's thread. A full or read-only cache refuses new
+LoRAs naming its variable and what to do, while the LoRAs already in it keep serving."""
 
 from __future__ import annotations
 
@@ -22,19 +13,15 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-from filelock import FileLock, Timeout
+from typing import IO
 
 from lassie.fetch.files import sha256_of, validate_safetensors
-from lassie.fetch.http import human_bytes
-from lassie.fetch.lora_fetch import fetch_source
+from lassie.fetch.http import DownloadLimits, FetchError, human_bytes
 from lassie.fetch.lora_sources import ExtraLora, LoraSource
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
@@ -42,8 +29,6 @@ from lassie.settings import LORA_CACHE_ENV, LoraSettings
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = ".partial"
-LOCKS_DIR = ".locks"
 STALE_STAGING_SECONDS = 6 * 3600
 FULL_DISK = frozenset({errno.ENOSPC, errno.EDQUOT})
 READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -55,14 +40,11 @@ class HeldLora:
 
     lora: ExtraLora
     path: Path
-    _hold: IO[bytes] | None = field(default=None, repr=False)
+    _hold: IO[bytes] | ExitStack = field(repr=False)
 
     def release(self) -> None:
-        """Lets eviction take the file again; later calls do nothing. A hold never released ends
-        with its file handle, when the object is garbage-collected."""
-        if self._hold is not None:
-            self._hold.close()
-            self._hold = None
+        """Lets eviction take the file again; later calls do nothing. Unreleased, it ends when garbage-collected."""
+        self._hold.close()
 
 
 class LoraCache:
@@ -73,69 +55,66 @@ class LoraCache:
         self.settings = settings
         self.directory = Path(settings.cache_dir or default_directory)
         self.max_bytes = settings.cache_bytes
-        self.min_free_bytes = settings.min_free_bytes
-        self.staging_dir = self.directory / STAGING_DIR
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        self._locks = _KeyLocks(self.directory / LOCKS_DIR)
+        self.staging_dir, self.locks_dir = self.directory / ".partial", self.directory / ".locks"
+        for folder in (self.staging_dir, self.locks_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         self._verified: dict[str, tuple[int, int, int]] = {}
-        self._remove_stale_staging()
+        cutoff = time.time() - STALE_STAGING_SECONDS  # left by a crash; newer ones may be another process's download
+        for leftover in self.staging_dir.iterdir():
+            with suppress(FileNotFoundError):
+                if leftover.stat().st_mtime < cutoff:
+                    shutil.rmtree(leftover, ignore_errors=True)
 
     def hold(self, lora: ExtraLora) -> HeldLora:
-        """`fetch`, with the file kept in the cache until the returned hold is released. The hold is
-        taken before the lookup, so no eviction can come between the two."""
-        hold = self._locks.hold(lora.key)
+        """`fetch`, the file kept in the cache until released; held before the lookup, so no eviction comes between."""
+        hold = self._lock(f"{lora.key}.hold", fcntl.LOCK_SH)
         try:
             return HeldLora(lora, self.fetch(lora), hold)
         except BaseException:
-            if hold is not None:
-                hold.close()
+            hold.close()
             raise
 
     def fetch(self, lora: ExtraLora) -> Path:
         """The LoRA's file, from the cache or downloaded; may evict other LoRAs nobody holds."""
-        key, source = lora.key, lora.source
-        with self._locks.fetching(key, source):
-            path = self._cached(key, source) or self._download(key, source)
-        self._evict(keep=key)
+        try:
+            lock = self._lock(f"{lora.key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # said once: the wait can last as long as the other fetch's download
+            logger.info("extra_lora: waiting for another fetch of %s to finish", lora.source.describe())
+            lock = self._lock(f"{lora.key}.lock", fcntl.LOCK_EX)
+        with lock:
+            path = self._cached(lora.key, lora.source) or self._download(lora.key, lora.source)
+        self._evict(keep=lora.key)
         return path
 
     def forget(self, held: HeldLora) -> None:
-        """Releases `held` and drops its LoRA, refused after its download (it fits no FLUX layer,
-        say): the cache keeps only LoRAs that can serve. One another request still holds stays for
-        it (that request is refused the same way, and drops it then)."""
+        """Releases `held` and drops its LoRA, refused after its download (it fits no FLUX layer, say), unless another
+        request still holds it (refused the same way, that one drops it then): the cache keeps LoRAs that can serve."""
         held.release()
-        key, source = held.lora.key, held.lora.source
-        with self._locks.fetching(key, source), self._locks.unheld(key) as free:
-            if not free:
-                return
-            try:
-                self._remove(key)
-            except OSError as error:
-                logger.warning("extra_lora: could not remove the refused %s from the LoRA cache (%s)",
-                               source.describe(), error.strerror)
-                return
-        logger.info("extra_lora: removed the refused %s from the LoRA cache", source.describe())
+        described = held.lora.source.describe()
+        try:
+            if self._remove_unless_in_use(held.lora.key):
+                logger.info("extra_lora: removed the refused %s from the LoRA cache", described)
+        except OSError as error:
+            logger.warning("extra_lora: could not remove the refused %s from the LoRA cache (%s)", described,
+                           error.strerror)
 
     def cached_files(self) -> list[Path]:
         """The cached LoRA files, least recently used first."""
         return [path for path, _ in self._entries()]
 
-    # --- entries --------------------------------------------------------------------------------
-
-    def _data_path(self, key: str) -> Path:
-        return self.directory / f"{key}.safetensors"
-
-    def _record_path(self, key: str) -> Path:
-        return self.directory / f"{key}.json"
+    def _files(self, key: str) -> tuple[Path, Path]:
+        """An entry: the LoRA and its record (size and checksum)."""
+        data = self.directory / f"{key}.safetensors"
+        return data, data.with_suffix(".json")
 
     def _cached(self, key: str, source: LoraSource) -> Path | None:
-        data, record = self._data_path(key), self._record_path(key)
+        data, record = self._files(key)
         if not data.exists() and not record.exists():
             return None
         problem = self._damage(key, source)
         if problem is not None:
-            logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again",
-                           source.describe(), problem)
+            logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again", source.describe(),
+                           problem)
             self._remove(key)
             return None
         _mark_used(data)
@@ -143,106 +122,107 @@ class LoraCache:
         return data
 
     def _damage(self, key: str, source: LoraSource) -> str | None:
-        """What is wrong with a cached entry. The checksum is recomputed once per process and file
-        version (inode, size, mtime), so repeated requests stay cheap while replaced files are caught."""
-        data = self._data_path(key)
-        record = _read_record(self._record_path(key))
-        if record is None or not data.is_file():
+        """What is wrong with a cached entry. The checksum is recomputed once per process and file version (inode,
+        size, mtime), so repeated requests stay cheap while replaced files are caught."""
+        data, record_path = self._files(key)
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict) or not data.is_file():
             return "incomplete entry"
-        stat = data.stat()
-        if stat.st_size != record.get("size"):
-            return f"size {stat.st_size} instead of {record.get('size')}"
         try:
             validate_safetensors(data, source.describe())
         except InputError as error:
             return str(error)
-        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if self._verified.get(key) != version:
-            if sha256_of(data) != record.get("sha256"):
-                return "checksum mismatch"
-            self._verified[key] = version
+        version = _version(data)
+        if self._verified.get(key) != version and sha256_of(data) != record.get("sha256"):
+            return "checksum mismatch"
+        self._verified[key] = version
         return None
 
     def _download(self, key: str, source: LoraSource) -> Path:
         logger.info("extra_lora: fetching %s", source.describe())
-        with _disk_faults(source):
-            staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.staging_dir))
+        with (_disk_faults(source),
+              tempfile.TemporaryDirectory(prefix=f"{key}-", dir=self.staging_dir, ignore_cleanup_errors=True) as name):
             try:
-                fetched = fetch_source(source, staging, self.settings)
+                fetched = source.fetch(Path(name), self.settings, DownloadLimits.from_settings(self.settings))
                 validate_safetensors(fetched, source.describe())
-                return self._store(key, source, fetched, staging)
+                return self._store(key, source, fetched, Path(name, "record.json"))
+            except FetchError as error:  # the user gave the address: the client's failures are the field's
+                raise InputError(FIELD, str(error)) from None
             except BaseException as interrupt:
                 if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
                     logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
                 raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
 
-    def _store(self, key: str, source: LoraSource, fetched: Path, staging: Path) -> Path:
-        record = {"key": source.cache_key, "source": source.describe(), "size": fetched.stat().st_size,
-                  "sha256": sha256_of(fetched)}
-        record_tmp = staging / "record.json"
-        record_tmp.write_text(json.dumps(record, indent=1))
-        data = self._data_path(key)
+    def _store(self, key: str, source: LoraSource, fetched: Path, staged_record: Path) -> Path:
+        size = fetched.stat().st_size
+        record = {"key": source.cache_key, "source": source.describe(), "size": size, "sha256": sha256_of(fetched)}
+        staged_record.write_text(json.dumps(record, indent=1))
+        data, record_path = self._files(key)
         os.replace(fetched, data)
-        os.replace(record_tmp, self._record_path(key))
+        os.replace(staged_record, record_path)
         _mark_used(data)
-        stat = data.stat()
-        self._verified[key] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        logger.info("extra_lora: cached %s (%s)", source.describe(), human_bytes(record["size"]))
+        self._verified[key] = _version(data)
+        logger.info("extra_lora: cached %s (%s)", source.describe(), human_bytes(size))
         return data
 
     def _remove(self, key: str) -> None:
         self._verified.pop(key, None)
-        self._data_path(key).unlink(missing_ok=True)
-        self._record_path(key).unlink(missing_ok=True)
-
-    # --- housekeeping ---------------------------------------------------------------------------
+        for path in self._files(key):
+            path.unlink(missing_ok=True)
 
     def _entries(self) -> list[tuple[Path, os.stat_result]]:
         """The cached files with their stat, least recently used first (the access time is the clock)."""
         entries = []
         for path in self.directory.glob("*.safetensors"):
-            try:
+            with suppress(FileNotFoundError):
                 entries.append((path, path.stat()))
-            except FileNotFoundError:
-                continue
         return sorted(entries, key=lambda entry: entry[1].st_atime_ns)
 
     def _evict(self, keep: str) -> None:
-        """Least recently used first, until under the size budget and enough disk is free; never
-        the entry just returned, never one another request is fetching or holds right now."""
+        """Least recently used first, until under the size budget with enough disk free; never the entry just returned,
+        nor one another request is fetching or holds."""
         try:
-            self._evict_least_used(keep)
+            entries = self._entries()
+            total = sum(stat.st_size for _, stat in entries)
+            for path, stat in entries:
+                if total <= self.max_bytes and shutil.disk_usage(self.directory).free >= self.settings.min_free_bytes:
+                    return
+                if path.stem != keep and self._remove_unless_in_use(path.stem):
+                    total -= stat.st_size
+                    logger.info("extra_lora: evicted %s from the LoRA cache", path.name)
         except OSError as error:
             logger.warning("extra_lora: could not evict from the LoRA cache (%s); check %s", error.strerror,
                            LORA_CACHE_ENV)
 
-    def _evict_least_used(self, keep: str) -> None:
-        entries = self._entries()
-        total = sum(stat.st_size for _, stat in entries)
-        for path, stat in entries:
-            if total <= self.max_bytes and shutil.disk_usage(self.directory).free >= self.min_free_bytes:
-                return
-            key = path.stem
-            if key == keep:
-                continue
-            with self._locks.unless_in_use(key) as free:
-                if free:
-                    self._remove(key)
-                    total -= stat.st_size
-                    logger.info("extra_lora: evicted %s from the LoRA cache", path.name)
+    def _lock(self, name: str, operation: int) -> IO[bytes] | ExitStack:
+        """<key>.lock is held while a LoRA is looked up and fetched, <key>.hold shared by the requests using it, each
+        `flock`ed on a descriptor of its own so threads wait as processes do (closing it unlocks; BlockingIOError under
+        LOCK_NB). An empty ExitStack stands in where the file cannot be made: a read-only cache has nothing to lock."""
+        try:
+            handle = os.fdopen(os.open(self.locks_dir / name, os.O_RDONLY | os.O_CREAT, 0o644), "rb")
+        except OSError as error:
+            if error.errno not in READ_ONLY:
+                raise
+            return ExitStack()
+        try:
+            fcntl.flock(handle, operation)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
-    def _remove_stale_staging(self) -> None:
-        """Staging folders left by a crash; recent ones may belong to another process's download."""
-        cutoff = time.time() - STALE_STAGING_SECONDS
-        for leftover in self.staging_dir.iterdir():
-            try:
-                stale = leftover.stat().st_mtime < cutoff
-            except FileNotFoundError:
-                continue
-            if stale:
-                shutil.rmtree(leftover, ignore_errors=True)
+    def _remove_unless_in_use(self, key: str) -> bool:
+        """Removes `key`'s entry unless a fetch of it runs or a request holds it, waiting for neither."""
+        try:
+            with (self._lock(f"{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB),
+                  self._lock(f"{key}.hold", fcntl.LOCK_EX | fcntl.LOCK_NB)):
+                self._remove(key)
+        except BlockingIOError:
+            return False
+        return True
 
 
 @contextmanager
@@ -252,124 +232,28 @@ def _disk_faults(source: LoraSource) -> Iterator[None]:
         yield
     except OSError as error:
         if error.errno in FULL_DISK:
-            problem = (f"the LoRA cache has no space left to store {source.describe()}. The operator can free "
-                       f"space on its disk, point {LORA_CACHE_ENV} at a larger one, or lower "
-                       "LASSIE_LORA_CACHE_BYTES / raise LASSIE_LORA_CACHE_MIN_FREE_BYTES so that older LoRAs "
-                       "are evicted sooner")
-        elif error.errno in READ_ONLY:
-            problem = (f"the LoRA cache cannot be written ({error.strerror}), so {source.describe()} cannot be "
-                       f"stored; LoRAs already cached still serve. The operator can make it writable or point "
-                       f"{LORA_CACHE_ENV} at a writable directory")
-        else:
-            raise
-        raise InputError(FIELD, problem) from None
+            raise InputError(FIELD, f"the LoRA cache has no space left to store {source.describe()}. The operator can "
+                                    f"free space on its disk, point {LORA_CACHE_ENV} at a larger one, or lower "
+                                    "LASSIE_LORA_CACHE_BYTES / raise LASSIE_LORA_CACHE_MIN_FREE_BYTES so that older "
+                                    "LoRAs are evicted sooner") from None
+        if error.errno in READ_ONLY:
+            raise InputError(FIELD, f"the LoRA cache cannot be written ({error.strerror}), so {source.describe()} "
+                                    "cannot be stored; LoRAs already cached still serve. The operator can make it "
+                                    f"writable or point {LORA_CACHE_ENV} at a writable directory") from None
+        raise
+
+
+def _version(path: Path) -> tuple[int, int, int]:
+    """Inode, size and modification time: which file the verified checksum belongs to."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _mark_used(path: Path) -> None:
-    """The access time is the LRU clock; the modification time is left alone, as it identifies the
-    file version whose checksum was verified. A read-only cache keeps its clock as it was."""
-    stat = path.stat()
+    """The access time is the LRU clock; the modification time is left alone, as it identifies the file version
+    whose checksum was verified. A read-only cache keeps its clock as it was."""
     try:
-        os.utime(path, ns=(time.time_ns(), stat.st_mtime_ns))
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     except OSError as error:
         if error.errno not in READ_ONLY:
             raise
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-class _KeyLocks:
-    """One fetch per LoRA at a time: a file lock per key, which threads and processes sharing the
-    cache wait on alike. Holds: a shared `flock` per key on a file of its own, one descriptor per
-    request, which eviction must take exclusively (without waiting) to remove the entry.
-
-    Where no lock file can be made (the cache turned read-only), a lock per key within this process
-    stands in: nobody can write there then, and nothing can be evicted, so no hold is needed.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._in_process: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    def _hold_file(self, key: str) -> IO[bytes] | None:
-        """Its own descriptor on `key`'s hold file (flock locks belong to a descriptor), or None
-        where the cache is read-only."""
-        try:
-            return os.fdopen(os.open(self.directory / f"{key}.hold", os.O_RDONLY | os.O_CREAT, 0o644), "rb")
-        except OSError as error:
-            if error.errno not in READ_ONLY:
-                raise
-        return None
-
-    def hold(self, key: str) -> IO[bytes] | None:
-        """A shared hold on `key` (closing the returned file releases it)."""
-        handle = self._hold_file(key)
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_SH)
-        return handle
-
-    @contextmanager
-    def unheld(self, key: str) -> Iterator[bool]:
-        """Yields whether no one holds `key`; if so, no hold can start until the block ends."""
-        handle = self._hold_file(key)
-        if handle is None:
-            yield True
-            return
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-
-    def _acquire(self, key: str, blocking: bool) -> FileLock | threading.Lock | None:
-        """The held lock, or None when `blocking` is false and another fetch holds it."""
-        lock = FileLock(self.directory / f"{key}.lock")
-        try:
-            lock.acquire(blocking=blocking)
-            return lock
-        except Timeout:
-            return None
-        except OSError as error:
-            if error.errno not in READ_ONLY:
-                raise
-        logger.debug("extra_lora: no lock file in the LoRA cache (%s); locking within this process", key)
-        with self._guard:
-            fallback = self._in_process.setdefault(key, threading.Lock())
-        return fallback if fallback.acquire(blocking=blocking) else None
-
-    @contextmanager
-    def fetching(self, key: str, source: LoraSource) -> Iterator[None]:
-        """Held while `source` is looked up and fetched; a wait for another fetch of it is logged
-        once, since it can last as long as that download."""
-        lock = self._acquire(key, blocking=False)
-        if lock is None:
-            logger.info("extra_lora: waiting for another fetch of %s to finish", source.describe())
-            lock = self._acquire(key, blocking=True)
-        try:
-            yield
-        finally:
-            lock.release()
-
-    @contextmanager
-    def unless_in_use(self, key: str) -> Iterator[bool]:
-        """Yields whether the fetch lock could be had without waiting and no one holds `key`
-        (both kept until the block ends)."""
-        lock = self._acquire(key, blocking=False)
-        if lock is None:
-            yield False
-            return
-        try:
-            with self.unheld(key) as free:
-                yield free
-        finally:
-            lock.release()

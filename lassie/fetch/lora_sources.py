@@ -1,12 +1,9 @@
-"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL);
-`lassie.fetch.lora_fetch` fetches it from there.
+"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL), parsed once and
+without network (`identify`); each source's `fetch` downloads it into a staging folder, where the cache checks it.
 
-Parsing is pure: it touches no network. People paste every variant of these addresses, so each
-service is recognised by the *form* of the string, while the address it is fetched from comes from
-the operator's `LoraSettings` (mirrors, tests), as do the tokens. Every source has a stable cache
-key, so the same LoRA asked for twice is fetched once. A request's string is parsed once
-(`identify`): its `ExtraLora` carries the source and the one key that names the LoRA's cache
-files and its adapter on the models.
+People paste every variant of these addresses, so a service is recognised by the *form* of the string, while the
+address it is fetched from and the tokens come from the operator's `LoraSettings` (mirrors, tests). The user gave the
+address, so every fetch obeys the address rule and the operator's bounds, and fails on the `extra_lora` field.
 """
 
 from __future__ import annotations
@@ -14,12 +11,18 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from lassie.fetch.http import redact_url
+from huggingface_hub import HfApi, RepoFile, hf_hub_download
+
+from lassie.fetch.files import unpack_if_tar
+from lassie.fetch.http import Credential, DownloadLimits, download_file, fetch_json, human_bytes, redact_url
+from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
-from lassie.settings import LoraSettings
+from lassie.settings import MAX_LORA_BYTES_ENV, LoraSettings
 
 ACCEPTED_FORMS = (
     "a Replicate model: owner/model, owner/model/<64-hex version id>, "
@@ -36,9 +39,10 @@ REPLICATE_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
 HUGGINGFACE_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com"})
 SCHEMELESS_HOSTS = REPLICATE_HOSTS | HUGGINGFACE_HOSTS | CIVITAI_HOSTS
+CIVITAI_LORA_TYPES = frozenset({"LORA", "LoCon", "DoRA"})
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-SAFETENSORS_SUFFIX = ".safetensors"
+KEY_DIGITS = 40
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 REPLICATE_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,95}")
@@ -65,16 +69,24 @@ class ReplicateSource:
 
     @property
     def cache_key(self) -> str:
-        suffix = f"@{self.version}" if self.version else ""
-        return f"replicate:{self.owner}/{self.model}{suffix}"
+        return f"replicate:{self.owner}/{self.model}" + (f"@{self.version}" if self.version else "")
 
     def describe(self) -> str:
-        suffix = f" version {self.version}" if self.version else ""
-        return f"Replicate model {self.owner}/{self.model}{suffix}"
+        return f"Replicate model {self.owner}/{self.model}" + (f" version {self.version}" if self.version else "")
 
     def weights_url(self, settings: LoraSettings) -> str:
         model = f"{settings.replicate_url}/{self.owner}/{self.model}"
         return f"{model}/versions/{self.version}/_weights" if self.version else f"{model}/_weights"
+
+    def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
+        """Replicate serves trained weights as a tar around one .safetensors (plus captions)."""
+        credential = Credential.from_settings(settings.replicate_url, "REPLICATE_API_TOKEN", settings)
+        url, archive = self.weights_url(settings), staging / "weights.tar"
+        download_file(url, archive, credential=credential, limits=limits)
+        unpacked = unpack_if_tar(archive, staging / "lora.safetensors", max_bytes=limits.max_bytes,
+                                 origin=self.describe())
+        limits.deadline.check(url)  # the LoRA's deadline covers unpacking its tar too
+        return unpacked
 
 
 @dataclass(frozen=True)
@@ -85,12 +97,43 @@ class HuggingFaceSource:
 
     @property
     def cache_key(self) -> str:
-        suffix = f"/{self.filename}" if self.filename else ""
-        return f"hf:{self.repo_id}@{self.revision}{suffix}"
+        return f"hf:{self.repo_id}@{self.revision}" + (f"/{self.filename}" if self.filename else "")
 
     def describe(self) -> str:
         named = f" file {self.filename}" if self.filename else ""
         return f"Hugging Face repo {self.repo_id} (revision {self.revision}){named}"
+
+    def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
+        token: str | bool = settings.tokens.get("HF_TOKEN") or False
+        try:
+            tree = HfApi(endpoint=settings.hf_endpoint, token=token).list_repo_tree(
+                self.repo_id, revision=self.revision, recursive=True)
+            chosen = self._choose([item for item in tree if isinstance(item, RepoFile)])
+            described = f"{self.describe()}: {chosen.path}"
+            _refuse_oversized(described, chosen.size, limits)
+            local = Path(hf_hub_download(self.repo_id, chosen.path, revision=self.revision,
+                                         endpoint=settings.hf_endpoint, token=token, cache_dir=staging / "hub"))
+        except HUB_ERRORS as error:  # in words that say what to do, and never with a token
+            raise InputError(FIELD, hub_problem(error, self.describe(), revision=self.revision,
+                                                has_token=bool(token), tokens=limits.tokens)) from None
+        _refuse_oversized(described, local.stat().st_size, limits)
+        return local.resolve()
+
+    def _choose(self, files: list[RepoFile]) -> RepoFile:
+        candidates = sorted((item for item in files if item.path.lower().endswith(".safetensors")),
+                            key=lambda item: item.path)
+        names = ", ".join(item.path for item in candidates) or "none"
+        if self.filename is not None:
+            for item in files:
+                if item.path == self.filename:
+                    return item
+            raise InputError(FIELD, f"{self.describe()}: no such file; its .safetensors files are: {names}")
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise InputError(FIELD, f"{self.describe()} holds no .safetensors file")
+        raise InputError(FIELD, f"{self.describe()} holds several .safetensors files ({names}); name one, e.g. "
+                                f"huggingface.co/{self.repo_id}/{candidates[0].path}")
 
 
 @dataclass(frozen=True)
@@ -102,12 +145,47 @@ class CivitaiModelSource:
 
     @property
     def cache_key(self) -> str:
-        suffix = f"@{self.version_id}" if self.version_id is not None else ""
-        return f"civitai:model/{self.model_id}{suffix}"
+        return f"civitai:model/{self.model_id}" + (f"@{self.version_id}" if self.version_id is not None else "")
 
     def describe(self) -> str:
-        suffix = f" version {self.version_id}" if self.version_id is not None else ""
-        return f"CivitAI model {self.model_id}{suffix}"
+        return f"CivitAI model {self.model_id}" + (f" version {self.version_id}" if self.version_id is not None else "")
+
+    def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
+        """A page's model id is not a download id: the API maps it to a version and that version's SafeTensor file
+        (mapping the model id straight onto the download endpoint 404s)."""
+        credential = Credential.from_settings(settings.civitai_url, "CIVITAI_API_TOKEN", settings)
+        model = fetch_json(f"{settings.civitai_url}/api/v1/models/{self.model_id}", credential=credential,
+                           limits=limits)
+        chosen = self._safetensors_file(self._version(model))
+        if isinstance(chosen.get("sizeKB"), int | float):
+            _refuse_oversized(self.describe(), chosen["sizeKB"] * 1024, limits)
+        url, parts = chosen["downloadUrl"], urlsplit(chosen["downloadUrl"])
+        if (parts.hostname or "").lower() in CIVITAI_HOSTS:  # a configured mirror serves the API's civitai.com links
+            url = f"{settings.civitai_url}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+        return _download_to(url, staging, credential, limits)
+
+    def _version(self, model: Any) -> dict[str, Any]:
+        if not isinstance(model, dict) or not isinstance(model.get("modelVersions"), list):
+            raise InputError(FIELD, f"CivitAI answered with an unexpected document for {self.describe()}")
+        if model.get("type") is not None and model["type"] not in CIVITAI_LORA_TYPES:
+            raise InputError(FIELD, f"{self.describe()} is a {model['type']}, not a LoRA")
+        versions = [version for version in model["modelVersions"] if isinstance(version, dict)]
+        wanted = [version for version in versions if self.version_id in (None, version.get("id"))]
+        if wanted:
+            return wanted[0]
+        if self.version_id is None:
+            raise InputError(FIELD, f"{self.describe()} has no published versions")
+        known = ", ".join(str(version.get("id")) for version in versions) or "none"
+        raise InputError(FIELD, f"{self.describe()} not found; that model's versions are: {known}")
+
+    def _safetensors_file(self, version: dict[str, Any]) -> dict[str, Any]:
+        files = [item for item in version.get("files") or [] if isinstance(item, dict)]
+        candidates = [item for item in files if _is_safetensors(item) and isinstance(item.get("downloadUrl"), str)]
+        if not candidates:
+            listed = ", ".join(f"{item.get('name')} ({(item.get('metadata') or {}).get('format')})" for item in files)
+            raise InputError(FIELD, f"{self.describe()} (version {version.get('id')}) has no SafeTensor file "
+                                    f"(files: {listed or 'none'}); only .safetensors LoRAs are loaded")
+        return sorted(candidates, key=lambda item: (not item.get("primary"), item.get("type") != "Model"))[0]
 
 
 @dataclass(frozen=True)
@@ -124,6 +202,10 @@ class CivitaiVersionSource:
     def download_url(self, settings: LoraSettings) -> str:
         return f"{settings.civitai_url}/api/download/models/{self.version_id}"
 
+    def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
+        credential = Credential.from_settings(settings.civitai_url, "CIVITAI_API_TOKEN", settings)
+        return _download_to(self.download_url(settings), staging, credential, limits)
+
 
 @dataclass(frozen=True)
 class UrlSource:
@@ -138,17 +220,17 @@ class UrlSource:
     def describe(self) -> str:
         return redact_url(self.url)
 
+    def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
+        return _download_to(self.url, staging, None, limits)
+
 
 LoraSource = ReplicateSource | HuggingFaceSource | CivitaiModelSource | CivitaiVersionSource | UrlSource
-
-KEY_DIGITS = 40
 
 
 @dataclass(frozen=True)
 class ExtraLora:
-    """An extra LoRA's one identity: where it is fetched from, and its `key`, which names its files
-    in the cache and its PEFT adapter on the models. The same LoRA, however it was typed, has the
-    same key; hex digits only, so it carries no secret and is a valid module name (no dots)."""
+    """An extra LoRA's one identity: its source, and its `key`, which names its cache files and its PEFT adapter: the
+    same for the same LoRA however typed, and hex digits only, so it carries no secret and is a valid module name."""
 
     source: LoraSource
     key: str
@@ -165,12 +247,8 @@ def parse_extra_lora(text: str) -> LoraSource:
     value = text.strip()
     if not value:
         raise unsupported("it is empty")
-    if "://" not in value:
-        return _parse_without_scheme(value)
-    return _parse_url(value)
-
-
-def _parse_without_scheme(value: str) -> LoraSource:
+    if "://" in value:
+        return _parse_url(value)
     host = value.split("/", 1)[0].lower()
     if host in SCHEMELESS_HOSTS:
         return _parse_url(f"https://{value}")
@@ -197,7 +275,13 @@ def _require_name(name: str, what: str) -> None:
 
 
 def _parse_url(value: str) -> LoraSource:
-    parts = _split_url(value)
+    try:  # urlsplit only checks the port when asked; an invalid port makes the whole URL invalid
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise unsupported("it is not a valid URL") from None
+    if port == 0:
+        raise unsupported("port 0 is not a valid port")
     if parts.scheme not in ("http", "https"):
         raise unsupported(f"only http(s) URLs are fetched, not {parts.scheme}://")
     if not parts.hostname:
@@ -212,24 +296,12 @@ def _parse_url(value: str) -> LoraSource:
         return _parse_huggingface_path(segments)
     if host in CIVITAI_HOSTS:
         return _parse_civitai(segments, parts.query)
-    return _parse_plain_url(value, parts.path)
-
-
-def _split_url(value: str) -> SplitResult:
-    """urlsplit only checks the port when asked; an invalid port makes the whole URL invalid."""
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise unsupported("it is not a valid URL") from None
-    if port == 0:
-        raise unsupported("port 0 is not a valid port")
-    return parts
+    _require_safetensors_name(unquote(parts.path.rsplit("/", 1)[-1]))
+    return UrlSource(value)
 
 
 def _parse_replicate_path(segments: list[str]) -> ReplicateSource:
-    if segments and segments[-1] == "_weights":
-        segments = segments[:-1]
+    segments = segments[:-1] if segments[-1:] == ["_weights"] else segments
     if len(segments) == 2:
         return _replicate_from_parts(segments[0], segments[1], None)
     if len(segments) == 4 and segments[2] == "versions":
@@ -244,65 +316,56 @@ def _parse_huggingface_path(segments: list[str]) -> HuggingFaceSource:
         raise unsupported("a Hugging Face URL must name a repo: huggingface.co/owner/repo")
     _require_name(segments[0], "Hugging Face owner")
     _require_name(segments[1], "Hugging Face repo name")
-    repo_id, rest = f"{segments[0]}/{segments[1]}", segments[2:]
-    if rest and rest[0] in ("blob", "resolve", "tree"):
-        return _huggingface_at_revision(repo_id, rest)
-    return HuggingFaceSource(repo_id, "main", _huggingface_filename(rest))
-
-
-def _huggingface_at_revision(repo_id: str, rest: list[str]) -> HuggingFaceSource:
-    kind = rest[0]
-    if len(rest) < 2 or not REVISION.fullmatch(rest[1]) or ".." in rest[1]:
-        raise unsupported(f"a Hugging Face .../{kind}/ URL must continue with a revision such as main")
-    if kind == "tree":
-        if len(rest) > 2:
+    repo_id, revision, path = f"{segments[0]}/{segments[1]}", "main", segments[2:]
+    if path and path[0] in ("blob", "resolve", "tree"):
+        kind, revision, path = path[0], "/".join(path[1:2]), path[2:]
+        if not REVISION.fullmatch(revision) or ".." in revision:
+            raise unsupported(f"a Hugging Face .../{kind}/ URL must continue with a revision such as main")
+        if kind == "tree" and path:
             raise unsupported("a Hugging Face tree URL must stop at the revision; name a .safetensors file instead")
-        return HuggingFaceSource(repo_id, rest[1], None)
-    filename = _huggingface_filename(rest[2:])
-    if filename is None:
-        raise unsupported(f"a Hugging Face .../{kind}/<revision>/ URL must end with a .safetensors file")
-    return HuggingFaceSource(repo_id, rest[1], filename)
-
-
-def _huggingface_filename(path: list[str]) -> str | None:
-    if not path:
-        return None
+        if kind != "tree" and not path:
+            raise unsupported(f"a Hugging Face .../{kind}/<revision>/ URL must end with a .safetensors file")
     if any(segment in (".", "..") or "/" in segment or "\\" in segment for segment in path):
         raise unsupported("the file path inside the Hugging Face repo is not valid")
-    _require_safetensors_name(path[-1])
-    return "/".join(path)
+    if path:
+        _require_safetensors_name(path[-1])
+    return HuggingFaceSource(repo_id, revision, "/".join(path) or None)
 
 
 def _parse_civitai(segments: list[str], query: str) -> CivitaiModelSource | CivitaiVersionSource:
     if len(segments) == 4 and segments[:3] == ["api", "download", "models"] and DIGITS.fullmatch(segments[3]):
         return CivitaiVersionSource(int(segments[3]))
-    if len(segments) in (2, 3) and segments[0] == "models" and DIGITS.fullmatch(segments[1]):
-        return CivitaiModelSource(int(segments[1]), _civitai_version_from_query(query))
-    raise unsupported(
-        "a civitai.com URL must look like civitai.com/models/<id>[/<name>][?modelVersionId=<id>] "
-        "or civitai.com/api/download/models/<version id>"
-    )
-
-
-def _civitai_version_from_query(query: str) -> int | None:
-    values = parse_qs(query).get("modelVersionId")
-    if not values:
-        return None
-    if len(values) != 1 or not DIGITS.fullmatch(values[0]):
+    if not (len(segments) in (2, 3) and segments[0] == "models" and DIGITS.fullmatch(segments[1])):
+        raise unsupported("a civitai.com URL must look like civitai.com/models/<id>[/<name>][?modelVersionId=<id>] "
+                          "or civitai.com/api/download/models/<version id>")
+    versions = parse_qs(query).get("modelVersionId")
+    if versions and (len(versions) != 1 or not DIGITS.fullmatch(versions[0])):
         raise unsupported("modelVersionId in a CivitAI URL must be one number")
-    return int(values[0])
-
-
-def _parse_plain_url(value: str, path: str) -> UrlSource:
-    _require_safetensors_name(unquote(path.rsplit("/", 1)[-1]))
-    return UrlSource(value)
+    return CivitaiModelSource(int(segments[1]), int(versions[0]) if versions else None)
 
 
 def _require_safetensors_name(name: str) -> None:
     lowered = name.lower()
     if lowered.endswith(PICKLE_SUFFIXES):
-        raise unsupported(
-            f"{name!r} is a pickle-based checkpoint, which can run code when loaded; only .safetensors files are loaded"
-        )
-    if not lowered.endswith(SAFETENSORS_SUFFIX):
+        raise unsupported(f"{name!r} is a pickle-based checkpoint, which can run code when loaded; only .safetensors "
+                          "files are loaded")
+    if not lowered.endswith(".safetensors"):
         raise unsupported(f"{name!r} is not a .safetensors file")
+
+
+def _download_to(url: str, staging: Path, credential: Credential | None, limits: DownloadLimits) -> Path:
+    target = staging / "lora.safetensors"
+    download_file(url, target, credential=credential, limits=limits)
+    return target
+
+
+def _refuse_oversized(described: str, size: float, limits: DownloadLimits) -> None:
+    """Checks sizes the services announce, before any byte of the file is fetched."""
+    if size > limits.max_bytes:
+        raise InputError(FIELD, f"{described} is {human_bytes(size)}, more than the {human_bytes(limits.max_bytes)} "
+                                f"allowed for a LoRA ({MAX_LORA_BYTES_ENV})")
+
+
+def _is_safetensors(item: dict[str, Any]) -> bool:
+    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+    return metadata.get("format") == "SafeTensor" or str(item.get("name", "")).lower().endswith(".safetensors")

@@ -32,7 +32,7 @@ from lassie.fetch.files import sha256_of
 from lassie.fetch.http import ProgressLog, human_bytes
 from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
 from lassie.settings import Settings
-from lassie.weights.lassie_lora import limits_for, lora_origin_problem, provision_lassie_lora
+from lassie.weights.lassie_lora import lora_origin_problem, provision_lassie_lora
 from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout, fail_on, writing_problem
 from lassie.weights.manifest import FileRecord, Manifest, ProvisionReport, has_size
 
@@ -264,7 +264,6 @@ def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: boo
     for plan in plans:
         fetch_hub_source(plan, access, manifest, report)
     if lassie:
-        provision_lassie_lora(layout, manifest, report, origin, verify, limits_for(settings),
-                              settings.provision.trigger_word)
+        provision_lassie_lora(layout, manifest, report, origin, verify, settings)
     layout.require_complete(lassie=lassie)
     return report

@@ -1,16 +1,10 @@
 """The Lassie LoRA: resolved once at setup, installed by one path, with the trigger word it brings.
 
-Setup takes it from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/ (`resolve`), and
-everything after (the memory plan, the adapter, the trigger word, the logs) uses the file resolved
-here. A LoRA given by address is fetched once and kept in a folder named after the address, beside
-the weights or, where they are read-only, in a writable place; a kept LoRA that fails its check at a
-start (a torn or damaged file) is fetched again once, then setup fails naming it.
-scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`
-(`provision_lassie_lora`, which records it in manifest.json).
-
-The LoRA comes through the downloader and tar rule extra LoRAs use (`lassie.fetch.http`,
-`lassie.fetch.files`), with the operator's address trusted: LASSIE_LORA_URL and COG_WEIGHTS may be
-private mirrors. A trigger word is at most 200 printable characters wherever it comes from.
+Setup takes it from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/ (`resolve`); everything after (memory plan,
+adapter, logs) uses the file resolved here. One given by address is fetched once into a folder named after the address
+(beside the weights, or a writable place where they are read-only), and again once if it fails its check at a start.
+scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`. Downloads and
+tars follow the extra LoRAs' rules, the operator's address trusted (it may be a private mirror).
 """
 
 from __future__ import annotations
@@ -27,14 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 from filelock import FileLock
 
-from lassie.fetch.files import (
-    MAX_TAR_MEMBERS,
-    UnusableSafetensorsError,
-    inspect_safetensors,
-    is_archive,
-    safetensors_from_tar,
-    sha256_of,
-)
+from lassie.fetch import files
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, TarRefused, checked_members
@@ -48,16 +35,9 @@ log = logging.getLogger(__name__)
 LORA_MEMBER = "lora.safetensors"
 TRIGGER_WORD_MEMBER = "trigger_word.txt"
 CONFIG_MEMBER = "config.yaml"
-COG_WEIGHTS_ENV = "COG_WEIGHTS"
 TRIGGER_WORD_ENV = "LASSIE_TRIGGER_WORD"
-FETCHED_LORA_DIRNAME = "fetched-lora"
 MAX_TEXT_MEMBER_BYTES = 1024**2
 MAX_TRIGGER_WORD_CHARS = 200
-# Replicate's FLUX trainer (ai-toolkit) writes `trigger_word: TOK` into the config.yaml of its output tar.
-CONFIG_TRIGGER_KEY = "trigger_word"
-
-# The operator's own LASSIE_LORA_URL may point at a private mirror, unlike a user's extra_lora.
-OPERATOR_ADDRESSES = AddressRule(allow_all=True)
 
 
 @dataclass(frozen=True)
@@ -69,19 +49,12 @@ class LassieLora:
     origin: str
 
 
-# --- where it comes from ------------------------------------------------------------------------
-
-
 def public_origin(origin: str) -> str:
     """The origin without credentials: signed URLs carry them in the query, some in user:password@."""
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https"):
         return str(Path(origin).expanduser().resolve())
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-def is_url(origin: str) -> bool:
-    return urlsplit(origin).scheme in ("http", "https")
 
 
 def origin_problem(origin: str, variable: str) -> str | None:
@@ -109,41 +82,35 @@ def lora_origin_problem(layout: WeightsLayout, origin: str | None) -> str | None
     return origin_problem(origin, LORA_URL_ENV)
 
 
-# --- the trigger word ---------------------------------------------------------------------------
-
-
 def checked_trigger_word(text: str, where: str) -> str:
     """`text` stripped, or refused naming `where` it came from: it goes into every log line and prompt hint."""
     word = text.strip()
-    if len(word) > MAX_TRIGGER_WORD_CHARS:
-        raise ProvisionError(f"the trigger word in {where} has {len(word)} characters; "
-                             f"at most {MAX_TRIGGER_WORD_CHARS} printable characters are allowed")
     unprintable = next((char for char in word if not char.isprintable()), None)
-    if unprintable is not None:
-        raise ProvisionError(f"the trigger word in {where} holds the unprintable character {unprintable!r}; "
+    if len(word) > MAX_TRIGGER_WORD_CHARS or unprintable is not None:
+        found = (f"has {len(word)} characters" if len(word) > MAX_TRIGGER_WORD_CHARS
+                 else f"holds the unprintable character {unprintable!r}")
+        raise ProvisionError(f"the trigger word in {where} {found}; "
                              f"at most {MAX_TRIGGER_WORD_CHARS} printable characters are allowed")
     return word
 
 
 def config_trigger_word(config: str) -> str | None:
-    """`trigger_word: TOK` (quoted or not, maybe a list item, maybe a comment after it) from a
-    training config.yaml, line by line: linear in the file's size, whatever it holds."""
+    """`trigger_word: TOK` (quoted or not, maybe a list item, maybe a comment after it), as Replicate's FLUX trainer
+    (ai-toolkit) writes it in its output's config.yaml; line by line: linear in the file's size, whatever it holds."""
     for line in config.splitlines():
         key, colon, value = line.lstrip(" \t-").partition(":")
-        if colon and key.rstrip() == CONFIG_TRIGGER_KEY:
-            word = value.split("#", 1)[0].strip().strip("\"'").strip()
-            if word:
-                return word
+        word = value.split("#", 1)[0].strip().strip("\"'").strip()
+        if colon and key.rstrip() == "trigger_word" and word:
+            return word
     return None
 
 
 def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | None:
-    """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its
-    config.yaml (Replicate's FLUX trainer). Members are read through the one tar policy, never
-    written anywhere."""
+    """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its config.yaml.
+    Members are read through the one tar policy, never written anywhere."""
     texts = {}
     with archive.open("rb") as source:
-        for path, _, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
+        for path, _, data in checked_members(source, TarLimits(max_members=files.MAX_TAR_MEMBERS, max_bytes=max_bytes)):
             if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and path.name not in texts:
                 texts[path.name] = data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace")
     if texts.get(TRIGGER_WORD_MEMBER, "").strip():
@@ -160,40 +127,20 @@ def trigger_word_in(path: Path) -> str:
         return checked_trigger_word(source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace"), str(path))
 
 
-def write_trigger_word(layout: WeightsLayout, word: str | None) -> None:
-    """LASSIE_TRIGGER_WORD into weights/lassie/, where scripts/download_weights.py installs the LoRA."""
-    if word and checked_trigger_word(word, TRIGGER_WORD_ENV) != layout.trigger_word():
-        layout.lassie_dir.mkdir(parents=True, exist_ok=True)
-        layout.trigger_word_file.write_text(word.strip() + "\n")
-
-
-# --- the one install path -----------------------------------------------------------------------
-
-
 def limits_for(settings: Settings) -> DownloadLimits:
-    """The Lassie LoRA's address is the operator's (any host); its fetch holds to the LoRA size cap
-    and, like a weights folder, to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
+    """The operator's address (any host), held to the LoRA size cap and, like a weights folder, to
+    LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
     deadline = Deadline(settings.provision.weights_download_timeout, WEIGHTS_DOWNLOAD_TIMEOUT_ENV,
                         "fetching the Lassie LoRA")
-    return DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=OPERATOR_ADDRESSES, deadline=deadline)
-
-
-def download_lora(url: str, staging: Path, limits: DownloadLimits, variable: str) -> Path:
-    fetched = staging / "fetched"
-    log.info("fetching the Lassie LoRA from %s", redact_url(url))
-    try:
-        download_file(url, fetched, limits=limits)
-    except FetchError as error:
-        raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {error}\n"
-                             f"{RUN_AGAIN}") from None
-    return fetched
+    return DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=AddressRule(allow_all=True),
+                          deadline=deadline)
 
 
 def lora_problem(path: Path) -> str | None:
     """What is wrong with a LoRA file (the project's one safetensors check), or None."""
     try:
-        inspect_safetensors(path)
-    except UnusableSafetensorsError as problem:
+        files.inspect_safetensors(path)
+    except files.UnusableSafetensorsError as problem:
         return str(problem)
     except FileNotFoundError:
         return "it is missing"
@@ -201,14 +148,14 @@ def lora_problem(path: Path) -> str | None:
 
 
 def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str | None:
-    """The LoRA of a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors into
-    `staged`, checked; returns the trigger word the tar names."""
-    if not is_archive(fetched):
+    """The LoRA of a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors into `staged`, checked;
+    returns the trigger word the tar names."""
+    word = None
+    if not files.is_archive(fetched):
         shutil.copyfile(fetched, staged)
-        word = None
     else:
         try:
-            safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
+            files.safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
         except TarRefused as problem:
             raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
         word = trigger_word_in_tar(fetched, described, max_bytes)
@@ -219,18 +166,22 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
 
 
 def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) -> None:
-    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and
-    the trigger word its tar names, into `folder`.
-
-    Everything is checked whole in a staging folder beside `folder` first, so a bad file never
-    replaces a good one; the LoRA goes in last, so its presence means the install finished.
-    """
+    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and the trigger
+    word its tar names, into `folder`, checked whole in a staging folder first so a bad file never replaces a good
+    one; the LoRA goes in last, so its presence means the install finished."""
     fail_on([origin_problem(origin, variable)])
     described = f"{variable} ({public_origin(origin)})"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=folder.parent) as staging_name:
         staging = Path(staging_name)
-        fetched = download_lora(origin, staging, limits, variable) if is_url(origin) else Path(origin).expanduser()
+        fetched = Path(origin).expanduser()
+        if urlsplit(origin).scheme in ("http", "https"):
+            fetched = staging / "fetched"
+            log.info("fetching the Lassie LoRA from %s", redact_url(origin))
+            try:
+                download_file(origin, fetched, limits=limits)
+            except FetchError as error:
+                raise ProvisionError(f"downloading the Lassie LoRA ({variable}) failed: {error}\n{RUN_AGAIN}") from None
         word = unpack(fetched, staging / LORA_MEMBER, described, limits.max_bytes)
         if word:
             (staging / TRIGGER_WORD_MEMBER).write_text(word + "\n")
@@ -247,28 +198,27 @@ def recorded_from(layout: WeightsLayout, manifest: Manifest, origin: str, verify
 
 
 def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: ProvisionReport, origin: str | None,
-                          verify: bool, limits: DownloadLimits | None = None, trigger_word: str | None = None) -> None:
-    """Installs the LoRA from `origin` (see lora_origin_problem) into weights/lassie/ and records it;
-    no origin, or the one recorded from it still whole, keeps the one in place. LASSIE_TRIGGER_WORD
-    (`trigger_word`) goes beside it either way."""
+                          verify: bool, settings: Settings = Settings()) -> None:
+    """Installs the LoRA from `origin` (see lora_origin_problem) into weights/lassie/ and records it; no origin, or
+    the one recorded from it still whole, keeps the one in place. LASSIE_TRIGGER_WORD goes beside it either way."""
     name = manifest.name_of(layout.lassie_lora)
     if origin and not recorded_from(layout, manifest, origin, verify):
-        install(origin, layout.lassie_dir, LORA_URL_ENV, limits or DownloadLimits(rule=OPERATOR_ADDRESSES))
+        install(origin, layout.lassie_dir, LORA_URL_ENV, limits_for(settings))
         size = layout.lassie_lora.stat().st_size
         report.add_fetched(name, size)
         manifest.record(layout.lassie_lora, FileRecord(public_origin(origin), None, size,
-                                                       sha256_of(layout.lassie_lora)))
+                                                       files.sha256_of(layout.lassie_lora)))
     else:
         report.kept.append(name)
-    write_trigger_word(layout, trigger_word)
-
-
-# --- setup: resolved once -----------------------------------------------------------------------
+    word = settings.provision.trigger_word
+    if word and checked_trigger_word(word, TRIGGER_WORD_ENV) != layout.trigger_word():
+        layout.lassie_dir.mkdir(parents=True, exist_ok=True)
+        layout.trigger_word_file.write_text(word.strip() + "\n")
 
 
 def kept_lora(origin: str, place: Path, variable: str, limits: DownloadLimits) -> Path:
-    """The folder in `place` holding the LoRA from `origin`, named after the address, so that a
-    restart fetches nothing; one whose LoRA fails its check is fetched again once."""
+    """The folder in `place` holding the LoRA from `origin`, named after the address, so that a restart fetches
+    nothing; one whose LoRA fails its check is fetched again once."""
     keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
     with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
         problem = lora_problem(keep / LORA_MEMBER)
@@ -283,10 +233,8 @@ def kept_lora(origin: str, place: Path, variable: str, limits: DownloadLimits) -
 
 
 def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
-    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/.
-
-    The trigger word is the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD.
-    """
+    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/; its trigger word
+    is the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD."""
     origin = settings.provision.lassie_origin
     configured = checked_trigger_word(settings.provision.trigger_word or "", TRIGGER_WORD_ENV)
     # scripts/download_weights.py may have installed LASSIE_LORA_URL into weights/lassie/ already.
@@ -295,8 +243,8 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
                           and lora_problem(layout.lassie_lora) is None):
         return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
                           str(layout.lassie_dir))
-    variable = COG_WEIGHTS_ENV if settings.provision.cog_weights else LORA_URL_ENV
-    place = writable_place("fetched Lassie LoRA", layout.root / FETCHED_LORA_DIRNAME)
-    keep = kept_lora(origin, place, variable, limits_for(settings))
+    variable = "COG_WEIGHTS" if settings.provision.cog_weights else LORA_URL_ENV
+    keep = kept_lora(origin, writable_place("fetched Lassie LoRA", layout.root / "fetched-lora"), variable,
+                     limits_for(settings))
     return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,
                       f"{variable} ({public_origin(origin)})")

@@ -1,14 +1,12 @@
 """The weights directory: where each model lives, what is missing from it and what is damaged.
 
-Real FLUX checkpoints are sharded (`*.safetensors.index.json` plus shards) and tiny ones are
-not; both layouts are accepted, and nothing here ever asks which kind of weights these are.
+Real FLUX checkpoints are sharded (`*.safetensors.index.json` plus shards) and tiny ones are not; both layouts are
+accepted, and nothing here ever asks which kind of weights these are.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from lassie.fetch.files import UnusableSafetensorsError, inspect_safetensors
@@ -22,9 +20,6 @@ RUN_AGAIN = "Files finished so far are kept; run again to resume."
 
 # The top-level folders of the layout, each fetched whole when it comes from a tar.
 LAYOUT_FOLDERS = ("flux-dev", "flux-schnell", "safety", "lassie")
-
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
-TRANSFORMERS_WEIGHTS = "model"
 
 
 class MissingWeightsError(RuntimeError):
@@ -74,76 +69,40 @@ def _model_files_missing(directory: Path, stem: str) -> list[Path]:
     return missing + [directory / shard for shard in shards if not (directory / shard).is_file()]
 
 
-def _any_missing(directory: Path, names: tuple[str, ...]) -> list[Path]:
-    """One of `names` must exist (e.g. a T5 tokenizer as tokenizer.json or spiece.model)."""
-    if any((directory / name).is_file() for name in names):
-        return []
-    return [directory / names[0]]
-
-
-@dataclass(frozen=True)
 class WeightsLayout:
-    root: Path
+    """Where each model lives under `root`."""
 
-    @property
-    def dev_dir(self) -> Path:
-        return self.root / "flux-dev"
-
-    @property
-    def schnell_dir(self) -> Path:
-        return self.root / "flux-schnell"
-
-    @property
-    def lassie_dir(self) -> Path:
-        return self.root / "lassie"
-
-    @property
-    def lassie_lora(self) -> Path:
-        return self.lassie_dir / "lora.safetensors"
-
-    @property
-    def trigger_word_file(self) -> Path:
-        return self.lassie_dir / "trigger_word.txt"
-
-    @property
-    def compvis_dir(self) -> Path:
-        return self.root / "safety" / "compvis"
-
-    @property
-    def falcon_dir(self) -> Path:
-        return self.root / "safety" / "falcon"
-
-    @property
-    def lora_cache_dir(self) -> Path:
-        return self.root / "lora-cache"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dev_dir = root / "flux-dev"
+        self.schnell_dir = root / "flux-schnell"
+        self.lassie_dir = root / "lassie"
+        self.lassie_lora = self.lassie_dir / "lora.safetensors"
+        self.trigger_word_file = self.lassie_dir / "trigger_word.txt"
+        self.compvis_dir = root / "safety" / "compvis"
+        self.falcon_dir = root / "safety" / "falcon"
+        self.lora_cache_dir = root / "lora-cache"
+        self.manifest = root / "manifest.json"
 
     def trigger_word(self) -> str:
         return self.trigger_word_file.read_text().strip() if self.trigger_word_file.is_file() else ""
 
-    def missing_paths(self, lassie: bool = True) -> list[Path]:
-        """`lassie` False: the Lassie LoRA comes from elsewhere (COG_WEIGHTS, LASSIE_LORA_URL)."""
+    def missing(self, lassie: bool = True) -> list[str]:
+        """Missing files, relative to the weights directory, for messages people can act on; `lassie` False: the
+        Lassie LoRA comes from elsewhere (COG_WEIGHTS, LASSIE_LORA_URL). A tokenizer may take either of two forms."""
         dev, schnell = self.dev_dir, self.schnell_dir
         required = (dev / "model_index.json", dev / "scheduler" / "scheduler_config.json",
                     schnell / "scheduler" / "scheduler_config.json", *([self.lassie_lora] if lassie else []),
                     self.compvis_dir / "preprocessor_config.json", self.falcon_dir / "preprocessor_config.json")
         missing = [path for path in required if not path.is_file()]
-        for directory, stem in ((dev / "transformer", DIFFUSERS_WEIGHTS), (dev / "vae", DIFFUSERS_WEIGHTS),
-                                (dev / "text_encoder", TRANSFORMERS_WEIGHTS),
-                                (dev / "text_encoder_2", TRANSFORMERS_WEIGHTS),
-                                (schnell / "transformer", DIFFUSERS_WEIGHTS), (self.compvis_dir, TRANSFORMERS_WEIGHTS),
-                                (self.falcon_dir, TRANSFORMERS_WEIGHTS)):
-            missing += _model_files_missing(directory, stem)
-        missing += _any_missing(dev / "tokenizer", ("tokenizer.json", "vocab.json"))
-        missing += _any_missing(dev / "tokenizer_2", ("tokenizer.json", "spiece.model"))
-        return missing
-
-    def missing(self, lassie: bool = True) -> list[str]:
-        """Missing files, relative to the weights directory, for messages people can act on."""
-        return [path.relative_to(self.root).as_posix() for path in self.missing_paths(lassie)]
+        for directory in (dev / "transformer", dev / "vae", dev / "text_encoder", dev / "text_encoder_2",
+                          schnell / "transformer", self.compvis_dir, self.falcon_dir):
+            diffusers = directory.name in ("transformer", "vae")  # the others are transformers' models
+            missing += _model_files_missing(directory, "diffusion_pytorch_model" if diffusers else "model")
+        for tokenizer, names in ((dev / "tokenizer", ("tokenizer.json", "vocab.json")),
+                                 (dev / "tokenizer_2", ("tokenizer.json", "spiece.model"))):
+            missing += [] if any((tokenizer / name).is_file() for name in names) else [tokenizer / names[0]]
+        return [path.relative_to(self.root).as_posix() for path in missing]
 
     def require_complete(self, lassie: bool = True) -> None:
         missing = self.missing(lassie)
@@ -155,24 +114,15 @@ class WeightsLayout:
             )
 
 
-# --- the folder check ---------------------------------------------------------------------------
-
-
-def layout_files(folder: Path) -> list[Path]:
-    """The files of a layout folder, without hidden folders (huggingface_hub's `.cache/` metadata)."""
-    found = []
-    for parent, folders, files in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        found += [Path(parent, name) for name in sorted(files)]
-    return found
-
-
 def file_problems(folder: Path, name: str) -> list[str]:
-    """What is wrong with the files of a layout folder, cheap enough for every start (no hashing):
-    each JSON file parses, each safetensors header parses and its tensors fit the file's size."""
+    """What is wrong with a layout folder's files (hidden folders, huggingface_hub's `.cache/`, aside), cheap enough
+    for every start (no hashing): each JSON file parses, each safetensors header parses and fits the file's size."""
     problems = []
-    for path in layout_files(folder):
-        shown = f"{name}/{path.relative_to(folder).as_posix()}"
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parent.parts) or not path.is_file():
+            continue
+        shown = f"{name}/{relative.as_posix()}"
         try:
             if path.suffix == ".json":
                 json.loads(path.read_bytes())
@@ -188,8 +138,8 @@ def file_problems(folder: Path, name: str) -> list[str]:
 
 
 def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]:
-    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a
-    JSON file that does not parse), with what is wrong."""
+    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a JSON file that does
+    not parse), with what is wrong."""
     wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
     found = {folder: file_problems(layout.root / folder, folder) for folder in wanted}
     return {folder: problems for folder, problems in found.items() if problems}
@@ -200,6 +150,6 @@ def damage_problem(layout: WeightsLayout, damaged: dict[str, list[str]]) -> str 
     if not damaged:
         return None
     described = "\n".join(f"{layout.root / folder} is damaged: {'; '.join(problems)}"
-                           for folder, problems in damaged.items())
+                          for folder, problems in damaged.items())
     return (f"{described}\nSet {WEIGHTS_URL_ENV} (or the folder's own URL) to fetch it again from its tar, or remove "
             f"it and run `{PROVIDE_COMMAND} {layout.root}`.")

@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 from lassie.settings import FOLDER_URL_ENVS, WEIGHTS_URL_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder, remove_leftovers
 from lassie.weights.hub import provision
-from lassie.weights.lassie_lora import limits_for, lora_origin_problem, provision_lassie_lora
+from lassie.weights.lassie_lora import lora_origin_problem, provision_lassie_lora
 from lassie.weights.layout import (
     LAYOUT_FOLDERS,
     RUN_AGAIN,
@@ -149,8 +149,7 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
     fail_on([lora_origin_problem(layout, origin) if origin else None])
     fetched = fetch_missing_folders(layout, settings, lassie=origin is None)
     if origin:
-        provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False,
-                              limits_for(settings), settings.provision.trigger_word)
+        provision_lassie_lora(layout, Manifest.load(layout.manifest), ProvisionReport(), origin, False, settings)
     layout.require_complete()
     fail_on([damage_problem(layout, damaged_folders(layout, lassie=True))])
     return fetched
