@@ -28,7 +28,7 @@ from fake_services import FakeServices, services  # noqa: F401 (fixture)
 from helpers import folder_tar, make_lora, make_tar, training_output_tar
 from lassie.fetch.lora_cache import LoraCache
 from lassie.fetch.lora_sources import identify
-from lassie.fetch.tars import SHOWN_NAME_CHARS, TarLimits, TarRefused, check_tree, unpack
+from lassie.fetch.tars import READ_BYTES, SHOWN_NAME_CHARS, TarLimits, TarRefused, check_tree, unpack
 from lassie.predictor import Lassie
 from lassie.request.errors import InputError
 from lassie.settings import Settings
@@ -90,17 +90,17 @@ def bomb_start(compress: Callable[[bytes], bytes]) -> bytes:
 
 
 class Trickle(io.RawIOBase):
-    """A stream handing out at most 1000 bytes per read, as a slow socket does."""
+    """A stream handing out at most `step` bytes per read, as a slow socket does."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, step: int = 1000) -> None:
         super().__init__()
-        self.data = io.BytesIO(data)
+        self.data, self.step = io.BytesIO(data), step
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:
-        chunk = self.data.read(min(len(buffer), 1000))
+        chunk = self.data.read(min(len(buffer), self.step))
         buffer[:len(chunk)] = chunk
         return len(chunk)
 
@@ -174,6 +174,70 @@ def test_a_cut_tar_is_refused(tmp_path: Path, cut: str) -> None:
     said = refusal(cut_data, tmp_path)
     assert said in ("ends without its end-of-archive blocks: it was cut short or is damaged",
                     'ends inside "a.bin": it was cut short', 'ends inside "b.bin": it was cut short')
+
+
+def test_a_file_named_twice_is_refused(tmp_path: Path) -> None:
+    assert refusal(tar_of(("a", b"first"), ("a", b"second")), tmp_path) == 'holds "a" twice'
+    assert (tmp_path / "out" / "a").read_bytes() == b"first"
+    assert refusal(tar_of(entry("a", tarfile.DIRTYPE), ("a", b"x")), tmp_path / "folder") == 'holds "a" twice'
+
+
+def test_a_member_below_a_file_of_the_same_name_is_refused(tmp_path: Path) -> None:
+    for number, below in enumerate([("a/b", b"x"), ("a/b/c", b"x"), entry("a/b", tarfile.DIRTYPE)]):
+        said = refusal(tar_of(("a", b"file"), below), tmp_path / str(number))
+        name = below.name if isinstance(below, tarfile.TarInfo) else below[0]
+        assert said == f'holds "{name}" below a file of the same name'
+
+
+def test_a_member_name_with_control_characters_is_refused_shown_sanitised(tmp_path: Path) -> None:
+    said = refusal(tar_of(("lora\x1b[31m\r\nERROR\x7f\u202e.safetensors", b"x")), tmp_path)
+    assert said == 'holds a member whose name has control characters, "lora?[31m??ERROR??.safetensors"'
+    assert said.isprintable() and list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_file_without_a_name_is_refused(tmp_path: Path) -> None:
+    for number, name in enumerate(["", ".", "./", "././/."]):
+        assert refusal(tar_of((name, b"x")), tmp_path / str(number)) == f'holds a file without a name, "{name}"'
+
+
+# tarfile reads READ_BYTES at a time after the MAGIC_BYTES (6) sniffed for compression, so its reads end 6 bytes
+# into a block: end-of-archive blocks starting at READ_BYTES cross a read boundary, one block earlier they need bytes
+# tarfile has not read yet, later ones lie just past a read. The source's own reads are shorter than a block, as a
+# slow socket's are: the BufferedReader must still hand tarfile whole reads.
+END_OFFSETS = [READ_BYTES + blocks * tarfile.BLOCKSIZE for blocks in range(-3, 4)] + [
+    2 * READ_BYTES - tarfile.BLOCKSIZE, 2 * READ_BYTES]
+READERS: dict[str, Callable[[bytes], io.BufferedReader]] = {
+    "whole reads": lambda data: io.BufferedReader(io.BytesIO(data), 4 * 1024**2),
+    "333-byte reads": lambda data: io.BufferedReader(Trickle(data, step=333)),
+}
+
+
+def tar_ending_at(end: int) -> tuple[bytes, bytes]:
+    """A tar of a small file and a big one whose data (padding included) ends at `end`, where its end blocks start."""
+    big = os.urandom(end - 3 * tarfile.BLOCKSIZE - 7)
+    data = tar_of(("small.txt", b"hi"), ("big.bin", big))
+    assert len(without_end(data)) == end
+    return data, big
+
+
+@pytest.mark.parametrize("reads", list(READERS))
+def test_end_blocks_are_found_wherever_they_fall_against_the_reads(tmp_path: Path, reads: str) -> None:
+    for end in END_OFFSETS:
+        data, big = tar_ending_at(end)
+        unpack(READERS[reads](data), tmp_path / str(end), LIMITS)
+        assert (tmp_path / str(end) / "big.bin").read_bytes() == big
+        assert (tmp_path / str(end) / "small.txt").read_bytes() == b"hi"
+
+
+@pytest.mark.parametrize("reads", list(READERS))
+def test_end_blocks_cut_or_replaced_by_junk_are_refused_wherever_they_fall(tmp_path: Path, reads: str) -> None:
+    junk = b"not a tar header, junk after the last member\n" * 40
+    for end in END_OFFSETS:
+        cut = without_end(tar_ending_at(end)[0])
+        for number, ending in enumerate([b"", bytes(tarfile.BLOCKSIZE), junk, bytes(tarfile.BLOCKSIZE) + junk]):
+            with pytest.raises(TarRefused) as caught:
+                unpack(READERS[reads](cut + ending), tmp_path / f"{end}-{number}", LIMITS)
+            assert str(caught.value) == "ends without its end-of-archive blocks: it was cut short or is damaged"
 
 
 @pytest.mark.parametrize(("limits", "said"), [
