@@ -1,10 +1,8 @@
-"""Every library internal lassie still relies on, in one place, each with why no public call does it.
-
-Checked against the versions in `CHECKED_AGAINST` (a test holds the installed ones to them, so an
-upgrade is an audit of this module only). Everything else uses public calls: diffusers'
-`load_lora_into_transformer(..., hotswap=True)`, `add_adapter`, `set_adapter`, `enable_lora`,
-`disable_lora`, `delete_adapters`; PEFT's `set_scale` and `prepare_model_for_compiled_hotswap`.
-"""
+"""Every library internal lassie still relies on, each with why no public call does it. Checked against
+`CHECKED_AGAINST` (a test holds the installed versions to them, so an upgrade is an audit of this module only).
+Everything else uses public calls: diffusers' `load_lora_into_transformer(..., hotswap=True)`, `add_adapter`,
+`set_adapter`, `enable_lora`, `disable_lora`, `delete_adapters`; PEFT's `set_scale` and
+`prepare_model_for_compiled_hotswap`."""
 
 from __future__ import annotations
 
@@ -16,18 +14,15 @@ from peft.utils.other import get_pattern_key
 
 CHECKED_AGAINST = {"diffusers": "0.42.1", "peft": "0.21.2", "torch": "2.13.0"}
 
-# The batch dimension of the inputs of diffusers' FluxTransformerBlock and
-# FluxSingleTransformerBlock forwards (they share the argument names), as torch.compile names
-# them (`torch.compiler.config.unbacked_sources`): traced unbacked, so batch 1 is not specialised
-# and one graph serves every batch.
+# The batch dimension of the inputs of diffusers' FluxTransformerBlock and FluxSingleTransformerBlock forwards, as
+# torch.compile names them (`torch.compiler.config.unbacked_sources`): traced unbacked, so one graph serves every batch.
 FLUX_BLOCK_BATCH_DIMENSIONS = "L['hidden_states']:0,L['encoder_hidden_states']:0,L['temb']:0"
 
 
 def transformer_lora_config(state_dict: dict[str, torch.Tensor], alphas: dict | None, metadata: dict | None,
                             ranks: dict[str, int]) -> LoraConfig:
-    """The LoraConfig diffusers' own loader builds for a state dict (ranks, network alphas or
-    saved metadata, rsLoRA): the same function, so a slot bakes in the alpha/r a named adapter
-    would get. diffusers has no public call for it."""
+    """The LoraConfig diffusers' own loader builds for a state dict (ranks, network alphas or saved metadata, rsLoRA),
+    so a slot bakes in the alpha/r a named adapter would get. diffusers has no public call for it."""
     return _create_lora_config(state_dict, alphas, metadata, ranks)
 
 
@@ -37,13 +32,13 @@ def config_value(patterns: dict, module: str, default):
 
 
 def set_text_encoder_adapters(text_encoder: torch.nn.Module, names: list[str], weights: list[float]) -> None:
-    """Activate `names` at `weights` on the text encoder: what the pipeline's `set_adapters` does
-    for its text encoder, without touching the transformer (whose scales are tensors)."""
+    """What the pipeline's `set_adapters` does for its text encoder, without touching the transformer (whose scales
+    are tensors)."""
     set_adapters_for_text_encoder(names, text_encoder, weights)
 
 
 def delete_text_encoder_adapter(text_encoder: torch.nn.Module, name: str) -> None:
-    """Remove `name`'s layers (also a half-loaded adapter's) and config from the text encoder;
-    transformers' own `delete_adapter` refuses an adapter whose config never arrived."""
+    """Remove `name`'s layers (also a half-loaded adapter's) and config from the text encoder; transformers' own
+    `delete_adapter` refuses an adapter whose config never arrived."""
     delete_adapter_layers(text_encoder, name)
     getattr(text_encoder, "peft_config", {}).pop(name, None)
