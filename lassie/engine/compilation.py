@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lassie.engine.hardware import DeviceInfo
+from lassie.engine.internals import enable_compile_caches, raise_recompile_limit
 from lassie.fetch.storage import writable_place
 from lassie.settings import (
     COMPILE_BACKEND_ENV,
@@ -44,7 +45,7 @@ def compile_setting(settings: CompileSettings, device: DeviceInfo) -> CompileSet
     device, so tests run the compiled path. A backend this torch lacks fails setup (`aot_eager` specialises as inductor)."""
     if settings.requested is False:
         return CompileSetting(False, reason=f"{COMPILE_ENV} is off")
-    backends = torch._dynamo.list_backends(exclude_tags=())
+    backends = torch.compiler.list_backends(exclude_tags=())
     if settings.backend not in backends:
         raise SettingError(COMPILE_BACKEND_ENV, f"one of {', '.join(sorted(backends))}", settings.backend)
     if settings.requested is None and device.kind != "cuda":
@@ -129,12 +130,7 @@ def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device
         log.warning("%s; compiled kernels will not outlive this process", error)
         return None
     os.environ[INDUCTOR_CACHE_ENV] = str(directory)
-    import torch._functorch.config
-    import torch._inductor.config
-
-    torch._inductor.config.fx_graph_cache = True
-    torch._inductor.config.autotune_local_cache = True
-    torch._functorch.config.enable_autograd_cache = True
+    enable_compile_caches()
     return CompileCache(directory, directory / name, beside_weights / name if directory != beside_weights else None)
 
 
@@ -149,7 +145,7 @@ def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None
     """Regional compile of the repeated blocks, in place (module names and PEFT keys unchanged): one graph per block
     class serves all 57 blocks of dev and schnell. `dynamic=True` serves every output size; LoRA scales are tensors
     (`lassie.engine.adapters`), so changing them never recompiles. Modes are inductor's only."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    raise_recompile_limit(RECOMPILE_LIMIT)
     inductor_mode = setting.backend == DEFAULT_COMPILE_BACKEND and setting.mode != DEFAULT_COMPILE_MODE
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=setting.mode if inductor_mode else None,
                                         backend=setting.backend)

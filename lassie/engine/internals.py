@@ -2,9 +2,11 @@
 `CHECKED_AGAINST` (a test holds the installed versions to them, so an upgrade is an audit of this module only).
 Everything else uses public calls: diffusers' `load_lora_into_transformer(..., hotswap=True)`, `add_adapter`,
 `set_adapter`, `enable_lora`, `disable_lora`, `delete_adapters`; PEFT's `set_scale` and
-`prepare_model_for_compiled_hotswap`."""
+`prepare_model_for_compiled_hotswap`; torch's `torch.compiler.list_backends` and `torch.compiler.config`."""
 
 from __future__ import annotations
+
+import traceback
 
 import torch
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
@@ -42,3 +44,37 @@ def delete_text_encoder_adapter(text_encoder: torch.nn.Module, name: str) -> Non
     `delete_adapter` refuses an adapter whose config never arrived."""
     delete_adapter_layers(text_encoder, name)
     getattr(text_encoder, "peft_config", {}).pop(name, None)
+
+
+# Where torch's compiler runs: dynamo's frames, AOTAutograd's runtime wrappers and inductor's generated code.
+COMPILER_MODULES = ("torch._dynamo.", "torch._functorch.", "torch._inductor.")
+
+
+def enable_compile_caches() -> None:
+    """Inductor's FX graph and autotune caches and AOTAutograd's cache, so the kernels in TORCHINDUCTOR_CACHE_DIR are
+    reused; torch reads their variables only at import, and has no public switch after it."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = True
+    torch._inductor.config.autotune_local_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Dynamo's per-code-object cache size: every output size and precision of a block shares one code object."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
+def compiled_graph_count() -> int:
+    """The graphs dynamo has compiled in this process (its own counter; torch.compiler offers none)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def raised_in_compiled_code(error: BaseException) -> bool:
+    """Whether `error` came through torch's compiler, as every compiled block's does: a pipeline's input checks, the
+    VAE's and the text encoders' errors would not change if run again eagerly."""
+    return any(frame.f_globals.get("__name__", "").startswith(COMPILER_MODULES)
+               for frame, _ in traceback.walk_tb(error.__traceback__))
