@@ -13,7 +13,7 @@ from pathlib import Path
 from lassie.engine.adapters import slot_rank_for
 from lassie.engine.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
 from lassie.engine.generate import generate
-from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, precision_of, requested_mode
+from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, requested_mode
 from lassie.engine.hardware import DeviceInfo, query_device
 from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory
 from lassie.engine.models import FluxModels, load_models, prepare_for_speed
@@ -146,8 +146,7 @@ class Lassie:
                 if extra is not None and error.field == EXTRA_LORA_FIELD:
                     self.lora_cache.forget(extra)
                 raise
-        self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
-        log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
+        log.info("precision: %s", self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype))
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
                 self.models.pipeline(plan.model, plan.mode, transformer), plan, prepared.inputs))

@@ -1,16 +1,10 @@
-"""LoRAs on the shared text encoder and the transformers: each file converted to diffusers keys and checked against FLUX
-before anything touches the model (`read_lora`), then loaded as PEFT adapters and made active at a scale.
-
-Every LoRA stays a separate, unmerged PEFT adapter whose scale PEFT's `set_scale` recomputes from scratch: exact, never
-drifting the base weights, applied once (never through `joint_attention_kwargs`). Every request runs the same active
-set (pinned LoRAs at any scale, 0 included; the slot at 0 without an extra LoRA) and on the transformers each `scaling`
-is a 0-dim tensor written in place (as a float AOTAutograd would bake it in): one graph set for every `lora_scale`.
-Slot mode (`slot_rank`, for compiled transformers): a new adapter name makes torch.compile trace the blocks again, so
-each transformer carries one zero LoRA of rank `slot_rank` over every linear (`SLOT_ADAPTER`) and an extra LoRA up to
-that rank is copied into it in place (diffusers' hot-swap); its text-encoder part (never compiled) loads under its own
-name. A LoRA is converted once and kept on the CPU; it loads lazily into the transformer a request uses, and a failed
-load removes every trace of itself.
-"""
+"""LoRAs on the shared text encoder and the transformers (docs/go_fast.md, "Compile, and switching LoRAs without
+recompiling"): each file converted to diffusers keys and checked against FLUX before anything touches the model
+(`read_lora`), converted once and kept on the CPU, then loaded lazily as an unmerged PEFT adapter (never drifting the
+base weights) into the transformer a request uses; a failed load removes every trace of itself. Every request runs the
+same active set, each transformer `scaling` a 0-dim tensor written in place: one graph set for every scale. With a
+`slot_rank` (compiled transformers, where a new adapter name recompiles) an extra LoRA is hot-swapped into one zero
+LoRA of that rank over every linear (`SLOT_ADAPTER`); its text-encoder part (not compiled) loads under its own name."""
 
 from __future__ import annotations
 

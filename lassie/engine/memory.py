@@ -1,10 +1,8 @@
-"""What stays resident on the GPU, and whether the worst request still fits beside it (docs/go_fast.md, "Memory plan").
-
-Computed, not asserted: the parameters of every resident module, built on the meta device from its config, and the
-Lassie LoRA's adapter on each transformer, weighed against the device's memory, the working memory of the worst
-request the schema allows and `HEADROOM_BYTES` more (the activation figure is an estimate). When not even the leanest
-arrangement fits, setup fails with the memory it needs: never an OOM in a request.
-"""
+"""What stays resident on the GPU, and whether the worst request still fits beside it (docs/go_fast.md, "Memory plan"):
+every resident module's parameters counted on the meta device from its config, and the Lassie adapter on each
+transformer, against the device's memory less the worst request the schema allows and `HEADROOM_BYTES` (the activation
+figure is an estimate). When not even the leanest arrangement fits, setup fails with the memory it needs, never an OOM
+in a request."""
 
 from __future__ import annotations
 

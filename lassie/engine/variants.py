@@ -1,11 +1,7 @@
 """The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their LoRA adapters,
-compilation and warm-up. Every request runs the same adapter set, so warm-up compiles one graph set per precision.
-
-`run()` keeps compiling out of requests: after warm-up they run under `fail_on_recompile`, and one needing a graph
-warm-up did not make runs under `eager_on_recompile`, with a warning naming the failed guards. A compiled call raising
-anything else through torch's compiler runs again eagerly; if that works the variant stays eager (one warning). A
-compile failing at setup leaves the server eager, and go_fast copies that cannot be built leave go_fast on bf16.
-"""
+compilation and warm-up (docs/go_fast.md, "Compile, and switching LoRAs without recompiling"). Every request runs the
+same adapter set, so warm-up compiles one graph set per precision, and no request compiles (`run`). A compile failing
+at setup leaves the server eager, and go_fast copies that cannot be built leave go_fast on bf16."""
 
 from __future__ import annotations
 
@@ -111,29 +107,29 @@ class TransformerVariants:
         """The variant with Lassie and `extra` (adapter name, the LoRA's cache key, and file) active at these scales. A
         new extra LoRA joins the kept ones (`KEPT_EXTRA_LORAS`); one that fails to load leaves the previous state."""
         scales = {LASSIE_ADAPTER: lassie_scale}
-        new_extra = name = None
         if extra is not None:
             name, path = extra
-            if name not in self.adapters.names():
+            new = name not in self.adapters.names()
+            if new:
                 self.adapters.add(name, path)
-                new_extra = name
             scales[name] = extra_scale
         try:
             self.adapters.activate(variant, scales)
         except Exception:
-            if new_extra:
-                self.adapters.remove(new_extra)
-            self._extras = [kept for kept in self._extras if kept in self.adapters.names()]
+            if extra is not None and new:
+                self.adapters.remove(name)
             raise
-        if name is not None:  # the most recently used; the least recently used beyond the limit are removed
-            self._extras = [kept for kept in self._extras if kept != name] + [name]
+        if extra is not None:  # the most recently used last; the least recently used beyond the limit are removed
+            self._extras = [kept for kept in self._extras if kept != name and kept in self.adapters.names()] + [name]
             while len(self._extras) > (KEPT_EXTRA_LORAS if self.adapters.slot_rank else 1):
                 self.adapters.remove(self._extras.pop(0))
         log.info("LoRA scales: %s", ", ".join(f"{name}={scale:g}" for name, scale in scales.items()))
         return self.transformer(variant)
 
     def run(self, variant: Variant, call: Callable[[], T]) -> T:
-        """`call` (one pipeline call of `variant`) under the stance warm-up left; see the module docstring."""
+        """`call` (one pipeline call of `variant`) under `fail_on_recompile` after warm-up; one needing a graph warm-up
+        did not make runs under `eager_on_recompile` (a warning names the failed guards), and one failing otherwise in
+        torch's compiler runs again eagerly (`_run_eagerly_after`)."""
         if self._stance is None:
             return call()
         stance = "force_eager" if variant in self._eager_variants else self._stance
