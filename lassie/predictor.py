@@ -138,10 +138,8 @@ class Lassie:
         refused for its content leaves the cache."""
         plan, extra = prepared.plan, prepared.extra_lora
         with timed("applying LoRAs"):
-            variant = self.variants.variant_for(plan.model, plan.go_fast)
             try:
-                transformer = self.variants.ready(variant, plan.lora_scale, None if extra is None else
-                                                  (extra.lora.key, extra.path), plan.extra_lora_scale)
+                variant, transformer = self.variants.ready(plan, extra)
             except InputError as error:
                 if extra is not None and error.field == EXTRA_LORA_FIELD:
                     self.lora_cache.forget(extra)

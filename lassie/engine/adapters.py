@@ -303,15 +303,12 @@ class LoraAdapters:
         state.active = dict(transformer_scales)
         encoder_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
         if encoder_scales != self._text_encoder_active:
-            self._activate_text_encoder(encoder_scales)
+            tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
+            if tuner_layers:
+                set_text_encoder_adapters(self._text_encoder, list(encoder_scales), list(encoder_scales.values()))
+            for layer in tuner_layers:
+                layer.enable_adapters(bool(encoder_scales))
             self._text_encoder_active = encoder_scales
-
-    def _activate_text_encoder(self, scales: dict[str, float]) -> None:
-        tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
-        if tuner_layers:
-            set_text_encoder_adapters(self._text_encoder, list(scales), list(scales.values()))
-        for layer in tuner_layers:
-            layer.enable_adapters(bool(scales))
 
     def _ensure_named(self, name: str, key: Hashable) -> None:
         lora, state = self._loras[name], self._transformers[key]
@@ -339,10 +336,9 @@ class LoraAdapters:
             self._text_encoder_active = None
 
     def _ensure_slot(self, key: Hashable) -> None:
-        """A zero LoRA of the slot's rank on every linear (the PEFT wrapper's name, not its base layer's), before the
-        transformer's first run (later it would change the modules under compiled blocks: a recompile) or when a failed
-        swap lost it. Every linear: a LoRA swaps only into layers the slot wraps, and FLUX LoRAs train any (kohya's the
-        AdaLN modulation too). alpha = r: scaling 1."""
+        """A zero LoRA of the slot's rank (alpha = r: scaling 1) on every linear, named as PEFT's wrapper: a LoRA swaps
+        only into layers the slot wraps, and FLUX LoRAs train any (kohya's the AdaLN modulation too). Made before the
+        first run (later it would change modules under compiled blocks: a recompile) or when a failed swap lost it."""
         module = self._transformers[key].module
         if _has_adapter(module, SLOT_ADAPTER):
             return

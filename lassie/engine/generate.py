@@ -73,9 +73,8 @@ def pipeline_arguments(plan: Plan, inputs: Inputs) -> dict:
 
 def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs) -> list[Image.Image]:
     """Encode the prompt, then run the pipeline on N copies of its embeddings and one image each: exactly how diffusers
-    batches `num_images_per_prompt` (same latents shape, same noise), which passes given embeddings through as they
-    are. prompt_strength 0 (the schema's 1.0 destroys all of the input image) runs no step, which diffusers refuses:
-    each output is then the input image at the output size."""
+    batches `num_images_per_prompt` (same latents, same noise). prompt_strength 0 (the schema's 1.0 destroys all of the
+    input image) runs no step, which diffusers refuses: each output is the input image at the output size."""
     if plan.mode is not Mode.TXT2IMG and plan.steps_run == 0:
         return [inputs.image.copy() for _ in range(plan.num_outputs)]
     with torch.inference_mode():

@@ -153,12 +153,11 @@ class ModelConfigs:
     @classmethod
     def of_layout(cls, layout: WeightsLayout, lassie_lora: Path) -> ModelConfigs:
         """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
-        return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
-                                 "schnell": layout.schnell_dir / "transformer" / "config.json"},
-                   t5=layout.dev_dir / "text_encoder_2" / "config.json",
-                   clip=layout.dev_dir / "text_encoder" / "config.json", vae=layout.dev_dir / "vae" / "config.json",
-                   compvis=layout.compvis_dir / "config.json", falcon=layout.falcon_dir / "config.json",
-                   lassie_lora=lassie_lora)
+        dev, config = layout.dev_dir, "config.json"
+        transformers = {"dev": dev / "transformer" / config, "schnell": layout.schnell_dir / "transformer" / config}
+        return cls(transformers=transformers,
+                   t5=dev / "text_encoder_2" / config, clip=dev / "text_encoder" / config, vae=dev / "vae" / config,
+                   compvis=layout.compvis_dir / config, falcon=layout.falcon_dir / config, lassie_lora=lassie_lora)
 
 
 def footprint_from_configs(configs: ModelConfigs) -> Footprint:

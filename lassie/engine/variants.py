@@ -23,7 +23,8 @@ from lassie.engine.go_fast import FastMode, GoFastPlan, decide_go_fast, quantize
 from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS, compiled_graph_count, raised_in_compiled_code
 from lassie.engine.memory import MemoryPlan
 from lassie.engine.models import FluxModels
-from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
+from lassie.fetch.lora_cache import HeldLora
+from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Plan, Request, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,8 @@ class TransformerVariants:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
-        bf16 = {Variant(model, False): transformer for model, transformer in models.transformers.items()}
-        self.adapters = LoraAdapters(bf16, models.text_encoder, slot_rank=memory.slot_rank)
-        self._go_fast_copies: dict[str, nn.Module] = {}
+        self._transformers = {Variant(model, False): transformer for model, transformer in models.transformers.items()}
+        self.adapters = LoraAdapters(self._transformers, models.text_encoder, slot_rank=memory.slot_rank)
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
@@ -93,26 +93,22 @@ class TransformerVariants:
         return go_fast
 
     def variants(self) -> list[Variant]:
-        return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
-                if not go_fast or model in self._go_fast_copies]
-
-    def variant_for(self, model: str, go_fast: bool) -> Variant:
-        return Variant(model, go_fast and model in self._go_fast_copies)
+        return list(self._transformers)
 
     def transformer(self, variant: Variant) -> nn.Module:
-        return self._go_fast_copies[variant.model] if variant.go_fast else self._models.transformers[variant.model]
+        return self._transformers[variant]
 
-    def ready(self, variant: Variant, lassie_scale: float, extra: tuple[str, Path] | None,
-              extra_scale: float) -> nn.Module:
-        """The variant with Lassie and `extra` (adapter name, the LoRA's cache key, and file) active at these scales. A
+    def ready(self, plan: Plan, extra: HeldLora | None) -> tuple[Variant, nn.Module]:
+        """The plan's variant with Lassie and `extra` (its cache key the adapter's name) active at the plan's scales. A
         new extra LoRA joins the kept ones (`KEPT_EXTRA_LORAS`); one that fails to load leaves the previous state."""
-        scales = {LASSIE_ADAPTER: lassie_scale}
+        variant = Variant(plan.model, plan.go_fast and Variant(plan.model, True) in self._transformers)
+        scales = {LASSIE_ADAPTER: plan.lora_scale}
         if extra is not None:
-            name, path = extra
+            name = extra.lora.key
             new = name not in self.adapters.names()
             if new:
-                self.adapters.add(name, path)
-            scales[name] = extra_scale
+                self.adapters.add(name, extra.path)
+            scales[name] = plan.extra_lora_scale
         try:
             self.adapters.activate(variant, scales)
         except Exception:
@@ -124,7 +120,7 @@ class TransformerVariants:
             while len(self._extras) > (KEPT_EXTRA_LORAS if self.adapters.slot_rank else 1):
                 self.adapters.remove(self._extras.pop(0))
         log.info("LoRA scales: %s", ", ".join(f"{name}={scale:g}" for name, scale in scales.items()))
-        return self.transformer(variant)
+        return variant, self._transformers[variant]
 
     def run(self, variant: Variant, call: Callable[[], T]) -> T:
         """`call` (one pipeline call of `variant`) under `fail_on_recompile` after warm-up; one needing a graph warm-up
@@ -172,13 +168,13 @@ class TransformerVariants:
                         mode.value, failure)
             return failure
         for model, go_fast_copy in copies.items():
-            self._go_fast_copies[model] = go_fast_copy
+            self._transformers[Variant(model, True)] = go_fast_copy
             self.adapters.attach(Variant(model, True), go_fast_copy)
         log.info("built the %s go_fast transformers in %.1fs", mode.value, time.perf_counter() - started)
         return None
 
     def warm_up_plan(self) -> list[Variant]:
-        return plan_warm_up(bool(self._go_fast_copies))
+        return plan_warm_up(any(variant.go_fast for variant in self._transformers))
 
     def _compile_and_warm_up(self) -> None:
         runs = self.warm_up_plan()
