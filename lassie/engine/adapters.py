@@ -22,12 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from lassie.engine.internals import (
-    config_value,
-    delete_text_encoder_adapter,
-    set_text_encoder_adapters,
-    transformer_lora_config,
-)
+from lassie.engine import internals
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.settings import SLOT_RANK_ENV
 
@@ -144,7 +139,7 @@ def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
     alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
     metadata = _strip_prefix(lora.metadata, TRANSFORMER_PREFIX) if lora.metadata is not None else None
     try:
-        config = transformer_lora_config(state_dict, alphas, metadata, ranks)
+        config = internals.transformer_lora_config(state_dict, alphas, metadata, ranks)
     except (TypeError, ValueError) as error:
         raise InputError(lora.field_name, f"has an adapter config diffusers cannot use: {error}") from None
     pairs = _pairs(state_dict)
@@ -155,8 +150,8 @@ def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
                          "sets the slot's rank)")
     swappable = {}
     for module, (down, up) in pairs.items():
-        module_rank = config_value(config.rank_pattern, module, config.r)
-        alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
+        module_rank = internals.config_value(config.rank_pattern, module, config.r)
+        alpha = internals.config_value(config.alpha_pattern, module, config.lora_alpha)
         scaling = float(alpha) / (math.sqrt(module_rank) if config.use_rslora else module_rank)
         # In float32, so a bf16 file loses nothing more than a named adapter would.
         scaled = up if scaling == 1.0 else up.float() * scaling
@@ -250,10 +245,6 @@ class LoraAdapters:
         """The LoRA whose weights fill `key`'s slot (None: zeros, or no slot yet)."""
         return self._transformers[key].slot_holds
 
-    def attach(self, key: Hashable, transformer: torch.nn.Module) -> None:
-        """Track another transformer (a go_fast copy); LoRAs load into it on first use."""
-        self._transformers[key] = _Transformer(transformer)
-
     def add(self, name: str, path: Path, pinned: bool = False) -> None:
         """Convert and check a LoRA file (`read_lora`); it loads into a transformer the first time that one runs it."""
         first = next(iter(self._transformers.values())).module
@@ -270,7 +261,7 @@ class LoraAdapters:
             if state.slot_holds == name:
                 _zero_slot(state.module)
                 state.slot_holds = None
-        delete_text_encoder_adapter(self._text_encoder, name)
+        internals.delete_text_encoder_adapter(self._text_encoder, name)
         _unwrap_layers_without_adapters(self._text_encoder)
 
     def activate(self, key: Hashable, scales: dict[str, float]) -> None:
@@ -301,14 +292,14 @@ class LoraAdapters:
                 state.module.set_adapter(list(transformer_scales))
             _write_scales(state.module, transformer_scales)
         state.active = dict(transformer_scales)
-        encoder_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
-        if encoder_scales != self._text_encoder_active:
+        text_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
+        if text_scales != self._text_encoder_active:
             tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
             if tuner_layers:
-                set_text_encoder_adapters(self._text_encoder, list(encoder_scales), list(encoder_scales.values()))
+                internals.set_text_encoder_adapters(self._text_encoder, list(text_scales), list(text_scales.values()))
             for layer in tuner_layers:
-                layer.enable_adapters(bool(encoder_scales))
-            self._text_encoder_active = encoder_scales
+                layer.enable_adapters(bool(text_scales))
+            self._text_encoder_active = text_scales
 
     def _ensure_named(self, name: str, key: Hashable) -> None:
         lora, state = self._loras[name], self._transformers[key]

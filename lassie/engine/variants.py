@@ -74,7 +74,7 @@ class TransformerVariants:
         self._compile = compile_setting
         self._memory = memory
         self._transformers = {Variant(model, False): transformer for model, transformer in models.transformers.items()}
-        self.adapters = LoraAdapters(self._transformers, models.text_encoder, slot_rank=memory.slot_rank)
+        self.adapters: LoraAdapters  # made by `prepare`, over the go_fast copies too
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
@@ -82,18 +82,16 @@ class TransformerVariants:
     def prepare(self, lassie_lora: Path, wanted: GoFastPlan) -> GoFastPlan:
         """Lassie on every variant, the go_fast copies `wanted` needs where the memory plan holds them, compile and
         warm-up: then no request loads or compiles anything but an extra LoRA. Returns `decide_go_fast`'s decision."""
-        self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
         build = wanted.quantizes and self._memory.go_fast_copies
         build_failure = self._build_go_fast_copies(wanted.mode) if build else None
         go_fast = decide_go_fast(wanted, self._memory.go_fast_copies, self._memory.reason, build_failure)
-        for variant in self.variants():
+        self.adapters = LoraAdapters(self._transformers, self._models.text_encoder, slot_rank=self._memory.slot_rank)
+        self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
+        for variant in self._transformers:
             self.adapters.activate(variant, {LASSIE_ADAPTER: DEFAULT_LASSIE_SCALE[variant.go_fast]})
         if self._compile.enabled:
             self._compile_and_warm_up()
         return go_fast
-
-    def variants(self) -> list[Variant]:
-        return list(self._transformers)
 
     def transformer(self, variant: Variant) -> nn.Module:
         return self._transformers[variant]
@@ -167,9 +165,7 @@ class TransformerVariants:
             log.warning("go_fast: building the %s transformers failed (%s); go_fast runs the bf16 transformers",
                         mode.value, failure)
             return failure
-        for model, go_fast_copy in copies.items():
-            self._transformers[Variant(model, True)] = go_fast_copy
-            self.adapters.attach(Variant(model, True), go_fast_copy)
+        self._transformers.update({Variant(model, True): go_fast_copy for model, go_fast_copy in copies.items()})
         log.info("built the %s go_fast transformers in %.1fs", mode.value, time.perf_counter() - started)
         return None
 
@@ -181,7 +177,7 @@ class TransformerVariants:
         graphs_before = compiled_graph_count()
         started = time.perf_counter()
         try:
-            for variant in self.variants():
+            for variant in self._transformers:
                 compile_transformer(self.transformer(variant), self._compile)
             # The blocks' batch dimensions traced as unbacked sizes: a backed size 1 is specialised (torch's 0/1
             # specialisation, also with `dynamic=True`; `backed_size_oblivious` still guards batch != 1 at the
