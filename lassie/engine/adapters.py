@@ -1,10 +1,10 @@
 """LoRAs on the shared text encoder and the transformers (docs/go_fast.md, "Compile, and switching LoRAs without
 recompiling"): each file converted to diffusers keys and checked against FLUX before anything touches the model
-(`read_lora`), converted once and kept on the CPU, then loaded lazily as an unmerged PEFT adapter (never drifting the
-base weights) into the transformer a request uses; a failed load removes every trace of itself. Every request runs the
-same active set, each transformer `scaling` a 0-dim tensor written in place: one graph set for every scale. With a
-`slot_rank` (compiled transformers, where a new adapter name recompiles) an extra LoRA is hot-swapped into one zero
-LoRA of that rank over every linear (`SLOT_ADAPTER`); its text-encoder part (not compiled) loads under its own name."""
+(`LoraAdapters.add`), converted once and kept on the CPU, then loaded lazily as an unmerged PEFT adapter (never drifting
+the base weights) into the transformer a request uses; a failed load removes every trace of itself. Every request runs
+the same active set, each transformer `scaling` a 0-dim tensor written in place: one graph set for every scale. With a
+`slot_rank` (compiled transformers, where a new adapter name recompiles) an extra LoRA is hot-swapped into one zero LoRA
+of that rank over every linear (`SLOT_ADAPTER`); its text-encoder part (not compiled) loads under its own name."""
 
 from __future__ import annotations
 
@@ -49,22 +49,6 @@ class Lora:
     @property
     def has_text_encoder(self) -> bool:
         return any(key.startswith(TEXT_ENCODER_PREFIX) for key in self.state_dict)
-
-
-def read_lora(path: Path, pinned: bool, transformer: torch.nn.Module, text_encoder: torch.nn.Module,
-              slot_rank: int) -> Lora:
-    """Convert and check a LoRA file. Pinned is the Lassie LoRA (its errors name its file; its own adapter in slot mode
-    too); any other came in `extra_lora`, and with a slot is made ready to swap here: one above the slot's rank is
-    refused before anything touches the model."""
-    field_name = f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
-    state_dict, alphas, metadata = _convert(path, field_name)
-    _check_fits(state_dict, transformer, text_encoder, field_name)
-    lora = Lora(state_dict, alphas, metadata, field_name)
-    if slot_rank and not pinned:
-        lora.slot_state_dict = _slot_state_dict(lora, slot_rank)
-        # Only the slot copy of the transformer part is ever used again: kept LoRAs hold it once.
-        lora.state_dict = {key: value for key, value in state_dict.items() if key.startswith(TEXT_ENCODER_PREFIX)}
-    return lora
 
 
 def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | None]:
@@ -246,9 +230,18 @@ class LoraAdapters:
         return self._transformers[key].slot_holds
 
     def add(self, name: str, path: Path, pinned: bool = False) -> None:
-        """Convert and check a LoRA file (`read_lora`); it loads into a transformer the first time that one runs it."""
-        first = next(iter(self._transformers.values())).module
-        self._loras[name] = read_lora(path, pinned, first, self._text_encoder, self.slot_rank)
+        """Convert and check a LoRA file; it loads into a transformer the first time that one runs it. Pinned: the
+        Lassie LoRA (errors name its file; its own adapter in slot mode too); else it came in `extra_lora` and, with a
+        slot, is made ready to swap here: above the slot's rank it is refused before anything touches the model."""
+        field_name = f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
+        state_dict, alphas, metadata = _convert(path, field_name)
+        _check_fits(state_dict, next(iter(self._transformers.values())).module, self._text_encoder, field_name)
+        lora = Lora(state_dict, alphas, metadata, field_name)
+        if self.slot_rank and not pinned:
+            lora.slot_state_dict = _slot_state_dict(lora, self.slot_rank)
+            # Only the slot copy of the transformer part is ever used again: kept LoRAs hold it once.
+            lora.state_dict = {key: value for key, value in state_dict.items() if key.startswith(TEXT_ENCODER_PREFIX)}
+        self._loras[name] = lora
 
     def remove(self, name: str) -> None:
         """Delete the adapter from every module that has it (a half-loaded one too) and empty every slot holding it."""
