@@ -85,10 +85,9 @@ class Lassie:
         wanted_go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
         log.info("compile: %s", compiling.reason)
-        slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
         footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint, wanted_go_fast.quantizes,
-                             slot_rank)
+                             slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK))
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
