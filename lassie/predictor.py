@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA (its identity, parsed
-    once, and its file, held in the cache until `release`, when the request has ended however it ended)."""
+    """A request ready for the GPU: its extra LoRA parsed once, its file held in the cache until `release`."""
 
     plan: Plan
     inputs: Inputs

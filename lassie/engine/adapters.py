@@ -190,8 +190,7 @@ def _write_scales(transformer: torch.nn.Module, scales: dict[str, float]) -> Non
 
 
 def _write_slot(transformer: torch.nn.Module, lora: Lora | None) -> None:
-    """Copy the LoRA into the slot's tensors in place (layers it does not train, or None: zeros); PEFT's hot-swap
-    rewrites the slot's scaling tensors in place too."""
+    """The LoRA copied into the slot in place (layers it does not train, or None: zeros), scalings too (hot-swap)."""
     if lora is None or not lora.slot_state_dict:
         _zero_slot(transformer)
         return
@@ -200,8 +199,7 @@ def _write_slot(transformer: torch.nn.Module, lora: Lora | None) -> None:
 
 
 def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
-    """Put back the plain layer where PEFT's wrapper holds no adapter any more (deleting an adapter leaves it): the
-    model's structure and state-dict keys are as before."""
+    """The plain layer back where PEFT's wrapper holds no adapter (deleting one leaves the wrapper): keys as before."""
     empty = [name for name, module in model.named_modules()
              if isinstance(module, BaseTunerLayer) and not any(getattr(module, a) for a in module.adapter_layer_names)]
     for name in empty:
@@ -211,8 +209,7 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
 
 
 class LoraAdapters:
-    """The one owner of LoRA state on the loaded models, transformers known by the caller's key (`variants.Variant`).
-    With a `slot_rank`, extra LoRAs go through each transformer's slot; pinned ones (Lassie) keep their own adapter."""
+    """The one owner of LoRA state on the loaded models, transformers known by the caller's key (`variants.Variant`)."""
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
                  slot_rank: int = 0) -> None:

@@ -76,8 +76,7 @@ def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFas
 
 def decide_go_fast(wanted: GoFastPlan, copies_fit: bool, memory_reason: str,
                    build_failure: str | None = None) -> GoFastPlan:
-    """The one go_fast decision, the record setup logs and requests run by: what the device allows (`wanted`) where the
-    memory plan holds the copies a quantized go_fast needs and they were built; else the bf16 transformers."""
+    """The one go_fast decision: `wanted` if the memory plan holds its copies and they were built, else bf16."""
     if not wanted.quantizes:
         return wanted
     if not copies_fit:

@@ -54,8 +54,7 @@ class Footprint:
     lassie_parameters: int  # the Lassie LoRA's tensors (see LASSIE_RANK_BOUND)
 
     def resident_bytes(self, go_fast_copies: bool, slot_rank: int) -> int:
-        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on each transformer the
-        slot and the Lassie adapter (its text-encoder part counted there too)."""
+        """bf16 modules, fp8 go_fast copies, each transformer's slot and Lassie adapter (its text-encoder part too)."""
         transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
         total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
                  + self.safety_parameters) * BF16_BYTES

@@ -195,8 +195,7 @@ class TransformerVariants:
                  len(runs), time.perf_counter() - started, planned_graphs(runs))
 
     def _warm(self, variant: Variant) -> None:
-        """One denoising step at a small size, stopping at the latents (the VAE is not compiled), with the adapter set
-        of every request."""
+        """One small step with every request's adapter set, stopping at the latents (the VAE is not compiled)."""
         self.adapters.activate(variant, {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE})
         plan = make_plan(Request(prompt="warm-up", model=variant.model, num_inference_steps=1, seed=0,
                                  num_outputs=WARM_UP_OUTPUTS))
