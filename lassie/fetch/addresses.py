@@ -37,24 +37,18 @@ def parse_ip_literal(host: str) -> IPAddress | None:
 
 
 def address_refusal(address: IPAddress) -> str | None:
-    """Why a fetch must not reach `address` (e.g. "loopback"), or None for a public address."""
-    embedded = _embedded_ipv4(address)
-    reason = None if embedded is None else address_refusal(embedded)
-    if reason is not None:
-        return f"{reason} (as {address})"
+    """Why a fetch must not reach `address` (e.g. "loopback"), or None for a public address. An IPv6 address carrying
+    an IPv4 one (mapped, 6to4, Teredo, NAT64) is refused for that one's reason too."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in NAT64_PREFIX
+                    else address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None))
+        reason = None if embedded is None else address_refusal(embedded)
+        if reason is not None:
+            return f"{reason} (as {address})"
     for name in REFUSED_CLASSES:
         if getattr(address, f"is_{name.replace('-', '_')}"):
             return name
     return None if address.is_global else "not publicly routable"
-
-
-def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address inside a mapped, 6to4, Teredo or NAT64 IPv6 address."""
-    if not isinstance(address, ipaddress.IPv6Address):
-        return None
-    if address in NAT64_PREFIX:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from huggingface_hub import HfApi, RepoFile, hf_hub_download
 
-from lassie.fetch.files import unpack_if_tar
+from lassie.fetch import http
+from lassie.fetch.files import extract_single_safetensors, is_archive
 from lassie.fetch.http import Credential, DownloadLimits, download_file, fetch_json, human_bytes, redact_url
-from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import MAX_LORA_BYTES_ENV, LoraSettings
@@ -79,14 +79,16 @@ class ReplicateSource:
         return f"{model}/versions/{self.version}/_weights" if self.version else f"{model}/_weights"
 
     def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
-        """Replicate serves trained weights as a tar around one .safetensors (plus captions)."""
+        """Replicate serves trained weights as a tar around one .safetensors (plus captions), whose one .safetensors
+        is copied out (the tar removed); anything else is the file itself, which the safetensors check judges next."""
         credential = Credential.from_settings(settings.replicate_url, "REPLICATE_API_TOKEN", settings)
-        url, archive = self.weights_url(settings), staging / "weights.tar"
-        download_file(url, archive, credential=credential, limits=limits)
-        unpacked = unpack_if_tar(archive, staging / "lora.safetensors", max_bytes=limits.max_bytes,
-                                 origin=self.describe())
+        url, fetched, lora = self.weights_url(settings), staging / "weights.tar", staging / "lora.safetensors"
+        download_file(url, fetched, credential=credential, limits=limits)
+        if is_archive(fetched):
+            extract_single_safetensors(fetched, lora, max_bytes=limits.max_bytes, origin=self.describe())
+            fetched.unlink()
         limits.deadline.check(url)  # the LoRA's deadline covers unpacking its tar too
-        return unpacked
+        return lora if lora.exists() else fetched
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,9 @@ class HuggingFaceSource:
             _refuse_oversized(described, chosen.size, limits)
             local = Path(hf_hub_download(self.repo_id, chosen.path, revision=self.revision,
                                          endpoint=settings.hf_endpoint, token=token, cache_dir=staging / "hub"))
-        except HUB_ERRORS as error:  # in words that say what to do, and never with a token
-            raise InputError(FIELD, hub_problem(error, self.describe(), revision=self.revision,
-                                                has_token=bool(token), tokens=limits.tokens)) from None
+        except http.HUB_ERRORS as error:  # in words that say what to do, and never with a token
+            raise InputError(FIELD, http.hub_problem(error, self.describe(), revision=self.revision,
+                                                     tokens=limits.tokens)) from None
         _refuse_oversized(described, local.stat().st_size, limits)
         return local.resolve()
 

@@ -119,7 +119,7 @@ def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> G
     """The whole tar in one response: a server without range requests (or without a version to hold them to)."""
     total, received = declared_length(response), 0
     with closing(response):
-        for piece in body_pieces(response, url, limits.deadline):
+        for piece in body_pieces(response, url, limits):
             received += len(piece)
             yield piece
     if total is not None and received < total:
@@ -181,7 +181,7 @@ class ParallelRanges:
             if response.status_code != 206 or answered.strip() != asked:
                 raise DownloadError(f"{redact_url(self.url)} answered a range request for {asked} with HTTP "
                                     f"{response.status_code} {answered or '(no Content-Range)'}")
-            for piece in body_pieces(response, self.url, self.limits.deadline, received=start):
+            for piece in body_pieces(response, self.url, self.limits, received=start):
                 data += piece
                 if len(data) > end - start:
                     raise DownloadError(f"{redact_url(self.url)} sent more than bytes {start}-{end - 1}")
