@@ -25,8 +25,7 @@ class FetchError(RuntimeError):
 
 
 def parse_ip_literal(host: str) -> IPAddress | None:
-    """The address a host string spells by itself, including the old `2130706433` and `0x7f000001` forms that
-    resolvers still honour; None for real host names."""
+    """The address a host spells by itself, old forms resolvers still honour (`2130706433`, `0x7f000001`) included."""
     bare = host.strip("[]")
     try:
         if NUMERIC_IPV4.fullmatch(bare):
@@ -53,8 +52,7 @@ def address_refusal(address: IPAddress) -> str | None:
 
 @dataclass(frozen=True)
 class AddressRule:
-    """The address rule plus the operator's exceptions: every address (tests, private mirrors), or just the listed
-    addresses and networks."""
+    """The address rule plus the operator's exceptions: all addresses (tests, private mirrors) or networks listed."""
 
     allow_all: bool = False
     allowed_networks: tuple[IPNetwork, ...] = ()
@@ -70,8 +68,7 @@ class AddressRule:
 
 
 def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress]:
-    """Resolves once and checks every answer, so a name that resolves to both a public and an internal address cannot
-    be used to reach the internal one."""
+    """Resolves once and checks every answer: a name resolving to a public and an internal address reaches neither."""
     literal = parse_ip_literal(host)
     if literal is not None:
         addresses = [literal]

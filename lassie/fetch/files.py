@@ -110,8 +110,7 @@ def _library_refusal(path: Path, size: int, error: SafetensorError) -> str:
 
 
 def is_archive(path: Path) -> bool:
-    """Whether a download is a tar (to be unpacked by the tar policy) rather than the file itself;
-    a compressed one counts, so that the policy refuses it by name instead of a loader failing."""
+    """Whether a download is a tar, not the file; a compressed one counts, so that the tar policy refuses it by name."""
     with path.open("rb") as source:
         return compression_of(source.read(MAGIC_BYTES)) is not None or tarfile.is_tarfile(path)
 

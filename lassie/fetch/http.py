@@ -1,11 +1,9 @@
 """The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs).
 
-Redirects are followed by hand and only to http(s); a token never leaves its origin; URLs are shown without user info or
-query (signed URLs carry secrets there); a `Deadline` is checked between the small reads a body arrives in, so a trickle
-cannot outlast it. For user-given URLs every hop must land on a public address (`lassie.fetch.addresses`), connecting to
-exactly the address checked. Failures are `FetchError`s naming the redacted URL and why (`hub_problem` words
-huggingface_hub's); the caller says what was fetched and checks it. Bounds and tokens come from the caller, never the
-environment.
+Redirects are followed by hand, only to http(s), a token never leaving its origin; URLs are shown without user info or
+query (signed URLs carry secrets there); a `Deadline` checked between small reads bounds a trickle. For user-given URLs
+every hop must land on a public address (`lassie.fetch.addresses`). Failures are `FetchError`s naming the redacted URL
+and why (`hub_problem` words huggingface_hub's); bounds and tokens come from the caller, never the environment.
 """
 
 from __future__ import annotations
@@ -184,8 +182,7 @@ def network_problem(error: BaseException, tokens: Mapping[str, str]) -> str:
 
 
 def hub_problem(error: BaseException, described: str, *, revision: str | None, tokens: Mapping[str, str]) -> str:
-    """A huggingface_hub failure with `described` (a repo, or a file in one) in words that say what to do next, for
-    setup fetching the weights and requests fetching an extra LoRA alike; never with a token in them."""
+    """huggingface_hub's failure with `described` (a repo, or a file in one) in words saying what to do, token-free."""
     if isinstance(error, errors.GatedRepoError):
         return f"{described} is gated: accept its terms on Hugging Face and set HF_TOKEN to a token of that account"
     if isinstance(error, errors.RepositoryNotFoundError):
@@ -231,16 +228,13 @@ def request(client: httpx2.Client, url: str, *, limits: DownloadLimits, credenti
         raise FetchError(f"{redact_url(url)} redirects more than {limits.max_redirects} times")
     if not response.is_success:
         response.close()
-        problem = _status_problem(response.status_code, credential)
+        status = response.status_code
+        problem = "not found (HTTP 404)" if status == 404 else f"the server answered HTTP {status}"
+        if status in (401, 403) and credential is not None:
+            problem = (f"it refused the token in {credential.env_name} (HTTP {status})" if credential.token
+                       else f"it needs a token (HTTP {status}): set {credential.env_name}")
         raise FetchError(f"could not download {redact_url(current)}: {problem}")
     return response, current
-
-
-def _status_problem(status: int, credential: Credential | None) -> str:
-    if status in (401, 403) and credential is not None:
-        return (f"it refused the token in {credential.env_name} (HTTP {status})" if credential.token
-                else f"it needs a token (HTTP {status}): set {credential.env_name}")
-    return "not found (HTTP 404)" if status == 404 else f"the server answered HTTP {status}"
 
 
 def body_pieces(response: httpx2.Response, url: str, limits: DownloadLimits, received: int = 0) -> Iterator[bytes]:
@@ -267,8 +261,7 @@ def declared_length(response: httpx2.Response) -> int | None:
 
 def download_file(url: str, destination: Path, *, credential: Credential | None = None,
                   limits: DownloadLimits | None = None) -> int:
-    """Streams `url` into `destination` (a temporary name the caller owns). The size cap is checked against
-    Content-Length and again while streaming: servers can lie."""
+    """`url` into `destination` (a temporary name the caller owns), capped by Content-Length and as it streams."""
     limits = limits or DownloadLimits()
     with new_client() as client, closing(request(client, url, credential=credential, limits=limits)[0]) as response:
         declared = declared_length(response)
@@ -312,10 +305,9 @@ def _stream(response: httpx2.Response, sink: BinaryIO, declared: int | None, max
 
 
 class ProgressLog(tqdm):
-    """Progress of a large download as log lines, since Cog's logs show no bars: one line per tenth (per 256 MiB when
-    the size is unknown), none under 64 MiB; a bar on a terminal. The project's one progress report: huggingface_hub
-    takes it as `tqdm_class` when setup fetches the weights. It counts on its own, from the keyword arguments, since
-    huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
+    """A large download's progress as log lines (Cog's logs show no bars), a bar on a terminal: one per tenth (per 256
+    MiB of unknown sizes), none under 64 MiB. Also huggingface_hub's `tqdm_class` for the weights: it counts on its own,
+    as huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.to_log = not sys.stderr.isatty()

@@ -48,8 +48,7 @@ class HeldLora:
 
 
 class LoraCache:
-    """`hold(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix.
-    Place, budget and fetching come from `settings`; the place defaults to `default_directory`."""
+    """`hold(extra_lora)` -> a validated local .safetensors, or InputError for what the user can fix, per `settings`."""
 
     def __init__(self, settings: LoraSettings, default_directory: Path) -> None:
         self.settings = settings
@@ -184,8 +183,7 @@ class LoraCache:
         return sorted(entries, key=lambda entry: entry[1].st_atime_ns)
 
     def _evict(self, keep: str) -> None:
-        """Least recently used first, until under the size budget with enough disk free; never the entry just returned,
-        nor one another request is fetching or holds."""
+        """LRU first, until under budget, enough disk free; never `keep` nor one another request fetches or holds."""
         try:
             entries = self._entries()
             total = sum(stat.st_size for _, stat in entries)

@@ -1,9 +1,8 @@
 """`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL), parsed once and
 without network (`identify`); each source's `fetch` downloads it into a staging folder, where the cache checks it.
-
-People paste every variant of these addresses, so a service is recognised by the *form* of the string, while the
-address it is fetched from and the tokens come from the operator's `LoraSettings` (mirrors, tests). The user gave the
-address, so every fetch obeys the address rule and the operator's bounds, and fails on the `extra_lora` field.
+A service is recognised by the *form* of the string (people paste every variant), while where it is fetched from and
+the tokens are the operator's `LoraSettings` (mirrors, tests). The user gave the address, so every fetch obeys the
+address rule and the operator's bounds, and fails on the `extra_lora` field.
 """
 
 from __future__ import annotations
@@ -79,8 +78,7 @@ class ReplicateSource:
         return f"{model}/versions/{self.version}/_weights" if self.version else f"{model}/_weights"
 
     def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
-        """Replicate serves trained weights as a tar around one .safetensors (plus captions), whose one .safetensors
-        is copied out (the tar removed); anything else is the file itself, which the safetensors check judges next."""
+        """Replicate serves trained weights as a tar around one .safetensors (plus captions); a bare file passes on."""
         credential = Credential.from_settings(settings.replicate_url, "REPLICATE_API_TOKEN", settings)
         url, fetched, lora = self.weights_url(settings), staging / "weights.tar", staging / "lora.safetensors"
         download_file(url, fetched, credential=credential, limits=limits)
