@@ -310,21 +310,21 @@ class ProgressLog(tqdm):
     as huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.to_log = not sys.stderr.isatty()
-        if self.to_log:
+        to_log = not sys.stderr.isatty()
+        if to_log:
             kwargs |= {"disable": False, "file": io.StringIO()}
         super().__init__(*args, **kwargs)
         self._label = kwargs.get("desc") or ""
-        self._size = kwargs.get("total") if kwargs.get("unit") == "B" else None
         self._received = kwargs.get("initial") or 0
-        self._quiet = kwargs.get("unit") != "B" or (self._size is not None and self._size < PROGRESS_FROM_BYTES)
+        self._size = kwargs.get("total") if kwargs.get("unit") == "B" else None
+        quiet = kwargs.get("unit") != "B" or (self._size is not None and self._size < PROGRESS_FROM_BYTES)
         self._step = max(int(self._size) // 10, 1) if self._size else 4 * PROGRESS_FROM_BYTES
-        self._next_report = self._step
+        self._next_report = self._step if to_log and not quiet else math.inf
 
     def update(self, n: float | None = 1) -> bool | None:
         shown = super().update(n)
         self._received += n or 0
-        if self.to_log and not self._quiet and self._received >= self._next_report:
+        if self._received >= self._next_report:
             self._next_report = (int(self._received) // self._step + 1) * self._step
             share = f" ({100 * int(self._received) // int(self._size)}%)" if self._size else ""
             logger.info("%s: %s%s", self._label, human_bytes(self._received), share)

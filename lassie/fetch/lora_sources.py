@@ -256,11 +256,11 @@ def parse_extra_lora(text: str) -> LoraSource:
         raise unsupported(f"{value!r} looks like a URL without its https://")
     parts = value.split("/")
     if len(parts) in (2, 3):
-        return _replicate_from_parts(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+        return _replicate_from_parts(*parts)
     raise unsupported(f"{value!r} is neither a Replicate model name nor a URL")
 
 
-def _replicate_from_parts(owner: str, model: str, version: str | None) -> ReplicateSource:
+def _replicate_from_parts(owner: str, model: str, version: str | None = None) -> ReplicateSource:
     if not REPLICATE_OWNER.fullmatch(owner):
         raise unsupported(f"{owner!r} is not a valid Replicate owner")
     _require_name(model, "Replicate model name")
@@ -302,10 +302,8 @@ def _parse_url(value: str) -> LoraSource:
 
 def _parse_replicate_path(segments: list[str]) -> ReplicateSource:
     segments = segments[:-1] if segments[-1:] == ["_weights"] else segments
-    if len(segments) == 2:
-        return _replicate_from_parts(segments[0], segments[1], None)
-    if len(segments) == 4 and segments[2] == "versions":
-        return _replicate_from_parts(segments[0], segments[1], segments[3])
+    if len(segments) == 2 or (len(segments) == 4 and segments[2] == "versions"):
+        return _replicate_from_parts(segments[0], segments[1], *segments[3:])
     raise unsupported("a replicate.com URL must look like https://replicate.com/owner/model[/versions/<id>]")
 
 
