@@ -20,8 +20,7 @@ REFUSED_CLASSES = ("unspecified", "loopback", "link-local", "multicast", "reserv
 
 
 class FetchError(RuntimeError):
-    """A fetch failed (here: its host is refused or does not resolve); the message names the URL (redacted) or host
-    and why, and the caller adds what it was fetching (a request field, a variable)."""
+    """A fetch failed; the message names the (redacted) URL or host and why; callers add what (a field, a variable)."""
 
 
 def parse_ip_literal(host: str) -> IPAddress | None:
