@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx2
@@ -263,12 +263,17 @@ def download_file(url: str, destination: Path, *, credential: Credential | None 
                   limits: DownloadLimits | None = None) -> int:
     """`url` into `destination` (a temporary name the caller owns), capped by Content-Length and as it streams."""
     limits = limits or DownloadLimits()
+    received = 0
     with new_client() as client, closing(request(client, url, credential=credential, limits=limits)[0]) as response:
         declared = declared_length(response)
         _check_size(declared or 0, limits.max_bytes, url)
         logger.info("downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
-        with destination.open("wb") as sink:
-            received = _stream(response, sink, declared, limits.max_bytes, url, limits)
+        with destination.open("wb") as sink, ProgressLog(total=declared, desc=redact_url(url), unit="B") as progress:
+            for piece in body_pieces(response, url, limits):
+                received += len(piece)
+                _check_size(received, limits.max_bytes, url)
+                sink.write(piece)
+                progress.update(len(piece))
     if declared is not None and received != declared:
         raise FetchError(f"the download of {redact_url(url)} was cut short ({received} of {declared} bytes)")
     logger.info("downloaded %s (%s)", redact_url(url), human_bytes(received))
@@ -276,12 +281,14 @@ def download_file(url: str, destination: Path, *, credential: Credential | None 
 
 
 def fetch_json(url: str, *, credential: Credential | None = None, limits: DownloadLimits) -> Any:
-    """A small JSON API answer (CivitAI), size-capped like any download."""
-    body = io.BytesIO()
+    """A small JSON API answer (CivitAI), size-capped like any download; too small for a progress report."""
+    body = bytearray()
     with new_client() as client, closing(request(client, url, credential=credential, limits=limits)[0]) as response:
-        _stream(response, body, declared_length(response), MAX_JSON_BYTES, url, limits)
+        for piece in body_pieces(response, url, limits):
+            body += piece
+            _check_size(len(body), MAX_JSON_BYTES, url)
     try:
-        return json.loads(body.getvalue())
+        return json.loads(body)
     except ValueError:
         raise FetchError(f"{redact_url(url)} did not answer with JSON") from None
 
@@ -290,18 +297,6 @@ def _check_size(size: int, max_bytes: int, url: str) -> None:
     if size > max_bytes:
         raise FetchError(f"{redact_url(url)} is larger than the {human_bytes(max_bytes)} allowed for a LoRA "
                          f"({MAX_LORA_BYTES_ENV}); a LoRA is usually well under 1 GiB")
-
-
-def _stream(response: httpx2.Response, sink: BinaryIO, declared: int | None, max_bytes: int,
-            url: str, limits: DownloadLimits) -> int:
-    received = 0
-    with ProgressLog(total=declared, desc=redact_url(url), unit="B") as progress:
-        for piece in body_pieces(response, url, limits):
-            received += len(piece)
-            _check_size(received, max_bytes, url)
-            sink.write(piece)
-            progress.update(len(piece))
-    return received
 
 
 class ProgressLog(tqdm):
