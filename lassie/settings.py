@@ -36,6 +36,7 @@ MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
 LORA_DOWNLOAD_TIMEOUT_ENV = "LASSIE_LORA_DOWNLOAD_TIMEOUT"
 LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
 LORA_URL_ENV = "LASSIE_LORA_URL"
+TRIGGER_WORD_ENV = "LASSIE_TRIGGER_WORD"
 WEIGHTS_URL_ENV = "LASSIE_WEIGHTS_URL"
 WEIGHTS_DOWNLOAD_TIMEOUT_ENV = "LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT"
 # The layout folders fetched as tars, each from its own variable or `<LASSIE_WEIGHTS_URL>/<folder>.tar`.
@@ -147,7 +148,7 @@ class LoraSettings:
     allowed_networks: tuple[IPNetwork, ...] = ()
     replicate_url: str = "https://replicate.com"
     civitai_url: str = "https://civitai.com"
-    hf_endpoint: str = "https://huggingface.co"
+    hf_endpoint: str = "https://huggingface.co"  # also where setup fetches the weights from
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
 
     @classmethod
@@ -171,7 +172,6 @@ class ProvisionSettings:
 
     lora_url: str | None = None  # LASSIE_LORA_URL: the trained Lassie LoRA (an operator-trusted address)
     trigger_word: str | None = None  # LASSIE_TRIGGER_WORD
-    hf_endpoint: str = LoraSettings.hf_endpoint
     offline: bool = False  # HF_HUB_OFFLINE: never fetch, only check
     weights_url: str | None = None  # LASSIE_WEIGHTS_URL: <base>/<folder>.tar for each missing folder
     folder_urls: Mapping[str, str] = field(default_factory=dict)  # folder -> its own tar URL (FOLDER_URL_ENVS)
@@ -182,8 +182,7 @@ class ProvisionSettings:
 
     @classmethod
     def read(cls, env: Environment, cog_weights: object) -> ProvisionSettings:
-        return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
-                   hf_endpoint=env.url("HF_ENDPOINT", cls.hf_endpoint).rstrip("/"),
+        return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text(TRIGGER_WORD_ENV) or None,
                    offline=env.flag("HF_HUB_OFFLINE", default=False),
                    weights_url=env.url(WEIGHTS_URL_ENV).rstrip("/") or None,
                    folder_urls={folder: url for folder, name in FOLDER_URL_ENVS.items() if (url := env.url(name))},

@@ -265,6 +265,8 @@ def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
             with tar_stream(url, options, deadline) as stream:
                 unpack(io.BufferedReader(stream, 4 * MIB), unpacked, options.tar_limits())
             return
+        except TarRefused as refusal:
+            raise DownloadError(f"{redact_url(url)} {refusal}") from None
         except FileChanged as change:
             shutil.rmtree(unpacked, ignore_errors=True)
             if attempt == 2:
@@ -273,15 +275,16 @@ def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
             log.warning("%s; starting over", change)
 
 
-def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[[Path], list[str]],
+def fetch_folder(url: str, target: Path, problems: Callable[[Path], list[str]],
                  options: FetchOptions = FetchOptions()) -> None:
     """Puts the tar's files (at its root, or under one top-level folder as in Replicate's tars) at `target`, or
-    leaves `target` as it was. They wait at `<staging>/<target's name>` on the target's filesystem until `problems`
-    finds nothing wrong there; a previous, incomplete `target` is moved aside first, never mixed with them."""
+    leaves `target` as it was. They wait at `<staging>/<target's name>` beside `target` until `problems` finds
+    nothing wrong there; a previous, incomplete `target` is moved aside first, never mixed with them."""
     started = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=staging_root))
-    unpacked, folder = staging / ".unpacked", staging / target.name
-    try:
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent,
+                                     ignore_cleanup_errors=True) as staging_name:
+        staging = Path(staging_name)
+        unpacked, folder = staging / ".unpacked", staging / target.name
         if options.use_pget and shutil.which("pget"):
             fetch_with_pget(url, unpacked, options)
         else:
@@ -294,10 +297,5 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
             raise DownloadError(f"{redact_url(url)} {'; '.join(found)}")
         if target.exists():
             target.rename(staging / ".replaced")
-        target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
-    except TarRefused as refusal:
-        raise DownloadError(f"{redact_url(url)} {refusal}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("%s: in place after %.1f s", target, time.perf_counter() - started)

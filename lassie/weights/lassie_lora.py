@@ -25,17 +25,16 @@ from lassie.fetch import files
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, TarRefused, checked_members
-from lassie.settings import LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
+from lassie.settings import LORA_URL_ENV, TRIGGER_WORD_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
 from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout, fail_on
-from lassie.weights.manifest import FileRecord, Manifest, ProvisionReport, is_intact
+from lassie.weights.manifest import FileRecord, Manifest, ProvisionReport, has_size
 
 log = logging.getLogger(__name__)
 
 LORA_MEMBER = "lora.safetensors"
 TRIGGER_WORD_MEMBER = "trigger_word.txt"
 CONFIG_MEMBER = "config.yaml"
-TRIGGER_WORD_ENV = "LASSIE_TRIGGER_WORD"
 MAX_TEXT_MEMBER_BYTES = 1024**2
 MAX_TRIGGER_WORD_CHARS = 200
 
@@ -127,15 +126,6 @@ def trigger_word_in(path: Path) -> str:
         return checked_trigger_word(source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace"), str(path))
 
 
-def limits_for(settings: Settings) -> DownloadLimits:
-    """The operator's address (any host), held to the LoRA size cap and, like a weights folder, to
-    LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
-    deadline = Deadline(settings.provision.weights_download_timeout, WEIGHTS_DOWNLOAD_TIMEOUT_ENV,
-                        "fetching the Lassie LoRA")
-    return DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=AddressRule(allow_all=True),
-                          deadline=deadline)
-
-
 def lora_problem(path: Path) -> str | None:
     """What is wrong with a LoRA file (the project's one safetensors check), or None."""
     try:
@@ -165,11 +155,15 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
     return word
 
 
-def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) -> None:
+def install(origin: str, folder: Path, variable: str, settings: Settings) -> None:
     """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and the trigger
     word its tar names, into `folder`, checked whole in a staging folder first so a bad file never replaces a good
-    one; the LoRA goes in last, so its presence means the install finished."""
+    one; the LoRA goes in last, so its presence means the install finished. The operator's address may be any host;
+    like a weights folder it is held to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
     fail_on([origin_problem(origin, variable)])
+    limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=AddressRule(allow_all=True),
+                            deadline=Deadline(settings.provision.weights_download_timeout,
+                                              WEIGHTS_DOWNLOAD_TIMEOUT_ENV, "fetching the Lassie LoRA"))
     described = f"{variable} ({public_origin(origin)})"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=folder.parent) as staging_name:
@@ -191,10 +185,11 @@ def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) ->
 
 
 def recorded_from(layout: WeightsLayout, manifest: Manifest, origin: str, verify: bool) -> bool:
-    """weights/lassie/ holds the LoRA the manifest records from `origin`, at its size (and hash, with `verify`)."""
+    """weights/lassie/ holds the LoRA the manifest records from `origin`, at its size, and with `verify` its sha256
+    (a LoRA URL has no listing to ask)."""
     record = manifest.files.get(manifest.name_of(layout.lassie_lora))
-    return (record is not None and record.source == public_origin(origin)
-            and is_intact(layout.lassie_lora, record, verify))
+    return (record is not None and record.source == public_origin(origin) and has_size(layout.lassie_lora, record.size)
+            and (not verify or files.sha256_of(layout.lassie_lora) == record.sha256))
 
 
 def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: ProvisionReport, origin: str | None,
@@ -203,11 +198,11 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
     the one recorded from it still whole, keeps the one in place. LASSIE_TRIGGER_WORD goes beside it either way."""
     name = manifest.name_of(layout.lassie_lora)
     if origin and not recorded_from(layout, manifest, origin, verify):
-        install(origin, layout.lassie_dir, LORA_URL_ENV, limits_for(settings))
+        install(origin, layout.lassie_dir, LORA_URL_ENV, settings)
         size = layout.lassie_lora.stat().st_size
         report.add_fetched(name, size)
-        manifest.record(layout.lassie_lora, FileRecord(public_origin(origin), None, size,
-                                                       files.sha256_of(layout.lassie_lora)))
+        manifest.files[name] = FileRecord(public_origin(origin), None, size, files.sha256_of(layout.lassie_lora))
+        manifest.save()
     else:
         report.kept.append(name)
     word = settings.provision.trigger_word
@@ -216,7 +211,7 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
         layout.trigger_word_file.write_text(word.strip() + "\n")
 
 
-def kept_lora(origin: str, place: Path, variable: str, limits: DownloadLimits) -> Path:
+def kept_lora(origin: str, place: Path, variable: str, settings: Settings) -> Path:
     """The folder in `place` holding the LoRA from `origin`, named after the address, so that a restart fetches
     nothing; one whose LoRA fails its check is fetched again once."""
     keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
@@ -228,7 +223,7 @@ def kept_lora(origin: str, place: Path, variable: str, limits: DownloadLimits) -
         if (keep / LORA_MEMBER).exists():
             log.warning("the Lassie LoRA from %s kept in %s is damaged (%s); fetching it again", variable, keep,
                         problem)
-        install(origin, keep, variable, limits)
+        install(origin, keep, variable, settings)
     return keep
 
 
@@ -244,7 +239,6 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
         return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
                           str(layout.lassie_dir))
     variable = "COG_WEIGHTS" if settings.provision.cog_weights else LORA_URL_ENV
-    keep = kept_lora(origin, writable_place("fetched Lassie LoRA", layout.root / "fetched-lora"), variable,
-                     limits_for(settings))
+    keep = kept_lora(origin, writable_place("fetched Lassie LoRA", layout.root / "fetched-lora"), variable, settings)
     return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,
                       f"{variable} ({public_origin(origin)})")

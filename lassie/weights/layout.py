@@ -46,11 +46,10 @@ def writing_problem(root: Path) -> str | None:
     return None if problem is None else f"cannot write to the weights directory {root}: {problem}"
 
 
-def tiny_weights_hint() -> str:
-    """Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck."""
-    return (f"To run the server without the real weights, build tiny random ones (same layout; images are "
-            f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
-            f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
+# Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck.
+TINY_WEIGHTS_HINT = (f"To run the server without the real weights, build tiny random ones (same layout; images are "
+                     f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
+                     f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
 
 
 def _model_files_missing(directory: Path, stem: str) -> list[Path]:
@@ -110,7 +109,7 @@ class WeightsLayout:
             raise MissingWeightsError(
                 f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
                 f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: HF_TOKEN). "
-                f"{tiny_weights_hint()}"
+                f"{TINY_WEIGHTS_HINT}"
             )
 
 
