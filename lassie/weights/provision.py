@@ -1,10 +1,7 @@
-"""The weights directory brought complete: setup's `ensure_weights` and scripts/download_weights.py's `provision` and
-`provision_from_tars`. Replicate gives a model no Hugging Face token, so LASSIE_WEIGHTS_URL or a folder's own URL names
-a tar for each missing or damaged layout folder (`downloads`); without one, the hub: what can fail cheaply is checked
-before the first byte, and each source is one `snapshot_download` pinned to the commit listed first, then checked
-against the listing and recorded in manifest.json, so a source whose recorded files are all on disk needs no network
-(and a shipped manifest pins each commit).
-"""
+"""The weights directory made complete, at setup (`ensure_weights`) and by scripts/download_weights.py. Replicate gives
+a model no Hugging Face token, so LASSIE_WEIGHTS_URL or a folder's own URL names a tar for each missing or damaged
+folder (`downloads`); else the hub, each source one `snapshot_download` pinned to the commit listed first, checked
+against the listing and recorded in manifest.json (a source whose recorded files are all on disk needs no network)."""
 
 from __future__ import annotations
 
