@@ -76,10 +76,6 @@ class Environment:
             raise SettingError(name, f"one of {', '.join(choices)}", value)
         return value
 
-    def flag(self, name: str, default: bool) -> bool:
-        value = self.choice(name, ON + OFF)
-        return value in ON if value else default
-
     def count(self, name: str, default: int, minimum: int = 0, what: str = "a number of bytes") -> int:
         value = self.text(name, str(default))
         if not value.isdigit() or int(value) < minimum:
@@ -176,14 +172,14 @@ class ProvisionSettings:
     weights_url: str | None = None  # LASSIE_WEIGHTS_URL: <base>/<folder>.tar for each missing folder
     folder_urls: Mapping[str, str] = field(default_factory=dict)  # folder -> its own tar URL (FOLDER_URL_ENVS)
     cog_weights: str | None = None  # COG_WEIGHTS, as cog hands it to setup(weights): the Lassie LoRA
-    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest folder (about 24 GB)
-    # arrive at 2.2 MB/s (24e9 B / 10 800 s), a modest link
+    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest folder (about 24 GB) arrive
+    # at 2.2 MB/s (24e9 B / 10 800 s), a modest link
     weights_download_timeout: int = 3 * 3600
 
     @classmethod
     def read(cls, env: Environment, cog_weights: object) -> ProvisionSettings:
         return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text(TRIGGER_WORD_ENV) or None,
-                   offline=env.flag("HF_HUB_OFFLINE", default=False),
+                   offline=env.choice("HF_HUB_OFFLINE", ON + OFF) in ON,
                    weights_url=env.url(WEIGHTS_URL_ENV).rstrip("/") or None,
                    folder_urls={folder: url for folder, name in FOLDER_URL_ENVS.items() if (url := env.url(name))},
                    cog_weights=cog_weights_value(cog_weights),

@@ -1,11 +1,7 @@
-"""The Lassie LoRA: resolved once at setup, installed by one path, with the trigger word it brings.
-
-Setup takes it from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/ (`resolve`); everything after (memory plan,
-adapter, logs) uses the file resolved here. One given by address is fetched once into a folder named after the address
-(beside the weights, or a writable place where they are read-only), and again once if it fails its check at a start.
-scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`. Downloads and
-tars follow the extra LoRAs' rules, the operator's address trusted (it may be a private mirror).
-"""
+"""The Lassie LoRA and the trigger word it brings, resolved once at setup (`resolve`: COG_WEIGHTS, else LASSIE_LORA_URL,
+else weights/lassie/) for everything after (memory plan, adapter, logs), and installed by one path (`install`), which
+scripts/download_weights.py uses too. Downloads and tars follow the extra LoRAs' rules, the operator's address trusted
+(it may be a private mirror)."""
 
 from __future__ import annotations
 
@@ -112,10 +108,10 @@ def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | 
         for path, _, data in checked_members(source, TarLimits(max_members=files.MAX_TAR_MEMBERS, max_bytes=max_bytes)):
             if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and path.name not in texts:
                 texts[path.name] = data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace")
-    if texts.get(TRIGGER_WORD_MEMBER, "").strip():
-        return checked_trigger_word(texts[TRIGGER_WORD_MEMBER], f"{TRIGGER_WORD_MEMBER} of {described}")
-    found = config_trigger_word(texts.get(CONFIG_MEMBER, ""))
-    return checked_trigger_word(found, f"{CONFIG_MEMBER} of {described}") if found else None
+    member, word = TRIGGER_WORD_MEMBER, texts.get(TRIGGER_WORD_MEMBER, "").strip()
+    if not word:
+        member, word = CONFIG_MEMBER, config_trigger_word(texts.get(CONFIG_MEMBER, ""))
+    return checked_trigger_word(word, f"{member} of {described}") if word else None
 
 
 def trigger_word_in(path: Path) -> str:
@@ -211,25 +207,11 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
         layout.trigger_word_file.write_text(word.strip() + "\n")
 
 
-def kept_lora(origin: str, place: Path, variable: str, settings: Settings) -> Path:
-    """The folder in `place` holding the LoRA from `origin`, named after the address, so that a restart fetches
-    nothing; one whose LoRA fails its check is fetched again once."""
-    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
-    with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
-        problem = lora_problem(keep / LORA_MEMBER)
-        if problem is None:
-            log.info("the Lassie LoRA from %s: already fetched, in %s", variable, keep)
-            return keep
-        if (keep / LORA_MEMBER).exists():
-            log.warning("the Lassie LoRA from %s kept in %s is damaged (%s); fetching it again", variable, keep,
-                        problem)
-        install(origin, keep, variable, settings)
-    return keep
-
-
 def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
     """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/; its trigger word
-    is the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD."""
+    is the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD. One given by address is
+    kept in a folder named after it (beside the weights, or a writable place where they are read-only), so a restart
+    fetches nothing, and fetched again once when it fails its check at a start."""
     origin = settings.provision.lassie_origin
     configured = checked_trigger_word(settings.provision.trigger_word or "", TRIGGER_WORD_ENV)
     # scripts/download_weights.py may have installed LASSIE_LORA_URL into weights/lassie/ already.
@@ -239,6 +221,16 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
         return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
                           str(layout.lassie_dir))
     variable = "COG_WEIGHTS" if settings.provision.cog_weights else LORA_URL_ENV
-    keep = kept_lora(origin, writable_place("fetched Lassie LoRA", layout.root / "fetched-lora"), variable, settings)
+    place = writable_place("fetched Lassie LoRA", layout.root / "fetched-lora")
+    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
+    with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
+        problem = lora_problem(keep / LORA_MEMBER)
+        if problem is None:
+            log.info("the Lassie LoRA from %s: already fetched, in %s", variable, keep)
+        else:
+            if (keep / LORA_MEMBER).exists():
+                log.warning("the Lassie LoRA from %s kept in %s is damaged (%s); fetching it again", variable, keep,
+                            problem)
+            install(origin, keep, variable, settings)
     return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,
                       f"{variable} ({public_origin(origin)})")

@@ -140,8 +140,7 @@ def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]
     """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a JSON file that does
     not parse), with what is wrong."""
     wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
-    found = {folder: file_problems(layout.root / folder, folder) for folder in wanted}
-    return {folder: problems for folder, problems in found.items() if problems}
+    return {folder: problems for folder in wanted if (problems := file_problems(layout.root / folder, folder))}
 
 
 def damage_problem(layout: WeightsLayout, damaged: dict[str, list[str]]) -> str | None:
