@@ -1,8 +1,6 @@
-"""Every operator setting, read from the environment once, at setup, in one yes/no vocabulary.
-
-A bad value fails setup naming the variable and what it accepts, instead of surfacing in a request later, and nothing
-on the request path reads the environment. Import this module before torch (predict.py does): see `_AT_START`.
-"""
+"""Every operator setting, read from the environment once, at setup, in one yes/no vocabulary. A bad value fails setup
+naming the variable and what it accepts, instead of surfacing in a request later, and nothing on the request path reads
+the environment. Import this module before torch (predict.py does): see `_AT_START`."""
 
 from __future__ import annotations
 
@@ -98,8 +96,7 @@ class Environment:
         return value
 
     def path(self, name: str) -> Path | None:
-        value = self.text(name)
-        return Path(value) if value else None
+        return Path(value) if (value := self.text(name)) else None
 
     def networks(self, name: str) -> tuple[bool, tuple[IPNetwork, ...]]:
         """(every address allowed, the networks allowed): a switch, or a comma-separated list."""
@@ -224,7 +221,6 @@ class Settings:
 
 
 def cog_weights_value(weights: object) -> str | None:
-    """The Lassie LoRA's address in COG_WEIGHTS; None, empty and `weights` (what cog up to 0.16 passed when a
-    ./weights folder existed) are no value."""
+    """The LoRA's address in COG_WEIGHTS; "" and `weights` (cog <= 0.16's when ./weights existed) are none."""
     value = str(weights or "").strip()
     return None if value in ("", "weights") else value

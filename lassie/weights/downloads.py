@@ -116,8 +116,7 @@ class _Body(io.RawIOBase):
 
 
 def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> Generator[bytes, None, None]:
-    """The whole tar in one response: a server without range requests (or without a version to hold them to). A body
-    shorter than its Content-Length fails in the HTTP library (h11), as a cut download."""
+    """The whole tar in one response (no ranges, or no version to hold them to); h11 fails a body cut short."""
     with closing(response):
         yield from body_pieces(response, url, limits.deadline)
 
@@ -216,8 +215,7 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadl
 
 
 def fetch_with_pget(url: str, destination: Path, options: FetchOptions) -> None:
-    """`pget -x URL DEST` (Replicate's parallel downloader); its output becomes log lines, without terminal control
-    codes or the URL's query."""
+    """`pget -x URL DEST` (Replicate's parallel downloader), its output logged without terminal codes or URL query."""
     log.info("fetching %s with pget", redact_url(url))
     said: deque[str] = deque(maxlen=20)
     with subprocess.Popen(["pget", "-x", url, str(destination)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -69,12 +69,11 @@ def origin_problem(origin: str, variable: str) -> str | None:
 
 def lora_origin_problem(layout: WeightsLayout, origin: str | None) -> str | None:
     """Why the Lassie LoRA could not be had from `origin`, found before 60 GB of FLUX are fetched for nothing."""
-    if not origin:
-        if layout.lassie_lora.is_file():
-            return None
-        return (f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training "
-                "output (a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
-    return origin_problem(origin, LORA_URL_ENV)
+    if origin:
+        return origin_problem(origin, LORA_URL_ENV)
+    return None if layout.lassie_lora.is_file() else (
+        f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training output "
+        "(a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
 
 
 def checked_trigger_word(text: str, where: str) -> str:
@@ -101,8 +100,7 @@ def config_trigger_word(config: str) -> str | None:
 
 
 def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | None:
-    """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its config.yaml.
-    Members are read through the one tar policy, never written anywhere."""
+    """Its trigger_word.txt, else config.yaml's `trigger_word:`; members read by the tar policy, never written."""
     texts = {}
     with archive.open("rb") as source:
         for path, _, data in checked_members(source, TarLimits(max_members=files.MAX_TAR_MEMBERS, max_bytes=max_bytes)):
@@ -134,8 +132,7 @@ def lora_problem(path: Path) -> str | None:
 
 
 def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str | None:
-    """The LoRA of a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors into `staged`, checked;
-    returns the trigger word the tar names."""
+    """A tar's one .safetensors (extra LoRAs' rule) or a bare one into `staged`, checked; returns its trigger word."""
     word = None
     if not files.is_archive(fetched):
         shutil.copyfile(fetched, staged)
@@ -152,10 +149,9 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
 
 
 def install(origin: str, folder: Path, variable: str, settings: Settings) -> None:
-    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and the trigger
-    word its tar names, into `folder`, checked whole in a staging folder first so a bad file never replaces a good
-    one; the LoRA goes in last, so its presence means the install finished. The operator's address may be any host;
-    like a weights folder it is held to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
+    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and its tar's trigger
+    word into `folder`, checked whole in a staging folder first so a bad file never replaces a good one; the LoRA goes
+    in last, so its presence means the install finished. Any host, held to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT."""
     fail_on([origin_problem(origin, variable)])
     limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=AddressRule(allow_all=True),
                             deadline=Deadline(settings.provision.weights_download_timeout,
@@ -181,8 +177,7 @@ def install(origin: str, folder: Path, variable: str, settings: Settings) -> Non
 
 
 def recorded_from(layout: WeightsLayout, manifest: Manifest, origin: str, verify: bool) -> bool:
-    """weights/lassie/ holds the LoRA the manifest records from `origin`, at its size, and with `verify` its sha256
-    (a LoRA URL has no listing to ask)."""
+    """weights/lassie/ holds the LoRA the manifest records from `origin`, at its size (and sha256, with `verify`)."""
     record = manifest.files.get(manifest.name_of(layout.lassie_lora))
     return (record is not None and record.source == public_origin(origin) and has_size(layout.lassie_lora, record.size)
             and (not verify or files.sha256_of(layout.lassie_lora) == record.sha256))
@@ -208,10 +203,9 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
 
 
 def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
-    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/; its trigger word
-    is the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD. One given by address is
-    kept in a folder named after it (beside the weights, or a writable place where they are read-only), so a restart
-    fetches nothing, and fetched again once when it fails its check at a start."""
+    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/; its trigger word is
+    the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD. One given by address is kept
+    in a folder named after it (in a writable place), so a restart fetches nothing; fetched again once if damaged."""
     origin = settings.provision.lassie_origin
     configured = checked_trigger_word(settings.provision.trigger_word or "", TRIGGER_WORD_ENV)
     # scripts/download_weights.py may have installed LASSIE_LORA_URL into weights/lassie/ already.

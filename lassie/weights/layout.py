@@ -1,8 +1,6 @@
-"""The weights directory: where each model lives, what is missing from it and what is damaged.
-
-Real FLUX checkpoints are sharded (`*.safetensors.index.json` plus shards) and tiny ones are not; both layouts are
-accepted, and nothing here ever asks which kind of weights these are.
-"""
+"""The weights directory: where each model lives, what is missing from it and what is damaged. Real FLUX checkpoints
+are sharded (`*.safetensors.index.json` plus shards) and tiny ones are not; both layouts are accepted, and nothing here
+ever asks which kind of weights these are."""
 
 from __future__ import annotations
 
@@ -55,8 +53,7 @@ TINY_WEIGHTS_HINT = (f"To run the server without the real weights, build tiny ra
 def _model_files_missing(directory: Path, stem: str) -> list[Path]:
     """Files a `from_pretrained` of `directory` needs: config plus single or sharded safetensors."""
     missing = [] if (directory / "config.json").is_file() else [directory / "config.json"]
-    single = directory / f"{stem}.safetensors"
-    index = directory / f"{stem}.safetensors.index.json"
+    single, index = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors.index.json"
     if single.is_file():
         return missing
     if not index.is_file():
@@ -106,11 +103,9 @@ class WeightsLayout:
     def require_complete(self, lassie: bool = True) -> None:
         missing = self.missing(lassie)
         if missing:
-            raise MissingWeightsError(
-                f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
-                f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: HF_TOKEN). "
-                f"{TINY_WEIGHTS_HINT}"
-            )
+            raise MissingWeightsError(f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
+                                      f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: "
+                                      f"HF_TOKEN). {TINY_WEIGHTS_HINT}")
 
 
 def file_problems(folder: Path, name: str) -> list[str]:
@@ -137,8 +132,7 @@ def file_problems(folder: Path, name: str) -> list[str]:
 
 
 def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]:
-    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a JSON file that does
-    not parse), with what is wrong."""
+    """The layout folders in place whose files fail `file_problems` (a cut safetensors), with what is wrong."""
     wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
     return {folder: problems for folder in wanted if (problems := file_problems(layout.root / folder, folder))}
 

@@ -1,7 +1,6 @@
 """manifest.json: what each fetched file of the weights directory is and where it came from, so that setup and
 scripts/download_weights.py ask no source again whose recorded files are all on disk at their size, and know the
-Lassie LoRA installed from LASSIE_LORA_URL by its address. A `ProvisionReport` says what one run fetched and kept.
-"""
+Lassie LoRA installed from LASSIE_LORA_URL by its address. A `ProvisionReport` says what one run fetched and kept."""
 
 from __future__ import annotations
 
