@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lassie.engine.adapters import slot_rank_for
 from lassie.engine.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
 from lassie.engine.generate import generate
@@ -20,15 +18,14 @@ from lassie.engine.hardware import DeviceInfo, query_device
 from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory
 from lassie.engine.models import FluxModels, load_models, prepare_for_speed
 from lassie.engine.safety import SafetyFilter
-from lassie.engine.variants import TransformerVariants, Variant
+from lassie.engine.variants import TransformerVariants
 from lassie.fetch.lora_cache import HeldLora, LoraCache
 from lassie.fetch.lora_sources import identify
 from lassie.fetch.storage import writable_place
 from lassie.quiet import no_progress_bars
-from lassie.request.encoding import save_images
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.request.images import Inputs, load_inputs
-from lassie.request.outputs import OutputFolders
+from lassie.request.outputs import OutputFolders, save_images
 from lassie.request.plan import Plan, Request, checked, describe, make_plan
 from lassie.settings import DEFAULT_SLOT_RANK, LORA_CACHE_ENV, Settings
 from lassie.weights.lassie_lora import resolve
@@ -40,15 +37,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA (its
-    identity, parsed once, and its file, held in the cache until `release`)."""
+    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA (its identity, parsed
+    once, and its file, held in the cache until `release`, when the request has ended however it ended)."""
 
     plan: Plan
     inputs: Inputs
     extra_lora: HeldLora | None
 
     def release(self) -> None:
-        """The request has ended (done, failed or cancelled): its extra LoRA may be evicted again."""
         if self.extra_lora is not None:
             self.extra_lora.release()
 
@@ -90,8 +86,8 @@ class Lassie:
         log.info("compile: %s", compiling.reason)
         slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
         footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
-        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint,
-                             wanted_go_fast.quantizes, slot_rank)
+        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint, wanted_go_fast.quantizes,
+                             slot_rank)
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
@@ -113,23 +109,20 @@ class Lassie:
         log.info("ready; Lassie LoRA %s from %s; trigger word: %r", lassie.path, lassie.origin, lassie.trigger_word)
 
     def prepare(self, request: Request) -> Prepared:
-        """Everything before the GPU, in this order: fields checked, images decoded, the plan made
-        (once, from the decoded image), the extra LoRA fetched: a bad field or image is refused
-        before any download. None of it touches the GPU, so predict.py runs it outside the
-        one-at-a-time line: a slow download holds up no other request. The caller releases the
-        result when the request ends."""
+        """Everything before the GPU: fields checked, images decoded, the plan made (once, from the decoded image), the
+        extra LoRA fetched, so a bad field or image is refused before any download. predict.py runs it outside the
+        one-at-a-time line: a slow download holds up no other request. The caller releases the result."""
         request = checked(request)
         with timed("reading inputs"):
             decoded = load_inputs(request.image, request.mask)
         plan = make_plan(request, decoded.image_size)
-        inputs = decoded.at(plan.size)
         log.info("seed %d; model %s; mode %s; go_fast %s", plan.seed, plan.model, plan.mode.value, plan.go_fast)
         log.info("%s", describe(plan))
         held = None
         if plan.extra_lora:
             with timed("fetching the extra LoRA"):
                 held = self.lora_cache.hold(identify(plan.extra_lora))
-        return Prepared(plan, inputs, held)
+        return Prepared(plan, decoded.at(plan.size), held)
 
     def predict(self, request: Request) -> list[Path]:
         """`prepare` and `predict_prepared` in one call, the held LoRA released at the end."""
@@ -140,30 +133,25 @@ class Lassie:
             prepared.release()
 
     def predict_prepared(self, prepared: Prepared) -> list[Path]:
-        """The GPU's part of a prediction, from what `prepare` gave (its extra LoRA's file is held:
-        nothing is fetched here)."""
-        plan, inputs = prepared.plan, prepared.inputs
+        """The GPU's part of a prediction; its extra LoRA's file is held, so nothing is fetched here. An extra LoRA
+        refused for its content leaves the cache."""
+        plan, extra = prepared.plan, prepared.extra_lora
         with timed("applying LoRAs"):
             variant = self.variants.variant_for(plan.model, plan.go_fast)
-            transformer = self._ready(variant, plan, prepared.extra_lora)
+            try:
+                transformer = self.variants.ready(variant, plan.lora_scale, None if extra is None else
+                                                  (extra.lora.key, extra.path), plan.extra_lora_scale)
+            except InputError as error:
+                if extra is not None and error.field == EXTRA_LORA_FIELD:
+                    self.lora_cache.forget(extra)
+                raise
         self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
         log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
-                self.models.pipeline(plan.model, plan.mode, transformer), plan, inputs))
+                self.models.pipeline(plan.model, plan.mode, transformer), plan, prepared.inputs))
         if plan.safety_checker:
             with timed("safety checking"):
                 results = self.safety.filter(results)
         with timed("encoding"):
             return save_images(results, plan.output_format, plan.output_quality, self._outputs.fresh())
-
-    def _ready(self, variant: Variant, plan: Plan, extra: HeldLora | None) -> torch.nn.Module:
-        """The transformer with the plan's LoRAs, the extra one under its cache key as adapter name;
-        an extra LoRA refused for its content leaves the cache."""
-        try:
-            return self.variants.ready(variant, plan.lora_scale, None if extra is None else (extra.lora.key, extra.path),
-                                       plan.extra_lora_scale)
-        except InputError as error:
-            if extra is not None and error.field == EXTRA_LORA_FIELD:
-                self.lora_cache.forget(extra)
-            raise

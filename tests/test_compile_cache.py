@@ -88,9 +88,9 @@ def test_weights_that_cannot_be_written_compile_into_a_temporary_place_and_still
 
 READ_ONLY_CHECK = """
 import json, os, sys
+from lassie.settings import Settings  # first, as predict.py does: before torch's compiler rewrites the environment
 from lassie.engine import compilation
 from lassie.engine.hardware import DeviceInfo
-from lassie.settings import Settings
 weights = sys.argv[1]
 try:
     cache = compilation.configure_compile_cache(Settings.from_env().compile, compilation.Path(weights),

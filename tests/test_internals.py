@@ -36,7 +36,26 @@ def test_no_other_module_imports_a_library_internal():
                 offenders.append(f"{path.name}: {node.module}")  # e.g. utils.sha's git_hash: hashlib does it
             if isinstance(node, ast.Attribute) and node.attr in ("_NATIVE_CUDNN", "_FLASH_3"):
                 offenders.append(f"{path.name}: {node.attr}")
+            offenders += [f"{path.name}: {name}" for name in torch_internals(node)]
     assert offenders == []
+
+
+def torch_internals(node: ast.AST) -> list[str]:
+    """torch's underscore modules and attributes (`torch._dynamo.config`, `from torch._inductor import ...`)."""
+    if isinstance(node, ast.ImportFrom | ast.Import):
+        modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
+        return [module for module in modules if module.startswith("torch.") and "._" in f".{module}"]
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch":
+        private = node.attr.startswith("_") and not node.attr.startswith("__")
+        return [f"torch.{node.attr}"] if private else []
+    return []
+
+
+def test_torch_internals_are_recognised():
+    found = [name for source in ("import torch._inductor.config", "from torch._dynamo.utils import counters",
+                                 "torch._dynamo.config.recompile_limit = 1", "torch.__version__", "torch.compiler.x")
+             for node in ast.walk(ast.parse(source)) for name in torch_internals(node)]
+    assert found == ["torch._inductor.config", "torch._dynamo.utils", "torch._dynamo"]
 
 
 @pytest.mark.parametrize("content", [b"", b"{}\n", bytes(range(256)) * 9000])

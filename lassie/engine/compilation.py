@@ -1,8 +1,5 @@
-"""Compiling the transformers: whether this server compiles, its kernel cache, and the regional compile.
-
-What the operator asked for is `lassie.settings.CompileSettings`; what only this machine can
-decide is here. Warm-up is `lassie.engine.variants`'s, the owner of the transformers it runs.
-"""
+"""Compiling the transformers: whether this server compiles (the operator's wish is in `lassie.settings`), inductor's
+kernel cache, the regional compile. Warm-up belongs to `lassie.engine.variants`, which owns the transformers it runs."""
 
 from __future__ import annotations
 
@@ -18,6 +15,7 @@ import torch
 from torch import nn
 
 from lassie.engine.hardware import DeviceInfo
+from lassie.engine.internals import enable_compile_caches, raise_recompile_limit
 from lassie.fetch.storage import writable_place
 from lassie.settings import (
     COMPILE_BACKEND_ENV,
@@ -30,7 +28,6 @@ from lassie.settings import (
 
 log = logging.getLogger(__name__)
 
-COMPILE_CACHE_DIRNAME = "compile-cache"
 DEFAULT_COMPILE_MODE = "default"
 RECOMPILE_LIMIT = 64
 
@@ -44,27 +41,22 @@ class CompileSetting:
 
 
 def compile_setting(settings: CompileSettings, device: DeviceInfo) -> CompileSetting:
-    """Unset `LASSIE_COMPILE` compiles on CUDA GPUs only (inductor's CPU code takes minutes to build
-    for seconds of gain); on or a mode name on any device, so the compiled path runs in tests; off
-    never. A backend this torch does not have (`aot_eager` specialises as inductor does) fails setup."""
+    """Unset compiles on CUDA only (inductor's CPU code takes minutes to build for seconds of gain); asked for, on any
+    device, so tests run the compiled path. A backend this torch lacks fails setup (`aot_eager` specialises as inductor)."""
     if settings.requested is False:
         return CompileSetting(False, reason=f"{COMPILE_ENV} is off")
-    backends = torch._dynamo.list_backends(exclude_tags=())
+    backends = torch.compiler.list_backends(exclude_tags=())
     if settings.backend not in backends:
         raise SettingError(COMPILE_BACKEND_ENV, f"one of {', '.join(sorted(backends))}", settings.backend)
     if settings.requested is None and device.kind != "cuda":
         return CompileSetting(False, reason=f"off by default without a CUDA GPU ({device.describe()})")
-    return CompileSetting(True, mode=settings.mode, backend=settings.backend,
-                          reason=f"backend {settings.backend}, mode {settings.mode}")
+    return CompileSetting(True, settings.mode, settings.backend, f"backend {settings.backend}, mode {settings.mode}")
 
 
 @dataclass(frozen=True)
 class CompileCache:
-    """Where inductor keeps its caches, and the portable artifacts that carry them to a new machine.
-
-    `artifacts` is written after warm-up and read before the next one; `carried` is where an image
-    or a weights volume may have brought one (beside read-only weights), read when `artifacts` is absent.
-    """
+    """Inductor's cache `directory`, and the portable `artifacts` written after warm-up and read before the next one;
+    `carried` is one an image or weights volume may have brought (beside read-only weights), read when `artifacts` is not."""
 
     directory: Path
     artifacts: Path
@@ -77,16 +69,15 @@ class CompileCache:
             log.info("compile cache: no saved artifacts for this machine (%s); warm-up compiles from cold",
                      self.artifacts.name)
             return
-        try:
+        try:  # torch logs why and returns None for a corrupt or foreign file
             info = torch.compiler.load_cache_artifacts(source.read_bytes())
+            problem = "" if info is not None else "torch logged why"
         except Exception as error:
-            log.warning("compile cache: loading %s failed (%s: %s); warm-up compiles from cold",
-                        source, type(error).__name__, error)
-            return
-        if info is None:  # torch logs why (a corrupt or foreign file) and returns nothing
-            log.warning("compile cache: %s could not be read; warm-up compiles from cold", source)
-            return
-        log.info("compile cache: loaded %s (%s)", source, _entries(info))
+            problem = f"{type(error).__name__}: {error}"
+        if problem:
+            log.warning("compile cache: %s could not be read (%s); warm-up compiles from cold", source, problem)
+        else:
+            log.info("compile cache: loaded %s (%s)", source, _entries(info))
 
     def save(self) -> None:
         """Write what this process compiled or loaded, for the next start; a failure costs only that reuse."""
@@ -113,9 +104,8 @@ def _entries(info: object) -> str:
 
 
 def artifacts_name(device: DeviceInfo, setting: CompileSetting) -> str:
-    """What must match for compiled kernels to be reused: torch and Python, the device and its
-    architecture (and CUDA's version), the backend and mode. Anything else that changes a graph
-    (diffusers, the weights' shapes) changes inductor's own keys inside the file: a miss, not an error."""
+    """What must match for compiled kernels to be reused: torch, Python, the device, its architecture and CUDA, the
+    backend and mode. Anything else that changes a graph changes inductor's own keys inside the file: a miss."""
     parts = [f"torch-{torch.__version__}", f"py{sys.version_info.major}.{sys.version_info.minor}"]
     if device.is_gpu:
         major, minor = device.capability or (0, 0)
@@ -128,13 +118,11 @@ def artifacts_name(device: DeviceInfo, setting: CompileSetting) -> str:
 
 def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device: DeviceInfo,
                             setting: CompileSetting) -> CompileCache | None:
-    """Put inductor's caches (FX graphs, AOTAutograd, autotuning, Triton) where the operator chose
-    (`TORCHINDUCTOR_CACHE_DIR` as the process started, then `LASSIE_COMPILE_CACHE`), else beside
-    the weights, so a restarted server reuses its compiled kernels; read-only weights get a
-    temporary place, and their carried artifacts are still read. Inductor reads the place from
-    `TORCHINDUCTOR_CACHE_DIR` at each use and memoises paths first at a compile, so setting it here,
-    before any compile, is enough (checked on torch 2.13; only CPU's precompiled headers stay put)."""
-    beside_weights = weights_dir / COMPILE_CACHE_DIRNAME
+    """Inductor's caches where the operator chose, else beside the weights, so a restarted server reuses its kernels;
+    read-only weights get a temporary place and their carried artifacts are still read. Inductor reads
+    `TORCHINDUCTOR_CACHE_DIR` at each use and memoises paths at the first compile, so setting it before any compile
+    is enough (checked on torch 2.13; only CPU's precompiled headers stay put)."""
+    beside_weights = weights_dir / "compile-cache"
     name = artifacts_name(device, setting)
     try:
         directory = writable_place("compile cache", beside_weights, settings.cache_dir, settings.cache_variable)
@@ -142,32 +130,22 @@ def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device
         log.warning("%s; compiled kernels will not outlive this process", error)
         return None
     os.environ[INDUCTOR_CACHE_ENV] = str(directory)
-    import torch._functorch.config
-    import torch._inductor.config
-
-    torch._inductor.config.fx_graph_cache = True
-    torch._inductor.config.autotune_local_cache = True
-    torch._functorch.config.enable_autograd_cache = True
-    carried = beside_weights / name if directory != beside_weights else None
-    return CompileCache(directory, directory / name, carried)
+    enable_compile_caches()
+    return CompileCache(directory, directory / name, beside_weights / name if directory != beside_weights else None)
 
 
 def check_chosen_compile_cache(settings: CompileSettings) -> None:
-    """A compile cache the operator named (`LASSIE_COMPILE_CACHE`, `TORCHINDUCTOR_CACHE_DIR`) fails
-    setup naming its variable when it cannot be written, compiling or not: a typo must show on the
-    day it is made, not on the day compiling is turned on."""
+    """A compile cache the operator named that cannot be written fails setup naming its variable, compiling or not:
+    a typo must show on the day it is made, not on the day compiling is turned on."""
     if settings.cache_dir is not None:
         writable_place("compile cache", settings.cache_dir, settings.cache_dir, settings.cache_variable)
 
 
 def compile_transformer(transformer: nn.Module, setting: CompileSetting) -> None:
-    """Regional compile of the repeated blocks, in place (module names and PEFT keys unchanged).
-
-    One graph per block class serves all 57 blocks, dev and schnell alike: a fraction of a
-    whole-model compile's time. `dynamic=True` serves every output size; LoRA scales are tensors
-    (`lassie.engine.adapters`), so changing them never recompiles. Modes are inductor's only.
-    """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    """Regional compile of the repeated blocks, in place (module names and PEFT keys unchanged): one graph per block
+    class serves all 57 blocks of dev and schnell. `dynamic=True` serves every output size; LoRA scales are tensors
+    (`lassie.engine.adapters`), so changing them never recompiles. Modes are inductor's only."""
+    raise_recompile_limit(RECOMPILE_LIMIT)
     inductor_mode = setting.backend == DEFAULT_COMPILE_BACKEND and setting.mode != DEFAULT_COMPILE_MODE
-    mode = setting.mode if inductor_mode else None
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=mode, backend=setting.backend)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=setting.mode if inductor_mode else None,
+                                        backend=setting.backend)

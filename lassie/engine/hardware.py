@@ -1,9 +1,5 @@
-"""What the accelerator is: the one description every setup decision reads.
-
-`query_device` is the only function that asks torch about the real machine; everything that
-decides from a `DeviceInfo` (go_fast, compile, the memory plan) is pure, so every
-hardware case is unit-tested on CPU with a described device.
-"""
+"""What the accelerator is. `query_device` alone asks torch about the real machine; everything that decides from a
+`DeviceInfo` (go_fast, compile, the memory plan) is pure, so every hardware case is unit-tested on CPU."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ import torch
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """The accelerator: kind is cuda, rocm or cpu; `total_memory` is in bytes (0 on CPU)."""
+    """`kind` is cuda, rocm or cpu; `total_memory` is in bytes (0 on CPU)."""
 
     kind: str
     name: str = "CPU"
@@ -42,14 +38,9 @@ class DeviceInfo:
 
 
 def query_device() -> DeviceInfo:
-    """The real accelerator; the only function that asks the hardware."""
     if not torch.cuda.is_available():
         return DeviceInfo(kind="cpu")
     index = torch.cuda.current_device()
     properties = torch.cuda.get_device_properties(index)
-    return DeviceInfo(
-        kind="rocm" if torch.version.hip else "cuda",
-        name=properties.name,
-        capability=torch.cuda.get_device_capability(index),
-        total_memory=properties.total_memory,
-    )
+    return DeviceInfo(kind="rocm" if torch.version.hip else "cuda", name=properties.name,
+                      capability=torch.cuda.get_device_capability(index), total_memory=properties.total_memory)

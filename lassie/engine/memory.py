@@ -1,15 +1,9 @@
-"""What stays resident on the GPU, and whether the worst request still fits beside it.
+"""What stays resident on the GPU, and whether the worst request still fits beside it (docs/go_fast.md, "Memory plan").
 
-The plan is computed, not asserted: `footprint_from_configs` counts the parameters of every resident
-module built on the meta device from its config (at setup, those of the weights about to be loaded;
-in tests, the full-size `scripts/flux_configs`) and the Lassie LoRA's adapter on each transformer,
-and `plan_memory` weighs them against the device's memory, the working memory of the worst
-request the schema allows (4 outputs at 1440x1440, go_fast, an extra LoRA in a slot) and
-`HEADROOM_BYTES` more, because the activation figure is an estimate. Candidates, fastest first:
-both go_fast copies resident with the slot at the asked rank; the same with VAE slicing (the
-same images, a fraction of the memory); the same with a narrower slot (`narrower_rank`); then the
-same without go_fast copies (go_fast runs bf16). When not even the leanest fits, setup
-fails with the memory it needs: never an OOM in a request.
+Computed, not asserted: the parameters of every resident module, built on the meta device from its config, and the
+Lassie LoRA's adapter on each transformer, weighed against the device's memory, the working memory of the worst
+request the schema allows and `HEADROOM_BYTES` more (the activation figure is an estimate). When not even the leanest
+arrangement fits, setup fails with the memory it needs: never an OOM in a request.
 """
 
 from __future__ import annotations
@@ -35,17 +29,16 @@ TEXT_TOKENS = 512
 PATCH_PIXELS = 16
 # Measured: AutoencoderKL decode of FLUX latents in bf16 peaks at about 1.8 GiB per output megapixel.
 VAE_DECODE_BYTES_PER_MEGAPIXEL = 1.8 * GIB
-# Estimated (not yet measured on a GPU): live bf16 activations inside one FLUX block, in units of one
-# (tokens x hidden) tensor: the residual streams, the normed input, q/k/v, the attention output and
-# the 4x MLP hidden state with its activation.
+# Estimated, not yet measured: live bf16 (tokens x hidden) tensors inside one FLUX block (residual streams, normed
+# input, q/k/v, attention output, the 4x MLP hidden state and its activation).
 BLOCK_ACTIVATION_TENSORS = 16
 # CUDA context, cuBLAS/cuDNN workspaces, compile workspaces and allocator fragmentation.
 RESERVED_BYTES = 3 * GIB
 # Kept free beyond the worst request's estimated working memory: the estimate is not yet measured.
 HEADROOM_BYTES = 2 * GIB
 MIN_SLOT_RANK = 32
-# Without the Lassie LoRA file (the plan made from configs alone): what a LoRA of this rank on
-# every linear takes, the most Replicate's FLUX LoRA trainer makes (rank 16 is its default).
+# Without the Lassie LoRA file (the plan made from configs alone): a LoRA of this rank on every linear, the most
+# Replicate's FLUX LoRA trainer makes (rank 16 is its default).
 LASSIE_RANK_BOUND = 128
 
 
@@ -63,15 +56,14 @@ class Footprint:
     lassie_parameters: int  # the Lassie LoRA's tensors (see LASSIE_RANK_BOUND)
 
     def resident_bytes(self, go_fast_copies: bool, slot_rank: int) -> int:
-        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on
-        each transformer the slot and the Lassie adapter (its text-encoder part counted there too)."""
+        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on each transformer the
+        slot and the Lassie adapter (its text-encoder part counted there too)."""
         transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
         total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
                  + self.safety_parameters) * BF16_BYTES
         if go_fast_copies:
             total += len(self.transformer_parameters) * self.token_linear_parameters * FP8_BYTES
-        total += transformers * (slot_rank * self.slot_parameters_per_rank + self.lassie_parameters) * BF16_BYTES
-        return total
+        return total + transformers * (slot_rank * self.slot_parameters_per_rank + self.lassie_parameters) * BF16_BYTES
 
     def working_bytes(self, size: tuple[int, int], outputs: int, vae_slicing: bool) -> int:
         """Peak working memory of one request: denoising and VAE decode run one after the other."""
@@ -80,6 +72,10 @@ class Footprint:
         denoising = outputs * tokens * self.hidden_size * BF16_BYTES * BLOCK_ACTIVATION_TENSORS
         decoded_megapixels = width * height / 1e6 * (1 if vae_slicing else outputs)
         return max(denoising, int(decoded_megapixels * VAE_DECODE_BYTES_PER_MEGAPIXEL))
+
+    def plan(self, go_fast_copies: bool, vae_slicing: bool, slot_rank: int, reason: str = "") -> MemoryPlan:
+        return MemoryPlan(go_fast_copies, vae_slicing, slot_rank, self.resident_bytes(go_fast_copies, slot_rank),
+                          self.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing), reason)
 
 
 @dataclass(frozen=True)
@@ -91,29 +87,32 @@ class MemoryPlan:
     worst_request_bytes: int
     reason: str
 
+    @property
+    def needed_bytes(self) -> int:
+        return self.resident_bytes + self.worst_request_bytes + RESERVED_BYTES + HEADROOM_BYTES
+
 
 class InsufficientMemory(RuntimeError):
     pass
 
 
-def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool,
-                slot_rank: int) -> MemoryPlan:
-    """The fastest arrangement whose resident set plus the worst request fits `device_bytes`.
-
-    `device_bytes` None means host memory (CPU): everything stays, nothing is planned around.
-    """
+def plan_memory(device_bytes: int | None, footprint: Footprint, quantizes: bool, slot_rank: int) -> MemoryPlan:
+    """The fastest arrangement that fits `device_bytes` (None is host memory: everything stays). Candidates, fastest
+    first: go_fast copies resident before none; for each, VAE slicing (the same images, a fraction of the memory)
+    before ever narrower slots (`narrower_rank`)."""
     if device_bytes is None:
-        return _plan(footprint, quantizes, False, slot_rank, "host memory: every variant stays resident")
-    budget = device_bytes - RESERVED_BYTES - HEADROOM_BYTES
-    candidates = _candidates(quantizes, slot_rank)
-    for go_fast_copies, vae_slicing, rank in candidates:
-        plan = _plan(footprint, go_fast_copies, vae_slicing, rank, "")
-        if plan.resident_bytes + plan.worst_request_bytes <= budget:
-            return _explained(plan, device_bytes, quantizes, slot_rank)
-    leanest = _plan(footprint, *candidates[-1], "")
-    needed = leanest.resident_bytes + leanest.worst_request_bytes + RESERVED_BYTES + HEADROOM_BYTES
+        return footprint.plan(quantizes, False, slot_rank, "host memory: every variant stays resident")
+    ranks = [slot_rank]
+    while (rank := narrower_rank(ranks[-1])) is not None:
+        ranks.append(rank)
+    plans = [footprint.plan(copies, slicing, rank) for copies in ([True, False] if quantizes else [False])
+             for slicing, rank in [(False, slot_rank)] + [(True, rank) for rank in ranks]]
+    for plan in plans:
+        if plan.needed_bytes <= device_bytes:
+            return replace(plan, reason=_reason(plan, device_bytes, quantizes, slot_rank))
+    leanest = plans[-1]
     raise InsufficientMemory(
-        f"this GPU has {device_bytes / GIB:.1f} GiB; lassie needs at least {needed / GIB:.1f} GiB "
+        f"this GPU has {device_bytes / GIB:.1f} GiB; lassie needs at least {leanest.needed_bytes / GIB:.1f} GiB "
         f"(bf16 dev + schnell with their LoRA adapters, text encoders, VAE and safety models: "
         f"{leanest.resident_bytes / GIB:.1f} GiB; the largest request: {leanest.worst_request_bytes / GIB:.1f} GiB; "
         f"reserve {RESERVED_BYTES / GIB:.0f} GiB and headroom {HEADROOM_BYTES / GIB:.0f} GiB)")
@@ -125,34 +124,16 @@ def narrower_rank(slot_rank: int) -> int | None:
     return half if half >= MIN_SLOT_RANK else None
 
 
-def _candidates(quantizes: bool, slot_rank: int) -> list[tuple[bool, bool, int]]:
-    """(go_fast copies, VAE slicing, slot rank), fastest first: narrower slots only after slicing."""
-    ranks = [slot_rank]
-    while (rank := narrower_rank(ranks[-1])) is not None:
-        ranks.append(rank)
-    candidates = []
-    for go_fast_copies in ([True, False] if quantizes else [False]):
-        candidates += [(go_fast_copies, False, slot_rank)] + [(go_fast_copies, True, rank) for rank in ranks]
-    return candidates
-
-
-def _plan(footprint: Footprint, go_fast_copies: bool, vae_slicing: bool, slot_rank: int,
-          reason: str) -> MemoryPlan:
-    return MemoryPlan(go_fast_copies, vae_slicing, slot_rank, footprint.resident_bytes(go_fast_copies, slot_rank),
-                      footprint.working_bytes(WORST_SIZE, WORST_OUTPUTS, vae_slicing), reason)
-
-
-def _explained(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank: int) -> MemoryPlan:
+def _reason(plan: MemoryPlan, device_bytes: int, quantizes: bool, asked_rank: int) -> str:
     parts = [f"{plan.resident_bytes / GIB:.1f} GiB resident + {plan.worst_request_bytes / GIB:.1f} GiB for the "
              f"largest request of {device_bytes / GIB:.1f} GiB"]
     if quantizes:
-        parts.append("go_fast copies resident" if plan.go_fast_copies
-                     else "no room for go_fast copies: go_fast runs bf16")
+        parts.append("go_fast copies resident" if plan.go_fast_copies else "no room for go_fast copies: go_fast runs bf16")
     if plan.vae_slicing:
         parts.append("VAE decodes one image at a time")
     if plan.slot_rank != asked_rank:
         parts.append(f"hot-swap slot narrowed to rank {plan.slot_rank} (LoRAs up to rank {plan.slot_rank})")
-    return replace(plan, reason="memory plan: " + "; ".join(parts))
+    return "memory plan: " + "; ".join(parts)
 
 
 def parameters(module: nn.Module) -> int:
@@ -173,8 +154,7 @@ class ModelConfigs:
 
     @classmethod
     def of_layout(cls, layout: WeightsLayout, lassie_lora: Path) -> ModelConfigs:
-        """The weights about to be loaded, so the plan is known before anything reaches the GPU;
-        `lassie_lora` is the one setup resolved (COG_WEIGHTS, LASSIE_LORA_URL or weights/lassie/)."""
+        """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
         return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
                                  "schnell": layout.schnell_dir / "transformer" / "config.json"},
                    t5=layout.dev_dir / "text_encoder_2" / "config.json",
@@ -184,8 +164,8 @@ class ModelConfigs:
 
 
 def footprint_from_configs(configs: ModelConfigs) -> Footprint:
-    """Every resident module built on the meta device from its config (no memory, a few seconds at
-    full size), counted without LoRA adapters: those are counted per transformer."""
+    """Every resident module built on the meta device from its config (no memory, a few seconds at full size), counted
+    without LoRA adapters: those are counted per transformer."""
     import transformers as hf
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -200,18 +180,15 @@ def footprint_from_configs(configs: ModelConfigs) -> Footprint:
                   hf.ViTForImageClassification(hf.ViTConfig(**_read(configs.falcon)))]
     first = next(iter(transformers.values()))
     linears = [(name, module) for name, module in first.named_modules() if isinstance(module, nn.Linear)]
-    slot_parameters_per_rank = sum(module.in_features + module.out_features for _, module in linears)
+    per_rank = sum(module.in_features + module.out_features for _, module in linears)
     return Footprint(
         transformer_parameters={model: parameters(transformer) for model, transformer in transformers.items()},
         token_linear_parameters=sum(module.weight.numel() for name, module in linears if is_token_linear(module, name)),
-        slot_parameters_per_rank=slot_parameters_per_rank,
-        text_encoder_parameters=sum(parameters(encoder) for encoder in text_encoders),
-        vae_parameters=parameters(vae),
-        safety_parameters=sum(parameters(model) for model in safety),
+        slot_parameters_per_rank=per_rank, text_encoder_parameters=sum(map(parameters, text_encoders)),
+        vae_parameters=parameters(vae), safety_parameters=sum(map(parameters, safety)),
         hidden_size=first.config.num_attention_heads * first.config.attention_head_dim,
-        lassie_parameters=(LASSIE_RANK_BOUND * slot_parameters_per_rank if configs.lassie_lora is None
-                           else lora_parameters(configs.lassie_lora)),
-    )
+        lassie_parameters=(LASSIE_RANK_BOUND * per_rank if configs.lassie_lora is None
+                           else lora_parameters(configs.lassie_lora)))
 
 
 def lora_parameters(path: Path) -> int:

@@ -1,9 +1,5 @@
-"""Loading FLUX dev and schnell once, sharing the VAE, text encoders and tokenizers between them.
-
-Pipelines (dev or schnell x txt2img / img2img / inpainting) are light views over the same
-modules: nothing is loaded or held twice. Each gets its own scheduler instance, because
-schedulers keep per-call state (begin index, step index) that must not leak between calls.
-"""
+"""Loading FLUX dev and schnell once, sharing the VAE, text encoders and tokenizers: pipelines (dev or schnell x
+txt2img / img2img / inpainting) are light views over the same modules, so nothing is loaded or held twice."""
 
 from __future__ import annotations
 
@@ -27,15 +23,12 @@ from lassie.weights.layout import WeightsLayout
 log = logging.getLogger(__name__)
 
 PIPELINE_CLASSES: dict[Mode, type[DiffusionPipeline]] = {
-    Mode.TXT2IMG: FluxPipeline,
-    Mode.IMG2IMG: FluxImg2ImgPipeline,
-    Mode.INPAINT: FluxInpaintPipeline,
-}
+    Mode.TXT2IMG: FluxPipeline, Mode.IMG2IMG: FluxImg2ImgPipeline, Mode.INPAINT: FluxInpaintPipeline}
 
 
 @dataclass
 class FluxModels:
-    """The loaded modules. `transformers` maps model name -> transformer (dev, schnell)."""
+    """The loaded modules: `transformers` and `schedulers` by model name (dev, schnell)."""
 
     base: FluxPipeline
     transformers: dict[str, FluxTransformer2DModel]
@@ -46,13 +39,10 @@ class FluxModels:
         return self.base.text_encoder
 
     def pipeline(self, model: str, mode: Mode, transformer: FluxTransformer2DModel | None = None) -> DiffusionPipeline:
-        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. its go_fast copy).
-
-        Built per call (about a millisecond) rather than cached: a cache would keep dropped go_fast
-        copies alive, and a fresh scheduler carries no state from the previous call. Its denoising
-        bar is off: in the setup log (warm-up) and a request's log it would be carriage returns,
-        and the plan's log line already says how many steps run.
-        """
+        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. its go_fast copy). Built per
+        call (about a millisecond): a cache would keep dropped go_fast copies alive, and a fresh scheduler carries no
+        per-call state (begin and step index) from the previous call. Its denoising bar is off: in the logs it would be
+        carriage returns, and the plan's log line already says how many steps run."""
         components = dict(self.base.components)
         components["transformer"] = transformer if transformer is not None else self.transformers[model]
         components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(self.schedulers[model].config)
@@ -72,18 +62,14 @@ def load_models(layout: WeightsLayout, device: DeviceInfo, vae_slicing: bool = F
                                                      device_map=device_map)
     if vae_slicing:
         base.vae.enable_slicing()
-    schedulers = {
-        "dev": base.scheduler,
-        "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(layout.schnell_dir / "scheduler"),
-    }
+    schedulers = {"dev": base.scheduler,
+                  "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(layout.schnell_dir / "scheduler")}
     return FluxModels(base=base, transformers={"dev": base.transformer, "schnell": schnell}, schedulers=schedulers)
 
 
 def prepare_for_speed(models: FluxModels, hardware: DeviceInfo) -> None:
-    """What runs faster around the same weights: on GPUs the VAE in channels_last, the layout
-    cuDNN's convolutions run fastest in (same numbers within float rounding; CPUs keep the
-    contiguous layout diffusers' own pipelines use, image for image). Attention stays diffusers'
-    default (torch's SDPA)."""
+    """On GPUs the VAE in channels_last, the layout cuDNN's convolutions run fastest in (same numbers within float
+    rounding); CPUs keep the contiguous layout diffusers' pipelines use, image for image. Attention stays SDPA."""
     if hardware.is_gpu:
         models.base.vae.to(memory_format=torch.channels_last)
         log.info("VAE in channels_last")

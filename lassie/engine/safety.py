@@ -1,8 +1,6 @@
-"""The safety filter: the CompVis checker over the batch, Falconsai's classifier as a second opinion.
-
-The CompVis checker alone flags many harmless images. As Replicate's FLUX models do, an image is
-dropped only when the Falcon classifier, asked about each image CompVis flagged, calls it nsfw too.
-"""
+"""The safety filter: the CompVis checker over the batch, Falconsai's classifier as a second opinion. The CompVis
+checker alone flags many harmless images: as Replicate's FLUX models do, an image is dropped only when the Falcon
+classifier, asked about each image CompVis flagged, calls it nsfw too."""
 
 from __future__ import annotations
 
@@ -34,28 +32,21 @@ class AllOutputsFlaggedError(RuntimeError):
 
 @dataclass
 class SafetyFilter:
-    """Both models, loaded once at setup and kept on the generation device."""
+    """Both models, loaded once at setup and kept on the generation device in its dtype, with their processors."""
 
     checker: StableDiffusionSafetyChecker
     checker_processor: BaseImageProcessor
     classifier: ViTForImageClassification
     classifier_processor: BaseImageProcessor
-    device: torch.device
-    dtype: torch.dtype
 
     @classmethod
     def load(cls, layout: WeightsLayout, device: DeviceInfo) -> SafetyFilter:
-        """On the generation device, in its dtype."""
         checker = StableDiffusionSafetyChecker.from_pretrained(layout.compvis_dir)
         classifier = ViTForImageClassification.from_pretrained(layout.falcon_dir)
-        return cls(
-            checker.to(device=device.torch_device, dtype=device.dtype).eval(),
-            CLIPImageProcessor.from_pretrained(layout.compvis_dir),
-            classifier.to(device=device.torch_device, dtype=device.dtype).eval(),
-            AutoImageProcessor.from_pretrained(layout.falcon_dir),
-            device.torch_device,
-            device.dtype,
-        )
+        return cls(checker.to(device=device.torch_device, dtype=device.dtype).eval(),
+                   CLIPImageProcessor.from_pretrained(layout.compvis_dir),
+                   classifier.to(device=device.torch_device, dtype=device.dtype).eval(),
+                   AutoImageProcessor.from_pretrained(layout.falcon_dir))
 
     def filter(self, images: list[Image.Image]) -> list[Image.Image]:
         """The images kept, in order: every image unless both models flag it; raises when that leaves nothing."""
@@ -72,13 +63,13 @@ class SafetyFilter:
     def checker_flags(self, images: list[Image.Image]) -> list[bool]:
         pixels = self.checker_processor(images=images, return_tensors="pt").pixel_values
         # The checker blacks out flagged images in the list it is given: give it copies it may spoil.
-        _, flags = self.checker(clip_input=pixels.to(self.device, self.dtype),
+        _, flags = self.checker(clip_input=pixels.to(self.checker.device, self.checker.dtype),
                                 images=[np.asarray(image) for image in images])
         return [bool(flag) for flag in flags]
 
     @torch.inference_mode()
     def classifier_flags(self, images: list[Image.Image]) -> list[bool]:
         pixels = self.classifier_processor(images=images, return_tensors="pt").pixel_values
-        logits = self.classifier(pixel_values=pixels.to(self.device, self.dtype)).logits
+        logits = self.classifier(pixel_values=pixels.to(self.classifier.device, self.classifier.dtype)).logits
         labels = [self.classifier.config.id2label[index] for index in logits.argmax(dim=-1).tolist()]
         return [label.lower() == NSFW_LABEL for label in labels]

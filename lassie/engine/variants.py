@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,13 +19,12 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch._dynamo.utils import counters
 
 from lassie.engine.adapters import LoraAdapters
 from lassie.engine.compilation import CompileSetting, compile_transformer
 from lassie.engine.generate import Inputs, pipeline_arguments
 from lassie.engine.go_fast import FastMode, GoFastPlan, decide_go_fast, quantize_transformer
-from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS
+from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS, compiled_graph_count, raised_in_compiled_code
 from lassie.engine.memory import MemoryPlan
 from lassie.engine.models import FluxModels
 from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
@@ -49,8 +47,6 @@ T = TypeVar("T")
 # What torch raises (a plain RuntimeError) when a call under `fail_on_recompile` needs a new graph.
 RECOMPILE_REFUSED = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 GUARD_LINE = re.compile(r"^\s*- \d+/\d+: (.+)$", re.MULTILINE)
-# Where a compiled call runs: an error raised through these came from the compiled path.
-COMPILER_MODULES = ("torch._dynamo.", "torch._functorch.", "torch._inductor.")
 
 
 @dataclass(frozen=True)
@@ -150,7 +146,7 @@ class TransformerVariants:
                             "the missing graph (guards that failed: %s)", _guard_failures(str(error)))
                 with torch.compiler.set_stance("eager_on_recompile"):
                     return call()
-            if stance == "force_eager" or not _raised_in_compiled_code(error):
+            if stance == "force_eager" or not raised_in_compiled_code(error):
                 raise
             failure = _one_line(error)  # text only: the traceback's frames would keep the failed call's tensors
         return self._run_eagerly_after(variant, call, failure)
@@ -190,7 +186,7 @@ class TransformerVariants:
 
     def _compile_and_warm_up(self) -> None:
         runs = self.warm_up_plan()
-        graphs_before = counters["stats"]["unique_graphs"]
+        graphs_before = compiled_graph_count()
         started = time.perf_counter()
         try:
             for variant in self.variants():
@@ -207,7 +203,7 @@ class TransformerVariants:
             return
         self._stance = "fail_on_recompile"
         log.info("warm-up compiled %d graphs (backend %s, mode %s) with %d calls in %.1fs; %d planned",
-                 counters["stats"]["unique_graphs"] - graphs_before, self._compile.backend, self._compile.mode,
+                 compiled_graph_count() - graphs_before, self._compile.backend, self._compile.mode,
                  len(runs), time.perf_counter() - started, planned_graphs(runs))
 
     def _warm(self, variant: Variant) -> None:
@@ -227,13 +223,6 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or "no message"
     text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _raised_in_compiled_code(error: BaseException) -> bool:
-    """Whether `error` came through torch's compiler (dynamo, AOTAutograd's or inductor's runtime), as every compiled
-    block's does: a pipeline's input checks, the VAE and the text encoders' would not change run again eagerly."""
-    return any(frame.f_globals.get("__name__", "").startswith(COMPILER_MODULES)
-               for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _guard_failures(message: str, shown: int = 3) -> str:
