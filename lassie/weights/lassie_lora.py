@@ -100,7 +100,7 @@ def config_trigger_word(config: str) -> str | None:
 
 
 def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | None:
-    """Its trigger_word.txt, else config.yaml's `trigger_word:`; members read by the tar policy, never written."""
+    """The tar's trigger_word.txt, else config.yaml's `trigger_word:`; members read by the tar policy, never written."""
     texts = {}
     with archive.open("rb") as source:
         for path, _, data in checked_members(source, TarLimits(max_members=files.MAX_TAR_MEMBERS, max_bytes=max_bytes)):
