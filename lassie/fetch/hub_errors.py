@@ -1,5 +1,5 @@
 """huggingface_hub's exceptions in words that say what to do next, never with a token in them: one mapping for setup
-fetching the weights (`lassie.weights.hub`) and requests fetching an extra LoRA (`lassie.fetch.lora_sources`)."""
+fetching the weights (`lassie.weights.provision`) and requests fetching an extra LoRA (`lassie.fetch.lora_sources`)."""
 
 from __future__ import annotations
 
