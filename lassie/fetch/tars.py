@@ -108,8 +108,7 @@ class _Watched:
 
 def checked_members(source: io.BufferedReader, limits: TarLimits
                     ) -> Iterator[tuple[PurePosixPath, tarfile.TarInfo, BinaryIO | None]]:
-    """Each member that passes the policy: its path, header and (for a file) its data, to be read
-    before the next one is asked for. After the last, the end-of-archive blocks are checked."""
+    """Each member passing the policy: path, header, (a file's) data to read before the next; then the end blocks."""
     head = source.read(MAGIC_BYTES)
     if compression := compression_of(head):
         raise TarRefused(f"is {compression}-compressed; only uncompressed tars are accepted "

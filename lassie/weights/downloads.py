@@ -118,7 +118,7 @@ class _Body(io.RawIOBase):
 def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> Generator[bytes, None, None]:
     """The whole tar in one response (no ranges, or no version to hold them to); h11 fails a body cut short."""
     with closing(response):
-        yield from body_pieces(response, url, limits.deadline)
+        yield from body_pieces(response, url, limits)
 
 
 def parallel_ranges(client: httpx2.Client, url: str, source: str, first: httpx2.Response, total: int,
@@ -142,7 +142,7 @@ def parallel_ranges(client: httpx2.Client, url: str, source: str, first: httpx2.
             if response.status_code != 206 or answered.strip() != asked:
                 raise DownloadError(f"{redact_url(url)} answered a range request for {asked} with HTTP "
                                     f"{response.status_code} {answered or '(no Content-Range)'}")
-            for piece in body_pieces(response, url, limits.deadline, received=start):
+            for piece in body_pieces(response, url, limits, received=start):
                 data += piece
                 if len(data) > end - start:
                     raise DownloadError(f"{redact_url(url)} sent more than bytes {start}-{end - 1}")

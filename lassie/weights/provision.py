@@ -22,8 +22,7 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import filter_repo_objects
 
 from lassie.fetch.files import sha256_of
-from lassie.fetch.http import ProgressLog, human_bytes
-from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
+from lassie.fetch.http import HUB_ERRORS, ProgressLog, hub_problem, human_bytes
 from lassie.settings import FOLDER_URL_ENVS, WEIGHTS_URL_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX, DownloadError, FetchOptions, fetch_folder
 from lassie.weights.lassie_lora import lora_origin_problem, provision_lassie_lora
@@ -91,7 +90,7 @@ def explained_hub_errors(source: HubSource, api: HfApi) -> Iterator[None]:
         if not_found and source.gated:
             raise ProvisionError(gated_message(api, source.repo_id)) from None
         problem = hub_problem(error, f"{source.repo_id} on {api.endpoint}", revision=None,
-                              has_token=bool(api.token), tokens={"HF_TOKEN": api.token} if api.token else {})
+                              tokens={"HF_TOKEN": api.token} if api.token else {})
         raise ProvisionError(problem if not_found else f"{problem}\n{RUN_AGAIN}") from None
 
 
