@@ -1,7 +1,6 @@
 """Which addresses a fetch from a user-given URL may reach: public internet addresses only, so a LoRA URL cannot make
 the server probe its own network. Every answer for a name is checked (one refused answer refuses the host), IPv6 forms
-that carry an IPv4 address are judged by it, and the operator's exceptions come from `LASSIE_ALLOW_PRIVATE_URLS`.
-"""
+that carry an IPv4 address are judged by it, and the operator's exceptions come from `LASSIE_ALLOW_PRIVATE_URLS`."""
 
 from __future__ import annotations
 

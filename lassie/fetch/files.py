@@ -1,7 +1,6 @@
 """Downloaded LoRA files: only safetensors pass (pickle .bin/.ckpt/.pt checkpoints run code when loaded), said plainly
 when the library refuses one (a pickle, an HTML login page, a cut download); a LoRA tar gives up exactly one. Errors
-do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own.
-"""
+do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 Redirects are followed by hand, only to http(s), a token never leaving its origin; URLs are shown without user info or
 query (signed URLs carry secrets there); a `Deadline` checked between small reads bounds a trickle. For user-given URLs
 every hop must land on a public address (`lassie.fetch.addresses`). Failures are `FetchError`s naming the redacted URL
-and why (`hub_problem` words huggingface_hub's); bounds and tokens come from the caller, never the environment.
-"""
+and why (`hub_problem` words huggingface_hub's); bounds and tokens come from the caller, never the environment."""
 
 from __future__ import annotations
 

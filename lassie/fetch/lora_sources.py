@@ -2,8 +2,7 @@
 without network (`identify`); each source's `fetch` downloads it into a staging folder, where the cache checks it.
 A service is recognised by the *form* of the string (people paste every variant), while where it is fetched from and
 the tokens are the operator's `LoraSettings` (mirrors, tests). The user gave the address, so every fetch obeys the
-address rule and the operator's bounds, and fails on the `extra_lora` field.
-"""
+address rule and the operator's bounds, and fails on the `extra_lora` field."""
 
 from __future__ import annotations
 

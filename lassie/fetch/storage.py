@@ -1,7 +1,6 @@
 """Where setup may write: the place asked for, else a private folder of the user's own under $TMPDIR, said once, so
 that a read-only weights mount (one copy shared by several containers) still serves. A place the operator named
-explicitly is a promise: if it cannot be written, setup fails naming the variable.
-"""
+explicitly is a promise: if it cannot be written, setup fails naming the variable."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """The one policy for every tar this server unpacks, as the README's Security section states it: regular files and
 folders only, relative names without `..`, uncompressed, the end-of-archive blocks present, bounded. `tarfile` only
 parses headers (streaming, as the tar arrives); every file is written here, so nothing depends on the Python's
-extraction filters (3.11.7 lets CVE-2025-4517 through). Messages read after the tar's name, member names sanitised.
-"""
+extraction filters (3.11.7 lets CVE-2025-4517 through). Messages read after the tar's name, member names sanitised."""
 
 from __future__ import annotations
 
