@@ -23,10 +23,9 @@ from lassie.fetch.lora_cache import HeldLora, LoraCache
 from lassie.fetch.lora_sources import identify
 from lassie.fetch.storage import writable_place
 from lassie.quiet import no_progress_bars
-from lassie.request.encoding import save_images
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.request.images import Inputs, load_inputs
-from lassie.request.outputs import OutputFolders
+from lassie.request.outputs import OutputFolders, save_images
 from lassie.request.plan import Plan, Request, checked, describe, make_plan
 from lassie.settings import DEFAULT_SLOT_RANK, LORA_CACHE_ENV, Settings
 from lassie.weights.lassie_lora import resolve

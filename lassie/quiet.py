@@ -2,8 +2,7 @@
 
 A warning in the log should mean something. Each entry names the message's source (its logger, or its warning category
 and module) and its whole text, and says why it is harmless; everything else still shows. predict.py calls
-`silence_known_noise()` first, before torch and the libraries are imported (most of these are printed then).
-"""
+`silence_known_noise()` first, before torch and the libraries are imported (most of these are printed then)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Every operator setting, read from the environment once, at setup, in one yes/no vocabulary.
-
-A bad value fails setup naming the variable and what it accepts, instead of surfacing in a request later, and nothing
-on the request path reads the environment. Import this module before torch (predict.py does): see `_AT_START`.
-"""
+"""Every operator setting, read from the environment once, at setup, in one yes/no vocabulary. A bad value fails setup
+naming the variable and what it accepts, instead of surfacing in a request later, and nothing on the request path reads
+the environment. Import this module before torch (predict.py does): see `_AT_START`."""
 
 from __future__ import annotations
 
@@ -36,6 +34,7 @@ MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
 LORA_DOWNLOAD_TIMEOUT_ENV = "LASSIE_LORA_DOWNLOAD_TIMEOUT"
 LORA_CACHE_ENV = "LASSIE_LORA_CACHE"
 LORA_URL_ENV = "LASSIE_LORA_URL"
+TRIGGER_WORD_ENV = "LASSIE_TRIGGER_WORD"
 WEIGHTS_URL_ENV = "LASSIE_WEIGHTS_URL"
 WEIGHTS_DOWNLOAD_TIMEOUT_ENV = "LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT"
 # The layout folders fetched as tars, each from its own variable or `<LASSIE_WEIGHTS_URL>/<folder>.tar`.
@@ -75,10 +74,6 @@ class Environment:
             raise SettingError(name, f"one of {', '.join(choices)}", value)
         return value
 
-    def flag(self, name: str, default: bool) -> bool:
-        value = self.choice(name, ON + OFF)
-        return value in ON if value else default
-
     def count(self, name: str, default: int, minimum: int = 0, what: str = "a number of bytes") -> int:
         value = self.text(name, str(default))
         if not value.isdigit() or int(value) < minimum:
@@ -101,8 +96,7 @@ class Environment:
         return value
 
     def path(self, name: str) -> Path | None:
-        value = self.text(name)
-        return Path(value) if value else None
+        return Path(value) if (value := self.text(name)) else None
 
     def networks(self, name: str) -> tuple[bool, tuple[IPNetwork, ...]]:
         """(every address allowed, the networks allowed): a switch, or a comma-separated list."""
@@ -147,7 +141,7 @@ class LoraSettings:
     allowed_networks: tuple[IPNetwork, ...] = ()
     replicate_url: str = "https://replicate.com"
     civitai_url: str = "https://civitai.com"
-    hf_endpoint: str = "https://huggingface.co"
+    hf_endpoint: str = "https://huggingface.co"  # also where setup fetches the weights from
     tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # variable name -> token
 
     @classmethod
@@ -171,20 +165,18 @@ class ProvisionSettings:
 
     lora_url: str | None = None  # LASSIE_LORA_URL: the trained Lassie LoRA (an operator-trusted address)
     trigger_word: str | None = None  # LASSIE_TRIGGER_WORD
-    hf_endpoint: str = LoraSettings.hf_endpoint
     offline: bool = False  # HF_HUB_OFFLINE: never fetch, only check
     weights_url: str | None = None  # LASSIE_WEIGHTS_URL: <base>/<folder>.tar for each missing folder
     folder_urls: Mapping[str, str] = field(default_factory=dict)  # folder -> its own tar URL (FOLDER_URL_ENVS)
     cog_weights: str | None = None  # COG_WEIGHTS, as cog hands it to setup(weights): the Lassie LoRA
-    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest folder (about 24 GB)
-    # arrive at 2.2 MB/s (24e9 B / 10 800 s), a modest link
+    # seconds one folder's tar may take, however slowly it trickles in: 3 h lets the largest folder (about 24 GB) arrive
+    # at 2.2 MB/s (24e9 B / 10 800 s), a modest link
     weights_download_timeout: int = 3 * 3600
 
     @classmethod
     def read(cls, env: Environment, cog_weights: object) -> ProvisionSettings:
-        return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text("LASSIE_TRIGGER_WORD") or None,
-                   hf_endpoint=env.url("HF_ENDPOINT", cls.hf_endpoint).rstrip("/"),
-                   offline=env.flag("HF_HUB_OFFLINE", default=False),
+        return cls(lora_url=env.text(LORA_URL_ENV) or None, trigger_word=env.text(TRIGGER_WORD_ENV) or None,
+                   offline=env.choice("HF_HUB_OFFLINE", ON + OFF) in ON,
                    weights_url=env.url(WEIGHTS_URL_ENV).rstrip("/") or None,
                    folder_urls={folder: url for folder, name in FOLDER_URL_ENVS.items() if (url := env.url(name))},
                    cog_weights=cog_weights_value(cog_weights),
@@ -229,7 +221,6 @@ class Settings:
 
 
 def cog_weights_value(weights: object) -> str | None:
-    """The Lassie LoRA's address in COG_WEIGHTS; None, empty and `weights` (what cog up to 0.16 passed when a
-    ./weights folder existed) are no value."""
+    """The LoRA's address in COG_WEIGHTS; "" and `weights` (cog <= 0.16's when ./weights existed) are none."""
     value = str(weights or "").strip()
     return None if value in ("", "weights") else value

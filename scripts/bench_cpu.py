@@ -1,7 +1,7 @@
 """CPU benchmark: lassie against a bare diffusers call, in-process and through the Cog HTTP server.
 
 Every arm does the same work on the tiny weights: 512x512, 4 steps, the Lassie LoRA at 1.0, and
-its image written in the same format with the same encoder settings (lassie.request.encoding). Arms run
+its image written in the same format with the same encoder settings (lassie.request.outputs). Arms run
 interleaved round by round, so machine noise hits all alike (compare ratios from one run only).
 Targets: in-process at most 1.10x the bare call, through the Cog HTTP server at most 1.25x. The
 safety checker runs two more models the bare pipeline lacks: it is its own row, not overhead.
@@ -68,7 +68,7 @@ def bare_call(weights: Path, output_format: str) -> Callable[[], None]:
     import torch
     from diffusers import FluxPipeline
 
-    from lassie.request.encoding import save_images
+    from lassie.request.outputs import save_images
 
     pipe = FluxPipeline.from_pretrained(weights / "flux-dev")
     pipe.load_lora_weights(str(weights / "lassie" / "lora.safetensors"), adapter_name="lassie")

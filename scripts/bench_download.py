@@ -48,7 +48,7 @@ def weights_tar(total_bytes: int, files: int = 4) -> bytes:
 def timed_fetch(url: str, options: FetchOptions, expected_files: int) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-download-") as root:
         started = time.perf_counter()
-        fetch_folder(url, Path(root) / "folder", Path(root), lambda folder: [], options)
+        fetch_folder(url, Path(root) / "folder", lambda folder: [], options)
         elapsed = time.perf_counter() - started
         assert len(list((Path(root) / "folder").iterdir())) == expected_files
     return elapsed

@@ -987,7 +987,7 @@ class Baselines:
         """The product's call for a txt2img request (lassie.engine.generate), then its webp encoding."""
         import torch
 
-        from lassie.request.encoding import save_images
+        from lassie.request.outputs import save_images
 
         with torch.inference_mode():
             images = self.pipelines[model](PROMPT, width=options.size, height=options.size,

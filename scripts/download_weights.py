@@ -29,9 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lassie.settings import SettingError, Settings
-from lassie.weights.hub import provision
 from lassie.weights.layout import MissingWeightsError, ProvisionError
-from lassie.weights.provision import provision_from_tars
+from lassie.weights.provision import provision, provision_from_tars
 
 TARS_HAVE_NO_MANIFEST = ("note: --verify rehashes hub downloads against manifest.json; folders fetched from tars "
                          "are not in it (each was checked complete before it was renamed into place)")

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from lassie.request.encoding import save_images
+from lassie.request.outputs import save_images
 
 
 def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:

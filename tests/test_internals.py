@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from lassie.engine.internals import CHECKED_AGAINST
-from lassie.weights.hub import git_blob_sha1
+from lassie.weights.provision import git_blob_sha1
 
 PRIVATE_IMPORTS = ("_create_lora_config", "get_pattern_key", "set_adapters_for_text_encoder", "delete_adapter_layers")
 

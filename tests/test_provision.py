@@ -26,11 +26,10 @@ import safetensors.numpy
 from conftest import REPO
 from fake_hub import FakeHub
 from lassie.settings import LoraSettings, ProvisionSettings, Settings
-from lassie.weights.hub import provision
 from lassie.weights.lassie_lora import provision_lassie_lora
 from lassie.weights.layout import CorruptFileError, MissingWeightsError, ProvisionError, WeightsLayout
 from lassie.weights.manifest import Manifest, ProvisionReport
-from lassie.weights.provision import ensure_weights
+from lassie.weights.provision import ensure_weights, provision
 
 DEV = "black-forest-labs/FLUX.1-dev"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -292,8 +291,8 @@ def test_too_little_disk_space_stops_before_any_download(
         hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process (the disk is faked): the hub's listings give every size, so nothing is fetched."""
     monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**12, used=10**12, free=1000))
-    settings = Settings(provision=ProvisionSettings(lora_url=lora_url(hub), hf_endpoint=hub.endpoint),
-                        lora=LoraSettings(tokens={"HF_TOKEN": TOKEN}))
+    settings = Settings(provision=ProvisionSettings(lora_url=lora_url(hub)),
+                        lora=LoraSettings(tokens={"HF_TOKEN": TOKEN}, hf_endpoint=hub.endpoint))
     with pytest.raises(ProvisionError, match=r"has 1000 bytes free but the files still to fetch need \d"):
         provision(tmp_path / "weights", settings)
     assert hub.content_requests() == []

@@ -47,7 +47,7 @@ def host() -> Iterator[RangeServer]:
 
 def fetch(url: str, tmp_path: Path, options: FetchOptions = RANGES) -> Path:
     target = tmp_path / "folder"
-    fetch_folder(url, target, tmp_path, lambda folder: [], options)
+    fetch_folder(url, target, lambda folder: [], options)
     return target
 
 

@@ -1,7 +1,6 @@
 """Which addresses a fetch from a user-given URL may reach: public internet addresses only, so a LoRA URL cannot make
 the server probe its own network. Every answer for a name is checked (one refused answer refuses the host), IPv6 forms
-that carry an IPv4 address are judged by it, and the operator's exceptions come from `LASSIE_ALLOW_PRIVATE_URLS`.
-"""
+that carry an IPv4 address are judged by it, and the operator's exceptions come from `LASSIE_ALLOW_PRIVATE_URLS`."""
 
 from __future__ import annotations
 
@@ -20,13 +19,11 @@ REFUSED_CLASSES = ("unspecified", "loopback", "link-local", "multicast", "reserv
 
 
 class FetchError(RuntimeError):
-    """A fetch failed (here: its host is refused or does not resolve); the message names the URL (redacted) or host
-    and why, and the caller adds what it was fetching (a request field, a variable)."""
+    """A fetch failed; the message names the (redacted) URL or host and why; callers add what (a field, a variable)."""
 
 
 def parse_ip_literal(host: str) -> IPAddress | None:
-    """The address a host string spells by itself, including the old `2130706433` and `0x7f000001` forms that
-    resolvers still honour; None for real host names."""
+    """The address a host spells by itself, old forms resolvers still honour (`2130706433`, `0x7f000001`) included."""
     bare = host.strip("[]")
     try:
         if NUMERIC_IPV4.fullmatch(bare):
@@ -37,30 +34,23 @@ def parse_ip_literal(host: str) -> IPAddress | None:
 
 
 def address_refusal(address: IPAddress) -> str | None:
-    """Why a fetch must not reach `address` (e.g. "loopback"), or None for a public address."""
-    embedded = _embedded_ipv4(address)
-    reason = None if embedded is None else address_refusal(embedded)
-    if reason is not None:
-        return f"{reason} (as {address})"
+    """Why a fetch must not reach `address` (e.g. "loopback"), or None for a public address. An IPv6 address carrying
+    an IPv4 one (mapped, 6to4, Teredo, NAT64) is refused for that one's reason too."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in NAT64_PREFIX
+                    else address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None))
+        reason = None if embedded is None else address_refusal(embedded)
+        if reason is not None:
+            return f"{reason} (as {address})"
     for name in REFUSED_CLASSES:
         if getattr(address, f"is_{name.replace('-', '_')}"):
             return name
     return None if address.is_global else "not publicly routable"
 
 
-def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address inside a mapped, 6to4, Teredo or NAT64 IPv6 address."""
-    if not isinstance(address, ipaddress.IPv6Address):
-        return None
-    if address in NAT64_PREFIX:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-
-
 @dataclass(frozen=True)
 class AddressRule:
-    """The address rule plus the operator's exceptions: every address (tests, private mirrors), or just the listed
-    addresses and networks."""
+    """The address rule plus the operator's exceptions: all addresses (tests, private mirrors) or networks listed."""
 
     allow_all: bool = False
     allowed_networks: tuple[IPNetwork, ...] = ()
@@ -76,8 +66,7 @@ class AddressRule:
 
 
 def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress]:
-    """Resolves once and checks every answer, so a name that resolves to both a public and an internal address cannot
-    be used to reach the internal one."""
+    """Resolves once and checks every answer: a name resolving to a public and an internal address reaches neither."""
     literal = parse_ip_literal(host)
     if literal is not None:
         addresses = [literal]

@@ -1,7 +1,6 @@
 """Downloaded LoRA files: only safetensors pass (pickle .bin/.ckpt/.pt checkpoints run code when loaded), said plainly
 when the library refuses one (a pickle, an HTML login page, a cut download); a LoRA tar gives up exactly one. Errors
-do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own.
-"""
+do not name the file, so setup (the Lassie LoRA) and requests (`extra_lora`) word their own."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
@@ -111,20 +109,9 @@ def _library_refusal(path: Path, size: int, error: SafetensorError) -> str:
 
 
 def is_archive(path: Path) -> bool:
-    """Whether a download is a tar (to be unpacked by the tar policy) rather than the file itself;
-    a compressed one counts, so that the policy refuses it by name instead of a loader failing."""
+    """Whether a download is a tar, not the file; a compressed one counts, so that the tar policy refuses it by name."""
     with path.open("rb") as source:
         return compression_of(source.read(MAGIC_BYTES)) is not None or tarfile.is_tarfile(path)
-
-
-def unpack_if_tar(fetched: Path, destination: Path, *, max_bytes: int, origin: str) -> Path:
-    """The .safetensors a user's download stands for: a tar gives up its one .safetensors member (copied to
-    `destination`, the tar removed); anything else is the file itself, which the safetensors check judges next."""
-    if not is_archive(fetched):
-        return fetched
-    extract_single_safetensors(fetched, destination, max_bytes=max_bytes, origin=origin)
-    fetched.unlink()
-    return destination
 
 
 def extract_single_safetensors(archive: Path, destination: Path, *, max_bytes: int, origin: str) -> None:
@@ -138,30 +125,25 @@ def extract_single_safetensors(archive: Path, destination: Path, *, max_bytes: i
 def safetensors_from_tar(archive: Path, destination: Path, *, max_bytes: int) -> None:
     """The one rule for LoRA tars: the whole tar passes the tar policy, and its one .safetensors member is copied
     into `destination` (removed again on a refusal). Member names are only compared, never used as paths."""
+    names: list[str] = []
+    candidates: list[str] = []
     try:
         with archive.open("rb") as source:
-            _copy_single_safetensors(source, destination, max_bytes)
+            for _, member, data in checked_members(source, TarLimits(MAX_TAR_MEMBERS, max_bytes)):
+                names.append(sanitised(member.name))
+                basename = member.name.rsplit("/", 1)[-1]
+                if data is None or not basename.lower().endswith(".safetensors") or basename.startswith("._"):
+                    continue
+                candidates.append(names[-1])
+                if len(candidates) > 1:
+                    raise TarRefused(f"holds several .safetensors files ({_listing(candidates)}); expected one")
+                with destination.open("wb") as sink:
+                    copy_data(data, member, sink)
+        if not candidates:
+            raise TarRefused(f"holds no .safetensors file (it holds: {_listing(names)})")
     except TarRefused:
         destination.unlink(missing_ok=True)
         raise
-
-
-def _copy_single_safetensors(source: BinaryIO, destination: Path, max_bytes: int) -> None:
-    """Reads the whole tar, copying its first .safetensors member; refuses a tar with none or several."""
-    names: list[str] = []
-    candidates: list[str] = []
-    for _, member, data in checked_members(source, TarLimits(max_members=MAX_TAR_MEMBERS, max_bytes=max_bytes)):
-        names.append(sanitised(member.name))
-        basename = member.name.rsplit("/", 1)[-1]
-        if data is None or not basename.lower().endswith(".safetensors") or basename.startswith("._"):
-            continue
-        candidates.append(names[-1])
-        if len(candidates) > 1:
-            raise TarRefused(f"holds several .safetensors files ({_listing(candidates)}); expected one")
-        with destination.open("wb") as sink:
-            copy_data(data, member, sink)
-    if not candidates:
-        raise TarRefused(f"holds no .safetensors file (it holds: {_listing(names)})")
 
 
 def _listing(names: list[str]) -> str:

@@ -1,11 +1,9 @@
 """The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs).
 
-Redirects are followed by hand and only to http(s); a token never leaves its origin; URLs are shown without user info or
-query (signed URLs carry secrets there); a `Deadline` is checked between the small reads a body arrives in, so a trickle
-cannot outlast it. For user-given URLs every hop must land on a public address (`lassie.fetch.addresses`), connecting to
-exactly the address checked. Failures are `FetchError`s naming the redacted URL and why; the caller says what was
-fetched and checks it. Bounds and tokens come from the caller, never the environment.
-"""
+Redirects are followed by hand, only to http(s), a token never leaving its origin; URLs are shown without user info or
+query (signed URLs carry secrets there); a `Deadline` checked between small reads bounds a trickle. For user-given URLs
+every hop must land on a public address (`lassie.fetch.addresses`). Failures are `FetchError`s naming the redacted URL
+and why (`hub_problem` words huggingface_hub's); bounds and tokens come from the caller, never the environment."""
 
 from __future__ import annotations
 
@@ -19,10 +17,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx2
+from huggingface_hub import errors
 from huggingface_hub.utils import tqdm
 
 from lassie.fetch.addresses import AddressRule, FetchError, allowed_addresses
@@ -32,10 +31,12 @@ logger = logging.getLogger(__name__)
 for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs, signed queries included
     logging.getLogger(_library).setLevel(logging.WARNING)
 
+# What a huggingface_hub call raises when the hub, the network or the disk fails it.
+HUB_ERRORS = (errors.HfHubHTTPError, errors.HFValidationError, errors.LocalEntryNotFoundError, httpx2.HTTPError,
+              OSError)
 MIB = 1024**2
 MAX_JSON_BYTES = 16 * MIB
 PROGRESS_FROM_BYTES = 64 * MIB
-DEFAULT_PORTS = {"http": 80, "https": 443}
 HEADERS = {"Accept-Encoding": "identity", "User-Agent": "lassie-fetcher"}
 
 
@@ -73,16 +74,11 @@ class Credential:
         return cls(origin=origin_url, env_name=env_name, token=settings.tokens.get(env_name, ""))
 
     def applies_to(self, url: str) -> bool:
-        """False for a URL that cannot be read (a port out of range): the next hop's check refuses it by name."""
+        """False for a URL that cannot be read: the next hop's check refuses it by name."""
         try:
-            return bool(self.token) and _origin(url) == _origin(self.origin)
-        except ValueError:
+            return bool(self.token) and httpx2.URL(url).origin == httpx2.URL(self.origin).origin
+        except (ValueError, httpx2.InvalidURL):
             return False
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme)
 
 
 @dataclass(frozen=True)
@@ -165,7 +161,7 @@ def _send(client: httpx2.Client, url: str, headers: dict[str, str], limits: Down
         return client.send(client.build_request("GET", target, headers=headers, timeout=limits.timeout()), stream=True)
     host_header = target.netloc.decode("ascii")
     last_error: httpx2.HTTPError = httpx2.ConnectError("no address to connect to")
-    for address in allowed_addresses(target.host, target.port or DEFAULT_PORTS[target.scheme], limits.rule):
+    for address in allowed_addresses(target.host, target.origin.port, limits.rule):
         pinned = target.copy_with(host=str(address))
         request = client.build_request("GET", pinned, headers={**headers, "Host": host_header},
                                        timeout=limits.timeout(), extensions={"sni_hostname": target.host})
@@ -182,6 +178,26 @@ def network_problem(error: BaseException, tokens: Mapping[str, str]) -> str:
     if isinstance(error, httpx2.RemoteProtocolError):
         return "the connection closed early"
     return redact_secrets(f"{type(error).__name__}: {error}".rstrip(": "), tokens)
+
+
+def hub_problem(error: BaseException, described: str, *, revision: str | None, tokens: Mapping[str, str]) -> str:
+    """huggingface_hub's failure with `described` (a repo, or a file in one) in words saying what to do, token-free."""
+    if isinstance(error, errors.GatedRepoError):
+        return f"{described} is gated: accept its terms on Hugging Face and set HF_TOKEN to a token of that account"
+    if isinstance(error, errors.RepositoryNotFoundError):
+        access = "HF_TOKEN has no access to it" if tokens.get("HF_TOKEN") else "if it is private, set HF_TOKEN"
+        return f"{described} not found ({access})"
+    if isinstance(error, errors.RevisionNotFoundError):
+        return f"{described}: revision {revision!r} not found"
+    if isinstance(error, errors.RemoteEntryNotFoundError):
+        return f"{described}: file not found"
+    if isinstance(error, errors.HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else "?"
+        return f"{described}: Hugging Face answered HTTP {status}"
+    if isinstance(error, errors.HFValidationError):
+        return f"{described}: not a valid Hugging Face repo id or revision"
+    reason = redact_secrets(f"{type(error).__name__}: {error}", tokens)[:300]
+    return f"{described}: could not be downloaded ({reason})"
 
 
 def request(client: httpx2.Client, url: str, *, limits: DownloadLimits, credential: Credential | None = None,
@@ -211,31 +227,27 @@ def request(client: httpx2.Client, url: str, *, limits: DownloadLimits, credenti
         raise FetchError(f"{redact_url(url)} redirects more than {limits.max_redirects} times")
     if not response.is_success:
         response.close()
-        problem = _status_problem(response.status_code, credential)
+        status = response.status_code
+        problem = "not found (HTTP 404)" if status == 404 else f"the server answered HTTP {status}"
+        if status in (401, 403) and credential is not None:
+            problem = (f"it refused the token in {credential.env_name} (HTTP {status})" if credential.token
+                       else f"it needs a token (HTTP {status}): set {credential.env_name}")
         raise FetchError(f"could not download {redact_url(current)}: {problem}")
     return response, current
 
 
-def _status_problem(status: int, credential: Credential | None) -> str:
-    if status in (401, 403) and credential is not None:
-        return (f"it refused the token in {credential.env_name} (HTTP {status})" if credential.token
-                else f"it needs a token (HTTP {status}): set {credential.env_name}")
-    return "not found (HTTP 404)" if status == 404 else f"the server answered HTTP {status}"
-
-
-def body_pieces(response: httpx2.Response, url: str, deadline: Deadline, tokens: Mapping[str, str] | None = None,
-                received: int = 0) -> Iterator[bytes]:
+def body_pieces(response: httpx2.Response, url: str, limits: DownloadLimits, received: int = 0) -> Iterator[bytes]:
     """The body as the network delivers it, undecoded, one receive a piece (a trickle arrives byte by byte rather than
     blocking a large read), the deadline checked before each. `received`: bytes of the file before this body."""
     try:
-        deadline.check(url, received)
+        limits.deadline.check(url, received)
         for piece in response.iter_raw():
             received += len(piece)
             yield piece
-            deadline.check(url, received)
+            limits.deadline.check(url, received)
     except httpx2.HTTPError as error:
-        deadline.check(url, received)
-        problem = network_problem(error, tokens or {})
+        limits.deadline.check(url, received)
+        problem = network_problem(error, limits.tokens)
         if isinstance(error, httpx2.RemoteProtocolError):
             raise FetchError(f"the download of {redact_url(url)} was cut short ({problem})") from None
         raise FetchError(f"the download of {redact_url(url)} failed: {problem}") from None
@@ -248,17 +260,19 @@ def declared_length(response: httpx2.Response) -> int | None:
 
 def download_file(url: str, destination: Path, *, credential: Credential | None = None,
                   limits: DownloadLimits | None = None) -> int:
-    """Streams `url` into `destination` (a temporary name the caller owns). The size cap is checked against
-    Content-Length and again while streaming: servers can lie."""
+    """`url` into `destination` (a temporary name the caller owns), capped by Content-Length and as it streams."""
     limits = limits or DownloadLimits()
-    with new_client() as client:
-        response, _ = request(client, url, credential=credential, limits=limits)
-        with closing(response):
-            declared = declared_length(response)
-            _check_size(declared or 0, limits.max_bytes, url)
-            logger.info("downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
-            with destination.open("wb") as sink:
-                received = _stream(response, sink, declared, limits.max_bytes, url, limits)
+    received = 0
+    with new_client() as client, closing(request(client, url, credential=credential, limits=limits)[0]) as response:
+        declared = declared_length(response)
+        _check_size(declared or 0, limits.max_bytes, url)
+        logger.info("downloading %s%s", redact_url(url), f" ({human_bytes(declared)})" if declared else "")
+        with destination.open("wb") as sink, ProgressLog(total=declared, desc=redact_url(url), unit="B") as progress:
+            for piece in body_pieces(response, url, limits):
+                received += len(piece)
+                _check_size(received, limits.max_bytes, url)
+                sink.write(piece)
+                progress.update(len(piece))
     if declared is not None and received != declared:
         raise FetchError(f"the download of {redact_url(url)} was cut short ({received} of {declared} bytes)")
     logger.info("downloaded %s (%s)", redact_url(url), human_bytes(received))
@@ -266,14 +280,14 @@ def download_file(url: str, destination: Path, *, credential: Credential | None 
 
 
 def fetch_json(url: str, *, credential: Credential | None = None, limits: DownloadLimits) -> Any:
-    """A small JSON API answer (CivitAI), size-capped like any download."""
-    body = io.BytesIO()
-    with new_client() as client:
-        response, _ = request(client, url, credential=credential, limits=limits)
-        with closing(response):
-            _stream(response, body, declared_length(response), MAX_JSON_BYTES, url, limits)
+    """A small JSON API answer (CivitAI), size-capped like any download; too small for a progress report."""
+    body = bytearray()
+    with new_client() as client, closing(request(client, url, credential=credential, limits=limits)[0]) as response:
+        for piece in body_pieces(response, url, limits):
+            body += piece
+            _check_size(len(body), MAX_JSON_BYTES, url)
     try:
-        return json.loads(body.getvalue())
+        return json.loads(body)
     except ValueError:
         raise FetchError(f"{redact_url(url)} did not answer with JSON") from None
 
@@ -284,40 +298,27 @@ def _check_size(size: int, max_bytes: int, url: str) -> None:
                          f"({MAX_LORA_BYTES_ENV}); a LoRA is usually well under 1 GiB")
 
 
-def _stream(response: httpx2.Response, sink: BinaryIO, declared: int | None, max_bytes: int,
-            url: str, limits: DownloadLimits) -> int:
-    received = 0
-    with ProgressLog(total=declared, desc=redact_url(url), unit="B") as progress:
-        for piece in body_pieces(response, url, limits.deadline, limits.tokens):
-            received += len(piece)
-            _check_size(received, max_bytes, url)
-            sink.write(piece)
-            progress.update(len(piece))
-    return received
-
-
 class ProgressLog(tqdm):
-    """Progress of a large download as log lines, since Cog's logs show no bars: one line per tenth (per 256 MiB when
-    the size is unknown), none under 64 MiB; a bar on a terminal. The project's one progress report: huggingface_hub
-    takes it as `tqdm_class` when setup fetches the weights. It counts on its own, from the keyword arguments, since
-    huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
+    """A large download's progress as log lines (Cog's logs show no bars), a bar on a terminal: one per tenth (per 256
+    MiB of unknown sizes), none under 64 MiB. Also huggingface_hub's `tqdm_class` for the weights: it counts on its own,
+    as huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.to_log = not sys.stderr.isatty()
-        if self.to_log:
+        to_log = not sys.stderr.isatty()
+        if to_log:
             kwargs |= {"disable": False, "file": io.StringIO()}
         super().__init__(*args, **kwargs)
         self._label = kwargs.get("desc") or ""
-        self._size = kwargs.get("total") if kwargs.get("unit") == "B" else None
         self._received = kwargs.get("initial") or 0
-        self._quiet = kwargs.get("unit") != "B" or (self._size is not None and self._size < PROGRESS_FROM_BYTES)
+        self._size = kwargs.get("total") if kwargs.get("unit") == "B" else None
+        quiet = kwargs.get("unit") != "B" or (self._size is not None and self._size < PROGRESS_FROM_BYTES)
         self._step = max(int(self._size) // 10, 1) if self._size else 4 * PROGRESS_FROM_BYTES
-        self._next_report = self._step
+        self._next_report = self._step if to_log and not quiet else math.inf
 
     def update(self, n: float | None = 1) -> bool | None:
         shown = super().update(n)
         self._received += n or 0
-        if self.to_log and not self._quiet and self._received >= self._next_report:
+        if self._received >= self._next_report:
             self._next_report = (int(self._received) // self._step + 1) * self._step
             share = f" ({100 * int(self._received) // int(self._size)}%)" if self._size else ""
             logger.info("%s: %s%s", self._label, human_bytes(self._received), share)

@@ -22,7 +22,7 @@ from typing import IO
 
 from lassie.fetch.files import sha256_of, validate_safetensors
 from lassie.fetch.http import DownloadLimits, FetchError, human_bytes
-from lassie.fetch.lora_sources import ExtraLora, LoraSource
+from lassie.fetch.lora_sources import ExtraLora
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import LORA_CACHE_ENV, LoraSettings
@@ -48,8 +48,7 @@ class HeldLora:
 
 
 class LoraCache:
-    """`hold(extra_lora)` -> a validated local .safetensors; InputError for anything the user can fix.
-    Place, budget and fetching come from `settings`; the place defaults to `default_directory`."""
+    """`hold(extra_lora)` -> a validated local .safetensors, or InputError for what the user can fix, per `settings`."""
 
     def __init__(self, settings: LoraSettings, default_directory: Path) -> None:
         self.settings = settings
@@ -82,7 +81,7 @@ class LoraCache:
             logger.info("extra_lora: waiting for another fetch of %s to finish", lora.source.describe())
             lock = self._lock(f"{lora.key}.lock", fcntl.LOCK_EX)
         with lock:
-            path = self._cached(lora.key, lora.source) or self._download(lora.key, lora.source)
+            path = self._cached(lora) or self._download(lora)
         self._evict(keep=lora.key)
         return path
 
@@ -107,24 +106,24 @@ class LoraCache:
         data = self.directory / f"{key}.safetensors"
         return data, data.with_suffix(".json")
 
-    def _cached(self, key: str, source: LoraSource) -> Path | None:
-        data, record = self._files(key)
+    def _cached(self, lora: ExtraLora) -> Path | None:
+        data, record = self._files(lora.key)
         if not data.exists() and not record.exists():
             return None
-        problem = self._damage(key, source)
+        problem = self._damage(lora)
         if problem is not None:
-            logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again", source.describe(),
+            logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again", lora.source.describe(),
                            problem)
-            self._remove(key)
+            self._remove(lora.key)
             return None
         _mark_used(data)
-        logger.info("extra_lora: using cached %s", source.describe())
+        logger.info("extra_lora: using cached %s", lora.source.describe())
         return data
 
-    def _damage(self, key: str, source: LoraSource) -> str | None:
+    def _damage(self, lora: ExtraLora) -> str | None:
         """What is wrong with a cached entry. The checksum is recomputed once per process and file version (inode,
         size, mtime), so repeated requests stay cheap while replaced files are caught."""
-        data, record_path = self._files(key)
+        data, record_path = self._files(lora.key)
         try:
             record = json.loads(record_path.read_text())
         except (OSError, ValueError):
@@ -132,40 +131,42 @@ class LoraCache:
         if not isinstance(record, dict) or not data.is_file():
             return "incomplete entry"
         try:
-            validate_safetensors(data, source.describe())
+            validate_safetensors(data, lora.source.describe())
         except InputError as error:
             return str(error)
         version = _version(data)
-        if self._verified.get(key) != version and sha256_of(data) != record.get("sha256"):
+        if self._verified.get(lora.key) != version and sha256_of(data) != record.get("sha256"):
             return "checksum mismatch"
-        self._verified[key] = version
+        self._verified[lora.key] = version
         return None
 
-    def _download(self, key: str, source: LoraSource) -> Path:
-        logger.info("extra_lora: fetching %s", source.describe())
-        with (_disk_faults(source),
+    def _download(self, lora: ExtraLora) -> Path:
+        key, source, described = lora.key, lora.source, lora.source.describe()
+        logger.info("extra_lora: fetching %s", described)
+        with (_disk_faults(described),
               tempfile.TemporaryDirectory(prefix=f"{key}-", dir=self.staging_dir, ignore_cleanup_errors=True) as name):
             try:
                 fetched = source.fetch(Path(name), self.settings, DownloadLimits.from_settings(self.settings))
-                validate_safetensors(fetched, source.describe())
-                return self._store(key, source, fetched, Path(name, "record.json"))
+                validate_safetensors(fetched, described)
+                return self._store(lora, fetched, Path(name, "record.json"))
             except FetchError as error:  # the user gave the address: the client's failures are the field's
                 raise InputError(FIELD, str(error)) from None
             except BaseException as interrupt:
                 if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
-                    logger.info("extra_lora: stopped fetching %s (%s)", source.describe(), type(interrupt).__name__)
+                    logger.info("extra_lora: stopped fetching %s (%s)", described, type(interrupt).__name__)
                 raise
 
-    def _store(self, key: str, source: LoraSource, fetched: Path, staged_record: Path) -> Path:
+    def _store(self, lora: ExtraLora, fetched: Path, staged_record: Path) -> Path:
         size = fetched.stat().st_size
-        record = {"key": source.cache_key, "source": source.describe(), "size": size, "sha256": sha256_of(fetched)}
+        record = {"key": lora.source.cache_key, "source": lora.source.describe(), "size": size,
+                  "sha256": sha256_of(fetched)}
         staged_record.write_text(json.dumps(record, indent=1))
-        data, record_path = self._files(key)
+        data, record_path = self._files(lora.key)
         os.replace(fetched, data)
         os.replace(staged_record, record_path)
         _mark_used(data)
-        self._verified[key] = _version(data)
-        logger.info("extra_lora: cached %s (%s)", source.describe(), human_bytes(size))
+        self._verified[lora.key] = _version(data)
+        logger.info("extra_lora: cached %s (%s)", lora.source.describe(), human_bytes(size))
         return data
 
     def _remove(self, key: str) -> None:
@@ -182,8 +183,7 @@ class LoraCache:
         return sorted(entries, key=lambda entry: entry[1].st_atime_ns)
 
     def _evict(self, keep: str) -> None:
-        """Least recently used first, until under the size budget with enough disk free; never the entry just returned,
-        nor one another request is fetching or holds."""
+        """LRU first, until under budget, enough disk free; never `keep` nor one another request fetches or holds."""
         try:
             entries = self._entries()
             total = sum(stat.st_size for _, stat in entries)
@@ -226,18 +226,18 @@ class LoraCache:
 
 
 @contextmanager
-def _disk_faults(source: LoraSource) -> Iterator[None]:
+def _disk_faults(described: str) -> Iterator[None]:
     """A full or read-only cache disk in words that say what to do; other OS errors pass unchanged."""
     try:
         yield
     except OSError as error:
         if error.errno in FULL_DISK:
-            raise InputError(FIELD, f"the LoRA cache has no space left to store {source.describe()}. The operator can "
+            raise InputError(FIELD, f"the LoRA cache has no space left to store {described}. The operator can "
                                     f"free space on its disk, point {LORA_CACHE_ENV} at a larger one, or lower "
                                     "LASSIE_LORA_CACHE_BYTES / raise LASSIE_LORA_CACHE_MIN_FREE_BYTES so that older "
                                     "LoRAs are evicted sooner") from None
         if error.errno in READ_ONLY:
-            raise InputError(FIELD, f"the LoRA cache cannot be written ({error.strerror}), so {source.describe()} "
+            raise InputError(FIELD, f"the LoRA cache cannot be written ({error.strerror}), so {described} "
                                     "cannot be stored; LoRAs already cached still serve. The operator can make it "
                                     f"writable or point {LORA_CACHE_ENV} at a writable directory") from None
         raise

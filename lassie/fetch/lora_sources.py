@@ -1,10 +1,8 @@
 """`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL), parsed once and
 without network (`identify`); each source's `fetch` downloads it into a staging folder, where the cache checks it.
-
-People paste every variant of these addresses, so a service is recognised by the *form* of the string, while the
-address it is fetched from and the tokens come from the operator's `LoraSettings` (mirrors, tests). The user gave the
-address, so every fetch obeys the address rule and the operator's bounds, and fails on the `extra_lora` field.
-"""
+A service is recognised by the *form* of the string (people paste every variant), while where it is fetched from and
+the tokens are the operator's `LoraSettings` (mirrors, tests). The user gave the address, so every fetch obeys the
+address rule and the operator's bounds, and fails on the `extra_lora` field."""
 
 from __future__ import annotations
 
@@ -17,9 +15,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from huggingface_hub import HfApi, RepoFile, hf_hub_download
 
-from lassie.fetch.files import unpack_if_tar
+from lassie.fetch import http
+from lassie.fetch.files import extract_single_safetensors, is_archive
 from lassie.fetch.http import Credential, DownloadLimits, download_file, fetch_json, human_bytes, redact_url
-from lassie.fetch.hub_errors import HUB_ERRORS, hub_problem
 from lassie.request.errors import EXTRA_LORA_FIELD as FIELD
 from lassie.request.errors import InputError
 from lassie.settings import MAX_LORA_BYTES_ENV, LoraSettings
@@ -79,14 +77,15 @@ class ReplicateSource:
         return f"{model}/versions/{self.version}/_weights" if self.version else f"{model}/_weights"
 
     def fetch(self, staging: Path, settings: LoraSettings, limits: DownloadLimits) -> Path:
-        """Replicate serves trained weights as a tar around one .safetensors (plus captions)."""
+        """Replicate serves trained weights as a tar around one .safetensors (plus captions); a bare file passes on."""
         credential = Credential.from_settings(settings.replicate_url, "REPLICATE_API_TOKEN", settings)
-        url, archive = self.weights_url(settings), staging / "weights.tar"
-        download_file(url, archive, credential=credential, limits=limits)
-        unpacked = unpack_if_tar(archive, staging / "lora.safetensors", max_bytes=limits.max_bytes,
-                                 origin=self.describe())
+        url, fetched, lora = self.weights_url(settings), staging / "weights.tar", staging / "lora.safetensors"
+        download_file(url, fetched, credential=credential, limits=limits)
+        if is_archive(fetched):
+            extract_single_safetensors(fetched, lora, max_bytes=limits.max_bytes, origin=self.describe())
+            fetched.unlink()
         limits.deadline.check(url)  # the LoRA's deadline covers unpacking its tar too
-        return unpacked
+        return lora if lora.exists() else fetched
 
 
 @dataclass(frozen=True)
@@ -113,9 +112,9 @@ class HuggingFaceSource:
             _refuse_oversized(described, chosen.size, limits)
             local = Path(hf_hub_download(self.repo_id, chosen.path, revision=self.revision,
                                          endpoint=settings.hf_endpoint, token=token, cache_dir=staging / "hub"))
-        except HUB_ERRORS as error:  # in words that say what to do, and never with a token
-            raise InputError(FIELD, hub_problem(error, self.describe(), revision=self.revision,
-                                                has_token=bool(token), tokens=limits.tokens)) from None
+        except http.HUB_ERRORS as error:  # in words that say what to do, and never with a token
+            raise InputError(FIELD, http.hub_problem(error, self.describe(), revision=self.revision,
+                                                     tokens=limits.tokens)) from None
         _refuse_oversized(described, local.stat().st_size, limits)
         return local.resolve()
 
@@ -256,11 +255,11 @@ def parse_extra_lora(text: str) -> LoraSource:
         raise unsupported(f"{value!r} looks like a URL without its https://")
     parts = value.split("/")
     if len(parts) in (2, 3):
-        return _replicate_from_parts(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+        return _replicate_from_parts(*parts)
     raise unsupported(f"{value!r} is neither a Replicate model name nor a URL")
 
 
-def _replicate_from_parts(owner: str, model: str, version: str | None) -> ReplicateSource:
+def _replicate_from_parts(owner: str, model: str, version: str | None = None) -> ReplicateSource:
     if not REPLICATE_OWNER.fullmatch(owner):
         raise unsupported(f"{owner!r} is not a valid Replicate owner")
     _require_name(model, "Replicate model name")
@@ -302,10 +301,8 @@ def _parse_url(value: str) -> LoraSource:
 
 def _parse_replicate_path(segments: list[str]) -> ReplicateSource:
     segments = segments[:-1] if segments[-1:] == ["_weights"] else segments
-    if len(segments) == 2:
-        return _replicate_from_parts(segments[0], segments[1], None)
-    if len(segments) == 4 and segments[2] == "versions":
-        return _replicate_from_parts(segments[0], segments[1], segments[3])
+    if len(segments) == 2 or (len(segments) == 4 and segments[2] == "versions"):
+        return _replicate_from_parts(segments[0], segments[1], *segments[3:])
     raise unsupported("a replicate.com URL must look like https://replicate.com/owner/model[/versions/<id>]")
 
 

@@ -1,8 +1,6 @@
-"""Where setup may write: the place asked for if it can be written, else a fallback, said once. A read-only weights
-mount (one copy shared by several containers) must still serve, so what setup writes beside the weights by default
-moves to a private folder of the user's own under $TMPDIR, with one log line. A place the operator named explicitly
-is a promise: if it cannot be written, setup fails naming the variable.
-"""
+"""Where setup may write: the place asked for, else a private folder of the user's own under $TMPDIR, said once, so
+that a read-only weights mount (one copy shared by several containers) still serves. A place the operator named
+explicitly is a promise: if it cannot be written, setup fails naming the variable."""
 
 from __future__ import annotations
 
@@ -60,8 +58,7 @@ def write_problem(directory: Path) -> str | None:
 
 
 def writable_place(what: str, default: Path, explicit: Path | None = None, variable: str = "") -> Path:
-    """`explicit` (from `variable`) if set, failing setup when it cannot be written; else `default`, or, when that
-    cannot be written, the same name under `fallback_root()`."""
+    """`explicit` (from `variable`), failing setup if unwritable; else `default`, else its name in `fallback_root()`."""
     if explicit is not None:
         problem = write_problem(explicit)
         if problem is not None:

@@ -1,8 +1,7 @@
 """The one policy for every tar this server unpacks, as the README's Security section states it: regular files and
 folders only, relative names without `..`, uncompressed, the end-of-archive blocks present, bounded. `tarfile` only
 parses headers (streaming, as the tar arrives); every file is written here, so nothing depends on the Python's
-extraction filters (3.11.7 lets CVE-2025-4517 through). Messages read after the tar's name, member names sanitised.
-"""
+extraction filters (3.11.7 lets CVE-2025-4517 through). Messages read after the tar's name, member names sanitised."""
 
 from __future__ import annotations
 
@@ -108,8 +107,7 @@ class _Watched:
 
 def checked_members(source: io.BufferedReader, limits: TarLimits
                     ) -> Iterator[tuple[PurePosixPath, tarfile.TarInfo, BinaryIO | None]]:
-    """Each member that passes the policy: its path, header and (for a file) its data, to be read
-    before the next one is asked for. After the last, the end-of-archive blocks are checked."""
+    """Each member passing the policy: path, header, (a file's) data to read before the next; then the end blocks."""
     head = source.read(MAGIC_BYTES)
     if compression := compression_of(head):
         raise TarRefused(f"is {compression}-compressed; only uncompressed tars are accepted "

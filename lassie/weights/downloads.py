@@ -116,79 +116,65 @@ class _Body(io.RawIOBase):
 
 
 def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> Generator[bytes, None, None]:
-    """The whole tar in one response: a server without range requests (or without a version to hold them to)."""
-    total, received = declared_length(response), 0
+    """The whole tar in one response (no ranges, or no version to hold them to); h11 fails a body cut short."""
     with closing(response):
-        for piece in body_pieces(response, url, limits.deadline):
-            received += len(piece)
-            yield piece
-    if total is not None and received < total:
-        raise DownloadError(f"the download of {redact_url(url)} was cut short ({received} of {total} bytes)")
+        yield from body_pieces(response, url, limits)
 
 
-@dataclass(frozen=True)
-class ParallelRanges:
-    """The tar in chunks over several connections, asked for at `source` (where the first request ended up) with
-    `If-Range` (the ETag, else Last-Modified), so a changed file comes back whole (200), not as a part of another."""
+def parallel_ranges(client: httpx2.Client, url: str, source: str, first: httpx2.Response, total: int,
+                    options: FetchOptions, limits: DownloadLimits) -> Generator[bytearray, None, None]:
+    """The tar in chunks over several connections, in order, `first` (the first range's response) first. The others
+    are asked for at `source` (where the first request ended up) with `If-Range` (the ETag, else Last-Modified), so a
+    changed file comes back whole (200), not as a part of another. At most `window` chunks are in flight or waiting,
+    so memory (window x chunk_bytes) stays bounded however far the network runs ahead of the extraction."""
+    ours = version_of(first)
 
-    client: httpx2.Client
-    url: str
-    source: str
-    total: int
-    version: tuple[str | None, str | None]  # version_of the first part
-    options: FetchOptions
-    limits: DownloadLimits
-
-    def pieces(self, first: httpx2.Response) -> Generator[bytearray, None, None]:
-        """The chunks in order, `first` (the first range's response) first. At most `window` are in flight or waiting,
-        so memory (window x chunk_bytes) stays bounded however far the network runs ahead of the extraction."""
-        chunk, window = self.options.chunk_bytes, self.options.connections + max(self.options.connections // 2, 2)
-        starts = iter(range(chunk, self.total, chunk))
-        pool = ThreadPoolExecutor(self.options.connections, thread_name_prefix="lassie-download")
-        queue = deque([pool.submit(self.read_part, first, 0, min(chunk, self.total))])
-        try:
-            while queue:
-                queue.extend(pool.submit(self.fetch, start, min(start + chunk, self.total))
-                             for start in islice(starts, window - len(queue)))
-                yield queue.popleft().result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def fetch(self, start: int, end: int) -> bytearray:
-        """One chunk; a failure other than a changed file asks again, `options.retries` times in all."""
-        headers = {"Range": f"bytes={start}-{end - 1}", "If-Range": self.version[0] or self.version[1]}
-        problem = ""
-        for _ in range(self.options.retries):
-            try:
-                return self.read_part(request(self.client, self.source, limits=self.limits, headers=headers)[0],
-                                      start, end)
-            except FileChanged:
-                raise
-            except (DownloadError, FetchError) as error:
-                problem = str(error)
-        raise DownloadError(f"{problem} (bytes {start}-{end - 1}, tried {self.options.retries} times)")
-
-    def read_part(self, response: httpx2.Response, start: int, end: int) -> bytearray:
-        """Exactly the range asked for, of our version. The whole file (an If-Range request's answer) or a part naming
-        another version means the file changed; a part naming none was held to ours by If-Range."""
-        asked, answered = f"bytes {start}-{end - 1}/{self.total}", response.headers.get("Content-Range") or ""
-        (etag, modified), (our_etag, our_modified) = version_of(response), self.version
+    def read_part(response: httpx2.Response, start: int, end: int) -> bytearray:
+        """Exactly the range asked for, of our version. The whole file (an If-Range request's answer) or a part
+        naming another version means the file changed; a part naming none was held to ours by If-Range."""
+        asked, answered = f"bytes {start}-{end - 1}/{total}", response.headers.get("Content-Range") or ""
+        (etag, modified), (our_etag, our_modified) = version_of(response), ours
         other = etag != our_etag if etag and our_etag else bool(modified and our_modified and modified != our_modified)
         data = bytearray()
         with closing(response):
             if response.status_code == 200 or other:
-                raise FileChanged(f"{redact_url(self.url)} changed while it was being downloaded")
+                raise FileChanged(f"{redact_url(url)} changed while it was being downloaded")
             if response.status_code != 206 or answered.strip() != asked:
-                raise DownloadError(f"{redact_url(self.url)} answered a range request for {asked} with HTTP "
+                raise DownloadError(f"{redact_url(url)} answered a range request for {asked} with HTTP "
                                     f"{response.status_code} {answered or '(no Content-Range)'}")
-            for piece in body_pieces(response, self.url, self.limits.deadline, received=start):
+            for piece in body_pieces(response, url, limits, received=start):
                 data += piece
                 if len(data) > end - start:
-                    raise DownloadError(f"{redact_url(self.url)} sent more than bytes {start}-{end - 1}")
+                    raise DownloadError(f"{redact_url(url)} sent more than bytes {start}-{end - 1}")
         if len(data) != end - start:
-            raise DownloadError(f"the download of {redact_url(self.url)} was cut short (bytes {start}-{end - 1}: "
+            raise DownloadError(f"the download of {redact_url(url)} was cut short (bytes {start}-{end - 1}: "
                                 f"{len(data)} of {end - start} received)")
         return data
+
+    def fetch(start: int, end: int) -> bytearray:
+        """One chunk; a failure other than a changed file asks again, `options.retries` times in all."""
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Range": ours[0] or ours[1]}
+        problem = ""
+        for _ in range(options.retries):
+            try:
+                return read_part(request(client, source, limits=limits, headers=headers)[0], start, end)
+            except FileChanged:
+                raise
+            except (DownloadError, FetchError) as error:
+                problem = str(error)
+        raise DownloadError(f"{problem} (bytes {start}-{end - 1}, tried {options.retries} times)")
+
+    chunk, window = options.chunk_bytes, options.connections + max(options.connections // 2, 2)
+    starts = iter(range(chunk, total, chunk))
+    pool = ThreadPoolExecutor(options.connections, thread_name_prefix="lassie-download")
+    queue = deque([pool.submit(read_part, first, 0, min(chunk, total))])
+    try:
+        while queue:
+            queue.extend(pool.submit(fetch, start, min(start + chunk, total))
+                         for start in islice(starts, window - len(queue)))
+            yield queue.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def first_part_total(response: httpx2.Response, options: FetchOptions) -> int | None:
@@ -219,7 +205,7 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadl
                 total, pieces = declared_length(first), one_stream(first, url, limits)
                 how = "one stream" + (" (the server does not answer range requests)" if ranged else "")
             else:
-                pieces = ParallelRanges(client, url, source, total, version, options, limits).pieces(first)
+                pieces = parallel_ranges(client, url, source, first, total, options, limits)
                 how = f"{options.connections} parallel ranges"
             with closing(_Body(url, total, pieces, options, limits)) as body:
                 log.info("fetching %s%s through %s", redact_url(url), f" ({human_bytes(total)})" if total else "", how)
@@ -229,8 +215,7 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadl
 
 
 def fetch_with_pget(url: str, destination: Path, options: FetchOptions) -> None:
-    """`pget -x URL DEST` (Replicate's parallel downloader); its output becomes log lines, without terminal control
-    codes or the URL's query."""
+    """`pget -x URL DEST` (Replicate's parallel downloader), its output logged without terminal codes or URL query."""
     log.info("fetching %s with pget", redact_url(url))
     said: deque[str] = deque(maxlen=20)
     with subprocess.Popen(["pget", "-x", url, str(destination)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -265,6 +250,8 @@ def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
             with tar_stream(url, options, deadline) as stream:
                 unpack(io.BufferedReader(stream, 4 * MIB), unpacked, options.tar_limits())
             return
+        except TarRefused as refusal:
+            raise DownloadError(f"{redact_url(url)} {refusal}") from None
         except FileChanged as change:
             shutil.rmtree(unpacked, ignore_errors=True)
             if attempt == 2:
@@ -273,15 +260,16 @@ def unpack_streamed(url: str, unpacked: Path, options: FetchOptions) -> None:
             log.warning("%s; starting over", change)
 
 
-def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[[Path], list[str]],
+def fetch_folder(url: str, target: Path, problems: Callable[[Path], list[str]],
                  options: FetchOptions = FetchOptions()) -> None:
     """Puts the tar's files (at its root, or under one top-level folder as in Replicate's tars) at `target`, or
-    leaves `target` as it was. They wait at `<staging>/<target's name>` on the target's filesystem until `problems`
-    finds nothing wrong there; a previous, incomplete `target` is moved aside first, never mixed with them."""
+    leaves `target` as it was. They wait at `<staging>/<target's name>` beside `target` until `problems` finds
+    nothing wrong there; a previous, incomplete `target` is moved aside first, never mixed with them."""
     started = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=staging_root))
-    unpacked, folder = staging / ".unpacked", staging / target.name
-    try:
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent,
+                                     ignore_cleanup_errors=True) as staging_name:
+        staging = Path(staging_name)
+        unpacked, folder = staging / ".unpacked", staging / target.name
         if options.use_pget and shutil.which("pget"):
             fetch_with_pget(url, unpacked, options)
         else:
@@ -294,10 +282,5 @@ def fetch_folder(url: str, target: Path, staging_root: Path, problems: Callable[
             raise DownloadError(f"{redact_url(url)} {'; '.join(found)}")
         if target.exists():
             target.rename(staging / ".replaced")
-        target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
-    except TarRefused as refusal:
-        raise DownloadError(f"{redact_url(url)} {refusal}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("%s: in place after %.1f s", target, time.perf_counter() - started)

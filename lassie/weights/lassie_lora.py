@@ -1,11 +1,7 @@
-"""The Lassie LoRA: resolved once at setup, installed by one path, with the trigger word it brings.
-
-Setup takes it from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/ (`resolve`); everything after (memory plan,
-adapter, logs) uses the file resolved here. One given by address is fetched once into a folder named after the address
-(beside the weights, or a writable place where they are read-only), and again once if it fails its check at a start.
-scripts/download_weights.py installs LASSIE_LORA_URL into weights/lassie/ through the same `install`. Downloads and
-tars follow the extra LoRAs' rules, the operator's address trusted (it may be a private mirror).
-"""
+"""The Lassie LoRA and the trigger word it brings, resolved once at setup (`resolve`: COG_WEIGHTS, else LASSIE_LORA_URL,
+else weights/lassie/) for everything after (memory plan, adapter, logs), and installed by one path (`install`), which
+scripts/download_weights.py uses too. Downloads and tars follow the extra LoRAs' rules, the operator's address trusted
+(it may be a private mirror)."""
 
 from __future__ import annotations
 
@@ -25,17 +21,16 @@ from lassie.fetch import files
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
 from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, TarRefused, checked_members
-from lassie.settings import LORA_URL_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
+from lassie.settings import LORA_URL_ENV, TRIGGER_WORD_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
 from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout, fail_on
-from lassie.weights.manifest import FileRecord, Manifest, ProvisionReport, is_intact
+from lassie.weights.manifest import FileRecord, Manifest, ProvisionReport, has_size
 
 log = logging.getLogger(__name__)
 
 LORA_MEMBER = "lora.safetensors"
 TRIGGER_WORD_MEMBER = "trigger_word.txt"
 CONFIG_MEMBER = "config.yaml"
-TRIGGER_WORD_ENV = "LASSIE_TRIGGER_WORD"
 MAX_TEXT_MEMBER_BYTES = 1024**2
 MAX_TRIGGER_WORD_CHARS = 200
 
@@ -74,12 +69,11 @@ def origin_problem(origin: str, variable: str) -> str | None:
 
 def lora_origin_problem(layout: WeightsLayout, origin: str | None) -> str | None:
     """Why the Lassie LoRA could not be had from `origin`, found before 60 GB of FLUX are fetched for nothing."""
-    if not origin:
-        if layout.lassie_lora.is_file():
-            return None
-        return (f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training "
-                "output (a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
-    return origin_problem(origin, LORA_URL_ENV)
+    if origin:
+        return origin_problem(origin, LORA_URL_ENV)
+    return None if layout.lassie_lora.is_file() else (
+        f"{layout.lassie_lora} is missing and {LORA_URL_ENV} is not set: set it to the Replicate training output "
+        "(a .tar holding lora.safetensors), a .safetensors URL, or a local path to either")
 
 
 def checked_trigger_word(text: str, where: str) -> str:
@@ -106,17 +100,16 @@ def config_trigger_word(config: str) -> str | None:
 
 
 def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | None:
-    """The trigger word a training output names: its trigger_word.txt, else `trigger_word:` in its config.yaml.
-    Members are read through the one tar policy, never written anywhere."""
+    """The tar's trigger_word.txt, else config.yaml's `trigger_word:`; members read by the tar policy, never written."""
     texts = {}
     with archive.open("rb") as source:
         for path, _, data in checked_members(source, TarLimits(max_members=files.MAX_TAR_MEMBERS, max_bytes=max_bytes)):
             if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and path.name not in texts:
                 texts[path.name] = data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace")
-    if texts.get(TRIGGER_WORD_MEMBER, "").strip():
-        return checked_trigger_word(texts[TRIGGER_WORD_MEMBER], f"{TRIGGER_WORD_MEMBER} of {described}")
-    found = config_trigger_word(texts.get(CONFIG_MEMBER, ""))
-    return checked_trigger_word(found, f"{CONFIG_MEMBER} of {described}") if found else None
+    member, word = TRIGGER_WORD_MEMBER, texts.get(TRIGGER_WORD_MEMBER, "").strip()
+    if not word:
+        member, word = CONFIG_MEMBER, config_trigger_word(texts.get(CONFIG_MEMBER, ""))
+    return checked_trigger_word(word, f"{member} of {described}") if word else None
 
 
 def trigger_word_in(path: Path) -> str:
@@ -125,15 +118,6 @@ def trigger_word_in(path: Path) -> str:
         return ""
     with path.open("rb") as source:
         return checked_trigger_word(source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace"), str(path))
-
-
-def limits_for(settings: Settings) -> DownloadLimits:
-    """The operator's address (any host), held to the LoRA size cap and, like a weights folder, to
-    LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT, so a trickle cannot stall setup."""
-    deadline = Deadline(settings.provision.weights_download_timeout, WEIGHTS_DOWNLOAD_TIMEOUT_ENV,
-                        "fetching the Lassie LoRA")
-    return DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=AddressRule(allow_all=True),
-                          deadline=deadline)
 
 
 def lora_problem(path: Path) -> str | None:
@@ -148,8 +132,7 @@ def lora_problem(path: Path) -> str | None:
 
 
 def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str | None:
-    """The LoRA of a tar (the extra LoRAs' rule: its one .safetensors) or a bare .safetensors into `staged`, checked;
-    returns the trigger word the tar names."""
+    """A tar's one .safetensors (extra LoRAs' rule) or a bare one into `staged`, checked; returns its trigger word."""
     word = None
     if not files.is_archive(fetched):
         shutil.copyfile(fetched, staged)
@@ -165,11 +148,14 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
     return word
 
 
-def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) -> None:
-    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and the trigger
-    word its tar names, into `folder`, checked whole in a staging folder first so a bad file never replaces a good
-    one; the LoRA goes in last, so its presence means the install finished."""
+def install(origin: str, folder: Path, variable: str, settings: Settings) -> None:
+    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and its tar's trigger
+    word into `folder`, checked whole in a staging folder first so a bad file never replaces a good one; the LoRA goes
+    in last, so its presence means the install finished. Any host, held to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT."""
     fail_on([origin_problem(origin, variable)])
+    limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=AddressRule(allow_all=True),
+                            deadline=Deadline(settings.provision.weights_download_timeout,
+                                              WEIGHTS_DOWNLOAD_TIMEOUT_ENV, "fetching the Lassie LoRA"))
     described = f"{variable} ({public_origin(origin)})"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=folder.parent) as staging_name:
@@ -191,10 +177,10 @@ def install(origin: str, folder: Path, variable: str, limits: DownloadLimits) ->
 
 
 def recorded_from(layout: WeightsLayout, manifest: Manifest, origin: str, verify: bool) -> bool:
-    """weights/lassie/ holds the LoRA the manifest records from `origin`, at its size (and hash, with `verify`)."""
+    """weights/lassie/ holds the LoRA the manifest records from `origin`, at its size (and sha256, with `verify`)."""
     record = manifest.files.get(manifest.name_of(layout.lassie_lora))
-    return (record is not None and record.source == public_origin(origin)
-            and is_intact(layout.lassie_lora, record, verify))
+    return (record is not None and record.source == public_origin(origin) and has_size(layout.lassie_lora, record.size)
+            and (not verify or files.sha256_of(layout.lassie_lora) == record.sha256))
 
 
 def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: ProvisionReport, origin: str | None,
@@ -203,11 +189,11 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
     the one recorded from it still whole, keeps the one in place. LASSIE_TRIGGER_WORD goes beside it either way."""
     name = manifest.name_of(layout.lassie_lora)
     if origin and not recorded_from(layout, manifest, origin, verify):
-        install(origin, layout.lassie_dir, LORA_URL_ENV, limits_for(settings))
+        install(origin, layout.lassie_dir, LORA_URL_ENV, settings)
         size = layout.lassie_lora.stat().st_size
         report.add_fetched(name, size)
-        manifest.record(layout.lassie_lora, FileRecord(public_origin(origin), None, size,
-                                                       files.sha256_of(layout.lassie_lora)))
+        manifest.files[name] = FileRecord(public_origin(origin), None, size, files.sha256_of(layout.lassie_lora))
+        manifest.save()
     else:
         report.kept.append(name)
     word = settings.provision.trigger_word
@@ -216,25 +202,10 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
         layout.trigger_word_file.write_text(word.strip() + "\n")
 
 
-def kept_lora(origin: str, place: Path, variable: str, limits: DownloadLimits) -> Path:
-    """The folder in `place` holding the LoRA from `origin`, named after the address, so that a restart fetches
-    nothing; one whose LoRA fails its check is fetched again once."""
-    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
-    with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
-        problem = lora_problem(keep / LORA_MEMBER)
-        if problem is None:
-            log.info("the Lassie LoRA from %s: already fetched, in %s", variable, keep)
-            return keep
-        if (keep / LORA_MEMBER).exists():
-            log.warning("the Lassie LoRA from %s kept in %s is damaged (%s); fetching it again", variable, keep,
-                        problem)
-        install(origin, keep, variable, limits)
-    return keep
-
-
 def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
-    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/; its trigger word
-    is the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD."""
+    """The Lassie LoRA setup loads: from COG_WEIGHTS, else LASSIE_LORA_URL, else weights/lassie/; its trigger word is
+    the one its tar names (or weights/lassie/trigger_word.txt), else LASSIE_TRIGGER_WORD. One given by address is kept
+    in a folder named after it (in a writable place), so a restart fetches nothing; fetched again once if damaged."""
     origin = settings.provision.lassie_origin
     configured = checked_trigger_word(settings.provision.trigger_word or "", TRIGGER_WORD_ENV)
     # scripts/download_weights.py may have installed LASSIE_LORA_URL into weights/lassie/ already.
@@ -244,7 +215,16 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
         return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
                           str(layout.lassie_dir))
     variable = "COG_WEIGHTS" if settings.provision.cog_weights else LORA_URL_ENV
-    keep = kept_lora(origin, writable_place("fetched Lassie LoRA", layout.root / "fetched-lora"), variable,
-                     limits_for(settings))
+    place = writable_place("fetched Lassie LoRA", layout.root / "fetched-lora")
+    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
+    with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
+        problem = lora_problem(keep / LORA_MEMBER)
+        if problem is None:
+            log.info("the Lassie LoRA from %s: already fetched, in %s", variable, keep)
+        else:
+            if (keep / LORA_MEMBER).exists():
+                log.warning("the Lassie LoRA from %s kept in %s is damaged (%s); fetching it again", variable, keep,
+                            problem)
+            install(origin, keep, variable, settings)
     return LassieLora(keep / LORA_MEMBER, trigger_word_in(keep / TRIGGER_WORD_MEMBER) or configured,
                       f"{variable} ({public_origin(origin)})")

@@ -1,8 +1,6 @@
-"""The weights directory: where each model lives, what is missing from it and what is damaged.
-
-Real FLUX checkpoints are sharded (`*.safetensors.index.json` plus shards) and tiny ones are not; both layouts are
-accepted, and nothing here ever asks which kind of weights these are.
-"""
+"""The weights directory: where each model lives, what is missing from it and what is damaged. Real FLUX checkpoints
+are sharded (`*.safetensors.index.json` plus shards) and tiny ones are not; both layouts are accepted, and nothing here
+ever asks which kind of weights these are."""
 
 from __future__ import annotations
 
@@ -46,18 +44,16 @@ def writing_problem(root: Path) -> str | None:
     return None if problem is None else f"cannot write to the weights directory {root}: {problem}"
 
 
-def tiny_weights_hint() -> str:
-    """Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck."""
-    return (f"To run the server without the real weights, build tiny random ones (same layout; images are "
-            f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
-            f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
+# Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck.
+TINY_WEIGHTS_HINT = (f"To run the server without the real weights, build tiny random ones (same layout; images are "
+                     f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
+                     f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
 
 
 def _model_files_missing(directory: Path, stem: str) -> list[Path]:
     """Files a `from_pretrained` of `directory` needs: config plus single or sharded safetensors."""
     missing = [] if (directory / "config.json").is_file() else [directory / "config.json"]
-    single = directory / f"{stem}.safetensors"
-    index = directory / f"{stem}.safetensors.index.json"
+    single, index = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors.index.json"
     if single.is_file():
         return missing
     if not index.is_file():
@@ -107,11 +103,9 @@ class WeightsLayout:
     def require_complete(self, lassie: bool = True) -> None:
         missing = self.missing(lassie)
         if missing:
-            raise MissingWeightsError(
-                f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
-                f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: HF_TOKEN). "
-                f"{tiny_weights_hint()}"
-            )
+            raise MissingWeightsError(f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
+                                      f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: "
+                                      f"HF_TOKEN). {TINY_WEIGHTS_HINT}")
 
 
 def file_problems(folder: Path, name: str) -> list[str]:
@@ -138,11 +132,9 @@ def file_problems(folder: Path, name: str) -> list[str]:
 
 
 def damaged_folders(layout: WeightsLayout, lassie: bool) -> dict[str, list[str]]:
-    """The layout folders in place whose files fail their check (a 0-byte or cut safetensors, a JSON file that does
-    not parse), with what is wrong."""
+    """The layout folders in place whose files fail `file_problems` (a cut safetensors), with what is wrong."""
     wanted = [folder for folder in LAYOUT_FOLDERS if (lassie or folder != "lassie") and (layout.root / folder).is_dir()]
-    found = {folder: file_problems(layout.root / folder, folder) for folder in wanted}
-    return {folder: problems for folder, problems in found.items() if problems}
+    return {folder: problems for folder in wanted if (problems := file_problems(layout.root / folder, folder))}
 
 
 def damage_problem(layout: WeightsLayout, damaged: dict[str, list[str]]) -> str | None:

@@ -1,7 +1,6 @@
 """manifest.json: what each fetched file of the weights directory is and where it came from, so that setup and
 scripts/download_weights.py ask no source again whose recorded files are all on disk at their size, and know the
-Lassie LoRA installed from LASSIE_LORA_URL by its address. A `ProvisionReport` says what one run fetched and kept.
-"""
+Lassie LoRA installed from LASSIE_LORA_URL by its address. A `ProvisionReport` says what one run fetched and kept."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lassie.fetch.files import sha256_of
 from lassie.fetch.http import human_bytes
 
 log = logging.getLogger(__name__)
@@ -55,13 +53,6 @@ class Manifest:
     def name_of(self, path: Path) -> str:
         return path.relative_to(self.path.parent).as_posix()
 
-    def record(self, path: Path, record: FileRecord) -> None:
-        self.files[self.name_of(path)] = record
-        self.save()
-
-    def files_from(self, source: str) -> dict[str, FileRecord]:
-        return {name: record for name, record in self.files.items() if record.source == source}
-
     def record_source(self, source: str, revision: str, files: dict[str, FileRecord], complete: bool) -> None:
         """Replaces what is recorded of `source` by `files`; `complete` marks it done at `revision`."""
         self.files = {name: record for name, record in self.files.items() if record.source != source} | files
@@ -73,11 +64,6 @@ class Manifest:
 
 def has_size(path: Path, size: int | None) -> bool:
     return path.is_file() and path.stat().st_size == size
-
-
-def is_intact(path: Path, record: FileRecord, verify: bool) -> bool:
-    """The size always; the recorded sha256 only when asked (a LoRA URL has no listing to ask)."""
-    return has_size(path, record.size) and (not verify or sha256_of(path) == record.sha256)
 
 
 @dataclass
