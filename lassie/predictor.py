@@ -13,7 +13,7 @@ from pathlib import Path
 from lassie.engine.adapters import slot_rank_for
 from lassie.engine.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
 from lassie.engine.generate import generate
-from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, precision_of, requested_mode
+from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, requested_mode
 from lassie.engine.hardware import DeviceInfo, query_device
 from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory
 from lassie.engine.models import FluxModels, load_models, prepare_for_speed
@@ -37,8 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for the GPU: its plan, its images at the output size, its extra LoRA (its identity, parsed
-    once, and its file, held in the cache until `release`, when the request has ended however it ended)."""
+    """A request ready for the GPU: its extra LoRA parsed once, its file held in the cache until `release`."""
 
     plan: Plan
     inputs: Inputs
@@ -84,10 +83,9 @@ class Lassie:
         wanted_go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
         compiling = compile_setting(self.settings.compile, hardware)
         log.info("compile: %s", compiling.reason)
-        slot_rank = slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
         footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
         memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint, wanted_go_fast.quantizes,
-                             slot_rank)
+                             slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK))
         log.info("%s; extra LoRAs: %s", memory.reason,
                  f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
         compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
@@ -137,16 +135,13 @@ class Lassie:
         refused for its content leaves the cache."""
         plan, extra = prepared.plan, prepared.extra_lora
         with timed("applying LoRAs"):
-            variant = self.variants.variant_for(plan.model, plan.go_fast)
             try:
-                transformer = self.variants.ready(variant, plan.lora_scale, None if extra is None else
-                                                  (extra.lora.key, extra.path), plan.extra_lora_scale)
+                variant, transformer = self.variants.ready(plan, extra)
             except InputError as error:
                 if extra is not None and error.field == EXTRA_LORA_FIELD:
                     self.lora_cache.forget(extra)
                 raise
-        self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype)
-        log.info("precision: %s", precision_of(self._go_fast, plan.go_fast, self._device.dtype))
+        log.info("precision: %s", self._precision_log.ran(plan.model, plan.go_fast, self._go_fast, self._device.dtype))
         with timed("generating"):
             results = self.variants.run(variant, lambda: generate(
                 self.models.pipeline(plan.model, plan.mode, transformer), plan, prepared.inputs))

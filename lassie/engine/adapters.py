@@ -1,16 +1,10 @@
-"""LoRAs on the shared text encoder and the transformers: each file converted to diffusers keys and checked against FLUX
-before anything touches the model (`read_lora`), then loaded as PEFT adapters and made active at a scale.
-
-Every LoRA stays a separate, unmerged PEFT adapter whose scale PEFT's `set_scale` recomputes from scratch: exact, never
-drifting the base weights, applied once (never through `joint_attention_kwargs`). Every request runs the same active
-set (pinned LoRAs at any scale, 0 included; the slot at 0 without an extra LoRA) and on the transformers each `scaling`
-is a 0-dim tensor written in place (as a float AOTAutograd would bake it in): one graph set for every `lora_scale`.
-Slot mode (`slot_rank`, for compiled transformers): a new adapter name makes torch.compile trace the blocks again, so
-each transformer carries one zero LoRA of rank `slot_rank` over every linear (`SLOT_ADAPTER`) and an extra LoRA up to
-that rank is copied into it in place (diffusers' hot-swap); its text-encoder part (never compiled) loads under its own
-name. A LoRA is converted once and kept on the CPU; it loads lazily into the transformer a request uses, and a failed
-load removes every trace of itself.
-"""
+"""LoRAs on the shared text encoder and the transformers (docs/go_fast.md, "Compile, and switching LoRAs without
+recompiling"): each file converted to diffusers keys and checked against FLUX before anything touches the model
+(`LoraAdapters.add`), converted once and kept on the CPU, then loaded lazily as an unmerged PEFT adapter (never drifting
+the base weights) into the transformer a request uses; a failed load removes every trace of itself. Every request runs
+the same active set, each transformer `scaling` a 0-dim tensor written in place: one graph set for every scale. With a
+`slot_rank` (compiled transformers, where a new adapter name recompiles) an extra LoRA is hot-swapped into one zero LoRA
+of that rank over every linear (`SLOT_ADAPTER`); its text-encoder part (not compiled) loads under its own name."""
 
 from __future__ import annotations
 
@@ -28,12 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from lassie.engine.internals import (
-    config_value,
-    delete_text_encoder_adapter,
-    set_text_encoder_adapters,
-    transformer_lora_config,
-)
+from lassie.engine import internals
 from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 from lassie.settings import SLOT_RANK_ENV
 
@@ -60,22 +49,6 @@ class Lora:
     @property
     def has_text_encoder(self) -> bool:
         return any(key.startswith(TEXT_ENCODER_PREFIX) for key in self.state_dict)
-
-
-def read_lora(path: Path, pinned: bool, transformer: torch.nn.Module, text_encoder: torch.nn.Module,
-              slot_rank: int) -> Lora:
-    """Convert and check a LoRA file. Pinned is the Lassie LoRA (its errors name its file; its own adapter in slot mode
-    too); any other came in `extra_lora`, and with a slot is made ready to swap here: one above the slot's rank is
-    refused before anything touches the model."""
-    field_name = f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
-    state_dict, alphas, metadata = _convert(path, field_name)
-    _check_fits(state_dict, transformer, text_encoder, field_name)
-    lora = Lora(state_dict, alphas, metadata, field_name)
-    if slot_rank and not pinned:
-        lora.slot_state_dict = _slot_state_dict(lora, slot_rank)
-        # Only the slot copy of the transformer part is ever used again: kept LoRAs hold it once.
-        lora.state_dict = {key: value for key, value in state_dict.items() if key.startswith(TEXT_ENCODER_PREFIX)}
-    return lora
 
 
 def _convert(path: Path, field_name: str) -> tuple[dict, dict | None, dict | None]:
@@ -150,7 +123,7 @@ def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
     alphas = _strip_prefix(lora.alphas, TRANSFORMER_PREFIX) if lora.alphas else None
     metadata = _strip_prefix(lora.metadata, TRANSFORMER_PREFIX) if lora.metadata is not None else None
     try:
-        config = transformer_lora_config(state_dict, alphas, metadata, ranks)
+        config = internals.transformer_lora_config(state_dict, alphas, metadata, ranks)
     except (TypeError, ValueError) as error:
         raise InputError(lora.field_name, f"has an adapter config diffusers cannot use: {error}") from None
     pairs = _pairs(state_dict)
@@ -161,8 +134,8 @@ def _slot_state_dict(lora: Lora, slot_rank: int) -> dict[str, torch.Tensor]:
                          "sets the slot's rank)")
     swappable = {}
     for module, (down, up) in pairs.items():
-        module_rank = config_value(config.rank_pattern, module, config.r)
-        alpha = config_value(config.alpha_pattern, module, config.lora_alpha)
+        module_rank = internals.config_value(config.rank_pattern, module, config.r)
+        alpha = internals.config_value(config.alpha_pattern, module, config.lora_alpha)
         scaling = float(alpha) / (math.sqrt(module_rank) if config.use_rslora else module_rank)
         # In float32, so a bf16 file loses nothing more than a named adapter would.
         scaled = up if scaling == 1.0 else up.float() * scaling
@@ -217,8 +190,7 @@ def _write_scales(transformer: torch.nn.Module, scales: dict[str, float]) -> Non
 
 
 def _write_slot(transformer: torch.nn.Module, lora: Lora | None) -> None:
-    """Copy the LoRA into the slot's tensors in place (layers it does not train, or None: zeros); PEFT's hot-swap
-    rewrites the slot's scaling tensors in place too."""
+    """The LoRA copied into the slot in place (layers it does not train, or None: zeros), scalings too (hot-swap)."""
     if lora is None or not lora.slot_state_dict:
         _zero_slot(transformer)
         return
@@ -227,8 +199,7 @@ def _write_slot(transformer: torch.nn.Module, lora: Lora | None) -> None:
 
 
 def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
-    """Put back the plain layer where PEFT's wrapper holds no adapter any more (deleting an adapter leaves it): the
-    model's structure and state-dict keys are as before."""
+    """The plain layer back where PEFT's wrapper holds no adapter (deleting one leaves the wrapper): keys as before."""
     empty = [name for name, module in model.named_modules()
              if isinstance(module, BaseTunerLayer) and not any(getattr(module, a) for a in module.adapter_layer_names)]
     for name in empty:
@@ -238,8 +209,7 @@ def _unwrap_layers_without_adapters(model: torch.nn.Module) -> None:
 
 
 class LoraAdapters:
-    """The one owner of LoRA state on the loaded models, transformers known by the caller's key (`variants.Variant`).
-    With a `slot_rank`, extra LoRAs go through each transformer's slot; pinned ones (Lassie) keep their own adapter."""
+    """The one owner of LoRA state on the loaded models, transformers known by the caller's key (`variants.Variant`)."""
 
     def __init__(self, transformers: dict[Hashable, torch.nn.Module], text_encoder: torch.nn.Module,
                  slot_rank: int = 0) -> None:
@@ -256,14 +226,19 @@ class LoraAdapters:
         """The LoRA whose weights fill `key`'s slot (None: zeros, or no slot yet)."""
         return self._transformers[key].slot_holds
 
-    def attach(self, key: Hashable, transformer: torch.nn.Module) -> None:
-        """Track another transformer (a go_fast copy); LoRAs load into it on first use."""
-        self._transformers[key] = _Transformer(transformer)
-
     def add(self, name: str, path: Path, pinned: bool = False) -> None:
-        """Convert and check a LoRA file (`read_lora`); it loads into a transformer the first time that one runs it."""
-        first = next(iter(self._transformers.values())).module
-        self._loras[name] = read_lora(path, pinned, first, self._text_encoder, self.slot_rank)
+        """Convert and check a LoRA file; it loads into a transformer the first time that one runs it. Pinned: the
+        Lassie LoRA (errors name its file; its own adapter in slot mode too); else it came in `extra_lora` and, with a
+        slot, is made ready to swap here: above the slot's rank it is refused before anything touches the model."""
+        field_name = f"Lassie LoRA ({path})" if pinned else EXTRA_LORA_FIELD
+        state_dict, alphas, metadata = _convert(path, field_name)
+        _check_fits(state_dict, next(iter(self._transformers.values())).module, self._text_encoder, field_name)
+        lora = Lora(state_dict, alphas, metadata, field_name)
+        if self.slot_rank and not pinned:
+            lora.slot_state_dict = _slot_state_dict(lora, self.slot_rank)
+            # Only the slot copy of the transformer part is ever used again: kept LoRAs hold it once.
+            lora.state_dict = {key: value for key, value in state_dict.items() if key.startswith(TEXT_ENCODER_PREFIX)}
+        self._loras[name] = lora
 
     def remove(self, name: str) -> None:
         """Delete the adapter from every module that has it (a half-loaded one too) and empty every slot holding it."""
@@ -276,7 +251,7 @@ class LoraAdapters:
             if state.slot_holds == name:
                 _zero_slot(state.module)
                 state.slot_holds = None
-        delete_text_encoder_adapter(self._text_encoder, name)
+        internals.delete_text_encoder_adapter(self._text_encoder, name)
         _unwrap_layers_without_adapters(self._text_encoder)
 
     def activate(self, key: Hashable, scales: dict[str, float]) -> None:
@@ -307,17 +282,14 @@ class LoraAdapters:
                 state.module.set_adapter(list(transformer_scales))
             _write_scales(state.module, transformer_scales)
         state.active = dict(transformer_scales)
-        encoder_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
-        if encoder_scales != self._text_encoder_active:
-            self._activate_text_encoder(encoder_scales)
-            self._text_encoder_active = encoder_scales
-
-    def _activate_text_encoder(self, scales: dict[str, float]) -> None:
-        tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
-        if tuner_layers:
-            set_text_encoder_adapters(self._text_encoder, list(scales), list(scales.values()))
-        for layer in tuner_layers:
-            layer.enable_adapters(bool(scales))
+        text_scales = {name: scale for name, scale in scales.items() if self._loras[name].has_text_encoder}
+        if text_scales != self._text_encoder_active:
+            tuner_layers = [m for m in self._text_encoder.modules() if isinstance(m, BaseTunerLayer)]
+            if tuner_layers:
+                internals.set_text_encoder_adapters(self._text_encoder, list(text_scales), list(text_scales.values()))
+            for layer in tuner_layers:
+                layer.enable_adapters(bool(text_scales))
+            self._text_encoder_active = text_scales
 
     def _ensure_named(self, name: str, key: Hashable) -> None:
         lora, state = self._loras[name], self._transformers[key]
@@ -345,10 +317,9 @@ class LoraAdapters:
             self._text_encoder_active = None
 
     def _ensure_slot(self, key: Hashable) -> None:
-        """A zero LoRA of the slot's rank on every linear (the PEFT wrapper's name, not its base layer's), before the
-        transformer's first run (later it would change the modules under compiled blocks: a recompile) or when a failed
-        swap lost it. Every linear: a LoRA swaps only into layers the slot wraps, and FLUX LoRAs train any (kohya's the
-        AdaLN modulation too). alpha = r: scaling 1."""
+        """A zero LoRA of the slot's rank (alpha = r: scaling 1) on every linear, named as PEFT's wrapper: a LoRA swaps
+        only into layers the slot wraps, and FLUX LoRAs train any (kohya's the AdaLN modulation too). Made before the
+        first run (later it would change modules under compiled blocks: a recompile) or when a failed swap lost it."""
         module = self._transformers[key].module
         if _has_adapter(module, SLOT_ADAPTER):
             return

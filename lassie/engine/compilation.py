@@ -118,10 +118,9 @@ def artifacts_name(device: DeviceInfo, setting: CompileSetting) -> str:
 
 def configure_compile_cache(settings: CompileSettings, weights_dir: Path, device: DeviceInfo,
                             setting: CompileSetting) -> CompileCache | None:
-    """Inductor's caches where the operator chose, else beside the weights, so a restarted server reuses its kernels;
-    read-only weights get a temporary place and their carried artifacts are still read. Inductor reads
-    `TORCHINDUCTOR_CACHE_DIR` at each use and memoises paths at the first compile, so setting it before any compile
-    is enough (checked on torch 2.13; only CPU's precompiled headers stay put)."""
+    """Inductor's caches where the operator chose, else beside the weights, so a restarted server reuses its kernels
+    (read-only weights: a temporary place, their carried artifacts still read). Inductor reads `TORCHINDUCTOR_CACHE_DIR`
+    at each use and memoises paths at the first compile: setting it before any compile is enough (torch 2.13)."""
     beside_weights = weights_dir / "compile-cache"
     name = artifacts_name(device, setting)
     try:

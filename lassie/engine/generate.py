@@ -5,7 +5,7 @@ character prompt): they are dropped by their exact opening, replaced by one line
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -49,11 +49,9 @@ def encode_prompt(pipeline: DiffusionPipeline, prompt: str, max_sequence_length:
     tokens = TokenCounts(min(clip_total, pipeline.tokenizer_max_length), clip_total,
                          min(t5_total, max_sequence_length), t5_total)
     with dropping({type(pipeline).__module__: (TRUNCATION_WARNING,), TOKENIZER_LOGGER: (TOO_LONG_WARNING,)}):
-        prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
-            prompt=prompt, prompt_2=None, max_sequence_length=max_sequence_length)
-    log.info("prompt: CLIP kept %d of %d tokens, T5 kept %d of %d", tokens.clip_kept, clip_total, tokens.t5_kept,
-             t5_total)
-    return PromptEmbeddings(prompt_embeds, pooled_prompt_embeds, tokens)
+        embeds, pooled, _ = pipeline.encode_prompt(prompt=prompt, max_sequence_length=max_sequence_length)
+    log.info("prompt: CLIP kept %d of %d tokens, T5 kept %d of %d", *astuple(tokens))
+    return PromptEmbeddings(embeds, pooled, tokens)
 
 
 def pipeline_arguments(plan: Plan, inputs: Inputs) -> dict:
@@ -73,9 +71,8 @@ def pipeline_arguments(plan: Plan, inputs: Inputs) -> dict:
 
 def generate(pipeline: DiffusionPipeline, plan: Plan, inputs: Inputs) -> list[Image.Image]:
     """Encode the prompt, then run the pipeline on N copies of its embeddings and one image each: exactly how diffusers
-    batches `num_images_per_prompt` (same latents shape, same noise), which passes given embeddings through as they
-    are. prompt_strength 0 (the schema's 1.0 destroys all of the input image) runs no step, which diffusers refuses:
-    each output is then the input image at the output size."""
+    batches `num_images_per_prompt` (same latents, same noise). prompt_strength 0 (the schema's 1.0 destroys all of the
+    input image) runs no step, which diffusers refuses: each output is the input image at the output size."""
     if plan.mode is not Mode.TXT2IMG and plan.steps_run == 0:
         return [inputs.image.copy() for _ in range(plan.num_outputs)]
     with torch.inference_mode():

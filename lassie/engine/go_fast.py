@@ -1,11 +1,8 @@
-"""go_fast: the precision a go_fast request runs on this hardware, decided once at setup, and the go_fast copies.
-
-torchao dynamic float8 (activations and weights, per-tensor scales) where CUDA has fp8 matmuls (compute capability 8.9+:
-L4, L40S, 4090, H100, H200, B200). Elsewhere (A100, A10G, ROCm, CPU) the weights go_fast=false runs: float8 weight-only
-storage dequantizes before every matmul and saves no memory beside the resident bf16 weights, so it is only slower.
-`LASSIE_GO_FAST_MODE` overrides (`fp8-weight-only` runs anywhere: CPU tests drive the quantized path). On fp8 layers
-PEFT's `TorchaoLoraLinear` runs LoRAs in the activations' dtype, unfused (no re-quantization recipe): exact scales.
-"""
+"""go_fast: the precision a go_fast request runs on this hardware, decided once at setup, and the go_fast copies
+(docs/go_fast.md). torchao dynamic float8 where CUDA has fp8 matmuls (compute capability 8.9+); elsewhere the weights
+go_fast=false runs: float8 weight-only storage dequantizes before every matmul and saves no memory beside the resident
+bf16 weights, so it is only slower. `LASSIE_GO_FAST_MODE` overrides (`fp8-weight-only` runs anywhere: CPU tests drive
+the quantized path)."""
 
 from __future__ import annotations
 
@@ -56,44 +53,37 @@ def requested_mode(setting: str) -> FastMode | None:
 
 def plan_go_fast(device: DeviceInfo, requested: FastMode | None = None) -> GoFastPlan:
     """The precision go_fast runs on `device`, and whether it needs go_fast copies of the transformers."""
-    if requested is FastMode.UNQUANTIZED:
-        return _unquantized(f"go_fast: quantization is off ({GO_FAST_MODE_ENV}=unquantized); "
-                            "running the same weights as go_fast=false")
-    if requested is FastMode.FP8_WEIGHT_ONLY:
-        return _quantized(device, FastMode.FP8_WEIGHT_ONLY, f"({GO_FAST_MODE_ENV}=fp8-weight-only)")
-    if device.kind == "cuda" and device.capability is not None and device.capability >= FP8_MIN_CAPABILITY:
-        return _quantized(device, FastMode.FP8_DYNAMIC, "")
+    fp8 = device.kind == "cuda" and device.capability is not None and device.capability >= FP8_MIN_CAPABILITY
+    if requested is FastMode.FP8_WEIGHT_ONLY or (fp8 and requested is not FastMode.UNQUANTIZED):
+        mode = requested or FastMode.FP8_DYNAMIC
+        note = f" ({GO_FAST_MODE_ENV}=fp8-weight-only)" if mode is FastMode.FP8_WEIGHT_ONLY else ""
+        return GoFastPlan(mode, f"go_fast: {PRECISION_NAMES[mode]} on {device.describe()}{note}")
     asked = f"{GO_FAST_MODE_ENV}=fp8 cannot be honoured: " if requested is FastMode.FP8_DYNAMIC else ""
-    if not device.is_gpu:
-        return _unquantized(f"{asked}go_fast: no GPU here, so no fp8 matmul; running the unquantized weights "
-                            "(same as go_fast=false)")
-    if device.kind == "rocm":
-        return _unquantized(f"{asked}go_fast: fp8 is not set up for ROCm GPUs ({device.describe()}); "
-                            "running bf16 weights")
-    return _unquantized(f"{asked}go_fast: this GPU ({device.describe()}) has no fp8 matmul (needs "
-                        f"{'.'.join(map(str, FP8_MIN_CAPABILITY))}+); running bf16 weights, the same as go_fast=false "
-                        "(fp8 weight-only storage would only be slower)")
+    if requested is FastMode.UNQUANTIZED:
+        reason = (f"go_fast: quantization is off ({GO_FAST_MODE_ENV}=unquantized); running the same weights as "
+                  "go_fast=false")
+    elif not device.is_gpu:
+        reason = (f"{asked}go_fast: no GPU here, so no fp8 matmul; running the unquantized weights "
+                  "(same as go_fast=false)")
+    elif device.kind == "rocm":
+        reason = f"{asked}go_fast: fp8 is not set up for ROCm GPUs ({device.describe()}); running bf16 weights"
+    else:
+        reason = (f"{asked}go_fast: this GPU ({device.describe()}) has no fp8 matmul (needs "
+                  f"{'.'.join(map(str, FP8_MIN_CAPABILITY))}+); running bf16 weights, the same as go_fast=false "
+                  "(fp8 weight-only storage would only be slower)")
+    return GoFastPlan(FastMode.UNQUANTIZED, reason)
 
 
 def decide_go_fast(wanted: GoFastPlan, copies_fit: bool, memory_reason: str,
                    build_failure: str | None = None) -> GoFastPlan:
-    """The one go_fast decision, the record setup logs and requests run by: what the device allows (`wanted`) where the
-    memory plan holds the copies a quantized go_fast needs and they were built; else the bf16 transformers."""
+    """The one go_fast decision: `wanted` if the memory plan holds its copies and they were built, else bf16."""
     if not wanted.quantizes:
         return wanted
     if not copies_fit:
-        return _unquantized(f"{wanted.reason}; {memory_reason}")
+        return GoFastPlan(FastMode.UNQUANTIZED, f"{wanted.reason}; {memory_reason}")
     if build_failure is not None:
-        return _unquantized(f"go_fast: {wanted.mode.value} failed at setup ({build_failure})")
+        return GoFastPlan(FastMode.UNQUANTIZED, f"go_fast: {wanted.mode.value} failed at setup ({build_failure})")
     return wanted
-
-
-def _quantized(device: DeviceInfo, mode: FastMode, note: str) -> GoFastPlan:
-    return GoFastPlan(mode=mode, reason=f"go_fast: {PRECISION_NAMES[mode]} on {device.describe()} {note}".rstrip())
-
-
-def _unquantized(reason: str) -> GoFastPlan:
-    return GoFastPlan(mode=FastMode.UNQUANTIZED, reason=reason)
 
 
 def is_token_linear(module: nn.Module, name: str) -> bool:
@@ -130,19 +120,17 @@ def quantize_transformer(transformer: nn.Module, mode: FastMode) -> nn.Module:
     return go_fast_copy
 
 
-def precision_of(plan: GoFastPlan, go_fast: bool, dtype: torch.dtype) -> str:
-    return PRECISION_NAMES[plan.mode] if go_fast and plan.quantizes else str(dtype).removeprefix("torch.")
-
-
 class PrecisionLog:
     """One line per (model, go_fast, precision) the first time it runs, never per request."""
 
     def __init__(self) -> None:
         self._seen: set[str] = set()
 
-    def ran(self, model: str, go_fast: bool, plan: GoFastPlan, dtype: torch.dtype) -> None:
-        line = f"{model} with go_fast={str(go_fast).lower()} runs {precision_of(plan, go_fast, dtype)}"
-        line += f" ({plan.reason})" if go_fast else ""
+    def ran(self, model: str, go_fast: bool, plan: GoFastPlan, dtype: torch.dtype) -> str:
+        """Returns the precision, for the request's own line."""
+        precision = PRECISION_NAMES[plan.mode] if go_fast and plan.quantizes else str(dtype).removeprefix("torch.")
+        line = f"{model} with go_fast={str(go_fast).lower()} runs {precision}{f' ({plan.reason})' if go_fast else ''}"
         if line not in self._seen:
             self._seen.add(line)
             log.info("%s", line)
+        return precision

@@ -1,10 +1,8 @@
-"""What stays resident on the GPU, and whether the worst request still fits beside it (docs/go_fast.md, "Memory plan").
-
-Computed, not asserted: the parameters of every resident module, built on the meta device from its config, and the
-Lassie LoRA's adapter on each transformer, weighed against the device's memory, the working memory of the worst
-request the schema allows and `HEADROOM_BYTES` more (the activation figure is an estimate). When not even the leanest
-arrangement fits, setup fails with the memory it needs: never an OOM in a request.
-"""
+"""What stays resident on the GPU, and whether the worst request still fits beside it (docs/go_fast.md, "Memory plan"):
+every resident module's parameters counted on the meta device from its config, and the Lassie adapter on each
+transformer, against the device's memory less the worst request the schema allows and `HEADROOM_BYTES` (the activation
+figure is an estimate). When not even the leanest arrangement fits, setup fails with the memory it needs, never an OOM
+in a request."""
 
 from __future__ import annotations
 
@@ -56,8 +54,7 @@ class Footprint:
     lassie_parameters: int  # the Lassie LoRA's tensors (see LASSIE_RANK_BOUND)
 
     def resident_bytes(self, go_fast_copies: bool, slot_rank: int) -> int:
-        """bf16 transformers, encoders, VAE and safety models, plus go_fast copies (fp8), and on each transformer the
-        slot and the Lassie adapter (its text-encoder part counted there too)."""
+        """bf16 modules, fp8 go_fast copies, each transformer's slot and Lassie adapter (its text-encoder part too)."""
         transformers = len(self.transformer_parameters) * (2 if go_fast_copies else 1)
         total = (sum(self.transformer_parameters.values()) + self.text_encoder_parameters + self.vae_parameters
                  + self.safety_parameters) * BF16_BYTES
@@ -155,12 +152,11 @@ class ModelConfigs:
     @classmethod
     def of_layout(cls, layout: WeightsLayout, lassie_lora: Path) -> ModelConfigs:
         """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
-        return cls(transformers={"dev": layout.dev_dir / "transformer" / "config.json",
-                                 "schnell": layout.schnell_dir / "transformer" / "config.json"},
-                   t5=layout.dev_dir / "text_encoder_2" / "config.json",
-                   clip=layout.dev_dir / "text_encoder" / "config.json", vae=layout.dev_dir / "vae" / "config.json",
-                   compvis=layout.compvis_dir / "config.json", falcon=layout.falcon_dir / "config.json",
-                   lassie_lora=lassie_lora)
+        dev, config = layout.dev_dir, "config.json"
+        transformers = {"dev": dev / "transformer" / config, "schnell": layout.schnell_dir / "transformer" / config}
+        return cls(transformers=transformers,
+                   t5=dev / "text_encoder_2" / config, clip=dev / "text_encoder" / config, vae=dev / "vae" / config,
+                   compvis=layout.compvis_dir / config, falcon=layout.falcon_dir / config, lassie_lora=lassie_lora)
 
 
 def footprint_from_configs(configs: ModelConfigs) -> Footprint:

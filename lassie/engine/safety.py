@@ -41,11 +41,10 @@ class SafetyFilter:
 
     @classmethod
     def load(cls, layout: WeightsLayout, device: DeviceInfo) -> SafetyFilter:
-        checker = StableDiffusionSafetyChecker.from_pretrained(layout.compvis_dir)
-        classifier = ViTForImageClassification.from_pretrained(layout.falcon_dir)
-        return cls(checker.to(device=device.torch_device, dtype=device.dtype).eval(),
+        place = {"device": device.torch_device, "dtype": device.dtype}
+        return cls(StableDiffusionSafetyChecker.from_pretrained(layout.compvis_dir).to(**place).eval(),
                    CLIPImageProcessor.from_pretrained(layout.compvis_dir),
-                   classifier.to(device=device.torch_device, dtype=device.dtype).eval(),
+                   ViTForImageClassification.from_pretrained(layout.falcon_dir).to(**place).eval(),
                    AutoImageProcessor.from_pretrained(layout.falcon_dir))
 
     def filter(self, images: list[Image.Image]) -> list[Image.Image]:

@@ -1,11 +1,7 @@
 """The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their LoRA adapters,
-compilation and warm-up. Every request runs the same adapter set, so warm-up compiles one graph set per precision.
-
-`run()` keeps compiling out of requests: after warm-up they run under `fail_on_recompile`, and one needing a graph
-warm-up did not make runs under `eager_on_recompile`, with a warning naming the failed guards. A compiled call raising
-anything else through torch's compiler runs again eagerly; if that works the variant stays eager (one warning). A
-compile failing at setup leaves the server eager, and go_fast copies that cannot be built leave go_fast on bf16.
-"""
+compilation and warm-up (docs/go_fast.md, "Compile, and switching LoRAs without recompiling"). Every request runs the
+same adapter set, so warm-up compiles one graph set per precision, and no request compiles (`run`). A compile failing
+at setup leaves the server eager, and go_fast copies that cannot be built leave go_fast on bf16."""
 
 from __future__ import annotations
 
@@ -27,7 +23,8 @@ from lassie.engine.go_fast import FastMode, GoFastPlan, decide_go_fast, quantize
 from lassie.engine.internals import FLUX_BLOCK_BATCH_DIMENSIONS, compiled_graph_count, raised_in_compiled_code
 from lassie.engine.memory import MemoryPlan
 from lassie.engine.models import FluxModels
-from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Request, make_plan
+from lassie.fetch.lora_cache import HeldLora
+from lassie.request.plan import GO_FAST_LORA_MULTIPLIER, Mode, Plan, Request, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +73,8 @@ class TransformerVariants:
         self._models = models
         self._compile = compile_setting
         self._memory = memory
-        bf16 = {Variant(model, False): transformer for model, transformer in models.transformers.items()}
-        self.adapters = LoraAdapters(bf16, models.text_encoder, slot_rank=memory.slot_rank)
-        self._go_fast_copies: dict[str, nn.Module] = {}
+        self._transformers = {Variant(model, False): transformer for model, transformer in models.transformers.items()}
+        self.adapters: LoraAdapters  # made by `prepare`, over the go_fast copies too
         self._extras: list[str] = []  # kept extra LoRAs, the most recently used last
         self._stance: str | None = None
         self._eager_variants: set[Variant] = set()  # variants whose compiled call failed after warm-up (`run`)
@@ -86,54 +82,48 @@ class TransformerVariants:
     def prepare(self, lassie_lora: Path, wanted: GoFastPlan) -> GoFastPlan:
         """Lassie on every variant, the go_fast copies `wanted` needs where the memory plan holds them, compile and
         warm-up: then no request loads or compiles anything but an extra LoRA. Returns `decide_go_fast`'s decision."""
-        self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
         build = wanted.quantizes and self._memory.go_fast_copies
         build_failure = self._build_go_fast_copies(wanted.mode) if build else None
         go_fast = decide_go_fast(wanted, self._memory.go_fast_copies, self._memory.reason, build_failure)
-        for variant in self.variants():
+        self.adapters = LoraAdapters(self._transformers, self._models.text_encoder, slot_rank=self._memory.slot_rank)
+        self.adapters.add(LASSIE_ADAPTER, lassie_lora, pinned=True)
+        for variant in self._transformers:
             self.adapters.activate(variant, {LASSIE_ADAPTER: DEFAULT_LASSIE_SCALE[variant.go_fast]})
         if self._compile.enabled:
             self._compile_and_warm_up()
         return go_fast
 
-    def variants(self) -> list[Variant]:
-        return [Variant(model, go_fast) for go_fast in (False, True) for model in self._models.transformers
-                if not go_fast or model in self._go_fast_copies]
-
-    def variant_for(self, model: str, go_fast: bool) -> Variant:
-        return Variant(model, go_fast and model in self._go_fast_copies)
-
     def transformer(self, variant: Variant) -> nn.Module:
-        return self._go_fast_copies[variant.model] if variant.go_fast else self._models.transformers[variant.model]
+        return self._transformers[variant]
 
-    def ready(self, variant: Variant, lassie_scale: float, extra: tuple[str, Path] | None,
-              extra_scale: float) -> nn.Module:
-        """The variant with Lassie and `extra` (adapter name, the LoRA's cache key, and file) active at these scales. A
+    def ready(self, plan: Plan, extra: HeldLora | None) -> tuple[Variant, nn.Module]:
+        """The plan's variant with Lassie and `extra` (its cache key the adapter's name) active at the plan's scales. A
         new extra LoRA joins the kept ones (`KEPT_EXTRA_LORAS`); one that fails to load leaves the previous state."""
-        scales = {LASSIE_ADAPTER: lassie_scale}
-        new_extra = name = None
+        variant = Variant(plan.model, plan.go_fast and Variant(plan.model, True) in self._transformers)
+        scales = {LASSIE_ADAPTER: plan.lora_scale}
         if extra is not None:
-            name, path = extra
-            if name not in self.adapters.names():
-                self.adapters.add(name, path)
-                new_extra = name
-            scales[name] = extra_scale
+            name = extra.lora.key
+            new = name not in self.adapters.names()
+            if new:
+                self.adapters.add(name, extra.path)
+            scales[name] = plan.extra_lora_scale
         try:
             self.adapters.activate(variant, scales)
         except Exception:
-            if new_extra:
-                self.adapters.remove(new_extra)
-            self._extras = [kept for kept in self._extras if kept in self.adapters.names()]
+            if extra is not None and new:
+                self.adapters.remove(name)
             raise
-        if name is not None:  # the most recently used; the least recently used beyond the limit are removed
-            self._extras = [kept for kept in self._extras if kept != name] + [name]
+        if extra is not None:  # the most recently used last; the least recently used beyond the limit are removed
+            self._extras = [kept for kept in self._extras if kept != name and kept in self.adapters.names()] + [name]
             while len(self._extras) > (KEPT_EXTRA_LORAS if self.adapters.slot_rank else 1):
                 self.adapters.remove(self._extras.pop(0))
         log.info("LoRA scales: %s", ", ".join(f"{name}={scale:g}" for name, scale in scales.items()))
-        return self.transformer(variant)
+        return variant, self._transformers[variant]
 
     def run(self, variant: Variant, call: Callable[[], T]) -> T:
-        """`call` (one pipeline call of `variant`) under the stance warm-up left; see the module docstring."""
+        """`call` (one pipeline call of `variant`) under `fail_on_recompile` after warm-up; one needing a graph warm-up
+        did not make runs under `eager_on_recompile` (a warning names the failed guards), and one failing otherwise in
+        torch's compiler runs again eagerly (`_run_eagerly_after`)."""
         if self._stance is None:
             return call()
         stance = "force_eager" if variant in self._eager_variants else self._stance
@@ -175,21 +165,19 @@ class TransformerVariants:
             log.warning("go_fast: building the %s transformers failed (%s); go_fast runs the bf16 transformers",
                         mode.value, failure)
             return failure
-        for model, go_fast_copy in copies.items():
-            self._go_fast_copies[model] = go_fast_copy
-            self.adapters.attach(Variant(model, True), go_fast_copy)
+        self._transformers.update({Variant(model, True): go_fast_copy for model, go_fast_copy in copies.items()})
         log.info("built the %s go_fast transformers in %.1fs", mode.value, time.perf_counter() - started)
         return None
 
     def warm_up_plan(self) -> list[Variant]:
-        return plan_warm_up(bool(self._go_fast_copies))
+        return plan_warm_up(any(variant.go_fast for variant in self._transformers))
 
     def _compile_and_warm_up(self) -> None:
         runs = self.warm_up_plan()
         graphs_before = compiled_graph_count()
         started = time.perf_counter()
         try:
-            for variant in self.variants():
+            for variant in self._transformers:
                 compile_transformer(self.transformer(variant), self._compile)
             # The blocks' batch dimensions traced as unbacked sizes: a backed size 1 is specialised (torch's 0/1
             # specialisation, also with `dynamic=True`; `backed_size_oblivious` still guards batch != 1 at the
@@ -207,8 +195,7 @@ class TransformerVariants:
                  len(runs), time.perf_counter() - started, planned_graphs(runs))
 
     def _warm(self, variant: Variant) -> None:
-        """One denoising step at a small size, stopping at the latents (the VAE is not compiled), with the adapter set
-        of every request."""
+        """One small step with every request's adapter set, stopping at the latents (the VAE is not compiled)."""
         self.adapters.activate(variant, {LASSIE_ADAPTER: WARM_UP_LASSIE_SCALE})
         plan = make_plan(Request(prompt="warm-up", model=variant.model, num_inference_steps=1, seed=0,
                                  num_outputs=WARM_UP_OUTPUTS))
