@@ -12,7 +12,6 @@ from lassie.fetch.storage import write_problem
 from lassie.settings import WEIGHTS_URL_ENV
 
 PROVIDE_COMMAND = ".venv/bin/python scripts/download_weights.py"
-TINY_WEIGHTS_COMMAND = ".venv/bin/python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
 RUN_AGAIN = "Files finished so far are kept; run again to resume."
 
@@ -45,9 +44,9 @@ def writing_problem(root: Path) -> str | None:
 
 
 # Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck.
-TINY_WEIGHTS_HINT = (f"To run the server without the real weights, build tiny random ones (same layout; images are "
-                     f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
-                     f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
+TINY_WEIGHTS_HINT = ("To run the server without the real weights, build tiny random ones (same layout; images are "
+                     f"noise) with `.venv/bin/python scripts/make_tiny_weights.py {TINY_WEIGHTS_DIR}` and start it "
+                     f"with LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
 
 
 def _model_files_missing(directory: Path, stem: str) -> list[Path]:
@@ -108,6 +107,17 @@ class WeightsLayout:
                                       f"HF_TOKEN). {TINY_WEIGHTS_HINT}")
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """The project's one safetensors check (`inspect_safetensors`) in words, or None when the file is usable."""
+    try:
+        inspect_safetensors(path)
+    except UnusableSafetensorsError as problem:
+        return str(problem)
+    except FileNotFoundError:
+        return "it is missing"
+    return None
+
+
 def file_problems(folder: Path, name: str) -> list[str]:
     """What is wrong with a layout folder's files (hidden folders, huggingface_hub's `.cache/`, aside), cheap enough
     for every start (no hashing): each JSON file parses, each safetensors header parses and fits the file's size."""
@@ -120,10 +130,8 @@ def file_problems(folder: Path, name: str) -> list[str]:
         try:
             if path.suffix == ".json":
                 json.loads(path.read_bytes())
-            elif path.suffix == ".safetensors":
-                inspect_safetensors(path)
-        except UnusableSafetensorsError as problem:
-            problems.append(f"{shown} is not a usable .safetensors file: {problem}")
+            elif path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+                problems.append(f"{shown} is not a usable .safetensors file: {problem}")
         except ValueError as error:
             problems.append(f"{shown} is not valid JSON ({error})")
         except OSError as error:
