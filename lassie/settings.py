@@ -207,8 +207,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
-        """`environ` defaults to the process's, with each variable libraries rewrite (`_AT_START`) as it was when the
-        process started; `cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
+        """`environ` None: the process's, `_AT_START`'s variables as they began; `cog_weights`: setup(weights)'s."""
         if environ is None:
             environ = {name: value for name, value in (os.environ | _AT_START).items() if value is not None}
         env = Environment(environ)

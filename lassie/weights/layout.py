@@ -33,8 +33,7 @@ class CorruptFileError(ProvisionError):
 
 def fail_on(problems: list[str | None]) -> None:
     """All problems found at once, so one rerun can fix them all."""
-    found = [problem for problem in problems if problem]
-    if found:
+    if found := [problem for problem in problems if problem]:
         raise ProvisionError("\n".join(found))
 
 
@@ -100,8 +99,7 @@ class WeightsLayout:
         return [path.relative_to(self.root).as_posix() for path in missing]
 
     def require_complete(self, lassie: bool = True) -> None:
-        missing = self.missing(lassie)
-        if missing:
+        if missing := self.missing(lassie):
             raise MissingWeightsError(f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
                                       f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: "
                                       f"HF_TOKEN). {TINY_WEIGHTS_HINT}")

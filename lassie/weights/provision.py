@@ -231,15 +231,14 @@ def fetch_lock(lock_path: Path, report_every: float = 10.0) -> Iterator[None]:
     `report_every` seconds, naming the pid the holder records beside the lock (filelock records no owner)."""
     lock, holder = FileLock(lock_path), lock_path.with_name(lock_path.name + ".pid")
     for waited in count(report_every, report_every):
-        try:
+        with suppress(Timeout):
             lock.acquire(timeout=report_every)
             break
-        except Timeout:
-            pid = ""
-            with suppress(OSError):  # it may have none yet, or be letting go
-                pid = holder.read_text().strip()
-            log.info("waiting for another process's fetch of the weights (lock %s%s); %.0f s so far",
-                     lock_path, f", held by pid {pid}" if pid.isdigit() else "", waited)
+        pid = ""
+        with suppress(OSError):  # it may have none yet, or be letting go
+            pid = holder.read_text().strip()
+        log.info("waiting for another process's fetch of the weights (lock %s%s); %.0f s so far",
+                 lock_path, f", held by pid {pid}" if pid.isdigit() else "", waited)
     try:
         holder.write_text(f"{os.getpid()}\n")
         yield
