@@ -1,9 +1,7 @@
-"""The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs).
-
-Redirects are followed by hand, only to http(s), a token never leaving its origin; URLs are shown without user info or
-query (signed URLs carry secrets there); a `Deadline` checked between small reads bounds a trickle. For user-given URLs
-every hop must land on a public address (`lassie.fetch.addresses`). Failures are `FetchError`s naming the redacted URL
-and why (`hub_problem` words huggingface_hub's); bounds and tokens come from the caller, never the environment."""
+"""The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs):
+redirects followed by hand, every hop checked (http(s) only, a public address for user-given URLs, a token never
+leaving its origin), URLs shown redacted, a `Deadline` bounding a trickle. Failures are `FetchError`s naming the
+redacted URL and why; bounds and tokens come from the caller, never the environment."""
 
 from __future__ import annotations
 

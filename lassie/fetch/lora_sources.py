@@ -1,8 +1,7 @@
-"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL), parsed once and
-without network (`identify`); each source's `fetch` downloads it into a staging folder, where the cache checks it.
-A service is recognised by the *form* of the string (people paste every variant), while where it is fetched from and
-the tokens are the operator's `LoraSettings` (mirrors, tests). The user gave the address, so every fetch obeys the
-address rule and the operator's bounds, and fails on the `extra_lora` field."""
+"""`extra_lora` strings -> where the LoRA lives, parsed once, offline (`identify`); each source's `fetch` downloads
+it into a staging folder for the cache to check. A service is recognised by the *form* of the string (people paste
+every variant); its address and tokens are the operator's `LoraSettings` (mirrors, tests). The user gave the address:
+every fetch obeys the address rule and the operator's bounds."""
 
 from __future__ import annotations
 
@@ -55,7 +54,6 @@ def unsupported(reason: str) -> InputError:
 
 
 def short_digest(text: str, length: int) -> str:
-    """The first `length` hex digits of the text's sha256: names and keys that carry no secret."""
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
@@ -137,8 +135,6 @@ class HuggingFaceSource:
 
 @dataclass(frozen=True)
 class CivitaiModelSource:
-    """A model page: the model id still has to be mapped to a version through the API."""
-
     model_id: int
     version_id: int | None = None
 
@@ -242,7 +238,6 @@ def identify(text: str) -> ExtraLora:
 
 
 def parse_extra_lora(text: str) -> LoraSource:
-    """Turns what a user typed into one source, or an InputError that lists the accepted forms."""
     value = text.strip()
     if not value:
         raise unsupported("it is empty")
