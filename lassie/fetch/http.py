@@ -29,9 +29,8 @@ logger = logging.getLogger(__name__)
 for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs, signed queries included
     logging.getLogger(_library).setLevel(logging.WARNING)
 
-# What a huggingface_hub call raises when the hub, the network or the disk fails it.
-HUB_ERRORS = (errors.HfHubHTTPError, errors.HFValidationError, errors.LocalEntryNotFoundError, httpx2.HTTPError,
-              OSError)
+# What a huggingface_hub call raises when the hub, the network or the disk fails it (LocalEntryNotFoundError: OSError).
+HUB_ERRORS = (errors.HfHubHTTPError, errors.HFValidationError, httpx2.HTTPError, OSError)
 MIB = 1024**2
 MAX_JSON_BYTES = 16 * MIB
 PROGRESS_FROM_BYTES = 64 * MIB
@@ -151,8 +150,7 @@ def checked_url(url: str) -> httpx2.URL:
 
 
 def _send(client: httpx2.Client, url: str, headers: dict[str, str], limits: DownloadLimits) -> httpx2.Response:
-    """One request, its body unread. Under an address rule with exceptions to check, the connection goes to a checked
-    address itself (the Host header and TLS name stay the URL's host)."""
+    """One request, body unread; unless every address is allowed, it connects to a checked one (Host, SNI kept)."""
     target = checked_url(url)
     client.cookies.clear()  # nothing one host set travels to the next
     if limits.rule.allow_all:
@@ -246,9 +244,8 @@ def body_pieces(response: httpx2.Response, url: str, limits: DownloadLimits, rec
     except httpx2.HTTPError as error:
         limits.deadline.check(url, received)
         problem = network_problem(error, limits.tokens)
-        if isinstance(error, httpx2.RemoteProtocolError):
-            raise FetchError(f"the download of {redact_url(url)} was cut short ({problem})") from None
-        raise FetchError(f"the download of {redact_url(url)} failed: {problem}") from None
+        how = f"was cut short ({problem})" if isinstance(error, httpx2.RemoteProtocolError) else f"failed: {problem}"
+        raise FetchError(f"the download of {redact_url(url)} {how}") from None
 
 
 def declared_length(response: httpx2.Response) -> int | None:

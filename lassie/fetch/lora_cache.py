@@ -107,8 +107,7 @@ class LoraCache:
         data, record = self._files(lora.key)
         if not data.exists() and not record.exists():
             return None
-        problem = self._damage(lora)
-        if problem is not None:
+        if (problem := self._damage(lora)) is not None:
             logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again", lora.source.describe(),
                            problem)
             self._remove(lora.key)
