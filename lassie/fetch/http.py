@@ -299,8 +299,7 @@ class ProgressLog(tqdm):
     as huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        to_log = not sys.stderr.isatty()
-        if to_log:
+        if to_log := not sys.stderr.isatty():
             kwargs |= {"disable": False, "file": io.StringIO()}
         super().__init__(*args, **kwargs)
         self._label = kwargs.get("desc") or ""

@@ -243,8 +243,7 @@ def _version(path: Path) -> tuple[int, int, int]:
 
 
 def _mark_used(path: Path) -> None:
-    """The access time is the LRU clock; the modification time is left alone, as it identifies the file version
-    whose checksum was verified. A read-only cache keeps its clock as it was."""
+    """The access time is the LRU clock (the mtime names the verified version); a read-only cache's stands still."""
     try:
         os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     except OSError as error:

@@ -49,7 +49,6 @@ DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def unsupported(reason: str) -> InputError:
-    """The one error for strings that are no LoRA source: says why, then every accepted form."""
     return InputError(FIELD, f"{reason}. Accepted forms: " + "; ".join(ACCEPTED_FORMS) + ".")
 
 
@@ -165,8 +164,7 @@ class CivitaiModelSource:
         if model.get("type") is not None and model["type"] not in CIVITAI_LORA_TYPES:
             raise InputError(FIELD, f"{self.describe()} is a {model['type']}, not a LoRA")
         versions = [version for version in model["modelVersions"] if isinstance(version, dict)]
-        wanted = [version for version in versions if self.version_id in (None, version.get("id"))]
-        if wanted:
+        if wanted := [version for version in versions if self.version_id in (None, version.get("id"))]:
             return wanted[0]
         if self.version_id is None:
             raise InputError(FIELD, f"{self.describe()} has no published versions")
@@ -352,7 +350,6 @@ def _download_to(url: str, staging: Path, credential: Credential | None, limits:
 
 
 def _refuse_oversized(described: str, size: float, limits: DownloadLimits) -> None:
-    """Checks sizes the services announce, before any byte of the file is fetched."""
     if size > limits.max_bytes:
         raise InputError(FIELD, f"{described} is {human_bytes(size)}, more than the {human_bytes(limits.max_bytes)} "
                                 f"allowed for a LoRA ({MAX_LORA_BYTES_ENV})")

@@ -14,8 +14,7 @@ from pathlib import Path
 from lassie.settings import SettingError
 
 log = logging.getLogger(__name__)
-# The directories (a read-only weights mount) whose fallback the log has explained: the other places setup keeps
-# there fall back the same way, which that one line says.
+# Directories (a read-only weights mount) whose fallback one log line explained for all that setup keeps there.
 _FALLBACKS_SAID: set[Path] = set()
 
 
