@@ -10,15 +10,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lassie.engine.adapters import slot_rank_for
-from lassie.engine.compilation import check_chosen_compile_cache, compile_setting, configure_compile_cache
+from lassie.engine import adapters, compilation, go_fast, hardware, memory, models, safety, variants
 from lassie.engine.generate import generate
-from lassie.engine.go_fast import GoFastPlan, PrecisionLog, plan_go_fast, requested_mode
-from lassie.engine.hardware import DeviceInfo, query_device
-from lassie.engine.memory import ModelConfigs, footprint_from_configs, plan_memory
-from lassie.engine.models import FluxModels, load_models, prepare_for_speed
-from lassie.engine.safety import SafetyFilter
-from lassie.engine.variants import TransformerVariants
 from lassie.fetch.lora_cache import HeldLora, LoraCache
 from lassie.fetch.lora_sources import identify
 from lassie.fetch.storage import writable_place
@@ -61,41 +54,42 @@ class Lassie:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.layout = WeightsLayout(settings.weights_dir)
-        self.models: FluxModels | None = None
-        self.variants: TransformerVariants | None = None
+        self.models: models.FluxModels | None = None
+        self.variants: variants.TransformerVariants | None = None
         self.lora_cache: LoraCache | None = None
-        self.safety: SafetyFilter | None = None
+        self.safety: safety.SafetyFilter | None = None
         self._outputs = OutputFolders()
-        self._device: DeviceInfo | None = None
-        self._go_fast: GoFastPlan | None = None  # the go_fast decision, made once by setup
-        self._precision_log = PrecisionLog()
+        self._device: hardware.DeviceInfo | None = None
+        self._go_fast: go_fast.GoFastPlan | None = None  # the go_fast decision, made once by setup
+        self._precision_log = go_fast.PrecisionLog()
 
     def setup(self) -> None:
         no_progress_bars()
-        check_chosen_compile_cache(self.settings.compile)
+        compilation.check_chosen_compile_cache(self.settings.compile)
         OutputFolders.remove_leftovers()
         atexit.register(self._outputs.remove_current)
         lora_cache_dir = writable_place("extra-LoRA cache", self.layout.lora_cache_dir, self.settings.lora.cache_dir,
                                         LORA_CACHE_ENV)
         ensure_weights(self.layout, self.settings)
         lassie = resolve(self.layout, self.settings)  # the one file everything below uses
-        self._device = hardware = query_device()
-        wanted_go_fast = plan_go_fast(hardware, requested_mode(self.settings.go_fast_mode))
-        compiling = compile_setting(self.settings.compile, hardware)
+        self._device = device = hardware.query_device()
+        wanted_go_fast = go_fast.plan_go_fast(device, go_fast.requested_mode(self.settings.go_fast_mode))
+        compiling = compilation.compile_setting(self.settings.compile, device)
         log.info("compile: %s", compiling.reason)
-        footprint = footprint_from_configs(ModelConfigs.of_layout(self.layout, lassie.path))
-        memory = plan_memory(hardware.total_memory if hardware.is_gpu else None, footprint, wanted_go_fast.quantizes,
-                             slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK))
-        log.info("%s; extra LoRAs: %s", memory.reason,
-                 f"hot-swapped into a rank-{memory.slot_rank} slot" if memory.slot_rank else "one adapter each")
-        compile_cache = (configure_compile_cache(self.settings.compile, self.layout.root, hardware, compiling)
+        footprint = memory.footprint_from_configs(memory.ModelConfigs.of_layout(self.layout, lassie.path))
+        slot_rank = adapters.slot_rank_for(self.settings.slot_rank, compiling.enabled, DEFAULT_SLOT_RANK)
+        memory_plan = memory.plan_memory(device.total_memory if device.is_gpu else None, footprint,
+                                         wanted_go_fast.quantizes, slot_rank)
+        log.info("%s; extra LoRAs: %s", memory_plan.reason, f"hot-swapped into a rank-{memory_plan.slot_rank} slot"
+                 if memory_plan.slot_rank else "one adapter each")
+        compile_cache = (compilation.configure_compile_cache(self.settings.compile, self.layout.root, device, compiling)
                          if compiling.enabled else None)
         with timed("loading models"):
-            self.models = load_models(self.layout, hardware, vae_slicing=memory.vae_slicing)
-            prepare_for_speed(self.models, hardware)
+            self.models = models.load_models(self.layout, device, vae_slicing=memory_plan.vae_slicing)
+            models.prepare_for_speed(self.models, device)
         with timed("loading the safety checker"):
-            self.safety = SafetyFilter.load(self.layout, hardware)
-        self.variants = TransformerVariants(self.models, compiling, memory)
+            self.safety = safety.SafetyFilter.load(self.layout, device)
+        self.variants = variants.TransformerVariants(self.models, compiling, memory_plan)
         if compile_cache:
             compile_cache.load()
         with timed("preparing transformers (Lassie LoRA, go_fast, compile, warm-up)"):

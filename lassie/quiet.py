@@ -1,7 +1,6 @@
-"""Messages our dependencies print at import and setup that are known to be harmless here, silenced one by one.
-
-A warning in the log should mean something. Each entry names the message's source (its logger, or its warning category
-and module) and its whole text, and says why it is harmless; everything else still shows. predict.py calls
+"""Messages our dependencies print at import and setup that are known to be harmless here, silenced one by one: a
+warning in the log should mean something. Each entry names the message's source (its logger, or its warning category
+and module), its whole text and why it is harmless; everything else still shows. predict.py calls
 `silence_known_noise()` first, before torch and the libraries are imported (most of these are printed then)."""
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""LoRAs on the shared text encoder and the transformers (docs/go_fast.md, "Compile, and switching LoRAs without
-recompiling"): each file converted to diffusers keys and checked against FLUX before anything touches the model
-(`LoraAdapters.add`), converted once and kept on the CPU, then loaded lazily as an unmerged PEFT adapter (never drifting
-the base weights) into the transformer a request uses; a failed load removes every trace of itself. Every request runs
-the same active set, each transformer `scaling` a 0-dim tensor written in place: one graph set for every scale. With a
-`slot_rank` (compiled transformers, where a new adapter name recompiles) an extra LoRA is hot-swapped into one zero LoRA
-of that rank over every linear (`SLOT_ADAPTER`); its text-encoder part (not compiled) loads under its own name."""
+"""LoRAs on the shared text encoder and the transformers as unmerged PEFT adapters (the base weights never drift),
+checked against FLUX before anything touches the model, their scales 0-dim tensors (one graph set for any scale), and
+when compiled extra LoRAs hot-swapped into one zero slot (docs/go_fast.md, "Compile, and switching LoRAs without
+recompiling")."""
 
 from __future__ import annotations
 
@@ -163,12 +160,6 @@ def slot_rank_for(configured: int | None, compiled: bool, default: int) -> int:
     return (default if compiled else 0) if configured is None else configured
 
 
-def _scales_as_tensors(transformer: torch.nn.Module) -> None:
-    """Every new PEFT `scaling` float becomes a 0-dim tensor: without a target rank PEFT's compiled hot-swap preparation
-    does that and nothing else. Also after compiling (a named extra LoRA, no slot): the blocks recompile anyway."""
-    prepare_model_for_compiled_hotswap(transformer, check_compiled="ignore")
-
-
 @torch.no_grad()
 def _zero_slot(transformer: torch.nn.Module) -> None:
     for layer in transformer.modules():
@@ -304,7 +295,9 @@ class LoraAdapters:
         except Exception as error:
             self.remove(name)
             raise InputError(lora.field_name, f"could not be applied to the FLUX transformer: {error}") from None
-        _scales_as_tensors(state.module)
+        # Its `scaling` floats become 0-dim tensors: without a target rank that is all PEFT's compiled hot-swap
+        # preparation does ("ignore": after compiling, a named extra LoRA recompiles the blocks anyway).
+        prepare_model_for_compiled_hotswap(state.module, check_compiled="ignore")
         state.active = None
         log.info("LoRA %s loaded into %s in %.2fs", name, key, time.perf_counter() - started)
 
@@ -329,7 +322,7 @@ class LoraAdapters:
         module.add_adapter(LoraConfig(r=self.slot_rank, lora_alpha=self.slot_rank, target_modules=linears),
                            adapter_name=SLOT_ADAPTER)
         _zero_slot(module)
-        _scales_as_tensors(module)
+        prepare_model_for_compiled_hotswap(module, check_compiled="ignore")  # scales as tensors, as above
         self._transformers[key].active = None
 
     def _ensure_in_slot(self, name: str, key: Hashable) -> None:

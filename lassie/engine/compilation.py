@@ -90,11 +90,10 @@ class CompileCache:
             partial = self.artifacts.with_name(f"{self.artifacts.name}.{os.getpid()}.partial")  # servers may share it
             partial.write_bytes(data)
             partial.replace(self.artifacts)
+            log.info("compile cache: saved %s (%d bytes; %s)", self.artifacts, len(data), _entries(info))
         except Exception as error:
             log.warning("compile cache: saving %s failed (%s: %s); the next start compiles from cold",
                         self.artifacts, type(error).__name__, error)
-            return
-        log.info("compile cache: saved %s (%d bytes; %s)", self.artifacts, len(data), _entries(info))
 
 
 def _entries(info: object) -> str:

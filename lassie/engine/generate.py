@@ -1,6 +1,5 @@
-"""Routing a plan to one batched txt2img / img2img / inpainting pipeline call, its prompt encoded first by the
-pipeline's own `encode_prompt`, whose truncation warnings quote the whole cut-off text (about 100 kB for a 100,000
-character prompt): they are dropped by their exact opening, replaced by one line of how many tokens CLIP and T5 kept."""
+"""One batched pipeline call per plan, its prompt encoded first by the pipeline's own `encode_prompt`, whose truncation
+warnings (the whole cut-off text: 100 kB for a long prompt) become one line of the tokens CLIP and T5 kept."""
 
 from __future__ import annotations
 

@@ -1,13 +1,11 @@
 """go_fast: the precision a go_fast request runs on this hardware, decided once at setup, and the go_fast copies
-(docs/go_fast.md). torchao dynamic float8 where CUDA has fp8 matmuls (compute capability 8.9+); elsewhere the weights
-go_fast=false runs: float8 weight-only storage dequantizes before every matmul and saves no memory beside the resident
-bf16 weights, so it is only slower. `LASSIE_GO_FAST_MODE` overrides (`fp8-weight-only` runs anywhere: CPU tests drive
-the quantized path)."""
+(docs/go_fast.md): torchao dynamic float8 where CUDA has fp8 matmuls; elsewhere go_fast=false's weights (fp8
+weight-only storage is only slower beside resident bf16). `LASSIE_GO_FAST_MODE` overrides."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -120,11 +118,11 @@ def quantize_transformer(transformer: nn.Module, mode: FastMode) -> nn.Module:
     return go_fast_copy
 
 
+@dataclass
 class PrecisionLog:
     """One line per (model, go_fast, precision) the first time it runs, never per request."""
 
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
+    _seen: set[str] = field(default_factory=set)
 
     def ran(self, model: str, go_fast: bool, plan: GoFastPlan, dtype: torch.dtype) -> str:
         """Returns the precision, for the request's own line."""

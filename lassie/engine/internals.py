@@ -1,8 +1,6 @@
 """Every library internal lassie still relies on, each with why no public call does it. Checked against
 `CHECKED_AGAINST` (a test holds the installed versions to them, so an upgrade is an audit of this module only).
-Everything else uses public calls: diffusers' `load_lora_into_transformer(..., hotswap=True)`, `add_adapter`,
-`set_adapter`, `enable_lora`, `disable_lora`, `delete_adapters`; PEFT's `set_scale` and
-`prepare_model_for_compiled_hotswap`; torch's `torch.compiler.list_backends` and `torch.compiler.config`."""
+Everything else uses public calls (docs/go_fast.md, "Compile, and switching LoRAs without recompiling", names them)."""
 
 from __future__ import annotations
 

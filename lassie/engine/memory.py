@@ -1,8 +1,5 @@
-"""What stays resident on the GPU, and whether the worst request still fits beside it (docs/go_fast.md, "Memory plan"):
-every resident module's parameters counted on the meta device from its config, and the Lassie adapter on each
-transformer, against the device's memory less the worst request the schema allows and `HEADROOM_BYTES` (the activation
-figure is an estimate). When not even the leanest arrangement fits, setup fails with the memory it needs, never an OOM
-in a request."""
+"""What stays resident on the GPU, and whether the worst request the schema allows still fits beside it
+(docs/go_fast.md, "Memory plan"): when nothing fits, setup fails with the memory it needs, never an OOM in a request."""
 
 from __future__ import annotations
 
@@ -12,6 +9,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import transformers as hf
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors import safe_open
 from torch import nn
 
 from lassie.engine.go_fast import is_token_linear
@@ -153,8 +154,7 @@ class ModelConfigs:
     def of_layout(cls, layout: WeightsLayout, lassie_lora: Path) -> ModelConfigs:
         """The weights about to be loaded, so the plan is known before anything reaches the GPU."""
         dev, config = layout.dev_dir, "config.json"
-        transformers = {"dev": dev / "transformer" / config, "schnell": layout.schnell_dir / "transformer" / config}
-        return cls(transformers=transformers,
+        return cls({"dev": dev / "transformer" / config, "schnell": layout.schnell_dir / "transformer" / config},
                    t5=dev / "text_encoder_2" / config, clip=dev / "text_encoder" / config, vae=dev / "vae" / config,
                    compvis=layout.compvis_dir / config, falcon=layout.falcon_dir / config, lassie_lora=lassie_lora)
 
@@ -162,10 +162,6 @@ class ModelConfigs:
 def footprint_from_configs(configs: ModelConfigs) -> Footprint:
     """Every resident module built on the meta device from its config (no memory, a few seconds at full size), counted
     without LoRA adapters: those are counted per transformer."""
-    import transformers as hf
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
     with torch.device("meta"):
         transformers = {model: FluxTransformer2DModel.from_config(_read(path))
                         for model, path in configs.transformers.items()}
@@ -189,8 +185,6 @@ def footprint_from_configs(configs: ModelConfigs) -> Footprint:
 
 def lora_parameters(path: Path) -> int:
     """Every tensor of a LoRA file, counted from its header (nothing is read into memory)."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as lora:
         return sum(math.prod(lora.get_slice(key).get_shape()) for key in lora.keys())
 

@@ -39,10 +39,9 @@ class FluxModels:
         return self.base.text_encoder
 
     def pipeline(self, model: str, mode: Mode, transformer: FluxTransformer2DModel | None = None) -> DiffusionPipeline:
-        """A pipeline over the shared modules; `transformer` overrides the model's (e.g. its go_fast copy). Built per
-        call (about a millisecond): a cache would keep dropped go_fast copies alive, and a fresh scheduler carries no
-        per-call state (begin and step index) from the previous call. Its denoising bar is off: in the logs it would be
-        carriage returns, and the plan's log line already says how many steps run."""
+        """A pipeline over the shared modules, `transformer` (e.g. a go_fast copy) in the model's place. Built per call
+        (about a millisecond): a cache would keep dropped go_fast copies alive; a fresh scheduler carries no step state
+        from the last call. No denoising bar: in logs it is carriage returns; the plan's line has the steps."""
         components = dict(self.base.components)
         components["transformer"] = transformer if transformer is not None else self.transformers[model]
         components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(self.schedulers[model].config)

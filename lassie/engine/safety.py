@@ -47,28 +47,22 @@ class SafetyFilter:
                    ViTForImageClassification.from_pretrained(layout.falcon_dir).to(**place).eval(),
                    AutoImageProcessor.from_pretrained(layout.falcon_dir))
 
+    @torch.inference_mode()
     def filter(self, images: list[Image.Image]) -> list[Image.Image]:
         """The images kept, in order: every image unless both models flag it; raises when that leaves nothing."""
-        flagged = [index for index, flag in enumerate(self.checker_flags(images)) if flag]
-        confirmed = self.classifier_flags([images[index] for index in flagged]) if flagged else []
-        dropped = {index for index, nsfw in zip(flagged, confirmed, strict=True) if nsfw}
+        pixels = self.checker_processor(images=images, return_tensors="pt").pixel_values
+        # The checker blacks out flagged images in the list it is given: give it copies it may spoil.
+        _, flags = self.checker(clip_input=pixels.to(self.checker.device, self.checker.dtype),
+                                images=[np.asarray(image) for image in images])
+        flagged = [index for index, flag in enumerate(flags) if flag]
+        dropped = set()
+        if flagged:
+            pixels = self.classifier_processor(images=[images[i] for i in flagged], return_tensors="pt").pixel_values
+            logits = self.classifier(pixel_values=pixels.to(self.classifier.device, self.classifier.dtype)).logits
+            labels = [self.classifier.config.id2label[index] for index in logits.argmax(dim=-1).tolist()]
+            dropped = {index for index, label in zip(flagged, labels, strict=True) if label.lower() == NSFW_LABEL}
         log.info("safety: %d of %d outputs flagged by CompVis, %d of those confirmed by Falcon and dropped",
                  len(flagged), len(images), len(dropped))
         if images and len(dropped) == len(images):
             raise AllOutputsFlaggedError(len(images))
         return [image for index, image in enumerate(images) if index not in dropped]
-
-    @torch.inference_mode()
-    def checker_flags(self, images: list[Image.Image]) -> list[bool]:
-        pixels = self.checker_processor(images=images, return_tensors="pt").pixel_values
-        # The checker blacks out flagged images in the list it is given: give it copies it may spoil.
-        _, flags = self.checker(clip_input=pixels.to(self.checker.device, self.checker.dtype),
-                                images=[np.asarray(image) for image in images])
-        return [bool(flag) for flag in flags]
-
-    @torch.inference_mode()
-    def classifier_flags(self, images: list[Image.Image]) -> list[bool]:
-        pixels = self.classifier_processor(images=images, return_tensors="pt").pixel_values
-        logits = self.classifier(pixel_values=pixels.to(self.classifier.device, self.classifier.dtype)).logits
-        labels = [self.classifier.config.id2label[index] for index in logits.argmax(dim=-1).tolist()]
-        return [label.lower() == NSFW_LABEL for label in labels]

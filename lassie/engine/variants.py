@@ -1,7 +1,6 @@
 """The one owner of runnable transformers: the bf16 and go_fast variants of dev and schnell, their LoRA adapters,
-compilation and warm-up (docs/go_fast.md, "Compile, and switching LoRAs without recompiling"). Every request runs the
-same adapter set, so warm-up compiles one graph set per precision, and no request compiles (`run`). A compile failing
-at setup leaves the server eager, and go_fast copies that cannot be built leave go_fast on bf16."""
+compilation and warm-up, so no request compiles (docs/go_fast.md, "Compile, and switching LoRAs without
+recompiling")."""
 
 from __future__ import annotations
 
@@ -122,8 +121,9 @@ class TransformerVariants:
 
     def run(self, variant: Variant, call: Callable[[], T]) -> T:
         """`call` (one pipeline call of `variant`) under `fail_on_recompile` after warm-up; one needing a graph warm-up
-        did not make runs under `eager_on_recompile` (a warning names the failed guards), and one failing otherwise in
-        torch's compiler runs again eagerly (`_run_eagerly_after`)."""
+        did not make runs under `eager_on_recompile` (a warning names the failed guards). One failing otherwise in
+        torch's compiler runs again eagerly: if that works the variant stays eager; if not, the error is the request's,
+        not the compiler's, and the variant stays compiled."""
         if self._stance is None:
             return call()
         stance = "force_eager" if variant in self._eager_variants else self._stance
@@ -139,11 +139,6 @@ class TransformerVariants:
             if stance == "force_eager" or not raised_in_compiled_code(error):
                 raise
             failure = _one_line(error)  # text only: the traceback's frames would keep the failed call's tensors
-        return self._run_eagerly_after(variant, call, failure)
-
-    def _run_eagerly_after(self, variant: Variant, call: Callable[[], T], failure: str) -> T:
-        """A compiled call failed: the same call eagerly, and if that works the variant stays eager. If it fails too,
-        the error is the request's, not the compiler's: the variant stays compiled and the eager error is raised."""
         try:
             with torch.compiler.set_stance("force_eager"):
                 result = call()

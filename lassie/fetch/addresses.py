@@ -77,8 +77,7 @@ def allowed_addresses(host: str, port: int, rule: AddressRule) -> list[IPAddress
             raise FetchError(f"could not resolve host {host!r} ({error})") from None
         addresses = list(dict.fromkeys(ipaddress.ip_address(answer[4][0].split("%")[0]) for answer in answers))
     for address in addresses:
-        reason = rule.refusal(address)
-        if reason is not None:
+        if (reason := rule.refusal(address)) is not None:
             spelled = "" if host.strip("[]") == str(address) else f" (which is {address})"
             raise FetchError(f"refusing to fetch from {host}{spelled}: it is a {reason} address, and only public "
                              f"internet addresses are fetched (operators of private mirrors can set "

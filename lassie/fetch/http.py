@@ -1,9 +1,7 @@
-"""The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs).
-
-Redirects are followed by hand, only to http(s), a token never leaving its origin; URLs are shown without user info or
-query (signed URLs carry secrets there); a `Deadline` checked between small reads bounds a trickle. For user-given URLs
-every hop must land on a public address (`lassie.fetch.addresses`). Failures are `FetchError`s naming the redacted URL
-and why (`hub_problem` words huggingface_hub's); bounds and tokens come from the caller, never the environment."""
+"""The project's one HTTP client, on httpx2, for every fetch (weights, COG_WEIGHTS, LASSIE_LORA_URL, extra LoRAs):
+redirects followed by hand, every hop checked (http(s) only, a public address for user-given URLs, a token never
+leaving its origin), URLs shown redacted, a `Deadline` bounding a trickle. Failures are `FetchError`s naming the
+redacted URL and why; bounds and tokens come from the caller, never the environment."""
 
 from __future__ import annotations
 
@@ -31,9 +29,8 @@ logger = logging.getLogger(__name__)
 for _library in ("httpx2", "httpcore2"):  # their request lines show whole URLs, signed queries included
     logging.getLogger(_library).setLevel(logging.WARNING)
 
-# What a huggingface_hub call raises when the hub, the network or the disk fails it.
-HUB_ERRORS = (errors.HfHubHTTPError, errors.HFValidationError, errors.LocalEntryNotFoundError, httpx2.HTTPError,
-              OSError)
+# What a huggingface_hub call raises when the hub, the network or the disk fails it (LocalEntryNotFoundError: OSError).
+HUB_ERRORS = (errors.HfHubHTTPError, errors.HFValidationError, httpx2.HTTPError, OSError)
 MIB = 1024**2
 MAX_JSON_BYTES = 16 * MIB
 PROGRESS_FROM_BYTES = 64 * MIB
@@ -153,8 +150,7 @@ def checked_url(url: str) -> httpx2.URL:
 
 
 def _send(client: httpx2.Client, url: str, headers: dict[str, str], limits: DownloadLimits) -> httpx2.Response:
-    """One request, its body unread. Under an address rule with exceptions to check, the connection goes to a checked
-    address itself (the Host header and TLS name stay the URL's host)."""
+    """One request, body unread; unless every address is allowed, it connects to a checked one (Host, SNI kept)."""
     target = checked_url(url)
     client.cookies.clear()  # nothing one host set travels to the next
     if limits.rule.allow_all:
@@ -248,9 +244,8 @@ def body_pieces(response: httpx2.Response, url: str, limits: DownloadLimits, rec
     except httpx2.HTTPError as error:
         limits.deadline.check(url, received)
         problem = network_problem(error, limits.tokens)
-        if isinstance(error, httpx2.RemoteProtocolError):
-            raise FetchError(f"the download of {redact_url(url)} was cut short ({problem})") from None
-        raise FetchError(f"the download of {redact_url(url)} failed: {problem}") from None
+        how = f"was cut short ({problem})" if isinstance(error, httpx2.RemoteProtocolError) else f"failed: {problem}"
+        raise FetchError(f"the download of {redact_url(url)} {how}") from None
 
 
 def declared_length(response: httpx2.Response) -> int | None:
@@ -304,8 +299,7 @@ class ProgressLog(tqdm):
     as huggingface_hub turns a bar off (and tqdm then skips setting it up) when setup disables library bars."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        to_log = not sys.stderr.isatty()
-        if to_log:
+        if to_log := not sys.stderr.isatty():
             kwargs |= {"disable": False, "file": io.StringIO()}
         super().__init__(*args, **kwargs)
         self._label = kwargs.get("desc") or ""

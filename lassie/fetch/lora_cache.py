@@ -1,8 +1,7 @@
-"""Extra LoRAs on local disk: fetched once, validated, kept under a size budget. An entry appears only complete and
-validated (staged in the cache, then renamed); a checksum beside it catches later damage. Per-LoRA `flock`s, shared by
-threads and processes, make concurrent requests download a LoRA once and let a request hold it from `prepare` to its
-end (eviction passes over it), so nothing is fetched again on the GPU's thread. A full or read-only cache refuses new
-LoRAs naming its variable and what to do, while the LoRAs already in it keep serving."""
+"""Extra LoRAs on local disk, kept under a size budget. An entry appears only whole and validated (staged, then
+renamed); a checksum beside it catches later damage. Per-LoRA `flock`s (threads and processes alike) make concurrent
+requests download a LoRA once and let a request hold it from `prepare` to its end, so nothing is fetched again on the
+GPU's thread. A full or read-only cache refuses new LoRAs, saying what to do; cached ones keep serving."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -98,7 +96,6 @@ class LoraCache:
                            error.strerror)
 
     def cached_files(self) -> list[Path]:
-        """The cached LoRA files, least recently used first."""
         return [path for path, _ in self._entries()]
 
     def _files(self, key: str) -> tuple[Path, Path]:
@@ -110,8 +107,7 @@ class LoraCache:
         data, record = self._files(lora.key)
         if not data.exists() and not record.exists():
             return None
-        problem = self._damage(lora)
-        if problem is not None:
+        if (problem := self._damage(lora)) is not None:
             logger.warning("extra_lora: cached copy of %s is damaged (%s); fetching it again", lora.source.describe(),
                            problem)
             self._remove(lora.key)
@@ -141,20 +137,23 @@ class LoraCache:
         return None
 
     def _download(self, lora: ExtraLora) -> Path:
-        key, source, described = lora.key, lora.source, lora.source.describe()
+        described = lora.source.describe()
         logger.info("extra_lora: fetching %s", described)
-        with (_disk_faults(described),
-              tempfile.TemporaryDirectory(prefix=f"{key}-", dir=self.staging_dir, ignore_cleanup_errors=True) as name):
-            try:
-                fetched = source.fetch(Path(name), self.settings, DownloadLimits.from_settings(self.settings))
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"{lora.key}-", dir=self.staging_dir,
+                                             ignore_cleanup_errors=True) as name:
+                fetched = lora.source.fetch(Path(name), self.settings, DownloadLimits.from_settings(self.settings))
                 validate_safetensors(fetched, described)
                 return self._store(lora, fetched, Path(name, "record.json"))
-            except FetchError as error:  # the user gave the address: the client's failures are the field's
-                raise InputError(FIELD, str(error)) from None
-            except BaseException as interrupt:
-                if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
-                    logger.info("extra_lora: stopped fetching %s (%s)", described, type(interrupt).__name__)
-                raise
+        except FetchError as error:  # the user gave the address: the client's failures are the field's
+            raise InputError(FIELD, str(error)) from None
+        except OSError as error:
+            _refuse_disk_fault(error, described)
+            raise
+        except BaseException as interrupt:
+            if not isinstance(interrupt, Exception):  # the request was cancelled: its download stops here
+                logger.info("extra_lora: stopped fetching %s (%s)", described, type(interrupt).__name__)
+            raise
 
     def _store(self, lora: ExtraLora, fetched: Path, staged_record: Path) -> Path:
         size = fetched.stat().st_size
@@ -225,33 +224,26 @@ class LoraCache:
         return True
 
 
-@contextmanager
-def _disk_faults(described: str) -> Iterator[None]:
+def _refuse_disk_fault(error: OSError, described: str) -> None:
     """A full or read-only cache disk in words that say what to do; other OS errors pass unchanged."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno in FULL_DISK:
-            raise InputError(FIELD, f"the LoRA cache has no space left to store {described}. The operator can "
-                                    f"free space on its disk, point {LORA_CACHE_ENV} at a larger one, or lower "
-                                    "LASSIE_LORA_CACHE_BYTES / raise LASSIE_LORA_CACHE_MIN_FREE_BYTES so that older "
-                                    "LoRAs are evicted sooner") from None
-        if error.errno in READ_ONLY:
-            raise InputError(FIELD, f"the LoRA cache cannot be written ({error.strerror}), so {described} "
-                                    "cannot be stored; LoRAs already cached still serve. The operator can make it "
-                                    f"writable or point {LORA_CACHE_ENV} at a writable directory") from None
-        raise
+    if error.errno in FULL_DISK:
+        raise InputError(FIELD, f"the LoRA cache has no space left to store {described}. The operator can "
+                                f"free space on its disk, point {LORA_CACHE_ENV} at a larger one, or lower "
+                                "LASSIE_LORA_CACHE_BYTES / raise LASSIE_LORA_CACHE_MIN_FREE_BYTES so that older "
+                                "LoRAs are evicted sooner") from None
+    if error.errno in READ_ONLY:
+        raise InputError(FIELD, f"the LoRA cache cannot be written ({error.strerror}), so {described} "
+                                "cannot be stored; LoRAs already cached still serve. The operator can make it "
+                                f"writable or point {LORA_CACHE_ENV} at a writable directory") from None
 
 
 def _version(path: Path) -> tuple[int, int, int]:
-    """Inode, size and modification time: which file the verified checksum belongs to."""
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _mark_used(path: Path) -> None:
-    """The access time is the LRU clock; the modification time is left alone, as it identifies the file version
-    whose checksum was verified. A read-only cache keeps its clock as it was."""
+    """The access time is the LRU clock (the mtime names the verified version); a read-only cache's stands still."""
     try:
         os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     except OSError as error:

@@ -1,8 +1,7 @@
-"""`extra_lora` strings -> where the LoRA lives (Replicate, Hugging Face, CivitAI or a plain URL), parsed once and
-without network (`identify`); each source's `fetch` downloads it into a staging folder, where the cache checks it.
-A service is recognised by the *form* of the string (people paste every variant), while where it is fetched from and
-the tokens are the operator's `LoraSettings` (mirrors, tests). The user gave the address, so every fetch obeys the
-address rule and the operator's bounds, and fails on the `extra_lora` field."""
+"""`extra_lora` strings -> where the LoRA lives, parsed once, offline (`identify`); each source's `fetch` downloads
+it into a staging folder for the cache to check. A service is recognised by the *form* of the string (people paste
+every variant); its address and tokens are the operator's `LoraSettings` (mirrors, tests). The user gave the address:
+every fetch obeys the address rule and the operator's bounds."""
 
 from __future__ import annotations
 
@@ -50,12 +49,10 @@ DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def unsupported(reason: str) -> InputError:
-    """The one error for strings that are no LoRA source: says why, then every accepted form."""
     return InputError(FIELD, f"{reason}. Accepted forms: " + "; ".join(ACCEPTED_FORMS) + ".")
 
 
 def short_digest(text: str, length: int) -> str:
-    """The first `length` hex digits of the text's sha256: names and keys that carry no secret."""
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
@@ -137,8 +134,6 @@ class HuggingFaceSource:
 
 @dataclass(frozen=True)
 class CivitaiModelSource:
-    """A model page: the model id still has to be mapped to a version through the API."""
-
     model_id: int
     version_id: int | None = None
 
@@ -169,8 +164,7 @@ class CivitaiModelSource:
         if model.get("type") is not None and model["type"] not in CIVITAI_LORA_TYPES:
             raise InputError(FIELD, f"{self.describe()} is a {model['type']}, not a LoRA")
         versions = [version for version in model["modelVersions"] if isinstance(version, dict)]
-        wanted = [version for version in versions if self.version_id in (None, version.get("id"))]
-        if wanted:
+        if wanted := [version for version in versions if self.version_id in (None, version.get("id"))]:
             return wanted[0]
         if self.version_id is None:
             raise InputError(FIELD, f"{self.describe()} has no published versions")
@@ -242,7 +236,6 @@ def identify(text: str) -> ExtraLora:
 
 
 def parse_extra_lora(text: str) -> LoraSource:
-    """Turns what a user typed into one source, or an InputError that lists the accepted forms."""
     value = text.strip()
     if not value:
         raise unsupported("it is empty")
@@ -357,7 +350,6 @@ def _download_to(url: str, staging: Path, credential: Credential | None, limits:
 
 
 def _refuse_oversized(described: str, size: float, limits: DownloadLimits) -> None:
-    """Checks sizes the services announce, before any byte of the file is fetched."""
     if size > limits.max_bytes:
         raise InputError(FIELD, f"{described} is {human_bytes(size)}, more than the {human_bytes(limits.max_bytes)} "
                                 f"allowed for a LoRA ({MAX_LORA_BYTES_ENV})")

@@ -14,8 +14,7 @@ from pathlib import Path
 from lassie.settings import SettingError
 
 log = logging.getLogger(__name__)
-# The directories (a read-only weights mount) whose fallback the log has explained: the other places setup keeps
-# there fall back the same way, which that one line says.
+# Directories (a read-only weights mount) whose fallback one log line explained for all that setup keeps there.
 _FALLBACKS_SAID: set[Path] = set()
 
 
@@ -60,19 +59,16 @@ def write_problem(directory: Path) -> str | None:
 def writable_place(what: str, default: Path, explicit: Path | None = None, variable: str = "") -> Path:
     """`explicit` (from `variable`), failing setup if unwritable; else `default`, else its name in `fallback_root()`."""
     if explicit is not None:
-        problem = write_problem(explicit)
-        if problem is not None:
+        if (problem := write_problem(explicit)) is not None:
             raise SettingError(variable, f"a directory this server can write ({problem})", str(explicit))
         return explicit
-    problem = write_problem(default)
-    if problem is None:
+    if (problem := write_problem(default)) is None:
         return default
     try:
         fallback = trusted_fallback_root() / default.name
     except OSError as refused:
         raise OSError(f"cannot write the {what} at {default} ({problem}); {refused}") from None
-    fallback_problem = write_problem(fallback)
-    if fallback_problem is not None:
+    if (fallback_problem := write_problem(fallback)) is not None:
         raise OSError(f"cannot write the {what} at {default} ({problem}) nor at {fallback} ({fallback_problem})")
     said = f"{what}: {default} cannot be written ({problem}); using {fallback}"
     if default.parent in _FALLBACKS_SAID:

@@ -128,8 +128,7 @@ def checked_members(source: io.BufferedReader, limits: TarLimits
 
 
 def unpack(source: io.BufferedReader, destination: Path, limits: TarLimits) -> None:
-    """Unpacks the tar read from `source` into the new folder `destination`; every file is created here, exclusively
-    and without following links (nothing in the folder is a link: the policy lets none in)."""
+    """Into the new folder `destination`: every file created here, exclusively, never through a link (none gets in)."""
     destination.mkdir(parents=True)
     for path, member, data in checked_members(source, limits):
         target = destination / path
@@ -161,12 +160,10 @@ def check_tree(root: Path, limits: TarLimits) -> None:
     total_bytes = 0
     for count, path in enumerate(root.rglob("*"), 1):
         info = path.lstat()
-        shown = shown_name(path.relative_to(root).as_posix())
-        if stat.S_ISLNK(info.st_mode):
-            raise TarRefused(f"holds a symbolic link, {shown}; {ONLY_FILES}")
-        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
-            raise TarRefused(f"holds a hard link, {shown}; {ONLY_FILES}")
-        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-            raise TarRefused(f"holds a device, FIFO or socket, {shown}; {ONLY_FILES}")
-        total_bytes += info.st_size if stat.S_ISREG(info.st_mode) else 0
+        regular = stat.S_ISREG(info.st_mode)
+        kind = ("a symbolic link" if stat.S_ISLNK(info.st_mode) else "a hard link" if regular and info.st_nlink > 1
+                else None if regular or stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket")
+        if kind is not None:
+            raise TarRefused(f"holds {kind}, {shown_name(path.relative_to(root).as_posix())}; {ONLY_FILES}")
+        total_bytes += info.st_size if regular else 0
         limits.check(count, total_bytes)

@@ -4,20 +4,16 @@ are the keys of `sizes.json`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from lassie.request.errors import InputError
 
 
-@dataclass(frozen=True)
-class Bound:
+class Bound(NamedTuple):
     """An inclusive range of allowed values."""
 
     low: int | float
     high: int | float
-
-    def __contains__(self, value: float) -> bool:
-        return self.low <= value <= self.high
 
 
 SIDE = Bound(256, 1440)
@@ -40,12 +36,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 def check_range(field: str, value: float) -> None:
     """Numbers print as given, so integer bounds are exact (2**64 - 1, not 1.84467e+19)."""
     bound = BOUNDS[field]
-    if value not in bound:
+    if not bound.low <= value <= bound.high:
         raise InputError(field, f"must be between {bound.low} and {bound.high}, got {value}")
 
 
 def check_choice(field: str, value: str, allowed: tuple[str, ...] | None = None) -> None:
-    """`allowed` defaults to the field's `CHOICES`."""
     allowed = CHOICES[field] if allowed is None else allowed
     if value not in allowed:
         raise InputError(field, f"must be one of {', '.join(allowed)}, got {value!r}")

@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
 TOO_LARGE = f"images above {MAX_INPUT_PIXELS // 2**20} megapixels are refused"
-ALLOWED = "an http(s) URL or a data URI; paths on the server's disk are refused"
 
 
 def request_file(value: str | os.PathLike[str] | None, field: str) -> Path | None:
@@ -30,7 +29,7 @@ def request_file(value: str | os.PathLike[str] | None, field: str) -> Path | Non
     if value is None:
         return None
     if not isinstance(value, PurePath) or Path(value).resolve().parent != Path(tempfile.gettempdir()).resolve():
-        raise InputError(field, f"must be {ALLOWED}")
+        raise InputError(field, "must be an http(s) URL or a data URI; paths on the server's disk are refused")
     return Path(value).resolve()
 
 

@@ -15,8 +15,6 @@ from lassie.request.errors import EXTRA_LORA_FIELD, InputError
 SCHNELL_MAX_STEPS = 4
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 GO_FAST_LORA_MULTIPLIER = 1.5
-SEED_BITS = 32
-OPTIONAL_NUMBERS = ("width", "height", "seed")
 INTEGER_FIELDS = ("height", "width", "num_outputs", "num_inference_steps", "seed", "output_quality")
 
 
@@ -82,7 +80,6 @@ class Plan:
 
     @property
     def steps_run(self) -> int:
-        """The denoising steps that really run: img2img and inpainting skip part of the schedule."""
         return self.num_inference_steps - self.steps_skipped
 
     @property
@@ -111,7 +108,6 @@ def skipped_steps(num_inference_steps: int, strength: float) -> int:
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
-    """The steps img2img and inpainting run for `strength` (see `skipped_steps`)."""
     return num_inference_steps - skipped_steps(num_inference_steps, strength)
 
 
@@ -146,20 +142,17 @@ def checked(request: Request) -> Request:
     check_choice("aspect_ratio", request.aspect_ratio, sizes.aspect_ratios())
     check_choice("megapixels", request.megapixels)
     for field in BOUNDS:
-        if getattr(request, field) is not None or field not in OPTIONAL_NUMBERS:
+        if getattr(request, field) is not None or field not in ("width", "height", "seed"):
             check_range(field, getattr(request, field))
     if request.mask is not None and request.image is None:
         raise InputError("mask", "inpainting needs an `image` too; give both, or neither for text-to-image")
     if request.extra_lora is not None and not request.extra_lora.strip():
         raise InputError(EXTRA_LORA_FIELD, "is empty; leave it out to run without an extra LoRA")
-    whole = {}
-    for field in INTEGER_FIELDS:
-        value = getattr(request, field)
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise InputError(field, f"must be a whole number, got {value}")
-            whole[field] = int(value)
-    return replace(request, **whole)
+    floats = {field: getattr(request, field) for field in INTEGER_FIELDS if isinstance(getattr(request, field), float)}
+    for field, value in floats.items():
+        if not value.is_integer():
+            raise InputError(field, f"must be a whole number, got {value}")
+    return replace(request, **{field: int(value) for field, value in floats.items()})
 
 
 def go_fast_applies(request: Request) -> bool:
@@ -174,16 +167,7 @@ def effective_lora_scales(lora_scale: float, extra_lora_scale: float, go_fast: b
 
 
 def random_seed() -> int:
-    return secrets.randbits(SEED_BITS)
-
-
-def output_size(request: Request, image_size: tuple[int, int] | None) -> tuple[int, int]:
-    """Image inputs keep the decoded image's shape; text-to-image sizes come from the fields."""
-    if request.image is not None:
-        return sizes.size_from_image(*image_size)
-    if request.aspect_ratio == sizes.CUSTOM:
-        return sizes.custom_size(request.width, request.height)
-    return sizes.table_size(request.aspect_ratio, request.megapixels)
+    return secrets.randbits(32)
 
 
 def make_plan(request: Request, image_size: tuple[int, int] | None = None) -> Plan:
@@ -195,6 +179,12 @@ def make_plan(request: Request, image_size: tuple[int, int] | None = None) -> Pl
     fast = go_fast_applies(request)
     lora_scale, extra_scale = effective_lora_scales(request.lora_scale, request.extra_lora_scale, fast)
     schnell = request.model == "schnell"
+    if request.image is not None:  # image inputs keep the decoded image's shape
+        size = sizes.size_from_image(*image_size)
+    elif request.aspect_ratio == sizes.CUSTOM:
+        size = sizes.custom_size(request.width, request.height)
+    else:
+        size = sizes.table_size(request.aspect_ratio, request.megapixels)
     steps = min(request.num_inference_steps, SCHNELL_MAX_STEPS) if schnell else request.num_inference_steps
     return Plan(
         mode=Mode.TXT2IMG if request.image is None else Mode.INPAINT if request.mask is not None else Mode.IMG2IMG,
@@ -203,5 +193,5 @@ def make_plan(request: Request, image_size: tuple[int, int] | None = None) -> Pl
         seed=random_seed() if request.seed is None else request.seed, strength=request.prompt_strength,
         go_fast=fast, lora_scale=lora_scale, extra_lora=request.extra_lora.strip() if request.extra_lora else None,
         extra_lora_scale=extra_scale, output_format=request.output_format, output_quality=request.output_quality,
-        safety_checker=not request.disable_safety_checker, size=output_size(request, image_size), input_size=image_size,
+        safety_checker=not request.disable_safety_checker, size=size, input_size=image_size,
     )

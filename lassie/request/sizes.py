@@ -12,13 +12,12 @@ from lassie.request.errors import InputError
 SIZE_MULTIPLE = 16
 CUSTOM = "custom"
 MEGAPIXELS = CHOICES["megapixels"]
-SIZES_FILE = Path(__file__).with_name("sizes.json")
 
 
 @cache
 def size_table() -> dict[str, dict[str, tuple[int, int]]]:
     """megapixels -> aspect ratio -> (width, height), as the Replicate model returns them."""
-    raw = json.loads(SIZES_FILE.read_text())
+    raw = json.loads(Path(__file__).with_name("sizes.json").read_text())
     return {mp: {ratio: (w, h) for ratio, (w, h) in raw[mp].items()} for mp in MEGAPIXELS}
 
 
