@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -182,6 +183,18 @@ def test_civitai_versions_without_safetensors_are_refused(services: FakeServices
     services.add_civitai_model(102, {20: [CivitaiFile("model.pt", b"\x80\x04" + bytes(64), "PickleTensor")]})
     with pytest.raises(InputError, match=r"has no SafeTensor file \(files: model.pt \(PickleTensor\)\)"):
         cache.fetch(identify("civitai.com/models/102"))
+
+
+def test_a_civitai_file_listing_with_odd_metadata_is_still_a_clear_refusal(services: FakeServices,
+                                                                             cache: LoraCache) -> None:
+    """The API's answer is not ours: metadata that is not an object reads as no format, in the list too."""
+    services.add_civitai_model(103, {30: [CivitaiFile("model.pt", b"\x80\x04" + bytes(64), "PickleTensor")]})
+    document = {"id": 103, "name": "model 103", "type": "LORA", "modelVersions": [
+        {"id": 30, "files": [{"name": "model.pt", "metadata": "PickleTensor", "downloadUrl": "https://civitai.com/x"}]}]}
+    services.serve("/civitai/api/v1/models/103", json.dumps(document).encode(),
+                   headers={"Content-Type": "application/json"})
+    with pytest.raises(InputError, match=r"has no SafeTensor file \(files: model.pt \(None\)\)"):
+        cache.fetch(identify("civitai.com/models/103"))
 
 
 def test_civitai_models_that_are_not_loras_are_refused(services: FakeServices, cache: LoraCache) -> None:

@@ -175,7 +175,7 @@ class CivitaiModelSource:
         files = [item for item in version.get("files") or [] if isinstance(item, dict)]
         candidates = [item for item in files if _is_safetensors(item) and isinstance(item.get("downloadUrl"), str)]
         if not candidates:
-            listed = ", ".join(f"{item.get('name')} ({(item.get('metadata') or {}).get('format')})" for item in files)
+            listed = ", ".join(f"{item.get('name')} ({_format_of(item)})" for item in files)
             raise InputError(FIELD, f"{self.describe()} (version {version.get('id')}) has no SafeTensor file "
                                     f"(files: {listed or 'none'}); only .safetensors LoRAs are loaded")
         return sorted(candidates, key=lambda item: (not item.get("primary"), item.get("type") != "Model"))[0]
@@ -355,6 +355,10 @@ def _refuse_oversized(described: str, size: float, limits: DownloadLimits) -> No
                                 f"allowed for a LoRA ({MAX_LORA_BYTES_ENV})")
 
 
+def _format_of(item: dict[str, Any]) -> object:
+    """The file's format as CivitAI lists it; None where its metadata is not an object."""
+    return metadata.get("format") if isinstance(metadata := item.get("metadata"), dict) else None
+
+
 def _is_safetensors(item: dict[str, Any]) -> bool:
-    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
-    return metadata.get("format") == "SafeTensor" or str(item.get("name", "")).lower().endswith(".safetensors")
+    return _format_of(item) == "SafeTensor" or str(item.get("name", "")).lower().endswith(".safetensors")
