@@ -27,7 +27,6 @@ GO_FAST_MODE_ENV = "LASSIE_GO_FAST_MODE"
 COMPILE_ENV = "LASSIE_COMPILE"
 COMPILE_BACKEND_ENV = "LASSIE_COMPILE_BACKEND"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-COMPILE_CACHE_ENV = "LASSIE_COMPILE_CACHE"
 SLOT_RANK_ENV = "LASSIE_LORA_SLOT_RANK"
 ALLOW_PRIVATE_ENV = "LASSIE_ALLOW_PRIVATE_URLS"
 MAX_LORA_BYTES_ENV = "LASSIE_MAX_LORA_BYTES"
@@ -122,7 +121,7 @@ class CompileSettings:
     @classmethod
     def read(cls, env: Environment) -> CompileSettings:
         value = env.choice(COMPILE_ENV, ON + OFF + COMPILE_MODES)
-        cache_variable = next((name for name in (INDUCTOR_CACHE_ENV, COMPILE_CACHE_ENV) if env.path(name)), "")
+        cache_variable = next((name for name in (INDUCTOR_CACHE_ENV, "LASSIE_COMPILE_CACHE") if env.path(name)), "")
         return cls(requested=value not in OFF if value else None, mode=value if value in COMPILE_MODES else "default",
                    backend=env.text(COMPILE_BACKEND_ENV, DEFAULT_COMPILE_BACKEND),
                    cache_dir=env.path(cache_variable) if cache_variable else None, cache_variable=cache_variable)
@@ -208,11 +207,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, cog_weights: object = None) -> Settings:
-        """`environ` defaults to the process's, with each variable libraries rewrite (`_AT_START`) as it was when the
-        process started; `cog_weights`: what cog passed to setup(weights), the raw COG_WEIGHTS (a URL or a path)."""
+        """`environ` None: the process's, `_AT_START`'s variables as they began; `cog_weights`: setup(weights)'s."""
         if environ is None:
-            started = {name: value for name, value in _AT_START.items() if value is not None}
-            environ = {**{name: value for name, value in os.environ.items() if name not in _AT_START}, **started}
+            environ = {name: value for name, value in (os.environ | _AT_START).items() if value is not None}
         env = Environment(environ)
         return cls(weights_dir=env.path("LASSIE_WEIGHTS_DIR") or Path("weights"),
                    go_fast_mode=env.choice(GO_FAST_MODE_ENV, GO_FAST_MODES, "auto"), compile=CompileSettings.read(env),

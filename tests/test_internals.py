@@ -64,4 +64,4 @@ def test_the_git_blob_id_is_what_git_computes(tmp_path: Path, content: bytes):
     path = tmp_path / "file"
     path.write_bytes(content)
     expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout
-    assert git_blob_sha1(path, chunk_bytes=4096) == expected.strip()
+    assert git_blob_sha1(path) == expected.strip()

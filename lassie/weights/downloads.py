@@ -115,12 +115,6 @@ class _Body(io.RawIOBase):
         super().close()
 
 
-def one_stream(response: httpx2.Response, url: str, limits: DownloadLimits) -> Generator[bytes, None, None]:
-    """The whole tar in one response (no ranges, or no version to hold them to); h11 fails a body cut short."""
-    with closing(response):
-        yield from body_pieces(response, url, limits)
-
-
 def parallel_ranges(client: httpx2.Client, url: str, source: str, first: httpx2.Response, total: int,
                     options: FetchOptions, limits: DownloadLimits) -> Generator[bytearray, None, None]:
     """The tar in chunks over several connections, in order, `first` (the first range's response) first. The others
@@ -202,12 +196,12 @@ def tar_stream(url: str, options: FetchOptions = FetchOptions(), deadline: Deadl
                 first, source = request(client, url, limits=limits)
                 total = None
             if total is None:
-                total, pieces = declared_length(first), one_stream(first, url, limits)
+                total, pieces = declared_length(first), body_pieces(first, url, limits)  # h11 fails a body cut short
                 how = "one stream" + (" (the server does not answer range requests)" if ranged else "")
             else:
                 pieces = parallel_ranges(client, url, source, first, total, options, limits)
                 how = f"{options.connections} parallel ranges"
-            with closing(_Body(url, total, pieces, options, limits)) as body:
+            with closing(first), closing(_Body(url, total, pieces, options, limits)) as body:
                 log.info("fetching %s%s through %s", redact_url(url), f" ({human_bytes(total)})" if total else "", how)
                 yield body
     except FetchError as error:
@@ -277,8 +271,7 @@ def fetch_folder(url: str, target: Path, problems: Callable[[Path], list[str]],
         entries = list(unpacked.iterdir())
         only = len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink()
         (entries[0] if only else unpacked).rename(folder)
-        found = problems(folder)
-        if found:
+        if found := problems(folder):
             raise DownloadError(f"{redact_url(url)} {'; '.join(found)}")
         if target.exists():
             target.rename(staging / ".replaced")

@@ -1,7 +1,6 @@
-"""The Lassie LoRA and the trigger word it brings, resolved once at setup (`resolve`: COG_WEIGHTS, else LASSIE_LORA_URL,
-else weights/lassie/) for everything after (memory plan, adapter, logs), and installed by one path (`install`), which
-scripts/download_weights.py uses too. Downloads and tars follow the extra LoRAs' rules, the operator's address trusted
-(it may be a private mirror)."""
+"""The Lassie LoRA and the trigger word it brings, resolved once at setup (`resolve`) for everything after (memory plan,
+adapter, logs), and installed by one path (`install`), which scripts/download_weights.py uses too. Downloads and tars
+follow the extra LoRAs' rules, the operator's address trusted (it may be a private mirror)."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, TarRefused, checked_members
 from lassie.settings import LORA_URL_ENV, TRIGGER_WORD_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
 from lassie.weights.downloads import STAGING_PREFIX
-from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout, fail_on
+from lassie.weights.layout import RUN_AGAIN, CorruptFileError, ProvisionError, WeightsLayout, safetensors_problem
 from lassie.weights.manifest import FileRecord, Manifest, ProvisionReport, has_size
 
 log = logging.getLogger(__name__)
@@ -99,19 +98,6 @@ def config_trigger_word(config: str) -> str | None:
     return None
 
 
-def trigger_word_in_tar(archive: Path, described: str, max_bytes: int) -> str | None:
-    """The tar's trigger_word.txt, else config.yaml's `trigger_word:`; members read by the tar policy, never written."""
-    texts = {}
-    with archive.open("rb") as source:
-        for path, _, data in checked_members(source, TarLimits(max_members=files.MAX_TAR_MEMBERS, max_bytes=max_bytes)):
-            if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER) and path.name not in texts:
-                texts[path.name] = data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace")
-    member, word = TRIGGER_WORD_MEMBER, texts.get(TRIGGER_WORD_MEMBER, "").strip()
-    if not word:
-        member, word = CONFIG_MEMBER, config_trigger_word(texts.get(CONFIG_MEMBER, ""))
-    return checked_trigger_word(word, f"{member} of {described}") if word else None
-
-
 def trigger_word_in(path: Path) -> str:
     """The trigger word a file holds, checked; "" when there is no file."""
     if not path.is_file():
@@ -120,20 +106,10 @@ def trigger_word_in(path: Path) -> str:
         return checked_trigger_word(source.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace"), str(path))
 
 
-def lora_problem(path: Path) -> str | None:
-    """What is wrong with a LoRA file (the project's one safetensors check), or None."""
-    try:
-        files.inspect_safetensors(path)
-    except files.UnusableSafetensorsError as problem:
-        return str(problem)
-    except FileNotFoundError:
-        return "it is missing"
-    return None
-
-
 def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str | None:
-    """A tar's one .safetensors (extra LoRAs' rule) or a bare one into `staged`, checked; returns its trigger word."""
-    word = None
+    """A tar's one .safetensors (extra LoRAs' rule) or a bare one into `staged`, checked; returns the tar's trigger
+    word, its first trigger_word.txt or config.yaml's `trigger_word:` (read by the tar policy, never written)."""
+    texts: dict[str, str] = {}
     if not files.is_archive(fetched):
         shutil.copyfile(fetched, staged)
     else:
@@ -141,18 +117,25 @@ def unpack(fetched: Path, staged: Path, described: str, max_bytes: int) -> str |
             files.safetensors_from_tar(fetched, staged, max_bytes=max_bytes)
         except TarRefused as problem:
             raise ProvisionError(f"expected one {LORA_MEMBER} in the LoRA archive, but it {problem}") from None
-        word = trigger_word_in_tar(fetched, described, max_bytes)
-    problem = lora_problem(staged)
-    if problem is not None:
+        with fetched.open("rb") as source:
+            for path, _, data in checked_members(source, TarLimits(files.MAX_TAR_MEMBERS, max_bytes)):
+                if data is not None and path.name in (TRIGGER_WORD_MEMBER, CONFIG_MEMBER):
+                    texts.setdefault(path.name, data.read(MAX_TEXT_MEMBER_BYTES).decode("utf-8", "replace"))
+    member, word = TRIGGER_WORD_MEMBER, texts.get(TRIGGER_WORD_MEMBER, "").strip()
+    if not word:
+        member, word = CONFIG_MEMBER, config_trigger_word(texts.get(CONFIG_MEMBER, ""))
+    word = checked_trigger_word(word, f"{member} of {described}") if word else None
+    if problem := safetensors_problem(staged):
         raise CorruptFileError(f"the Lassie LoRA from {described} is not a valid safetensors file: {problem}")
     return word
 
 
 def install(origin: str, folder: Path, variable: str, settings: Settings) -> None:
-    """The LoRA at `origin` (a tar holding one .safetensors or a bare one; a URL or a local path) and its tar's trigger
-    word into `folder`, checked whole in a staging folder first so a bad file never replaces a good one; the LoRA goes
-    in last, so its presence means the install finished. Any host, held to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT."""
-    fail_on([origin_problem(origin, variable)])
+    """The LoRA at `origin` (a URL or a local path) and its tar's trigger word into `folder`, checked whole in a staging
+    folder first so a bad file never replaces a good one; the LoRA goes in last, so its presence means the install
+    finished. Any host, held to LASSIE_WEIGHTS_DOWNLOAD_TIMEOUT."""
+    if problem := origin_problem(origin, variable):
+        raise ProvisionError(problem)
     limits = DownloadLimits(max_bytes=settings.lora.max_download_bytes, rule=AddressRule(allow_all=True),
                             deadline=Deadline(settings.provision.weights_download_timeout,
                                               WEIGHTS_DOWNLOAD_TIMEOUT_ENV, "fetching the Lassie LoRA"))
@@ -196,10 +179,9 @@ def provision_lassie_lora(layout: WeightsLayout, manifest: Manifest, report: Pro
         manifest.save()
     else:
         report.kept.append(name)
-    word = settings.provision.trigger_word
-    if word and checked_trigger_word(word, TRIGGER_WORD_ENV) != layout.trigger_word():
-        layout.lassie_dir.mkdir(parents=True, exist_ok=True)
-        layout.trigger_word_file.write_text(word.strip() + "\n")
+    word = checked_trigger_word(settings.provision.trigger_word or "", TRIGGER_WORD_ENV)
+    if word and word != layout.trigger_word():  # weights/lassie/ holds the LoRA by now
+        layout.trigger_word_file.write_text(word + "\n")
 
 
 def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
@@ -211,15 +193,14 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
     # scripts/download_weights.py may have installed LASSIE_LORA_URL into weights/lassie/ already.
     if origin is None or (origin == settings.provision.lora_url
                           and recorded_from(layout, Manifest.load(layout.manifest), origin, verify=False)
-                          and lora_problem(layout.lassie_lora) is None):
+                          and safetensors_problem(layout.lassie_lora) is None):
         return LassieLora(layout.lassie_lora, trigger_word_in(layout.trigger_word_file) or configured,
                           str(layout.lassie_dir))
     variable = "COG_WEIGHTS" if settings.provision.cog_weights else LORA_URL_ENV
     place = writable_place("fetched Lassie LoRA", layout.root / "fetched-lora")
     keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
     with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
-        problem = lora_problem(keep / LORA_MEMBER)
-        if problem is None:
+        if (problem := safetensors_problem(keep / LORA_MEMBER)) is None:
             log.info("the Lassie LoRA from %s: already fetched, in %s", variable, keep)
         else:
             if (keep / LORA_MEMBER).exists():

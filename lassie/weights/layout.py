@@ -12,7 +12,6 @@ from lassie.fetch.storage import write_problem
 from lassie.settings import WEIGHTS_URL_ENV
 
 PROVIDE_COMMAND = ".venv/bin/python scripts/download_weights.py"
-TINY_WEIGHTS_COMMAND = ".venv/bin/python scripts/make_tiny_weights.py"
 TINY_WEIGHTS_DIR = ".tiny-weights"
 RUN_AGAIN = "Files finished so far are kept; run again to resume."
 
@@ -34,8 +33,7 @@ class CorruptFileError(ProvisionError):
 
 def fail_on(problems: list[str | None]) -> None:
     """All problems found at once, so one rerun can fix them all."""
-    found = [problem for problem in problems if problem]
-    if found:
+    if found := [problem for problem in problems if problem]:
         raise ProvisionError("\n".join(found))
 
 
@@ -45,9 +43,9 @@ def writing_problem(root: Path) -> str | None:
 
 
 # Said wherever weights are missing, so a fresh clone without a Hugging Face token is not stuck.
-TINY_WEIGHTS_HINT = (f"To run the server without the real weights, build tiny random ones (same layout; images are "
-                     f"noise) with `{TINY_WEIGHTS_COMMAND} {TINY_WEIGHTS_DIR}` and start it with "
-                     f"LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
+TINY_WEIGHTS_HINT = ("To run the server without the real weights, build tiny random ones (same layout; images are "
+                     f"noise) with `.venv/bin/python scripts/make_tiny_weights.py {TINY_WEIGHTS_DIR}` and start it "
+                     f"with LASSIE_WEIGHTS_DIR={TINY_WEIGHTS_DIR} (`bash scripts/demo.sh` builds them).")
 
 
 def _model_files_missing(directory: Path, stem: str) -> list[Path]:
@@ -101,11 +99,21 @@ class WeightsLayout:
         return [path.relative_to(self.root).as_posix() for path in missing]
 
     def require_complete(self, lassie: bool = True) -> None:
-        missing = self.missing(lassie)
-        if missing:
+        if missing := self.missing(lassie):
             raise MissingWeightsError(f"weights directory {self.root} is incomplete; missing: {', '.join(missing)}. "
                                       f"Provide them with `{PROVIDE_COMMAND} {self.root}` (FLUX.1-dev is gated: "
                                       f"HF_TOKEN). {TINY_WEIGHTS_HINT}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """The project's one safetensors check (`inspect_safetensors`) in words, or None when the file is usable."""
+    try:
+        inspect_safetensors(path)
+    except UnusableSafetensorsError as problem:
+        return str(problem)
+    except FileNotFoundError:
+        return "it is missing"
+    return None
 
 
 def file_problems(folder: Path, name: str) -> list[str]:
@@ -120,10 +128,8 @@ def file_problems(folder: Path, name: str) -> list[str]:
         try:
             if path.suffix == ".json":
                 json.loads(path.read_bytes())
-            elif path.suffix == ".safetensors":
-                inspect_safetensors(path)
-        except UnusableSafetensorsError as problem:
-            problems.append(f"{shown} is not a usable .safetensors file: {problem}")
+            elif path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+                problems.append(f"{shown} is not a usable .safetensors file: {problem}")
         except ValueError as error:
             problems.append(f"{shown} is not valid JSON ({error})")
         except OSError as error:

@@ -1,7 +1,6 @@
 """The weights directory made complete, at setup (`ensure_weights`) and by scripts/download_weights.py. Replicate gives
-a model no Hugging Face token, so LASSIE_WEIGHTS_URL or a folder's own URL names a tar for each missing or damaged
-folder (`downloads`); else the hub, each source one `snapshot_download` pinned to the commit listed first, checked
-against the listing and recorded in manifest.json (a source whose recorded files are all on disk needs no network)."""
+a model no Hugging Face token, so each missing or damaged folder comes from the tar LASSIE_WEIGHTS_URL or its own URL
+names; else from the hub, one `snapshot_download` per source pinned to the commit first listed, checked, recorded."""
 
 from __future__ import annotations
 
@@ -47,7 +46,6 @@ log = logging.getLogger(__name__)
 # Pickled or foreign-framework weights: the layout loads safetensors only.
 IGNORED_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data")
 FETCH_LOCK = ".fetching.lock"
-LOCK_WAIT_REPORT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -94,13 +92,11 @@ def explained_hub_errors(source: HubSource, api: HfApi) -> Iterator[None]:
         raise ProvisionError(problem if not_found else f"{problem}\n{RUN_AGAIN}") from None
 
 
-def git_blob_sha1(path: Path, chunk_bytes: int = 1 << 20) -> str:
+def git_blob_sha1(path: Path) -> str:
     """The id git gives the content (the hub lists it for files outside LFS): sha1 of `blob <size>\\0` and the bytes."""
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    header = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with path.open("rb") as file:
-        while chunk := file.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, lambda: header).hexdigest()
 
 
 def mismatch_with_hub(path: Path, name: str, remote: RepoSibling) -> tuple[str | None, str]:
@@ -184,8 +180,7 @@ def fetch_hub_source(plan: HubPlan, api: HfApi, manifest: Manifest, report: Prov
 def provision(weights_dir: Path, settings: Settings = Settings(), *, verify: bool = False,
               lassie: bool = True) -> ProvisionReport:
     """Brings `weights_dir` to the complete layout; `verify` rehashes every file against the hub's listing. Nothing is
-    downloaded before every check passed, those needing no network first. `lassie` False leaves weights/lassie/ alone
-    (the LoRA comes from COG_WEIGHTS or LASSIE_LORA_URL)."""
+    downloaded before every check passed, those needing no network first; `lassie` False leaves weights/lassie/ be."""
     layout = WeightsLayout(Path(weights_dir))
     origin = settings.provision.lora_url
     api = HfApi(endpoint=settings.lora.hf_endpoint.rstrip("/"),  # HF_TOKEN, else what `hf auth login` stored
@@ -231,20 +226,19 @@ def unpacked_problems(unpacked: Path) -> list[str]:
 
 
 @contextmanager
-def fetch_lock(lock_path: Path, report_every: float = LOCK_WAIT_REPORT_SECONDS) -> Iterator[None]:
+def fetch_lock(lock_path: Path, report_every: float = 10.0) -> Iterator[None]:
     """A boot waiting for another process's fetch (a stopped server's worker, a second container) says so every
     `report_every` seconds, naming the pid the holder records beside the lock (filelock records no owner)."""
     lock, holder = FileLock(lock_path), lock_path.with_name(lock_path.name + ".pid")
     for waited in count(report_every, report_every):
-        try:
+        with suppress(Timeout):
             lock.acquire(timeout=report_every)
             break
-        except Timeout:
-            pid = ""
-            with suppress(OSError):  # it may have none yet, or be letting go
-                pid = holder.read_text().strip()
-            log.info("waiting for another process's fetch of the weights (lock %s%s); %.0f s so far",
-                     lock_path, f", held by pid {pid}" if pid.isdigit() else "", waited)
+        pid = ""
+        with suppress(OSError):  # it may have none yet, or be letting go
+            pid = holder.read_text().strip()
+        log.info("waiting for another process's fetch of the weights (lock %s%s); %.0f s so far",
+                 lock_path, f", held by pid {pid}" if pid.isdigit() else "", waited)
     try:
         holder.write_text(f"{os.getpid()}\n")
         yield
@@ -296,8 +290,7 @@ def provision_from_tars(weights_dir: Path, settings: Settings) -> list[str]:
 
 def ensure_weights(layout: WeightsLayout, settings: Settings) -> None:
     """Nothing to do on a complete directory whose files check (`file_problems`, no hashing); else fetch, unless
-    HF_HUB_OFFLINE. weights/lassie/ is needed only when neither COG_WEIGHTS nor LASSIE_LORA_URL names the LoRA. A
-    damaged folder is fetched again once where a tar URL names it; else, or still damaged, setup fails naming it."""
+    HF_HUB_OFFLINE. A damaged folder is fetched again once where a tar URL names it; else, or still damaged, fails."""
     lassie = settings.provision.lassie_origin is None
     damaged = damaged_folders(layout, lassie)
     fail_on([damage_problem(layout, {folder: problems for folder, problems in damaged.items()
