@@ -155,18 +155,21 @@ def wait_for_server_log(server: CogServer, text: str, prediction_id: str) -> Non
 
 def test_beyond_capacity_a_clear_409_and_cancel_stops_running_and_waiting_predictions(cog_server, webhooks):
     background = {"Prefer": "respond-async"}
+    # "waiting" is sent once "running" generates: sent together, either could reach the GPU first (each prepares
+    # beside the line), and a cancel of one that is finishing ends it as canceled or failed after it generated.
     for prediction_id in ("running", "waiting"):
         status, body = cog_server.post("/predictions", {"id": prediction_id, "input": LONG, "webhook": webhooks.url},
                                        headers=background)
         assert status == 202, body
+        if prediction_id == "running":
+            wait_for_server_log(cog_server, '"message":"precision:', "running")  # generating now
     status, body = cog_server.predict(SMALLEST)
     assert status == 409 and body["error"] == "At capacity - all prediction slots busy"
 
-    wait_for_server_log(cog_server, '"message":"precision:', "running")  # generating now
     for prediction_id in ("running", "waiting"):
         assert cog_server.post(f"/predictions/{prediction_id}/cancel", {})[0] == 200
     running, waiting = webhooks.wait_for("running", finished), webhooks.wait_for("waiting", finished)
-    assert running["status"] == "canceled" and waiting["status"] == "canceled"
+    assert running["status"] == "canceled" and waiting["status"] == "canceled", (running, waiting)
     # The waiting one may start in the moment between the two cancels, but never gets to generate.
     assert "generating took" not in (waiting.get("logs") or "")
     status, body = cog_server.predict(SMALLEST)  # runs once the cancelled one has stopped
