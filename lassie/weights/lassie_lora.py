@@ -4,7 +4,6 @@ follow the extra LoRAs' rules, the operator's address trusted (it may be a priva
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from filelock import FileLock
 
 from lassie.fetch import files
 from lassie.fetch.http import AddressRule, Deadline, DownloadLimits, FetchError, download_file, redact_url
+from lassie.fetch.lora_sources import short_digest
 from lassie.fetch.storage import writable_place
 from lassie.fetch.tars import TarLimits, TarRefused, checked_members
 from lassie.settings import LORA_URL_ENV, TRIGGER_WORD_ENV, WEIGHTS_DOWNLOAD_TIMEOUT_ENV, Settings
@@ -198,7 +198,7 @@ def resolve(layout: WeightsLayout, settings: Settings) -> LassieLora:
                           str(layout.lassie_dir))
     variable = "COG_WEIGHTS" if settings.provision.cog_weights else LORA_URL_ENV
     place = writable_place("fetched Lassie LoRA", layout.root / "fetched-lora")
-    keep = place / hashlib.sha256(origin.encode()).hexdigest()[:24]
+    keep = place / short_digest(origin, 24)
     with FileLock(keep.with_name(keep.name + ".lock")):  # servers sharing the place fetch it once
         if (problem := safetensors_problem(keep / LORA_MEMBER)) is None:
             log.info("the Lassie LoRA from %s: already fetched, in %s", variable, keep)
